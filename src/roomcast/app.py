@@ -1,0 +1,222 @@
+"""The ASGI entry point: lifespan, HTTP routes and WebSocket routes.
+
+``roomcast.app:app`` reads its settings from the environment when the server starts it
+(lifespan startup), not at import, so a bad ``ROOMCAST_*`` value fails startup with a
+message naming the variable. Long-lived state (settings, hub, metrics registry, static
+files) lives in one :class:`Runtime` created in lifespan startup and reaches every request
+through the ASGI lifespan ``state``.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Final
+
+import anyio
+import orjson
+from prometheus_client import CollectorRegistry
+
+from . import metrics, protocol
+from .admission import origin_allowed, query_param, token_valid
+from .asgi import ConnectionClosed, Receive, Scope, Send, WebSocket, respond
+from .connection import CLOSE_TIMEOUT, serve_binary_echo, serve_echo, serve_member
+from .hub import Hub, RoomFull
+from .protocol import CloseCode, ProtocolError
+from .settings import Settings
+
+__all__ = ["RoomcastApp", "Runtime", "app", "create_app", "open_runtime"]
+
+log = logging.getLogger("roomcast")
+
+STATE_KEY: Final = "roomcast"
+
+
+@dataclass(eq=False)
+class Runtime:
+    """Everything that lives from lifespan startup to shutdown."""
+
+    settings: Settings
+    hub: Hub
+    registry: CollectorRegistry = field(init=False)
+    static: dict[str, tuple[bytes, str]] = field(init=False)
+    connections: int = 0
+
+    def __post_init__(self) -> None:
+        self.registry = metrics.open_registry(self.hub, lambda: self.connections)
+        self.static = _load_static()
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtime]:
+    """Create the runtime (reading the environment if no settings are given); on exit,
+    end every membership with :attr:`CloseCode.GOING_AWAY`.
+
+    :raises SettingsError: if a ``ROOMCAST_*`` variable holds an unusable value
+    """
+    settings = Settings.from_env() if settings is None else settings
+    hub = Hub(
+        outbox_size=settings.outbox_size,
+        history_size=settings.history_size,
+        room_capacity=settings.room_capacity,
+    )
+    runtime = Runtime(settings, hub)
+    try:
+        yield runtime
+    finally:
+        hub.close_all(CloseCode.GOING_AWAY, "server shutting down")
+
+
+def _load_static() -> dict[str, tuple[bytes, str]]:
+    files = {}
+    for entry in resources.files("roomcast").joinpath("static").iterdir():
+        if entry.is_file():
+            content_type = mimetypes.guess_type(entry.name)[0] or "application/octet-stream"
+            if content_type.startswith("text/") or content_type.endswith("javascript"):
+                content_type += "; charset=utf-8"
+            files[entry.name] = (entry.read_bytes(), content_type)
+    return files
+
+
+class RoomcastApp:
+    """The roomcast ASGI application. Use :func:`create_app` to build one."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        runtime = scope.get("state", {}).get(STATE_KEY)
+        if runtime is None:
+            raise RuntimeError("roomcast needs an ASGI server that runs the lifespan protocol")
+        if kind == "http":
+            await _http(runtime, scope, send)
+        elif kind == "websocket":
+            await _websocket(runtime, WebSocket(scope, receive, send))
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        async with AsyncExitStack() as stack:
+            try:
+                if "state" not in scope:
+                    raise RuntimeError("the ASGI server does not support lifespan state")
+                runtime = await stack.enter_async_context(open_runtime(self._settings))
+            except Exception as exc:
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            scope["state"][STATE_KEY] = runtime
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+def create_app(settings: Settings | None = None) -> RoomcastApp:
+    """An app with explicit settings; ``None`` reads ``ROOMCAST_*`` at startup."""
+    return RoomcastApp(settings)
+
+
+app: Final = create_app()
+
+# -- HTTP -----------------------------------------------------------------------------------
+
+
+async def _http(runtime: Runtime, scope: Scope, send: Send) -> None:
+    path: str = scope["path"]
+    method: str = scope["method"]
+    if path == "/":
+        path = "/static/index.html"
+    known = path in ("/healthz", "/metrics") or path.removeprefix("/static/") in runtime.static
+    if not known:
+        await respond(send, 404, b"Not Found", "text/plain; charset=utf-8")
+    elif method not in ("GET", "HEAD"):
+        await respond(
+            send, 405, b"Method Not Allowed", "text/plain; charset=utf-8",
+            headers=[(b"allow", b"GET, HEAD")],
+        )
+    else:
+        body, content_type, status = _get(runtime, path)
+        await respond(send, status, body, content_type, head=method == "HEAD")
+
+
+def _get(runtime: Runtime, path: str) -> tuple[bytes, str, int]:
+    if path == "/healthz":
+        return orjson.dumps({"status": "ok", "broker": "memory"}), "application/json", 200
+    if path == "/metrics":
+        return metrics.render(runtime.registry), metrics.CONTENT_TYPE, 200
+    body, content_type = runtime.static[path.removeprefix("/static/")]
+    return body, content_type, 200
+
+
+# -- WebSockets -----------------------------------------------------------------------------
+
+Endpoint = Callable[[Runtime, WebSocket], Awaitable[None]]
+
+
+async def _chat(runtime: Runtime, ws: WebSocket) -> None:
+    try:
+        query = protocol.parse_chat_query(ws.scope.get("query_string", b""))
+    except ProtocolError as exc:
+        await ws.close(CloseCode.BAD_REQUEST, exc.message)
+        return
+    hub = runtime.hub
+    try:
+        member = hub.join(query.room, query.name, since=query.since, epoch=query.epoch)
+    except RoomFull:
+        await ws.close(CloseCode.ROOM_FULL, "room full")
+        return
+    batch = ws.subprotocol == protocol.BATCH_SUBPROTOCOL
+    await serve_member(ws, hub, member, runtime.settings, batch=batch)
+
+
+async def _echo(runtime: Runtime, ws: WebSocket) -> None:
+    await serve_echo(ws)
+
+
+async def _binary(runtime: Runtime, ws: WebSocket) -> None:
+    await serve_binary_echo(ws)
+
+
+WEBSOCKET_ROUTES: Final[dict[str, Endpoint]] = {
+    "/ws/chat": _chat,
+    "/ws/echo": _echo,
+    "/ws/binary": _binary,
+}
+
+
+async def _websocket(runtime: Runtime, ws: WebSocket) -> None:
+    settings = runtime.settings
+    path: str = ws.scope["path"]
+    try:
+        await ws.wait_connect()
+        if not origin_allowed(settings, ws.headers):
+            await ws.deny()
+            return
+        endpoint = WEBSOCKET_ROUTES.get(path)
+        offered = protocol.BATCH_SUBPROTOCOL in ws.subprotocols
+        await ws.accept(protocol.BATCH_SUBPROTOCOL if offered and endpoint is _chat else None)
+        if endpoint is None:
+            await ws.close(CloseCode.UNKNOWN_PATH, f"no WebSocket endpoint at {path[:80]}")
+            return
+        token = query_param(ws.scope.get("query_string", b""), "token")
+        if not token_valid(settings, ws.headers, token):
+            await ws.close(CloseCode.UNAUTHORIZED, "missing or invalid token")
+            return
+        runtime.connections += 1
+        try:
+            await endpoint(runtime, ws)
+        finally:
+            runtime.connections -= 1
+    except ConnectionClosed:
+        pass
+    except anyio.get_cancelled_exc_class():
+        # Servers cancel handlers when they shut down: say so, briefly, then go.
+        with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            await ws.close(CloseCode.GOING_AWAY, "server shutting down")
+        raise

@@ -1,0 +1,141 @@
+"""The ASGI edge: typed aliases, a small WebSocket wrapper, HTTP response helpers.
+
+This is the only module that speaks raw ASGI messages; everything above it deals in text
+frames, byte frames and close codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from enum import Enum, auto
+from typing import Any
+
+from .protocol import CloseCode
+
+__all__ = ["ASGIApp", "ConnectionClosed", "Receive", "Scope", "Send", "WebSocket", "respond"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ConnectionClosed(Exception):
+    """The WebSocket is gone: the peer disconnected, or the server could not send to it."""
+
+    def __init__(self, code: int = CloseCode.NORMAL) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class WebSocketState(Enum):
+    CONNECTING = auto()
+    CONNECTED = auto()
+    CLOSED = auto()
+
+
+class WebSocket:
+    """One ASGI WebSocket connection with explicit state.
+
+    Any error from the server's ``send`` ends the connection (:class:`ConnectionClosed`):
+    servers raise assorted exceptions while they tear a connection down (Hypercorn's Trio
+    worker, for one, can raise ``trio.BusyResourceError``), and none of them is the app's
+    business beyond "this peer is gone".
+    """
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.state = WebSocketState.CONNECTING
+        self.subprotocol: str | None = None
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return list(self.scope.get("headers", []))
+
+    @property
+    def subprotocols(self) -> list[str]:
+        return list(self.scope.get("subprotocols", []))
+
+    async def wait_connect(self) -> None:
+        """Wait for the handshake's ``websocket.connect``.
+
+        :raises ConnectionClosed: if the client disconnected first
+        """
+        message = await self._receive()
+        if message["type"] != "websocket.connect":
+            self.state = WebSocketState.CLOSED
+            raise ConnectionClosed(message.get("code", CloseCode.NORMAL))
+
+    async def accept(self, subprotocol: str | None = None) -> None:
+        await self._send_message({"type": "websocket.accept", "subprotocol": subprotocol})
+        self.state = WebSocketState.CONNECTED
+        self.subprotocol = subprotocol
+
+    async def deny(self) -> None:
+        """Refuse the handshake: the server answers HTTP 403 and never upgrades."""
+        await self._send_message({"type": "websocket.close", "code": CloseCode.NORMAL})
+        self.state = WebSocketState.CLOSED
+
+    async def receive(self) -> str | bytes:
+        """The next data frame's payload.
+
+        :raises ConnectionClosed: when the client disconnects
+        """
+        message = await self._receive()
+        if message["type"] == "websocket.receive":
+            text = message.get("text")
+            return text if text is not None else bytes(message.get("bytes") or b"")
+        self.state = WebSocketState.CLOSED
+        raise ConnectionClosed(message.get("code", CloseCode.NORMAL))
+
+    async def send_text(self, text: str) -> None:
+        await self._send_message({"type": "websocket.send", "text": text})
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self._send_message({"type": "websocket.send", "bytes": data})
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Send a close frame, once; later calls and calls after a disconnect do nothing."""
+        if self.state is WebSocketState.CLOSED:
+            return
+        self.state = WebSocketState.CLOSED
+        try:
+            await self._send({"type": "websocket.close", "code": int(code), "reason": reason})
+        except Exception:
+            pass  # the peer is already gone; there is nobody left to tell
+
+    async def _send_message(self, message: Message) -> None:
+        if self.state is WebSocketState.CLOSED:
+            raise ConnectionClosed()
+        try:
+            await self._send(message)
+        except Exception as exc:
+            self.state = WebSocketState.CLOSED
+            raise ConnectionClosed(CloseCode.INTERNAL_ERROR) from exc
+
+
+async def respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str,
+    *,
+    head: bool = False,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """A complete HTTP response, always with ``content-type`` and ``content-length``."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"" if head else body})

@@ -1,0 +1,131 @@
+"""One chat connection as a task tree: a receive loop and a sender task in one task group.
+
+::
+
+    serve_member
+    └── task group
+        ├── receive loop   (client frames -> hub.publish; errors -> own outbox)
+        └── sender task    (greeting, then outbox -> WebSocket frames; then the close code)
+
+Only the sender task writes to the socket, so a peer that stops reading can block nothing
+but its own sender. Whichever side ends first cancels the other; the member leaves its room
+in ``finally``, synchronously, so no room entry outlives the connection.
+"""
+
+from __future__ import annotations
+
+import anyio
+from anyio.abc import CancelScope
+
+from . import protocol
+from .admission import TokenBucket
+from .asgi import ConnectionClosed, WebSocket
+from .hub import Hub, Member
+from .protocol import CloseCode, ErrorCode, ProtocolError
+from .settings import Settings
+
+__all__ = ["serve_binary_echo", "serve_echo", "serve_member"]
+
+#: how long a close frame may take once the connection is being torn down
+CLOSE_TIMEOUT = 1.0
+RATE_NOTICE = "slow down: messages over the rate limit are dropped"
+
+
+async def serve_member(
+    ws: WebSocket, hub: Hub, member: Member, settings: Settings, *, batch: bool
+) -> None:
+    """Run a joined member's connection until either side ends it; the member has left
+    its room when this returns (or raises)."""
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_send_outbox, ws, member, tg.cancel_scope, batch, settings.batch_max)
+            await _receive_chat(ws, hub, member, settings)
+            tg.cancel_scope.cancel()
+    finally:
+        hub.leave(member)
+
+
+async def _receive_chat(ws: WebSocket, hub: Hub, member: Member, settings: Settings) -> None:
+    bucket = None
+    if settings.rate_limit:
+        bucket = TokenBucket(settings.rate_limit, 2 * settings.rate_limit, anyio.current_time())
+    warned = False
+    while member.joined:
+        try:
+            frame = await ws.receive()
+        except ConnectionClosed:
+            return
+        if isinstance(frame, bytes):
+            _refuse(hub, member, ErrorCode.BINARY_UNSUPPORTED, "send text frames, not binary")
+            continue
+        try:
+            message = protocol.parse_chat_text(frame, max_text=settings.max_text)
+        except ProtocolError as exc:
+            _refuse(hub, member, ErrorCode(exc.code), exc.message)
+            continue
+        if message is None:
+            continue
+        if bucket is not None and not bucket.take(anyio.current_time()):
+            hub.stats.drops += 1
+            if not warned:  # one notice per burst, so a flood cannot amplify itself
+                warned = True
+                hub.send_to(member, protocol.encode_error(ErrorCode.RATE_LIMITED, RATE_NOTICE))
+            continue
+        warned = False
+        hub.publish(member, message)
+
+
+def _refuse(hub: Hub, member: Member, code: ErrorCode, message: str) -> None:
+    hub.stats.drops += 1
+    hub.send_to(member, protocol.encode_error(code, message))
+
+
+async def _send_outbox(
+    ws: WebSocket, member: Member, scope: CancelScope, batch: bool, batch_max: int
+) -> None:
+    """Write the greeting, then outbox events, to the socket; close when the outbox ends.
+
+    With ``batch``, whatever is already queued (up to ``batch_max`` events) goes out as
+    one frame: a lone event is never delayed, a backlog costs one write instead of many.
+    """
+    try:
+        greeting = member.greeting
+        for start in range(0, len(greeting), batch_max if batch else 1):
+            chunk = greeting[start : start + (batch_max if batch else 1)]
+            await ws.send_text(protocol.join_batch(chunk))
+        member.greeting = []
+        outbox = member.outbox
+        with outbox:
+            async for event in outbox:
+                if batch and outbox.statistics().current_buffer_used:
+                    events = [event]
+                    while len(events) < batch_max:
+                        try:
+                            events.append(outbox.receive_nowait())
+                        except anyio.WouldBlock:
+                            break
+                    event = protocol.join_batch(events)
+                await ws.send_text(event)
+        # The hub ended this membership (eviction or shutdown): tell the client why.
+        await ws.close(member.close_code or CloseCode.NORMAL, member.close_reason)
+    except ConnectionClosed:
+        pass
+    finally:
+        scope.cancel()
+
+
+async def serve_echo(ws: WebSocket) -> None:
+    """``/ws/echo``: text comes back as ``Echo: <text>``, bytes as the same bytes."""
+    while True:
+        frame = await ws.receive()
+        if isinstance(frame, str):
+            await ws.send_text(f"Echo: {frame}")
+        else:
+            await ws.send_bytes(frame)
+
+
+async def serve_binary_echo(ws: WebSocket) -> None:
+    """``/ws/binary``: bytes come back as bytes; text comes back as its UTF-8 bytes."""
+    while True:
+        frame = await ws.receive()
+        await ws.send_bytes(frame.encode() if isinstance(frame, str) else frame)

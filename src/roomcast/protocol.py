@@ -1,0 +1,249 @@
+"""The chat protocol, sans I/O: parse what clients send, encode what the server sends.
+
+Everything here is a pure function of its arguments (no clock, no sockets, no event loop),
+so the wire format is tested synchronously and the I/O edges stay thin. Encoders return
+``str`` because ASGI text frames carry ``str``; each event is serialised exactly once, no
+matter how many members receive it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Any, Final
+from urllib.parse import parse_qsl
+
+import orjson
+
+__all__ = [
+    "BATCH_SUBPROTOCOL",
+    "ChatMessage",
+    "ChatQuery",
+    "CloseCode",
+    "ErrorCode",
+    "ProtocolError",
+    "encode_ack",
+    "encode_error",
+    "encode_message",
+    "encode_system",
+    "encode_welcome",
+    "join_batch",
+    "parse_chat_query",
+    "parse_chat_text",
+]
+
+BATCH_SUBPROTOCOL: Final = "roomcast.batch"
+DEFAULT_ROOM: Final = "general"
+MAX_ID_LENGTH: Final = 64
+MAX_NAME_LENGTH: Final = 32
+MAX_WELCOME_MEMBERS: Final = 100
+
+_ROOM_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_EPOCH_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes roomcast sends (SPEC §6)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    UNAUTHORIZED = 4001
+    ROOM_FULL = 4003
+    UNKNOWN_PATH = 4004
+    TOO_SLOW = 4008
+    BAD_REQUEST = 4400
+
+
+class ErrorCode(StrEnum):
+    """Machine-readable codes of ``error`` events."""
+
+    RATE_LIMITED = "rate_limited"
+    TOO_LONG = "too_long"
+    BINARY_UNSUPPORTED = "binary_unsupported"
+    BAD_ID = "bad_id"
+    HISTORY_GAP = "history_gap"
+    UNAVAILABLE = "unavailable"
+
+
+class ProtocolError(ValueError):
+    """What a client sent cannot be used; ``code`` says how the server answers it."""
+
+    def __init__(self, code: ErrorCode | CloseCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# -- client to server ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChatQuery:
+    """The query string of ``/ws/chat``, validated."""
+
+    room: str = DEFAULT_ROOM
+    name: str | None = None
+    token: str | None = None
+    since: int | None = None
+    epoch: str | None = None
+
+
+def parse_chat_query(query_string: bytes) -> ChatQuery:
+    """Validate ``room``, ``name``, ``token``, ``since`` and ``epoch``.
+
+    Unknown parameters are ignored; when a parameter repeats, the first one counts.
+
+    :raises ProtocolError: with :attr:`CloseCode.BAD_REQUEST` and a message naming the
+        parameter and what was expected
+    """
+    try:
+        pairs = parse_qsl(
+            query_string.decode("ascii"), keep_blank_values=True, errors="strict"
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise _bad_query("the query string is not valid percent-encoded UTF-8") from None
+    params: dict[str, str] = {}
+    for key, value in pairs:
+        params.setdefault(key, value)
+
+    room = params.get("room", DEFAULT_ROOM)
+    if not _ROOM_RE.fullmatch(room):
+        raise _bad_query("room must be 1-64 characters of A-Z a-z 0-9 _ - .")
+    name = params.get("name") or None
+    if name is not None and not (len(name) <= MAX_NAME_LENGTH and name.isprintable()):
+        raise _bad_query(f"name must be 1-{MAX_NAME_LENGTH} printable characters")
+    since = params.get("since") or None
+    if since is not None and not (since.isascii() and since.isdigit() and len(since) <= 18):
+        raise _bad_query("since must be a non-negative integer")
+    epoch = params.get("epoch") or None
+    if epoch is not None and not _EPOCH_RE.fullmatch(epoch):
+        raise _bad_query("epoch must be 1-64 characters of A-Z a-z 0-9 _ - .")
+    return ChatQuery(
+        room=room,
+        name=name,
+        token=params.get("token") or None,
+        since=None if since is None else int(since),
+        epoch=epoch,
+    )
+
+
+def _bad_query(message: str) -> ProtocolError:
+    return ProtocolError(CloseCode.BAD_REQUEST, message)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """A chat message a client asked to send."""
+
+    text: str
+    id: str | None = None
+
+
+def parse_chat_text(frame: str, *, max_text: int) -> ChatMessage | None:
+    """Turn a text frame into a chat message, following the seed chapter's rules.
+
+    A JSON object with a string ``"text"`` is a message (with an optional string ``"id"``);
+    any other frame, JSON or not, is itself the chat text. Returns ``None`` for an empty
+    (or whitespace-only) text, which is ignored.
+
+    :raises ProtocolError: :attr:`ErrorCode.TOO_LONG` past ``max_text`` characters,
+        :attr:`ErrorCode.BAD_ID` for an ``id`` that is not a string of at most 64 characters
+    """
+    text, message_id = frame, None
+    if frame[:1] == "{":
+        data = _loads_object(frame)
+        if data is not None and isinstance(data.get("text"), str):
+            text = data["text"]
+            message_id = data.get("id")
+            if message_id is not None and not (
+                isinstance(message_id, str) and len(message_id) <= MAX_ID_LENGTH
+            ):
+                raise ProtocolError(
+                    ErrorCode.BAD_ID, f"id must be a string of at most {MAX_ID_LENGTH} characters"
+                )
+    if not text.strip():
+        return None
+    if len(text) > max_text:
+        raise ProtocolError(
+            ErrorCode.TOO_LONG, f"message is {len(text)} characters; the limit is {max_text}"
+        )
+    return ChatMessage(text, message_id)
+
+
+def _loads_object(frame: str) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# -- server to client ---------------------------------------------------------------------
+
+
+def _dumps(event: dict[str, Any]) -> str:
+    return orjson.dumps(event).decode()
+
+
+def encode_message(
+    *, room: str, seq: int, text: str, sender: str | None, ts: int, id: str | None = None
+) -> str:
+    event: dict[str, Any] = {
+        "type": "message",
+        "text": text,
+        "room": room,
+        "seq": seq,
+        "from": sender,
+        "ts": ts,
+    }
+    if id is not None:
+        event["id"] = id
+    return _dumps(event)
+
+
+def encode_welcome(*, room: str, epoch: str, seq: int, members: list[str], count: int) -> str:
+    return _dumps(
+        {
+            "type": "welcome",
+            "room": room,
+            "epoch": epoch,
+            "seq": seq,
+            "members": members[:MAX_WELCOME_MEMBERS],
+            "count": count,
+        }
+    )
+
+
+def encode_system(*, room: str, event: str, name: str | None, count: int) -> str:
+    """A ``system`` join/leave notice; ``event`` is ``"join"`` or ``"leave"``."""
+    who = name if name is not None else "A user"
+    verb = "joined" if event == "join" else "left"
+    return _dumps(
+        {
+            "type": "system",
+            "message": f"{who} {verb} #{room}",
+            "event": event,
+            "name": name,
+            "count": count,
+        }
+    )
+
+
+def encode_ack(*, id: str | None, seq: int) -> str:
+    return _dumps({"type": "ack", "id": id, "seq": seq})
+
+
+def encode_error(code: ErrorCode, message: str, **extra: Any) -> str:
+    return _dumps({"type": "error", "error": code.value, "message": message, **extra})
+
+
+def join_batch(events: list[str]) -> str:
+    """One ``roomcast.batch`` frame: events in order, one per line.
+
+    Encoded events never contain a raw newline (JSON escapes it), so a newline is an
+    unambiguous separator.
+    """
+    return "\n".join(events)

@@ -1,0 +1,135 @@
+"""Settings: every ``ROOMCAST_*`` environment variable, read once into one typed object.
+
+A bad value stops startup with a :class:`SettingsError` that names the variable, so an
+operator never has to guess which of a dozen knobs was mistyped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+__all__ = ["Settings", "SettingsError"]
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A ``ROOMCAST_*`` variable holds a value roomcast cannot use."""
+
+
+def _csv(raw: str) -> frozenset[str]:
+    return frozenset(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _int(minimum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if value < minimum:
+            raise ValueError(f"must be >= {minimum}")
+        return value
+
+    return parse
+
+
+def _float(minimum: float, *, allow_equal: bool = True) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = float(raw)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("must be a finite number")
+        if value < minimum or (value == minimum and not allow_equal):
+            raise ValueError(f"must be {'>=' if allow_equal else '>'} {minimum}")
+        return value
+
+    return parse
+
+
+def _redis_url(raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return raw
+
+
+def _env(parse: Callable[[str], Any], help: str) -> dict[str, Any]:
+    return {"parse": parse, "help": help}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything roomcast can be told. Field ``x`` is read from ``ROOMCAST_X``."""
+
+    tokens: frozenset[str] | None = field(
+        default=None, metadata=_env(_csv, "comma-separated accepted tokens; unset = no auth")
+    )
+    allowed_origins: frozenset[str] = field(
+        default=frozenset(),
+        metadata=_env(_csv, "extra allowed browser origins, comma-separated; * = any"),
+    )
+    redis_url: str | None = field(
+        default=None, metadata=_env(_redis_url, "redis://... switches the broker to Redis")
+    )
+    rate_limit: float = field(
+        default=10.0,
+        metadata=_env(_float(0), "chat messages/s per connection, burst twice that; 0 = off"),
+    )
+    room_capacity: int = field(
+        default=1000, metadata=_env(_int(0), "members per room; 0 = unlimited")
+    )
+    outbox_size: int = field(
+        default=1024, metadata=_env(_int(1), "events buffered per member before eviction (4008)")
+    )
+    history_size: int = field(
+        default=100, metadata=_env(_int(0), "messages kept per room for resume")
+    )
+    max_text: int = field(default=4000, metadata=_env(_int(1), "longest chat text in characters"))
+    send_timeout: float = field(
+        default=30.0,
+        metadata=_env(
+            _float(0, allow_equal=False),
+            "seconds a peer may leave sent data unread before the kernel ends it",
+        ),
+    )
+    batch_max: int = field(
+        default=64, metadata=_env(_int(1), "most events in one roomcast.batch frame")
+    )
+
+    @property
+    def auth_required(self) -> bool:
+        return self.tokens is not None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``ROOMCAST_*`` variables (``os.environ`` by default).
+
+        An empty variable counts as unset.
+
+        :raises SettingsError: naming the first variable whose value cannot be used
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = env_name(f.name)
+            raw = environ.get(name, "").strip()
+            if not raw:
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except ValueError as exc:
+                raise SettingsError(f"{name}={raw!r}: {exc}") from None
+        return cls(**values)
+
+
+def env_name(field_name: str) -> str:
+    return f"ROOMCAST_{field_name.upper()}"
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, meaning, default) for every setting: the README's table comes from here."""
+    rows = []
+    for f in fields(Settings):
+        default = f.default
+        shown = "unset" if default is None or default == frozenset() else str(default)
+        rows.append((env_name(f.name), f.metadata["help"], shown))
+    return rows

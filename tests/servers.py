@@ -1,0 +1,262 @@
+"""Real servers for end-to-end tests.
+
+:func:`serve_in_thread` runs Hypercorn (Trio or asyncio worker) on its own event loop in a
+background thread, bound to a socket the test binds itself on port 0 and hands over with
+``fd://`` (as ``python -m roomcast`` does). Tests talk to it over loopback with real
+clients and can run a function inside the server's loop to inspect its state.
+
+:func:`spawn_server` starts ``python -m roomcast`` (or plain ``hypercorn``) as a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, MutableMapping
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import trio
+from hypercorn.config import Config
+
+from roomcast.app import STATE_KEY, Runtime
+from roomcast.asgi import ASGIApp, Receive, Scope, Send
+
+T = TypeVar("T")
+
+
+class LifespanSpy:
+    """Wraps an ASGI app and keeps the lifespan ``state`` so tests can reach the runtime."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.state: MutableMapping[str, Any] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            self.state = scope["state"]
+        await self.app(scope, receive, send)
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self.state is not None, "lifespan has not started"
+        runtime: Runtime = self.state[STATE_KEY]
+        return runtime
+
+
+def bind_loopback() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@dataclass
+class ThreadedServer:
+    spy: LifespanSpy
+    port: int
+    worker_class: str
+    _call: Callable[[Callable[[], Any]], Any] = field(repr=False)
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.spy.runtime
+
+    def url(self, path: str = "/") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def http_url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def run_sync(self, fn: Callable[[], T]) -> T:
+        """Call ``fn`` on the server's event loop thread and return its result."""
+        result: T = self._call(fn)
+        return result
+
+    def task_count(self) -> int:
+        """Tasks alive in the server's event loop right now."""
+        if self.worker_class == "trio":
+            return self.run_sync(_count_trio_tasks)
+        return self.run_sync(lambda: len(asyncio.all_tasks()))
+
+
+def _count_trio_tasks() -> int:
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+
+    return walk(trio.lowlevel.current_root_task())
+
+
+@contextmanager
+def serve_in_thread(
+    app: ASGIApp, *, worker_class: str = "trio", **config_values: Any
+) -> Iterator[ThreadedServer]:
+    """Serve ``app`` with Hypercorn in a background thread until the block exits."""
+    sock = bind_loopback()
+    port = sock.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.graceful_timeout = 2.0
+    config.accesslog = None
+    for key, value in config_values.items():
+        setattr(config, key, value)
+    spy = LifespanSpy(app)
+    ready: Future[Callable[[Callable[[], Any]], Any]] = Future()
+    stopper: Future[Callable[[], None]] = Future()
+
+    if worker_class == "trio":
+        thread = threading.Thread(target=_run_trio, args=(spy, config, ready, stopper), daemon=True)
+    else:
+        thread = threading.Thread(
+            target=_run_asyncio, args=(spy, config, ready, stopper), daemon=True
+        )
+    thread.start()
+    try:
+        call = ready.result(timeout=10)
+        yield ThreadedServer(spy, port, worker_class, call)
+    finally:
+        if stopper.done():
+            stopper.result()()
+        thread.join(timeout=15)
+        assert not thread.is_alive(), "the server did not shut down"
+        if ready.exception() is not None:
+            raise ready.exception()  # type: ignore[misc]
+
+
+def _run_trio(
+    spy: LifespanSpy, config: Config, ready: Future[Any], stopper: Future[Any]
+) -> None:
+    import hypercorn.trio
+
+    async def main() -> None:
+        shutdown = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        stopper.set_result(lambda: trio.from_thread.run_sync(shutdown.set, trio_token=token))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: hypercorn.trio.serve(
+                    spy, config, shutdown_trigger=shutdown.wait, task_status=task_status  # type: ignore[arg-type]
+                )
+            )
+            ready.set_result(lambda fn: trio.from_thread.run_sync(fn, trio_token=token))
+
+    try:
+        trio.run(main)
+    except BaseException as exc:
+        if not ready.done():
+            ready.set_exception(exc)
+        raise
+
+
+def _run_asyncio(
+    spy: LifespanSpy, config: Config, ready: Future[Any], stopper: Future[Any]
+) -> None:
+    import hypercorn.asyncio
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        shutdown = asyncio.Event()
+        stopper.set_result(lambda: loop.call_soon_threadsafe(shutdown.set))
+
+        async def call_in_loop(fn: Callable[[], Any]) -> Any:
+            return fn()
+
+        async def announce_when_started() -> None:
+            while spy.state is None or STATE_KEY not in spy.state:
+                await asyncio.sleep(0.01)
+            ready.set_result(
+                lambda fn: asyncio.run_coroutine_threadsafe(call_in_loop(fn), loop).result(10)
+            )
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(hypercorn.asyncio.serve(spy, config, shutdown_trigger=shutdown.wait))  # type: ignore[arg-type]
+            tg.create_task(announce_when_started())
+
+    try:
+        asyncio.run(main())
+    except BaseException as exc:
+        if not ready.done():
+            ready.set_exception(exc)
+        raise
+
+
+# -- subprocess servers -------------------------------------------------------------------------
+
+_RUNNING_ON = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+    output: list[bytes]
+
+    def url(self, path: str = "/") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def http_url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def terminate(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+
+
+@contextmanager
+def spawn_server(
+    args: list[str] | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    port: int = 0,
+    hypercorn: bool = False,
+    timeout: float = 20.0,
+) -> Iterator[ServerProcess]:
+    """Run ``python -m roomcast`` (or ``hypercorn roomcast.app:app``) on 127.0.0.1:``port``
+    and wait until it listens; it is killed on exit if it is still running."""
+    bind = f"127.0.0.1:{port}"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if hypercorn:
+        command = [sys.executable, "-m", "hypercorn", "--config", os.path.join(root, "hypercorn.toml"), "--bind", bind]
+        command += [*(args or []), "roomcast.app:app"]
+    else:
+        command = [sys.executable, "-m", "roomcast", "--bind", bind, *(args or [])]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    process = subprocess.Popen(
+        command, cwd=root, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    output: list[bytes] = []
+    found = threading.Event()
+    ports: list[int] = []
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            match = _RUNNING_ON.search(line)
+            if match and not found.is_set():
+                ports.append(int(match.group(1)))
+                found.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while not found.wait(0.05):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("server did not start:\n" + b"".join(output).decode(errors="replace"))
+    try:
+        yield ServerProcess(process, ports[0], output)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        reader.join(timeout=5)
