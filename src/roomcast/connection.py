@@ -15,7 +15,7 @@ in ``finally``, synchronously, so no room entry outlives the connection.
 from __future__ import annotations
 
 import anyio
-from anyio.abc import CancelScope
+from anyio import CancelScope
 
 from . import protocol
 from .admission import TokenBucket

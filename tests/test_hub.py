@@ -1,0 +1,222 @@
+"""The hub: rooms, membership, fan-out into bounded outboxes, eviction, history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+
+from roomcast.hub import Hub, Member, RoomFull
+from roomcast.protocol import ChatMessage, CloseCode
+
+pytestmark = pytest.mark.anyio
+
+
+def drain(member: Member) -> list[dict[str, Any]]:
+    """Everything queued for a member right now: its greeting, then its outbox."""
+    events = [orjson.loads(e) for e in member.greeting]
+    member.greeting = []
+    while True:
+        try:
+            events.append(orjson.loads(member.outbox.receive_nowait()))
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            return events
+
+
+def types(events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"] for e in events]
+
+
+async def test_welcome_lists_present_names_and_count() -> None:
+    hub = Hub()
+    hub.join("r", "ann")
+    hub.join("r", None)
+    bob = hub.join("r", "bob")
+    [welcome] = drain(bob)
+    assert welcome["type"] == "welcome"
+    assert (welcome["room"], welcome["seq"], welcome["count"]) == ("r", 0, 3)
+    assert welcome["members"] == ["ann", "bob"]
+    assert welcome["epoch"] == hub.rooms["r"].epoch
+
+
+async def test_every_member_gets_each_message_once_in_one_order() -> None:
+    hub = Hub()
+    members = [hub.join("r", f"m{i}") for i in range(3)]
+    for m in members:
+        drain(m)
+    for i in range(5):
+        hub.publish(members[i % 3], ChatMessage(f"t{i}"))
+    seen = [[(e["seq"], e["text"]) for e in drain(m)] for m in members]
+    assert seen[0] == [(i + 1, f"t{i}") for i in range(5)]
+    assert seen[0] == seen[1] == seen[2]
+
+
+async def test_a_message_is_serialised_once_for_all_members() -> None:
+    hub = Hub()
+    a, b = hub.join("r"), hub.join("r")
+    drain(a), drain(b)
+    hub.publish(a, ChatMessage("hi"))
+    assert a.outbox.receive_nowait() is b.outbox.receive_nowait()
+
+
+async def test_rooms_are_isolated() -> None:
+    hub = Hub()
+    a, b = hub.join("one"), hub.join("two")
+    drain(a), drain(b)
+    hub.publish(a, ChatMessage("only one"))
+    assert [e["room"] for e in drain(a)] == ["one"]
+    assert drain(b) == []
+    assert hub.rooms["two"].seq == 0
+
+
+async def test_join_and_leave_are_announced_to_the_others_only() -> None:
+    hub = Hub()
+    ann = hub.join("r", "ann")
+    drain(ann)
+    bob = hub.join("r", "bob")
+    assert types(drain(bob)) == ["welcome"]
+    [joined] = drain(ann)
+    assert joined == {"type": "system", "message": "bob joined #r", "event": "join", "name": "bob", "count": 2}
+    hub.leave(bob)
+    hub.leave(bob)  # idempotent
+    [left] = drain(ann)
+    assert (left["event"], left["name"], left["count"]) == ("leave", "bob", 1)
+
+
+async def test_ack_only_for_messages_with_an_id() -> None:
+    hub = Hub()
+    a = hub.join("r")
+    drain(a)
+    hub.publish(a, ChatMessage("no id"))
+    hub.publish(a, ChatMessage("with id", "c1"))
+    events = drain(a)
+    assert types(events) == ["message", "message", "ack"]
+    assert events[1]["id"] == "c1"
+    assert events[2] == {"type": "ack", "id": "c1", "seq": 2}
+
+
+async def test_capacity() -> None:
+    hub = Hub(room_capacity=2)
+    hub.join("r"), hub.join("r")
+    with pytest.raises(RoomFull):
+        hub.join("r")
+    hub.join("other")  # capacity is per room
+    assert len(hub.rooms["r"].members) == 2
+
+
+async def test_full_outbox_evicts_only_that_member() -> None:
+    hub = Hub(outbox_size=3)
+    slow, fast = hub.join("r", "slow"), hub.join("r", "fast")
+    drain(slow), drain(fast)
+    for i in range(4):
+        hub.publish(fast, ChatMessage(f"m{i}"))
+        drain(fast)  # fast keeps up
+    assert not slow.joined and fast.joined
+    assert slow.close_code is CloseCode.TOO_SLOW
+    assert hub.stats.evictions == 1
+    # the slow member still gets what was queued before the eviction, then its outbox ends
+    assert [e["text"] for e in drain(slow)] == ["m0", "m1", "m2"]
+    with pytest.raises(anyio.EndOfStream):
+        slow.outbox.receive_nowait()
+    hub.publish(fast, ChatMessage("after"))
+    events = drain(fast)
+    assert [e["type"] for e in events] == ["message"]
+    assert events[0]["seq"] == 5
+
+
+async def test_eviction_is_announced_and_frees_the_room_slot() -> None:
+    hub = Hub(outbox_size=2, room_capacity=2)
+    slow, fast = hub.join("r", "slow"), hub.join("r", "fast")  # slow: the join notice
+    drain(fast)
+    hub.publish(fast, ChatMessage("x"))  # slow's outbox is now full
+    drain(fast)
+    hub.publish(fast, ChatMessage("y"))
+    assert not slow.joined
+    assert [e.get("event", e["type"]) for e in drain(fast)] == ["message", "leave"]
+    hub.join("r", "newcomer")  # capacity is free again
+
+
+async def test_a_waiting_sender_task_gets_events_and_sees_the_end() -> None:
+    hub = Hub(outbox_size=2)
+    b = hub.join("r")
+    received: list[str] = []
+
+    async def sender() -> None:
+        async for event in b.outbox:
+            received.append(orjson.loads(event)["type"])
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sender)
+            await anyio.wait_all_tasks_blocked()
+            for i in range(10):  # more than the outbox holds: the receiver keeps up
+                hub.publish(b, ChatMessage(str(i)))
+                await anyio.wait_all_tasks_blocked()
+            hub.close_all(CloseCode.GOING_AWAY, "bye")
+    assert received == ["message"] * 10
+    assert b.close_code is CloseCode.GOING_AWAY and not hub.rooms["r"].members
+
+
+async def test_empty_room_without_history_is_forgotten() -> None:
+    hub = Hub()
+    a = hub.join("r")
+    hub.leave(a)
+    assert "r" not in hub.rooms
+
+
+async def test_idle_rooms_keep_history_up_to_a_bound() -> None:
+    hub = Hub(idle_rooms=2)
+    epochs = {}
+    for name in ("a", "b", "c"):
+        m = hub.join(name)
+        hub.publish(m, ChatMessage("x"))
+        epochs[name] = hub.rooms[name].epoch
+        hub.leave(m)
+    assert sorted(hub.rooms) == ["b", "c"]  # the least recently emptied was forgotten
+    again = hub.join("b", since=1, epoch=epochs["b"])
+    assert types(drain(again)) == ["welcome"]
+    assert hub.rooms["b"].seq == 1
+
+
+class TestResume:
+    def room_with(self, hub: Hub, count: int) -> tuple[Member, str]:
+        talker = hub.join("r", "talker")
+        for i in range(1, count + 1):
+            hub.publish(talker, ChatMessage(f"m{i}"))
+        return talker, hub.rooms["r"].epoch
+
+    async def test_since_replays_exactly_the_missed_messages_then_live(self) -> None:
+        hub = Hub(history_size=10)
+        talker, epoch = self.room_with(hub, 5)
+        back = hub.join("r", since=3, epoch=epoch)
+        hub.publish(talker, ChatMessage("m6"))
+        events = drain(back)
+        assert types(events) == ["welcome", "message", "message", "message"]
+        assert [e["seq"] for e in events[1:]] == [4, 5, 6]
+
+    async def test_up_to_date_client_gets_no_replay(self) -> None:
+        hub = Hub(history_size=10)
+        _, epoch = self.room_with(hub, 5)
+        assert types(drain(hub.join("r", since=5, epoch=epoch))) == ["welcome"]
+
+    async def test_discarded_messages_are_reported_as_a_gap(self) -> None:
+        hub = Hub(history_size=3)
+        _, epoch = self.room_with(hub, 10)
+        events = drain(hub.join("r", since=2, epoch=epoch))
+        assert types(events) == ["welcome", "error", "message", "message", "message"]
+        assert events[1]["error"] == "history_gap" and events[1]["first"] == 8
+        assert [e["seq"] for e in events[2:]] == [8, 9, 10]
+
+    async def test_other_epoch_is_a_gap_with_full_replay(self) -> None:
+        hub = Hub(history_size=10)
+        self.room_with(hub, 3)
+        events = drain(hub.join("r", since=50, epoch="previous-run"))
+        assert types(events) == ["welcome", "error", "message", "message", "message"]
+        assert [e["seq"] for e in events[2:]] == [1, 2, 3]
+
+    async def test_no_history_kept_means_a_gap_for_anything_missed(self) -> None:
+        hub = Hub(history_size=0)
+        _, epoch = self.room_with(hub, 2)
+        assert types(drain(hub.join("r", since=1, epoch=epoch))) == ["welcome", "error"]

@@ -1,0 +1,152 @@
+"""The sans-IO chat protocol: no event loop, no sockets."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from roomcast import protocol
+from roomcast.protocol import ChatMessage, ChatQuery, CloseCode, ErrorCode, ProtocolError
+
+
+def parse(frame: str, max_text: int = 4000) -> ChatMessage | None:
+    return protocol.parse_chat_text(frame, max_text=max_text)
+
+
+class TestParseChatText:
+    def test_json_object_with_text_and_id(self) -> None:
+        assert parse('{"text": "hi", "id": "m1"}') == ChatMessage("hi", "m1")
+
+    def test_json_object_with_text_only(self) -> None:
+        assert parse('{"text": "hi"}') == ChatMessage("hi", None)
+
+    @pytest.mark.parametrize(
+        "frame",
+        [
+            "hello there",
+            "[1, 2, 3]",
+            '"a json string"',
+            "42",
+            '{"message": "no text key"}',
+            '{"text": 5}',
+            "{not json",
+        ],
+    )
+    def test_anything_else_is_the_whole_frame(self, frame: str) -> None:
+        assert parse(frame) == ChatMessage(frame, None)
+
+    @pytest.mark.parametrize("frame", ["", "   ", "\n\t", '{"text": ""}', '{"text": "  "}'])
+    def test_empty_text_is_ignored(self, frame: str) -> None:
+        assert parse(frame) is None
+
+    def test_text_over_the_limit_is_refused(self) -> None:
+        assert parse("x" * 10, max_text=10) == ChatMessage("x" * 10)
+        with pytest.raises(ProtocolError) as info:
+            parse("x" * 11, max_text=10)
+        assert info.value.code is ErrorCode.TOO_LONG
+        assert "11" in info.value.message and "10" in info.value.message
+
+    def test_limit_counts_characters_not_bytes(self) -> None:
+        assert parse("é" * 10, max_text=10) == ChatMessage("é" * 10)
+
+    @pytest.mark.parametrize("bad_id", [5, ["x"], "i" * 65, {"a": 1}])
+    def test_bad_id_is_refused(self, bad_id: object) -> None:
+        with pytest.raises(ProtocolError) as info:
+            parse(orjson.dumps({"text": "hi", "id": bad_id}).decode())
+        assert info.value.code is ErrorCode.BAD_ID
+
+    def test_lone_surrogate_escape_falls_back_to_plain_text(self) -> None:
+        frame = '{"text": "\\ud800"}'
+        assert parse(frame) == ChatMessage(frame)
+
+    def test_deeply_nested_json_is_plain_text(self) -> None:
+        frame = "{" + '"a":[' * 5000 + "]" * 5000 + "}"
+        message = parse(frame, max_text=len(frame))
+        assert message == ChatMessage(frame)
+
+
+class TestParseChatQuery:
+    def test_defaults(self) -> None:
+        assert protocol.parse_chat_query(b"") == ChatQuery(room="general")
+
+    def test_all_parameters(self) -> None:
+        query = protocol.parse_chat_query(b"room=a.b-c_1&name=Al%20B&token=t&since=7&epoch=e-1")
+        assert query == ChatQuery(room="a.b-c_1", name="Al B", token="t", since=7, epoch="e-1")
+
+    def test_first_value_wins_and_unknown_parameters_are_ignored(self) -> None:
+        assert protocol.parse_chat_query(b"room=a&room=b&x=1").room == "a"
+
+    @pytest.mark.parametrize(
+        ("query", "names"),
+        [
+            (b"room=", "room"),
+            (b"room=" + b"a" * 65, "room"),
+            (b"room=a%20b", "room"),
+            (b"room=%F0%9F%98%80", "room"),
+            (b"name=" + b"n" * 33, "name"),
+            (b"name=a%0Ab", "name"),
+            (b"name=%1b[31m", "name"),
+            (b"since=-1", "since"),
+            (b"since=abc", "since"),
+            (b"since=%D9%A3", "since"),
+            (b"epoch=a/b", "epoch"),
+            (b"room=%FF", "query string"),
+        ],
+    )
+    def test_invalid_parameters_name_what_was_expected(self, query: bytes, names: str) -> None:
+        with pytest.raises(ProtocolError) as info:
+            protocol.parse_chat_query(query)
+        assert info.value.code is CloseCode.BAD_REQUEST
+        assert names in info.value.message
+
+    def test_room_of_64_characters_is_fine(self) -> None:
+        assert protocol.parse_chat_query(b"room=" + b"r" * 64).room == "r" * 64
+
+
+class TestEncode:
+    def test_message_fields(self) -> None:
+        event = orjson.loads(
+            protocol.encode_message(room="r", seq=3, text="hi", sender=None, ts=10, id="m")
+        )
+        assert event == {
+            "type": "message", "text": "hi", "room": "r", "seq": 3, "from": None, "ts": 10,
+            "id": "m",
+        }
+
+    def test_message_without_id_has_no_id_field(self) -> None:
+        event = orjson.loads(protocol.encode_message(room="r", seq=1, text="t", sender="a", ts=1))
+        assert "id" not in event
+
+    def test_welcome_lists_at_most_100_members(self) -> None:
+        names = [f"n{i}" for i in range(150)]
+        event = orjson.loads(
+            protocol.encode_welcome(room="r", epoch="e", seq=4, members=names, count=150)
+        )
+        assert event["members"] == names[:100]
+        assert (event["type"], event["count"], event["seq"], event["epoch"]) == ("welcome", 150, 4, "e")
+
+    @pytest.mark.parametrize(
+        ("name", "event", "message"),
+        [
+            (None, "join", "A user joined #r"),
+            ("ann", "join", "ann joined #r"),
+            (None, "leave", "A user left #r"),
+            ("bob", "leave", "bob left #r"),
+        ],
+    )
+    def test_system_messages(self, name: str | None, event: str, message: str) -> None:
+        decoded = orjson.loads(protocol.encode_system(room="r", event=event, name=name, count=2))
+        assert decoded == {"type": "system", "message": message, "event": event, "name": name, "count": 2}
+
+    def test_ack_and_error(self) -> None:
+        assert orjson.loads(protocol.encode_ack(id="x", seq=9)) == {"type": "ack", "id": "x", "seq": 9}
+        error = orjson.loads(protocol.encode_error(ErrorCode.TOO_LONG, "too long"))
+        assert error == {"type": "error", "error": "too_long", "message": "too long"}
+
+    def test_batch_is_one_event_per_line_even_with_newlines_in_text(self) -> None:
+        events = [
+            protocol.encode_message(room="r", seq=i, text="line1\nline2", sender=None, ts=0)
+            for i in (1, 2)
+        ]
+        frame = protocol.join_batch(events)
+        assert [orjson.loads(line)["seq"] for line in frame.split("\n")] == [1, 2]
