@@ -185,15 +185,19 @@ async def open_asgi_client(app: ASGIApp) -> AsyncIterator[ASGIClient]:
     to_app_send, to_app_receive = anyio.create_memory_object_stream[Message](4)
     from_app_send, from_app_receive = anyio.create_memory_object_stream[Message](4)
     scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": state}
+    failure = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(app, scope, to_app_receive.receive, from_app_send.send)
         await to_app_send.send({"type": "lifespan.startup"})
         started = await from_app_receive.receive()
         if started["type"] != "lifespan.startup.complete":
-            raise RuntimeError(started.get("message", "startup failed"))
-        try:
-            yield ASGIClient(app, state, tg)
-        finally:
-            with anyio.move_on_after(5, shield=True):
-                await to_app_send.send({"type": "lifespan.shutdown"})
-                assert (await from_app_receive.receive())["type"] == "lifespan.shutdown.complete"
+            failure = started.get("message", "startup failed")
+        else:
+            try:
+                yield ASGIClient(app, state, tg)
+            finally:
+                with anyio.move_on_after(5, shield=True):
+                    await to_app_send.send({"type": "lifespan.shutdown"})
+                    assert (await from_app_receive.receive())["type"] == "lifespan.shutdown.complete"
+    if failure is not None:
+        raise RuntimeError(failure)

@@ -1,0 +1,1 @@
+"""roomcast's benchmark suite: ``python -m bench`` (see bench/README.md)."""

@@ -1,0 +1,1 @@
+"""Baseline chat servers the suite measures roomcast against (same wire protocol)."""

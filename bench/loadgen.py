@@ -1,0 +1,376 @@
+"""Load generator for the benchmark suite (picows + uvloop, one process, one core).
+
+Derived from shared/bench/fanout.py and speaking the same protocol as every server in
+the suite: a client sends ``{"text": ...}``; the server sends
+``{"type": "message", "text": ..., "room": ...}`` to every member of the room, the sender
+included. Frames may hold several ``\\n``-separated JSON events (``roomcast.batch``).
+
+Two modes, each printing JSON lines on stdout:
+
+``fanout``
+    ``--rooms`` rooms of ``--members`` healthy members each; ``--senders`` members per room
+    also send ``--messages`` messages, keeping at most ``--window`` of their own messages
+    in flight (closed loop: a sender waits to see its own message come back). Optional
+    ``--stalled`` clients per room join with a tiny SO_RCVBUF and never read. Latency is
+    measured the same way for every server: each text embeds the client's send time
+    (``perf_counter_ns``, same process), and every healthy delivery is timed against it.
+
+``idle``
+    Opens ``--connections`` connections (``--members`` per room) with ``--concurrency``
+    handshakes in flight, prints ``{"phase": "connected", ...}``, then holds them until a
+    line arrives on stdin (or ``--hold`` seconds pass) and closes them.
+
+Every loop is bounded in count and time (``--deadline``, ``--connect-timeout``, ``--hold``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import socket
+import sys
+import time
+
+import orjson
+import uvloop
+from picows import WSListener, WSMsgType, ws_connect
+
+perf_ns = time.perf_counter_ns
+loads = orjson.loads
+
+
+def raise_nofile(want: int = 1 << 16) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, hard), max(want, hard)))
+        except (ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.lat: list[int] = []
+        self.deliveries = 0
+        self.frames = 0
+        self.other_events = 0
+        self.first_send: int | None = None
+        self.last_recv: int | None = None
+        self.last_frame = perf_ns()
+        self.measuring = False
+        self.unexpected_closes = 0
+        self.close_codes: dict[int, int] = {}
+
+    def reset(self) -> None:
+        self.lat = []
+        self.deliveries = 0
+        self.frames = 0
+        self.other_events = 0
+        self.first_send = None
+        self.last_recv = None
+
+
+STATS = Stats()
+
+
+class Client(WSListener):
+    def __init__(self, idx: int) -> None:
+        self.idx = idx
+        self.own: asyncio.Queue[int] = asyncio.Queue()
+        self.closing = False
+
+    def on_ws_frame(self, transport, frame) -> None:  # type: ignore[no-untyped-def]
+        st = STATS
+        now = perf_ns()
+        st.last_frame = now
+        if frame.msg_type != WSMsgType.TEXT:
+            if frame.msg_type == WSMsgType.CLOSE:
+                code = int(frame.get_close_code())
+                st.close_codes[code] = st.close_codes.get(code, 0) + 1
+                if not self.closing:
+                    st.unexpected_closes += 1
+                transport.disconnect()
+            return
+        st.frames += 1
+        payload = frame.get_payload_as_bytes()
+        lines = payload.split(b"\n") if b"\n" in payload else (payload,)
+        for line in lines:
+            if not line:
+                continue
+            try:
+                data = loads(line)
+                text = data["text"] if data.get("type") == "message" else None
+            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+                text = None
+            if text is None:
+                st.other_events += 1
+                continue
+            parts = text.split(":", 3)
+            if len(parts) < 3:
+                st.other_events += 1
+                continue
+            sender, seq, ts = parts[0], parts[1], parts[2]
+            st.lat.append(now - int(ts))
+            st.deliveries += 1
+            st.last_recv = now
+            if int(sender) == self.idx:
+                self.own.put_nowait(int(seq))
+
+    def on_ws_disconnected(self, transport) -> None:  # type: ignore[no-untyped-def]
+        if not self.closing and STATS.measuring:
+            STATS.unexpected_closes += 1
+
+
+def _stalled_socket(rcvbuf: int):  # type: ignore[no-untyped-def]
+    def factory(_url):  # type: ignore[no-untyped-def]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        return sock
+
+    return factory
+
+
+async def connect(a: argparse.Namespace, url: str, idx: int, *, stalled: bool = False):  # type: ignore[no-untyped-def]
+    headers = {"Sec-WebSocket-Protocol": a.subprotocol} if a.subprotocol else None
+    last: Exception | None = None
+    for attempt in range(a.connect_attempts):
+        try:
+            transport, listener = await ws_connect(
+                lambda: Client(idx),
+                url,
+                websocket_handshake_timeout=a.connect_timeout,
+                extra_headers=headers,
+                socket_factory=_stalled_socket(a.stalled_rcvbuf) if stalled else None,
+            )
+            break
+        except Exception as exc:  # refused, reset, handshake timeout: back off and retry
+            last = exc
+            await asyncio.sleep(min(0.05 * (attempt + 1), 1.0))
+    else:
+        raise RuntimeError(f"connect failed after {a.connect_attempts} attempts: {last!r}")
+    if stalled:
+        transport.underlying_transport.pause_reading()
+    return transport, listener
+
+
+async def connect_many(a, specs, concurrency):  # type: ignore[no-untyped-def]
+    """Connect every (url, idx, stalled) in ``specs`` with ``concurrency`` in flight; keep order."""
+    results: list = [None] * len(specs)
+    it = iter(enumerate(specs))
+    failures = 0
+
+    async def worker() -> None:
+        nonlocal failures
+        for i, (url, idx, stalled) in it:
+            try:
+                results[i] = await connect(a, url, idx, stalled=stalled)
+            except RuntimeError:
+                failures += 1
+
+    await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    return results, failures
+
+
+def room_url(a: argparse.Namespace, room: int) -> str:
+    return f"{a.url}?room={a.room_prefix}{room}"
+
+
+async def wait_quiet(quiet_s: float, limit_s: float) -> float:
+    """Wait until no frame has arrived for ``quiet_s`` (join notices have settled)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        if (perf_ns() - STATS.last_frame) / 1e9 >= quiet_s:
+            break
+        await asyncio.sleep(0.05)
+    return time.perf_counter() - t0
+
+
+async def sender(a: argparse.Namespace, transport, listener: Client, pad: str) -> None:  # type: ignore[no-untyped-def]
+    st = STATS
+    outstanding = 0
+    own = listener.own
+    for seq in range(a.messages):
+        while outstanding >= a.window:
+            await own.get()
+            outstanding -= 1
+        t = perf_ns()
+        if st.first_send is None:
+            st.first_send = t
+        transport.send(WSMsgType.TEXT, orjson.dumps({"text": f"{listener.idx}:{seq}:{t}:{pad}"}))
+        outstanding += 1
+    while outstanding:
+        await own.get()
+        outstanding -= 1
+
+
+def pct(lat: list[int], q: float) -> float | None:
+    if not lat:
+        return None
+    return round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1e6, 3)
+
+
+async def run_fanout(a: argparse.Namespace) -> dict:
+    specs = []
+    for r in range(a.rooms):
+        url = room_url(a, r)
+        for m in range(a.members):
+            specs.append((url, r * a.members + m, False))
+    t0 = time.perf_counter()
+    clients, failures = await connect_many(a, specs, a.concurrency)
+    stalled_specs = [
+        (room_url(a, r), 1_000_000 + r * a.stalled + s, True)
+        for r in range(a.rooms)
+        for s in range(a.stalled)
+    ]
+    stalled, stalled_failures = await connect_many(a, stalled_specs, a.concurrency)
+    connect_s = time.perf_counter() - t0
+    settle_s = await wait_quiet(a.quiet, a.settle_limit)
+    healthy = [c for c in clients if c is not None]
+
+    senders = []
+    for r in range(a.rooms):
+        members = clients[r * a.members : (r + 1) * a.members]
+        senders.extend(c for c in members[: a.senders] if c is not None)
+
+    st = STATS
+    st.reset()
+    st.measuring = True
+    pad = "x" * a.pad
+    t_start = perf_ns()
+    done = False
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(*(sender(a, t, lst, pad) for t, lst in senders)), a.deadline
+        )
+        done = True
+    except asyncio.TimeoutError:
+        pass
+    expected = len(senders) * a.messages * a.members
+    drain_until = time.perf_counter() + (a.drain if done else min(a.drain, 1.0))
+    while st.deliveries < expected and time.perf_counter() < drain_until:
+        await asyncio.sleep(0.005)
+    t_stop = perf_ns()
+    st.measuring = False
+    complete = st.deliveries >= expected
+    first = st.first_send or t_start
+    # A complete run is timed to its last delivery; an incomplete one (a stalled room) to
+    # the moment the generator gave up, so a server that stopped delivering is not flattered.
+    end = (st.last_recv or t_stop) if complete else t_stop
+    span = (end - first) / 1e9
+    lat = st.lat
+    lat.sort()
+    out = {
+        "mode": "fanout",
+        "rooms": a.rooms,
+        "members": a.members,
+        "senders_per_room": a.senders,
+        "messages": a.messages,
+        "window": a.window,
+        "pad": a.pad,
+        "stalled_per_room": a.stalled,
+        "subprotocol": a.subprotocol,
+        "negotiated": sorted({t.response.headers.get("sec-websocket-protocol", "") for t, _ in healthy[:50]}),
+        "connected": len(healthy),
+        "connect_failures": failures + stalled_failures,
+        "connect_s": round(connect_s, 3),
+        "settle_s": round(settle_s, 3),
+        "expected": expected,
+        "delivered": st.deliveries,
+        "complete": complete,
+        "seconds": round(span, 3),
+        "deliveries_per_s": round(st.deliveries / span) if span > 0 else 0,
+        "frames": st.frames,
+        "events_per_frame": round(st.deliveries / st.frames, 2) if st.frames else None,
+        "other_events": st.other_events,
+        "unexpected_closes": st.unexpected_closes,
+        "close_codes": {str(k): v for k, v in st.close_codes.items()},
+        "p50_ms": pct(lat, 0.5),
+        "p90_ms": pct(lat, 0.9),
+        "p99_ms": pct(lat, 0.99),
+        "max_ms": pct(lat, 1.0),
+    }
+    for c in clients + stalled:
+        if c is not None:
+            c[1].closing = True
+            c[0].disconnect()
+    await asyncio.sleep(0.1)
+    return out
+
+
+async def run_idle(a: argparse.Namespace) -> None:
+    specs = [(room_url(a, i // a.members), i, False) for i in range(a.connections)]
+    t0 = time.perf_counter()
+    clients, failures = await connect_many(a, specs, a.concurrency)
+    elapsed = time.perf_counter() - t0
+    ok = [c for c in clients if c is not None]
+    settle_s = await wait_quiet(a.quiet, a.settle_limit)
+    print(
+        json.dumps(
+            {
+                "mode": "idle",
+                "phase": "connected",
+                "connections": a.connections,
+                "connected": len(ok),
+                "connect_failures": failures,
+                "connect_s": round(elapsed, 3),
+                "connects_per_s": round(len(ok) / elapsed) if elapsed > 0 else 0,
+                "settle_s": round(settle_s, 3),
+                "concurrency": a.concurrency,
+            }
+        ),
+        flush=True,
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), a.hold)
+    except asyncio.TimeoutError:
+        pass
+    alive = sum(1 for t, _ in ok if not t.is_disconnected)
+    for t, lst in ok:
+        lst.closing = True
+        t.disconnect()
+    print(json.dumps({"mode": "idle", "phase": "closed", "alive_before_close": alive}), flush=True)
+    await asyncio.sleep(0.2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["fanout", "idle"])
+    p.add_argument("--url", default="ws://127.0.0.1:8000/ws/chat", help="without the query string")
+    p.add_argument("--room-prefix", default="bench")
+    p.add_argument("--rooms", type=int, default=1)
+    p.add_argument("--members", type=int, default=100, help="healthy members per room")
+    p.add_argument("--senders", type=int, default=4, help="senders per room (<= members)")
+    p.add_argument("--messages", type=int, default=200, help="per sender")
+    p.add_argument("--window", type=int, default=4, help="own messages in flight per sender")
+    p.add_argument("--stalled", type=int, default=0, help="clients per room that never read")
+    p.add_argument("--stalled-rcvbuf", type=int, default=4096)
+    p.add_argument("--pad", type=int, default=64, help="payload padding characters")
+    p.add_argument("--subprotocol", default=None, help="offer this subprotocol (roomcast.batch)")
+    p.add_argument("--deadline", type=float, default=60.0, help="seconds for the send phase")
+    p.add_argument("--drain", type=float, default=5.0, help="seconds to wait for the tail")
+    p.add_argument("--quiet", type=float, default=0.3, help="settle: seconds without frames")
+    p.add_argument("--settle-limit", type=float, default=60.0)
+    p.add_argument("--concurrency", type=int, default=50, help="handshakes in flight")
+    p.add_argument("--connect-timeout", type=float, default=30.0)
+    p.add_argument("--connect-attempts", type=int, default=20)
+    p.add_argument("--connections", type=int, default=10_000, help="idle mode")
+    p.add_argument("--hold", type=float, default=60.0, help="idle mode: most seconds to hold")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    raise_nofile()
+    if a.mode == "fanout":
+        print(json.dumps(uvloop.run(run_fanout(a))), flush=True)
+    else:
+        uvloop.run(run_idle(a))
+
+
+if __name__ == "__main__":
+    main()

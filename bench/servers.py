@@ -1,0 +1,103 @@
+"""The servers the suite measures: roomcast in four configurations and the baselines.
+
+Every server is started as a subprocess of the runner (``cwd`` = the repository root, so
+``bench.baselines.*`` and ``./hypercorn.toml`` resolve), on a free loopback port, in its
+own process group so that the runner can stop it and every worker it spawned.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+BATCH = "roomcast.batch"
+PY = sys.executable
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    argv: tuple[str, ...]  # "{port}" is replaced by the chosen port
+    description: str
+    kind: str  # "roomcast" or "baseline"
+    subprotocol: str | None = None  # offered by the load generator's clients
+    env: dict[str, str] = field(default_factory=dict)
+    roomcast_env: bool = False  # gets ROOMCAST_* settings from the runner
+    #: the idle workload runs once per server process kind: batch variants share it
+    idle: bool = True
+    bounded: bool | None = None  # per-client memory bounded under stalled readers (design)
+
+    def command(self, port: int) -> list[str]:
+        return [arg.replace("{port}", str(port)) for arg in self.argv]
+
+
+def _roomcast(worker: str) -> tuple[str, ...]:
+    return (PY, "-m", "roomcast", "--bind", "127.0.0.1:{port}", "-k", worker, "--workers", "1")
+
+
+def _uvicorn(app: str) -> tuple[str, ...]:
+    return (
+        PY, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", "{port}",
+        "--log-level", "warning", "--no-access-log", "--lifespan", "on",
+    )
+
+
+SERVERS: dict[str, Server] = {
+    s.name: s
+    for s in [
+        Server(
+            "roomcast-trio-batch", _roomcast("trio"),
+            "roomcast, Hypercorn trio worker, clients offer roomcast.batch",
+            "roomcast", subprotocol=BATCH, roomcast_env=True, idle=False, bounded=True,
+        ),
+        Server(
+            "roomcast-trio", _roomcast("trio"),
+            "roomcast, Hypercorn trio worker, one event per frame",
+            "roomcast", roomcast_env=True, bounded=True,
+        ),
+        Server(
+            "roomcast-asyncio-batch", _roomcast("asyncio"),
+            "roomcast, Hypercorn asyncio worker, clients offer roomcast.batch",
+            "roomcast", subprotocol=BATCH, roomcast_env=True, idle=False, bounded=True,
+        ),
+        Server(
+            "roomcast-asyncio", _roomcast("asyncio"),
+            "roomcast, Hypercorn asyncio worker, one event per frame",
+            "roomcast", roomcast_env=True, bounded=True,
+        ),
+        Server(
+            "chapter-trio",
+            (PY, "-m", "hypercorn", "-k", "trio", "-w", "1", "--bind", "127.0.0.1:{port}",
+             "bench.baselines.chapter:application"),
+            "the chapter's sequential-broadcast app, Hypercorn trio worker",
+            "baseline", bounded=None,
+        ),
+        Server(
+            "chapter-uvicorn", _uvicorn("bench.baselines.chapter:application"),
+            "the chapter's sequential-broadcast app, uvicorn (uvloop, websockets-sansio)",
+            "baseline", bounded=None,
+        ),
+        Server(
+            "starlette-broadcaster", _uvicorn("bench.baselines.starlette_broadcaster:app"),
+            "Starlette + broadcaster (memory://), uvicorn: a task and an unbounded queue per client",
+            "baseline", bounded=False,
+        ),
+        Server(
+            "websockets-broadcast",
+            (PY, "-m", "bench.baselines.websockets_broadcast", "--port", "{port}"),
+            "websockets.asyncio.server + broadcast(), asyncio loop: no backpressure",
+            "baseline", bounded=False,
+        ),
+        # Not in the default set: the same on uvloop.
+        Server(
+            "websockets-broadcast-uvloop",
+            (PY, "-m", "bench.baselines.websockets_broadcast", "--port", "{port}", "--uvloop"),
+            "websockets.asyncio.server + broadcast(), uvloop",
+            "baseline", bounded=False,
+        ),
+    ]
+}
+
+DEFAULT_SERVERS = [name for name in SERVERS if name != "websockets-broadcast-uvloop"]
+#: the chapter app on the same server roomcast uses: every ratio in the tables is against it
+REFERENCE = "chapter-trio"

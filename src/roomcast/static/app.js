@@ -1,0 +1,662 @@
+// roomcast browser client: no build step, no dependencies.
+//
+// Protocol (SPEC.md §4): connect to /ws/chat?room=&name=[&since=&epoch=], offering the
+// "roomcast.batch" subprotocol (one or more newline-separated JSON events per frame when
+// the server agrees, one event per frame otherwise). Messages are deduplicated by seq
+// within an epoch; a welcome with a new epoch means the room's sequence restarted.
+//
+// Everything user-supplied is rendered with textContent, never as HTML.
+
+"use strict";
+
+(() => {
+  const BATCH = "roomcast.batch";
+  const ROOM_RE = /^[A-Za-z0-9_.\-]{1,64}$/;
+  const MAX_NAME = 32;
+  const BACKOFF_BASE_MS = 500;
+  const BACKOFF_CAP_MS = 10000;
+  const CONNECT_TIMEOUT_MS = 10000;
+  const MAX_RENDERED = 500; // messages kept in the DOM
+  const GROUP_WINDOW_MS = 5 * 60 * 1000;
+
+  // code -> [human text, reconnect automatically?]
+  const CLOSE_CODES = {
+    1000: ["the server closed the connection", true],
+    1001: ["the server is restarting", true],
+    1006: ["the connection was lost", true],
+    1009: ["a message was too large", true],
+    1011: ["the server hit an internal error", true],
+    1012: ["the server is restarting", true],
+    1013: ["the server is busy", true],
+    4001: ["not authorised: missing or invalid token", false],
+    4003: ["the room is full", false],
+    4004: ["no chat endpoint at this address", false],
+    4008: ["the connection was too slow and fell behind", true],
+    4400: ["invalid room or name", false],
+  };
+
+  const ERROR_TEXT = {
+    rate_limited: "You're sending messages too fast; some were not delivered. Slow down a little.",
+    too_long: "That message is too long to send.",
+    binary_unsupported: "The server only accepts text messages.",
+    bad_id: "The server rejected a message id.",
+    unavailable: "The chat service is temporarily unavailable.",
+  };
+
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    app: $("app"),
+    join: $("join"),
+    joinForm: $("join-form"),
+    roomInput: $("room-input"),
+    nameInput: $("name-input"),
+    joinError: $("join-error"),
+    chat: $("chat"),
+    roomTitle: $("room-title"),
+    roomName: $("room-name"),
+    status: $("status"),
+    statusText: $("status-text"),
+    banner: $("banner"),
+    bannerText: $("banner-text"),
+    retry: $("retry"),
+    messages: $("messages"),
+    composer: $("composer"),
+    text: $("text"),
+    send: $("send"),
+    members: $("members"),
+    membersMore: $("members-more"),
+    count: $("count"),
+    membersToggle: $("members-toggle"),
+    membersToggleCount: $("members-toggle-count"),
+    sidebar: $("sidebar"),
+    scrim: $("scrim"),
+    leave: $("leave"),
+  };
+
+  // -- state -------------------------------------------------------------------------------
+
+  const session = {
+    room: null,
+    name: null,
+    token: null,
+    ws: null,
+    active: false, // the user wants to be in the room
+    wasOpen: false, // the current socket reached welcome
+    wasEverOpen: false, // some socket in this room visit reached welcome
+    attempt: 0, // reconnect attempts since the last welcome
+    retryTimer: null,
+    countdownTimer: null,
+    connectTimer: null,
+    retryAt: 0,
+    dropReason: "",
+    // resume state: the room's sequence run and what we have shown of it
+    epoch: null,
+    lastSeq: 0,
+    seen: new Set(),
+    resuming: false, // the current socket asked for since/epoch of a previous run
+    restartedNow: false, // this socket's welcome showed a new epoch
+    members: new Map(), // display name -> how many members use it
+    count: 0,
+    myIds: new Set(),
+    lastSent: "",
+  };
+
+  // -- small helpers -----------------------------------------------------------------------
+
+  function newId() {
+    const bytes = new Uint8Array(9);
+    crypto.getRandomValues(bytes);
+    let hex = "";
+    for (const b of bytes) hex += b.toString(16).padStart(2, "0");
+    return Date.now().toString(36) + "-" + hex;
+  }
+
+  function node(tag, className, text) {
+    const element = document.createElement(tag);
+    if (className) element.className = className;
+    if (text !== undefined && text !== null) element.textContent = String(text);
+    return element;
+  }
+
+  function hashName(name) {
+    let h = 0;
+    for (let i = 0; i < name.length; i++) h = (h * 31 + name.charCodeAt(i)) | 0;
+    return Math.abs(h) % 8;
+  }
+
+  function initials(name) {
+    if (!name) return "?";
+    const parts = name.trim().split(/\s+/).filter(Boolean);
+    const chars = parts.length > 1 ? [parts[0], parts[parts.length - 1]] : [parts[0] || "?"];
+    return chars.map((p) => Array.from(p)[0] || "").join("").toUpperCase() || "?";
+  }
+
+  function avatar(name) {
+    const a = node("span", name ? "avatar c" + hashName(name) : "avatar anon", initials(name));
+    a.setAttribute("aria-hidden", "true");
+    return a;
+  }
+
+  function formatTime(ts) {
+    const date = new Date(typeof ts === "number" ? ts : Date.now());
+    const now = new Date();
+    const sameDay = date.toDateString() === now.toDateString();
+    const time = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    return sameDay ? time : date.toLocaleDateString([], { month: "short", day: "numeric" }) + " " + time;
+  }
+
+  function nearBottom() {
+    const m = el.messages;
+    return m.scrollHeight - m.scrollTop - m.clientHeight < 80;
+  }
+
+  function scrollToBottom() {
+    el.messages.scrollTop = el.messages.scrollHeight;
+  }
+
+  function append(item) {
+    const stick = nearBottom();
+    el.messages.appendChild(item);
+    while (el.messages.childElementCount > MAX_RENDERED) el.messages.firstElementChild.remove();
+    if (stick) scrollToBottom();
+  }
+
+  // -- rendering ---------------------------------------------------------------------------
+
+  function notice(kind, text, extra) {
+    const li = node("li", "notice " + kind);
+    li.dataset.kind = kind;
+    if (extra) for (const [k, v] of Object.entries(extra)) li.dataset[k] = v;
+    li.appendChild(node("span", "notice-text", text));
+    append(li);
+    return li;
+  }
+
+  function renderMessage(ev) {
+    const sender = typeof ev.from === "string" && ev.from ? ev.from : null;
+    const mine = typeof ev.id === "string" && session.myIds.has(ev.id);
+    const li = node("li", "message" + (mine ? " mine" : ""));
+    li.dataset.seq = String(ev.seq);
+    li.dataset.epoch = session.epoch || "";
+    li.dataset.from = sender || "";
+    li.dataset.ts = String(ev.ts || "");
+    if (typeof ev.id === "string") li.dataset.id = ev.id;
+
+    const prev = el.messages.lastElementChild;
+    if (
+      prev && prev.classList.contains("message") && prev.dataset.from === li.dataset.from &&
+      prev.classList.contains("mine") === mine &&
+      Math.abs(Number(ev.ts) - Number(prev.dataset.ts)) < GROUP_WINDOW_MS
+    ) {
+      li.classList.add("cont");
+    }
+
+    li.appendChild(avatar(sender));
+    const bubble = node("div", "bubble");
+    const meta = node("div", "meta");
+    meta.appendChild(node("span", "from", sender || "anonymous"));
+    const time = node("time", "ts", formatTime(ev.ts));
+    if (typeof ev.ts === "number") {
+      const d = new Date(ev.ts);
+      time.dateTime = d.toISOString();
+      time.title = d.toLocaleString();
+    }
+    meta.appendChild(time);
+    bubble.appendChild(meta);
+    bubble.appendChild(node("div", "text", typeof ev.text === "string" ? ev.text : ""));
+    li.appendChild(bubble);
+    append(li);
+  }
+
+  function renderMembers() {
+    el.members.replaceChildren();
+    let named = 0;
+    const me = session.name;
+    const entries = Array.from(session.members.entries());
+    // me first, then everyone else in join order
+    entries.sort((a, b) => (b[0] === me) - (a[0] === me));
+    for (const [name, n] of entries) {
+      named += n;
+      const li = node("li", "member");
+      li.dataset.name = name;
+      li.appendChild(avatar(name));
+      li.appendChild(node("span", "member-name", name));
+      if (name === me) li.appendChild(node("span", "you", "you"));
+      if (n > 1) li.appendChild(node("span", "multi", "×" + n));
+      el.members.appendChild(li);
+    }
+    const others = Math.max(0, session.count - named);
+    el.membersMore.hidden = others === 0;
+    el.membersMore.textContent = others === 0 ? "" : "+ " + others + (others === 1 ? " other" : " others") + " without a name";
+    el.count.textContent = String(session.count);
+    el.membersToggleCount.textContent = String(session.count);
+  }
+
+  function setStatus(state, text) {
+    el.status.dataset.state = state;
+    el.statusText.textContent = text;
+    el.app.dataset.connection = state;
+    const canSend = state === "connected";
+    el.send.disabled = !canSend || !el.text.value.trim();
+    el.text.placeholder = canSend ? "Message #" + session.room : "Waiting for the connection…";
+  }
+
+  function setBanner(kind, text, showRetry) {
+    if (!kind) {
+      el.banner.hidden = true;
+      el.banner.dataset.kind = "";
+      return;
+    }
+    el.banner.hidden = false;
+    el.banner.dataset.kind = kind;
+    el.bannerText.textContent = text;
+    el.retry.hidden = !showRetry;
+  }
+
+  // -- protocol ----------------------------------------------------------------------------
+
+  function chatUrl() {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const params = new URLSearchParams();
+    params.set("room", session.room);
+    if (session.name) params.set("name", session.name);
+    if (session.token) params.set("token", session.token);
+    if (session.epoch) {
+      params.set("since", String(session.lastSeq));
+      params.set("epoch", session.epoch);
+    } else {
+      params.set("since", "0"); // first join: show the room's recent history
+    }
+    return scheme + "//" + location.host + "/ws/chat?" + params.toString();
+  }
+
+  function handleEvent(ev) {
+    if (!ev || typeof ev !== "object") return;
+    switch (ev.type) {
+      case "welcome": return onWelcome(ev);
+      case "message": return onMessage(ev);
+      case "system": return onSystem(ev);
+      case "ack": return onAck(ev);
+      case "error": return onError(ev);
+      default: return undefined;
+    }
+  }
+
+  function onWelcome(ev) {
+    const reconnect = session.wasEverOpen;
+    session.restartedNow = false;
+    if (session.epoch !== null && ev.epoch !== session.epoch) {
+      // The room's sequence started again (e.g. the server restarted): old seqs mean
+      // nothing now, so forget them or new messages would look like duplicates.
+      session.seen.clear();
+      session.lastSeq = 0;
+      session.restartedNow = true;
+      notice("restart", "The room's history restarted (the server was restarted). Messages sent while you were away may be missing.");
+    }
+    session.epoch = typeof ev.epoch === "string" ? ev.epoch : null;
+    session.members = new Map();
+    for (const name of Array.isArray(ev.members) ? ev.members : []) {
+      if (typeof name === "string") session.members.set(name, (session.members.get(name) || 0) + 1);
+    }
+    session.count = Number(ev.count) || 0;
+    renderMembers();
+    session.wasOpen = true;
+    session.wasEverOpen = true;
+    session.attempt = 0;
+    clearTimeout(session.connectTimer);
+    setStatus("connected", "Connected");
+    setBanner(null);
+    if (reconnect) notice("info", "Reconnected to #" + session.room + ".");
+  }
+
+  function onMessage(ev) {
+    const seq = Number(ev.seq);
+    if (!Number.isInteger(seq)) return;
+    if (session.seen.has(seq)) return; // already shown in this epoch (resume overlap)
+    session.seen.add(seq);
+    if (session.seen.size > 4 * MAX_RENDERED) {
+      // seqs only grow; forget the oldest ones
+      const it = session.seen.values();
+      for (let i = 0; i < MAX_RENDERED; i++) session.seen.delete(it.next().value);
+    }
+    if (seq > session.lastSeq) session.lastSeq = seq;
+    renderMessage(ev);
+  }
+
+  function onSystem(ev) {
+    const name = typeof ev.name === "string" && ev.name ? ev.name : null;
+    if (ev.event === "join" && name) {
+      session.members.set(name, (session.members.get(name) || 0) + 1);
+    } else if (ev.event === "leave" && name) {
+      const n = session.members.get(name) || 0;
+      if (n <= 1) session.members.delete(name); else session.members.set(name, n - 1);
+    }
+    if (typeof ev.count === "number") session.count = ev.count;
+    renderMembers();
+    if (ev.event === "join" || ev.event === "leave") {
+      const who = name || "Someone";
+      notice("system", who + (ev.event === "join" ? " joined" : " left"), { event: ev.event });
+    } else if (typeof ev.message === "string") {
+      notice("system", ev.message);
+    }
+  }
+
+  function onAck(ev) {
+    if (typeof ev.id === "string" && session.myIds.has(ev.id)) session.lastSent = "";
+  }
+
+  function onError(ev) {
+    if (ev.error === "history_gap") {
+      // A fresh join asks for since=0 only to show recent history: a trimmed history is
+      // not news then; after a restart the restart notice already says so.
+      if (session.resuming && !session.restartedNow) {
+        notice("gap", "Some messages may be missing: the room no longer has everything sent while you were disconnected.");
+      }
+      return;
+    }
+    const text = ERROR_TEXT[ev.error] || "The server refused that";
+    const detail = typeof ev.message === "string" && ev.message ? " (" + ev.message + ")" : "";
+    notice("error", text + detail, { error: String(ev.error || "") });
+    if (ev.error === "too_long" && session.lastSent && !el.text.value) {
+      el.text.value = session.lastSent; // give the text back so it can be shortened
+      autosize();
+      updateSend();
+    }
+  }
+
+  // -- connection lifecycle ----------------------------------------------------------------
+
+  function connect() {
+    clearTimers();
+    if (!session.active) return;
+    session.wasOpen = false;
+    session.resuming = session.epoch !== null;
+    setStatus(session.wasEverOpen ? "reconnecting" : "connecting",
+      session.wasEverOpen ? "Reconnecting…" : "Connecting…");
+    let ws;
+    try {
+      ws = new WebSocket(chatUrl(), [BATCH]);
+    } catch (err) {
+      scheduleReconnect("the address is not valid");
+      return;
+    }
+    session.ws = ws;
+    session.connectTimer = setTimeout(() => {
+      if (session.ws === ws && !session.wasOpen) ws.close(); // handshake stalled
+    }, CONNECT_TIMEOUT_MS);
+
+    ws.onmessage = (e) => {
+      if (session.ws !== ws || typeof e.data !== "string") return;
+      const lines = ws.protocol === BATCH ? e.data.split("\n") : [e.data];
+      for (const line of lines) {
+        if (!line) continue;
+        let ev;
+        try {
+          ev = JSON.parse(line);
+        } catch (err) {
+          continue;
+        }
+        handleEvent(ev);
+      }
+    };
+    ws.onclose = (e) => {
+      if (session.ws !== ws) return;
+      session.ws = null;
+      clearTimeout(session.connectTimer);
+      onClosed(e.code, e.reason);
+    };
+  }
+
+  function describeClose(code, reason) {
+    const known = CLOSE_CODES[code];
+    let text = known ? known[0] : "the connection closed (code " + code + ")";
+    if (!session.wasOpen && (code === 1006 || code === 1000) && !reason) text = "the server can't be reached";
+    if (reason && (code === 4400 || !known)) text += ": " + reason;
+    return { text, reconnect: known ? known[1] : true };
+  }
+
+  function onClosed(code, reason) {
+    const { text, reconnect } = describeClose(code, reason);
+    const hadSession = session.wasOpen;
+    session.wasOpen = false;
+    if (!session.active) return;
+    if (hadSession) {
+      notice("disconnect", "Disconnected: " + text + ".", { code: String(code) });
+    }
+    if (code === 4400) {
+      // bad room or name: nothing to retry; let the user fix it
+      stop();
+      showJoin("Can't join: " + (reason || "invalid room or name") + ".");
+      return;
+    }
+    if (!reconnect) {
+      session.active = false;
+      setStatus("closed", "Closed: " + text);
+      setBanner("closed", "Closed: " + text + ".", code === 4003);
+      return;
+    }
+    scheduleReconnect(text);
+  }
+
+  function scheduleReconnect(reason) {
+    const exp = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** session.attempt);
+    const delay = exp / 2 + Math.random() * (exp / 2); // "equal jitter"
+    session.attempt = Math.min(session.attempt + 1, 20);
+    session.dropReason = reason;
+    session.retryAt = Date.now() + delay;
+    session.retryTimer = setTimeout(connect, delay);
+    const tick = () => {
+      const secs = Math.max(1, Math.ceil((session.retryAt - Date.now()) / 1000));
+      setStatus("reconnecting", "Reconnecting in " + secs + "s");
+      setBanner("reconnecting", capitalise(reason) + ". Reconnecting in " + secs + "s…", true);
+    };
+    tick();
+    session.countdownTimer = setInterval(tick, 250);
+  }
+
+  function capitalise(s) {
+    return s ? s[0].toUpperCase() + s.slice(1) : s;
+  }
+
+  function clearTimers() {
+    clearTimeout(session.retryTimer);
+    clearInterval(session.countdownTimer);
+    clearTimeout(session.connectTimer);
+    session.retryTimer = session.countdownTimer = session.connectTimer = null;
+  }
+
+  function retryNow() {
+    if (session.ws) return;
+    session.active = true;
+    session.attempt = 0;
+    setBanner(null);
+    connect();
+  }
+
+  function stop() {
+    session.active = false;
+    clearTimers();
+    const ws = session.ws;
+    session.ws = null;
+    if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000, "left");
+  }
+
+  // -- views -------------------------------------------------------------------------------
+
+  function enterRoom(room, name, token) {
+    session.room = room;
+    session.name = name;
+    session.token = token;
+    session.epoch = null;
+    session.lastSeq = 0;
+    session.seen = new Set();
+    session.members = new Map();
+    session.count = 0;
+    session.wasEverOpen = false;
+    session.attempt = 0;
+    session.active = true;
+    el.messages.replaceChildren();
+    el.roomName.textContent = room;
+    el.roomTitle.hidden = false;
+    el.join.hidden = true;
+    el.chat.hidden = false;
+    el.membersToggle.hidden = false;
+    el.app.dataset.view = "chat";
+    document.title = "#" + room + " · roomcast";
+    renderMembers();
+    setBanner(null);
+
+    const params = new URLSearchParams(location.search);
+    params.set("room", room);
+    if (name) params.set("name", name); else params.delete("name");
+    history.replaceState(null, "", location.pathname + "?" + params.toString());
+    try {
+      if (name) localStorage.setItem("roomcast.name", name);
+    } catch (err) { /* storage may be disabled */ }
+
+    connect();
+    el.text.focus();
+  }
+
+  function showJoin(error) {
+    el.app.dataset.view = "join";
+    el.join.hidden = false;
+    el.chat.hidden = true;
+    el.roomTitle.hidden = true;
+    el.membersToggle.hidden = true;
+    closeDrawer();
+    document.title = "roomcast";
+    setStatus("idle", "Not connected");
+    if (session.room) el.roomInput.value = session.room;
+    if (session.name) el.nameInput.value = session.name;
+    el.joinError.hidden = !error;
+    el.joinError.textContent = error || "";
+    el.roomInput.focus();
+  }
+
+  function validate(room, name) {
+    if (!ROOM_RE.test(room)) return "Room names are 1–64 letters, digits, “_”, “-” or “.”.";
+    if (name && (Array.from(name).length > MAX_NAME || /[\u0000-\u001f\u007f]/.test(name))) {
+      return "Names are at most " + MAX_NAME + " printable characters.";
+    }
+    return null;
+  }
+
+  function openDrawer() {
+    el.app.classList.add("drawer-open");
+    el.scrim.hidden = false;
+    el.membersToggle.setAttribute("aria-expanded", "true");
+  }
+
+  function closeDrawer() {
+    el.app.classList.remove("drawer-open");
+    el.scrim.hidden = true;
+    el.membersToggle.setAttribute("aria-expanded", "false");
+  }
+
+  // -- composer ----------------------------------------------------------------------------
+
+  function autosize() {
+    el.text.style.height = "auto";
+    el.text.style.height = Math.min(el.text.scrollHeight, 160) + "px";
+  }
+
+  function updateSend() {
+    el.send.disabled = el.status.dataset.state !== "connected" || !el.text.value.trim();
+  }
+
+  function sendMessage() {
+    const text = el.text.value;
+    const ws = session.ws;
+    if (!text.trim() || !ws || ws.readyState !== WebSocket.OPEN || !session.wasOpen) return;
+    const id = newId();
+    session.myIds.add(id);
+    if (session.myIds.size > 2000) session.myIds.delete(session.myIds.values().next().value);
+    session.lastSent = text;
+    ws.send(JSON.stringify({ text, id }));
+    el.text.value = "";
+    autosize();
+    updateSend();
+    scrollToBottom();
+  }
+
+  // -- wiring ------------------------------------------------------------------------------
+
+  el.joinForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const room = el.roomInput.value.trim() || "general";
+    const name = el.nameInput.value.trim() || null;
+    const problem = validate(room, name);
+    if (problem) {
+      el.joinError.textContent = problem;
+      el.joinError.hidden = false;
+      return;
+    }
+    enterRoom(room, name, session.token);
+  });
+
+  el.composer.addEventListener("submit", (e) => {
+    e.preventDefault();
+    sendMessage();
+  });
+
+  el.text.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      sendMessage();
+    }
+  });
+
+  el.text.addEventListener("input", () => {
+    autosize();
+    updateSend();
+  });
+
+  el.retry.addEventListener("click", retryNow);
+  el.leave.addEventListener("click", () => {
+    stop();
+    showJoin(null);
+    const params = new URLSearchParams(location.search);
+    params.delete("room");
+    history.replaceState(null, "", location.pathname + (params.toString() ? "?" + params : ""));
+  });
+  el.membersToggle.addEventListener("click", () => {
+    if (el.app.classList.contains("drawer-open")) closeDrawer(); else openDrawer();
+  });
+  el.scrim.addEventListener("click", closeDrawer);
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape") closeDrawer();
+  });
+
+  // Waiting out a backoff is pointless once the network is back or the tab is looked at.
+  const hurry = () => {
+    if (session.active && !session.ws && session.retryTimer) retryNow();
+  };
+  window.addEventListener("online", hurry);
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible") hurry();
+  });
+
+  // -- start -------------------------------------------------------------------------------
+
+  const query = new URLSearchParams(location.search);
+  session.token = query.get("token") || null;
+  let storedName = null;
+  try {
+    storedName = localStorage.getItem("roomcast.name");
+  } catch (err) { /* ignore */ }
+  el.roomInput.value = query.get("room") || "general";
+  el.nameInput.value = query.get("name") || storedName || "";
+
+  if (query.has("room") || query.has("name")) {
+    const room = (query.get("room") || "general").trim() || "general";
+    const name = (query.get("name") || "").trim() || null;
+    const problem = validate(room, name);
+    if (problem) showJoin(problem); else enterRoom(room, name, session.token);
+  } else {
+    showJoin(null);
+  }
+
+  // for tests and debugging
+  window.roomcast = { session, stop, retryNow };
+})();

@@ -1,0 +1,375 @@
+"""End-to-end: the browser client in headless Chromium against a real ``python -m roomcast``.
+
+One test walks through a chat session with three people (Alice on a desktop viewport, Bob
+on a phone viewport, Carol dropping in) and checks what a user would see:
+
+* a message typed in one page appears in every page of the room, exactly once;
+* the member list and count follow joins and leaves (an unnamed member only counts);
+* a dropped connection resumes with ``since``/``epoch`` and replays what it missed;
+* a server restart is survived: the page says it is reconnecting, then connected, shows that
+  the room's history restarted, and displays every message sent afterwards;
+* chat text is rendered as text (no markup is created, no script runs).
+
+Chromium comes from ``ROOMCAST_CHROMIUM`` or ``chromium`` on ``PATH``. Without it the test
+is skipped, except under ``CI=true`` where it fails. Screenshots go to
+``tests/artifacts/browser/``; the one of the chat on a desktop is also saved as
+``docs/screenshot.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from servers import ServerProcess, spawn_server
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts" / "browser"
+DOCS_SCREENSHOT = ROOT / "docs" / "screenshot.png"
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SERVER_ENV = {"ROOMCAST_RATE_LIMIT": "0"}
+ROOM = "lobby"
+WAIT = 10_000  # ms: the bound on any ordinary wait
+RESTART_WAIT = 25_000  # ms: graceful shutdown (5 s by default) + start + backoff
+
+XSS = "<script>alert(1)</script><b>x</b>"
+
+
+def _requirements() -> tuple[Any, str]:
+    """The Playwright sync API and a Chromium executable, or skip (fail under CI)."""
+    in_ci = os.environ.get("CI", "").lower() == "true"
+    try:
+        from playwright import sync_api
+    except ImportError:  # pragma: no cover - depends on the environment
+        if in_ci:
+            pytest.fail("playwright is not installed (CI=true)")
+        pytest.skip("playwright is not installed")
+    executable = os.environ.get("ROOMCAST_CHROMIUM") or shutil.which("chromium")
+    if not executable or not os.path.exists(executable):
+        message = "Chromium not found: set ROOMCAST_CHROMIUM or put chromium on PATH"
+        if in_ci:
+            pytest.fail(message + " (CI=true)")
+        pytest.skip(message)
+    return sync_api, executable
+
+
+class Person:
+    """One browser context and page, with what went wrong in it."""
+
+    def __init__(self, browser: Any, name: str | None, **context_options: Any) -> None:
+        self.name = name
+        self.context = browser.new_context(**context_options)
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(WAIT)
+        self.dialogs: list[str] = []
+        self.page_errors: list[str] = []
+        self.csp_violations: list[str] = []
+        self.page.on("dialog", self._on_dialog)
+        self.page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
+        self.page.on("console", self._on_console)
+
+    def _on_dialog(self, dialog: Any) -> None:
+        self.dialogs.append(f"{dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    def _on_console(self, message: Any) -> None:
+        if "Content Security Policy" in message.text:
+            self.csp_violations.append(message.text)
+
+    # -- locators -------------------------------------------------------------------------
+
+    @property
+    def status(self) -> Any:
+        return self.page.locator("#status")
+
+    @property
+    def messages(self) -> Any:
+        return self.page.locator("#messages li.message")
+
+    def message(self, text: str) -> Any:
+        return self.page.locator("#messages li.message .text").filter(
+            has_text=re.compile("^" + re.escape(text) + "$")
+        )
+
+    def member(self, name: str) -> Any:
+        return self.page.locator("#members li.member").filter(
+            has=self.page.locator(".member-name", has_text=re.compile("^" + re.escape(name) + "$"))
+        )
+
+    # -- actions --------------------------------------------------------------------------
+
+    def send(self, text: str, *, click: bool = False) -> None:
+        box = self.page.locator("#text")
+        box.fill(text)
+        if click:
+            self.page.locator("#send").click()
+        else:
+            box.press("Enter")
+        self.expect(box).to_have_value("")
+
+    def shown(self) -> list[tuple[str, int, str]]:
+        """(epoch, seq, text) of every message on the page, top to bottom."""
+        rows: list[tuple[str, int, str]] = self.messages.evaluate_all(
+            """items => items.map(li => [li.dataset.epoch, Number(li.dataset.seq),
+                                        li.querySelector('.text').textContent])"""
+        )
+        return [(epoch, seq, text) for epoch, seq, text in rows]
+
+    def screenshot(self, name: str) -> None:
+        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+    def close(self) -> None:
+        self.context.close()
+
+    expect: Any = None  # set per test: playwright's expect
+
+
+def _assert_exactly_once(person: Person, sent: list[str]) -> None:
+    """Every message sent is shown exactly once, with a unique (epoch, seq), in order."""
+    shown = person.shown()
+    keys = [(epoch, seq) for epoch, seq, _ in shown]
+    assert len(keys) == len(set(keys)), f"{person.name}: duplicate (epoch, seq) in {keys}"
+    texts = Counter(text for _, _, text in shown)
+    assert texts == Counter(sent), f"{person.name}: shown {texts}, sent {Counter(sent)}"
+    # within an epoch seqs strictly increase down the page
+    by_epoch: dict[str, list[int]] = {}
+    for epoch, seq, _ in shown:
+        by_epoch.setdefault(epoch, []).append(seq)
+    for epoch, seqs in by_epoch.items():
+        assert seqs == sorted(seqs), f"{person.name}: epoch {epoch} out of order: {seqs}"
+
+
+class Servers:
+    """The current ``python -m roomcast`` subprocess; restartable on the same port."""
+
+    def __init__(self) -> None:
+        self._stack: contextlib.ExitStack | None = None
+
+    def start(self, port: int = 0) -> ServerProcess:
+        self.stop()
+        stack = contextlib.ExitStack()
+        server = stack.enter_context(spawn_server(env=SERVER_ENV, port=port))
+        self._stack = stack
+        return server
+
+    def stop(self) -> None:
+        """End the server (killing it if it still runs) and wait for it."""
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
+
+
+def test_browser_chat_end_to_end() -> None:
+    sync_api, executable = _requirements()
+    expect = sync_api.expect
+    Person.expect = staticmethod(expect)  # type: ignore[assignment]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    sent: list[str] = []
+
+    servers = Servers()
+    with contextlib.ExitStack() as stack:
+        stack.callback(servers.stop)
+        server = servers.start()
+        playwright = stack.enter_context(sync_api.sync_playwright())
+        browser = playwright.chromium.launch(
+            executable_path=executable, headless=True, args=CHROMIUM_ARGS, timeout=30_000
+        )
+        stack.callback(browser.close)
+        base = server.http_url("/")
+
+        # -- Alice (desktop) joins through the URL ------------------------------------------
+        alice = Person(
+            browser, "Alice", viewport={"width": 1180, "height": 760}, device_scale_factor=2
+        )
+        stack.callback(alice.close)
+        alice.page.goto(f"{base}?room={ROOM}&name=Alice")
+        expect(alice.status).to_have_attribute("data-state", "connected")
+        expect(alice.status).to_contain_text("Connected")
+        expect(alice.page.locator("#room-name")).to_have_text(ROOM)
+        expect(alice.member("Alice")).to_have_count(1)
+        expect(alice.page.locator("#count")).to_have_text("1")
+        assert alice.page.evaluate("() => window.roomcast.session.ws.protocol") == "roomcast.batch"
+
+        # -- Bob (phone) joins through the form -------------------------------------------
+        bob = Person(
+            browser, "Bob", viewport={"width": 390, "height": 844}, device_scale_factor=2,
+            is_mobile=True, has_touch=True, reduced_motion="reduce",
+        )
+        stack.callback(bob.close)
+        bob.page.goto(base)
+        expect(bob.page.locator("#join-form")).to_be_visible()
+        expect(bob.page.locator("#room-input")).to_have_value("general")
+        bob.screenshot("join-phone")
+        bob.page.locator("#room-input").fill(ROOM)
+        bob.page.locator("#name-input").fill("Bob")
+        bob.page.locator("#join-button").click()
+        expect(bob.status).to_have_attribute("data-state", "connected")
+        assert "room=lobby" in bob.page.url and "name=Bob" in bob.page.url
+
+        for person in (alice, bob):
+            expect(person.member("Alice")).to_have_count(1)
+            expect(person.member("Bob")).to_have_count(1)
+            expect(person.page.locator("#count")).to_have_text("2")
+        expect(alice.page.locator("#messages li.notice[data-event=join]")).to_contain_text(
+            "Bob joined"
+        )
+
+        # -- messages reach both pages ----------------------------------------------------
+        conversation = [
+            (alice, "Morning! Is the 2.4 release still on for today?", False),
+            (bob, "Yes. The last migration finished a few minutes ago.", True),
+            (alice, "Great, I'll start the rollout.\nRegion by region, as usual.", False),
+        ]
+        for person, text, click in conversation:
+            person.send(text, click=click)
+            sent.append(text)
+            for viewer in (alice, bob):
+                expect(viewer.message(text)).to_have_count(1)
+        first = alice.messages.first
+        expect(first.locator(".from")).to_have_text("Alice")
+        expect(first.locator("time.ts")).to_have_text(re.compile(r"\d{1,2}:\d{2}"))
+        expect(bob.messages.nth(1).locator(".from")).to_have_text("Bob")
+        expect(alice.page.locator("#messages li.message.mine")).to_have_count(2)
+        expect(bob.page.locator("#messages li.message.mine")).to_have_count(1)
+
+        # -- Carol joins, and someone without a name; Carol later leaves ------------------
+        carol = Person(browser, "Carol", viewport={"width": 1000, "height": 700})
+        carol.page.goto(f"{base}?room={ROOM}&name=Carol")
+        expect(carol.status).to_have_attribute("data-state", "connected")
+        # a fresh join shows the room's recent history
+        for text in sent:
+            expect(carol.message(text)).to_have_count(1)
+        anonymous = Person(browser, None, viewport={"width": 800, "height": 600})
+        anonymous.page.goto(f"{base}?room={ROOM}")
+        expect(anonymous.status).to_have_attribute("data-state", "connected")
+        for person in (alice, bob):
+            expect(person.member("Carol")).to_have_count(1)
+            expect(person.page.locator("#count")).to_have_text("4")
+            expect(person.page.locator("#members li.member")).to_have_count(3)
+            expect(person.page.locator("#members-more")).to_contain_text("1 other")
+
+        carol.send("Hi both, just dropping in to say the dashboards look green.")
+        sent.append("Hi both, just dropping in to say the dashboards look green.")
+        bob.send("Thanks Carol!")
+        sent.append("Thanks Carol!")
+        for person in (alice, bob):
+            expect(person.message(sent[-1])).to_have_count(1)
+        alice.page.locator("#text").fill("Rolling out to eu-west now")
+        alice.screenshot("chat-desktop")
+        alice.page.screenshot(path=str(DOCS_SCREENSHOT))
+        alice.page.locator("#text").fill("")
+        bob.screenshot("chat-phone")
+        bob.page.locator("#members-toggle").click()
+        expect(bob.page.locator("#sidebar")).to_be_in_viewport()
+        bob.screenshot("members-phone")
+        bob.page.locator("#scrim").click(position={"x": 30, "y": 300})
+        expect(bob.page.locator("#sidebar")).not_to_be_in_viewport()
+
+        carol.page.locator("#leave").click()
+        expect(carol.page.locator("#join-form")).to_be_visible()
+        anonymous.close()
+        for person in (alice, bob):
+            expect(person.member("Carol")).to_have_count(0)
+            expect(person.page.locator("#count")).to_have_text("2")
+            expect(person.page.locator("#members-more")).to_be_hidden()
+        for who in ("Carol left", "Someone left"):
+            expect(
+                alice.page.locator("#messages li.notice[data-event=leave]").filter(has_text=who)
+            ).to_have_count(1)
+        carol.close()
+
+        # -- markup in a message is text --------------------------------------------------
+        alice.send(XSS)
+        sent.append(XSS)
+        for person in (alice, bob):
+            expect(person.message(XSS)).to_have_count(1)
+            assert person.page.locator("#messages b, #messages script").count() == 0
+        bob.screenshot("markup-as-text")
+
+        # -- Bob's connection drops; he resumes and gets what he missed, once -------------
+        bob.page.evaluate(
+            "() => { const s = window.roomcast.session; s.attempt = 12; s.ws.close(); }"
+        )
+        expect(bob.status).to_have_attribute("data-state", "reconnecting")
+        expect(bob.status).to_contain_text(re.compile(r"Reconnecting in \d+s"))
+        missed = ["Bob, did you see this?", "And this one?"]
+        for text in missed:
+            alice.send(text)
+            sent.append(text)
+            expect(alice.message(text)).to_have_count(1)
+        expect(bob.message(missed[0])).to_have_count(0)
+        bob.page.locator("#retry").click()
+        expect(bob.status).to_have_attribute("data-state", "connected")
+        for text in missed:
+            expect(bob.message(text)).to_have_count(1)
+        _assert_exactly_once(bob, sent)
+        expect(bob.page.locator("#messages li.notice.gap")).to_have_count(0)
+        expect(bob.page.locator("#messages li.notice.restart")).to_have_count(0)
+
+        # -- the server restarts ----------------------------------------------------------
+        before = {p.name: p.page.evaluate("() => window.roomcast.session.epoch") for p in (alice, bob)}
+        assert before["Alice"] == before["Bob"]
+        server.terminate()  # SIGTERM: open connections are closed with 1001
+        for person in (alice, bob):
+            expect(person.status).to_have_attribute(
+                "data-state", "reconnecting", timeout=RESTART_WAIT
+            )
+            expect(person.status).to_contain_text("Reconnecting", timeout=RESTART_WAIT)
+        server.process.wait(timeout=15)
+        expect(alice.page.locator("#messages li.notice.disconnect")).to_contain_text(
+            "server is restarting"
+        )
+        alice.screenshot("restarting")
+        port = server.port
+        servers.stop()
+        restarted = servers.start(port=port)
+        assert restarted.port == port
+        for person in (alice, bob):
+            expect(person.status).to_have_attribute("data-state", "connected", timeout=RESTART_WAIT)
+            expect(person.page.locator("#messages li.notice.restart")).to_have_count(1)
+            expect(person.page.locator("#messages li.notice.restart")).to_contain_text(
+                "history restarted"
+            )
+        after = alice.page.evaluate("() => window.roomcast.session.epoch")
+        assert after != before["Alice"]
+
+        for person, text in ((alice, "Back after the restart?"), (bob, "Yes, all good here.")):
+            person.send(text)
+            sent.append(text)
+        for person in (alice, bob):
+            for text in sent[-2:]:
+                expect(person.message(text)).to_have_count(1)
+            expect(person.page.locator(f"#messages li.message[data-epoch='{after}']")).to_have_count(2)
+            expect(
+                person.page.locator(f"#messages li.message[data-epoch='{after}'][data-seq='1']")
+            ).to_have_count(1)
+            _assert_exactly_once(person, sent)
+        alice.screenshot("after-restart-desktop")
+        bob.screenshot("after-restart-phone")
+
+        for person in (alice, bob):
+            assert person.dialogs == [], person.dialogs
+            assert person.page_errors == [], person.page_errors
+            assert person.csp_violations == [], person.csp_violations
+
+    assert time.monotonic() - started < 60
