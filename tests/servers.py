@@ -132,6 +132,21 @@ def serve_in_thread(
             raise ready.exception()  # type: ignore[misc]
 
 
+def _call_soon(token: trio.lowlevel.TrioToken, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in the Trio server's thread and wait for it (safe to call from any
+    thread, including another Trio loop's, unlike ``trio.from_thread.run_sync``)."""
+    done: Future[T] = Future()
+
+    def call() -> None:
+        try:
+            done.set_result(fn())
+        except BaseException as exc:
+            done.set_exception(exc)
+
+    token.run_sync_soon(call)
+    return done.result(timeout=10)
+
+
 def _run_trio(
     spy: LifespanSpy, config: Config, ready: Future[Any], stopper: Future[Any]
 ) -> None:
@@ -140,14 +155,14 @@ def _run_trio(
     async def main() -> None:
         shutdown = trio.Event()
         token = trio.lowlevel.current_trio_token()
-        stopper.set_result(lambda: trio.from_thread.run_sync(shutdown.set, trio_token=token))
+        stopper.set_result(lambda: _call_soon(token, shutdown.set))
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 lambda task_status: hypercorn.trio.serve(
                     spy, config, shutdown_trigger=shutdown.wait, task_status=task_status  # type: ignore[arg-type]
                 )
             )
-            ready.set_result(lambda fn: trio.from_thread.run_sync(fn, trio_token=token))
+            ready.set_result(lambda fn: _call_soon(token, fn))
 
     try:
         trio.run(main)
