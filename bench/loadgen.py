@@ -81,6 +81,7 @@ class Client(WSListener):
         self.idx = idx
         self.own: asyncio.Queue[int] = asyncio.Queue()
         self.closing = False
+        self.got = 0
 
     def on_ws_frame(self, transport, frame) -> None:  # type: ignore[no-untyped-def]
         st = STATS
@@ -115,6 +116,7 @@ class Client(WSListener):
             sender, seq, ts = parts[0], parts[1], parts[2]
             st.lat.append(now - int(ts))
             st.deliveries += 1
+            self.got += 1
             st.last_recv = now
             if int(sender) == self.idx:
                 self.own.put_nowait(int(seq))
@@ -238,6 +240,8 @@ async def run_fanout(a: argparse.Namespace) -> dict:
 
     st = STATS
     st.reset()
+    for _, lst in healthy:
+        lst.got = 0
     st.measuring = True
     pad = "x" * a.pad
     t_start = perf_ns()
@@ -263,6 +267,8 @@ async def run_fanout(a: argparse.Namespace) -> dict:
     span = (end - first) / 1e9
     lat = st.lat
     lat.sort()
+    per_room = len(senders) * a.messages // max(1, a.rooms)
+    short = sorted(lst.got for _, lst in healthy if lst.got < per_room)
     out = {
         "mode": "fanout",
         "rooms": a.rooms,
@@ -286,6 +292,8 @@ async def run_fanout(a: argparse.Namespace) -> dict:
         "frames": st.frames,
         "events_per_frame": round(st.deliveries / st.frames, 2) if st.frames else None,
         "other_events": st.other_events,
+        "short_receivers": len(short),
+        "short_receivers_min": short[0] if short else None,
         "unexpected_closes": st.unexpected_closes,
         "close_codes": {str(k): v for k, v in st.close_codes.items()},
         "p50_ms": pct(lat, 0.5),
@@ -355,7 +363,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain", type=float, default=5.0, help="seconds to wait for the tail")
     p.add_argument("--quiet", type=float, default=0.3, help="settle: seconds without frames")
     p.add_argument("--settle-limit", type=float, default=60.0)
-    p.add_argument("--concurrency", type=int, default=50, help="handshakes in flight")
+    p.add_argument("--concurrency", type=int, default=1, help="handshakes in flight (fanout: 1, see README)")
     p.add_argument("--connect-timeout", type=float, default=30.0)
     p.add_argument("--connect-attempts", type=int, default=20)
     p.add_argument("--connections", type=int, default=10_000, help="idle mode")

@@ -156,12 +156,12 @@ class RssSampler(threading.Thread):
         self.peak = 0
         self.last = 0
         self.hwm: dict[int, int] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.sample()
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def sample(self) -> int:
         rss = tree_rss(self.pid)
@@ -172,7 +172,7 @@ class RssSampler(threading.Thread):
 
     def stop(self) -> None:
         self.hwm = vm_hwm(self.pid)  # before the server exits
-        self._stop.set()
+        self._halt.set()
         self.join()
         self.sample()
 

@@ -64,8 +64,8 @@ READ_SIZE: Final = 65536
 ANSWERING_ERRORS: Final = frozenset(
     {ErrorCode.RATE_LIMITED, ErrorCode.TOO_LONG, ErrorCode.BAD_ID, ErrorCode.UNAVAILABLE}
 )
-#: close codes that are not the server's own choice but the transport failing
-LOST_CODES: Final = {1005: "no close code", 1006: "connection lost"}
+#: close codes never sent on the wire: the library's way of saying what went missing
+LOST_CODES: Final = {1005: "closed without a status code", 1006: "connection lost"}
 
 DESCRIPTION: Final = """\
 Join a roomcast chat room from the terminal.
@@ -565,8 +565,11 @@ def _server_closed(session: Session, closed: Closed) -> None:
     if closed.code == CloseCode.NORMAL:
         session.finish(EXIT_OK)
         return
-    reason = closed.reason or LOST_CODES.get(closed.code, "")
-    session.finish(EXIT_CLOSED, f"closed {closed.code}" + (f": {reason}" if reason else ""))
+    if closed.code in LOST_CODES:
+        session.finish(EXIT_CLOSED, f"{LOST_CODES[closed.code]} ({closed.code})")
+    else:
+        reason = f": {closed.reason}" if closed.reason else ""
+        session.finish(EXIT_CLOSED, f"closed {closed.code}{reason}")
 
 
 async def _send_input(session: Session, stdin: StdinLines) -> None:
