@@ -220,3 +220,16 @@ class TestResume:
         hub = Hub(history_size=0)
         _, epoch = self.room_with(hub, 2)
         assert types(drain(hub.join("r", since=1, epoch=epoch))) == ["welcome", "error"]
+
+
+async def test_member_whose_sender_stopped_is_dropped_quietly() -> None:
+    """A connection's sender task can stop reading its outbox a moment before the member
+    leaves (cancellation at shutdown); fan-out must then drop it, not crash the sender."""
+    hub = Hub()
+    gone, staying = hub.join("r", "gone"), hub.join("r", "staying")
+    drain(staying)
+    gone.outbox.close()
+    hub.publish(staying, ChatMessage("hi"))
+    assert not gone.joined and gone.close_code is None
+    assert hub.stats.evictions == 0
+    assert [e.get("event", e["type"]) for e in drain(staying)] == ["message", "leave"]

@@ -190,29 +190,32 @@ class Hub:
         return seq
 
     def _fanout(self, room: Room, encoded: str, *, skip: Member | None = None) -> None:
-        overflowed = []
+        failed = []
         for member in room.members:
-            if member is skip:
-                continue
-            try:
-                member._outbox_send.send_nowait(encoded)
-            except anyio.WouldBlock:
-                overflowed.append(member)
-        self.stats.deliveries += len(room.members) - len(overflowed) - (skip is not None)
-        for member in overflowed:
-            self._evict(member)
+            if member is not skip:
+                try:
+                    member._outbox_send.send_nowait(encoded)
+                except (anyio.WouldBlock, anyio.BrokenResourceError):
+                    failed.append(member)
+        self.stats.deliveries += len(room.members) - len(failed) - (skip is not None)
+        for member in failed:
+            self._drop(member)
 
     def send_to(self, member: Member, encoded: str) -> None:
         """Queue one event for one member (an ack or an error); evicts it on overflow."""
         try:
             member._outbox_send.send_nowait(encoded)
-        except anyio.WouldBlock:
-            self._evict(member)
+        except (anyio.WouldBlock, anyio.BrokenResourceError):
+            self._drop(member)
         else:
             self.stats.deliveries += 1
 
-    def _evict(self, member: Member) -> None:
-        if self._remove(member, CloseCode.TOO_SLOW, "too slow: outbox overflowed"):
+    def _drop(self, member: Member) -> None:
+        """Remove a member that cannot take another event: evicted (4008) if its outbox is
+        full, or simply gone if its sender task has already stopped reading the outbox."""
+        if not member._outbox_send.statistics().open_receive_streams:
+            self.leave(member)
+        elif self._remove(member, CloseCode.TOO_SLOW, "too slow: outbox overflowed"):
             self.stats.evictions += 1
             self._notify_presence(member.room, "leave", member)
 

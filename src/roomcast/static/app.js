@@ -23,6 +23,7 @@
   const CLOSE_CODES = {
     1000: ["the server closed the connection", true],
     1001: ["the server is restarting", true],
+    1005: ["the connection was closed", true],
     1006: ["the connection was lost", true],
     1009: ["a message was too large", true],
     1011: ["the server hit an internal error", true],

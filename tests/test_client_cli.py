@@ -1,0 +1,499 @@
+"""``roomcast chat``, the terminal client, end to end against a real server.
+
+The server is ``python -m roomcast`` in a subprocess (:func:`servers.spawn_server`) and the
+client runs as ``python -m roomcast chat ...`` in another, exactly as a user runs it: with
+stdin piped (scripting mode: JSON lines out), or inside a pseudo-terminal (interactive
+mode: human-readable lines, Ctrl-D to leave). Every wait has a deadline, so a hung client
+fails its test instead of hanging the run.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import pty
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+import pytest
+import trio
+from servers import ServerProcess, spawn_server
+
+from roomcast.client import PendingAcks, chat_url, format_event
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIENT = [sys.executable, "-m", "roomcast", "chat"]
+#: the longest any single wait in these tests may take
+DEADLINE = 20.0
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+@contextmanager
+def roomcast_server(
+    env: dict[str, str] | None = None, args: list[str] | None = None
+) -> Iterator[ServerProcess]:
+    """A server with the rate limit off, stopped with SIGTERM so that Hypercorn's worker
+    process exits too (``spawn_server`` kills only the parent, which orphans the worker)."""
+    with spawn_server(args, env={"ROOMCAST_RATE_LIMIT": "0", **(env or {})}) as server:
+        try:
+            yield server
+        finally:
+            server.terminate()
+            server.process.wait(timeout=DEADLINE)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    with roomcast_server() as server:
+        yield server
+
+
+def fresh_room() -> str:
+    """A room no other test has used, so its seq starts at 1."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+def room_url(server: ServerProcess, room: str) -> str:
+    return server.url(f"/ws/chat?room={room}")
+
+
+def run_client(
+    url: str, *args: str, input: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the client to completion with ``input`` piped to it."""
+    return subprocess.run(
+        [*CLIENT, url, *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    events = [json.loads(line) for line in text.splitlines()]
+    assert all(isinstance(event, dict) for event in events)
+    return events
+
+
+def of_type(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [event for event in events if event["type"] == kind]
+
+
+class Output:
+    """What a child process writes to one fd (a pipe or a pty master), read with deadlines."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.text = ""
+        self.ended = False
+        self._position = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def expect(self, pattern: str, timeout: float = DEADLINE) -> re.Match[str]:
+        """Wait for ``pattern`` past the previous match; fail with everything seen so far."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.text, self._position)
+            if match:
+                self._position = match.end()
+                return match
+            remaining = deadline - time.monotonic()
+            if self.ended or remaining <= 0:
+                raise AssertionError(f"{pattern!r} not seen; output so far: {self.text!r}")
+            self._read(remaining)
+
+    def read_to_end(self, timeout: float = DEADLINE) -> str:
+        deadline = time.monotonic() + timeout
+        while not self.ended:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"output did not end: {self.text!r}"
+            self._read(remaining)
+        return self.text
+
+    def _read(self, timeout: float) -> None:
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:  # EIO: every holder of the pty's other side has gone
+            data = b""
+        self.ended = not data
+        self.text += self._decoder.decode(data, final=self.ended)
+
+
+class Client:
+    """A client process running in the background, its stdout read through :class:`Output`."""
+
+    def __init__(self, url: str, *args: str, terminal: bool = False) -> None:
+        if terminal:
+            master, child_side = pty.openpty()
+            stdin: int = child_side
+            stdout: int = child_side
+            stderr: int = child_side
+        else:
+            stdin, stdout, stderr = subprocess.PIPE, subprocess.PIPE, subprocess.PIPE
+        self.process = subprocess.Popen(
+            [*CLIENT, url, *args],
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=ROOT,
+            start_new_session=True,  # a signal sent to the test run does not reach it
+        )
+        if terminal:
+            os.close(child_side)
+            self._input_fd = master
+            self.out = Output(master)
+        else:
+            assert self.process.stdin is not None and self.process.stdout is not None
+            self._input_fd = self.process.stdin.fileno()
+            self.out = Output(self.process.stdout.fileno())
+
+    def type(self, data: bytes) -> None:
+        os.write(self._input_fd, data)
+
+    def end_input(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+
+    def wait(self) -> int:
+        return self.process.wait(timeout=DEADLINE)
+
+    def stderr(self) -> str:
+        assert self.process.stderr is not None
+        return self.process.stderr.read().decode()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=DEADLINE)
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+        if self.process.stdin is None:  # a terminal: the master side is ours to close
+            os.close(self._input_fd)
+
+
+@pytest.fixture
+def clients() -> Iterator[list[Client]]:
+    """Collects background clients and kills whatever is left when the test ends."""
+    started: list[Client] = []
+    yield started
+    for client in started:
+        client.kill()
+
+
+def welcome_of(client: Client) -> dict[str, Any]:
+    event: dict[str, Any] = json.loads(client.out.expect(r"(.*)\n").group(1))
+    assert event["type"] == "welcome"
+    return event
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def test_help_lists_every_option() -> None:
+    result = run_client("--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: roomcast chat")
+    for option in ("--room", "--name", "--token", "--json", "--batch", "--count", "--timeout"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        ([], "the following arguments are required: URL"),
+        (["http://127.0.0.1:1/ws/chat"], "expected a ws:// or wss:// URL"),
+        (["ws://127.0.0.1:1", "--room", "no spaces"], "room must be 1-64 characters"),
+        (["ws://127.0.0.1:1", "--count", "0"], "expected a positive integer"),
+        (["ws://127.0.0.1:1", "--timeout", "soon"], "expected a positive number of seconds"),
+    ],
+)
+def test_usage_errors_exit_2(args: list[str], complaint: str) -> None:
+    result = subprocess.run(
+        [*CLIENT, *args], capture_output=True, text=True, timeout=DEADLINE, cwd=ROOT
+    )
+    assert result.returncode == 2
+    assert complaint in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_server_exits_2() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_client(f"ws://127.0.0.1:{port}", "--room", "x")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"roomcast: cannot connect to ws://127.0.0.1:{port}/ws/chat")
+
+
+def test_chat_url_defaults_and_overrides() -> None:
+    assert chat_url("ws://h:1") == "ws://h:1/ws/chat"
+    assert chat_url("ws://h:1/", room="r", name="bob") == "ws://h:1/ws/chat?room=r&name=bob"
+    assert chat_url("wss://h/ws/chat?room=a&since=3", room="b") == "wss://h/ws/chat?room=b&since=3"
+    assert chat_url("ws://h/ws/echo") == "ws://h/ws/echo"
+
+
+# -- human output ---------------------------------------------------------------------------
+
+
+def test_events_in_human_form() -> None:
+    ts = int(time.mktime((2024, 5, 6, 7, 8, 9, 0, 0, -1)) * 1000)
+    message = {"type": "message", "text": "hi", "from": "bob", "ts": ts, "seq": 1}
+    assert format_event(message, "") == "[07:08:09] bob: hi"
+    assert format_event({**message, "from": None}, "") == "[07:08:09] (anonymous): hi"
+    system = {"type": "system", "message": "alice joined #r", "event": "join", "count": 3}
+    assert format_event(system, "") == "* alice joined #r (3 here)"
+    welcome = {"type": "welcome", "room": "r", "members": ["a", "b"], "count": 3, "seq": 0}
+    assert format_event(welcome, "") == "* you joined #r (3 here: a, b and 1 more)"
+    error = {"type": "error", "error": "rate_limited", "message": "slow down"}
+    assert format_event(error, "") == "! rate_limited: slow down"
+    assert format_event({"type": "ack", "id": "1", "seq": 1}, "") is None
+    assert format_event({}, "not json") == "? not json"
+
+
+def test_terminal_control_characters_are_shown_not_obeyed() -> None:
+    event = {"type": "message", "text": "\x1b[2Jgone\x07\nline 2", "from": "m\x1b]0;x", "ts": 0}
+    line = format_event(event, "")
+    assert line is not None
+    assert "\x1b" not in line and "\x07" not in line
+    assert line.endswith("m\\x1b]0;x: \\x1b[2Jgone\\x07\n    line 2")
+
+
+def test_an_ack_settles_every_older_message() -> None:
+    pending = PendingAcks()
+    for message_id in (1, 2, 3, 4):
+        pending.add(message_id)
+    pending.acked(2)  # 1 was dropped without an answer (rate limit)
+    assert len(pending) == 2
+    pending.refused()  # an error answers the oldest: 3
+    pending.acked(4)
+    assert len(pending) == 0
+
+
+# -- scripting mode -------------------------------------------------------------------------
+
+
+def test_piped_lines_become_messages_and_events_come_out_as_json(
+    server: ServerProcess, clients: list[Client]
+) -> None:
+    url = room_url(server, fresh_room())
+    alice = Client(url, "--name", "alice", "--count", "3", "--timeout", str(DEADLINE))
+    clients.append(alice)
+    assert welcome_of(alice)["members"] == ["alice"]
+
+    bob = run_client(url, "--name", "bob", input="hello\n\n   \nworld\nno newline at the end")
+
+    assert (bob.returncode, bob.stderr) == (0, "")
+    events = json_lines(bob.stdout)
+    assert events[0]["type"] == "welcome"
+    assert (events[0]["members"], events[0]["count"], events[0]["seq"]) == (["alice", "bob"], 2, 0)
+    messages = of_type(events, "message")
+    assert [m["text"] for m in messages] == ["hello", "world", "no newline at the end"]
+    assert [(m["seq"], m["id"], m["from"]) for m in messages] == [
+        (1, "1", "bob"), (2, "2", "bob"), (3, "3", "bob"),
+    ]
+    acks = of_type(events, "ack")
+    assert [(a["id"], a["seq"]) for a in acks] == [("1", 1), ("2", 2), ("3", 3)]
+    for message, ack in zip(messages, acks, strict=True):
+        assert events.index(message) < events.index(ack)
+
+    assert alice.wait() == 0
+    seen = json_lines(alice.out.read_to_end())
+    assert seen[1]["type"] == "system" and seen[1]["event"] == "join" and seen[1]["name"] == "bob"
+    assert [(m["seq"], m["text"]) for m in of_type(seen, "message")] == [
+        (1, "hello"), (2, "world"), (3, "no newline at the end"),
+    ]
+
+
+def test_batch_frames_are_split_into_events(server: ServerProcess, clients: list[Client]) -> None:
+    url = room_url(server, fresh_room())
+    total = 300
+    alice = Client(url, "--batch", "--count", str(total), "--timeout", str(DEADLINE))
+    clients.append(alice)
+    welcome_of(alice)
+
+    # With --linger 10, a single ack lost inside a multi-event frame would show up as a
+    # complaint on stderr and a 10 s wait.
+    lines = "".join(f"line {n}\n" for n in range(1, total + 1))
+    bob = run_client(url, "--name", "bob", "--batch", "--linger", "10", input=lines)
+
+    assert (bob.returncode, bob.stderr) == (0, "")
+    events = json_lines(bob.stdout)
+    assert [m["seq"] for m in of_type(events, "message")] == list(range(1, total + 1))
+    assert [a["id"] for a in of_type(events, "ack")] == [str(n) for n in range(1, total + 1)]
+    assert alice.wait() == 0
+    seen = of_type(json_lines(alice.out.read_to_end()), "message")
+    assert [m["text"] for m in seen] == [f"line {n}" for n in range(1, total + 1)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_printed_events_are_the_servers_json_verbatim(server: ServerProcess) -> None:
+    from trio_websocket import open_websocket_url
+
+    room = fresh_room()
+    with anyio.fail_after(DEADLINE):
+        async with open_websocket_url(server.url(f"/ws/chat?room={room}&name=carol")) as ws:
+            assert json.loads(await ws.get_message())["type"] == "welcome"
+            result = await trio.run_process(
+                [*CLIENT, room_url(server, room), "--name", "bob"],
+                stdin=b"one\ntwo\n",
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                cwd=ROOT,
+            )
+            assert (result.returncode, result.stderr) == (0, b"")
+            frames = [await ws.get_message() for _ in range(4)]
+
+    printed = [line for line in result.stdout.decode().splitlines() if '"type":"message"' in line]
+    assert [json.loads(frame)["type"] for frame in frames] == ["system", "message", "message", "system"]
+    assert frames[1:3] == printed  # byte for byte: one serialisation, printed as received
+    assert json.loads(frames[3])["event"] == "leave"
+
+
+def test_count_with_timeout_fails_when_too_few_messages_arrive(server: ServerProcess) -> None:
+    url = room_url(server, fresh_room())
+    started = time.monotonic()
+    result = run_client(url, "--count", "2", "--timeout", "0.5")
+    assert result.returncode == 1
+    assert result.stderr == "roomcast: timed out after 0.5s with 0 of 2 messages\n"
+    assert [e["type"] for e in json_lines(result.stdout)] == ["welcome"]
+    assert time.monotonic() - started < DEADLINE / 2
+
+
+def test_timeout_alone_ends_a_listening_session_normally(
+    server: ServerProcess, clients: list[Client]
+) -> None:
+    listener = Client(room_url(server, fresh_room()), "--timeout", "0.5")  # stdin stays open
+    clients.append(listener)
+    welcome_of(listener)
+    assert listener.wait() == 0
+    assert listener.stderr() == ""
+
+
+def test_unknown_path_close_is_reported(server: ServerProcess) -> None:
+    result = run_client(server.url("/ws/nowhere"))
+    assert result.returncode == 1
+    assert result.stderr == "roomcast: closed 4004: no WebSocket endpoint at /ws/nowhere\n"
+
+
+def test_ctrl_c_leaves_the_room_quietly(server: ServerProcess, clients: list[Client]) -> None:
+    url = room_url(server, fresh_room())
+    alice = Client(url, "--name", "alice")
+    bob = Client(url, "--name", "bob")
+    clients.extend([alice, bob])
+    welcome_of(alice)
+    welcome_of(bob)
+    alice.out.expect(r'"event":"join","name":"bob"')
+
+    bob.process.send_signal(signal.SIGINT)
+
+    assert bob.wait() == 128 + signal.SIGINT
+    assert bob.stderr() == ""
+    alice.out.expect(r'"event":"leave","name":"bob"')
+    alice.end_input()
+    assert alice.wait() == 0
+
+
+def test_a_closed_stdout_ends_the_session_quietly(
+    server: ServerProcess, clients: list[Client]
+) -> None:
+    url = room_url(server, fresh_room())
+    bob = Client(url, "--name", "bob")  # like `roomcast chat ... | head -1`
+    clients.append(bob)
+    welcome_of(bob)
+    assert bob.process.stdout is not None
+    bob.process.stdout.close()
+
+    assert run_client(url, "--name", "alice", input="anyone?\n").returncode == 0
+
+    assert bob.wait() == 0
+    assert bob.stderr() == ""
+
+
+# -- interactive mode -----------------------------------------------------------------------
+
+
+def test_interactive_session_in_a_terminal(server: ServerProcess, clients: list[Client]) -> None:
+    room = fresh_room()
+    url = room_url(server, room)
+    bob = Client(url, "--name", "bob", terminal=True)
+    clients.append(bob)
+    bob.out.expect(rf"\* you joined #{room} \(1 here: bob\)\r\n")
+
+    bob.type(b"hello there\n")
+    bob.out.expect(r"\[\d\d:\d\d:\d\d\] bob: hello there\r\n")
+
+    alice = run_client(url, "--name", "alice", input="hi from alice \x1b[2J\n")
+    assert alice.returncode == 0
+    bob.out.expect(rf"\* alice joined #{room} \(2 here\)\r\n")
+    bob.out.expect(r"\[\d\d:\d\d:\d\d\] alice: hi from alice \\x1b\[2J\r\n")
+    bob.out.expect(rf"\* alice left #{room} \(1 here\)\r\n")
+
+    bob.type(b"\x04")  # Ctrl-D at the start of a line: end of input
+    assert bob.wait() == 0
+    shown = bob.out.read_to_end()
+    assert "\x1b" not in shown
+    assert '"type"' not in shown  # no raw JSON, no acks
+    assert "roomcast:" not in shown and "Traceback" not in shown
+
+
+def test_json_flag_in_a_terminal(server: ServerProcess, clients: list[Client]) -> None:
+    bob = Client(room_url(server, fresh_room()), "--json", "--name", "bob", terminal=True)
+    clients.append(bob)
+    bob.out.expect(r'\{"type":"welcome",.*\}\r\n')
+    bob.type(b"hi\n")
+    bob.out.expect(r'\{"type":"message","text":"hi",.*"seq":1,"from":"bob",.*"id":"1"\}\r\n')
+    bob.out.expect(r'\{"type":"ack","id":"1","seq":1\}\r\n')
+    bob.type(b"\x04")
+    assert bob.wait() == 0
+
+
+# -- closes chosen by the server ------------------------------------------------------------
+
+
+def test_missing_or_wrong_token_exits_1_with_4001() -> None:
+    with roomcast_server(env={"ROOMCAST_TOKENS": "secret"}) as server:
+        url = room_url(server, fresh_room())
+        expected = "roomcast: closed 4001: missing or invalid token\n"
+        for args, lines in (([], ""), ([], "hello\n"), (["--token", "wrong"], "")):
+            result = run_client(url, *args, input=lines)
+            assert (result.returncode, result.stderr, result.stdout) == (1, expected, "")
+
+        by_flag = run_client(url, "--token", "secret")
+        by_env = run_client(url, env={"ROOMCAST_TOKEN": "secret"})
+        for result in (by_flag, by_env):
+            print(result.stderr)
+            assert (result.returncode, result.stderr) == (0, "")
+            assert json_lines(result.stdout)[0]["type"] == "welcome"
+
+
+def test_server_shutdown_exits_1_with_1001(clients: list[Client]) -> None:
+    with roomcast_server(args=["--graceful-timeout", "1"]) as server:
+        listener = Client(room_url(server, fresh_room()))
+        clients.append(listener)
+        welcome_of(listener)
+        server.terminate()
+        assert listener.wait() == 1
+        assert listener.stderr() == "roomcast: closed 1001: server shutting down\n"
