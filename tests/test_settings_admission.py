@@ -125,3 +125,13 @@ class TestTokenBucket:
         bucket = TokenBucket(rate=1, burst=1, now=10.0)
         assert bucket.take(10.0)
         assert not bucket.take(5.0)
+
+
+def test_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    from roomcast.settings import describe
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name, meaning, default in describe():
+        assert f"| `{name}` | {meaning} | {default} |" in readme, name

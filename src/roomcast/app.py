@@ -27,7 +27,7 @@ from .asgi import ConnectionClosed, Receive, Scope, Send, WebSocket, respond
 from .connection import CLOSE_TIMEOUT, serve_binary_echo, serve_echo, serve_member
 from .hub import Hub, RoomFull
 from .protocol import CloseCode, ProtocolError
-from .settings import Settings
+from .settings import Settings, SettingsError
 
 __all__ = ["RoomcastApp", "Runtime", "app", "create_app", "open_runtime"]
 
@@ -59,10 +59,16 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtim
     :raises SettingsError: if a ``ROOMCAST_*`` variable holds an unusable value
     """
     settings = Settings.from_env() if settings is None else settings
+    if settings.redis_url is not None:
+        raise SettingsError(
+            "ROOMCAST_REDIS_URL is set, but this version of roomcast has only the "
+            "in-process broker; unset it to run a single process"
+        )
     hub = Hub(
         outbox_size=settings.outbox_size,
         history_size=settings.history_size,
         room_capacity=settings.room_capacity,
+        idle_rooms=settings.idle_rooms,
     )
     runtime = Runtime(settings, hub)
     try:

@@ -325,6 +325,8 @@ class Link:
         self._ws = ws
         self._closed_error = closed_error
         self.batch = ws.subprotocol == BATCH_SUBPROTOCOL
+        #: set once we have started the close handshake; see :func:`connect`
+        self.closing = False
 
     async def receive(self) -> str:
         """The next frame; binary frames (the chat never sends them) are decoded as text.
@@ -347,6 +349,7 @@ class Link:
     async def close(self) -> None:
         """Close with 1000, waiting at most :data:`CLOSE_TIMEOUT` for the server's reply
         (then the socket is dropped). Does nothing if the connection has already ended."""
+        self.closing = True
         with trio.move_on_after(CLOSE_TIMEOUT):
             await self._ws.aclose(CloseCode.NORMAL)
 
@@ -361,14 +364,22 @@ class Link:
 async def connect(options: Options) -> AsyncIterator[Link]:
     """Open the WebSocket for ``options`` and close it on exit.
 
+    Works around trio-websocket issue #184: a ping that arrives after our close frame is
+    answered with a pong that wsproto refuses (``LocalProtocolError`` in state
+    ``LOCAL_CLOSING``), which kills trio-websocket's reader task. Hypercorn pings every
+    connection as soon as it accepts it, so a short scripted session hits this often.
+    Once we are closing, the session's outcome is already decided: the error is ignored.
+
     :raises CannotConnect: if the TCP connection or the handshake fails or times out
     """
     import trio_websocket as tws  # only the client needs it; `main` checks it is installed
+    from wsproto.utilities import LocalProtocolError
 
     headers = []
     if options.token is not None:
         headers.append((b"authorization", b"Bearer " + options.token.encode()))
     connect_timeout = min(CONNECT_TIMEOUT, options.timeout or CONNECT_TIMEOUT)
+    link: Link | None = None
     try:
         async with tws.open_websocket_url(
             options.url,
@@ -377,11 +388,15 @@ async def connect(options: Options) -> AsyncIterator[Link]:
             connect_timeout=connect_timeout,
             disconnect_timeout=CLOSE_TIMEOUT,
         ) as ws:
-            yield Link(ws, tws.ConnectionClosed)
+            link = Link(ws, tws.ConnectionClosed)
+            yield link
     except tws.DisconnectionTimeout:
         pass  # the close handshake stalled; the socket is closed and the session over anyway
     except tws.HandshakeError as exc:
         raise CannotConnect(_handshake_failure(exc, connect_timeout)) from None
+    except LocalProtocolError:
+        if link is None or not link.closing:
+            raise
 
 
 def _handshake_failure(exc: Exception, timeout: float) -> str:
@@ -514,8 +529,9 @@ async def run(options: Options, out: TextIO) -> int:
         async with connect(options) as link:
             session = Session(link, options, out)
             await _run_session(session)
+            if session.exit_code is not None:
+                exit_code = session.exit_code
             await link.close()  # a no-op if the server closed first
-            exit_code = EXIT_CLOSED if session.exit_code is None else session.exit_code
     except CannotConnect as exc:
         _complain(f"cannot connect to {options.url}: {exc}")
         return EXIT_USAGE

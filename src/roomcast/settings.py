@@ -83,6 +83,10 @@ class Settings:
     history_size: int = field(
         default=100, metadata=_env(_int(0), "messages kept per room for resume")
     )
+    idle_rooms: int = field(
+        default=1000,
+        metadata=_env(_int(0), "rooms without members whose history is kept for resume"),
+    )
     max_text: int = field(default=4000, metadata=_env(_int(1), "longest chat text in characters"))
     send_timeout: float = field(
         default=30.0,
