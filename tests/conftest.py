@@ -2,8 +2,14 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from redis_server import RedisServer
 
 sys.path.insert(0, os.path.dirname(__file__))  # the helpers next to the tests
 
@@ -12,3 +18,14 @@ sys.path.insert(0, os.path.dirname(__file__))  # the helpers next to the tests
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Every async test runs on both backends unless it asks for one."""
     return str(request.param)
+
+
+@pytest.fixture
+def redis_server(tmp_path: os.PathLike[str]) -> Iterator[RedisServer]:
+    """A fresh redis-server for one test (installed by the README's test command)."""
+    from pathlib import Path
+
+    from redis_server import run_redis
+
+    with run_redis(Path(tmp_path) / "redis") as server:
+        yield server

@@ -28,9 +28,9 @@ from typing import Any
 import anyio
 import pytest
 import trio
-from servers import ServerProcess, spawn_server
 
 from roomcast.client import PendingAcks, chat_url, format_event
+from servers import ServerProcess, spawn_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENT = [sys.executable, "-m", "roomcast", "chat"]
@@ -42,11 +42,14 @@ DEADLINE = 20.0
 
 
 @contextmanager
-def roomcast_server(
-    env: dict[str, str] | None = None, args: list[str] | None = None
-) -> Iterator[ServerProcess]:
+def roomcast_server(env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
     """A server with the rate limit off, stopped with SIGTERM so that Hypercorn's worker
-    process exits too (``spawn_server`` kills only the parent, which orphans the worker)."""
+    process exits too (``spawn_server`` kills only the parent, which orphans the worker).
+
+    The graceful timeout is short because Hypercorn's ping task outlives each closed
+    WebSocket by up to ``websocket_ping_interval`` (20 s), and a stop waits for it.
+    """
+    args = ["--graceful-timeout", "1"]
     with spawn_server(args, env={"ROOMCAST_RATE_LIMIT": "0", **(env or {})}) as server:
         try:
             yield server
@@ -367,9 +370,63 @@ async def test_printed_events_are_the_servers_json_verbatim(server: ServerProces
             frames = [await ws.get_message() for _ in range(4)]
 
     printed = [line for line in result.stdout.decode().splitlines() if '"type":"message"' in line]
-    assert [json.loads(frame)["type"] for frame in frames] == ["system", "message", "message", "system"]
+    kinds = [json.loads(frame)["type"] for frame in frames]
+    assert kinds == ["system", "message", "message", "system"]
     assert frames[1:3] == printed  # byte for byte: one serialisation, printed as received
     assert json.loads(frames[3])["event"] == "leave"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+@pytest.mark.parametrize("batch", [True, False])
+async def test_end_closes_with_1000_and_batch_frames_are_split(batch: bool) -> None:
+    """Against a stand-in server that sees what the client does on the wire: the
+    subprotocol it offers, and the close code it ends with. The stand-in sends two
+    messages in one frame; with ``--count 1`` exactly one of them may be printed."""
+    from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+
+    events = [
+        {"type": "welcome", "room": "r", "epoch": "e", "seq": 0, "members": [], "count": 1},
+        {"type": "message", "text": "a", "room": "r", "seq": 1, "from": None, "ts": 0},
+        {"type": "message", "text": "b", "room": "r", "seq": 2, "from": None, "ts": 0},
+    ]
+    encoded = [json.dumps(event, separators=(",", ":")) for event in events]
+    offered: list[tuple[str, ...]] = []
+    close_codes: list[int] = []
+    closed = trio.Event()
+
+    async def handler(request: WebSocketRequest) -> None:
+        offered.append(request.proposed_subprotocols)
+        ws = await request.accept(subprotocol="roomcast.batch" if batch else None)
+        frames = ["\n".join(encoded)] if batch else encoded
+        try:
+            for frame in frames:
+                await ws.send_message(frame)
+            await ws.get_message()
+        except ConnectionClosed as exc:
+            assert exc.reason is not None
+            close_codes.append(exc.reason.code)
+            closed.set()
+
+    with anyio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+            flags = ["--batch"] if batch else []
+            result = await trio.run_process(
+                [*CLIENT, f"ws://127.0.0.1:{server.port}", "--count", "1", *flags],
+                stdin=subprocess.DEVNULL,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                cwd=ROOT,
+            )
+            await closed.wait()
+            nursery.cancel_scope.cancel()
+
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout.decode().splitlines() == encoded[:2]
+    assert offered == [("roomcast.batch",) if batch else ()]
+    assert close_codes == [1000]
 
 
 def test_count_with_timeout_fails_when_too_few_messages_arrive(server: ServerProcess) -> None:
@@ -401,9 +458,10 @@ def test_unknown_path_close_is_reported(server: ServerProcess) -> None:
 def test_ctrl_c_leaves_the_room_quietly(server: ServerProcess, clients: list[Client]) -> None:
     url = room_url(server, fresh_room())
     alice = Client(url, "--name", "alice")
-    bob = Client(url, "--name", "bob")
-    clients.extend([alice, bob])
+    clients.append(alice)
     welcome_of(alice)
+    bob = Client(url, "--name", "bob")
+    clients.append(bob)
     welcome_of(bob)
     alice.out.expect(r'"event":"join","name":"bob"')
 
@@ -484,13 +542,12 @@ def test_missing_or_wrong_token_exits_1_with_4001() -> None:
         by_flag = run_client(url, "--token", "secret")
         by_env = run_client(url, env={"ROOMCAST_TOKEN": "secret"})
         for result in (by_flag, by_env):
-            print(result.stderr)
             assert (result.returncode, result.stderr) == (0, "")
             assert json_lines(result.stdout)[0]["type"] == "welcome"
 
 
 def test_server_shutdown_exits_1_with_1001(clients: list[Client]) -> None:
-    with roomcast_server(args=["--graceful-timeout", "1"]) as server:
+    with roomcast_server() as server:
         listener = Client(room_url(server, fresh_room()))
         clients.append(listener)
         welcome_of(listener)

@@ -23,11 +23,12 @@ from prometheus_client import CollectorRegistry
 
 from . import metrics, protocol
 from .admission import origin_allowed, query_param, token_valid
+from .brokers import Broker, BrokerUnavailable, open_broker
 from .asgi import ConnectionClosed, Receive, Scope, Send, WebSocket, respond
 from .connection import CLOSE_TIMEOUT, serve_binary_echo, serve_echo, serve_member
 from .hub import Hub, RoomFull
 from .protocol import CloseCode, ProtocolError
-from .settings import Settings, SettingsError
+from .settings import Settings
 
 __all__ = ["RoomcastApp", "Runtime", "app", "create_app", "open_runtime"]
 
@@ -42,6 +43,7 @@ class Runtime:
 
     settings: Settings
     hub: Hub
+    broker: Broker
     registry: CollectorRegistry = field(init=False)
     static: dict[str, tuple[bytes, str]] = field(init=False)
     connections: int = 0
@@ -57,24 +59,20 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtim
     end every membership with :attr:`CloseCode.GOING_AWAY`.
 
     :raises SettingsError: if a ``ROOMCAST_*`` variable holds an unusable value
+    :raises BrokerUnavailable: if the configured Redis cannot be reached
     """
     settings = Settings.from_env() if settings is None else settings
-    if settings.redis_url is not None:
-        raise SettingsError(
-            "ROOMCAST_REDIS_URL is set, but this version of roomcast has only the "
-            "in-process broker; unset it to run a single process"
-        )
     hub = Hub(
         outbox_size=settings.outbox_size,
         history_size=settings.history_size,
         room_capacity=settings.room_capacity,
         idle_rooms=settings.idle_rooms,
     )
-    runtime = Runtime(settings, hub)
-    try:
-        yield runtime
-    finally:
-        hub.close_all(CloseCode.GOING_AWAY, "server shutting down")
+    async with open_broker(settings, hub) as broker:
+        try:
+            yield Runtime(settings, hub, broker)
+        finally:
+            hub.close_all(CloseCode.GOING_AWAY, "server shutting down")
 
 
 def _load_static() -> dict[str, tuple[bytes, str]]:
@@ -153,7 +151,9 @@ async def _http(runtime: Runtime, scope: Scope, send: Send) -> None:
 
 def _get(runtime: Runtime, path: str) -> tuple[bytes, str, int]:
     if path == "/healthz":
-        return orjson.dumps({"status": "ok", "broker": "memory"}), "application/json", 200
+        broker = runtime.broker
+        status, code = ("ok", 200) if broker.healthy else ("unavailable", 503)
+        return orjson.dumps({"status": status, "broker": broker.name}), "application/json", code
     if path == "/metrics":
         return metrics.render(runtime.registry), metrics.CONTENT_TYPE, 200
     body, content_type = runtime.static[path.removeprefix("/static/")]
@@ -171,14 +171,18 @@ async def _chat(runtime: Runtime, ws: WebSocket) -> None:
     except ProtocolError as exc:
         await ws.close(CloseCode.BAD_REQUEST, exc.message)
         return
-    hub = runtime.hub
     try:
-        member = hub.join(query.room, query.name, since=query.since, epoch=query.epoch)
+        member = await runtime.broker.join(
+            query.room, query.name, since=query.since, epoch=query.epoch
+        )
     except RoomFull:
         await ws.close(CloseCode.ROOM_FULL, "room full")
         return
+    except BrokerUnavailable:
+        await ws.close(CloseCode.INTERNAL_ERROR, "chat service unavailable; try again shortly")
+        return
     batch = ws.subprotocol == protocol.BATCH_SUBPROTOCOL
-    await serve_member(ws, hub, member, runtime.settings, batch=batch)
+    await serve_member(ws, runtime.broker, member, runtime.settings, batch=batch)
 
 
 async def _echo(runtime: Runtime, ws: WebSocket) -> None:

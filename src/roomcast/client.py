@@ -155,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"offer the {BATCH_SUBPROTOCOL} subprotocol (several events per frame)",
     )
     parser.add_argument(
-        "--count", type=_positive_int, metavar="N", help="exit after printing N message events"
+        "--count",
+        type=_positive_int,
+        metavar="N",
+        help="exit after printing N message events; in scripting mode, keep listening "
+        "after end of input until then",
     )
     parser.add_argument(
         "--timeout",
@@ -543,9 +547,9 @@ async def _run_session(session: Session) -> None:
     with trio.move_on_after(math.inf if timeout is None else timeout) as deadline:
         async with trio.open_nursery() as nursery:
             session.scope = nursery.cancel_scope
+            nursery.start_soon(_watch_signals, session)
             nursery.start_soon(_print_events, session)
             nursery.start_soon(_send_input, session, StdinLines())
-            nursery.start_soon(_watch_signals, session)
     if deadline.cancelled_caught:
         _timed_out(session, timeout)
 
@@ -655,7 +659,8 @@ def format_event(event: dict[str, Any], raw: str) -> str | None:
     """
     kind = event.get("type")
     if kind == "message":
-        clock = time.strftime("%H:%M:%S", time.localtime(_number(event.get("ts")) / 1000))
+        ts = _number(event.get("ts"), default=int(time.time() * 1000))
+        clock = time.strftime("%H:%M:%S", time.localtime(ts / 1000))
         sender = event.get("from")
         who = _clean(sender) if isinstance(sender, str) else "(anonymous)"
         return f"[{clock}] {who}: {_clean(str(event.get('text', '')))}"
@@ -680,10 +685,11 @@ def _format_welcome(event: dict[str, Any]) -> str:
     return f"* you joined #{_clean(str(event.get('room')))} ({count} here: {here})"
 
 
-def _number(value: object) -> int:
+def _number(value: object, default: int = 0) -> int:
+    """A numeric field of a server event, tolerating a missing or malformed one."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return int(value)
-    return int(time.time() * 1000) if value is None else 0
+    return default
 
 
 def _clean(text: str) -> str:

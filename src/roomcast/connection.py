@@ -20,6 +20,7 @@ from anyio import CancelScope
 from . import protocol
 from .admission import TokenBucket
 from .asgi import ConnectionClosed, WebSocket
+from .brokers import Broker, BrokerUnavailable
 from .hub import Hub, Member
 from .protocol import CloseCode, ErrorCode, ProtocolError
 from .settings import Settings
@@ -29,23 +30,30 @@ __all__ = ["serve_binary_echo", "serve_echo", "serve_member"]
 #: how long a close frame may take once the connection is being torn down
 CLOSE_TIMEOUT = 1.0
 RATE_NOTICE = "slow down: messages over the rate limit are dropped"
+UNAVAILABLE_NOTICE = "message not sent: the chat service is unavailable; try again shortly"
 
 
 async def serve_member(
-    ws: WebSocket, hub: Hub, member: Member, settings: Settings, *, batch: bool
+    ws: WebSocket, broker: Broker, member: Member, settings: Settings, *, batch: bool
 ) -> None:
     """Run a joined member's connection until either side ends it; the member has left
     its room when this returns (or raises)."""
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_send_outbox, ws, member, tg.cancel_scope, batch, settings.batch_max)
-            await _receive_chat(ws, hub, member, settings)
+            await _receive_chat(ws, broker, member, settings)
             tg.cancel_scope.cancel()
     finally:
-        hub.leave(member)
+        # Leaving the local room is synchronous and comes first; only telling other
+        # processes may wait, and not for long.
+        with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            await broker.leave(member)
 
 
-async def _receive_chat(ws: WebSocket, hub: Hub, member: Member, settings: Settings) -> None:
+async def _receive_chat(
+    ws: WebSocket, broker: Broker, member: Member, settings: Settings
+) -> None:
+    hub = broker.hub
     bucket = None
     if settings.rate_limit:
         bucket = TokenBucket(settings.rate_limit, 2 * settings.rate_limit, anyio.current_time())
@@ -72,7 +80,10 @@ async def _receive_chat(ws: WebSocket, hub: Hub, member: Member, settings: Setti
                 hub.send_to(member, protocol.encode_error(ErrorCode.RATE_LIMITED, RATE_NOTICE))
             continue
         warned = False
-        hub.publish(member, message)
+        try:
+            await broker.publish(member, message)
+        except BrokerUnavailable:
+            _refuse(hub, member, ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE)
 
 
 def _refuse(hub: Hub, member: Member, code: ErrorCode, message: str) -> None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import secrets
 import time
+import itertools
 from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -24,7 +26,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from . import protocol
 from .protocol import CloseCode, ErrorCode
 
-__all__ = ["Hub", "HubStats", "Member", "Room", "RoomFull"]
+__all__ = ["Announce", "Hub", "HubStats", "Member", "Room", "RoomFull", "replay"]
 
 
 class RoomFull(Exception):
@@ -43,11 +45,15 @@ class Member:
 
     room: Room
     name: str | None
+    id: str
     greeting: list[str]
     outbox: MemoryObjectReceiveStream[str]
     _outbox_send: MemoryObjectSendStream[str] = field(repr=False)
     close_code: CloseCode | None = None
     close_reason: str = ""
+    #: sequenced messages up to this seq are already in the greeting (resume), so live
+    #: delivery skips them; only a broker whose snapshot is not atomic with joining needs it
+    skip_through: int = 0
 
     @property
     def joined(self) -> bool:
@@ -90,6 +96,11 @@ class HubStats:
     leaves: int = 0
 
 
+#: called when a member joins or leaves (``"join"``/``"leave"``); the default tells the
+#: room's other local members, a cross-process broker tells every process instead
+Announce = Callable[["Room", str, Member], None]
+
+
 class Hub:
     """All rooms of one process.
 
@@ -115,6 +126,9 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
         self.stats = HubStats()
+        self.announce: Announce = self.announce_locally
+        self.node = secrets.token_hex(4)
+        self._ids = itertools.count(1)
 
     # -- membership -------------------------------------------------------------------------
 
@@ -130,14 +144,8 @@ class Hub:
 
         :raises RoomFull: if the room is at capacity
         """
-        room = self._open_room(room_name)
-        if self.room_capacity and len(room.members) >= self.room_capacity:
-            self._forget_if_unused(room)
-            raise RoomFull(room_name)
-        send, receive = anyio.create_memory_object_stream[str](self.outbox_size)
-        member = Member(room, name, [], receive, send)
-        room.members[member] = None
-        self.stats.joins += 1
+        member = self.attach(room_name, name)
+        room = member.room
         member.greeting.append(
             protocol.encode_welcome(
                 room=room.name,
@@ -148,14 +156,34 @@ class Hub:
             )
         )
         if since is not None:
-            member.greeting.extend(_replay(room, since, epoch))
-        self._notify_presence(room, "join", member)
+            member.greeting.extend(replay(room.history, room.seq, room.epoch, since, epoch))
+        self.announce(room, "join", member)
+        return member
+
+    def attach(self, room_name: str, name: str | None = None) -> Member:
+        """Add a local member with an empty greeting and tell nobody (a broker that keeps
+        rooms elsewhere fills in the greeting and announces the join itself).
+
+        :raises RoomFull: if the room is at capacity
+        """
+        room = self._open_room(room_name)
+        if self.room_capacity and len(room.members) >= self.room_capacity:
+            self._forget_if_unused(room)
+            raise RoomFull(room_name)
+        send, receive = anyio.create_memory_object_stream[str](self.outbox_size)
+        member = Member(room, name, f"{self.node}-{next(self._ids)}", [], receive, send)
+        room.members[member] = None
+        self.stats.joins += 1
         return member
 
     def leave(self, member: Member) -> None:
         """Remove a member (idempotent) and tell the rest of its room."""
-        if self._remove(member, None, ""):
-            self._notify_presence(member.room, "leave", member)
+        if self.detach(member):
+            self.announce(member.room, "leave", member)
+
+    def detach(self, member: Member) -> bool:
+        """Remove a member and tell nobody; ``False`` if it had already left."""
+        return self._remove(member, None, "")
 
     def close_all(self, code: CloseCode, reason: str) -> None:
         """End every membership with ``code``: each sender drains its outbox, then closes."""
@@ -189,15 +217,41 @@ class Hub:
             self.send_to(member, protocol.encode_ack(id=message.id, seq=seq))
         return seq
 
-    def _fanout(self, room: Room, encoded: str, *, skip: Member | None = None) -> None:
+    def deliver(self, room_name: str, seq: int, encoded: str) -> None:
+        """Fan out a message sequenced elsewhere (by a cross-process broker), in seq order."""
+        room = self.rooms.get(room_name)
+        if room is not None:
+            room.seq = seq
+            self._fanout(room, encoded, seq=seq)
+
+    def broadcast(self, room_name: str, encoded: str, *, skip_id: str | None = None) -> None:
+        """Fan out an unsequenced event (a presence notice) to a room's local members."""
+        room = self.rooms.get(room_name)
+        if room is not None:
+            skip = next((m for m in room.members if m.id == skip_id), None)
+            self._fanout(room, encoded, skip=skip)
+
+    def announce_locally(self, room: Room, event: str, member: Member) -> None:
+        if room.members:
+            notice = protocol.encode_system(
+                room=room.name, event=event, name=member.name, count=len(room.members)
+            )
+            self._fanout(room, notice, skip=member)
+
+    def _fanout(
+        self, room: Room, encoded: str, *, skip: Member | None = None, seq: int = 0
+    ) -> None:
         failed = []
+        skipped = 0
         for member in room.members:
-            if member is not skip:
+            if member is skip or member.skip_through >= seq > 0:
+                skipped += 1
+            else:
                 try:
                     member._outbox_send.send_nowait(encoded)
                 except (anyio.WouldBlock, anyio.BrokenResourceError):
                     failed.append(member)
-        self.stats.deliveries += len(room.members) - len(failed) - (skip is not None)
+        self.stats.deliveries += len(room.members) - len(failed) - skipped
         for member in failed:
             self._drop(member)
 
@@ -217,14 +271,7 @@ class Hub:
             self.leave(member)
         elif self._remove(member, CloseCode.TOO_SLOW, "too slow: outbox overflowed"):
             self.stats.evictions += 1
-            self._notify_presence(member.room, "leave", member)
-
-    def _notify_presence(self, room: Room, event: str, member: Member) -> None:
-        if room.members:
-            notice = protocol.encode_system(
-                room=room.name, event=event, name=member.name, count=len(room.members)
-            )
-            self._fanout(room, notice, skip=member)
+            self.announce(member.room, "leave", member)
 
     # -- room lifecycle ---------------------------------------------------------------------
 
@@ -259,22 +306,25 @@ class Hub:
             del self.rooms[oldest]
 
 
-def _replay(room: Room, since: int, epoch: str | None) -> list[str]:
-    """Events for a client resuming after ``since``: ``history_gap`` if it missed messages
-    that are gone (or its epoch is not the room's), then every retained message after it."""
-    same_run = epoch in (None, room.epoch) and since <= room.seq
-    first_kept = room.history[0][0] if room.history else room.seq + 1
+def replay(
+    history: Sequence[tuple[int, str]], seq: int, room_epoch: str, since: int, epoch: str | None
+) -> list[str]:
+    """Events for a client resuming after ``since`` in a room whose latest seq is ``seq``:
+    ``history_gap`` if it missed messages that are gone (or its epoch is not the room's),
+    then every retained message after it."""
+    same_run = epoch in (None, room_epoch) and since <= seq
+    first_kept = history[0][0] if history else seq + 1
     events = []
     if not same_run or first_kept > since + 1:
         events.append(
             protocol.encode_error(
                 ErrorCode.HISTORY_GAP,
                 "some messages since your last seq are no longer available",
-                epoch=room.epoch,
+                epoch=room_epoch,
                 since=since,
                 first=first_kept,
             )
         )
         since = 0 if not same_run else since
-    events.extend(encoded for seq, encoded in room.history if seq > since)
+    events.extend(encoded for s, encoded in history if s > since)
     return events

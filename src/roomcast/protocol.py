@@ -26,6 +26,7 @@ __all__ = [
     "encode_ack",
     "encode_error",
     "encode_message",
+    "encode_message_parts",
     "encode_system",
     "encode_welcome",
     "join_batch",
@@ -191,17 +192,24 @@ def _dumps(event: dict[str, Any]) -> str:
 def encode_message(
     *, room: str, seq: int, text: str, sender: str | None, ts: int, id: str | None = None
 ) -> str:
-    event: dict[str, Any] = {
-        "type": "message",
-        "text": text,
-        "room": room,
-        "seq": seq,
-        "from": sender,
-        "ts": ts,
-    }
-    if id is not None:
-        event["id"] = id
-    return _dumps(event)
+    head, tail = encode_message_parts(room=room, text=text, sender=sender, ts=ts, id=id)
+    return f"{head}{seq}{tail}"
+
+
+def encode_message_parts(
+    *, room: str, text: str, sender: str | None, ts: int, id: str | None = None
+) -> tuple[str, str]:
+    """A ``message`` event split around its ``seq``: ``head + str(seq) + tail`` is the
+    event. A broker that assigns the seq elsewhere (a Redis script) splices it in, so the
+    event is still serialised once."""
+    head = f'{{"type":"message","text":{_string(text)},"room":{_string(room)},"seq":'
+    sender_json = "null" if sender is None else _string(sender)
+    id_json = "" if id is None else f',"id":{_string(id)}'
+    return head, f',"from":{sender_json},"ts":{ts}{id_json}}}'
+
+
+def _string(value: str) -> str:
+    return orjson.dumps(value).decode()
 
 
 def encode_welcome(*, room: str, epoch: str, seq: int, members: list[str], count: int) -> str:

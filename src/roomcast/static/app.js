@@ -60,6 +60,7 @@
     banner: $("banner"),
     bannerText: $("banner-text"),
     retry: $("retry"),
+    changeRoom: $("change-room"),
     messages: $("messages"),
     composer: $("composer"),
     text: $("text"),
@@ -236,10 +237,12 @@
   function setStatus(state, text) {
     el.status.dataset.state = state;
     el.statusText.textContent = text;
+    el.status.title = text;
     el.app.dataset.connection = state;
     const canSend = state === "connected";
     el.send.disabled = !canSend || !el.text.value.trim();
-    el.text.placeholder = canSend ? "Message #" + session.room : "Waiting for the connection…";
+    el.text.placeholder = canSend ? "Message #" + session.room
+      : state === "closed" ? "Not connected" : "Waiting for the connection…";
   }
 
   function setBanner(kind, text, showRetry) {
@@ -252,6 +255,7 @@
     el.banner.dataset.kind = kind;
     el.bannerText.textContent = text;
     el.retry.hidden = !showRetry;
+    el.changeRoom.hidden = kind !== "closed";
   }
 
   // -- protocol ----------------------------------------------------------------------------
@@ -355,8 +359,12 @@
       }
       return;
     }
-    const text = ERROR_TEXT[ev.error] || "The server refused that";
-    const detail = typeof ev.message === "string" && ev.message ? " (" + ev.message + ")" : "";
+    const known = ERROR_TEXT[ev.error];
+    const text = known || "The server refused that";
+    // the server's own words add the specifics (e.g. "message is 4200 characters; the limit
+    // is 4000"); a rate-limit notice needs none
+    const detail = ev.error !== "rate_limited" && typeof ev.message === "string" && ev.message
+      ? (known ? " (" + ev.message + ")" : ": " + ev.message) : "";
     notice("error", text + detail, { error: String(ev.error || "") });
     if (ev.error === "too_long" && session.lastSent && !el.text.value) {
       el.text.value = session.lastSent; // give the text back so it can be shortened
@@ -516,7 +524,8 @@
     } catch (err) { /* storage may be disabled */ }
 
     connect();
-    el.text.focus();
+    // on a phone, focusing would throw the keyboard over the conversation
+    if (!window.matchMedia("(pointer: coarse)").matches) el.text.focus();
   }
 
   function showJoin(error) {
@@ -614,13 +623,15 @@
   });
 
   el.retry.addEventListener("click", retryNow);
-  el.leave.addEventListener("click", () => {
+  const leave = () => {
     stop();
     showJoin(null);
     const params = new URLSearchParams(location.search);
     params.delete("room");
     history.replaceState(null, "", location.pathname + (params.toString() ? "?" + params : ""));
-  });
+  };
+  el.leave.addEventListener("click", leave);
+  el.changeRoom.addEventListener("click", leave);
   el.membersToggle.addEventListener("click", () => {
     if (el.app.classList.contains("drawer-open")) closeDrawer(); else openDrawer();
   });

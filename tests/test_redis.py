@@ -1,0 +1,196 @@
+"""The Redis broker against a real redis-server: two servers share rooms, resume works on
+both brokers, and a Redis outage in the middle of traffic is survived."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from redis_server import RedisServer
+from servers import ThreadedServer, serve_in_thread
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from roomcast import Settings, create_app
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
+
+
+@asynccontextmanager
+async def chat(url: str) -> AsyncIterator[tuple[WebSocketConnection, dict[str, Any]]]:
+    async with open_websocket_url(url) as ws:
+        welcome = json.loads(await ws.get_message())
+        assert welcome["type"] == "welcome"
+        yield ws, welcome
+
+
+async def next_of(ws: WebSocketConnection, kind: str) -> dict[str, Any]:
+    while True:
+        event: dict[str, Any] = json.loads(await ws.get_message())
+        if event["type"] == kind:
+            return event
+
+
+@pytest.fixture
+def two_servers(redis_server: RedisServer) -> Iterator[list[ThreadedServer]]:
+    settings = Settings(redis_url=redis_server.url, rate_limit=0)
+    with ExitStack() as stack:
+        yield [
+            stack.enter_context(serve_in_thread(create_app(settings), worker_class=kind))
+            for kind in ("trio", "asyncio")
+        ]
+
+
+async def test_clients_on_two_servers_see_one_order_and_one_seq(
+    two_servers: list[ThreadedServer],
+) -> None:
+    a, b = two_servers
+    urls = [a.url("/ws/chat?room=shared&name=a1"), b.url("/ws/chat?room=shared&name=b1"),
+            a.url("/ws/chat?room=shared&name=a2"), b.url("/ws/chat?room=shared&name=b2")]
+    per_client = 25
+    total = per_client * len(urls)
+    with trio.fail_after(30):
+        async with chat(urls[0]) as (c0, w0), chat(urls[1]) as (c1, w1), chat(
+            urls[2]
+        ) as (c2, w2), chat(urls[3]) as (c3, w3):
+            clients = [c0, c1, c2, c3]
+            # presence crosses servers: the last to join sees everyone, on both servers
+            assert sorted(w3["members"]) == ["a1", "a2", "b1", "b2"] and w3["count"] == 4
+            seen: list[list[tuple[int, str]]] = [[] for _ in clients]
+
+            async def read(i: int) -> None:
+                while len(seen[i]) < total:
+                    event = await next_of(clients[i], "message")
+                    seen[i].append((event["seq"], event["text"]))
+
+            async def talk(i: int) -> None:
+                for n in range(per_client):
+                    await clients[i].send_message(json.dumps({"text": f"{i}:{n}", "id": f"{n}"}))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(len(clients)):
+                    nursery.start_soon(read, i)
+                    nursery.start_soon(talk, i)
+    assert seen[0] == seen[1] == seen[2] == seen[3]
+    assert [seq for seq, _ in seen[0]] == list(range(1, total + 1))
+    for i in range(len(clients)):
+        own = [t for _, t in seen[0] if t.startswith(f"{i}:")]
+        assert own == [f"{i}:{n}" for n in range(per_client)]
+
+
+async def test_presence_notices_cross_servers(two_servers: list[ThreadedServer]) -> None:
+    a, b = two_servers
+    with trio.fail_after(15):
+        async with chat(a.url("/ws/chat?room=p&name=ann")) as (ann, _):
+            async with chat(b.url("/ws/chat?room=p&name=bob")) as (_, welcome):
+                assert welcome["count"] == 2
+                joined = await next_of(ann, "system")
+                assert (joined["event"], joined["name"], joined["count"]) == ("join", "bob", 2)
+            left = await next_of(ann, "system")
+            assert (left["event"], left["name"], left["count"]) == ("leave", "bob", 1)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def broker_settings(request: pytest.FixtureRequest) -> Iterator[Settings]:
+    if request.param == "memory":
+        yield Settings(rate_limit=0, history_size=10)
+    else:
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        yield Settings(rate_limit=0, history_size=10, redis_url=redis.url)
+
+
+async def test_resume_receives_exactly_the_missed_messages(broker_settings: Settings) -> None:
+    with serve_in_thread(create_app(broker_settings)) as server, trio.fail_after(20):
+        url = server.url("/ws/chat?room=resume")
+        async with chat(url + "&name=stayer") as (stayer, _):
+            async with chat(url + "&name=leaver") as (leaver, welcome):
+                await leaver.send_message("before")
+                last = (await next_of(leaver, "message"))["seq"]
+                epoch = welcome["epoch"]
+            for n in range(5):
+                await stayer.send_message(f"missed {n}")
+            for _ in range(5):
+                await next_of(stayer, "message")
+            async with chat(url + f"&name=leaver&since={last}&epoch={epoch}") as (back, again):
+                assert again["epoch"] == epoch and again["seq"] == last + 5
+                await stayer.send_message("live")
+                replayed = [await next_of(back, "message") for _ in range(6)]
+        assert [e["text"] for e in replayed] == [f"missed {n}" for n in range(5)] + ["live"]
+        assert [e["seq"] for e in replayed] == list(range(last + 1, last + 7))
+
+
+async def test_resume_past_the_history_is_a_gap(broker_settings: Settings) -> None:
+    with serve_in_thread(create_app(broker_settings)) as server, trio.fail_after(20):
+        url = server.url("/ws/chat?room=gap")
+        async with chat(url) as (talker, welcome):
+            for n in range(15):  # history keeps 10
+                await talker.send_message(f"m{n}")
+            for _ in range(15):
+                await next_of(talker, "message")
+            async with chat(url + f"&since=2&epoch={welcome['epoch']}") as (back, _):
+                gap = json.loads(await back.get_message())
+                assert (gap["type"], gap["error"], gap["first"]) == ("error", "history_gap", 6)
+                assert [(await next_of(back, "message"))["seq"] for _ in range(10)] == list(range(6, 16))
+
+
+def health(server: ThreadedServer) -> int:
+    try:
+        with urllib.request.urlopen(server.http_url("/healthz"), timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+async def test_redis_outage_mid_traffic(redis_server: RedisServer) -> None:
+    settings = Settings(redis_url=redis_server.url, rate_limit=0, history_size=1000)
+    with serve_in_thread(create_app(settings)) as server, trio.fail_after(60):
+        url = server.url("/ws/chat?room=outage")
+        async with chat(url + "&name=talker") as (talker, welcome), chat(url) as (listener, _):
+            acked: list[int] = []
+            for n in range(20):
+                await talker.send_message(json.dumps({"text": f"before {n}", "id": f"b{n}"}))
+                acked.append((await next_of(talker, "ack"))["seq"])
+            assert await trio.to_thread.run_sync(health, server) == 200
+
+            redis_server.kill()
+            await talker.send_message(json.dumps({"text": "while down", "id": "d"}))
+            error = await next_of(talker, "error")
+            assert error["error"] == "unavailable"  # told, not silently dropped
+            while await trio.to_thread.run_sync(health, server) != 503:
+                await trio.sleep(0.1)
+
+            redis_server.start()  # same port, same append-only file
+            while await trio.to_thread.run_sync(health, server) != 200:
+                await trio.sleep(0.1)
+            after = None
+            while after is None:  # the subscription comes back by itself
+                await talker.send_message(json.dumps({"text": "after", "id": "a"}))
+                event = json.loads(await talker.get_message())
+                while event["type"] not in ("ack", "error"):
+                    event = json.loads(await talker.get_message())
+                if event["type"] == "ack":
+                    after = event["seq"]
+                else:
+                    await trio.sleep(0.2)
+            assert after > acked[-1]
+            listened = []
+            while not listened or listened[-1]["text"] != "after":
+                event = json.loads(await listener.get_message())
+                if event["type"] in ("message", "error"):
+                    listened.append(event)
+        got = [e["seq"] for e in listened if e["type"] == "message"]
+        gaps = [e for e in listened if e["type"] == "error"]
+        missing = [seq for seq in acked if seq not in got]
+        assert not missing or gaps, "a member missed acked messages without being told"
+
+        # every message acked before the outage is in history after it
+        async with chat(url + f"&since=0&epoch={welcome['epoch']}") as (late, again):
+            assert again["epoch"] == welcome["epoch"]
+            replay = [await next_of(late, "message") for _ in range(again["seq"])]
+        texts = {e["seq"]: e["text"] for e in replay}
+        assert all(texts[seq] == f"before {n}" for n, seq in enumerate(acked))
