@@ -17,6 +17,7 @@ import signal
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import broadcast, serve
+from websockets.exceptions import ConnectionClosed
 
 rooms: dict = {}
 
@@ -30,7 +31,7 @@ async def handler(websocket) -> None:
     members = rooms.setdefault(room, set())
     members.add(websocket)
     try:
-        async for text in websocket:
+        async for text in websocket:  # ends quietly on a clean close
             if not isinstance(text, str) or not text:
                 continue
             try:
@@ -40,6 +41,8 @@ async def handler(websocket) -> None:
             if not isinstance(data, dict):
                 data = {"text": text}
             broadcast(members, json.dumps({"type": "message", "text": data.get("text", text), "room": room}))
+    except ConnectionClosed:
+        pass  # the client vanished without a close frame
     finally:
         members.discard(websocket)
         if not members:

@@ -394,13 +394,13 @@ async def connect(options: Options) -> AsyncIterator[Link]:
         ) as ws:
             link = Link(ws, tws.ConnectionClosed)
             yield link
-    except tws.DisconnectionTimeout:
-        pass  # the close handshake stalled; the socket is closed and the session over anyway
-    except tws.HandshakeError as exc:
-        raise CannotConnect(_handshake_failure(exc, connect_timeout)) from None
-    except LocalProtocolError:
+    except (tws.DisconnectionTimeout, LocalProtocolError):
+        # A stalled close handshake, or issue #184: harmless once we are closing (the
+        # socket is closed either way); anywhere else it is a bug worth a traceback.
         if link is None or not link.closing:
             raise
+    except tws.HandshakeError as exc:
+        raise CannotConnect(_handshake_failure(exc, connect_timeout)) from None
 
 
 def _handshake_failure(exc: Exception, timeout: float) -> str:
@@ -543,6 +543,9 @@ async def run(options: Options, out: TextIO) -> int:
 
 
 async def _run_session(session: Session) -> None:
+    """Run the session's tasks until one of them calls :meth:`Session.finish`, the
+    connection ends, or ``--timeout`` expires; the nursery guarantees all three tasks are
+    gone when this returns, whichever way it ended."""
     timeout = session.options.timeout
     with trio.move_on_after(math.inf if timeout is None else timeout) as deadline:
         async with trio.open_nursery() as nursery:

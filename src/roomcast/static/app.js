@@ -100,6 +100,7 @@
     members: new Map(), // display name -> how many members use it
     count: 0,
     myIds: new Set(),
+    pending: new Map(), // id -> text of sent messages not yet acked or seen
     lastSent: "",
   };
 
@@ -325,6 +326,7 @@
       for (let i = 0; i < MAX_RENDERED; i++) session.seen.delete(it.next().value);
     }
     if (seq > session.lastSeq) session.lastSeq = seq;
+    if (typeof ev.id === "string") session.pending.delete(ev.id);
     renderMessage(ev);
   }
 
@@ -347,7 +349,15 @@
   }
 
   function onAck(ev) {
-    if (typeof ev.id === "string" && session.myIds.has(ev.id)) session.lastSent = "";
+    if (typeof ev.id === "string" && session.pending.has(ev.id)) {
+      // the server handles a connection's frames in order: anything sent before this one
+      // and still pending was refused (an error said so, or a rate-limit drop)
+      for (const id of session.pending.keys()) {
+        session.pending.delete(id);
+        if (id === ev.id) break;
+      }
+      session.lastSent = "";
+    }
   }
 
   function onError(ev) {
@@ -358,6 +368,11 @@
         notice("gap", "Some messages may be missing: the room no longer has everything sent while you were disconnected.");
       }
       return;
+    }
+    if (["too_long", "rate_limited", "bad_id"].includes(ev.error)) {
+      // a refusal answers the oldest message still waiting for its ack
+      const oldest = session.pending.keys().next();
+      if (!oldest.done) session.pending.delete(oldest.value);
     }
     const known = ERROR_TEXT[ev.error];
     const text = known || "The server refused that";
@@ -432,6 +447,14 @@
     if (hadSession) {
       notice("disconnect", "Disconnected: " + text + ".", { code: String(code) });
     }
+    if (session.pending.size) {
+      // sent, but neither acked nor seen: the server may or may not have it
+      const n = session.pending.size;
+      notice("error", (n === 1 ? "A message you sent was" : n + " messages you sent were") +
+        " not confirmed before the connection dropped; if the server got " +
+        (n === 1 ? "it, it" : "them, they") + " will appear when you reconnect.", { error: "unconfirmed" });
+      session.pending.clear();
+    }
     if (code === 4400) {
       // bad room or name: nothing to retry; let the user fix it
       stop();
@@ -501,6 +524,7 @@
     session.seen = new Set();
     session.members = new Map();
     session.count = 0;
+    session.pending.clear();
     session.wasEverOpen = false;
     session.attempt = 0;
     session.active = true;
@@ -583,6 +607,7 @@
     session.myIds.add(id);
     if (session.myIds.size > 2000) session.myIds.delete(session.myIds.values().next().value);
     session.lastSent = text;
+    session.pending.set(id, text);
     ws.send(JSON.stringify({ text, id }));
     el.text.value = "";
     autosize();
