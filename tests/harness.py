@@ -107,9 +107,15 @@ class ASGIClient:
     async def get(self, path: str, method: str = "GET") -> HTTPResponse:
         path, _, query = path.partition("?")
         scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-            "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
-            "query_string": query.encode(), "headers": [(b"host", b"testserver")],
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query.encode(),
+            "headers": [(b"host", b"testserver")],
             "state": dict(self.state),
         }
         sent: list[Message] = []
@@ -142,11 +148,16 @@ class ASGIClient:
         """
         path, _, query = path.partition("?")
         scope = {
-            "type": "websocket", "asgi": {"version": "3.0"}, "http_version": "1.1",
-            "scheme": "ws", "path": path, "raw_path": path.encode(),
+            "type": "websocket",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "scheme": "ws",
+            "path": path,
+            "raw_path": path.encode(),
             "query_string": query.encode(),
             "headers": [(b"host", b"testserver"), *(headers or [])],
-            "subprotocols": subprotocols or [], "state": dict(self.state),
+            "subprotocols": subprotocols or [],
+            "state": dict(self.state),
         }
         to_app_send, to_app_receive = anyio.create_memory_object_stream[Message](16)
         from_app_send, from_app_receive = anyio.create_memory_object_stream[Message](buffer)
@@ -198,6 +209,8 @@ async def open_asgi_client(app: ASGIApp) -> AsyncIterator[ASGIClient]:
             finally:
                 with anyio.move_on_after(5, shield=True):
                     await to_app_send.send({"type": "lifespan.shutdown"})
-                    assert (await from_app_receive.receive())["type"] == "lifespan.shutdown.complete"
+                    assert (await from_app_receive.receive())[
+                        "type"
+                    ] == "lifespan.shutdown.complete"
     if failure is not None:
         raise RuntimeError(failure)

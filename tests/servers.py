@@ -91,7 +91,9 @@ class ThreadedServer:
 
 def _count_trio_tasks() -> int:
     def walk(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+        return 1 + sum(
+            walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks
+        )
 
     return walk(trio.lowlevel.current_root_task())
 
@@ -147,9 +149,7 @@ def _call_soon(token: trio.lowlevel.TrioToken, fn: Callable[[], T]) -> T:
     return done.result(timeout=10)
 
 
-def _run_trio(
-    spy: LifespanSpy, config: Config, ready: Future[Any], stopper: Future[Any]
-) -> None:
+def _run_trio(spy: LifespanSpy, config: Config, ready: Future[Any], stopper: Future[Any]) -> None:
     import hypercorn.trio
 
     async def main() -> None:
@@ -159,7 +159,10 @@ def _run_trio(
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 lambda task_status: hypercorn.trio.serve(
-                    spy, config, shutdown_trigger=shutdown.wait, task_status=task_status  # type: ignore[arg-type]
+                    spy,
+                    config,
+                    shutdown_trigger=shutdown.wait,
+                    task_status=task_status,  # type: ignore[arg-type]
                 )
             )
             ready.set_result(lambda fn: _call_soon(token, fn))
@@ -186,7 +189,8 @@ def _run_asyncio(
             return fn()
 
         async def announce_when_started() -> None:
-            while spy.state is None or STATE_KEY not in spy.state:
+            # Hypercorn's asyncio serve() has no started signal: watch the lifespan state.
+            while spy.state is None or STATE_KEY not in spy.state:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             ready.set_result(
                 lambda fn: asyncio.run_coroutine_threadsafe(call_in_loop(fn), loop).result(10)
@@ -240,7 +244,15 @@ def spawn_server(
     bind = f"127.0.0.1:{port}"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if hypercorn:
-        command = [sys.executable, "-m", "hypercorn", "--config", os.path.join(root, "hypercorn.toml"), "--bind", bind]
+        command = [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "--config",
+            os.path.join(root, "hypercorn.toml"),
+            "--bind",
+            bind,
+        ]
         command += [*(args or []), "roomcast.app:app"]
     else:
         command = [sys.executable, "-m", "roomcast", "--bind", bind, *(args or [])]
@@ -267,7 +279,9 @@ def spawn_server(
     while not found.wait(0.05):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError("server did not start:\n" + b"".join(output).decode(errors="replace"))
+            raise RuntimeError(
+                "server did not start:\n" + b"".join(output).decode(errors="replace")
+            )
     try:
         yield ServerProcess(process, ports[0], output)
     finally:

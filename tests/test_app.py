@@ -6,12 +6,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import orjson
 import pytest
-from harness import ASGIClient, Closed, Denied, open_asgi_client
 
 from roomcast import Settings, create_app
 from roomcast.protocol import BATCH_SUBPROTOCOL, CloseCode
+
+from harness import ASGIClient, Closed, Denied, open_asgi_client
 
 pytestmark = pytest.mark.anyio
 
@@ -52,7 +54,11 @@ class TestHTTP:
             response = await client.get("/metrics")
         assert response.status == 200 and response.headers["content-type"].startswith("text/plain")
         text = response.body.decode()
-        for line in ("roomcast_connections 1.0", "roomcast_rooms 1.0", "roomcast_messages_in_total 1.0"):
+        for line in (
+            "roomcast_connections 1.0",
+            "roomcast_rooms 1.0",
+            "roomcast_messages_in_total 1.0",
+        ):
             assert line in text
 
     @pytest.mark.parametrize("path", ["/nope", "/static/../app.py", "/ws/chat", "/healthz/x"])
@@ -69,7 +75,9 @@ class TestHTTP:
         assert post.status == 405 and post.headers["allow"] == "GET, HEAD"
 
 
-async def test_bad_setting_fails_startup_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_bad_setting_fails_startup_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("ROOMCAST_OUTBOX_SIZE", "lots")
     with anyio.fail_after(5), pytest.raises(RuntimeError, match="ROOMCAST_OUTBOX_SIZE"):
         async with open_asgi_client(create_app()):
@@ -122,7 +130,9 @@ class TestAdmission:
 
     @settings(Settings(allowed_origins=frozenset({"https://app.example"})))
     async def test_listed_origin_is_allowed(self, client: ASGIClient) -> None:
-        async with client.websocket("/ws/echo", headers=[(b"origin", b"https://app.example")]) as ws:
+        async with client.websocket(
+            "/ws/echo", headers=[(b"origin", b"https://app.example")]
+        ) as ws:
             await ws.send_text("x")
             assert await ws.receive() == "Echo: x"
 
@@ -149,12 +159,23 @@ class TestChat:
                 welcome = await bob.receive_json()
                 assert (welcome["members"], welcome["count"]) == (["ann", "bob"], 2)
                 joined = await ann.receive_json()
-                assert (joined["type"], joined["message"], joined["count"]) == ("system", "bob joined #r", 2)
+                assert (joined["type"], joined["message"], joined["count"]) == (
+                    "system",
+                    "bob joined #r",
+                    2,
+                )
                 await bob.send_json({"text": "hi <b>", "id": "b1"})
                 for ws in (ann, bob):
                     message = await ws.receive_json()
-                    assert {k: message[k] for k in ("type", "text", "room", "seq", "from", "id")} == {
-                        "type": "message", "text": "hi <b>", "room": "r", "seq": 1, "from": "bob", "id": "b1",
+                    assert {
+                        k: message[k] for k in ("type", "text", "room", "seq", "from", "id")
+                    } == {
+                        "type": "message",
+                        "text": "hi <b>",
+                        "room": "r",
+                        "seq": 1,
+                        "from": "bob",
+                        "id": "b1",
                     }
                     assert isinstance(message["ts"], int)
                 assert await bob.receive_json() == {"type": "ack", "id": "b1", "seq": 1}
@@ -164,7 +185,9 @@ class TestChat:
             assert (left["event"], left["message"], left["count"]) == ("leave", "bob left #r", 1)
 
     @settings(Settings(max_text=5, rate_limit=0))
-    async def test_bad_messages_get_errors_and_the_connection_stays(self, client: ASGIClient) -> None:
+    async def test_bad_messages_get_errors_and_the_connection_stays(
+        self, client: ASGIClient
+    ) -> None:
         async with client.websocket("/ws/chat") as ws:
             await ws.receive_json()
             await ws.send_bytes(b"\x00")
@@ -201,7 +224,7 @@ class TestChat:
             await ws.disconnect()
             with anyio.fail_after(5):
                 while "r" in hub.rooms:
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
         assert client.runtime.connections == 0
 
 
@@ -214,14 +237,20 @@ class TestBatch:
         async with client.websocket("/ws/echo", subprotocols=[BATCH_SUBPROTOCOL]) as ws:
             assert ws.subprotocol is None
 
-    async def test_backlog_goes_out_in_one_frame_lone_events_at_once(self, client: ASGIClient) -> None:
-        async with client.websocket("/ws/chat?room=b", subprotocols=[BATCH_SUBPROTOCOL], buffer=1) as reader:
+    async def test_backlog_goes_out_in_one_frame_lone_events_at_once(
+        self, client: ASGIClient
+    ) -> None:
+        async with client.websocket(
+            "/ws/chat?room=b", subprotocols=[BATCH_SUBPROTOCOL], buffer=1
+        ) as reader:
             assert orjson.loads(await reader.receive())["type"] == "welcome"
             async with client.websocket("/ws/chat?room=b") as talker:
                 await talker.receive_json()
                 await reader.receive()  # the join notice, alone in its frame
                 await talker.send_text("lone")
-                assert [orjson.loads(x)["text"] for x in (await reader.receive()).split("\n")] == ["lone"]
+                assert [orjson.loads(x)["text"] for x in (await reader.receive()).split("\n")] == [
+                    "lone"
+                ]
                 for i in range(20):
                     await talker.send_text(f"m{i}")
                 await talker.receive_until("message")
@@ -238,20 +267,24 @@ class TestBatch:
 
 class TestSlowConsumer:
     @settings(Settings(outbox_size=4, rate_limit=0))
-    async def test_stalled_member_is_evicted_4008_and_the_room_goes_on(self, client: ASGIClient) -> None:
+    async def test_stalled_member_is_evicted_4008_and_the_room_goes_on(
+        self, client: ASGIClient
+    ) -> None:
         hub = client.runtime.hub
-        async with client.websocket("/ws/chat?room=s&name=slow", buffer=1) as slow:
-            async with client.websocket("/ws/chat?room=s&name=fast") as fast:
-                await fast.receive_json()
-                seen = []
-                for i in range(20):
-                    await fast.send_text(f"m{i}")
-                    while (event := await fast.receive_json())["type"] != "message":
-                        seen.append(event)
-                    assert event["seq"] == i + 1  # no gap, no stall
-                assert hub.stats.evictions == 1
-                assert [m.name for m in hub.rooms["s"].members] == ["fast"]
-                assert [(e["event"], e["name"]) for e in seen] == [("leave", "slow")]
-                # the slow client, reading at last, gets what was queued, then 4008
-                code, reason = await slow.expect_close()
-                assert (code, reason) == (4008, "too slow: outbox overflowed")
+        async with (
+            client.websocket("/ws/chat?room=s&name=slow", buffer=1) as slow,
+            client.websocket("/ws/chat?room=s&name=fast") as fast,
+        ):
+            await fast.receive_json()
+            seen = []
+            for i in range(20):
+                await fast.send_text(f"m{i}")
+                while (event := await fast.receive_json())["type"] != "message":
+                    seen.append(event)
+                assert event["seq"] == i + 1  # no gap, no stall
+            assert hub.stats.evictions == 1
+            assert [m.name for m in hub.rooms["s"].members] == ["fast"]
+            assert [(e["event"], e["name"]) for e in seen] == [("leave", "slow")]
+            # the slow client, reading at last, gets what was queued, then 4008
+            code, reason = await slow.expect_close()
+            assert (code, reason) == (4008, "too slow: outbox overflowed")

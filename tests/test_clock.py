@@ -7,11 +7,12 @@ from typing import Any
 import anyio
 import pytest
 import trio
-from harness import open_asgi_client
 from trio.testing import MockClock
 
 from roomcast import Settings, create_app
 from roomcast.connection import CLOSE_TIMEOUT
+
+from harness import open_asgi_client
 
 pytestmark = pytest.mark.anyio
 
@@ -50,8 +51,12 @@ async def test_close_on_cancel_is_bounded_when_the_peer_does_not_read() -> None:
     with anyio.fail_after(60):
         async with open_asgi_client(app) as client:
             scope = {
-                "type": "websocket", "path": "/ws/chat", "query_string": b"", "headers": [],
-                "subprotocols": [], "state": dict(client.state),
+                "type": "websocket",
+                "path": "/ws/chat",
+                "query_string": b"",
+                "headers": [],
+                "subprotocols": [],
+                "state": dict(client.state),
             }
             to_app, app_receive = anyio.create_memory_object_stream[dict[str, Any]](4)
             app_send, from_app = anyio.create_memory_object_stream[dict[str, Any]](0)

@@ -12,15 +12,16 @@ from typing import Any
 import anyio
 import pytest
 import trio
-import websockets
-from rawws import open_raw_websocket
-from servers import ThreadedServer, serve_in_thread
-from trio_websocket import ConnectionClosed, open_websocket_url
+import trio.lowlevel
+from trio_websocket import open_websocket_url
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from roomcast import Settings, create_app
 from roomcast.hub import Hub, Member
+
+from rawws import open_raw_websocket
+from servers import ThreadedServer, serve_in_thread
 
 TRIO = pytest.mark.parametrize("anyio_backend", ["trio"])
 ASYNCIO = pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -52,9 +53,11 @@ async def receive_json(ws: Any) -> dict[str, Any]:
 async def test_three_clients_see_every_message_in_one_order(server: ThreadedServer) -> None:
     url = server.url("/ws/chat?room=order")
     with trio.fail_after(20):
-        async with open_websocket_url(url + "&name=a") as a, open_websocket_url(
-            url + "&name=b"
-        ) as b, open_websocket_url(url + "&name=c") as c:
+        async with (
+            open_websocket_url(url + "&name=a") as a,
+            open_websocket_url(url + "&name=b") as b,
+            open_websocket_url(url + "&name=c") as c,
+        ):
             clients = [a, b, c]
             for ws in clients:
                 while (await receive_json(ws))["type"] != "welcome":
@@ -72,7 +75,7 @@ async def test_three_clients_see_every_message_in_one_order(server: ThreadedServ
             async def talk(index: int) -> None:
                 for i in range(per_sender):
                     await clients[index].send_message(json.dumps({"text": f"{index}:{i}"}))
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
 
             async with trio.open_nursery() as nursery:
                 for index in range(3):
@@ -90,9 +93,10 @@ async def test_three_clients_see_every_message_in_one_order(server: ThreadedServ
 @TRIO
 async def test_rooms_are_isolated(server: ThreadedServer) -> None:
     with trio.fail_after(10):
-        async with open_websocket_url(server.url("/ws/chat?room=iso1")) as one, open_websocket_url(
-            server.url("/ws/chat?room=iso2")
-        ) as two:
+        async with (
+            open_websocket_url(server.url("/ws/chat?room=iso1")) as one,
+            open_websocket_url(server.url("/ws/chat?room=iso2")) as two,
+        ):
             assert (await receive_json(one))["type"] == "welcome"
             assert (await receive_json(two))["type"] == "welcome"
             await one.send_message("for room one")
@@ -177,11 +181,11 @@ def open_outboxes(hub: Hub) -> int:
     )
 
 
-async def eventually(condition: Any, timeout: float = 10.0) -> None:
+async def eventually(condition: Any, seconds: float = 10.0) -> None:
     """Poll ``condition`` until it holds (the server runs in another thread and loop, so
-    there is no event to wait on); fail after ``timeout`` seconds."""
-    with anyio.fail_after(timeout):
-        while not condition():
+    there is no event to wait on); fail after ``seconds``."""
+    with anyio.fail_after(seconds):
+        while not condition():  # noqa: ASYNC110
             await anyio.sleep(0.01)
 
 
@@ -222,16 +226,18 @@ async def test_a_client_that_never_reads_is_evicted_and_the_room_flows_on() -> N
         hub = server.runtime.hub
         url = server.url("/ws/chat?room=stall")
         stalled = await trio.to_thread.run_sync(
-            lambda: open_raw_websocket(server.port, "/ws/chat?room=stall&name=stalled", receive_buffer=4096)
+            lambda: open_raw_websocket(
+                server.port, "/ws/chat?room=stall&name=stalled", receive_buffer=4096
+            )
         )
         try:
             big = "x" * 29_000
             seqs: dict[str, list[int]] = {"a": [], "b": []}
             with trio.fail_after(60):
-                async with open_websocket_url(url + "&name=a", max_message_size=2**20) as a, open_websocket_url(
-                    url + "&name=b", max_message_size=2**20
-                ) as b:
-
+                async with (
+                    open_websocket_url(url + "&name=a", max_message_size=2**20) as a,
+                    open_websocket_url(url + "&name=b", max_message_size=2**20) as b,
+                ):
                     progress = trio.lowlevel.ParkingLot()
 
                     async def read(name: str, ws: Any, until: trio.Event) -> None:
@@ -254,7 +260,9 @@ async def test_a_client_that_never_reads_is_evicted_and_the_room_flows_on() -> N
                         nursery.start_soon(read, "a", a, done_a)
                         nursery.start_soon(read, "b", b, done_b)
                         sent = 0
-                        while server.run_sync(lambda: any(m.name == "stalled" for m in hub.rooms["stall"].members)):
+                        while server.run_sync(
+                            lambda: any(m.name == "stalled" for m in hub.rooms["stall"].members)
+                        ):
                             assert sent < 2000, "the stalled client was never evicted"
                             await a.send_message(json.dumps({"text": big}))
                             sent += 1

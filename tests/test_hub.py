@@ -78,7 +78,13 @@ async def test_join_and_leave_are_announced_to_the_others_only() -> None:
     bob = hub.join("r", "bob")
     assert types(drain(bob)) == ["welcome"]
     [joined] = drain(ann)
-    assert joined == {"type": "system", "message": "bob joined #r", "event": "join", "name": "bob", "count": 2}
+    assert joined == {
+        "type": "system",
+        "message": "bob joined #r",
+        "event": "join",
+        "name": "bob",
+        "count": 2,
+    }
     hub.leave(bob)
     hub.leave(bob)  # idempotent
     [left] = drain(ann)

@@ -109,7 +109,12 @@ class TestEncode:
             protocol.encode_message(room="r", seq=3, text="hi", sender=None, ts=10, id="m")
         )
         assert event == {
-            "type": "message", "text": "hi", "room": "r", "seq": 3, "from": None, "ts": 10,
+            "type": "message",
+            "text": "hi",
+            "room": "r",
+            "seq": 3,
+            "from": None,
+            "ts": 10,
             "id": "m",
         }
 
@@ -123,7 +128,12 @@ class TestEncode:
             protocol.encode_welcome(room="r", epoch="e", seq=4, members=names, count=150)
         )
         assert event["members"] == names[:100]
-        assert (event["type"], event["count"], event["seq"], event["epoch"]) == ("welcome", 150, 4, "e")
+        assert (event["type"], event["count"], event["seq"], event["epoch"]) == (
+            "welcome",
+            150,
+            4,
+            "e",
+        )
 
     @pytest.mark.parametrize(
         ("name", "event", "message"),
@@ -136,10 +146,20 @@ class TestEncode:
     )
     def test_system_messages(self, name: str | None, event: str, message: str) -> None:
         decoded = orjson.loads(protocol.encode_system(room="r", event=event, name=name, count=2))
-        assert decoded == {"type": "system", "message": message, "event": event, "name": name, "count": 2}
+        assert decoded == {
+            "type": "system",
+            "message": message,
+            "event": event,
+            "name": name,
+            "count": 2,
+        }
 
     def test_ack_and_error(self) -> None:
-        assert orjson.loads(protocol.encode_ack(id="x", seq=9)) == {"type": "ack", "id": "x", "seq": 9}
+        assert orjson.loads(protocol.encode_ack(id="x", seq=9)) == {
+            "type": "ack",
+            "id": "x",
+            "seq": 9,
+        }
         error = orjson.loads(protocol.encode_error(ErrorCode.TOO_LONG, "too long"))
         assert error == {"type": "error", "error": "too_long", "message": "too long"}
 

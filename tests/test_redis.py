@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 import trio
-from redis_server import RedisServer
-from servers import ThreadedServer, serve_in_thread
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from roomcast import Settings, create_app
+
+from redis_server import RedisServer
+from servers import ThreadedServer, serve_in_thread
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
 
@@ -50,14 +51,21 @@ async def test_clients_on_two_servers_see_one_order_and_one_seq(
     two_servers: list[ThreadedServer],
 ) -> None:
     a, b = two_servers
-    urls = [a.url("/ws/chat?room=shared&name=a1"), b.url("/ws/chat?room=shared&name=b1"),
-            a.url("/ws/chat?room=shared&name=a2"), b.url("/ws/chat?room=shared&name=b2")]
+    urls = [
+        a.url("/ws/chat?room=shared&name=a1"),
+        b.url("/ws/chat?room=shared&name=b1"),
+        a.url("/ws/chat?room=shared&name=a2"),
+        b.url("/ws/chat?room=shared&name=b2"),
+    ]
     per_client = 25
     total = per_client * len(urls)
     with trio.fail_after(30):
-        async with chat(urls[0]) as (c0, w0), chat(urls[1]) as (c1, w1), chat(
-            urls[2]
-        ) as (c2, w2), chat(urls[3]) as (c3, w3):
+        async with (
+            chat(urls[0]) as (c0, _),
+            chat(urls[1]) as (c1, _),
+            chat(urls[2]) as (c2, _),
+            chat(urls[3]) as (c3, w3),
+        ):
             clients = [c0, c1, c2, c3]
             # presence crosses servers: the last to join sees everyone, on both servers
             assert sorted(w3["members"]) == ["a1", "a2", "b1", "b2"] and w3["count"] == 4
@@ -135,7 +143,9 @@ async def test_resume_past_the_history_is_a_gap(broker_settings: Settings) -> No
             async with chat(url + f"&since=2&epoch={welcome['epoch']}") as (back, _):
                 gap = json.loads(await back.get_message())
                 assert (gap["type"], gap["error"], gap["first"]) == ("error", "history_gap", 6)
-                assert [(await next_of(back, "message"))["seq"] for _ in range(10)] == list(range(6, 16))
+                assert [(await next_of(back, "message"))["seq"] for _ in range(10)] == list(
+                    range(6, 16)
+                )
 
 
 def health(server: ThreadedServer) -> int:
@@ -161,11 +171,11 @@ async def test_redis_outage_mid_traffic(redis_server: RedisServer) -> None:
             await talker.send_message(json.dumps({"text": "while down", "id": "d"}))
             error = await next_of(talker, "error")
             assert error["error"] == "unavailable"  # told, not silently dropped
-            while await trio.to_thread.run_sync(health, server) != 503:
-                await trio.sleep(0.1)
+            while await trio.to_thread.run_sync(health, server) != 503:  # noqa: ASYNC110
+                await trio.sleep(0.1)  # another thread's server: nothing to wait on but HTTP
 
             redis_server.start()  # same port, same append-only file
-            while await trio.to_thread.run_sync(health, server) != 200:
+            while await trio.to_thread.run_sync(health, server) != 200:  # noqa: ASYNC110
                 await trio.sleep(0.1)
             after = None
             while after is None:  # the subscription comes back by itself

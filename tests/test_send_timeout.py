@@ -8,6 +8,7 @@ import time
 import urllib.request
 
 import pytest
+
 from rawws import RawWebSocket, open_raw_websocket
 from servers import ServerProcess, spawn_server
 
@@ -33,13 +34,13 @@ def stall_one_reader(server: ServerProcess) -> tuple[RawWebSocket, RawWebSocket]
     own echoes) until the stalled reader is evicted, so its sender is stuck in a write."""
     stalled = open_raw_websocket(server.port, "/ws/chat?room=t&name=stalled", receive_buffer=4096)
     talker = open_raw_websocket(server.port, "/ws/chat?room=t&name=talker")
-    for sent in range(2000):
+    for _ in range(2000):
         if metric(server, "roomcast_evictions_total") == 1:
             return stalled, talker
         talker.send_text(json.dumps({"text": "x" * 29_000}))
         while json.loads(talker.next_message())["type"] != "message":
             pass
-    raise AssertionError(f"not evicted after {sent} messages")
+    raise AssertionError("not evicted after 2000 messages")
 
 
 def next_chat_text(ws: RawWebSocket, text: str) -> str:

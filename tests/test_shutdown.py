@@ -6,8 +6,8 @@ import json
 import signal
 import time
 
-import anyio
 import pytest
+
 from rawws import open_raw_websocket
 from servers import spawn_server
 

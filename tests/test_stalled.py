@@ -10,9 +10,10 @@ from typing import Any
 import psutil
 import pytest
 import trio
+from trio_websocket import open_websocket_url
+
 from rawws import open_raw_websocket
 from servers import spawn_server
-from trio_websocket import open_websocket_url
 
 pytestmark = pytest.mark.anyio
 
@@ -64,7 +65,9 @@ async def test_stalled_readers_are_evicted_and_memory_stays_bounded() -> None:
         for i in range(HEALTHY):  # every healthy member saw every message, in order
             assert seqs[i] == list(range(1, sent + 1))
         closes = [await trio.to_thread.run_sync(ws.read_until_close) for ws in stalled]
-        assert {(code, reason) for code, reason, _ in closes} == {(4008, "too slow: outbox overflowed")}
+        assert {(code, reason) for code, reason, _ in closes} == {
+            (4008, "too slow: outbox overflowed")
+        }
         growth = peak - baseline
         # bounded by the outboxes (STALLED x OUTBOX x ~2 KB = 0.8 MB) plus allocator slack,
         # not by the MESSAGES x STALLED x 2 KB = 18 MB an unbounded buffer would hold

@@ -23,11 +23,11 @@ from prometheus_client import CollectorRegistry
 
 from . import metrics, protocol
 from .admission import origin_allowed, query_param, token_valid
-from .brokers import Broker, BrokerUnavailable, open_broker
 from .asgi import ConnectionClosed, Receive, Scope, Send, WebSocket, respond
+from .brokers import Broker, BrokerUnavailable, open_broker
 from .connection import CLOSE_TIMEOUT, serve_binary_echo, serve_echo, serve_member
 from .hub import Hub, RoomFull
-from .protocol import CloseCode, ProtocolError
+from .protocol import BadQuery, CloseCode
 from .settings import Settings
 
 __all__ = ["RoomcastApp", "Runtime", "app", "create_app", "open_runtime"]
@@ -141,7 +141,10 @@ async def _http(runtime: Runtime, scope: Scope, send: Send) -> None:
         await respond(send, 404, b"Not Found", "text/plain; charset=utf-8")
     elif method not in ("GET", "HEAD"):
         await respond(
-            send, 405, b"Method Not Allowed", "text/plain; charset=utf-8",
+            send,
+            405,
+            b"Method Not Allowed",
+            "text/plain; charset=utf-8",
             headers=[(b"allow", b"GET, HEAD")],
         )
     else:
@@ -168,7 +171,7 @@ Endpoint = Callable[[Runtime, WebSocket], Awaitable[None]]
 async def _chat(runtime: Runtime, ws: WebSocket) -> None:
     try:
         query = protocol.parse_chat_query(ws.scope.get("query_string", b""))
-    except ProtocolError as exc:
+    except BadQuery as exc:
         await ws.close(CloseCode.BAD_REQUEST, exc.message)
         return
     try:

@@ -6,6 +6,7 @@ frames, byte frames and close codes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from enum import Enum, auto
 from typing import Any
@@ -102,10 +103,8 @@ class WebSocket:
         if self.state is WebSocketState.CLOSED:
             return
         self.state = WebSocketState.CLOSED
-        try:
+        with contextlib.suppress(Exception):  # the peer is gone: nobody is left to tell
             await self._send({"type": "websocket.close", "code": int(code), "reason": reason})
-        except Exception:
-            pass  # the peer is already gone; there is nobody left to tell
 
     async def _send_message(self, message: Message) -> None:
         if self.state is WebSocketState.CLOSED:

@@ -22,7 +22,7 @@ from .admission import TokenBucket
 from .asgi import ConnectionClosed, WebSocket
 from .brokers import Broker, BrokerUnavailable
 from .hub import Hub, Member
-from .protocol import CloseCode, ErrorCode, ProtocolError
+from .protocol import BadMessage, CloseCode, ErrorCode
 from .settings import Settings
 
 __all__ = ["serve_binary_echo", "serve_echo", "serve_member"]
@@ -50,9 +50,7 @@ async def serve_member(
             await broker.leave(member)
 
 
-async def _receive_chat(
-    ws: WebSocket, broker: Broker, member: Member, settings: Settings
-) -> None:
+async def _receive_chat(ws: WebSocket, broker: Broker, member: Member, settings: Settings) -> None:
     hub = broker.hub
     bucket = None
     if settings.rate_limit:
@@ -68,8 +66,8 @@ async def _receive_chat(
             continue
         try:
             message = protocol.parse_chat_text(frame, max_text=settings.max_text)
-        except ProtocolError as exc:
-            _refuse(hub, member, ErrorCode(exc.code), exc.message)
+        except BadMessage as exc:
+            _refuse(hub, member, exc.code, exc.message)
             continue
         if message is None:
             continue

@@ -13,9 +13,9 @@ evicted on the spot; its connection closes it with :attr:`CloseCode.TOO_SLOW`.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
-import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field

@@ -32,7 +32,9 @@ class HubCollector(Collector):
             "roomcast_connections", "Open WebSocket connections.", value=self._connections()
         )
         yield GaugeMetricFamily(
-            "roomcast_rooms", "Rooms with members.", value=sum(1 for r in hub.rooms.values() if r.members)
+            "roomcast_rooms",
+            "Rooms with members.",
+            value=sum(1 for r in hub.rooms.values() if r.members),
         )
         yield GaugeMetricFamily("roomcast_members", "Room memberships.", value=len(members))
         yield CounterMetricFamily(

@@ -18,6 +18,8 @@ import orjson
 
 __all__ = [
     "BATCH_SUBPROTOCOL",
+    "BadMessage",
+    "BadQuery",
     "ChatMessage",
     "ChatQuery",
     "CloseCode",
@@ -70,12 +72,25 @@ class ErrorCode(StrEnum):
 
 
 class ProtocolError(ValueError):
-    """What a client sent cannot be used; ``code`` says how the server answers it."""
+    """What a client sent cannot be used; ``message`` says what was expected."""
 
-    def __init__(self, code: ErrorCode | CloseCode, message: str) -> None:
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadQuery(ProtocolError):
+    """A ``/ws/chat`` query parameter is invalid: the connection is closed with ``code``."""
+
+    code = CloseCode.BAD_REQUEST
+
+
+class BadMessage(ProtocolError):
+    """A chat frame is refused: the client gets an ``error`` event with ``code``."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
-        self.message = message
 
 
 # -- client to server ---------------------------------------------------------------------
@@ -97,13 +112,10 @@ def parse_chat_query(query_string: bytes) -> ChatQuery:
 
     Unknown parameters are ignored; when a parameter repeats, the first one counts.
 
-    :raises ProtocolError: with :attr:`CloseCode.BAD_REQUEST` and a message naming the
-        parameter and what was expected
+    :raises BadQuery: with a message naming the parameter and what was expected
     """
     try:
-        pairs = parse_qsl(
-            query_string.decode("ascii"), keep_blank_values=True, errors="strict"
-        )
+        pairs = parse_qsl(query_string.decode("ascii"), keep_blank_values=True, errors="strict")
     except (UnicodeDecodeError, ValueError):
         raise _bad_query("the query string is not valid percent-encoded UTF-8") from None
     params: dict[str, str] = {}
@@ -131,8 +143,8 @@ def parse_chat_query(query_string: bytes) -> ChatQuery:
     )
 
 
-def _bad_query(message: str) -> ProtocolError:
-    return ProtocolError(CloseCode.BAD_REQUEST, message)
+def _bad_query(message: str) -> BadQuery:
+    return BadQuery(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +162,7 @@ def parse_chat_text(frame: str, *, max_text: int) -> ChatMessage | None:
     any other frame, JSON or not, is itself the chat text. Returns ``None`` for an empty
     (or whitespace-only) text, which is ignored.
 
-    :raises ProtocolError: :attr:`ErrorCode.TOO_LONG` past ``max_text`` characters,
+    :raises BadMessage: :attr:`ErrorCode.TOO_LONG` past ``max_text`` characters,
         :attr:`ErrorCode.BAD_ID` for an ``id`` that is not a string of at most 64 characters
     """
     text, message_id = frame, None
@@ -162,13 +174,13 @@ def parse_chat_text(frame: str, *, max_text: int) -> ChatMessage | None:
             if message_id is not None and not (
                 isinstance(message_id, str) and len(message_id) <= MAX_ID_LENGTH
             ):
-                raise ProtocolError(
+                raise BadMessage(
                     ErrorCode.BAD_ID, f"id must be a string of at most {MAX_ID_LENGTH} characters"
                 )
     if not text.strip():
         return None
     if len(text) > max_text:
-        raise ProtocolError(
+        raise BadMessage(
             ErrorCode.TOO_LONG, f"message is {len(text)} characters; the limit is {max_text}"
         )
     return ChatMessage(text, message_id)

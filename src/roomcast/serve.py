@@ -38,9 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help=f"Hypercorn TOML config (default: ./{DEFAULT_CONFIG} if present, else built-in)",
     )
-    parser.add_argument(
-        "-b", "--bind", action="append", help="HOST:PORT to listen on (repeatable)"
-    )
+    parser.add_argument("-b", "--bind", action="append", help="HOST:PORT to listen on (repeatable)")
     parser.add_argument("-w", "--workers", type=int, help="worker processes")
     parser.add_argument(
         "-k", "--worker-class", choices=["trio", "asyncio", "uvloop"], help="event loop"

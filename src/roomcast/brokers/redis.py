@@ -182,8 +182,13 @@ class RedisBroker:
             await self._call(
                 self._publish,
                 (seq_key, epoch_key, history_key),
-                [head, tail, self.settings.history_size, CHANNEL_PREFIX + room,
-                 secrets.token_urlsafe(6)],
+                [
+                    head,
+                    tail,
+                    self.settings.history_size,
+                    CHANNEL_PREFIX + room,
+                    secrets.token_urlsafe(6),
+                ],
             )
         )
         self.hub.stats.messages_in += 1
@@ -193,15 +198,20 @@ class RedisBroker:
 
     # -- joining ----------------------------------------------------------------------------
 
-    def _greet(self, member: Member, snapshot: list[Any], since: int | None, epoch: str | None) -> None:
+    def _greet(
+        self, member: Member, snapshot: list[Any], since: int | None, epoch: str | None
+    ) -> None:
         room_epoch, seq, count, present, history = snapshot
         seq = int(seq)
         room = member.room
         room.epoch = room_epoch
         names = [entry.partition(":")[2] for entry in present]
         welcome = protocol.encode_welcome(
-            room=room.name, epoch=room_epoch, seq=seq,
-            members=[n for n in names if n], count=int(count),
+            room=room.name,
+            epoch=room_epoch,
+            seq=seq,
+            members=[n for n in names if n],
+            count=int(count),
         )
         member.greeting.append(welcome)
         if since is not None:
@@ -251,7 +261,9 @@ class RedisBroker:
 
     # -- delivery ---------------------------------------------------------------------------
 
-    async def _subscribe(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def _subscribe(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
             await pubsub.psubscribe(CHANNEL_PREFIX + "*")
             task_status.started()
@@ -272,8 +284,10 @@ class RedisBroker:
             count, _, entry = rest.partition("|")
             member_id, _, name = entry.partition(":")
             notice = protocol.encode_system(
-                room=room_name, event="join" if kind == "J" else "leave",
-                name=name or None, count=int(count),
+                room=room_name,
+                event="join" if kind == "J" else "leave",
+                name=name or None,
+                count=int(count),
             )
             self.hub.broadcast(room_name, notice, skip_id=member_id)
 
@@ -298,7 +312,9 @@ class RedisBroker:
             gap = protocol.encode_error(
                 ErrorCode.HISTORY_GAP,
                 "messages were lost while the server was cut off from Redis",
-                epoch=room.epoch, since=room.seq, first=missed[0][0] if missed else through + 1,
+                epoch=room.epoch,
+                since=room.seq,
+                first=missed[0][0] if missed else through + 1,
             )
             self.hub.broadcast(room.name, gap)
         for seq, event in missed:
@@ -317,7 +333,9 @@ class RedisBroker:
             rooms = [r for r in self.hub.rooms.values() if r.members and r in self._synced]
             try:
                 counters = await self._call_raw(
-                    self.client.mget([_keys(r.name)[0] for r in rooms]) if rooms else self.client.ping()
+                    self.client.mget([_keys(r.name)[0] for r in rooms])
+                    if rooms
+                    else self.client.ping()
                 )
                 if rooms:
                     for room, counter in zip(rooms, counters, strict=True):
@@ -332,7 +350,9 @@ class RedisBroker:
         expires = _now_ms() + int(PRESENCE_TTL * 1000)
         for room in list(self.hub.rooms.values()):
             if room.members:
-                mapping = {_presence_entry(m): expires for m in room.members}
+                mapping: dict[str | bytes, int | float] = {
+                    _presence_entry(m): expires for m in room.members
+                }
                 await self._call_raw(self.client.zadd(_keys(room.name)[3], mapping))
 
     # -- calls ------------------------------------------------------------------------------
@@ -379,7 +399,9 @@ async def open_redis_broker(settings: Settings, hub: Hub) -> AsyncIterator[Redis
     """
     assert settings.redis_url is not None
     client: coredis.Redis[str] = coredis.Redis.from_url(
-        settings.redis_url, decode_responses=True, connect_timeout=REQUEST_TIMEOUT,
+        settings.redis_url,
+        decode_responses=True,
+        connect_timeout=REQUEST_TIMEOUT,
         stream_timeout=REQUEST_TIMEOUT * 5,
     )
     async with client:
