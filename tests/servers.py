@@ -11,6 +11,7 @@ clients and can run a function inside the server's loop to inspect its state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -210,7 +211,7 @@ def _run_asyncio(
 
 # -- subprocess servers -------------------------------------------------------------------------
 
-_RUNNING_ON = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
+_RUNNING_ON = re.compile(rb"Running on http://[0-9.]+:(\d+)")
 
 
 @dataclass
@@ -236,12 +237,13 @@ def spawn_server(
     *,
     env: dict[str, str] | None = None,
     port: int = 0,
+    host: str = "127.0.0.1",
     hypercorn: bool = False,
     timeout: float = 20.0,
 ) -> Iterator[ServerProcess]:
     """Run ``python -m roomcast`` (or ``hypercorn roomcast.app:app``) on 127.0.0.1:``port``
     and wait until it listens; it is killed on exit if it is still running."""
-    bind = f"127.0.0.1:{port}"
+    bind = f"{host}:{port}"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if hypercorn:
         command = [
@@ -258,7 +260,12 @@ def spawn_server(
         command = [sys.executable, "-m", "roomcast", "--bind", bind, *(args or [])]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
-        command, cwd=root, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        command,
+        cwd=root,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: workers die with it
     )
     output: list[bytes] = []
     found = threading.Event()
@@ -278,14 +285,20 @@ def spawn_server(
     deadline = time.monotonic() + timeout
     while not found.wait(0.05):
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
+            _kill_group(process)
             raise RuntimeError(
                 "server did not start:\n" + b"".join(output).decode(errors="replace")
             )
     try:
         yield ServerProcess(process, ports[0], output)
     finally:
-        if process.poll() is None:
-            process.kill()
+        _kill_group(process)
         process.wait(timeout=10)
         reader.join(timeout=5)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """Kill Hypercorn's parent, its worker processes and multiprocessing's helpers (one
+    process group), so no orphan keeps the port or the output pipe open."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
