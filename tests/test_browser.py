@@ -427,6 +427,8 @@ def test_browser_chat_end_to_end() -> None:
         alice.screenshot("after-restart-desktop")
         bob.screenshot("after-restart-phone")
 
+        for person in (alice, bob):  # every message sent was acked before each drop
+            expect(person.page.locator("li.notice[data-error=unconfirmed]")).to_have_count(0)
         _assert_clean(alice, bob)
 
     assert time.monotonic() - started < 60
