@@ -192,8 +192,9 @@ class TestChat:
             await ws.receive_json()
             await ws.send_bytes(b"\x00")
             assert (await ws.receive_json())["error"] == "binary_unsupported"
-            await ws.send_text("toolong")
-            assert (await ws.receive_json())["error"] == "too_long"
+            await ws.send_json({"text": "toolong", "id": "t1"})
+            refused = await ws.receive_json()
+            assert (refused["error"], refused["id"]) == ("too_long", "t1")
             await ws.send_json({"text": "ok", "id": 7})
             assert (await ws.receive_json())["error"] == "bad_id"
             await ws.send_text("   ")
@@ -202,19 +203,20 @@ class TestChat:
             assert client.runtime.hub.stats.drops == 3
 
     @settings(Settings(rate_limit=1))
-    async def test_rate_limit_drops_the_excess_with_one_notice(self, client: ASGIClient) -> None:
+    async def test_rate_limit_refuses_each_excess_message(self, client: ASGIClient) -> None:
         async with client.websocket("/ws/chat") as ws:
             await ws.receive_json()
             for i in range(6):
-                await ws.send_text(f"m{i}")
-            await ws.send_json({"text": "last", "id": "z"})
-            events = []
-            while len(events) < 3:
-                events.append(await ws.receive_json())
-            # burst of 2 accepted, then one rate_limited notice for the rest
-            assert [e.get("text", e["type"]) for e in events] == ["m0", "m1", "error"]
-            assert events[2]["error"] == "rate_limited"
+                await ws.send_json({"text": f"m{i}", "id": f"i{i}"})
+            await ws.send_text("no id")
+            events = [await ws.receive_json() for _ in range(9)]
+        # a burst of 2 accepted (message + ack each), then each excess message refused by id
+        assert [e["type"] for e in events[:4]] == ["message", "ack", "message", "ack"]
+        refused = events[4:]
+        assert {e["error"] for e in refused} == {"rate_limited"}
+        assert [e.get("id") for e in refused] == ["i2", "i3", "i4", "i5", None]
         assert client.runtime.hub.stats.messages_in == 2
+        assert client.runtime.hub.stats.drops == 5
 
     async def test_disconnect_leaves_the_room(self, client: ASGIClient) -> None:
         hub = client.runtime.hub

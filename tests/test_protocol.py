@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import orjson
 import pytest
 
@@ -86,6 +88,9 @@ class TestParseChatQuery:
             (b"name=" + b"n" * 33, "name"),
             (b"name=a%0Ab", "name"),
             (b"name=%1b[31m", "name"),
+            (b"name=%E2%80%AEevil", "name"),
+            (b"name=%20%20", "name"),
+            (b"name=a%E2%80%A8b", "name"),
             (b"since=-1", "since"),
             (b"since=abc", "since"),
             (b"since=%D9%A3", "since"),
@@ -98,6 +103,11 @@ class TestParseChatQuery:
             protocol.parse_chat_query(query)
         assert info.value.code is CloseCode.BAD_REQUEST
         assert names in info.value.message
+
+    @pytest.mark.parametrize("name", ["Zoë", "Jean\u00a0Paul", "👨\u200d👩\u200d👧", "李小龍"])
+    def test_names_people_actually_use(self, name: str) -> None:
+        query = f"name={quote(name)}".encode()
+        assert protocol.parse_chat_query(query).name == name
 
     def test_room_of_64_characters_is_fine(self) -> None:
         assert protocol.parse_chat_query(b"room=" + b"r" * 64).room == "r" * 64

@@ -55,7 +55,6 @@ async def _receive_chat(ws: WebSocket, broker: Broker, member: Member, settings:
     bucket = None
     if settings.rate_limit:
         bucket = TokenBucket(settings.rate_limit, 2 * settings.rate_limit, anyio.current_time())
-    warned = False
     while member.joined:
         try:
             frame = await ws.receive()
@@ -67,26 +66,24 @@ async def _receive_chat(ws: WebSocket, broker: Broker, member: Member, settings:
         try:
             message = protocol.parse_chat_text(frame, max_text=settings.max_text)
         except BadMessage as exc:
-            _refuse(hub, member, exc.code, exc.message)
+            _refuse(hub, member, exc.code, exc.message, exc.id)
             continue
         if message is None:
             continue
         if bucket is not None and not bucket.take(anyio.current_time()):
-            hub.stats.drops += 1
-            if not warned:  # one notice per burst, so a flood cannot amplify itself
-                warned = True
-                hub.send_to(member, protocol.encode_error(ErrorCode.RATE_LIMITED, RATE_NOTICE))
+            _refuse(hub, member, ErrorCode.RATE_LIMITED, RATE_NOTICE, message.id)
             continue
-        warned = False
         try:
             await broker.publish(member, message)
         except BrokerUnavailable:
-            _refuse(hub, member, ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE)
+            _refuse(hub, member, ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, message.id)
 
 
-def _refuse(hub: Hub, member: Member, code: ErrorCode, message: str) -> None:
+def _refuse(hub: Hub, member: Member, code: ErrorCode, message: str, id: str | None = None) -> None:
+    """Answer a refused frame with an ``error`` event. Each costs the sender a slot in its
+    own outbox, so a flood it does not read ends in its eviction, not in unbounded work."""
     hub.stats.drops += 1
-    hub.send_to(member, protocol.encode_error(code, message))
+    hub.send_to(member, protocol.encode_error(code, message, id=id))
 
 
 async def _send_outbox(

@@ -9,6 +9,7 @@ matter how many members receive it.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any, Final
@@ -86,11 +87,13 @@ class BadQuery(ProtocolError):
 
 
 class BadMessage(ProtocolError):
-    """A chat frame is refused: the client gets an ``error`` event with ``code``."""
+    """A chat frame is refused: the client gets an ``error`` event with ``code`` (and the
+    message's ``id``, when it had a usable one, so the client knows which was refused)."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, id: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.id = id
 
 
 # -- client to server ---------------------------------------------------------------------
@@ -126,7 +129,7 @@ def parse_chat_query(query_string: bytes) -> ChatQuery:
     if not _ROOM_RE.fullmatch(room):
         raise _bad_query("room must be 1-64 characters of A-Z a-z 0-9 _ - .")
     name = params.get("name") or None
-    if name is not None and not (len(name) <= MAX_NAME_LENGTH and name.isprintable()):
+    if name is not None and not _valid_name(name):
         raise _bad_query(f"name must be 1-{MAX_NAME_LENGTH} printable characters")
     since = params.get("since") or None
     if since is not None and not (since.isascii() and since.isdigit() and len(since) <= 18):
@@ -140,6 +143,23 @@ def parse_chat_query(query_string: bytes) -> ChatQuery:
         token=params.get("token") or None,
         since=None if since is None else int(since),
         epoch=epoch,
+    )
+
+
+#: bidirectional overrides and isolates: printable by Unicode's reckoning, but they let a
+#: name reorder the text around it ("spoofing"), so names may not carry them
+_BIDI_CONTROLS: Final = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_UNPRINTABLE: Final = frozenset({"Cc", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def _valid_name(name: str) -> bool:
+    """1-32 characters, not all blank, with no control characters, line breaks or bidi
+    controls. Unlike ``str.isprintable`` it accepts no-break spaces and the zero-width
+    joiners of emoji sequences, which people do put in their names."""
+    return (
+        len(name) <= MAX_NAME_LENGTH
+        and not name.isspace()
+        and not any(unicodedata.category(c) in _UNPRINTABLE or c in _BIDI_CONTROLS for c in name)
     )
 
 
@@ -181,7 +201,9 @@ def parse_chat_text(frame: str, *, max_text: int) -> ChatMessage | None:
         return None
     if len(text) > max_text:
         raise BadMessage(
-            ErrorCode.TOO_LONG, f"message is {len(text)} characters; the limit is {max_text}"
+            ErrorCode.TOO_LONG,
+            f"message is {len(text)} characters; the limit is {max_text}",
+            message_id,
         )
     return ChatMessage(text, message_id)
 
@@ -256,8 +278,12 @@ def encode_ack(*, id: str | None, seq: int) -> str:
     return _dumps({"type": "ack", "id": id, "seq": seq})
 
 
-def encode_error(code: ErrorCode, message: str, **extra: Any) -> str:
-    return _dumps({"type": "error", "error": code.value, "message": message, **extra})
+def encode_error(code: ErrorCode, message: str, *, id: str | None = None, **extra: Any) -> str:
+    """An ``error`` event; ``id`` names the client message it answers, if it had one."""
+    event = {"type": "error", "error": code.value, "message": message, **extra}
+    if id is not None:
+        event["id"] = id
+    return _dumps(event)
 
 
 def join_batch(events: list[str]) -> str:
