@@ -65,7 +65,12 @@ class RawWebSocket:
 
 
 def open_raw_websocket(
-    port: int, target: str, *, receive_buffer: int | None = None, timeout: float = 10.0
+    port: int,
+    target: str,
+    *,
+    receive_buffer: int | None = None,
+    timeout: float = 10.0,
+    host: str = "127.0.0.1",
 ) -> RawWebSocket:
     """Connect and complete the handshake; ``receive_buffer`` sets SO_RCVBUF before
     connecting, so the advertised TCP window stays tiny from the start."""
@@ -73,9 +78,9 @@ def open_raw_websocket(
     if receive_buffer is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.settimeout(timeout)
-    sock.connect(("127.0.0.1", port))
+    sock.connect((host, port))
     conn = WSConnection(ConnectionType.CLIENT)
-    sock.sendall(conn.send(Request(host=f"127.0.0.1:{port}", target=target)))
+    sock.sendall(conn.send(Request(host=f"{host}:{port}", target=target)))
     ws = RawWebSocket(sock, conn)
     event = ws.next_event()
     if isinstance(event, RejectConnection):

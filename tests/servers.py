@@ -219,12 +219,13 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     port: int
     output: list[bytes]
+    host: str = "127.0.0.1"
 
     def url(self, path: str = "/") -> str:
-        return f"ws://127.0.0.1:{self.port}{path}"
+        return f"ws://{self.host}:{self.port}{path}"
 
     def http_url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def terminate(self, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
@@ -239,25 +240,21 @@ def spawn_server(
     port: int = 0,
     host: str = "127.0.0.1",
     hypercorn: bool = False,
+    config: str | None = None,
     timeout: float = 20.0,
 ) -> Iterator[ServerProcess]:
-    """Run ``python -m roomcast`` (or ``hypercorn roomcast.app:app``) on 127.0.0.1:``port``
-    and wait until it listens; it is killed on exit if it is still running."""
+    """Run ``python -m roomcast`` (or ``hypercorn roomcast.app:app``) on ``host:port`` with
+    the repository's hypercorn.toml (or ``config``) and wait until it listens; the whole
+    process group is killed on exit if it is still running."""
     bind = f"{host}:{port}"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = config or os.path.join(root, "hypercorn.toml")
     if hypercorn:
-        command = [
-            sys.executable,
-            "-m",
-            "hypercorn",
-            "--config",
-            os.path.join(root, "hypercorn.toml"),
-            "--bind",
-            bind,
-        ]
+        command = [sys.executable, "-m", "hypercorn", "--config", config, "--bind", bind]
         command += [*(args or []), "roomcast.app:app"]
     else:
-        command = [sys.executable, "-m", "roomcast", "--bind", bind, *(args or [])]
+        command = [sys.executable, "-m", "roomcast", "--config", config, "--bind", bind]
+        command += args or []
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
         command,
@@ -290,7 +287,7 @@ def spawn_server(
                 "server did not start:\n" + b"".join(output).decode(errors="replace")
             )
     try:
-        yield ServerProcess(process, ports[0], output)
+        yield ServerProcess(process, ports[0], output, host)
     finally:
         _kill_group(process)
         process.wait(timeout=10)

@@ -290,3 +290,16 @@ class TestSlowConsumer:
             # the slow client, reading at last, gets what was queued, then 4008
             code, reason = await slow.expect_close()
             assert (code, reason) == (4008, "too slow: outbox overflowed")
+
+    @settings(Settings(outbox_size=4, rate_limit=0))
+    async def test_a_member_evicted_while_it_sends_still_gets_4008(
+        self, client: ASGIClient
+    ) -> None:
+        """The receive loop notices the eviction first (at its next frame); it must leave
+        the sender to drain the outbox and send 4008, not cancel it mid-write."""
+        async with client.websocket("/ws/chat?room=s&name=chatty", buffer=1) as chatty:
+            for i in range(10):  # each queues a message and an ack in its own outbox
+                await chatty.send_text(f"m{i}")
+            await anyio.wait_all_tasks_blocked()
+            assert client.runtime.hub.stats.evictions == 1
+            assert await chatty.expect_close() == (4008, "too slow: outbox overflowed")

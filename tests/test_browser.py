@@ -461,9 +461,9 @@ def test_browser_errors_and_close_reasons() -> None:
         expect(dana.page.locator("#retry")).to_be_hidden()
         dana.screenshot("closed-4001-phone")
 
-        # a name the server refuses (a no-break space is not "printable" to it): 4400 brings
-        # the join form back with the server's reason, and nothing is retried
-        dana.page.goto(f"{base}?room=ops&name=Dana%C2%A0X&token=sesame")
+        # a name the server refuses (a right-to-left override could disguise it): 4400
+        # brings the join form back with the server's reason, and nothing is retried
+        dana.page.goto(f"{base}?room=ops&name=Dana%E2%80%AEX&token=sesame")
         expect(dana.page.locator("#join-form")).to_be_visible()
         expect(dana.page.locator("#join-error")).to_contain_text("name must be")
         assert dana.page.evaluate("() => !window.roomcast.session.active")

@@ -314,7 +314,9 @@ def test_piped_lines_become_messages_and_events_come_out_as_json(
     messages = of_type(events, "message")
     assert [m["text"] for m in messages] == ["hello", "world", "no newline at the end"]
     assert [(m["seq"], m["id"], m["from"]) for m in messages] == [
-        (1, "1", "bob"), (2, "2", "bob"), (3, "3", "bob"),
+        (1, "1", "bob"),
+        (2, "2", "bob"),
+        (3, "3", "bob"),
     ]
     acks = of_type(events, "ack")
     assert [(a["id"], a["seq"]) for a in acks] == [("1", 1), ("2", 2), ("3", 3)]
@@ -323,7 +325,9 @@ def test_piped_lines_become_messages_and_events_come_out_as_json(
     seen = json_lines(alice.out.read_to_end())
     assert seen[1]["type"] == "system" and seen[1]["event"] == "join" and seen[1]["name"] == "bob"
     assert [(m["seq"], m["text"]) for m in of_type(seen, "message")] == [
-        (1, "hello"), (2, "world"), (3, "no newline at the end"),
+        (1, "hello"),
+        (2, "world"),
+        (3, "no newline at the end"),
     ]
 
 

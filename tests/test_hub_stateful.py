@@ -207,14 +207,14 @@ class HubMachine(RuleBasedStateMachine):
             "members": present,
             "count": len(mr.members) + 1,
         }
-        gap = None
+        gap: dict[str, Any] | None = None
         next_seq = mr.seq + 1
         if since is not None:
             same_run = epoch in (None, mr.epoch) and since <= mr.seq
             first_kept = mr.history[0] if mr.history else mr.seq + 1
             if not same_run or first_kept > since + 1:
                 gap = {"type": "error", "error": "history_gap", "epoch": mr.epoch}
-                gap |= {"since": since, "first": first_kept}
+                gap |= {"since": since, "first": first_kept}  # where the replay starts
                 next_seq = first_kept
                 _event(
                     "resume: history_gap (other epoch)"

@@ -90,6 +90,7 @@ class TestParseChatQuery:
             (b"name=%1b[31m", "name"),
             (b"name=%E2%80%AEevil", "name"),
             (b"name=%20%20", "name"),
+            (b"name=a%E2%80%8Bnn", "name"),  # a zero-width space: "ann" twice over
             (b"name=a%E2%80%A8b", "name"),
             (b"since=-1", "since"),
             (b"since=abc", "since"),

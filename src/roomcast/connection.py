@@ -41,8 +41,10 @@ async def serve_member(
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_send_outbox, ws, member, tg.cancel_scope, batch, settings.batch_max)
-            await _receive_chat(ws, broker, member, settings)
-            tg.cancel_scope.cancel()
+            if await _receive_chat(ws, broker, member, settings):
+                tg.cancel_scope.cancel()  # the peer is gone: nobody left to write to
+            # else the hub ended the membership: the sender drains the outbox, then sends
+            # the close code (4008, 1001) and ends the task group itself
     finally:
         # Leaving the local room is synchronous and comes first; only telling other
         # processes may wait, and not for long.
@@ -50,7 +52,9 @@ async def serve_member(
             await broker.leave(member)
 
 
-async def _receive_chat(ws: WebSocket, broker: Broker, member: Member, settings: Settings) -> None:
+async def _receive_chat(ws: WebSocket, broker: Broker, member: Member, settings: Settings) -> bool:
+    """Publish the client's messages until it disconnects (``True``) or the hub ends the
+    membership (``False``)."""
     hub = broker.hub
     bucket = None
     if settings.rate_limit:
@@ -59,7 +63,7 @@ async def _receive_chat(ws: WebSocket, broker: Broker, member: Member, settings:
         try:
             frame = await ws.receive()
         except ConnectionClosed:
-            return
+            return True
         if isinstance(frame, bytes):
             _refuse(hub, member, ErrorCode.BINARY_UNSUPPORTED, "send text frames, not binary")
             continue
@@ -77,6 +81,7 @@ async def _receive_chat(ws: WebSocket, broker: Broker, member: Member, settings:
             await broker.publish(member, message)
         except BrokerUnavailable:
             _refuse(hub, member, ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, message.id)
+    return False
 
 
 def _refuse(hub: Hub, member: Member, code: ErrorCode, message: str, id: str | None = None) -> None:

@@ -149,17 +149,23 @@ def parse_chat_query(query_string: bytes) -> ChatQuery:
 #: bidirectional overrides and isolates: printable by Unicode's reckoning, but they let a
 #: name reorder the text around it ("spoofing"), so names may not carry them
 _BIDI_CONTROLS: Final = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+#: invisible on their own (zero-width space, word joiner, BOM, soft hyphen): they let "ann"
+#: and "a\u200bnn" be two people who look the same
+_INVISIBLE: Final = frozenset("\u200b\u2060\ufeff\u00ad")
 _UNPRINTABLE: Final = frozenset({"Cc", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 def _valid_name(name: str) -> bool:
-    """1-32 characters, not all blank, with no control characters, line breaks or bidi
-    controls. Unlike ``str.isprintable`` it accepts no-break spaces and the zero-width
-    joiners of emoji sequences, which people do put in their names."""
+    """1-32 characters, not all blank, with no control characters, line breaks, bidi
+    controls or invisible characters. Unlike ``str.isprintable`` it accepts no-break spaces
+    and the zero-width joiners of emoji sequences, which people do put in their names."""
     return (
         len(name) <= MAX_NAME_LENGTH
         and not name.isspace()
-        and not any(unicodedata.category(c) in _UNPRINTABLE or c in _BIDI_CONTROLS for c in name)
+        and not any(
+            unicodedata.category(c) in _UNPRINTABLE or c in _BIDI_CONTROLS or c in _INVISIBLE
+            for c in name
+        )
     )
 
 

@@ -370,9 +370,17 @@
       return;
     }
     if (["too_long", "rate_limited", "bad_id"].includes(ev.error)) {
-      // a refusal answers the oldest message still waiting for its ack
-      const oldest = session.pending.keys().next();
-      if (!oldest.done) session.pending.delete(oldest.value);
+      // a refusal names the message it answers; without an id, the oldest one waiting
+      if (typeof ev.id === "string" && session.pending.has(ev.id)) {
+        session.pending.delete(ev.id);
+      } else {
+        const oldest = session.pending.keys().next();
+        if (!oldest.done) session.pending.delete(oldest.value);
+      }
+    }
+    const last = el.messages.lastElementChild;
+    if (ev.error === "rate_limited" && last && last.dataset.error === "rate_limited") {
+      return; // one notice for a burst of refusals, not one per message
     }
     const known = ERROR_TEXT[ev.error];
     const text = known || "The server refused that";
