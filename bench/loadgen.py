@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import resource
 import socket
@@ -82,6 +83,8 @@ class Client(WSListener):
         self.own: asyncio.Queue[int] = asyncio.Queue()
         self.closing = False
         self.got = 0
+        self.sent = 0
+        self.close_code: int | None = None
 
     def on_ws_frame(self, transport, frame) -> None:  # type: ignore[no-untyped-def]
         st = STATS
@@ -90,6 +93,7 @@ class Client(WSListener):
         if frame.msg_type != WSMsgType.TEXT:
             if frame.msg_type == WSMsgType.CLOSE:
                 code = int(frame.get_close_code())
+                self.close_code = code
                 st.close_codes[code] = st.close_codes.get(code, 0) + 1
                 if not self.closing:
                     st.unexpected_closes += 1
@@ -191,30 +195,37 @@ async def wait_quiet(quiet_s: float, limit_s: float) -> float:
     return time.perf_counter() - t0
 
 
-async def sender(a: argparse.Namespace, transport, listener: Client, pad: str) -> None:  # type: ignore[no-untyped-def]
+async def sender(a: argparse.Namespace, transport, listener: Client, pad: str, stop_at: int) -> int:  # type: ignore[no-untyped-def]
+    """Send until ``stop_at`` (perf_counter_ns) or ``--messages``, at most ``--window`` of
+    this sender's messages in flight; then wait for the rest to come back. Returns the
+    number sent."""
     st = STATS
     outstanding = 0
     own = listener.own
-    for seq in range(a.messages):
+    sent = 0
+    while sent < a.messages:
         while outstanding >= a.window:
             await own.get()
             outstanding -= 1
         t = perf_ns()
+        if t >= stop_at:
+            break
         if st.first_send is None:
             st.first_send = t
-        transport.send(WSMsgType.TEXT, orjson.dumps({"text": f"{listener.idx}:{seq}:{t}:{pad}"}))
+        transport.send(WSMsgType.TEXT, orjson.dumps({"text": f"{listener.idx}:{sent}:{t}:{pad}"}))
+        sent += 1
         outstanding += 1
+        listener.sent = sent
     while outstanding:
         await own.get()
         outstanding -= 1
+    return sent
 
 
 def close(transport) -> None:  # type: ignore[no-untyped-def]
     """A close frame (1000), then the TCP connection."""
-    try:
+    with contextlib.suppress(Exception):
         transport.send_close(WSCloseCode.OK)
-    except Exception:
-        pass
     transport.disconnect()
 
 
@@ -222,6 +233,76 @@ def pct(lat: list[int], q: float) -> float | None:
     if not lat:
         return None
     return round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1e6, 3)
+
+
+async def run_round(
+    a: argparse.Namespace, phase: str, n: int, healthy, senders, members_per_room: int
+) -> dict:  # type: ignore[no-untyped-def]
+    st = STATS
+    st.reset()
+    for _, lst in healthy:
+        lst.got = 0
+        lst.sent = 0
+        while not lst.own.empty():
+            lst.own.get_nowait()
+    st.measuring = True
+    pad = "x" * a.pad
+    if a.verbose:
+        print(f"loadgen: {phase} round {n} starts", file=sys.stderr, flush=True)
+    wall_start = time.time()
+    t_start = perf_ns()
+    stop_at = t_start + int(a.duration * 1e9)
+    done = False
+    tasks = [asyncio.ensure_future(sender(a, t, lst, pad, stop_at)) for t, lst in senders]
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks), a.duration + a.deadline)
+        done = True
+    except TimeoutError:
+        pass
+    sent = sum(lst.sent for _, lst in senders)
+    expected = sent * members_per_room
+    drain_until = time.perf_counter() + (a.drain if done else min(a.drain, 1.0))
+    while st.deliveries < expected and time.perf_counter() < drain_until:  # noqa: ASYNC110
+        await asyncio.sleep(0.005)  # deliveries are counted in protocol callbacks: poll
+    t_stop = perf_ns()
+    st.measuring = False
+    complete = done and st.deliveries >= expected
+    first = st.first_send or t_start
+    # A complete round is timed to its last delivery; an incomplete one (a stalled room) to
+    # the moment the generator gave up, so a server that stopped delivering is not flattered.
+    end = (st.last_recv or t_stop) if complete else t_stop
+    span = (end - first) / 1e9
+    lat = st.lat
+    lat.sort()
+    short = []
+    if a.rooms == 1:
+        short = sorted(lst.got for _, lst in healthy if lst.got < sent)
+    out = {
+        "phase": phase,
+        "round": n,
+        "wall": [round(wall_start, 3), round(time.time(), 3)],
+        "sent": sent,
+        "expected": expected,
+        "delivered": st.deliveries,
+        "complete": complete,
+        "seconds": round(span, 3),
+        "deliveries_per_s": round(st.deliveries / span) if span > 0 else 0,
+        "frames": st.frames,
+        "events_per_frame": round(st.deliveries / st.frames, 2) if st.frames else None,
+        "other_events": st.other_events,
+        "unexpected_closes": st.unexpected_closes,
+        "p50_ms": pct(lat, 0.5),
+        "p90_ms": pct(lat, 0.9),
+        "p99_ms": pct(lat, 0.99),
+        "max_ms": pct(lat, 1.0),
+    }
+    if a.rooms == 1:
+        out["short_receivers"] = len(short)
+        out["short_receivers_min"] = short[0] if short else None
+    for t in tasks:
+        t.cancel()
+    await asyncio.sleep(0)
+    return out
 
 
 async def run_fanout(a: argparse.Namespace) -> dict:
@@ -232,83 +313,79 @@ async def run_fanout(a: argparse.Namespace) -> dict:
             specs.append((url, r * a.members + m, False))
     t0 = time.perf_counter()
     clients, failures = await connect_many(a, specs, a.concurrency)
-    stalled_specs = [
-        (room_url(a, r), 1_000_000 + r * a.stalled + s, True)
-        for r in range(a.rooms)
-        for s in range(a.stalled)
-    ]
-    stalled, stalled_failures = await connect_many(a, stalled_specs, a.concurrency)
     connect_s = time.perf_counter() - t0
     settle_s = await wait_quiet(a.quiet, a.settle_limit)
     healthy = [c for c in clients if c is not None]
-
     senders = []
     for r in range(a.rooms):
         members = clients[r * a.members : (r + 1) * a.members]
         senders.extend(c for c in members[: a.senders] if c is not None)
 
-    st = STATS
-    st.reset()
-    for _, lst in healthy:
-        lst.got = 0
-    st.measuring = True
-    pad = "x" * a.pad
-    t_start = perf_ns()
-    done = False
-    try:
-        await asyncio.wait_for(
-            asyncio.gather(*(sender(a, t, lst, pad) for t, lst in senders)), a.deadline
-        )
-        done = True
-    except asyncio.TimeoutError:
-        pass
-    expected = len(senders) * a.messages * a.members
-    drain_until = time.perf_counter() + (a.drain if done else min(a.drain, 1.0))
-    while st.deliveries < expected and time.perf_counter() < drain_until:
-        await asyncio.sleep(0.005)
-    t_stop = perf_ns()
-    st.measuring = False
-    complete = st.deliveries >= expected
-    first = st.first_send or t_start
-    # A complete run is timed to its last delivery; an incomplete one (a stalled room) to
-    # the moment the generator gave up, so a server that stopped delivering is not flattered.
-    end = (st.last_recv or t_stop) if complete else t_stop
-    span = (end - first) / 1e9
-    lat = st.lat
-    lat.sort()
-    per_room = len(senders) * a.messages // max(1, a.rooms)
-    short = sorted(lst.got for _, lst in healthy if lst.got < per_room)
+    rounds = []
+    phase = "control" if a.stalled else "run"
+    for n in range(a.rounds):
+        rounds.append(await run_round(a, phase, n, healthy, senders, a.members))
+        await wait_quiet(a.quiet, a.settle_limit)
+
+    stalled: list = []
+    stalled_info = {}
+    if a.stalled:
+        wall = time.time()
+        stalled_specs = [
+            (room_url(a, r), 1_000_000 + r * a.stalled + s, True)
+            for r in range(a.rooms)
+            for s in range(a.stalled)
+        ]
+        stalled, stalled_failures = await connect_many(a, stalled_specs, a.concurrency)
+        failures += stalled_failures
+        await wait_quiet(a.quiet, a.settle_limit)
+        stalled_info = {"stalled_connected_wall": round(wall, 3)}
+        for n in range(a.rounds):
+            rounds.append(await run_round(a, "stalled", n, healthy, senders, a.members))
+            await wait_quiet(a.quiet, a.settle_limit)
+        # What did the server do with them? Read what is queued for them (a bounded
+        # amount of time) and see which were closed, and with which code.
+        for c in stalled:
+            if c is not None:
+                c[1].closing = True
+                c[0].underlying_transport.resume_reading()
+        t_end = time.perf_counter() + a.drain
+        while time.perf_counter() < t_end and any(  # noqa: ASYNC110
+            c is not None and c[1].close_code is None and not c[0].is_disconnected for c in stalled
+        ):
+            await asyncio.sleep(0.05)
+        codes: dict[str, int] = {}
+        for c in stalled:
+            if c is not None:
+                key = (
+                    str(c[1].close_code)
+                    if c[1].close_code is not None
+                    else ("disconnected" if c[0].is_disconnected else "open")
+                )
+                codes[key] = codes.get(key, 0) + 1
+        stalled_info["stalled_end_state"] = codes
+
     out = {
         "mode": "fanout",
         "rooms": a.rooms,
         "members": a.members,
         "senders_per_room": a.senders,
-        "messages": a.messages,
         "window": a.window,
+        "duration": a.duration,
         "pad": a.pad,
         "stalled_per_room": a.stalled,
         "subprotocol": a.subprotocol,
-        "negotiated": sorted({t.response.headers.get("sec-websocket-protocol", "") for t, _ in healthy[:50]}),
+        "negotiated": sorted(
+            {t.response.headers.get("sec-websocket-protocol", "") for t, _ in healthy[:50]}
+        ),
         "connected": len(healthy),
-        "connect_failures": failures + stalled_failures,
+        "connect_failures": failures,
+        "connect_concurrency": a.concurrency,
         "connect_s": round(connect_s, 3),
         "settle_s": round(settle_s, 3),
-        "expected": expected,
-        "delivered": st.deliveries,
-        "complete": complete,
-        "seconds": round(span, 3),
-        "deliveries_per_s": round(st.deliveries / span) if span > 0 else 0,
-        "frames": st.frames,
-        "events_per_frame": round(st.deliveries / st.frames, 2) if st.frames else None,
-        "other_events": st.other_events,
-        "short_receivers": len(short),
-        "short_receivers_min": short[0] if short else None,
-        "unexpected_closes": st.unexpected_closes,
-        "close_codes": {str(k): v for k, v in st.close_codes.items()},
-        "p50_ms": pct(lat, 0.5),
-        "p90_ms": pct(lat, 0.9),
-        "p99_ms": pct(lat, 0.99),
-        "max_ms": pct(lat, 1.0),
+        "close_codes": {str(k): v for k, v in STATS.close_codes.items()},
+        **stalled_info,
+        "rounds": rounds,
     }
     for c in clients + stalled:
         if c is not None:
@@ -342,10 +419,8 @@ async def run_idle(a: argparse.Namespace) -> None:
         flush=True,
     )
     loop = asyncio.get_running_loop()
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), a.hold)
-    except asyncio.TimeoutError:
-        pass
     alive = sum(1 for t, _ in ok if not t.is_disconnected)
     for t, lst in ok:
         lst.closing = True
@@ -355,27 +430,36 @@ async def run_idle(a: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("mode", choices=["fanout", "idle"])
     p.add_argument("--url", default="ws://127.0.0.1:8000/ws/chat", help="without the query string")
     p.add_argument("--room-prefix", default="bench")
     p.add_argument("--rooms", type=int, default=1)
     p.add_argument("--members", type=int, default=100, help="healthy members per room")
     p.add_argument("--senders", type=int, default=4, help="senders per room (<= members)")
-    p.add_argument("--messages", type=int, default=200, help="per sender")
+    p.add_argument("--messages", type=int, default=1_000_000, help="most per sender per round")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds each round sends for")
+    p.add_argument("--rounds", type=int, default=1, help="rounds (and again with stalled clients)")
     p.add_argument("--window", type=int, default=4, help="own messages in flight per sender")
     p.add_argument("--stalled", type=int, default=0, help="clients per room that never read")
     p.add_argument("--stalled-rcvbuf", type=int, default=4096)
     p.add_argument("--pad", type=int, default=64, help="payload padding characters")
     p.add_argument("--subprotocol", default=None, help="offer this subprotocol (roomcast.batch)")
-    p.add_argument("--deadline", type=float, default=60.0, help="seconds for the send phase")
-    p.add_argument("--drain", type=float, default=5.0, help="seconds to wait for the tail")
+    p.add_argument(
+        "--deadline", type=float, default=3.0, help="seconds past --duration to wait for senders"
+    )
+    p.add_argument("--drain", type=float, default=3.0, help="seconds to wait for the tail")
     p.add_argument("--quiet", type=float, default=0.3, help="settle: seconds without frames")
     p.add_argument("--settle-limit", type=float, default=60.0)
-    p.add_argument("--concurrency", type=int, default=1, help="handshakes in flight (fanout: 1, see README)")
+    p.add_argument(
+        "--concurrency", type=int, default=1, help="handshakes in flight (fanout: 1, see README)"
+    )
     p.add_argument("--connect-timeout", type=float, default=30.0)
     p.add_argument("--connect-attempts", type=int, default=20)
     p.add_argument("--connections", type=int, default=10_000, help="idle mode")
+    p.add_argument("--verbose", action="store_true", help="progress on stderr")
     p.add_argument("--hold", type=float, default=60.0, help="idle mode: most seconds to hold")
     return p.parse_args(argv)
 

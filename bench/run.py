@@ -10,6 +10,7 @@ See bench/README.md for what each workload means and how to read the tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -58,37 +59,58 @@ WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in [
         Workload(
-            "fanout100", "fanout",
-            "one room of 100 members, 4 of them sending (window 4 each), 64-byte pad",
-            full=dict(rooms=1, members=100, senders=4, messages=1500, window=4, pad=64, deadline=60),
-            quick=dict(rooms=1, members=100, senders=4, messages=400, window=4, pad=64, deadline=30),
+            "fanout100",
+            "fanout",
+            "one room of 100 members, 4 of them sending (4 messages in flight each), 64-byte pad",
+            full=dict(rooms=1, members=100, senders=4, window=4, pad=64, duration=4, rounds=3),
+            quick=dict(rooms=1, members=100, senders=4, window=4, pad=64, duration=2, rounds=1),
         ),
         Workload(
-            "fanout1000", "fanout",
-            "one room of 1,000 members, 4 of them sending (window 4 each), 64-byte pad",
-            full=dict(rooms=1, members=1000, senders=4, messages=150, window=4, pad=64, deadline=60),
-            quick=dict(rooms=1, members=1000, senders=4, messages=50, window=4, pad=64, deadline=30),
+            "fanout1000",
+            "fanout",
+            "one room of 1,000 members, 4 of them sending (4 messages in flight each), 64-byte pad",
+            full=dict(rooms=1, members=1000, senders=4, window=4, pad=64, duration=4, rounds=3),
+            quick=dict(rooms=1, members=1000, senders=4, window=4, pad=64, duration=2, rounds=1),
         ),
         Workload(
-            "rooms", "fanout",
-            "200 rooms x 5 members, every member sending (window 2 each), 64-byte pad",
-            full=dict(rooms=200, members=5, senders=5, messages=60, window=2, pad=64, deadline=60),
-            quick=dict(rooms=200, members=5, senders=5, messages=20, window=2, pad=64, deadline=30),
+            "rooms",
+            "fanout",
+            "200 rooms x 5 members, every member sending (2 messages in flight each), 64-byte pad",
+            full=dict(rooms=200, members=5, senders=5, window=2, pad=64, duration=4, rounds=3),
+            quick=dict(rooms=200, members=5, senders=5, window=2, pad=64, duration=2, rounds=1),
         ),
         Workload(
-            "stalled", "stalled",
+            "stalled",
+            "stalled",
             "one room of 100 healthy members (4 sending) + 10 that never read (SO_RCVBUF 4 KiB), "
-            "1 KiB pad; compared with the same server's run without the 10",
-            full=dict(rooms=1, members=100, senders=4, messages=1500, window=4, pad=1024,
-                      stalled=10, deadline=20),
-            quick=dict(rooms=1, members=100, senders=4, messages=600, window=4, pad=1024,
-                       stalled=10, deadline=8),
+            "2 KiB pad",
+            full=dict(
+                rooms=1,
+                members=100,
+                senders=4,
+                window=4,
+                pad=2048,
+                stalled=10,
+                duration=4,
+                rounds=2,
+            ),
+            quick=dict(
+                rooms=1,
+                members=100,
+                senders=4,
+                window=4,
+                pad=2048,
+                stalled=10,
+                duration=3,
+                rounds=1,
+            ),
         ),
         Workload(
-            "idle", "idle",
-            "10,000 idle connections in rooms of 10: connect rate and memory per connection",
+            "idle",
+            "idle",
+            "idle connections in rooms of 10: connect rate and memory per connection",
             full=dict(connections=10_000, members=10, concurrency=50),
-            quick=dict(connections=10_000, members=10, concurrency=50),
+            quick=dict(connections=2_000, members=10, concurrency=50),
         ),
     ]
 }
@@ -125,10 +147,8 @@ def tree(pid: int) -> list[psutil.Process]:
 def tree_rss(pid: int) -> int:
     total = 0
     for p in tree(pid):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total
 
 
@@ -146,17 +166,23 @@ def vm_hwm(pid: int) -> dict[int, int]:
     return out
 
 
-class RssSampler(threading.Thread):
-    """Samples the summed RSS of a process tree every ``interval`` seconds; keeps the peak."""
+class Sampler(threading.Thread):
+    """Samples, every ``interval`` seconds: the summed RSS and CPU time of the server's
+    process tree, the load generator's CPU time, this runner's, and the machine's busy CPU
+    time. Keeps the series (wall clock) so that peaks and CPU can be cut per round."""
 
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
         super().__init__(daemon=True)
         self.pid = pid
         self.interval = interval
-        self.peak = 0
-        self.last = 0
+        self.series: list[tuple[float, int, float, float, float, float]] = []
+        self.loadgen: psutil.Process | None = None
         self.hwm: dict[int, int] = {}
         self._halt = threading.Event()
+        self._procs: list[psutil.Process] = []
+        self._procs_at = 0.0
+        self._self = psutil.Process()
+        self._lg_cpu = 0.0
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -164,11 +190,65 @@ class RssSampler(threading.Thread):
             self._halt.wait(self.interval)
 
     def sample(self) -> int:
-        rss = tree_rss(self.pid)
+        now = time.time()
+        if now - self._procs_at > 1.0:
+            self._procs = tree(self.pid)
+            self._procs_at = now
+        rss = 0
+        cpu = 0.0
+        for p in self._procs:
+            try:
+                rss += p.memory_info().rss
+                t = p.cpu_times()
+                cpu += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        if self.loadgen is not None:
+            try:
+                t = self.loadgen.cpu_times()
+                self._lg_cpu = t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        st = self._self.cpu_times()
+        sc = psutil.cpu_times()
+        busy = (
+            sc.user + sc.nice + sc.system
+        )  # irq/softirq time (loopback TCP) is nobody's process time
         if rss:
-            self.last = rss
-            self.peak = max(self.peak, rss)
+            self.series.append((now, rss, cpu, self._lg_cpu, st.user + st.system, busy))
         return rss
+
+    @property
+    def peak(self) -> int:
+        return max((s[1] for s in self.series), default=0)
+
+    def window(self, t0: float, t1: float) -> dict[str, Any]:
+        """Peak RSS and CPU use between two wall-clock times (widened to the samples around them)."""
+        inside = [s for s in self.series if t0 <= s[0] <= t1]
+        before = [s for s in self.series if s[0] < t0][-1:]
+        after = [s for s in self.series if s[0] > t1][:1]
+        span = before + inside + after
+        if len(span) < 2:
+            return {}
+        first, last = span[0], span[-1]
+        secs = last[0] - first[0]
+        server = last[2] - first[2]
+        loadgen = last[3] - first[3]
+        runner = last[4] - first[4]
+        busy = last[5] - first[5]
+        cores = os.cpu_count() or 1
+        return {
+            "peak_rss_mb": _mb(max(s[1] for s in span)),
+            "server_cpu_s": round(server, 3),
+            "server_cpu_pct": round(100 * server / secs, 1) if secs else None,
+            "loadgen_cpu_pct": round(100 * loadgen / secs, 1) if secs else None,
+            # busy CPU on the machine that was neither the server, the load generator nor
+            # this runner: other work competing for the 2 cores (noise)
+            "other_cpu_pct": round(100 * max(0.0, busy - server - loadgen - runner) / secs, 1)
+            if secs
+            else None,
+            "cores": cores,
+        }
 
     def stop(self) -> None:
         self.hwm = vm_hwm(self.pid)  # before the server exits
@@ -191,7 +271,7 @@ class ServerProcess:
                 ROOMCAST_OUTBOX_SIZE=str(args.outbox_size),
             )
         self.log_path = log_path
-        self.log = open(log_path, "wb")
+        self.log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             server.command(self.port),
             cwd=REPO,
@@ -211,10 +291,14 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.server.name} exited with {self.proc.returncode}; see {self.log_path}")
+                raise RuntimeError(
+                    f"{self.server.name} exited with {self.proc.returncode}; see {self.log_path}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                    s.sendall(b"GET /bench-ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                    s.sendall(
+                        b"GET /bench-ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                    )
                     if s.recv(16).startswith(b"HTTP/"):
                         return
             except OSError:
@@ -235,19 +319,17 @@ class ServerProcess:
                 pass
             except ProcessLookupError:
                 pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # any worker left behind
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
         self.log.close()
 
     def log_errors(self) -> int:
         try:
-            return self.log_path.read_text(errors="replace").count("Traceback (most recent call last)")
+            return self.log_path.read_text(errors="replace").count(
+                "Traceback (most recent call last)"
+            )
         except OSError:
             return 0
 
@@ -272,44 +354,89 @@ class Runner:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.py_spy = shutil.which("py-spy", path=str(Path(PY).parent)) or shutil.which("py-spy")
 
+    def wait_for_quiet_machine(self) -> float | None:
+        """Other work on the machine skews every number: wait (bounded) until the rest of the
+        machine uses under ``--quiet-cpu`` percent of a core. Returns what was last seen."""
+        deadline = time.monotonic() + self.args.max_wait
+        me = psutil.Process()
+        other = None
+        while True:
+            c0, s0 = psutil.cpu_times(), me.cpu_times()
+            time.sleep(0.5)
+            c1, s1 = psutil.cpu_times(), me.cpu_times()
+            busy = (c1.user + c1.nice + c1.system) - (c0.user + c0.nice + c0.system)
+            mine = (s1.user + s1.system) - (s0.user + s0.system)
+            other = round(100 * max(0.0, busy - mine) / 0.5, 1)
+            if other <= self.args.quiet_cpu or time.monotonic() >= deadline:
+                return other
+            time.sleep(0.5)
+
     def start(self, server: Server, tag: str) -> ServerProcess:
+        self.other_cpu_before = self.wait_for_quiet_machine()
         sp = ServerProcess(server, self.args, self.logs / f"{server.name}-{tag}.log")
         try:
             sp.wait_ready()
-        except Exception:
+        except BaseException:
             sp.stop()
             raise
         time.sleep(0.3)
         return sp
 
     def _profile(self, sp: ServerProcess, tag: str) -> subprocess.Popen | None:
-        if not (self.args.py_spy and sp.server.kind == "roomcast" and self.py_spy):
+        if not (self.args.py_spy and sp.server.kind == "roomcast"):
+            return None
+        if not self.py_spy:
+            log("bench: --py-spy given but py-spy is not installed (.venv/bin/pip install py-spy)")
             return None
         out = self.logs / f"{sp.server.name}-{tag}.py-spy.svg"
-        pid = sp.worker_pids()[0]
+        pid = max(sp.worker_pids(), key=lambda p: psutil.Process(p).memory_info().rss)
         return subprocess.Popen(
-            [self.py_spy, "record", "--pid", str(pid), "--rate", "200", "--nonblocking",
-             "-o", str(out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                self.py_spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                "200",
+                "--nonblocking",
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     def fanout(self, server: Server, params: dict[str, Any], tag: str) -> dict[str, Any]:
+        """One server process, one load generator run (its rounds, and its stalled rounds)."""
+        params = dict(params)
+        params.setdefault("concurrency", server.join_concurrency)
         sp = self.start(server, tag)
-        sampler = RssSampler(sp.proc.pid)
-        rss_start = sampler.sample()
-        sampler.start()
-        prof = self._profile(sp, tag)
-        budget = params.get("deadline", 60) + 120
+        result: dict[str, Any] = {}
+        sampler = Sampler(sp.proc.pid)
+        prof = None
         try:
-            cp = subprocess.run(
+            rss_start = sampler.sample()
+            sampler.start()
+            prof = self._profile(sp, tag)
+            budget = 180 + params.get("rounds", 1) * 2 * (params.get("duration", 5) + 15)
+            lg = subprocess.Popen(
                 loadgen_args("fanout", sp.url, params, server.subprotocol),
-                cwd=REPO, capture_output=True, text=True, timeout=budget,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
-            result = _last_json(cp.stdout)
-            if result is None:
-                result = {"error": f"loadgen exit {cp.returncode}: {cp.stderr[-2000:]}"}
-        except subprocess.TimeoutExpired:
-            result = {"error": f"loadgen timed out after {budget}s"}
+            with contextlib.suppress(psutil.NoSuchProcess):
+                sampler.loadgen = psutil.Process(lg.pid)
+            try:
+                out, err = lg.communicate(timeout=budget)
+                result = _last_json(out) or {
+                    "error": f"loadgen exit {lg.returncode}: {err[-2000:]}"
+                }
+            except subprocess.TimeoutExpired:
+                lg.kill()
+                lg.communicate()
+                result = {"error": f"loadgen timed out after {budget}s"}
         finally:
             if prof is not None:
                 prof.send_signal(signal.SIGINT)
@@ -319,29 +446,47 @@ class Runner:
                     prof.kill()
             sampler.stop()
             sp.stop()
+        for r in result.get("rounds", []):
+            r.update(sampler.window(*r["wall"]))
+            if r.get("server_cpu_s") and r.get("delivered"):
+                r["server_cpu_us_per_delivery"] = round(1e6 * r["server_cpu_s"] / r["delivered"], 1)
+        stalled_at = result.get("stalled_connected_wall")
+        series = sampler.series
         result.update(
+            other_cpu_pct_before=self.other_cpu_before,
             rss_start_mb=_mb(rss_start),
             peak_rss_mb=_mb(sampler.peak),
             vm_hwm_mb={str(k): _mb(v) for k, v in sampler.hwm.items()},
             server_tracebacks=sp.log_errors(),
             log=str(sp.log_path.relative_to(REPO)),
         )
+        if stalled_at:
+            result["peak_rss_before_stalled_mb"] = _mb(
+                max((x[1] for x in series if x[0] < stalled_at), default=0)
+            )
+            result["peak_rss_with_stalled_mb"] = _mb(
+                max((x[1] for x in series if x[0] >= stalled_at), default=0)
+            )
         return result
 
     def idle(self, server: Server, params: dict[str, Any], tag: str) -> dict[str, Any]:
         sp = self.start(server, tag)
-        sampler = RssSampler(sp.proc.pid)
-        time.sleep(0.5)
-        before = statistics.median(sampler.sample() or 0 for _ in range(3))
-        sampler.start()
-        lg = subprocess.Popen(
-            loadgen_args("idle", sp.url, params, server.subprotocol),
-            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True,
-        )
+        sampler = Sampler(sp.proc.pid)
         result: dict[str, Any] = {}
+        lg = None
         try:
-            line = _readline(lg, timeout=180)
+            time.sleep(0.5)
+            before = statistics.median(sampler.sample() or 0 for _ in range(3))
+            sampler.start()
+            lg = subprocess.Popen(
+                loadgen_args("idle", sp.url, params, server.subprotocol),
+                cwd=REPO,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            line = _readline(lg, timeout=240)
             result = json.loads(line) if line else {"error": "idle loadgen printed nothing"}
             time.sleep(1.0)
             samples = []
@@ -364,15 +509,18 @@ class Runner:
         except Exception as exc:  # keep the rest of the run going
             result["error"] = repr(exc)
         finally:
-            try:
-                lg.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                lg.kill()
-                lg.wait()
+            if lg is not None:
+                try:
+                    lg.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    lg.kill()
+                    lg.wait()
             sampler.stop()
             sp.stop()
-        if lg.returncode and "error" not in result:
-            result["error"] = f"loadgen exit {lg.returncode}: {(lg.stderr.read() if lg.stderr else '')[-2000:]}"
+        if lg is not None and lg.returncode and "error" not in result:
+            result["error"] = (
+                f"loadgen exit {lg.returncode}: {(lg.stderr.read() if lg.stderr else '')[-2000:]}"
+            )
         result.update(
             peak_rss_mb=_mb(sampler.peak),
             server_tracebacks=sp.log_errors(),
@@ -405,16 +553,54 @@ def _mb(n: float) -> float:
 # -- the suite -------------------------------------------------------------------------------
 
 
-def pick(results: list[dict[str, Any]], key: str = "deliveries_per_s") -> dict[str, Any]:
-    """The median run by ``key`` (the upper median for an even count)."""
-    ok = [r for r in results if key in r]
-    if not ok:
-        return results[0] if results else {"error": "no run"}
-    ok.sort(key=lambda r: r[key])
-    chosen = dict(ok[len(ok) // 2])
-    if len(ok) > 1:
-        chosen["runs"] = [r[key] for r in results if key in r]
+def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median deliveries/s (the upper one of an even count), with the
+    others' deliveries/s listed."""
+    if not rounds:
+        return {"error": "no round"}
+    ordered = sorted(rounds, key=lambda r: r.get("deliveries_per_s") or 0)
+    chosen = dict(ordered[len(ordered) // 2])
+    chosen["rounds_deliveries_per_s"] = [r.get("deliveries_per_s") for r in rounds]
     return chosen
+
+
+def summarize(mode: str, run: dict[str, Any]) -> dict[str, Any]:
+    """The row a table shows for one server: its median round, and run-wide facts."""
+    if "error" in run:
+        return {"error": run["error"]}
+    keep = (
+        "connected",
+        "connect_failures",
+        "connect_s",
+        "settle_s",
+        "server_tracebacks",
+        "peak_rss_mb",
+        "rss_start_mb",
+        "negotiated",
+        "log",
+    )
+    common = {k: run.get(k) for k in keep}
+    rounds = run.get("rounds", [])
+    if mode == "fanout":
+        return {**common, **median_round([r for r in rounds if r["phase"] == "run"])}
+    control = median_round([r for r in rounds if r["phase"] == "control"])
+    stalled = median_round([r for r in rounds if r["phase"] == "stalled"])
+    return {
+        **common,
+        "control": control,
+        "stalled": stalled,
+        "peak_rss_before_stalled_mb": run.get("peak_rss_before_stalled_mb"),
+        "peak_rss_with_stalled_mb": run.get("peak_rss_with_stalled_mb"),
+        "rss_growth_mb": round(
+            (run.get("peak_rss_with_stalled_mb") or 0)
+            - (run.get("peak_rss_before_stalled_mb") or 0),
+            1,
+        ),
+        "stalled_end_state": run.get("stalled_end_state"),
+        "healthy_ratio": round(stalled["deliveries_per_s"] / control["deliveries_per_s"], 3)
+        if control.get("deliveries_per_s") and "deliveries_per_s" in stalled
+        else None,
+    }
 
 
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
@@ -424,6 +610,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),
+        "git": git_state(),
         "args": {k: v for k, v in vars(args).items()},
         "reference": REFERENCE,
         "workloads": {},
@@ -432,67 +619,99 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     for wname in args.workloads:
         w = WORKLOADS[wname]
         params = w.params(args.quick)
-        entry: dict[str, Any] = {"title": w.title, "mode": w.mode, "params": params, "servers": {}}
+        if args.rounds and w.mode != "idle":
+            params["rounds"] = args.rounds
+        if args.duration and w.mode != "idle":
+            params["duration"] = args.duration
+        if args.connections and w.mode == "idle":
+            params["connections"] = args.connections
+        entry: dict[str, Any] = {
+            "title": w.title,
+            "mode": w.mode,
+            "params": params,
+            "servers": {},
+            "raw": {},
+        }
         report["workloads"][wname] = entry
-        repeats = 1 if w.mode == "idle" else args.repeat
-        raw: dict[str, dict[str, list[dict[str, Any]]]] = {s.name: {} for s in servers}
-        for rep in range(repeats):
-            for server in servers:
-                if w.mode == "idle" and not server.idle:
-                    continue
-                t0 = time.monotonic()
-                tag = f"{wname}-{rep}"
-                try:
-                    if w.mode == "fanout":
-                        raw[server.name].setdefault("run", []).append(runner.fanout(server, params, tag))
-                    elif w.mode == "stalled":
-                        control = dict(params, stalled=0)
-                        raw[server.name].setdefault("control", []).append(
-                            runner.fanout(server, control, tag + "-control"))
-                        raw[server.name].setdefault("stalled", []).append(
-                            runner.fanout(server, params, tag + "-stalled"))
-                    else:
-                        raw[server.name].setdefault("run", []).append(runner.idle(server, params, tag))
-                except Exception as exc:
-                    raw[server.name].setdefault("run", []).append({"error": repr(exc)})
-                log(f"{wname:<10} {server.name:<24} rep {rep + 1}/{repeats}  "
-                    f"{time.monotonic() - t0:5.1f}s  {brief(w.mode, raw[server.name])}")
-        for name, runs in raw.items():
-            if not runs:
+        for server in servers:
+            if w.mode == "idle" and not server.idle:
                 continue
-            if w.mode == "stalled":
-                entry["servers"][name] = {
-                    "control": pick(runs.get("control", [{"error": "no run"}])),
-                    "stalled": pick(runs.get("stalled", [{"error": "no run"}])),
-                    "all": runs,
-                }
-            elif w.mode == "idle":
-                entry["servers"][name] = pick(runs["run"], "connects_per_s")
-            else:
-                entry["servers"][name] = pick(runs["run"])
-                if len(runs["run"]) > 1:
-                    entry["servers"][name]["all"] = runs["run"]
+            t0 = time.monotonic()
+            try:
+                if w.mode == "idle":
+                    raw = runner.idle(server, params, wname)
+                    row = raw
+                else:
+                    raw = runner.fanout(server, params, wname)
+                    row = summarize(w.mode, raw)
+            except Exception as exc:
+                raw = row = {"error": repr(exc)}
+            entry["raw"][server.name] = raw
+            entry["servers"][server.name] = row
+            log(
+                f"{wname:<10} {server.name:<24} {time.monotonic() - t0:5.1f}s  {brief(w.mode, row)}"
+            )
     report["seconds"] = round(time.monotonic() - t_suite, 1)
     report["targets"] = targets(report)
     return report
 
 
-def brief(mode: str, runs: dict[str, list[dict[str, Any]]]) -> str:
-    def one(r: dict[str, Any]) -> str:
-        if "error" in r:
-            return "ERROR " + str(r["error"])[:200]
-        if mode == "idle":
-            return f"{r.get('connects_per_s')} conn/s, {r.get('kb_per_connection')} KB/conn"
-        flag = "" if r.get("complete") else " INCOMPLETE"
-        return (f"{r.get('deliveries_per_s')}/s p50 {r.get('p50_ms')} p99 {r.get('p99_ms')} ms "
-                f"rss {r.get('peak_rss_mb')} MB{flag}")
-    return " | ".join(f"{k}: {one(v[-1])}" for k, v in runs.items())
+def brief(mode: str, r: dict[str, Any]) -> str:
+    if "error" in r:
+        return "ERROR " + str(r["error"])[:300]
+    if mode == "idle":
+        return f"{r.get('connects_per_s')} conn/s, {r.get('kb_per_connection')} KB/conn"
+
+    def one(x: dict[str, Any]) -> str:
+        if "error" in x:
+            return "ERROR " + str(x["error"])[:200]
+        flag = "" if x.get("complete") else " INCOMPLETE"
+        return (
+            f"{x.get('deliveries_per_s')}/s p50 {x.get('p50_ms')} p99 {x.get('p99_ms')} ms "
+            f"cpu {x.get('server_cpu_us_per_delivery')} us/deliv other {x.get('other_cpu_pct')}%{flag}"
+        )
+
+    if mode == "stalled":
+        return (
+            f"control {one(r['control'])} | stalled {one(r['stalled'])} | rss "
+            f"{r.get('peak_rss_before_stalled_mb')} -> {r.get('peak_rss_with_stalled_mb')} MB, "
+            f"stalled clients: {r.get('stalled_end_state')}"
+        )
+    return f"{one(r)} rss {r.get('peak_rss_mb')} MB connect {r.get('connect_s')}s"
+
+
+def git_state() -> dict[str, Any]:
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        except Exception:
+            return ""
+
+    return {
+        "head": git("rev-parse", "--short", "HEAD"),
+        "dirty_src": bool(git("status", "--porcelain", "--", "src")),
+    }
 
 
 def machine() -> dict[str, Any]:
     versions = {}
-    for pkg in ["roomcast", "hypercorn", "trio", "anyio", "uvicorn", "starlette", "broadcaster",
-                "websockets", "picows", "uvloop", "orjson", "wsproto", "h11"]:
+    for pkg in [
+        "roomcast",
+        "hypercorn",
+        "trio",
+        "anyio",
+        "uvicorn",
+        "starlette",
+        "broadcaster",
+        "websockets",
+        "picows",
+        "uvloop",
+        "orjson",
+        "wsproto",
+        "h11",
+    ]:
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -503,13 +722,15 @@ def machine() -> dict[str, Any]:
         "memory_gb": round(psutil.virtual_memory().total / (1 << 30), 1),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "loadavg_at_start": os.getloadavg(),
+        "rlimit_nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
         "versions": versions,
     }
 
 
 def _cpu_model() -> str | None:
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -538,59 +759,66 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         batch = get(w, "roomcast-trio-batch")
         plain = get(w, "roomcast-trio")
         ref = get(w, REFERENCE)
-        baselines = {n: r for n, r in W[w]["servers"].items()
-                     if SERVERS[n].kind == "baseline" and "error" not in r}
+        baselines = {
+            n: r
+            for n, r in W[w]["servers"].items()
+            if SERVERS[n].kind == "baseline" and "error" not in r
+        }
         if batch and baselines:
             best = max(baselines, key=lambda n: baselines[n].get("deliveries_per_s", 0))
             b = baselines[best]["deliveries_per_s"]
-            out.append(dict(
-                target=f"{w}: roomcast-trio-batch deliveries/s > every baseline",
-                met=batch["deliveries_per_s"] > b,
-                detail=f"{batch['deliveries_per_s']}/s vs best baseline {best} {b}/s "
-                       f"({batch['deliveries_per_s'] / b:.2f}x)" if b else "",
-            ))
+            out.append(
+                dict(
+                    target=f"{w}: roomcast-trio-batch deliveries/s > every baseline",
+                    met=batch["deliveries_per_s"] > b,
+                    detail=f"{batch['deliveries_per_s']:,}/s vs best baseline {best} {b:,}/s "
+                    f"({batch['deliveries_per_s'] / b:.2f}x)"
+                    if b
+                    else "",
+                )
+            )
         if batch and ref:
-            out.append(dict(
-                target=f"{w}: roomcast-trio-batch p99 < {REFERENCE} p99",
-                met=(batch.get("p99_ms") or 1e9) < (ref.get("p99_ms") or 0),
-                detail=f"{batch.get('p99_ms')} ms vs {ref.get('p99_ms')} ms",
-            ))
+            out.append(
+                dict(
+                    target=f"{w}: roomcast-trio-batch p99 < {REFERENCE} p99",
+                    met=(batch.get("p99_ms") or 1e9) < (ref.get("p99_ms") or 0),
+                    detail=f"{batch.get('p99_ms')} ms vs {ref.get('p99_ms')} ms",
+                )
+            )
         if plain and ref and ref.get("deliveries_per_s"):
             ratio = plain["deliveries_per_s"] / ref["deliveries_per_s"]
-            out.append(dict(
-                target=f"{w}: roomcast-trio (no batching) >= 0.9x {REFERENCE}",
-                met=ratio >= 0.9,
-                detail=f"{plain['deliveries_per_s']}/s vs {ref['deliveries_per_s']}/s ({ratio:.2f}x)",
-            ))
+            out.append(
+                dict(
+                    target=f"{w}: roomcast-trio (no batching) >= 0.9x {REFERENCE}",
+                    met=ratio >= 0.9,
+                    detail=f"{plain['deliveries_per_s']:,}/s vs {ref['deliveries_per_s']:,}/s ({ratio:.2f}x)",
+                )
+            )
     if "stalled" in W:
-        S = W["stalled"]["servers"]
+        S = {n: r for n, r in W["stalled"]["servers"].items() if "error" not in r}
         for name in ("roomcast-trio-batch", "roomcast-trio"):
             r = S.get(name)
-            if not r:
+            if not r or r.get("healthy_ratio") is None:
                 continue
-            c, s = r["control"], r["stalled"]
-            if "error" in c or "error" in s or not c.get("deliveries_per_s"):
-                continue
-            ratio = s["deliveries_per_s"] / c["deliveries_per_s"]
-            out.append(dict(
-                target=f"stalled: {name} healthy throughput >= 0.9x its run without stalled readers",
-                met=ratio >= 0.9 and bool(s.get("complete")),
-                detail=f"{s['deliveries_per_s']}/s vs {c['deliveries_per_s']}/s ({ratio:.2f}x)",
-            ))
-        growth = {}
-        for name, r in S.items():
-            c, s = r["control"], r["stalled"]
-            if "peak_rss_mb" in c and "peak_rss_mb" in s:
-                growth[name] = round(s["peak_rss_mb"] - c["peak_rss_mb"], 1)
-        rc = {n: g for n, g in growth.items() if SERVERS[n].kind == "roomcast"}
-        unb = {n: g for n, g in growth.items() if SERVERS[n].bounded is False}
+            out.append(
+                dict(
+                    target=f"stalled: {name} healthy throughput >= 0.9x its rounds without stalled readers",
+                    met=r["healthy_ratio"] >= 0.9 and bool(r["stalled"].get("complete")),
+                    detail=f"{r['stalled']['deliveries_per_s']:,}/s vs {r['control']['deliveries_per_s']:,}/s "
+                    f"({r['healthy_ratio']:.2f}x); stalled clients: {r.get('stalled_end_state')}",
+                )
+            )
+        rc = {n: r["rss_growth_mb"] for n, r in S.items() if SERVERS[n].kind == "roomcast"}
+        unb = {n: r["rss_growth_mb"] for n, r in S.items() if SERVERS[n].bounded is False}
         if rc and unb:
-            out.append(dict(
-                target="stalled: roomcast peak RSS stays bounded while unbounded baselines grow",
-                met=max(rc.values()) < min(unb.values()),
-                detail="RSS growth MB (stalled - control): "
-                       + ", ".join(f"{n} {g:+}" for n, g in growth.items()),
-            ))
+            out.append(
+                dict(
+                    target="stalled: roomcast peak RSS stays bounded while unbounded baselines grow",
+                    met=max(rc.values()) < min(unb.values()),
+                    detail="peak RSS growth with the stalled readers, MB: "
+                    + ", ".join(f"{n} {r['rss_growth_mb']:+}" for n, r in S.items()),
+                )
+            )
     return out
 
 
@@ -600,10 +828,10 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 def fmt(v: Any, nd: int = 0) -> str:
     if v is None:
         return "-"
-    if isinstance(v, float) and nd:
-        return f"{v:,.{nd}f}"
     if isinstance(v, (int, float)):
-        return f"{v:,.0f}" if abs(v) >= 100 or nd == 0 else f"{v:.{max(nd, 1)}f}"
+        if nd and abs(v) < 100:
+            return f"{v:.{nd}f}"
+        return f"{v:,.0f}"
     return str(v)
 
 
@@ -613,12 +841,14 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
-def notes(r: dict[str, Any]) -> str:
-    n = []
+def notes(r: dict[str, Any], *, noise: bool = True) -> str:
     if "error" in r:
         return "ERROR: " + str(r["error"])[:120]
+    n = []
     if r.get("complete") is False:
-        n.append(f"incomplete ({r.get('delivered')}/{r.get('expected')})")
+        n.append(f"incomplete ({r.get('delivered'):,}/{r.get('expected'):,})")
+    if r.get("short_receivers"):
+        n.append(f"{r['short_receivers']} receivers short")
     if r.get("unexpected_closes"):
         n.append(f"{r['unexpected_closes']} healthy clients closed")
     if r.get("connect_failures"):
@@ -627,8 +857,13 @@ def notes(r: dict[str, Any]) -> str:
         n.append(f"{r['server_tracebacks']} server tracebacks")
     if r.get("events_per_frame") and r["events_per_frame"] > 1.05:
         n.append(f"{r['events_per_frame']} events/frame")
-    if r.get("runs"):
-        n.append("runs " + "/".join(f"{x / 1000:.0f}k" if x >= 1000 else str(x) for x in r["runs"]))
+    rounds = r.get("rounds_deliveries_per_s") or []
+    if len(rounds) > 1:
+        n.append(
+            "rounds " + "/".join(f"{x / 1000:.0f}k" if x and x >= 1000 else str(x) for x in rounds)
+        )
+    if noise and (r.get("other_cpu_pct") or 0) >= 15:
+        n.append(f"other load {r['other_cpu_pct']:.0f}% CPU")
     return "; ".join(n)
 
 
@@ -637,40 +872,73 @@ def tables(report: dict[str, Any]) -> str:
     W = report["workloads"]
     for wname, entry in W.items():
         S = entry["servers"]
+        p = entry["params"]
         lines.append(f"### {wname}: {entry['title']}")
         lines.append("")
         if entry["mode"] == "fanout":
+            lines.append(
+                f"{p.get('rounds', 1)} round(s) of {p.get('duration')} s per server; median round shown."
+            )
+            lines.append("")
             ref = S.get(REFERENCE, {}).get("deliveries_per_s")
-            base = [r.get("deliveries_per_s") or 0 for n, r in S.items() if SERVERS[n].kind == "baseline"]
+            base = [
+                r.get("deliveries_per_s") or 0
+                for n, r in S.items()
+                if SERVERS[n].kind == "baseline"
+            ]
             best = max(base) if base else None
-            lines.append(f"| server | deliveries/s | vs {REFERENCE} | vs best baseline | p50 ms | p99 ms | peak RSS MB | notes |")
-            lines.append("|---|---:|---:|---:|---:|---:|---:|---|")
+            lines.append(
+                f"| server | deliveries/s | vs {REFERENCE} | vs best baseline | p50 ms | p99 ms | server CPU µs/delivery | peak RSS MB | notes |"
+            )
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
             for name, r in S.items():
                 d = r.get("deliveries_per_s")
                 lines.append(
                     f"| {name} | {fmt(d)} | {ratio(d, ref)} | {ratio(d, best)} | {fmt(r.get('p50_ms'), 1)} "
-                    f"| {fmt(r.get('p99_ms'), 1)} | {fmt(r.get('peak_rss_mb'), 1)} | {notes(r)} |")
+                    f"| {fmt(r.get('p99_ms'), 1)} | {fmt(r.get('server_cpu_us_per_delivery'), 1)} "
+                    f"| {fmt(r.get('peak_rss_mb'), 1)} | {notes(r)} |"
+                )
         elif entry["mode"] == "stalled":
-            lines.append("| server | healthy deliveries/s (stalled) | without stalled | ratio | p99 ms stalled / without | peak RSS MB stalled / without | RSS growth MB | notes |")
-            lines.append("|---|---:|---:|---:|---:|---:|---:|---|")
+            lines.append(
+                f"{p.get('rounds', 1)} round(s) of {p.get('duration')} s without the stalled clients, "
+                f"then {p.get('rounds', 1)} with them, in one server process; median rounds shown. "
+                f"roomcast: ROOMCAST_OUTBOX_SIZE={report['args'].get('outbox_size')}."
+            )
+            lines.append("")
+            lines.append(
+                "| server | healthy deliveries/s with stalled | without | ratio | p99 ms with / without | peak RSS MB without → with | RSS growth MB | stalled clients at the end | notes |"
+            )
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---|---|")
             for name, r in S.items():
+                if "error" in r:
+                    lines.append(f"| {name} | - | - | - | - | - | - | - | {notes(r)} |")
+                    continue
                 c, s = r["control"], r["stalled"]
-                growth = (s.get("peak_rss_mb") or 0) - (c.get("peak_rss_mb") or 0) if "peak_rss_mb" in s and "peak_rss_mb" in c else None
+                end = ", ".join(f"{k}: {v}" for k, v in (r.get("stalled_end_state") or {}).items())
                 lines.append(
                     f"| {name} | {fmt(s.get('deliveries_per_s'))} | {fmt(c.get('deliveries_per_s'))} "
                     f"| {ratio(s.get('deliveries_per_s'), c.get('deliveries_per_s'))} "
                     f"| {fmt(s.get('p99_ms'), 1)} / {fmt(c.get('p99_ms'), 1)} "
-                    f"| {fmt(s.get('peak_rss_mb'), 1)} / {fmt(c.get('peak_rss_mb'), 1)} "
-                    f"| {'-' if growth is None else f'{growth:+.1f}'} | {notes(s)} |")
+                    f"| {fmt(r.get('peak_rss_before_stalled_mb'), 1)} → {fmt(r.get('peak_rss_with_stalled_mb'), 1)} "
+                    f"| {r.get('rss_growth_mb'):+.1f} | {end} | {notes(s)} |"
+                )
         else:
             ref = S.get(REFERENCE, {}).get("connects_per_s")
-            lines.append(f"| server | connected | connects/s | vs {REFERENCE} | RSS before MB | RSS with N MB | KB per idle connection | notes |")
+            lines.append(
+                f"{p.get('connections'):,} connections, {p.get('members')} per room, "
+                f"{p.get('concurrency')} handshakes in flight."
+            )
+            lines.append("")
+            lines.append(
+                f"| server | connected | connects/s | vs {REFERENCE} | RSS before MB | RSS with N MB | KB per idle connection | notes |"
+            )
             lines.append("|---|---:|---:|---:|---:|---:|---:|---|")
             for name, r in S.items():
                 lines.append(
                     f"| {name} | {fmt(r.get('connected'))} | {fmt(r.get('connects_per_s'))} "
                     f"| {ratio(r.get('connects_per_s'), ref)} | {fmt(r.get('rss_before_mb'), 1)} "
-                    f"| {fmt(r.get('rss_connected_mb'), 1)} | {fmt(r.get('kb_per_connection'), 1)} | {notes(r)} |")
+                    f"| {fmt(r.get('rss_connected_mb'), 1)} | {fmt(r.get('kb_per_connection'), 1)} | {notes(r)} |"
+                )
         lines.append("")
     if report.get("targets"):
         lines.append("### Issue targets")
@@ -692,18 +960,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="roomcast benchmark suite: starts every server itself on a free loopback "
         "port and measures them side by side. Results: bench/results/<timestamp>.json (+ .md).",
     )
-    p.add_argument("--quick", action="store_true", help="fewer messages (~3 minutes)")
-    p.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
-                   help=f"comma-separated, from: {', '.join(SERVERS)} (default: all but the uvloop variant)")
-    p.add_argument("--workloads", default=",".join(WORKLOADS),
-                   help=f"comma-separated, from: {', '.join(WORKLOADS)}")
-    p.add_argument("--repeat", type=int, default=None,
-                   help="runs per server and workload, median reported (default 2, 1 with --quick)")
-    p.add_argument("--outbox-size", type=int, default=1024, help="ROOMCAST_OUTBOX_SIZE for roomcast")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="shorter rounds, one each, 2,000 idle connections (~3 minutes)",
+    )
+    p.add_argument(
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help=f"comma-separated, from: {', '.join(SERVERS)} (default: all but the experiments)",
+    )
+    p.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated, from: {', '.join(WORKLOADS)}",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=None, help="override rounds per server (median reported)"
+    )
+    p.add_argument("--duration", type=float, default=None, help="override seconds per round")
+    p.add_argument("--connections", type=int, default=None, help="override idle connections")
+    p.add_argument(
+        "--outbox-size", type=int, default=1024, help="ROOMCAST_OUTBOX_SIZE for roomcast"
+    )
+    p.add_argument(
+        "--quiet-cpu",
+        type=float,
+        default=25.0,
+        help="before each server, wait until other processes use less than this %% of a core",
+    )
+    p.add_argument("--max-wait", type=float, default=15.0, help="... but at most this many seconds")
     p.add_argument("--json", type=Path, default=None, help="write the JSON here instead")
-    p.add_argument("--py-spy", action="store_true",
-                   help="record a py-spy flame graph of each roomcast worker (needs py-spy; "
-                        "SVGs land in bench/results/logs/<timestamp>/)")
+    p.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="record a py-spy flame graph of each roomcast worker (needs py-spy; "
+        "SVGs land in bench/results/logs/<timestamp>/)",
+    )
     args = p.parse_args(argv)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -713,8 +1006,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for w in args.workloads:
         if w not in WORKLOADS:
             p.error(f"unknown workload {w!r}")
-    if args.repeat is None:
-        args.repeat = 1 if args.quick else 2
     return args
 
 
@@ -722,18 +1013,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     nofile = raise_nofile()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    log(f"bench: {len(args.servers)} servers x {len(args.workloads)} workloads, "
-        f"{'quick' if args.quick else 'full'}, repeat {args.repeat}, RLIMIT_NOFILE {nofile[0]}")
+    log(
+        f"bench: {len(args.servers)} servers x {len(args.workloads)} workloads, "
+        f"{'quick' if args.quick else 'full'}, RLIMIT_NOFILE {nofile[0]}"
+    )
     report = run_suite(args)
     report["args"]["json"] = str(args.json) if args.json else None
     stamp = report["started"].replace(":", "").replace("-", "")
     path = args.json or RESULTS / f"{stamp}.json"
     md = tables(report)
     path.write_text(json.dumps(report, indent=2, default=str))
+    m = report["machine"]
     path.with_suffix(".md").write_text(
         f"roomcast bench, {report['started']}, {'quick' if args.quick else 'full'}, "
-        f"{report['machine']['cpus']} cores ({report['machine']['cpu_model']}), "
-        f"Python {report['machine']['python']}, {report['seconds']} s\n\n{md}\n")
+        f"{m['cpus']} cores ({m['cpu_model']}), Python {m['python']}, git {report['git']['head']}"
+        f"{' + uncommitted src' if report['git']['dirty_src'] else ''}, {report['seconds']} s\n\n{md}\n"
+    )
     print(md)
     log(f"bench: {report['seconds']} s; wrote {path} and {path.with_suffix('.md')}")
     return 0

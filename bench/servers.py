@@ -26,6 +26,11 @@ class Server:
     #: the idle workload runs once per server process kind: batch variants share it
     idle: bool = True
     bounded: bool | None = None  # per-client memory bounded under stalled readers (design)
+    #: handshakes the load generator keeps in flight while a room fills (not measured).
+    #: 1 for the chapter app: it adds a client to its room before accepting it, and a
+    #: concurrent join's broadcast to a not-yet-accepted client raises, which silently
+    #: drops that client from the room for good.
+    join_concurrency: int = 20
 
     def command(self, port: int) -> list[str]:
         return [arg.replace("{port}", str(port)) for arg in self.argv]
@@ -37,8 +42,19 @@ def _roomcast(worker: str) -> tuple[str, ...]:
 
 def _uvicorn(app: str) -> tuple[str, ...]:
     return (
-        PY, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", "{port}",
-        "--log-level", "warning", "--no-access-log", "--lifespan", "on",
+        PY,
+        "-m",
+        "uvicorn",
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "--lifespan",
+        "on",
     )
 
 
@@ -46,58 +62,114 @@ SERVERS: dict[str, Server] = {
     s.name: s
     for s in [
         Server(
-            "roomcast-trio-batch", _roomcast("trio"),
+            "roomcast-trio-batch",
+            _roomcast("trio"),
             "roomcast, Hypercorn trio worker, clients offer roomcast.batch",
-            "roomcast", subprotocol=BATCH, roomcast_env=True, idle=False, bounded=True,
+            "roomcast",
+            subprotocol=BATCH,
+            roomcast_env=True,
+            idle=False,
+            bounded=True,
         ),
         Server(
-            "roomcast-trio", _roomcast("trio"),
+            "roomcast-trio",
+            _roomcast("trio"),
             "roomcast, Hypercorn trio worker, one event per frame",
-            "roomcast", roomcast_env=True, bounded=True,
+            "roomcast",
+            roomcast_env=True,
+            bounded=True,
         ),
         Server(
-            "roomcast-asyncio-batch", _roomcast("asyncio"),
+            "roomcast-asyncio-batch",
+            _roomcast("asyncio"),
             "roomcast, Hypercorn asyncio worker, clients offer roomcast.batch",
-            "roomcast", subprotocol=BATCH, roomcast_env=True, idle=False, bounded=True,
+            "roomcast",
+            subprotocol=BATCH,
+            roomcast_env=True,
+            idle=False,
+            bounded=True,
         ),
         Server(
-            "roomcast-asyncio", _roomcast("asyncio"),
+            "roomcast-asyncio",
+            _roomcast("asyncio"),
             "roomcast, Hypercorn asyncio worker, one event per frame",
-            "roomcast", roomcast_env=True, bounded=True,
+            "roomcast",
+            roomcast_env=True,
+            bounded=True,
         ),
         Server(
             "chapter-trio",
-            (PY, "-m", "hypercorn", "-k", "trio", "-w", "1", "--bind", "127.0.0.1:{port}",
-             "bench.baselines.chapter:application"),
+            (
+                PY,
+                "-m",
+                "hypercorn",
+                "-k",
+                "trio",
+                "-w",
+                "1",
+                "--bind",
+                "127.0.0.1:{port}",
+                "bench.baselines.chapter:application",
+            ),
             "the chapter's sequential-broadcast app, Hypercorn trio worker",
-            "baseline", bounded=None,
+            "baseline",
+            bounded=None,
+            join_concurrency=1,
         ),
         Server(
-            "chapter-uvicorn", _uvicorn("bench.baselines.chapter:application"),
+            "chapter-uvicorn",
+            _uvicorn("bench.baselines.chapter:application"),
             "the chapter's sequential-broadcast app, uvicorn (uvloop, websockets-sansio)",
-            "baseline", bounded=None,
+            "baseline",
+            bounded=None,
+            join_concurrency=1,
         ),
         Server(
-            "starlette-broadcaster", _uvicorn("bench.baselines.starlette_broadcaster:app"),
+            "starlette-broadcaster",
+            _uvicorn("bench.baselines.starlette_broadcaster:app"),
             "Starlette + broadcaster (memory://), uvicorn: a task and an unbounded queue per client",
-            "baseline", bounded=False,
+            "baseline",
+            bounded=False,
         ),
         Server(
             "websockets-broadcast",
             (PY, "-m", "bench.baselines.websockets_broadcast", "--port", "{port}"),
             "websockets.asyncio.server + broadcast(), asyncio loop: no backpressure",
-            "baseline", bounded=False,
+            "baseline",
+            bounded=False,
         ),
-        # Not in the default set: the same on uvloop.
+        # Not in the default set: experiments.
+        Server(
+            "roomcast-trio-gc",
+            _roomcast("trio"),
+            "roomcast-trio with gc.set_threshold(100_000, 50, 1000) (bench/experiments/gc)",
+            "roomcast",
+            roomcast_env=True,
+            bounded=True,
+            env={"PYTHONPATH": "bench/experiments/gc"},
+        ),
+        Server(
+            "roomcast-trio-batch-gc",
+            _roomcast("trio"),
+            "roomcast-trio-batch with gc.set_threshold(100_000, 50, 1000) (bench/experiments/gc)",
+            "roomcast",
+            subprotocol=BATCH,
+            roomcast_env=True,
+            idle=False,
+            bounded=True,
+            env={"PYTHONPATH": "bench/experiments/gc"},
+        ),
         Server(
             "websockets-broadcast-uvloop",
             (PY, "-m", "bench.baselines.websockets_broadcast", "--port", "{port}", "--uvloop"),
             "websockets.asyncio.server + broadcast(), uvloop",
-            "baseline", bounded=False,
+            "baseline",
+            bounded=False,
         ),
     ]
 }
 
-DEFAULT_SERVERS = [name for name in SERVERS if name != "websockets-broadcast-uvloop"]
+EXPERIMENTS = {"websockets-broadcast-uvloop", "roomcast-trio-gc", "roomcast-trio-batch-gc"}
+DEFAULT_SERVERS = [name for name in SERVERS if name not in EXPERIMENTS]
 #: the chapter app on the same server roomcast uses: every ratio in the tables is against it
 REFERENCE = "chapter-trio"

@@ -14,10 +14,9 @@ filled in, the way the chapter sketches them.
 """
 
 import json
-from typing import Dict, Set
 
 # Connected clients: room_name -> set of send callables
-rooms: Dict[str, Set] = {}
+rooms: dict[str, set] = {}
 
 
 async def application(scope, receive, send):
@@ -60,12 +59,16 @@ async def read_body(receive):
 async def handle_http(scope, receive, send):
     await read_body(receive)
     body = b"Not Found"
-    await send({
-        "type": "http.response.start",
-        "status": 404,
-        "headers": [(b"content-type", b"text/plain"),
-                    (b"content-length", str(len(body)).encode())],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 404,
+            "headers": [
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -92,10 +95,14 @@ async def handle_websocket(scope, receive, send):
         await send({"type": "websocket.accept"})
 
         # Announce arrival
-        await broadcast(room, {
-            "type": "system",
-            "message": f"A user joined #{room}",
-        }, exclude=send)
+        await broadcast(
+            room,
+            {
+                "type": "system",
+                "message": f"A user joined #{room}",
+            },
+            exclude=send,
+        )
 
         # Message loop
         while True:
@@ -112,11 +119,14 @@ async def handle_websocket(scope, receive, send):
                     data = {"text": text}
 
                 # Broadcast to everyone in the room
-                await broadcast(room, {
-                    "type": "message",
-                    "text": data.get("text", text),
-                    "room": room,
-                })
+                await broadcast(
+                    room,
+                    {
+                        "type": "message",
+                        "text": data.get("text", text),
+                        "room": room,
+                    },
+                )
 
             elif event["type"] == "websocket.disconnect":
                 break
@@ -124,10 +134,13 @@ async def handle_websocket(scope, receive, send):
     finally:
         # Remove from room on disconnect
         rooms.get(room, set()).discard(send)
-        await broadcast(room, {
-            "type": "system",
-            "message": f"A user left #{room}",
-        })
+        await broadcast(
+            room,
+            {
+                "type": "system",
+                "message": f"A user left #{room}",
+            },
+        )
 
 
 async def broadcast(room: str, data: dict, exclude=None) -> None:
@@ -139,10 +152,12 @@ async def broadcast(room: str, data: dict, exclude=None) -> None:
         if client_send is exclude:
             continue
         try:
-            await client_send({
-                "type": "websocket.send",
-                "text": message,
-            })
+            await client_send(
+                {
+                    "type": "websocket.send",
+                    "text": message,
+                }
+            )
         except Exception:
             dead_clients.add(client_send)
 

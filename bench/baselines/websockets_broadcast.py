@@ -40,7 +40,10 @@ async def handler(websocket) -> None:
                 data = {"text": text}
             if not isinstance(data, dict):
                 data = {"text": text}
-            broadcast(members, json.dumps({"type": "message", "text": data.get("text", text), "room": room}))
+            broadcast(
+                members,
+                json.dumps({"type": "message", "text": data.get("text", text), "room": room}),
+            )
     except ConnectionClosed:
         pass  # the client vanished without a close frame
     finally:
