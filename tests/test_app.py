@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import orjson
 import pytest
 
 from roomcast import Settings, create_app
+from roomcast.app import open_runtime
 from roomcast.protocol import BATCH_SUBPROTOCOL, CloseCode
 
 from harness import ASGIClient, Closed, Denied, open_asgi_client
@@ -303,3 +305,16 @@ class TestSlowConsumer:
             await anyio.wait_all_tasks_blocked()
             assert client.runtime.hub.stats.evictions == 1
             assert await chatty.expect_close() == (4008, "too slow: outbox overflowed")
+
+
+class TestLifespan:
+    async def test_the_gc_threshold_is_raised_while_serving_and_restored_after(self) -> None:
+        before = gc.get_threshold()
+        async with open_runtime(Settings(gc_threshold=12_345)):
+            assert gc.get_threshold() == (12_345, *before[1:])
+        assert gc.get_threshold() == before
+
+    async def test_a_gc_threshold_of_0_changes_nothing(self) -> None:
+        before = gc.get_threshold()
+        async with open_runtime(Settings(gc_threshold=0)):
+            assert gc.get_threshold() == before

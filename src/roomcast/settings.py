@@ -98,6 +98,12 @@ class Settings:
     batch_max: int = field(
         default=64, metadata=_env(_int(1), "most events in one roomcast.batch frame")
     )
+    gc_threshold: int = field(
+        default=50_000,
+        metadata=_env(
+            _int(0), "CPython's gen-0 GC threshold while serving (Python's is 700); 0 = leave it"
+        ),
+    )
 
     @property
     def auth_required(self) -> bool:
