@@ -29,8 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pytest
-
+from ci import missing
 from servers import ServerProcess, spawn_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,19 +56,13 @@ XSS = "<script>alert(1)</script><b>x</b>"
 
 def _requirements() -> tuple[Any, str]:
     """The Playwright sync API and a Chromium executable, or skip (fail under CI)."""
-    in_ci = os.environ.get("CI", "").lower() == "true"
     try:
         from playwright import sync_api
     except ImportError:  # pragma: no cover - depends on the environment
-        if in_ci:
-            pytest.fail("playwright is not installed (CI=true)")
-        pytest.skip("playwright is not installed")
+        missing("playwright is not installed")
     executable = os.environ.get("ROOMCAST_CHROMIUM") or shutil.which("chromium")
     if not executable or not os.path.exists(executable):
-        message = "Chromium not found: set ROOMCAST_CHROMIUM or put chromium on PATH"
-        if in_ci:
-            pytest.fail(message + " (CI=true)")
-        pytest.skip(message)
+        missing("Chromium not found: set ROOMCAST_CHROMIUM or put chromium on PATH")
     return sync_api, executable
 
 
