@@ -160,6 +160,24 @@ SERVERS: dict[str, Server] = {
             env={"PYTHONPATH": "bench/experiments/gc"},
         ),
         Server(
+            "outbox-trio",
+            (
+                PY,
+                "-m",
+                "hypercorn",
+                "-k",
+                "trio",
+                "-w",
+                "1",
+                "--bind",
+                "127.0.0.1:{port}",
+                "bench.experiments.outbox_app:application",
+            ),
+            "roomcast's task-per-member design alone (bench/experiments/outbox_app.py), trio",
+            "baseline",
+            bounded=True,
+        ),
+        Server(
             "websockets-broadcast-uvloop",
             (PY, "-m", "bench.baselines.websockets_broadcast", "--port", "{port}", "--uvloop"),
             "websockets.asyncio.server + broadcast(), uvloop",
@@ -169,7 +187,12 @@ SERVERS: dict[str, Server] = {
     ]
 }
 
-EXPERIMENTS = {"websockets-broadcast-uvloop", "roomcast-trio-gc", "roomcast-trio-batch-gc"}
+EXPERIMENTS = {
+    "outbox-trio",
+    "websockets-broadcast-uvloop",
+    "roomcast-trio-gc",
+    "roomcast-trio-batch-gc",
+}
 DEFAULT_SERVERS = [name for name in SERVERS if name not in EXPERIMENTS]
 #: the chapter app on the same server roomcast uses: every ratio in the tables is against it
 REFERENCE = "chapter-trio"

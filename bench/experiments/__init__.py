@@ -1,0 +1,1 @@
+"""Experiments: servers and settings measured on request, not in the default set."""
