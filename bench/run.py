@@ -62,21 +62,21 @@ WORKLOADS: dict[str, Workload] = {
             "fanout100",
             "fanout",
             "one room of 100 members, 4 of them sending (4 messages in flight each), 64-byte pad",
-            full=dict(rooms=1, members=100, senders=4, window=4, pad=64, duration=4, rounds=3),
+            full=dict(rooms=1, members=100, senders=4, window=4, pad=64, duration=4, rounds=2),
             quick=dict(rooms=1, members=100, senders=4, window=4, pad=64, duration=2, rounds=1),
         ),
         Workload(
             "fanout1000",
             "fanout",
             "one room of 1,000 members, 4 of them sending (4 messages in flight each), 64-byte pad",
-            full=dict(rooms=1, members=1000, senders=4, window=4, pad=64, duration=4, rounds=3),
+            full=dict(rooms=1, members=1000, senders=4, window=4, pad=64, duration=4, rounds=2),
             quick=dict(rooms=1, members=1000, senders=4, window=4, pad=64, duration=2, rounds=1),
         ),
         Workload(
             "rooms",
             "fanout",
             "200 rooms x 5 members, every member sending (2 messages in flight each), 64-byte pad",
-            full=dict(rooms=200, members=5, senders=5, window=2, pad=64, duration=4, rounds=3),
+            full=dict(rooms=200, members=5, senders=5, window=2, pad=64, duration=4, rounds=2),
             quick=dict(rooms=200, members=5, senders=5, window=2, pad=64, duration=2, rounds=1),
         ),
         Workload(
@@ -92,7 +92,7 @@ WORKLOADS: dict[str, Workload] = {
                 pad=2048,
                 stalled=10,
                 duration=4,
-                rounds=2,
+                rounds=1,
             ),
             quick=dict(
                 rooms=1,
@@ -564,6 +564,26 @@ def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
+def pool_passes(raws: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's runs from several passes as one run: every round counts toward the
+    median; peaks are the highest seen; a failed pass is dropped (if all failed, the first
+    error stands)."""
+    ok = [r for r in raws if "error" not in r]
+    if not ok:
+        return raws[0]
+    pooled = dict(ok[0])
+    pooled["rounds"] = [
+        dict(r, server_pass=n) for n, raw in enumerate(ok, 1) for r in raw.get("rounds", [])
+    ]
+    for key in ("peak_rss_mb", "peak_rss_before_stalled_mb", "peak_rss_with_stalled_mb"):
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if values:
+            pooled[key] = max(values)
+    pooled["server_tracebacks"] = sum(r.get("server_tracebacks") or 0 for r in ok)
+    pooled["passes"] = len(ok)
+    return pooled
+
+
 def summarize(mode: str, run: dict[str, Any]) -> dict[str, Any]:
     """The row a table shows for one server: its median round, and run-wide facts."""
     if "error" in run:
@@ -633,24 +653,31 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             "raw": {},
         }
         report["workloads"][wname] = entry
-        for server in servers:
-            if w.mode == "idle" and not server.idle:
-                continue
-            t0 = time.monotonic()
-            try:
-                if w.mode == "idle":
-                    raw = runner.idle(server, params, wname)
-                    row = raw
-                else:
-                    raw = runner.fanout(server, params, wname)
-                    row = summarize(w.mode, raw)
-            except Exception as exc:
-                raw = row = {"error": repr(exc)}
-            entry["raw"][server.name] = raw
-            entry["servers"][server.name] = row
-            log(
-                f"{wname:<10} {server.name:<24} {time.monotonic() - t0:5.1f}s  {brief(w.mode, row)}"
-            )
+        passes = 1 if w.mode == "idle" else args.passes
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for n in range(passes):
+            for server in servers:
+                if w.mode == "idle" and not server.idle:
+                    continue
+                t0 = time.monotonic()
+                tag = wname if passes == 1 else f"{wname}-pass{n + 1}"
+                try:
+                    if w.mode == "idle":
+                        raw = runner.idle(server, params, tag)
+                    else:
+                        raw = runner.fanout(server, params, tag)
+                except Exception as exc:
+                    raw = {"error": repr(exc)}
+                runs.setdefault(server.name, []).append(raw)
+                row = raw if w.mode == "idle" else summarize(w.mode, raw)
+                label = wname if passes == 1 else f"{wname}/{n + 1}"
+                log(
+                    f"{label:<12} {server.name:<24} {time.monotonic() - t0:5.1f}s  {brief(w.mode, row)}"
+                )
+        for name, raws in runs.items():
+            raw = raws[0] if len(raws) == 1 else pool_passes(raws)
+            entry["raw"][name] = raws if len(raws) > 1 else raw
+            entry["servers"][name] = raw if w.mode == "idle" else summarize(w.mode, raw)
     report["seconds"] = round(time.monotonic() - t_suite, 1)
     report["targets"] = targets(report)
     return report
@@ -867,6 +894,11 @@ def notes(r: dict[str, Any], *, noise: bool = True) -> str:
     return "; ".join(n)
 
 
+def _passes(report: dict[str, Any]) -> str:
+    n = report["args"].get("passes") or 1
+    return f"{n} passes through the servers (a fresh process each), each with " if n > 1 else ""
+
+
 def tables(report: dict[str, Any]) -> str:
     lines: list[str] = []
     W = report["workloads"]
@@ -877,7 +909,8 @@ def tables(report: dict[str, Any]) -> str:
         lines.append("")
         if entry["mode"] == "fanout":
             lines.append(
-                f"{p.get('rounds', 1)} round(s) of {p.get('duration')} s per server; median round shown."
+                f"{_passes(report)}{p.get('rounds', 1)} round(s) of {p.get('duration')} s per server"
+                "; median round shown."
             )
             lines.append("")
             ref = S.get(REFERENCE, {}).get("deliveries_per_s")
@@ -900,8 +933,9 @@ def tables(report: dict[str, Any]) -> str:
                 )
         elif entry["mode"] == "stalled":
             lines.append(
-                f"{p.get('rounds', 1)} round(s) of {p.get('duration')} s without the stalled clients, "
-                f"then {p.get('rounds', 1)} with them, in one server process; median rounds shown. "
+                f"{_passes(report)}{p.get('rounds', 1)} round(s) of {p.get('duration')} s without "
+                f"the stalled clients, then {p.get('rounds', 1)} with them, in one server process; "
+                "median rounds shown. "
                 f"roomcast: ROOMCAST_OUTBOX_SIZE={report['args'].get('outbox_size')}."
             )
             lines.append("")
@@ -979,6 +1013,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rounds", type=int, default=None, help="override rounds per server (median reported)"
     )
     p.add_argument("--duration", type=float, default=None, help="override seconds per round")
+    p.add_argument(
+        "--passes",
+        type=int,
+        default=None,
+        help="go through the servers this many times per workload, each time in a fresh "
+        "process, and pool the rounds (default: 2, --quick 1): drift in the machine's speed "
+        "then hits every server, not the one that happened to run during it",
+    )
     p.add_argument("--connections", type=int, default=None, help="override idle connections")
     p.add_argument(
         "--outbox-size", type=int, default=1024, help="ROOMCAST_OUTBOX_SIZE for roomcast"
@@ -998,6 +1040,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "SVGs land in bench/results/logs/<timestamp>/)",
     )
     args = p.parse_args(argv)
+    if args.passes is None:
+        args.passes = 1 if args.quick else 2
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for s in args.servers:
