@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 
 import anyio
+import anyio.lowlevel
 from anyio import CancelScope
 from anyio.streams.memory import MemoryObjectReceiveStream
 
@@ -114,8 +115,11 @@ async def _send_outbox(
         outbox = member.outbox
         with outbox:
             if batch:
-                # receive's checkpoint lets the rest of a fan-out land first: bigger frames
                 async for event in outbox:
+                    # One more pass of the event loop before gathering lets the other
+                    # fan-outs of this pass land too: a quiet room loses nothing, a busy
+                    # one gets fuller frames (8 -> 10 events a frame at fanout1000 on trio).
+                    await anyio.lowlevel.checkpoint()
                     await ws.send_text(_with_backlog(outbox, event, batch_max))
             else:
                 for count in itertools.count(1):
