@@ -239,3 +239,22 @@ async def test_member_whose_sender_stopped_is_dropped_quietly() -> None:
     assert not gone.joined and gone.close_code is None
     assert hub.stats.evictions == 0
     assert [e.get("event", e["type"]) for e in drain(staying)] == ["message", "leave"]
+
+
+async def test_a_mass_disconnect_drops_everyone_without_deep_recursion() -> None:
+    """1,000 peers gone at once: their senders have stopped, their receive loops have not
+    left yet. The first leave's notice finds the next dead member, whose leave notice finds
+    the next... Each must be dropped in a loop: nested, this was a RecursionError that
+    killed the connection handler that happened to leave first."""
+    hub = Hub(outbox_size=4096)  # room for everyone's join notices
+    staying = hub.join("r", "staying")
+    gone = [hub.join("r", f"g{i}") for i in range(1500)]
+    drain(staying)
+    for member in gone:
+        member.outbox.close()
+    hub.leave(gone[0])
+    assert list(hub.rooms["r"].members) == [staying]
+    assert all(not m.joined and m.close_code is None for m in gone)
+    events = drain(staying)
+    assert [e["event"] for e in events] == ["leave"] * 1500
+    assert [e["count"] for e in events] == list(range(1500, 0, -1))

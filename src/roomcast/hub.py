@@ -129,6 +129,9 @@ class Hub:
         self.announce: Announce = self.announce_locally
         self.node = secrets.token_hex(4)
         self._ids = itertools.count(1)
+        #: members found unable to take an event, waiting to be dropped (see _drop_all)
+        self._unreachable: deque[Member] = deque()
+        self._dropping = False
 
     # -- membership -------------------------------------------------------------------------
 
@@ -252,17 +255,35 @@ class Hub:
                 except (anyio.WouldBlock, anyio.BrokenResourceError):
                     failed.append(member)
         self.stats.deliveries += len(room.members) - len(failed) - skipped
-        for member in failed:
-            self._drop(member)
+        if failed:
+            self._drop_all(failed)
 
     def send_to(self, member: Member, encoded: str) -> None:
         """Queue one event for one member (an ack or an error); evicts it on overflow."""
         try:
             member._outbox_send.send_nowait(encoded)
         except (anyio.WouldBlock, anyio.BrokenResourceError):
-            self._drop(member)
+            self._drop_all([member])
         else:
             self.stats.deliveries += 1
+
+    def _drop_all(self, members: list[Member]) -> None:
+        """Drop members that could not take an event, one after another.
+
+        Dropping one announces its leave, and that fan-out can find more such members:
+        when 1,000 peers disconnect at once, their senders stop before their receive loops
+        leave. Those go on the same queue instead of a nested call, so a mass disconnect
+        costs a loop, not a call stack 1,000 drops deep (RecursionError).
+        """
+        self._unreachable.extend(members)
+        if self._dropping:
+            return  # an outer call is already working through the queue
+        self._dropping = True
+        try:
+            while self._unreachable:
+                self._drop(self._unreachable.popleft())
+        finally:
+            self._dropping = False
 
     def _drop(self, member: Member) -> None:
         """Remove a member that cannot take another event: evicted (4008) if its outbox is
