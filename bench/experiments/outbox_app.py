@@ -11,6 +11,7 @@ costs on Hypercorn's Trio worker, apart from roomcast's own code.
 import contextlib
 import gc
 import json
+from urllib.parse import parse_qs
 
 import anyio
 
@@ -32,7 +33,8 @@ async def application(scope, receive, send):
 
 async def chat(scope, receive, send):
     outbox_send, outbox = anyio.create_memory_object_stream[str](1024)
-    members = rooms.setdefault(scope.get("query_string", b"").decode(), set())
+    room = parse_qs(scope.get("query_string", b"").decode()).get("room", ["general"])[0]
+    members = rooms.setdefault(room, set())
     members.add(outbox_send)
     try:
         async with anyio.create_task_group() as tg:
