@@ -55,6 +55,8 @@ class Workload:
         return dict(self.quick if quick else self.full)
 
 
+STALLED = dict(rooms=1, members=100, senders=4, window=4, pad=2048, stalled=10, rounds=1)
+
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in [
@@ -84,26 +86,8 @@ WORKLOADS: dict[str, Workload] = {
             "stalled",
             "one room of 100 healthy members (4 sending) + 10 that never read (SO_RCVBUF 4 KiB), "
             "2 KiB pad",
-            full=dict(
-                rooms=1,
-                members=100,
-                senders=4,
-                window=4,
-                pad=2048,
-                stalled=10,
-                duration=4,
-                rounds=1,
-            ),
-            quick=dict(
-                rooms=1,
-                members=100,
-                senders=4,
-                window=4,
-                pad=2048,
-                stalled=10,
-                duration=3,
-                rounds=1,
-            ),
+            full=dict(STALLED, duration=4),
+            quick=dict(STALLED, duration=3),
         ),
         Workload(
             "idle",

@@ -40,6 +40,10 @@ def _roomcast(worker: str) -> tuple[str, ...]:
     return (PY, "-m", "roomcast", "--bind", "127.0.0.1:{port}", "-k", worker, "--workers", "1")
 
 
+def _hypercorn_trio(app: str) -> tuple[str, ...]:
+    return (PY, "-m", "hypercorn", "-k", "trio", "-w", "1", "--bind", "127.0.0.1:{port}", app)
+
+
 def _uvicorn(app: str) -> tuple[str, ...]:
     return (
         PY,
@@ -99,18 +103,7 @@ SERVERS: dict[str, Server] = {
         ),
         Server(
             "chapter-trio",
-            (
-                PY,
-                "-m",
-                "hypercorn",
-                "-k",
-                "trio",
-                "-w",
-                "1",
-                "--bind",
-                "127.0.0.1:{port}",
-                "bench.baselines.chapter:application",
-            ),
+            _hypercorn_trio("bench.baselines.chapter:application"),
             "the chapter's sequential-broadcast app, Hypercorn trio worker",
             "baseline",
             bounded=None,
@@ -161,18 +154,7 @@ SERVERS: dict[str, Server] = {
         ),
         Server(
             "outbox-trio",
-            (
-                PY,
-                "-m",
-                "hypercorn",
-                "-k",
-                "trio",
-                "-w",
-                "1",
-                "--bind",
-                "127.0.0.1:{port}",
-                "bench.experiments.outbox_app:application",
-            ),
+            _hypercorn_trio("bench.experiments.outbox_app:application"),
             "roomcast's task-per-member design alone (bench/experiments/outbox_app.py), trio",
             "baseline",
             bounded=True,
