@@ -19,13 +19,12 @@ import itertools
 import anyio
 import anyio.lowlevel
 from anyio import CancelScope
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from . import protocol
 from .admission import TokenBucket
 from .asgi import ConnectionClosed, WebSocket
 from .brokers import Broker, BrokerUnavailable
-from .hub import Hub, Member
+from .hub import PRESENCE_WAKE, Hub, Member
 from .protocol import BadMessage, CloseCode, ErrorCode
 from .settings import Settings
 
@@ -105,28 +104,30 @@ async def _send_outbox(
 
     With ``batch``, whatever is already queued (up to ``batch_max`` events) goes out as
     one frame: a lone event is never delayed, a backlog costs one write instead of many.
+    A presence notice waiting in the member's slot goes out whenever the outbox is empty
+    (or its wake-up comes through it), after the events queued before it.
     """
     try:
         greeting = member.greeting
         for start in range(0, len(greeting), batch_max if batch else 1):
             chunk = greeting[start : start + (batch_max if batch else 1)]
             await ws.send_text(protocol.join_batch(chunk))
-        member.greeting = []
-        outbox = member.outbox
-        with outbox:
+        greeting.clear()
+        with member.outbox:
             if batch:
-                async for event in outbox:
-                    # One more pass of the event loop before gathering lets the other
-                    # fan-outs of this pass land too: it costs a quiet room microseconds
-                    # and gives a busy one fuller frames (8 -> 10 events at fanout1000).
+                # receive()'s checkpoint, then one more pass of the event loop before
+                # gathering, lets the other fan-outs of this pass land too: it costs a
+                # quiet room microseconds and gives a busy one fuller frames (8 -> 10
+                # events at fanout1000).
+                while (event := await _next_event(member, checkpoint=True)) is not None:
                     await anyio.lowlevel.checkpoint()
-                    await ws.send_text(_with_backlog(outbox, event, batch_max))
+                    await ws.send_text(_with_backlog(member, event, batch_max))
             else:
                 for count in itertools.count(1):
-                    queued = await _next_event(outbox, checkpoint=count % FAIR_SHARE == 0)
-                    if queued is None:
+                    event = await _next_event(member, checkpoint=count % FAIR_SHARE == 0)
+                    if event is None:
                         break
-                    await ws.send_text(queued)
+                    await ws.send_text(event)
         # The hub ended this membership (eviction or shutdown): tell the client why.
         await ws.close(member.close_code or CloseCode.NORMAL, member.close_reason)
     except ConnectionClosed:
@@ -135,34 +136,56 @@ async def _send_outbox(
         scope.cancel()
 
 
-async def _next_event(outbox: MemoryObjectReceiveStream[str], *, checkpoint: bool) -> str | None:
-    """The next event, or ``None`` once the outbox is closed and drained.
+async def _next_event(member: Member, *, checkpoint: bool) -> str | None:
+    """The next event to send, or ``None`` once the outbox is closed and drained.
 
     Unless ``checkpoint`` is asked for, an event already queued is taken without
     ``receive``'s checkpoint and waiter objects: the send that follows is a checkpoint on
-    trio, and under load those allocations were a large share of a delivery's cost.
+    trio, and under load those allocations were a large share of a delivery's cost. Before
+    waiting on an empty outbox, a presence notice waiting in the member's slot is taken.
     """
-    if not checkpoint:
+    outbox = member.outbox
+    while True:
+        if checkpoint:
+            await anyio.lowlevel.checkpoint()
         try:
-            return outbox.receive_nowait()
+            event = outbox.receive_nowait()
         except anyio.WouldBlock:
-            pass
+            notice = member.take_presence()
+            if notice is not None:
+                return notice
+            try:
+                event = await outbox.receive()
+            except anyio.EndOfStream:
+                return None
         except anyio.EndOfStream:
             return None
-    try:
-        return await outbox.receive()
-    except anyio.EndOfStream:
-        return None
+        if event is not PRESENCE_WAKE:
+            return event
+        notice = member.take_presence()
+        if notice is not None:
+            return notice
 
 
-def _with_backlog(outbox: MemoryObjectReceiveStream[str], first: str, batch_max: int) -> str:
-    """``first`` and whatever else is queued (up to ``batch_max`` events) as one batch."""
+def _with_backlog(member: Member, first: str, batch_max: int) -> str:
+    """``first`` and whatever else is queued (up to ``batch_max`` events) as one batch,
+    with a waiting presence notice last if the outbox is drained."""
     events = [first]
+    outbox = member.outbox
     while len(events) < batch_max:
         try:
-            events.append(outbox.receive_nowait())
-        except (anyio.WouldBlock, anyio.EndOfStream):
+            event = outbox.receive_nowait()
+        except anyio.WouldBlock:
+            notice = member.take_presence()
+            if notice is not None:
+                events.append(notice)
             break
+        except anyio.EndOfStream:
+            break
+        if event is not PRESENCE_WAKE:
+            events.append(event)
+        elif (notice := member.take_presence()) is not None:
+            events.append(notice)
     return protocol.join_batch(events)
 
 

@@ -9,6 +9,13 @@ happen with no checkpoint in between, so nothing can fall into a gap or arrive t
 Fan-out never waits on a client: each member owns a bounded outbox (an anyio memory object
 stream) and the hub only ever calls ``send_nowait`` on it. A member whose outbox is full is
 evicted on the spot; its connection closes it with :attr:`CloseCode.TOO_SLOW`.
+
+Presence is not fanned out per join or leave: each change is recorded in O(1)
+(:class:`~roomcast.presence.PresenceChanges`) and :meth:`Hub.run_presence` sends each room
+one notice per interval at most. A notice never takes a message's place in an outbox: it
+waits in the member's one-notice slot (:attr:`Member.presence`, a newer notice replaces an
+unsent one) and enters the outbox only as an empty wake-up event when the outbox is empty,
+so however many members come and go, presence alone can never evict anyone.
 """
 
 from __future__ import annotations
@@ -17,23 +24,40 @@ import itertools
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import protocol
+from .history import History
+from .presence import PresenceChanges, PresenceEvent
 from .protocol import CloseCode, ErrorCode
 
-__all__ = ["Announce", "Hub", "HubStats", "Member", "Room", "RoomFull", "replay"]
+__all__ = [
+    "PRESENCE_WAKE",
+    "Announce",
+    "Hub",
+    "HubStats",
+    "Member",
+    "PresenceSource",
+    "Room",
+    "RoomFull",
+    "replay",
+]
+
+#: what the hub puts in an idle member's outbox to wake its sender for a presence notice
+#: (no real event is empty); the notice itself waits in :attr:`Member.presence`
+PRESENCE_WAKE: Final = ""
 
 
 class RoomFull(Exception):
     """The room already has as many members as its capacity allows."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Member:
     """One connection's place in one room.
 
@@ -41,6 +65,10 @@ class Member:
     :attr:`greeting` first, then :attr:`outbox` until it ends. When the hub removes the
     member (eviction or shutdown) it closes the send end and records :attr:`close_code`,
     so the sender drains what is already queued and then closes the WebSocket with it.
+
+    Presence notices do not go through the outbox: the latest one waits in
+    :attr:`presence` until the sender takes it (:meth:`take_presence`), which it does
+    whenever it finds the outbox empty or finds :data:`PRESENCE_WAKE` in it.
     """
 
     room: Room
@@ -54,10 +82,19 @@ class Member:
     #: sequenced messages up to this seq are already in the greeting (resume), so live
     #: delivery skips them; only a broker whose snapshot is not atomic with joining needs it
     skip_through: int = 0
+    #: the presence notice waiting to be sent, if any (a newer one replaces it)
+    presence: str | None = None
+    #: the room's :attr:`Room.presence_version` this member's view already reflects
+    presence_seen: int = 0
 
     @property
     def joined(self) -> bool:
         return self in self.room.members
+
+    def take_presence(self) -> str | None:
+        """The waiting presence notice, if any; the slot is empty afterwards."""
+        notice, self.presence = self.presence, None
+        return notice
 
     @property
     def queued(self) -> int:
@@ -65,14 +102,18 @@ class Member:
         return self.outbox.statistics().current_buffer_used
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Room:
     name: str
     epoch: str
-    history: deque[tuple[int, str]]
+    history: History
     seq: int = 0
     #: insertion-ordered set of members: dict keys keep join order, O(1) removal
     members: dict[Member, None] = field(default_factory=dict)
+    #: joins and leaves not announced yet (``None``: nothing to announce)
+    presence: PresenceChanges | None = None
+    #: +1 per join or leave, so that a notice skips members whose welcome is newer
+    presence_version: int = 0
 
     def member_names(self) -> list[str]:
         names = []
@@ -94,11 +135,17 @@ class HubStats:
     drops: int = 0
     joins: int = 0
     leaves: int = 0
+    #: presence notices handed to members (each replaces any unsent one)
+    presence_notices: int = 0
 
 
-#: called when a member joins or leaves (``"join"``/``"leave"``); the default tells the
-#: room's other local members, a cross-process broker tells every process instead
-Announce = Callable[["Room", str, Member], None]
+#: called when a member joins or leaves; the default records it for the room's next
+#: presence notice, a cross-process broker tells every process instead
+Announce = Callable[["Room", PresenceEvent, Member], None]
+
+#: how a broker that keeps presence elsewhere gives the room's count and names (as in
+#: ``welcome``) for a notice; ``None`` if it cannot now (the notice then has no names)
+PresenceSource = Callable[["Room"], Awaitable[tuple[int, list[str]] | None]]
 
 
 class Hub:
@@ -109,6 +156,11 @@ class Hub:
     :param room_capacity: members per room, 0 for unlimited
     :param idle_rooms: rooms without members whose history is kept (least recently
         emptied are forgotten first); beyond that a room's sequence restarts with a new epoch
+    :param history_bytes: bytes of history each room keeps (:func:`~roomcast.history.entry_size`)
+    :param idle_history_bytes: bytes of history all rooms without members keep together;
+        beyond it the least recently emptied are forgotten, as beyond ``idle_rooms``
+    :param presence_interval: seconds between two presence notices of one room (and of
+        the whole hub: :meth:`run_presence` sends them in one pass)
     """
 
     def __init__(
@@ -118,13 +170,26 @@ class Hub:
         history_size: int = 100,
         room_capacity: int = 0,
         idle_rooms: int = 1000,
+        history_bytes: int = 256 * 1024,
+        idle_history_bytes: int = 64 * 1024 * 1024,
+        presence_interval: float = 1.0,
     ) -> None:
         self.outbox_size = outbox_size
         self.history_size = history_size
         self.room_capacity = room_capacity
         self.idle_rooms = idle_rooms
+        self.history_bytes = history_bytes
+        self.idle_history_bytes = idle_history_bytes
+        self.presence_interval = presence_interval
         self.rooms: dict[str, Room] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
+        #: history bytes held by the rooms in ``_idle``
+        self.idle_bytes = 0
+        #: rooms with changes not announced yet, in the order they changed
+        self._presence_due: dict[Room, None] = {}
+        self._presence_wakeup: anyio.Event | None = None
+        #: set by a broker that keeps presence elsewhere (Redis); None: this hub's members
+        self.presence_source: PresenceSource | None = None
         self.stats = HubStats()
         self.announce: Announce = self.announce_locally
         self.node = secrets.token_hex(4)
@@ -159,8 +224,9 @@ class Hub:
             )
         )
         if since is not None:
-            member.greeting.extend(replay(room.history, room.seq, room.epoch, since, epoch))
+            member.greeting.extend(replay(room.history.entries, room.seq, room.epoch, since, epoch))
         self.announce(room, "join", member)
+        member.presence_seen = room.presence_version  # its welcome shows its own join
         return member
 
     def attach(self, room_name: str, name: str | None = None) -> Member:
@@ -213,7 +279,7 @@ class Hub:
             id=message.id,
         )
         if self.history_size:
-            room.history.append((seq, encoded))
+            room.history.append(seq, encoded)
         self.stats.messages_in += 1
         self._fanout(room, encoded)
         if message.id is not None and member.joined:
@@ -234,12 +300,103 @@ class Hub:
             skip = next((m for m in room.members if m.id == skip_id), None)
             self._fanout(room, encoded, skip=skip)
 
-    def announce_locally(self, room: Room, event: str, member: Member) -> None:
-        if room.members:
-            notice = protocol.encode_system(
-                room=room.name, event=event, name=member.name, count=len(room.members)
-            )
-            self._fanout(room, notice, skip=member)
+    # -- presence ---------------------------------------------------------------------------
+
+    def announce_locally(self, room: Room, event: PresenceEvent, member: Member) -> None:
+        """Record a local member's join or leave, unless nobody else is there to tell."""
+        if len(room.members) > member.joined:
+            self.note_presence(room, event, member.name)
+
+    def note_presence(
+        self, room: Room, event: PresenceEvent, name: str | None, count: int | None = None
+    ) -> None:
+        """Record a join or leave for the room's next notice: O(1), nothing is sent now.
+
+        ``count`` is the room's count after the change, from a broker that counts members
+        elsewhere; this hub's own rooms are counted when the notice goes out.
+        """
+        changes = room.presence
+        if changes is None:
+            changes = room.presence = PresenceChanges()
+            self._presence_due[room] = None
+            if self._presence_wakeup is not None:
+                self._presence_wakeup.set()
+        changes.add(event, name, count)
+        room.presence_version += 1
+
+    async def run_presence(self) -> None:
+        """Send presence notices until cancelled (a task in the broker's task group).
+
+        The first change after a quiet interval goes out at once; after a pass that sent
+        anything, the next waits ``presence_interval``, so every member gets at most one
+        notice per interval and a crowd joining or leaving costs O(members) per interval.
+        """
+        while True:
+            self._presence_wakeup = wakeup = anyio.Event()
+            if not self._presence_due:
+                await wakeup.wait()
+            sent = 0
+            for room, changes in self._take_due():
+                sent += await self._flush(room, changes)
+            if sent:
+                await anyio.sleep(self.presence_interval)
+
+    def flush_presence(self) -> int:
+        """Send every pending notice now, with what this hub knows of each room (what
+        :meth:`run_presence` does when no :attr:`presence_source` is set). Returns how
+        many members were handed one."""
+        return sum(
+            self._hand_out(room, _notice(room, changes, None))
+            for room, changes in self._take_due()
+            if room.members
+        )
+
+    def _take_due(self) -> list[tuple[Room, PresenceChanges]]:
+        due = []
+        for room in self._presence_due:
+            if room.presence is not None:
+                due.append((room, room.presence))
+                room.presence = None
+        self._presence_due.clear()
+        return due
+
+    async def _flush(self, room: Room, changes: PresenceChanges) -> int:
+        state = None
+        if room.members and self.presence_source is not None:
+            state = await self.presence_source(room)
+        if not room.members:
+            return 0
+        return self._hand_out(room, _notice(room, changes, state))
+
+    def _hand_out(self, room: Room, notice: str) -> int:
+        """Put ``notice`` in the presence slot of every member not up to date with it.
+
+        A member whose slot was empty and whose outbox is empty gets :data:`PRESENCE_WAKE`
+        (its sender may be waiting on the outbox); one with a busy outbox takes the notice
+        when it has drained it. Either way the notice costs at most one outbox slot, never
+        evicts, and a newer notice replaces it until it is sent.
+        """
+        version = room.presence_version
+        unreachable = []
+        handed = 0
+        for member in room.members:
+            if member.presence_seen == version:
+                continue
+            member.presence_seen = version
+            if member.presence is None and not member.queued:
+                try:
+                    member._outbox_send.send_nowait(PRESENCE_WAKE)
+                except anyio.WouldBlock:  # not into an empty outbox; a busy sender finds the slot
+                    pass
+                except anyio.BrokenResourceError:  # its sender has stopped reading
+                    unreachable.append(member)
+                    continue
+            member.presence = notice
+            handed += 1
+        self.stats.presence_notices += handed
+        if unreachable:
+            self._drop_all(unreachable)
+        return handed
 
     def _fanout(
         self, room: Room, encoded: str, *, skip: Member | None = None, seq: int = 0
@@ -270,10 +427,11 @@ class Hub:
     def _drop_all(self, members: list[Member]) -> None:
         """Drop members that could not take an event, one after another.
 
-        Dropping one announces its leave, and that fan-out can find more such members:
-        when 1,000 peers disconnect at once, their senders stop before their receive loops
-        leave. Those go on the same queue instead of a nested call, so a mass disconnect
-        costs a loop, not a call stack 1,000 drops deep (RecursionError).
+        Dropping one can make a broker tell the room at once (Redis, when Redis is out of
+        reach), and that fan-out can find more such members: when 1,000 peers disconnect
+        at once, their senders stop before their receive loops leave. Those go on the same
+        queue instead of a nested call, so a mass disconnect costs a loop, not a call stack
+        1,000 drops deep (RecursionError).
         """
         self._unreachable.extend(members)
         if self._dropping:
@@ -310,21 +468,40 @@ class Hub:
     def _open_room(self, name: str) -> Room:
         room = self.rooms.get(name)
         if room is None:
-            room = Room(name, secrets.token_urlsafe(6), deque(maxlen=self.history_size))
+            history = History(self.history_size, self.history_bytes)
+            room = Room(name, secrets.token_urlsafe(6), history)
             self.rooms[name] = room
-        self._idle.pop(name, None)
+        elif name in self._idle:
+            del self._idle[name]
+            self.idle_bytes -= room.history.bytes
         return room
 
     def _forget_if_unused(self, room: Room) -> None:
+        """Forget a room without members, or keep its history for resume while it is among
+        the most recently emptied within both idle budgets (rooms and bytes)."""
         if room.members:
             return
         if not room.history or not self.idle_rooms:
             del self.rooms[room.name]
             return
         self._idle[room.name] = None
-        while len(self._idle) > self.idle_rooms:
+        self.idle_bytes += room.history.bytes
+        while len(self._idle) > self.idle_rooms or self.idle_bytes > self.idle_history_bytes:
             oldest, _ = self._idle.popitem(last=False)
-            del self.rooms[oldest]
+            self.idle_bytes -= self.rooms.pop(oldest).history.bytes
+
+
+def _notice(room: Room, changes: PresenceChanges, state: tuple[int, list[str]] | None) -> str:
+    """The room's notice for ``changes``, with the count and names a presence source gave
+    (``state``), else the count a broker reported with the changes (names unknown here),
+    else this hub's own."""
+    if state is not None:
+        count, members = state
+    elif changes.count is not None:
+        count, members = changes.count, None
+    else:
+        count, members = len(room.members), room.member_names()
+    return changes.encode(room.name, count=count, members=members)
 
 
 def replay(

@@ -49,6 +49,7 @@ from coredis.exceptions import RedisError
 
 from .. import protocol
 from ..hub import Hub, Member, Room, RoomFull, replay
+from ..presence import PresenceEvent
 from ..protocol import ChatMessage, ErrorCode
 from ..settings import Settings
 from . import BrokerUnavailable
@@ -234,7 +235,7 @@ class RedisBroker:
 
     # -- presence ---------------------------------------------------------------------------
 
-    def _announce(self, room: Room, event: str, member: Member) -> None:
+    def _announce(self, room: Room, event: PresenceEvent, member: Member) -> None:
         """The hub removed a member on its own (eviction): tell every worker, from a task."""
         try:
             self._leaving_send.send_nowait(member)
@@ -282,14 +283,9 @@ class RedisBroker:
             await self._deliver(room, seq, event)
         else:
             count, _, entry = rest.partition("|")
-            member_id, _, name = entry.partition(":")
-            notice = protocol.encode_system(
-                room=room_name,
-                event="join" if kind == "J" else "leave",
-                name=name or None,
-                count=int(count),
-            )
-            self.hub.broadcast(room_name, notice, skip_id=member_id)
+            name = entry.partition(":")[2]
+            change: PresenceEvent = "join" if kind == "J" else "leave"
+            self.hub.note_presence(room, change, name or None, int(count))
 
     async def _deliver(self, room: Room, seq: int, event: str) -> None:
         if room in self._synced:
