@@ -14,6 +14,6 @@ def main(argv: list[str] | None = None) -> int:
         from .client import main as chat_main
 
         return chat_main(args[1:])
-    from .serve import main as serve_main
+    from .launcher import main as serve_main
 
     return serve_main(args)
