@@ -108,11 +108,7 @@ async def _send_outbox(
     (or its wake-up comes through it), after the events queued before it.
     """
     try:
-        greeting = member.greeting
-        for start in range(0, len(greeting), batch_max if batch else 1):
-            chunk = greeting[start : start + (batch_max if batch else 1)]
-            await ws.send_text(protocol.join_batch(chunk))
-        greeting.clear()
+        await _send_greeting(ws, member, batch_max if batch else 1)
         with member.outbox:
             if batch:
                 # receive()'s checkpoint, then one more pass of the event loop before
@@ -136,6 +132,15 @@ async def _send_outbox(
         scope.cancel()
 
 
+async def _send_greeting(ws: WebSocket, member: Member, per_frame: int) -> None:
+    """Send the welcome and any replay, then let them go: an idle connection should not
+    keep its greeting alive (its own frame ends here)."""
+    greeting = member.greeting
+    for start in range(0, len(greeting), per_frame):
+        await ws.send_text(protocol.join_batch(greeting[start : start + per_frame]))
+    greeting.clear()
+
+
 async def _next_event(member: Member, *, checkpoint: bool) -> str | None:
     """The next event to send, or ``None`` once the outbox is closed and drained.
 
@@ -149,21 +154,21 @@ async def _next_event(member: Member, *, checkpoint: bool) -> str | None:
         if checkpoint:
             await anyio.lowlevel.checkpoint()
         try:
-            event = outbox.receive_nowait()
+            event: str | None = outbox.receive_nowait()
         except anyio.WouldBlock:
-            notice = member.take_presence()
-            if notice is not None:
+            event = None  # (no await in here: the exception would live as long as the wait)
+        except anyio.EndOfStream:
+            return None
+        if event is None:
+            if (notice := member.take_presence()) is not None:
                 return notice
             try:
                 event = await outbox.receive()
             except anyio.EndOfStream:
                 return None
-        except anyio.EndOfStream:
-            return None
         if event is not PRESENCE_WAKE:
             return event
-        notice = member.take_presence()
-        if notice is not None:
+        if (notice := member.take_presence()) is not None:
             return notice
 
 
