@@ -396,6 +396,17 @@ class HubMachine(RuleBasedStateMachine):
             assert t.member.queued == queued_before[t.key] + woken, t.key
         self.settle(flushed, {}, presence=True)
 
+    @rule(room=st.sampled_from(ROOMS))
+    def visit(self, room: str) -> None:
+        """Someone comes and goes with a notice each time: members that do not read in
+        between have their unsent notice replaced."""
+        self.join(room, "cy", None)
+        self.flush_presence()
+        visitor = self.everyone[-1]
+        if visitor.room == room and not visitor.removed:
+            self.leave(self.joined().index(visitor))
+            self.flush_presence()
+
     @rule()
     def close_all(self) -> None:
         """Shutdown, at most once per run and late in it; the hub stays usable afterwards."""

@@ -162,13 +162,11 @@ async def _next_event(member: Member, *, checkpoint: bool) -> str | None:
         if event is None:
             if (notice := member.take_presence()) is not None:
                 return notice
-            try:
-                event = await outbox.receive()
-            except anyio.EndOfStream:
-                return None
-        if event is not PRESENCE_WAKE:
+            await member.wait_for_events()
+            checkpoint = False  # that was one
+        elif event is not PRESENCE_WAKE:
             return event
-        if (notice := member.take_presence()) is not None:
+        elif (notice := member.take_presence()) is not None:
             return notice
 
 
