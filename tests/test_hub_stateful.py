@@ -398,11 +398,15 @@ class HubMachine(RuleBasedStateMachine):
 
     @rule(room=st.sampled_from(ROOMS))
     def visit(self, room: str) -> None:
-        """Someone comes and goes with a notice each time: members that do not read in
-        between have their unsent notice replaced."""
+        """Someone comes, says hello and goes, with a notice each time: members that do not
+        read in between have their unsent notice replaced, or find it waiting behind the
+        hello."""
         self.join(room, "cy", None)
-        self.flush_presence()
         visitor = self.everyone[-1]
+        if visitor.room == room and not visitor.removed:
+            # a hello first: members that stalled have something queued when the notice comes
+            self.publish(self.joined().index(visitor), ["hello"], with_id=False)
+        self.flush_presence()
         if visitor.room == room and not visitor.removed:
             self.leave(self.joined().index(visitor))
             self.flush_presence()

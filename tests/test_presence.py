@@ -182,6 +182,24 @@ async def test_run_presence_announces_at_once_then_at_most_once_per_interval() -
             tg.cancel_scope.cancel()
 
 
+async def test_each_room_has_its_own_interval() -> None:
+    hub = Hub(presence_interval=3600)
+    ann, bea = hub.join("a", "ann"), hub.join("b", "bea")
+    read(ann), read(bea)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hub.run_presence)
+            hub.join("a", "al")
+            await anyio.wait_all_tasks_blocked()
+            assert len(notices(read(ann))) == 1
+            hub.join("b", "bo")  # room b has been quiet: at once, whatever room a does
+            hub.join("a", "ada")
+            await anyio.wait_all_tasks_blocked()
+            assert [n["name"] for n in notices(read(bea))] == ["bo"]
+            assert notices(read(ann)) == []
+            tg.cancel_scope.cancel()
+
+
 async def test_run_presence_sends_what_waited_once_the_interval_is_over() -> None:
     hub = Hub(presence_interval=0.01)
     ann = hub.join("r", "ann")

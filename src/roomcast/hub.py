@@ -20,7 +20,9 @@ so however many members come and go, presence alone can never evict anyone.
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -135,6 +137,8 @@ class Room:
     presence: PresenceChanges | None = None
     #: +1 per join or leave, so that a notice skips members whose welcome is newer
     presence_version: int = 0
+    #: the earliest time (``anyio.current_time()``) of the room's next notice
+    presence_next: float = -math.inf
 
     def member_names(self) -> list[str]:
         names = []
@@ -180,8 +184,7 @@ class Hub:
     :param history_bytes: bytes of history each room keeps (:func:`~roomcast.history.entry_size`)
     :param idle_history_bytes: bytes of history all rooms without members keep together;
         beyond it the least recently emptied are forgotten, as beyond ``idle_rooms``
-    :param presence_interval: seconds between two presence notices of one room (and of
-        the whole hub: :meth:`run_presence` sends them in one pass)
+    :param presence_interval: seconds between two presence notices of one room
     """
 
     def __init__(
@@ -206,8 +209,8 @@ class Hub:
         self._idle: OrderedDict[str, None] = OrderedDict()
         #: history bytes held by the rooms in ``_idle``
         self.idle_bytes = 0
-        #: rooms with changes not announced yet, in the order they changed
-        self._presence_due: dict[Room, None] = {}
+        #: rooms whose first change since their last notice came after the flusher looked
+        self._presence_new: list[Room] = []
         self._presence_wakeup: anyio.Event | None = None
         #: set by a broker that keeps presence elsewhere (Redis); None: this hub's members
         self.presence_source: PresenceSource | None = None
@@ -339,7 +342,7 @@ class Hub:
         changes = room.presence
         if changes is None:
             changes = room.presence = PresenceChanges()
-            self._presence_due[room] = None
+            self._presence_new.append(room)
             if self._presence_wakeup is not None:
                 self._presence_wakeup.set()
         changes.add(event, name, count)
@@ -348,38 +351,42 @@ class Hub:
     async def run_presence(self) -> None:
         """Send presence notices until cancelled (a task in the broker's task group).
 
-        The first change after a quiet interval goes out at once; after a pass that sent
-        anything, the next waits ``presence_interval``, so every member gets at most one
-        notice per interval and a crowd joining or leaving costs O(members) per interval.
+        A room's first change after a quiet interval is announced at once; the changes
+        that follow wait until ``presence_interval`` has passed since that notice and go
+        out together. So every member gets at most one notice per interval, a crowd
+        joining or leaving costs O(members) per interval, and rooms do not wait on each
+        other.
         """
+        schedule: list[tuple[float, int, Room]] = []  # a heap of (due time, order, room)
+        order = itertools.count()
         while True:
             self._presence_wakeup = wakeup = anyio.Event()
-            if not self._presence_due:
+            now = anyio.current_time()
+            for room in self._presence_new:
+                heapq.heappush(schedule, (max(now, room.presence_next), next(order), room))
+            self._presence_new.clear()
+            while schedule and schedule[0][0] <= now:
+                room = heapq.heappop(schedule)[2]
+                changes, room.presence = room.presence, None
+                if changes is not None and await self._flush(room, changes):
+                    room.presence_next = anyio.current_time() + self.presence_interval
+            if not schedule:
                 await wakeup.wait()
-            sent = 0
-            for room, changes in self._take_due():
-                sent += await self._flush(room, changes)
-            if sent:
-                await anyio.sleep(self.presence_interval)
+                continue
+            with anyio.move_on_after(schedule[0][0] - anyio.current_time()):
+                await wakeup.wait()
 
     def flush_presence(self) -> int:
         """Send every pending notice now, with what this hub knows of each room (what
-        :meth:`run_presence` does when no :attr:`presence_source` is set). Returns how
-        many members were handed one."""
-        return sum(
-            self._hand_out(room, _notice(room, changes, None))
-            for room, changes in self._take_due()
-            if room.members
-        )
-
-    def _take_due(self) -> list[tuple[Room, PresenceChanges]]:
-        due = []
-        for room in self._presence_due:
-            if room.presence is not None:
-                due.append((room, room.presence))
-                room.presence = None
-        self._presence_due.clear()
-        return due
+        :meth:`run_presence` does, without its schedule, when no :attr:`presence_source`
+        is set). Returns how many members were handed one."""
+        handed = 0
+        rooms, self._presence_new = self._presence_new, []
+        for room in rooms:  # (a member dropped here is announced by the next flush)
+            changes, room.presence = room.presence, None
+            if changes is not None and room.members:
+                handed += self._hand_out(room, _notice(room, changes, None))
+        return handed
 
     async def _flush(self, room: Room, changes: PresenceChanges) -> int:
         state = None
