@@ -125,7 +125,7 @@ class Member:
         return self.outbox.statistics().current_buffer_used
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)  # a broker may keep weak references
 class Room:
     name: str
     epoch: str
@@ -137,7 +137,10 @@ class Room:
     presence: PresenceChanges | None = None
     #: +1 per join or leave, so that a notice skips members whose welcome is newer
     presence_version: int = 0
-    #: the earliest time (``anyio.current_time()``) of the room's next notice
+    #: no notice within the last interval: the next change is announced at once
+    presence_quiet: bool = True
+    #: when the interval since the room's last notice ends (``anyio.current_time()``;
+    #: ``inf`` until the flusher has seen a notice that went out at once)
     presence_next: float = -math.inf
 
     def member_names(self) -> list[str]:
@@ -329,47 +332,77 @@ class Hub:
     def announce_locally(self, room: Room, event: PresenceEvent, member: Member) -> None:
         """Record a local member's join or leave, unless nobody else is there to tell."""
         if len(room.members) > member.joined:
-            self.note_presence(room, event, member.name)
+            self.note_presence(room, event, member.name, origin=member)
 
     def note_presence(
-        self, room: Room, event: PresenceEvent, name: str | None, count: int | None = None
+        self,
+        room: Room,
+        event: PresenceEvent,
+        name: str | None,
+        count: int | None = None,
+        *,
+        origin: Member | None = None,
     ) -> None:
-        """Record a join or leave for the room's next notice: O(1), nothing is sent now.
+        """Record a join or leave for the room's next notice, in O(1).
+
+        In a quiet room (no notice within the last interval) that notice goes out at once,
+        so a member's join is announced before anything it says; later changes wait for
+        :meth:`run_presence`. (At once only while the flusher runs and the room is counted
+        here; with a :attr:`presence_source` the flusher asks it first.)
 
         ``count`` is the room's count after the change, from a broker that counts members
-        elsewhere; this hub's own rooms are counted when the notice goes out.
+        elsewhere. ``origin`` is the local member that joined, whose welcome shows it.
         """
         changes = room.presence
+        fresh = changes is None
         if changes is None:
             changes = room.presence = PresenceChanges()
-            self._presence_new.append(room)
-            if self._presence_wakeup is not None:
-                self._presence_wakeup.set()
         changes.add(event, name, count)
         room.presence_version += 1
+        if origin is not None and origin.joined:
+            origin.presence_seen = room.presence_version
+        if not fresh:
+            return  # the flusher already knows the room
+        wakeup = self._presence_wakeup
+        if wakeup is not None and room.presence_quiet and self.presence_source is None:
+            self._announce_now(room)
+        self._presence_new.append(room)
+        if wakeup is not None:
+            wakeup.set()
 
     async def run_presence(self) -> None:
         """Send presence notices until cancelled (a task in the broker's task group).
 
-        A room's first change after a quiet interval is announced at once; the changes
-        that follow wait until ``presence_interval`` has passed since that notice and go
-        out together. So every member gets at most one notice per interval, a crowd
-        joining or leaving costs O(members) per interval, and rooms do not wait on each
-        other.
+        Each room's notice goes out at most once per ``presence_interval``: the first
+        change after a quiet interval at once (:meth:`note_presence`), the changes within
+        the interval that follows together at its end. So every member gets at most one
+        notice per interval, a crowd joining or leaving costs O(members) per interval,
+        and rooms do not wait on each other.
         """
         schedule: list[tuple[float, int, Room]] = []  # a heap of (due time, order, room)
         order = itertools.count()
         while True:
             self._presence_wakeup = wakeup = anyio.Event()
             now = anyio.current_time()
-            for room in self._presence_new:
-                heapq.heappush(schedule, (max(now, room.presence_next), next(order), room))
-            self._presence_new.clear()
+            rooms, self._presence_new = self._presence_new, []
+            for room in rooms:
+                if room.presence_next == math.inf:  # just announced: its interval starts
+                    room.presence_next = now + self.presence_interval
+                if not room.presence_quiet:
+                    heapq.heappush(schedule, (room.presence_next, next(order), room))
+                elif room.presence is not None:  # quiet, but not announced at once
+                    heapq.heappush(schedule, (now, next(order), room))
             while schedule and schedule[0][0] <= now:
-                room = heapq.heappop(schedule)[2]
+                due, _, room = heapq.heappop(schedule)
+                if due < room.presence_next:
+                    continue  # a later entry ends this room's interval
                 changes, room.presence = room.presence, None
                 if changes is not None and await self._flush(room, changes):
+                    room.presence_quiet = False
                     room.presence_next = anyio.current_time() + self.presence_interval
+                    heapq.heappush(schedule, (room.presence_next, next(order), room))
+                else:
+                    room.presence_quiet = True  # an interval without changes
             if not schedule:
                 await wakeup.wait()
                 continue
@@ -377,15 +410,21 @@ class Hub:
                 await wakeup.wait()
 
     def flush_presence(self) -> int:
-        """Send every pending notice now, with what this hub knows of each room (what
-        :meth:`run_presence` does, without its schedule, when no :attr:`presence_source`
-        is set). Returns how many members were handed one."""
-        handed = 0
+        """Send every pending notice now, with what this hub knows of each room (what the
+        flusher does, without its schedule, when no :attr:`presence_source` is set).
+        Returns how many members were handed one."""
         rooms, self._presence_new = self._presence_new, []
-        for room in rooms:  # (a member dropped here is announced by the next flush)
-            changes, room.presence = room.presence, None
-            if changes is not None and room.members:
-                handed += self._hand_out(room, _notice(room, changes, None))
+        # (a member this drops is announced by the next flush)
+        return sum(self._announce_now(room) for room in rooms)
+
+    def _announce_now(self, room: Room) -> int:
+        changes, room.presence = room.presence, None
+        if changes is None or not room.members:
+            return 0
+        handed = self._hand_out(room, _notice(room, changes, None))
+        if handed:
+            room.presence_quiet = False
+            room.presence_next = math.inf  # the flusher starts the interval
         return handed
 
     async def _flush(self, room: Room, changes: PresenceChanges) -> int:
