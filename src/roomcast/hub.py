@@ -125,7 +125,7 @@ class Hub:
         self.idle_rooms = idle_rooms
         self.rooms: dict[str, Room] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
-        self.stats = HubStats()
+        self.stats: HubStats = HubStats()
         self.announce: Announce = self.announce_locally
         self.node = secrets.token_hex(4)
         self._ids = itertools.count(1)
