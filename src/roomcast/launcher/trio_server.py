@@ -100,6 +100,10 @@ class ConnectionContext:
     def max_requests(self) -> int | None:
         return self._worker.max_requests
 
+    @property
+    def requests(self) -> int:
+        return self._worker.requests
+
     async def mark_request(self) -> None:
         await self._worker.mark_request()
 
