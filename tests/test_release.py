@@ -83,6 +83,16 @@ async def until(condition: Callable[[], bool], interval: float = 0.05) -> None:
         await trio.sleep(interval)
 
 
+async def steady_fds(worker: psutil.Process) -> int:
+    """The worker's open descriptors once the count has stayed put for a second."""
+    count, since = worker.num_fds(), trio.current_time()
+    while trio.current_time() - since < 1.0:
+        await trio.sleep(0.1)
+        if (now := worker.num_fds()) != count:
+            count, since = now, trio.current_time()
+    return count
+
+
 def only_worker(server: ServerProcess) -> psutil.Process:
     (pid,) = server.workers()
     return psutil.Process(pid)
@@ -93,9 +103,7 @@ async def test_connections_dropped_by_rst_give_back_fds_at_once_and_memory_soon(
         worker = only_worker(server)
         with trio.fail_after(60):
             await churn(server.port, 100)  # warm-up: imports, caches, allocator arenas
-            await until(lambda: worker.num_fds() <= 25)
-            await trio.sleep(1)
-            fds, rss = worker.num_fds(), worker.memory_info().rss
+            fds, rss = await steady_fds(worker), worker.memory_info().rss
             await churn(server.port, CHURN)
             dropped = trio.current_time()
             await until(lambda: worker.num_fds() <= fds)
@@ -110,7 +118,7 @@ async def test_connections_dropped_by_rst_give_back_fds_at_once_and_memory_soon(
 async def test_a_peer_that_sends_fin_without_a_close_frame_is_released_at_once() -> None:
     with spawn_server() as server, trio.fail_after(30):
         worker = only_worker(server)
-        fds = worker.num_fds()
+        fds = await steady_fds(worker)
         sock = trio.socket.socket()
         await sock.connect(("127.0.0.1", server.port))
         await sock.send(handshake("/ws/chat?room=fin"))

@@ -148,13 +148,16 @@ class SharedMetrics:
         for family in FAMILIES:
             labels = ["stat"] if family.name == "roomcast_outbox_depth" else []
             if family.kind == "gauge":
-                self._metrics[family.name] = Gauge(
+                gauge = Gauge(
                     family.name,
                     family.help,
                     labels,
                     registry=None,
                     multiprocess_mode=family.across_workers,  # type: ignore[arg-type]
                 )
+                for stat in ("sum", "max") if labels else ():
+                    gauge.labels(stat)  # open its file now, not at the first sync
+                self._metrics[family.name] = gauge
             else:
                 self._metrics[family.name] = Counter(family.name, family.help, registry=None)
                 self._counted[family.name] = 0
