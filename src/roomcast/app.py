@@ -143,11 +143,28 @@ class RoomcastApp:
             return
         runtime = scope.get("state", {}).get(STATE_KEY)
         if runtime is None:
-            raise RuntimeError("roomcast needs an ASGI server that runs the lifespan protocol")
+            raise RuntimeError(
+                "roomcast needs an ASGI server that runs the lifespan protocol; mounted in "
+                "another app, give that app roomcast's: Starlette(lifespan=chat.lifespan)"
+            )
         if kind == "http":
             await _http(runtime, scope, send)
         elif kind == "websocket":
             await _websocket(runtime, WebSocket(scope, receive, send))
+
+    @asynccontextmanager
+    async def lifespan(self, host: object) -> AsyncIterator[dict[str, Runtime]]:
+        """roomcast's lifespan for an app that mounts it (Starlette, FastAPI)::
+
+            chat = roomcast.create_app()
+            app = FastAPI(lifespan=chat.lifespan)
+            app.mount("/chat", chat)
+
+        Frameworks do not run a mounted app's own lifespan; this runs it in the host's,
+        and the state it yields reaches every request to the mount.
+        """
+        async with open_runtime(self._settings) as runtime:
+            yield {STATE_KEY: runtime}
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
@@ -183,9 +200,21 @@ app: Final = create_app()
 # -- HTTP -----------------------------------------------------------------------------------
 
 
-async def _http(runtime: Runtime, scope: Scope, send: Send) -> None:
+def route_path(scope: Scope) -> str:
+    """The request's path below this app's mount point (``root_path``): Starlette's
+    ``Mount`` and Hypercorn's ``root_path`` both leave the full path in ``path``."""
     path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+async def _http(runtime: Runtime, scope: Scope, send: Send) -> None:
+    path = route_path(scope)
     method: str = scope["method"]
+    if not path:  # the mount point itself: the page's relative links need its slash
+        location = (scope.get("root_path", "") + "/").encode()
+        await respond(send, 308, b"", "text/plain", headers=[(b"location", location)])
+        return
     if path == "/":
         path = "/static/index.html"
     known = path in ("/healthz", "/metrics") or path.removeprefix("/static/") in runtime.static
@@ -275,7 +304,7 @@ async def _websocket(runtime: Runtime, ws: WebSocket) -> None:
 
 async def _admit(runtime: Runtime, ws: WebSocket) -> None:
     settings = runtime.settings
-    path: str = ws.scope["path"]
+    path = route_path(ws.scope)
     await ws.wait_connect()
     if not origin_allowed(settings, ws.headers):
         await ws.deny()
@@ -284,7 +313,8 @@ async def _admit(runtime: Runtime, ws: WebSocket) -> None:
     offered = protocol.BATCH_SUBPROTOCOL in ws.subprotocols
     await ws.accept(protocol.BATCH_SUBPROTOCOL if offered and endpoint is _chat else None)
     if endpoint is None:
-        await ws.close(CloseCode.UNKNOWN_PATH, f"no WebSocket endpoint at {path[:80]}")
+        unknown = ws.scope["path"]
+        await ws.close(CloseCode.UNKNOWN_PATH, f"no WebSocket endpoint at {unknown[:80]}")
         return
     token = query_param(ws.scope.get("query_string", b""), "token")
     if not token_valid(settings, ws.headers, token):
