@@ -505,3 +505,73 @@ def test_browser_errors_and_close_reasons() -> None:
         expect(eve.message("quick 0")).to_have_count(1)
 
         _assert_clean(dana, eve)
+
+
+def _gap_to_bottom(person: Person) -> float:
+    gap: float = person.page.evaluate(
+        "() => { const m = document.getElementById('messages');"
+        " return m.scrollHeight - m.scrollTop - m.clientHeight; }"
+    )
+    return gap
+
+
+def test_the_list_follows_new_messages_while_a_long_draft_grows_the_box() -> None:
+    with contextlib.ExitStack() as stack:
+        expect, browser, servers = _launch(stack, SERVER_ENV)
+        server = servers.current
+        assert server is not None
+        base = server.http_url("/")
+        reader = Person(browser, expect, "Reader", viewport={"width": 900, "height": 600})
+        writer = Person(browser, expect, "Writer", viewport={"width": 900, "height": 600})
+        for person in (reader, writer):
+            stack.callback(person.close)
+            person.page.goto(f"{base}?room=scroll&name={person.name}")
+            expect(person.status).to_have_attribute("data-state", "connected")
+        for n in range(40):  # more than the list can show
+            writer.send(f"filler {n}")
+        expect(reader.message("filler 39")).to_have_count(1)
+        assert _gap_to_bottom(reader) < 2
+
+        box_height = reader.page.locator("#text").bounding_box()["height"]
+        reader.page.locator("#text").fill("\n".join(f"draft line {n}" for n in range(6)))
+        reader.page.locator("#text").dispatch_event("input")
+        assert reader.page.locator("#text").bounding_box()["height"] > box_height + 40
+        for n in range(3):
+            writer.send(f"while drafting {n}")
+            expect(reader.message(f"while drafting {n}")).to_have_count(1)
+            deadline = time.monotonic() + WAIT / 1000
+            while _gap_to_bottom(reader) >= 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _gap_to_bottom(reader) < 2, "the list stopped following"
+
+        reader.page.evaluate("() => { document.getElementById('messages').scrollTop = 0; }")
+        reader.page.wait_for_function("() => !window.roomcast.following")  # the scroll event
+        writer.send("while reading old messages")
+        expect(reader.message("while reading old messages")).to_have_count(1)
+        assert reader.page.evaluate("() => document.getElementById('messages').scrollTop") == 0
+        _assert_clean(reader, writer)
+
+
+def test_the_page_works_mounted_under_a_prefix() -> None:
+    from mounted import build
+    from servers import serve_in_thread
+
+    sync_api, executable = _requirements()
+    with (
+        serve_in_thread(build()) as server,
+        sync_api.sync_playwright() as playwright,
+        contextlib.ExitStack() as stack,
+    ):
+        browser = playwright.chromium.launch(
+            executable_path=executable, headless=True, args=CHROMIUM_ARGS, timeout=30_000
+        )
+        stack.callback(browser.close)
+        person = Person(browser, sync_api.expect, "Ann", viewport={"width": 900, "height": 600})
+        stack.callback(person.close)
+        person.page.goto(server.http_url("/chat/?room=mounted&name=Ann"))
+        sync_api.expect(person.status).to_have_attribute("data-state", "connected")
+        person.send("hello from a mounted page")
+        sync_api.expect(person.message("hello from a mounted page")).to_have_count(1)
+        url = person.page.evaluate("() => window.roomcast.session.ws.url")
+        assert url.startswith(f"ws://127.0.0.1:{server.port}/chat/ws/chat?")
+        _assert_clean(person)

@@ -82,6 +82,22 @@ class WebSocket:
         await self._send_message({"type": "websocket.close", "code": CloseCode.NORMAL})
         self.state = WebSocketState.CLOSED
 
+    async def reject(self, status: int, body: bytes, content_type: str) -> None:
+        """Refuse the handshake with an HTTP response of our own (the ASGI
+        ``websocket.http.response`` extension); servers without it answer 403."""
+        if "websocket.http.response" not in self.scope.get("extensions", {}):
+            await self.deny()
+            return
+        await self._send_message(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": _response_headers(body, content_type, [(b"connection", b"close")]),
+            }
+        )
+        await self._send_message({"type": "websocket.http.response.body", "body": body})
+        self.state = WebSocketState.CLOSED
+
     async def receive(self) -> str | bytes:
         """The next data frame's payload.
 
@@ -132,11 +148,17 @@ async def respond(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [
-                (b"content-type", content_type.encode()),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
+            "headers": _response_headers(body, content_type, headers or []),
         }
     )
     await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+def _response_headers(
+    body: bytes, content_type: str, extra: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]

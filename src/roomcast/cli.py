@@ -11,7 +11,7 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["chat"]:
-        from .client import main as chat_main
+        from .chat import main as chat_main
 
         return chat_main(args[1:])
     from .launcher import main as serve_main

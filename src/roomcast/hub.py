@@ -211,13 +211,13 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
         #: history bytes held by the rooms in ``_idle``
-        self.idle_bytes = 0
+        self.idle_bytes: int = 0
         #: rooms whose first change since their last notice came after the flusher looked
         self._presence_new: list[Room] = []
         self._presence_wakeup: anyio.Event | None = None
         #: set by a broker that keeps presence elsewhere (Redis); None: this hub's members
         self.presence_source: PresenceSource | None = None
-        self.stats = HubStats()
+        self.stats: HubStats = HubStats()
         self.announce: Announce = self.announce_locally
         self.node = secrets.token_hex(4)
         self._ids = itertools.count(1)

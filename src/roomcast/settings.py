@@ -95,6 +95,14 @@ class Settings:
             "seconds a peer may leave sent data unread before the kernel ends it",
         ),
     )
+    max_connections: int | None = field(
+        default=None,
+        metadata=_env(
+            _int(1),
+            "WebSocket connections per worker; beyond it the handshake gets HTTP 503; "
+            "unset = the soft fd limit less a reserve",
+        ),
+    )
     batch_max: int = field(
         default=64, metadata=_env(_int(1), "most events in one roomcast.batch frame")
     )

@@ -402,9 +402,10 @@ async def open_redis_broker(settings: Settings, hub: Hub) -> AsyncIterator[Redis
     )
     async with client:
         broker = RedisBroker(settings, hub, client)
-        try:
-            await broker._call_raw(client.ping())
-        except BrokerUnavailable as exc:
+        try:  # not _call_raw: this failure is the startup's one line, not a health change
+            with anyio.fail_after(REQUEST_TIMEOUT):
+                await client.ping()
+        except (RedisError, TimeoutError, OSError) as exc:
             raise BrokerUnavailable(f"cannot reach Redis at {settings.redis_url}: {exc}") from None
         async with anyio.create_task_group() as tg:
             await _start(tg, broker)

@@ -13,7 +13,6 @@ and hands them to every worker. See each module for why it exists.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import socket
@@ -22,6 +21,7 @@ import sys
 from hypercorn.config import Config, Sockets
 
 from ..settings import Settings, SettingsError
+from .logs import configure_logging
 from .sockets import bind_socket, raise_open_file_limit
 from .supervisor import StartupFailed, Supervisor
 
@@ -80,7 +80,7 @@ def build_config(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (0); 1 if the server cannot start, 2 for a bad command
     line or setting. Every failure to start is one line on stderr naming the cause."""
-    _configure_logging()
+    configure_logging()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = Settings.from_env()
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sockets = open_sockets(config, settings.send_timeout)
     except (OSError, ValueError) as exc:
-        return _fail(f"cannot listen: {exc}", USAGE_ERROR)
+        return _fail((exc.strerror if isinstance(exc, OSError) else None) or str(exc), USAGE_ERROR)
     try:
         return Supervisor(config, sockets, workers=config.workers).run()
     except StartupFailed as exc:
@@ -114,7 +114,10 @@ def open_sockets(config: Config, send_timeout: float) -> Sockets:
     opened: list[socket.socket] = []
     try:
         for address in [*config.bind, *config.insecure_bind]:
-            opened.append(bind_socket(address, send_timeout, config.backlog))
+            try:
+                opened.append(bind_socket(address, send_timeout, config.backlog))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
     except BaseException:
         for sock in opened:
             sock.close()
@@ -130,8 +133,13 @@ def _check(config: Config) -> None:
         raise ValueError(f"--workers {config.workers}: at least 1 worker is needed")
     if config.worker_class not in ("trio", "asyncio", "uvloop"):
         raise ValueError(f"worker_class {config.worker_class!r}: expected trio, asyncio or uvloop")
-    if config.worker_class == "uvloop" and importlib.util.find_spec("uvloop") is None:
-        raise ValueError("--worker-class uvloop needs uvloop: pip install 'roomcast[uvloop]'")
+    if config.worker_class == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "--worker-class uvloop needs uvloop: pip install 'roomcast[uvloop]'"
+            ) from None
     if config.quic_bind:
         raise ValueError("quic_bind: roomcast serves HTTP/1.1 and HTTP/2 over TCP only")
 
@@ -139,15 +147,3 @@ def _check(config: Config) -> None:
 def _fail(message: str, status: int) -> int:
     print(f"roomcast: {message}", file=sys.stderr)
     return status
-
-
-def _configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(
-            "%(asctime)s [%(process)d] [%(levelname)s] %(message)s", "[%Y-%m-%d %H:%M:%S %z]"
-        )
-    )
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False

@@ -52,7 +52,7 @@ from hypercorn.trio.worker_context import EventWrapper, TrioSingleTask, WorkerCo
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import repr_socket_addr
 
-__all__ = ["AcceptGate", "ConnectionContext", "ContainedTCPServer", "serve"]
+__all__ = ["AcceptGate", "ConnectionContext", "ContainedTCPServer", "WatchedLifespan", "serve"]
 
 #: errors of accept() that mean "out of resources", not "this listener is broken"
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -63,6 +63,19 @@ LIMIT_LOG_INTERVAL = 60.0
 
 Listener = trio.SocketListener | trio.SSLListener[trio.SocketStream]
 Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
+class WatchedLifespan(Lifespan):
+    """Hypercorn's lifespan, which also remembers a failed startup: its own
+    ``wait_for_startup`` returns either way, and the error reaches the worker only when
+    the lifespan task ends, after the worker could have said it was serving."""
+
+    failed = False
+
+    async def asgi_send(self, message: Any) -> None:
+        if message["type"] == "lifespan.startup.failed":
+            self.failed = True
+        await super().asgi_send(message)
 
 
 class ConnectionContext:
@@ -86,6 +99,10 @@ class ConnectionContext:
     @property
     def max_requests(self) -> int | None:
         return self._worker.max_requests
+
+    @property
+    def requests(self) -> int:
+        return self._worker.requests
 
     async def mark_request(self) -> None:
         await self._worker.mark_request()
@@ -173,13 +190,15 @@ async def serve(
     """
     config.set_statsd_logger_class(StatsdLogger)
     lifespan_state: LifespanState = {}
-    lifespan = Lifespan(app, config, lifespan_state)
+    lifespan = WatchedLifespan(app, config, lifespan_state)
     context = WorkerContext(config.max_requests)
     gate = AcceptGate(config.log)
 
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
+        if lifespan.failed:
+            await trio.sleep_forever()  # until the lifespan task's error cancels us
         listeners, binds = await _open_listeners(config, sockets)
         handler = partial(_handle, app, config, context, lifespan_state, gate)
 

@@ -28,6 +28,7 @@ from hypercorn.utils import LifespanFailureError, LifespanTimeoutError, wrap_app
 
 from ..asgi import ASGIApp, Message, Receive, Scope, Send
 from . import trio_server
+from .logs import configure_logging
 
 __all__ = ["FAILED", "READY", "STARTUP_FAILED", "StartupReporter", "run_worker", "wait_for_stop"]
 
@@ -95,6 +96,7 @@ def run_worker(config: Config, sockets: Sockets, lifeline: Connection) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the master handles it and
     # stops the workers through their lifelines.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging()
     from ..app import app as roomcast_app
 
     reporter = StartupReporter(roomcast_app, lifeline)

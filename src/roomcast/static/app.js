@@ -1,6 +1,6 @@
 // roomcast browser client: no build step, no dependencies.
 //
-// Protocol (SPEC.md §4): connect to /ws/chat?room=&name=[&since=&epoch=], offering the
+// Protocol (SPEC.md §4): connect to <prefix>/ws/chat?room=&name=[&since=&epoch=], offering the
 // "roomcast.batch" subprotocol (one or more newline-separated JSON events per frame when
 // the server agrees, one event per frame otherwise). Messages are deduplicated by seq
 // within an epoch; a welcome with a new epoch means the room's sequence restarted.
@@ -13,6 +13,8 @@
 "use strict";
 
 (() => {
+  // The server's address, mount prefix included: this script is <prefix>/static/app.js.
+  const BASE = new URL("../", document.currentScript.src);
   const BATCH = "roomcast.batch";
   const ROOM_RE = /^[A-Za-z0-9_.\-]{1,64}$/;
   const MAX_NAME = 32;
@@ -156,15 +158,22 @@
     return m.scrollHeight - m.scrollTop - m.clientHeight < 80;
   }
 
+  // Whether the list follows new messages: true until the reader scrolls up, and again
+  // once they scroll back down. Decided by the reader's scrolling, not re-measured when a
+  // message arrives: a growing message box shrinks the list and would otherwise look like
+  // "scrolled up".
+  let following = true;
+  el.messages.addEventListener("scroll", () => { following = nearBottom(); });
+  new ResizeObserver(() => { if (following) scrollToBottom(); }).observe(el.messages);
+
   function scrollToBottom() {
     el.messages.scrollTop = el.messages.scrollHeight;
   }
 
   function append(item) {
-    const stick = nearBottom();
     el.messages.appendChild(item);
     while (el.messages.childElementCount > MAX_RENDERED) el.messages.firstElementChild.remove();
-    if (stick) scrollToBottom();
+    if (following) scrollToBottom();
   }
 
   // -- rendering ---------------------------------------------------------------------------
@@ -277,7 +286,9 @@
     } else {
       params.set("since", "0"); // first join: show the room's recent history
     }
-    return scheme + "//" + location.host + "/ws/chat?" + params.toString();
+    const url = new URL("ws/chat?" + params.toString(), BASE);
+    url.protocol = scheme;
+    return url.toString();
   }
 
   function handleEvent(ev) {
@@ -629,6 +640,7 @@
   function autosize() {
     el.text.style.height = "auto";
     el.text.style.height = Math.min(el.text.scrollHeight, 160) + "px";
+    if (following) scrollToBottom();
   }
 
   function updateSend() {
@@ -731,5 +743,5 @@
   }
 
   // for tests and debugging
-  window.roomcast = { session, stop, retryNow };
+  window.roomcast = { session, stop, retryNow, get following() { return following; } };
 })();

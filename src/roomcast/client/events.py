@@ -1,0 +1,226 @@
+"""The events a room delivers, as typed values, and their parsing (sans I/O).
+
+:func:`parse_event` turns one server event (a decoded JSON object) into one of the
+dataclasses below; it never raises, so a server newer than this library (a new event type,
+a new field) costs an :class:`Unknown` event, not a crashed client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Ack",
+    "Error",
+    "Event",
+    "HistoryGap",
+    "Message",
+    "Presence",
+    "Reconnecting",
+    "Unknown",
+    "Welcome",
+    "parse_event",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The room as it was when this connection joined (one per connection, reconnections
+    included): its ``epoch``, latest ``seq``, and who is there."""
+
+    room: str
+    epoch: str
+    seq: int
+    members: tuple[str, ...]
+    count: int
+    #: the event as the server sent it (one JSON object)
+    raw: str = field(default="", repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A chat message, in the room's order (``seq`` +1 each)."""
+
+    room: str
+    seq: int
+    text: str
+    sender: str | None  # the wire's "from"
+    user: str | None
+    ts: int
+    id: str | None = None
+    #: the event as the server sent it (one JSON object)
+    raw: str = field(default="", repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Members came or went since the room's last notice (the server coalesces them:
+    ``event`` is ``"join"``, ``"leave"``, or ``"presence"`` for both). ``names`` are the
+    ones the notice names (``joined`` then ``left``, at most ten each; anonymous members
+    are only counted in ``joins`` and ``leaves``). ``count`` is the room's size now and
+    ``members`` its names now (as in :class:`Welcome`; ``None`` from a server that does
+    not send them): replace a member list with them rather than patching it."""
+
+    event: str
+    names: tuple[str, ...]
+    count: int
+    message: str
+    #: the event as the server sent it (one JSON object)
+    raw: str = field(default="", repr=False, compare=False)
+    joined: tuple[str, ...] = ()
+    left: tuple[str, ...] = ()
+    joins: int = 0
+    leaves: int = 0
+    members: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryGap:
+    """Messages were missed and are gone: those after ``since`` and before ``first`` (the
+    first the server still had). ``epoch`` is the room's; if it is not the one you knew,
+    the room's sequence restarted (a server without shared history restarted)."""
+
+    epoch: str
+    since: int
+    first: int
+    #: the event as the server sent it (one JSON object)
+    raw: str = field(default="", repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """An ``error`` event that answers none of :meth:`Room.send`'s messages."""
+
+    code: str
+    message: str
+    id: str | None = None
+    #: the event as the server sent it (one JSON object)
+    raw: str = field(default="", repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The server accepted message ``id`` as ``seq`` (consumed by the library)."""
+
+    id: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnecting:
+    """The connection was lost (``code``, ``reason`` as the server or the network gave
+    them); the room reconnects in ``delay`` seconds and resumes where it was."""
+
+    code: int
+    reason: str
+    attempt: int
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """A server event this library does not know; ``raw`` is all of it."""
+
+    raw: dict[str, Any]
+
+
+Event = Welcome | Message | Presence | HistoryGap | Error | Reconnecting | Unknown
+
+
+def parse_event(raw: Any, line: str = "") -> Event | Ack:
+    """One decoded server event as a typed value (:class:`Unknown` if it is not one);
+    ``line`` is the JSON it was decoded from, kept as the event's ``raw``."""
+    if not isinstance(raw, dict):
+        return Unknown({"value": raw})
+    try:
+        return _parse(raw, line)
+    except (KeyError, TypeError, ValueError):
+        return Unknown(raw)
+
+
+def _parse(raw: dict[str, Any], line: str) -> Event | Ack:
+    kind = raw.get("type")
+    if kind == "message":
+        return Message(
+            room=_str(raw["room"]),
+            seq=_int(raw["seq"]),
+            text=_str(raw["text"]),
+            sender=_optional_str(raw.get("from")),
+            user=_optional_str(raw.get("user")),
+            ts=_int(raw.get("ts", 0)),
+            id=_optional_str(raw.get("id")),
+            raw=line,
+        )
+    if kind == "ack":
+        return Ack(id=_str(raw["id"]), seq=_int(raw["seq"]))
+    if kind == "welcome":
+        return Welcome(
+            room=_str(raw["room"]),
+            epoch=_str(raw["epoch"]),
+            seq=_int(raw["seq"]),
+            members=tuple(_str(name) for name in raw.get("members") or ()),
+            count=_int(raw.get("count", 0)),
+            raw=line,
+        )
+    if kind == "system":
+        return _presence(raw, line)
+    if kind == "error" and raw.get("error") == "history_gap":
+        return HistoryGap(
+            epoch=_str(raw["epoch"]),
+            since=_int(raw["since"]),
+            first=_int(raw["first"]),
+            raw=line,
+        )
+    if kind == "error":
+        return Error(
+            code=_str(raw["error"]),
+            message=_str(raw.get("message", "")),
+            id=_optional_str(raw.get("id")),
+            raw=line,
+        )
+    return Unknown(raw)
+
+
+def _presence(raw: dict[str, Any], line: str) -> Presence:
+    event = _str(raw.get("event", ""))
+    name = _optional_str(raw.get("name"))
+    single = () if name is None else (name,)
+    # a server that sends one notice per change names it in "name" only
+    joined = _names(raw["joined"]) if "joined" in raw else single if event == "join" else ()
+    left = _names(raw["left"]) if "left" in raw else single if event == "leave" else ()
+    members = raw.get("members")
+    return Presence(
+        event=event,
+        names=joined + left,
+        count=_int(raw.get("count", 0)),
+        message=_str(raw.get("message", "")),
+        raw=line,
+        joined=joined,
+        left=left,
+        joins=_int(raw.get("joins", 1 if event == "join" else 0)),
+        leaves=_int(raw.get("leaves", 1 if event == "leave" else 0)),
+        members=None if members is None else _names(members),
+    )
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list of names, got {value!r}")
+    return tuple(_str(name) for name in value)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
