@@ -474,7 +474,7 @@ async def run_crowd(a: argparse.Namespace) -> dict:
     wall_filled = time.time()
     complete = len(clients) == a.members
     settle_limit = max(0.0, a.limit - fill_s) + a.quiet
-    await wait_quiet(a.quiet, settle_limit)
+    settled = await wait_quiet(a.quiet, settle_limit) < settle_limit
     settled_s = (STATS.last_frame / 1e9) - t0 if STATS.last_frame / 1e9 > t0 else fill_s
     out = {
         "mode": "crowd",
@@ -486,6 +486,7 @@ async def run_crowd(a: argparse.Namespace) -> dict:
         "connect_failures": failures,
         "complete": complete,
         "fill_s": round(fill_s, 3),
+        "settled": settled,
         "settled_s": round(max(settled_s, fill_s), 3),
         "wall": [round(wall_start, 3), round(wall_filled, 3)],
         "wall_settled": [round(wall_start, 3), round(time.time(), 3)],

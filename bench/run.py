@@ -1026,8 +1026,11 @@ def crowd_table(servers: dict[str, Any], p: dict[str, Any]) -> list[str]:
                     note.append(f"{label}: {phase['server_tracebacks']} server tracebacks")
             fill_one = fmt(one.get("fill_s"), 2) if one.get("complete") else f">{one.get('fill_s')}"
             fill_ratio = f"{x['fill_ratio']:.2f}x" if x.get("fill_ratio") else "-"
+            settled = fmt(one.get("settled_s"), 2)
+            if not one.get("settled", True):
+                settled = f">{settled}"  # still delivering notices when the limit came
             lines.append(
-                f"| {name} | {int(size):,} | {fill_one} | {fmt(one.get('settled_s'), 2)} "
+                f"| {name} | {int(size):,} | {fill_one} | {settled} "
                 f"| {fmt(one.get('server_cpu_s'), 1)} | {fmt(one.get('notices'))} "
                 f"| {fmt(tens.get('fill_s'), 2)} | {fmt(tens.get('server_cpu_s'), 1)} "
                 f"| {fill_ratio} | {'; '.join(note)} |"

@@ -274,3 +274,44 @@ async def test_an_idle_sender_wakes_for_a_notice_and_gets_it_after_queued_events
     assert kinds == ["system", "m1", "m2", "system"]
     assert PRESENCE_WAKE not in got
     assert orjson.loads(got[-1])["count"] == 2
+
+
+# -- what clients read ------------------------------------------------------------------------
+
+
+def test_the_client_library_reads_a_coalesced_notice() -> None:
+    from roomcast.client.events import Presence, parse_event
+    from roomcast.presence import PresenceChanges
+
+    changes = PresenceChanges()
+    for name in ("ann", None, "bob"):
+        changes.add("join", name)
+    changes.add("leave", "cy")
+    line = changes.encode("r", count=4, members=["ann", "bob", "dee"])
+    event = parse_event(orjson.loads(line), line)
+    assert event == Presence(
+        event="presence",
+        names=("ann", "bob", "cy"),
+        count=4,
+        message="ann, bob and 1 other joined and cy left #r",
+        joined=("ann", "bob"),
+        left=("cy",),
+        joins=3,
+        leaves=1,
+        members=("ann", "bob", "dee"),
+    )
+
+
+def test_the_client_library_still_reads_a_single_change_notice() -> None:
+    from roomcast.client.events import Presence, parse_event
+
+    raw = {"type": "system", "message": "ann left #r", "event": "leave", "name": "ann", "count": 1}
+    event = parse_event(raw)
+    assert isinstance(event, Presence)
+    assert (event.names, event.left, event.joined, event.leaves, event.members) == (
+        ("ann",),
+        ("ann",),
+        (),
+        1,
+        None,
+    )
