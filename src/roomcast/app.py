@@ -22,7 +22,7 @@ import anyio
 import orjson
 from prometheus_client import CollectorRegistry
 
-from . import metrics, protocol
+from . import api, metrics, protocol
 from .admission import default_max_connections, origin_allowed, query_param, token_valid
 from .asgi import ConnectionClosed, Receive, Scope, Send, WebSocket, respond
 from .brokers import Broker, BrokerUnavailable, open_broker
@@ -148,7 +148,7 @@ class RoomcastApp:
                 "another app, give that app roomcast's: Starlette(lifespan=chat.lifespan)"
             )
         if kind == "http":
-            await _http(runtime, scope, send)
+            await _http(runtime, scope, receive, send)
         elif kind == "websocket":
             await _websocket(runtime, WebSocket(scope, receive, send))
 
@@ -208,9 +208,13 @@ def route_path(scope: Scope) -> str:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
-async def _http(runtime: Runtime, scope: Scope, send: Send) -> None:
+async def _http(runtime: Runtime, scope: Scope, receive: Receive, send: Send) -> None:
     path = route_path(scope)
     method: str = scope["method"]
+    if path.startswith(api.PREFIX) or path == "/api":
+        with suppress(ConnectionClosed):
+            await api.handle(runtime, path, scope, receive, send)
+        return
     if not path:  # the mount point itself: the page's relative links need its slash
         location = (scope.get("root_path", "") + "/").encode()
         await respond(send, 308, b"", "text/plain", headers=[(b"location", location)])

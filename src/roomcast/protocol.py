@@ -35,6 +35,8 @@ __all__ = [
     "join_batch",
     "parse_chat_query",
     "parse_chat_text",
+    "valid_name",
+    "valid_room",
 ]
 
 BATCH_SUBPROTOCOL: Final = "roomcast.batch"
@@ -126,10 +128,10 @@ def parse_chat_query(query_string: bytes) -> ChatQuery:
         params.setdefault(key, value)
 
     room = params.get("room", DEFAULT_ROOM)
-    if not _ROOM_RE.fullmatch(room):
+    if not valid_room(room):
         raise _bad_query("room must be 1-64 characters of A-Z a-z 0-9 _ - .")
     name = params.get("name") or None
-    if name is not None and not _valid_name(name):
+    if name is not None and not valid_name(name):
         raise _bad_query(f"name must be 1-{MAX_NAME_LENGTH} printable characters")
     since = params.get("since") or None
     if since is not None and not (since.isascii() and since.isdigit() and len(since) <= 18):
@@ -146,6 +148,11 @@ def parse_chat_query(query_string: bytes) -> ChatQuery:
     )
 
 
+def valid_room(room: str) -> bool:
+    """1-64 characters of ``A-Z a-z 0-9 _ - .``"""
+    return _ROOM_RE.fullmatch(room) is not None
+
+
 #: bidirectional overrides and isolates: printable by Unicode's reckoning, but they let a
 #: name reorder the text around it ("spoofing"), so names may not carry them
 _BIDI_CONTROLS: Final = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -155,12 +162,12 @@ _INVISIBLE: Final = frozenset("\u200b\u2060\ufeff\u00ad")
 _UNPRINTABLE: Final = frozenset({"Cc", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
-def _valid_name(name: str) -> bool:
+def valid_name(name: str) -> bool:
     """1-32 characters, not all blank, with no control characters, line breaks, bidi
     controls or invisible characters. Unlike ``str.isprintable`` it accepts no-break spaces
     and the zero-width joiners of emoji sequences, which people do put in their names."""
     return (
-        len(name) <= MAX_NAME_LENGTH
+        0 < len(name) <= MAX_NAME_LENGTH
         and not name.isspace()
         and not any(
             unicodedata.category(c) in _UNPRINTABLE or c in _BIDI_CONTROLS or c in _INVISIBLE

@@ -103,6 +103,12 @@ class Settings:
             "unset = the soft fd limit less a reserve",
         ),
     )
+    api_key: str | None = field(
+        default=None,
+        metadata=_env(
+            str, "enables the server API (/api/...): requests need Authorization: Bearer KEY"
+        ),
+    )
     batch_max: int = field(
         default=64, metadata=_env(_int(1), "most events in one roomcast.batch frame")
     )
