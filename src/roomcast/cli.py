@@ -6,6 +6,7 @@
     roomcast chat URL ...                    the terminal client
     roomcast publish URL --room R TEXT       publish through the server API
     roomcast history URL --room R            a room's retained messages, as JSON lines
+    roomcast token --sub U [--rooms P]       mint a signed token (ROOMCAST_JWT_SECRET)
 """
 
 from __future__ import annotations
@@ -34,10 +35,17 @@ def _history(argv: list[str]) -> int:
     return history_main(argv)
 
 
+def _token(argv: list[str]) -> int:
+    from .tools import token_main
+
+    return token_main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "chat": _chat,
     "publish": _publish,
     "history": _history,
+    "token": _token,
 }
 
 

@@ -81,3 +81,60 @@ def _run(
     if output:
         print(output)
     return EXIT_OK
+
+
+def token_main(argv: list[str]) -> int:
+    """``roomcast token --sub ann [--name Ann] [--rooms 'team-*'] [--ttl 1h]``: prints a
+    token signed with ``ROOMCAST_JWT_SECRET`` (with the configured audience and issuer)."""
+    from .identity import mint_token
+    from .settings import Settings, SettingsError
+
+    parser = argparse.ArgumentParser(
+        prog="roomcast token",
+        description="Mint a signed token (HS256, from ROOMCAST_JWT_SECRET) for a user: "
+        "for operators and local testing; applications mint their own.",
+    )
+    parser.add_argument("--sub", required=True, help="the user id")
+    parser.add_argument("--name", help="display name (default: the user id)")
+    parser.add_argument(
+        "--rooms", action="append", help="a room it may enter, * as wildcard (repeatable)"
+    )
+    parser.add_argument("--ttl", type=_duration, default=3600.0, help="lifetime: 90s, 30m, 1h, 2d")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"roomcast: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if settings.jwt_secret is None:
+        parser.error(
+            "ROOMCAST_JWT_SECRET is not set (public-key tokens are minted by their issuer)"
+        )
+    print(
+        mint_token(
+            settings.jwt_secret,
+            sub=args.sub,
+            ttl=args.ttl,
+            name=args.name,
+            rooms=args.rooms,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
+    )
+    return EXIT_OK
+
+
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        seconds = 0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 90s, 30m or 1h, got {text!r}"
+        )
+    return seconds

@@ -43,7 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog="other commands (each with --help):\n"
         "  roomcast chat URL [--room R] [--name N]   the terminal client\n"
         "  roomcast publish URL --room R TEXT        publish through the server API\n"
-        "  roomcast history URL --room R             a room's retained messages",
+        "  roomcast history URL --room R             a room's retained messages\n"
+        "  roomcast token --sub U [--rooms P]        mint a signed token for a user",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
