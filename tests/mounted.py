@@ -19,3 +19,6 @@ def build() -> Starlette:
         routes=[Route("/", home), Mount("/chat", app=chat)],
         lifespan=chat.lifespan,
     )
+
+
+app = build()  # for `roomcast --app mounted:app` (tests/ on PYTHONPATH)

@@ -56,3 +56,16 @@ async def test_every_endpoint_works_under_the_mount_prefix(host: ThreadedServer)
                 if isinstance(event, Message):
                     assert (event.seq, event.text) == (seq, "hello from under /chat")
                     break
+
+
+def test_the_launcher_serves_a_host_app_that_mounts_roomcast() -> None:
+    from pathlib import Path
+
+    from servers import spawn_server
+
+    tests = str(Path(__file__).parent)
+    with spawn_server(["--app", "mounted:app"], env={"PYTHONPATH": tests}) as server:
+        with urllib.request.urlopen(server.http_url("/chat/healthz"), timeout=5) as response:
+            assert response.status == 200
+        with urllib.request.urlopen(server.http_url("/"), timeout=5) as response:
+            assert response.read() == b"the host app"

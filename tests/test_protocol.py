@@ -13,7 +13,7 @@ from roomcast.protocol import ChatMessage, ChatQuery, CloseCode, ErrorCode, Prot
 
 
 def parse(frame: str, max_text: int = 4000) -> ChatMessage | None:
-    return protocol.parse_chat_text(frame, max_text=max_text)
+    return protocol.parse_client_frame(frame, max_text=max_text)
 
 
 class TestParseChatText:
@@ -233,3 +233,17 @@ class TestEncode:
         ]
         frame = protocol.join_batch(events)
         assert [orjson.loads(line)["seq"] for line in frame.split("\n")] == [1, 2]
+
+
+def test_an_object_with_another_type_is_a_command() -> None:
+    assert parse('{"type": "refresh", "token": "t0k"}') == protocol.Refresh("t0k")
+    assert parse('{"type": "message", "text": "hi"}') == protocol.ChatMessage("hi")
+    for frame, code in [
+        ('{"type": "refresh"}', protocol.ErrorCode.BAD_TOKEN),
+        ('{"type": "refresh", "token": 5}', protocol.ErrorCode.BAD_TOKEN),
+        ('{"type": "typing", "text": "hi"}', protocol.ErrorCode.UNKNOWN_TYPE),
+    ]:
+        with pytest.raises(protocol.BadMessage) as refused:
+            parse(frame)
+        assert refused.value.code == code
+    assert parse('{"type": 5, "text": "hi"}') == protocol.ChatMessage("hi")  # not a string

@@ -18,6 +18,7 @@ __all__ = [
     "default_max_connections",
     "header",
     "origin_allowed",
+    "presented_token",
     "query_param",
     "token_valid",
 ]
@@ -59,20 +60,22 @@ def query_param(query_string: bytes, name: str) -> str | None:
     return None
 
 
-def token_valid(settings: Settings, headers: Headers, query_token: str | None) -> bool:
-    """Whether the client presented an accepted token (always true when auth is off).
-
-    The ``Authorization: Bearer`` header wins over the ``token`` query parameter.
-    Comparison is constant-time.
-    """
-    if settings.tokens is None:
-        return True
-    token = query_token
+def presented_token(headers: Headers, query_token: str | None) -> str | None:
+    """The token a client presented: ``Authorization: Bearer`` wins over the ``token``
+    query parameter (which browsers need: they cannot set headers on a WebSocket)."""
     authorization = header(headers, b"authorization")
     if authorization is not None:
         scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() == "bearer":
-            token = credentials.strip()
+            return credentials.strip() or None
+    return query_token or None
+
+
+def token_valid(settings: Settings, token: str | None) -> bool:
+    """Whether ``token`` is one of ``ROOMCAST_TOKENS`` (always true when they are unset).
+    Comparison is constant-time."""
+    if settings.tokens is None:
+        return True
     if not token:
         return False
     presented = token.encode()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import mimetypes
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -22,12 +23,20 @@ import anyio
 import orjson
 from prometheus_client import CollectorRegistry
 
-from . import metrics, protocol
-from .admission import default_max_connections, origin_allowed, query_param, token_valid
+from . import api, metrics, protocol
+from .admission import (
+    default_max_connections,
+    origin_allowed,
+    presented_token,
+    query_param,
+    token_valid,
+)
 from .asgi import ConnectionClosed, Receive, Scope, Send, WebSocket, respond
 from .brokers import Broker, BrokerUnavailable, open_broker
 from .connection import CLOSE_TIMEOUT, serve_binary_echo, serve_echo, serve_member
 from .hub import Hub, RoomFull
+from .identity import Identity, TokenRejected, TokenVerifier
+from .names import BadName, normalize_name
 from .protocol import BadQuery, CloseCode
 from .settings import Settings
 
@@ -50,6 +59,10 @@ class Runtime:
     registry: CollectorRegistry = field(init=False)
     static: dict[str, tuple[bytes, str]] = field(init=False)
     max_connections: int = field(init=False)
+    #: verifies signed tokens (``None`` unless ROOMCAST_JWT_SECRET/_PUBLIC_KEY is set)
+    verifier: TokenVerifier | None = field(init=False)
+    #: open WebSockets per verified user (``ROOMCAST_MAX_CONNECTIONS_PER_USER``)
+    user_connections: Counter[str] = field(default_factory=Counter)
     #: open WebSockets, counted from the handshake
     connections: int = 0
     #: handshakes answered 503 because ``connections`` was at ``max_connections``
@@ -57,6 +70,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.max_connections = self.settings.max_connections or default_max_connections()
+        self.verifier = _open_verifier(self.settings)
         self.shared_metrics = metrics.open_shared_metrics()
         self.registry = metrics.open_registry(self)
         self.static = _load_static()
@@ -122,6 +136,17 @@ def gc_threshold(gen0: int) -> Iterator[None]:
         gc.set_threshold(*saved)
 
 
+def _open_verifier(settings: Settings) -> TokenVerifier | None:
+    if not settings.signed_tokens:
+        return None
+    return TokenVerifier(
+        secret=settings.jwt_secret,
+        public_key=settings.jwt_public_key,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+    )
+
+
 def _load_static() -> dict[str, tuple[bytes, str]]:
     files = {}
     for entry in resources.files("roomcast").joinpath("static").iterdir():
@@ -151,7 +176,7 @@ class RoomcastApp:
                 "another app, give that app roomcast's: Starlette(lifespan=chat.lifespan)"
             )
         if kind == "http":
-            await _http(runtime, scope, send)
+            await _http(runtime, scope, receive, send)
         elif kind == "websocket":
             await _websocket(runtime, WebSocket(scope, receive, send))
 
@@ -211,9 +236,13 @@ def route_path(scope: Scope) -> str:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
-async def _http(runtime: Runtime, scope: Scope, send: Send) -> None:
+async def _http(runtime: Runtime, scope: Scope, receive: Receive, send: Send) -> None:
     path = route_path(scope)
     method: str = scope["method"]
+    if path.startswith(api.PREFIX) or path == "/api":
+        with suppress(ConnectionClosed):
+            await api.handle(runtime, path, scope, receive, send)
+        return
     if not path:  # the mount point itself: the page's relative links need its slash
         location = (scope.get("root_path", "") + "/").encode()
         await respond(send, 308, b"", "text/plain", headers=[(b"location", location)])
@@ -249,19 +278,21 @@ def _get(runtime: Runtime, path: str) -> tuple[bytes, str, int]:
 
 # -- WebSockets -----------------------------------------------------------------------------
 
-Endpoint = Callable[[Runtime, WebSocket], Awaitable[None]]
+Endpoint = Callable[[Runtime, WebSocket, "Identity | None"], Awaitable[None]]
 
 
-async def _chat(runtime: Runtime, ws: WebSocket) -> None:
+async def _chat(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> None:
     try:
         query = protocol.parse_chat_query(ws.scope.get("query_string", b""))
+        name = identity.name if identity is not None else _display_name(query.name)
     except BadQuery as exc:
         await ws.close(CloseCode.BAD_REQUEST, exc.message)
         return
+    if identity is not None and not identity.may_enter(query.room):
+        await ws.close(CloseCode.FORBIDDEN, f"not allowed in #{query.room}")
+        return
     try:
-        member = await runtime.broker.join(
-            query.room, query.name, since=query.since, epoch=query.epoch
-        )
+        member = await runtime.broker.join(query.room, name, since=query.since, epoch=query.epoch)
     except RoomFull:
         await ws.close(CloseCode.ROOM_FULL, "room full")
         return
@@ -272,11 +303,24 @@ async def _chat(runtime: Runtime, ws: WebSocket) -> None:
     await serve_member(ws, runtime.broker, member, runtime.settings, batch=batch)
 
 
-async def _echo(runtime: Runtime, ws: WebSocket) -> None:
+def _display_name(name: str | None) -> str | None:
+    """An anonymous member's chosen name, normalised (:mod:`roomcast.names`).
+
+    :raises BadQuery: if it is invisible or otherwise refused
+    """
+    if name is None:
+        return None
+    try:
+        return normalize_name(name)
+    except BadName as exc:
+        raise BadQuery(str(exc)) from None
+
+
+async def _echo(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> None:
     await serve_echo(ws)
 
 
-async def _binary(runtime: Runtime, ws: WebSocket) -> None:
+async def _binary(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> None:
     await serve_binary_echo(ws)
 
 
@@ -319,11 +363,38 @@ async def _admit(runtime: Runtime, ws: WebSocket) -> None:
         unknown = ws.scope["path"]
         await ws.close(CloseCode.UNKNOWN_PATH, f"no WebSocket endpoint at {unknown[:80]}")
         return
-    token = query_param(ws.scope.get("query_string", b""), "token")
-    if not token_valid(settings, ws.headers, token):
-        await ws.close(CloseCode.UNAUTHORIZED, "missing or invalid token")
+    try:
+        identity = _identify(runtime, ws)
+    except TokenRejected as rejected:
+        await ws.close(CloseCode.UNAUTHORIZED, rejected.reason)
         return
-    await endpoint(runtime, ws)
+    if identity is None:
+        await endpoint(runtime, ws, None)
+        return
+    counts = runtime.user_connections
+    if counts[identity.user] >= settings.max_connections_per_user:
+        await ws.close(CloseCode.TOO_MANY_CONNECTIONS, "too many connections for this user")
+        return
+    counts[identity.user] += 1
+    try:
+        await endpoint(runtime, ws, identity)
+    finally:
+        counts[identity.user] -= 1
+        if not counts[identity.user]:
+            del counts[identity.user]
+
+
+def _identify(runtime: Runtime, ws: WebSocket) -> Identity | None:
+    """Who the client is: a verified identity with signed tokens, ``None`` otherwise.
+
+    :raises TokenRejected: for a token that is refused (with the reason for the 4001)
+    """
+    token = presented_token(ws.headers, query_param(ws.scope.get("query_string", b""), "token"))
+    if runtime.verifier is not None:
+        return runtime.verifier.verify(token)
+    if not token_valid(runtime.settings, token):
+        raise TokenRejected("missing or invalid token")
+    return None
 
 
 async def _refuse_busy(runtime: Runtime, ws: WebSocket) -> None:

@@ -13,7 +13,17 @@ from typing import Any
 
 from .protocol import CloseCode
 
-__all__ = ["ASGIApp", "ConnectionClosed", "Receive", "Scope", "Send", "WebSocket", "respond"]
+__all__ = [
+    "ASGIApp",
+    "BodyTooLarge",
+    "ConnectionClosed",
+    "Receive",
+    "Scope",
+    "Send",
+    "WebSocket",
+    "read_body",
+    "respond",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -132,6 +142,29 @@ class WebSocket:
         except Exception as exc:
             self.state = WebSocketState.CLOSED
             raise ConnectionClosed(CloseCode.INTERNAL_ERROR) from exc
+
+
+class BodyTooLarge(Exception):
+    """A request body is longer than the caller accepts (reading stopped there)."""
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """An HTTP request's whole body, refusing more than ``limit`` bytes without reading
+    them all into memory.
+
+    :raises BodyTooLarge: past ``limit`` bytes
+    :raises ConnectionClosed: if the client disconnected first
+    """
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionClosed()
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise BodyTooLarge(limit)
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 async def respond(

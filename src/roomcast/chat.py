@@ -55,6 +55,7 @@ from .client import (
     Room,
     RoomClosed,
     RoomUnavailable,
+    TokenSource,
     Unknown,
     Welcome,
     open_room,
@@ -119,6 +120,7 @@ class Options:
     since: int | None
     epoch: str | None
     token: str | None
+    token_command: str | None
     interactive: bool
     reconnect: bool
     batch: bool
@@ -150,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         default=os.environ.get("ROOMCAST_TOKEN") or None,
         help="sent as 'Authorization: Bearer TOKEN' (default: $ROOMCAST_TOKEN)",
+    )
+    parser.add_argument(
+        "--token-command",
+        metavar="CMD",
+        help="a shell command that prints a fresh token: run before each connection and "
+        "again before the token expires (the session then outlives short-lived tokens)",
     )
     parser.add_argument(
         "--json", action="store_true", help="JSON-lines mode even when stdin is a terminal"
@@ -248,6 +256,7 @@ def parse_options(argv: Sequence[str], *, stdin_is_tty: bool) -> Options:
         since=query.since,
         epoch=query.epoch,
         token=args.token or query.token,
+        token_command=args.token_command,
         interactive=interactive,
         reconnect=interactive if args.reconnect is None else args.reconnect,
         batch=args.batch,
@@ -394,7 +403,7 @@ async def run(options: Options, out: TextIO) -> int:
             options.url,
             options.room,
             name=options.name,
-            token=options.token,
+            token=_token_source(options) or options.token,
             batch=options.batch,
             since=options.since,
             epoch=options.epoch,
@@ -410,6 +419,27 @@ async def run(options: Options, out: TextIO) -> int:
         return EXIT_CLOSED
     assert session is not None
     return EXIT_CLOSED if session.exit_code is None else session.exit_code
+
+
+def _token_source(options: Options) -> TokenSource | None:
+    """``--token-command`` as the library's token source: the command's output, or, if
+    it fails, the last token it gave (the server then says whether that still works)."""
+    command = options.token_command
+    if command is None:
+        return None
+    last = options.token or ""
+
+    async def fetch() -> str:
+        nonlocal last
+        result = await anyio.run_process(command, check=False)
+        token = result.stdout.decode(errors="replace").strip()
+        if result.returncode == 0 and token:
+            last = token
+        else:
+            _complain(f"--token-command exited {result.returncode}; keeping the last token")
+        return last
+
+    return fetch
 
 
 def _unreachable(exc: RoomUnavailable) -> str:

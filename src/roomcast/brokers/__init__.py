@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
@@ -20,11 +21,21 @@ from ..hub import Hub, Member
 from ..protocol import ChatMessage
 from ..settings import Settings
 
-__all__ = ["Broker", "BrokerUnavailable", "open_broker"]
+__all__ = ["Broker", "BrokerUnavailable", "History", "open_broker"]
 
 
 class BrokerUnavailable(Exception):
     """The broker cannot take the request now (Redis is down); nothing was published."""
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A page of a room's retained messages (encoded ``message`` events, oldest first)."""
+
+    epoch: str | None  # None: the room has no history
+    seq: int  # the room's latest seq
+    first: int  # the first seq still retained (seq + 1 when none is)
+    events: list[str]
 
 
 class Broker(Protocol):
@@ -56,6 +67,36 @@ class Broker(Protocol):
         Returns the seq, or ``None`` if the member is no longer in the room.
 
         :raises BrokerUnavailable: if the message could not be accepted
+        """
+        ...
+
+    # -- the server API (SPEC §8.2) ---------------------------------------------------------
+
+    async def post(self, room: str, message: ChatMessage, sender: str | None) -> int:
+        """Publish into ``room`` from outside it, as a member named ``sender`` would.
+
+        :raises BrokerUnavailable: if the message could not be accepted
+        """
+        ...
+
+    async def history(self, room: str, since: int, limit: int) -> History:
+        """Up to ``limit`` retained messages after ``since``.
+
+        :raises BrokerUnavailable: if the broker cannot be reached
+        """
+        ...
+
+    async def presence(self, room: str) -> list[str | None]:
+        """The display names of the room's members (``None`` for unnamed ones).
+
+        :raises BrokerUnavailable: if the broker cannot be reached
+        """
+        ...
+
+    async def rooms(self) -> dict[str, int]:
+        """Rooms with members, and how many.
+
+        :raises BrokerUnavailable: if the broker cannot be reached
         """
         ...
 

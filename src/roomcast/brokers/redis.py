@@ -52,7 +52,7 @@ from ..hub import Hub, Member, Room, RoomFull, replay
 from ..presence import PresenceEvent
 from ..protocol import ChatMessage, ErrorCode
 from ..settings import Settings
-from . import BrokerUnavailable
+from . import BrokerUnavailable, History
 
 __all__ = ["RedisBroker", "open_redis_broker"]
 
@@ -350,6 +350,53 @@ class RedisBroker:
                     _presence_entry(m): expires for m in room.members
                 }
                 await self._call_raw(self.client.zadd(_keys(room.name)[3], mapping))
+
+    # -- the server API (SPEC §8.2) ---------------------------------------------------------
+
+    async def post(self, room: str, message: ChatMessage, sender: str | None) -> int:
+        head, tail = protocol.encode_message_parts(
+            room=room, text=message.text, sender=sender, ts=_now_ms(), id=message.id
+        )
+        seq_key, epoch_key, history_key, _ = _keys(room)
+        seq = int(
+            await self._call(
+                self._publish,
+                (seq_key, epoch_key, history_key),
+                [
+                    head,
+                    tail,
+                    self.settings.history_size,
+                    CHANNEL_PREFIX + room,
+                    secrets.token_urlsafe(6),
+                ],
+            )
+        )
+        self.hub.stats.messages_in += 1
+        return seq
+
+    async def history(self, room: str, since: int, limit: int) -> History:
+        seq_key, epoch_key, history_key, _ = _keys(room)
+        seq, epoch = await self._call_raw(self.client.mget([seq_key, epoch_key]))
+        entries = await self._call_raw(self.client.lrange(history_key, 0, -1))
+        kept = [_split_entry(entry) for entry in entries]
+        latest = int(seq or 0)
+        first = kept[0][0] if kept else latest + 1
+        events = [event for number, event in kept if number > since][:limit]
+        return History(epoch, latest, first, events)
+
+    async def presence(self, room: str) -> list[str | None]:
+        live = self.client.zrangebyscore(_keys(room)[3], _now_ms(), float("inf"))
+        entries = await self._call_raw(live)
+        return [entry.partition(":")[2] or None for entry in entries]
+
+    async def rooms(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        now = _now_ms()
+        async for key in self.client.scan_iter(match="roomcast:{*}:presence"):
+            count = int(await self._call_raw(self.client.zcount(key, now, float("inf"))))
+            if count:
+                found[key.partition("{")[2].rpartition("}")[0]] = count
+        return found
 
     # -- calls ------------------------------------------------------------------------------
 

@@ -27,7 +27,15 @@ from .events import (
     Welcome,
     parse_event,
 )
-from .room import MessageRefused, Room, RoomClosed, RoomUnavailable, chat_url, open_room
+from .room import (
+    MessageRefused,
+    Room,
+    RoomClosed,
+    RoomUnavailable,
+    TokenSource,
+    chat_url,
+    open_room,
+)
 
 __all__ = [
     "Error",
@@ -40,6 +48,7 @@ __all__ = [
     "Room",
     "RoomClosed",
     "RoomUnavailable",
+    "TokenSource",
     "Unknown",
     "Welcome",
     "chat_url",

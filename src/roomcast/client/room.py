@@ -22,10 +22,12 @@ message would be sent twice. The memory broker sequences synchronously.)
 
 from __future__ import annotations
 
+import base64
 import itertools
 import random
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Final
@@ -56,7 +58,19 @@ from .events import (
     parse_event,
 )
 
-__all__ = ["MessageRefused", "Room", "RoomClosed", "RoomUnavailable", "chat_url", "open_room"]
+__all__ = [
+    "MessageRefused",
+    "Room",
+    "RoomClosed",
+    "RoomUnavailable",
+    "TokenSource",
+    "chat_url",
+    "open_room",
+]
+
+#: an async callable returning a fresh token (asked before each connection and before the
+#: current token expires)
+TokenSource = Callable[[], Awaitable[str]]
 
 CHAT_PATH: Final = "/ws/chat"
 #: close codes after which the room reconnects: the server went away, the network broke,
@@ -64,6 +78,8 @@ CHAT_PATH: Final = "/ws/chat"
 RETRYABLE: Final = frozenset({1001, 1006, 1011, 1012, 1013, CloseCode.TOO_SLOW})
 FIRST_BACKOFF: Final = 0.1
 CONNECT_TIMEOUT: Final = 10.0
+#: a token is renewed when this share of its remaining lifetime has passed
+REFRESH_AT: Final = 0.8
 #: a drop this long after the welcome starts the backoff over
 STABLE_AFTER: Final = 10.0
 
@@ -131,7 +147,7 @@ class Room:
         room: str,
         *,
         name: str | None,
-        token: str | None,
+        token: str | TokenSource | None,
         batch: bool,
         since: int | None,
         epoch: str | None,
@@ -143,7 +159,10 @@ class Room:
         self.url = url
         self.name = room
         self.display_name = name
-        self.token = token
+        self._token_source = token if callable(token) else None
+        #: the token the next connection presents (fetched again before each one, and
+        #: before it expires, when a token source was given)
+        self.token = None if callable(token) else token
         #: the last message seq seen (and the epoch it belongs to): where a resume starts
         self.seq = since or 0
         self.epoch = epoch
@@ -245,6 +264,8 @@ class Room:
         if self._resume:
             params |= {"since": self.seq, "epoch": self.epoch}
         url = chat_url(self.url, self.name, **params).replace("ws", "http", 1)
+        if self._token_source is not None:
+            self.token = await self._token_source()
         headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
         protocols = [BATCH_SUBPROTOCOL] if self._batch else None
         try:
@@ -257,7 +278,10 @@ class Room:
             ) as ws:
                 self._ws = ws
                 try:
-                    await self._read(ws, task_status)
+                    async with anyio.create_task_group() as tg:
+                        if self._token_source is not None:
+                            tg.start_soon(self._keep_token_fresh, ws)
+                        await self._read(ws, task_status)
                 finally:
                     self._ws = None
                     self._replay_until = None
@@ -303,6 +327,19 @@ class Room:
             await self._caught_up(ws)
         return isinstance(event, Welcome)
 
+    async def _keep_token_fresh(self, ws: AsyncWebSocketSession) -> None:
+        """Before the token expires, fetch a new one and send it in-band (``refresh``,
+        SPEC §8.3), so the connection is not closed 4001 "token expired"."""
+        assert self._token_source is not None
+        while True:
+            expires = _expiry(self.token)
+            if expires is None:
+                return
+            await anyio.sleep(max(1.0, (expires - time.time()) * REFRESH_AT))
+            self.token = await self._token_source()
+            with suppress(HTTPXWSException, LocalProtocolError, httpx.TransportError, OSError):
+                await ws.send_text(orjson.dumps({"type": "refresh", "token": self.token}).decode())
+
     async def _caught_up(self, ws: AsyncWebSocketSession) -> None:
         """The resume replay is over: send what it did not show as sequenced."""
         self._replay_until = None
@@ -333,7 +370,7 @@ async def open_room(
     room: str,
     *,
     name: str | None = None,
-    token: str | None = None,
+    token: str | TokenSource | None = None,
     batch: bool = True,
     since: int | None = None,
     epoch: str | None = None,
@@ -344,7 +381,10 @@ async def open_room(
     """Join ``room`` on the server at ``url`` and stay in it until the block exits.
 
     ``url`` is the server's address (``ws://host:8000``, or the prefix it is mounted
-    under); ``since`` and ``epoch`` resume from an earlier session. The block is entered
+    under); ``since`` and ``epoch`` resume from an earlier session. ``token`` is a token,
+    or an async callable returning one (a :data:`TokenSource`): it is then asked before
+    every connection and again before the current token expires, and the new token is
+    sent in-band (``refresh``), so a long session outlives short-lived tokens. The block is entered
     once the server has welcomed us; from then on drops are survived: the room
     reconnects with backoff (up to ``max_backoff`` seconds) and resumes, and a
     :class:`~roomcast.client.Reconnecting` event says so. Read events with
@@ -378,6 +418,19 @@ async def open_room(
         if len(group.exceptions) != 1:
             raise
         raise group.exceptions[0] from group.exceptions[0].__cause__
+
+
+def _expiry(token: str | None) -> float | None:
+    """The ``exp`` claim of a JWT, read without verifying it (the server does that): only
+    to know when to fetch the next one."""
+    if not token:
+        return None
+    try:
+        payload = token.split(".")[1]
+        claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"])
+    except (IndexError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+        return None
 
 
 def _why_it_ended(exc: BaseException) -> tuple[int, str]:

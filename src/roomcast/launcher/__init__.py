@@ -13,6 +13,7 @@ and hands them to every worker. See each module for why it exists.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import socket
@@ -28,6 +29,7 @@ from .supervisor import StartupFailed, Supervisor
 __all__ = ["build_config", "main"]
 
 DEFAULT_CONFIG = "hypercorn.toml"
+DEFAULT_APP = "roomcast.app:app"
 #: exit status for a command line or configuration that cannot work
 USAGE_ERROR = 2
 
@@ -38,7 +40,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="roomcast",
         description="Serve roomcast with Hypercorn (settings: ROOMCAST_* environment variables).",
-        epilog="'roomcast chat URL ...' runs the terminal client instead (roomcast chat --help).",
+        epilog="other commands (each with --help):\n"
+        "  roomcast chat URL [--room R] [--name N]   the terminal client\n"
+        "  roomcast publish URL --room R TEXT        publish through the server API\n"
+        "  roomcast history URL --room R             a room's retained messages\n"
+        "  roomcast token --sub U [--rooms P]        mint a signed token for a user",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config",
@@ -51,6 +58,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "-k", "--worker-class", choices=["trio", "asyncio", "uvloop"], help="event loop"
     )
     parser.add_argument("--graceful-timeout", type=float, help="seconds to drain on shutdown")
+    parser.add_argument(
+        "--app",
+        default=DEFAULT_APP,
+        metavar="MODULE:ATTR",
+        help=f"the ASGI app to serve, e.g. one that mounts roomcast (default: {DEFAULT_APP})",
+    )
     return parser.parse_args(argv)
 
 
@@ -74,6 +87,7 @@ def build_config(args: argparse.Namespace) -> Config:
         config.worker_class = args.worker_class
     if args.graceful_timeout is not None:
         config.graceful_timeout = args.graceful_timeout
+    config.application_path = args.app
     return config
 
 
@@ -131,6 +145,11 @@ def _check(config: Config) -> None:
     """:raises ValueError: for a configuration the launcher cannot serve"""
     if config.workers < 1:
         raise ValueError(f"--workers {config.workers}: at least 1 worker is needed")
+    module, _, attribute = config.application_path.partition(":")
+    try:
+        getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"--app {config.application_path}: {exc}") from None
     if config.worker_class not in ("trio", "asyncio", "uvloop"):
         raise ValueError(f"worker_class {config.worker_class!r}: expected trio, asyncio or uvloop")
     if config.worker_class == "uvloop":

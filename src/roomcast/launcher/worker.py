@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import signal
 import ssl
 import sys
@@ -97,9 +98,8 @@ def run_worker(config: Config, sockets: Sockets, lifeline: Connection) -> None:
     # stops the workers through their lifelines.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging()
-    from ..app import app as roomcast_app
-
-    reporter = StartupReporter(roomcast_app, lifeline)
+    module, _, attribute = config.application_path.partition(":")
+    reporter = StartupReporter(getattr(importlib.import_module(module), attribute), lifeline)
     app = wrap_app(reporter, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     shutdown_trigger = partial(wait_for_stop, lifeline)
     try:
