@@ -50,7 +50,7 @@ from coredis.exceptions import RedisError
 from .. import protocol
 from ..hub import Hub, Member, Room, RoomFull, replay
 from ..presence import PresenceEvent
-from ..protocol import ChatMessage, ErrorCode
+from ..protocol import MAX_WELCOME_MEMBERS, ChatMessage, ErrorCode
 from ..settings import Settings
 from . import BrokerUnavailable, History
 
@@ -85,10 +85,14 @@ PUBLISH = """
 local seq = redis.call('INCR', KEYS[1])
 redis.call('SET', KEYS[2], ARGV[5], 'NX')
 local entry = seq .. '|' .. ARGV[1] .. seq .. ARGV[2]
-local keep = tonumber(ARGV[3])
-if keep > 0 then
-    redis.call('RPUSH', KEYS[3], entry)
-    redis.call('LTRIM', KEYS[3], -keep, -1)
+local keep, budget = tonumber(ARGV[3]), tonumber(ARGV[6])
+if keep > 0 and budget > 0 then
+    local n = redis.call('RPUSH', KEYS[3], entry)
+    local bytes = redis.call('INCRBY', KEYS[4], #entry)
+    while n > 0 and (n > keep or bytes > budget) do
+        bytes = redis.call('DECRBY', KEYS[4], #redis.call('LPOP', KEYS[3]))
+        n = n - 1
+    end
 end
 redis.call('PUBLISH', ARGV[4], 'M|' .. entry)
 return seq
@@ -103,10 +107,24 @@ return count
 """
 
 
+#: a room's live presence: its count and the first entries (for a notice's names)
+PRESENCE_NOW = """
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
+return {redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf'), live}
+"""
+
+
 def _keys(room: str) -> tuple[str, str, str, str]:
     """seq, epoch, history and presence keys of a room (one hash slot: ``{room}``)."""
     base = f"roomcast:{{{room}}}"
     return f"{base}:seq", f"{base}:epoch", f"{base}:history", f"{base}:presence"
+
+
+def _history_bytes_key(room: str) -> str:
+    """The UTF-8 bytes the room's history list holds (kept by :data:`PUBLISH`, which drops
+    the oldest entries beyond ``ROOMCAST_HISTORY_BYTES``; a list from before this counter
+    is counted from its next message on, and trimmed by count meanwhile)."""
+    return f"roomcast:{{{room}}}:history-bytes"
 
 
 def _split_entry(entry: str) -> tuple[int, str]:
@@ -128,11 +146,15 @@ class RedisBroker:
         self._join = client.register_script(JOIN)
         self._publish = client.register_script(PUBLISH)
         self._leave = client.register_script(LEAVE)
+        self._presence_now = client.register_script(PRESENCE_NOW)
         self._healthy = True
         #: rooms whose ``seq`` reflects every message delivered so far (gaps detectable)
         self._synced: weakref.WeakSet[Room] = weakref.WeakSet()
         self._leaving_send, self._leaving = anyio.create_memory_object_stream[Member](4096)
+        #: local members whose own join has not come back through pub/sub yet, by id
+        self._joining: dict[str, Member] = {}
         hub.announce = self._announce
+        hub.presence_source = self._presence_state
 
     @property
     def healthy(self) -> bool:
@@ -144,6 +166,7 @@ class RedisBroker:
         self, room: str, name: str | None, *, since: int | None, epoch: str | None
     ) -> Member:
         member = self.hub.attach(room, name)
+        self._joining[member.id] = member
         try:
             snapshot = await self._call(
                 self._join,
@@ -160,14 +183,17 @@ class RedisBroker:
             )
         except BaseException:
             self.hub.detach(member)
+            self._joining.pop(member.id, None)
             raise
         if snapshot is None:
             self.hub.detach(member)
+            self._joining.pop(member.id, None)
             raise RoomFull(room)
         self._greet(member, snapshot, since, epoch)
         return member
 
     async def leave(self, member: Member) -> None:
+        self._joining.pop(member.id, None)
         if self.hub.detach(member):
             await self._remove_presence(member)
 
@@ -178,24 +204,23 @@ class RedisBroker:
         head, tail = protocol.encode_message_parts(
             room=room, text=message.text, sender=member.name, ts=_now_ms(), id=message.id
         )
-        seq_key, epoch_key, history_key, _ = _keys(room)
-        seq = int(
-            await self._call(
-                self._publish,
-                (seq_key, epoch_key, history_key),
-                [
-                    head,
-                    tail,
-                    self.settings.history_size,
-                    CHANNEL_PREFIX + room,
-                    secrets.token_urlsafe(6),
-                ],
-            )
-        )
+        seq = await self._sequence(room, head, tail)
         self.hub.stats.messages_in += 1
         if message.id is not None and member.joined:
             self.hub.send_to(member, protocol.encode_ack(id=message.id, seq=seq))
         return seq
+
+    async def _sequence(self, room: str, head: str, tail: str) -> int:
+        """Run :data:`PUBLISH` for one message: its seq, kept in the room's history (within
+        ``ROOMCAST_HISTORY_SIZE`` and ``ROOMCAST_HISTORY_BYTES``) and published.
+
+        :raises BrokerUnavailable: if Redis did not take it
+        """
+        seq_key, epoch_key, history_key, _ = _keys(room)
+        keys = (seq_key, epoch_key, history_key, _history_bytes_key(room))
+        args = [head, tail, self.settings.history_size, CHANNEL_PREFIX + room]
+        args += [secrets.token_urlsafe(6), self.settings.history_bytes]
+        return int(await self._call(self._publish, keys, args))
 
     # -- joining ----------------------------------------------------------------------------
 
@@ -242,6 +267,27 @@ class RedisBroker:
         except anyio.WouldBlock:
             self.hub.announce_locally(room, event, member)
 
+    def _note_presence(self, room: Room, kind: str, rest: str) -> None:
+        """A join (``J``) or leave (``L``) from any worker, for the room's next notice; a
+        local member's own join is already in its welcome (its ``origin``)."""
+        count, _, entry = rest.partition("|")
+        member_id, _, name = entry.partition(":")
+        change: PresenceEvent = "join" if kind == "J" else "leave"
+        origin = self._joining.pop(member_id, None) if kind == "J" else None
+        self.hub.note_presence(room, change, name or None, int(count), origin=origin)
+
+    async def _presence_state(self, room: Room) -> tuple[int, list[str]] | None:
+        """The room's count and names across workers, for a presence notice (the hub's
+        ``presence_source``); ``None`` while Redis is out of reach."""
+        try:
+            count, entries = await self._call(
+                self._presence_now, [_keys(room.name)[3]], [_now_ms(), 2 * MAX_WELCOME_MEMBERS]
+            )
+        except BrokerUnavailable:
+            return None
+        names = [name for name in (entry.partition(":")[2] for entry in entries) if name]
+        return int(count), names[:MAX_WELCOME_MEMBERS]
+
     async def _remove_presence(self, member: Member) -> None:
         presence = _keys(member.room.name)[3]
         try:
@@ -282,10 +328,7 @@ class RedisBroker:
             seq, event = _split_entry(rest)
             await self._deliver(room, seq, event)
         else:
-            count, _, entry = rest.partition("|")
-            name = entry.partition(":")[2]
-            change: PresenceEvent = "join" if kind == "J" else "leave"
-            self.hub.note_presence(room, change, name or None, int(count))
+            self._note_presence(room, kind, rest)
 
     async def _deliver(self, room: Room, seq: int, event: str) -> None:
         if room in self._synced:
@@ -357,20 +400,7 @@ class RedisBroker:
         head, tail = protocol.encode_message_parts(
             room=room, text=message.text, sender=sender, ts=_now_ms(), id=message.id
         )
-        seq_key, epoch_key, history_key, _ = _keys(room)
-        seq = int(
-            await self._call(
-                self._publish,
-                (seq_key, epoch_key, history_key),
-                [
-                    head,
-                    tail,
-                    self.settings.history_size,
-                    CHANNEL_PREFIX + room,
-                    secrets.token_urlsafe(6),
-                ],
-            )
-        )
+        seq = await self._sequence(room, head, tail)
         self.hub.stats.messages_in += 1
         return seq
 
