@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from roomcast.connection import _next_event, _with_backlog
-from roomcast.hub import PRESENCE_WAKE, Hub, Member
+from roomcast.hub import PRESENCE_RATE, PRESENCE_WAKE, Hub, Member
 from roomcast.protocol import MAX_WELCOME_MEMBERS, ChatMessage, CloseCode
 
 pytestmark = pytest.mark.anyio
@@ -197,6 +197,27 @@ async def test_each_room_has_its_own_interval() -> None:
             await anyio.wait_all_tasks_blocked()
             assert [n["name"] for n in notices(read(bea))] == ["bo"]
             assert notices(read(ann)) == []
+            tg.cancel_scope.cancel()
+
+
+async def test_a_big_room_waits_one_second_per_presence_rate_members() -> None:
+    """Presence costs a room at most PRESENCE_RATE notices a second, however big."""
+    hub = Hub(presence_interval=0.01)
+    size = 2 * PRESENCE_RATE
+    members = [hub.join("big", f"m{i}") for i in range(size)]
+    for member in members:
+        read(member)
+    room = hub.rooms["big"]
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hub.run_presence)
+            await anyio.wait_all_tasks_blocked()  # the joins went out in one notice
+            assert hub.stats.presence_notices == size - 1
+            waits = room.presence_next - anyio.current_time()
+            assert 1.9 < waits <= 2.0  # two seconds for 4,000 members, not 0.01
+            hub.leave(members[-1])
+            await anyio.wait_all_tasks_blocked()
+            assert hub.stats.presence_notices == size - 1 and room.presence is not None
             tg.cancel_scope.cancel()
 
 

@@ -39,6 +39,7 @@ from .presence import PresenceChanges, PresenceEvent
 from .protocol import CloseCode, ErrorCode
 
 __all__ = [
+    "PRESENCE_RATE",
     "PRESENCE_WAKE",
     "Announce",
     "Hub",
@@ -49,6 +50,11 @@ __all__ = [
     "RoomFull",
     "replay",
 ]
+
+#: presence notices one room's members get per second at most, all of them together: a
+#: room of more members than this waits members/rate seconds between notices instead of
+#: ``presence_interval``, so presence costs a room a bounded rate however big it grows
+PRESENCE_RATE: Final = 2000
 
 #: what the hub puts in an idle member's outbox to wake its sender for a presence notice
 #: (no real event is empty); the notice itself waits in :attr:`Member.presence`
@@ -187,7 +193,8 @@ class Hub:
     :param history_bytes: bytes of history each room keeps (:func:`~roomcast.history.entry_size`)
     :param idle_history_bytes: bytes of history all rooms without members keep together;
         beyond it the least recently emptied are forgotten, as beyond ``idle_rooms``
-    :param presence_interval: seconds between two presence notices of one room
+    :param presence_interval: seconds between two presence notices of one room (longer in
+        rooms of more than :data:`PRESENCE_RATE` members)
     """
 
     def __init__(
@@ -384,11 +391,13 @@ class Hub:
     async def run_presence(self) -> None:
         """Send presence notices until cancelled (a task in the broker's task group).
 
-        Each room's notice goes out at most once per ``presence_interval``: the first
-        change after a quiet interval at once (:meth:`note_presence`), the changes within
-        the interval that follows together at its end. So every member gets at most one
-        notice per interval, a crowd joining or leaving costs O(members) per interval,
-        and rooms do not wait on each other.
+        Each room's notice goes out at most once per interval (``presence_interval``, or
+        one second per :data:`PRESENCE_RATE` members in a bigger room): the first change
+        after a quiet interval at once (:meth:`note_presence`), the changes within the
+        interval that follows together at its end. So every member gets at most one
+        notice per interval, a crowd joining or leaving costs O(members) per interval (and
+        a room at most :data:`PRESENCE_RATE` notices a second), and rooms do not wait on
+        each other.
         """
         schedule: list[tuple[float, int, Room]] = []  # a heap of (due time, order, room)
         order = itertools.count()
@@ -398,7 +407,7 @@ class Hub:
             rooms, self._presence_new = self._presence_new, []
             for room in rooms:
                 if room.presence_next == math.inf:  # just announced: its interval starts
-                    room.presence_next = now + self.presence_interval
+                    room.presence_next = now + self._interval(len(room.members))
                 if not room.presence_quiet:
                     heapq.heappush(schedule, (room.presence_next, next(order), room))
                 elif room.presence is not None:  # quiet, but not announced at once
@@ -409,8 +418,9 @@ class Hub:
                     continue  # a later entry ends this room's interval
                 changes, room.presence = room.presence, None
                 if changes is not None and await self._flush(room, changes):
+                    size = max(len(room.members), changes.count or 0)
                     room.presence_quiet = False
-                    room.presence_next = anyio.current_time() + self.presence_interval
+                    room.presence_next = anyio.current_time() + self._interval(size)
                     heapq.heappush(schedule, (room.presence_next, next(order), room))
                 else:
                     room.presence_quiet = True  # an interval without changes
@@ -419,6 +429,9 @@ class Hub:
                 continue
             with anyio.move_on_after(schedule[0][0] - anyio.current_time()):
                 await wakeup.wait()
+
+    def _interval(self, members: int) -> float:
+        return max(self.presence_interval, members / PRESENCE_RATE)
 
     def flush_presence(self) -> int:
         """Send every pending notice now, with what this hub knows of each room (what the
