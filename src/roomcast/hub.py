@@ -54,7 +54,7 @@ __all__ = [
 #: presence notices one room's members get per second at most, all of them together: a
 #: room of more members than this waits members/rate seconds between notices instead of
 #: ``presence_interval``, so presence costs a room a bounded rate however big it grows
-PRESENCE_RATE: Final = 2000
+PRESENCE_RATE: Final = 1000
 
 #: what the hub puts in an idle member's outbox to wake its sender for a presence notice
 #: (no real event is empty); the notice itself waits in :attr:`Member.presence`
