@@ -106,7 +106,7 @@ class Member:
 
         Cheaper than waiting in the outbox's ``receive()``, which an idle connection
         would sit in for its whole life: one event instead of anyio's waiter objects
-        (about 2 KB less per idle connection). The hub wakes it after every
+        (1.7 KB less per idle connection). The hub wakes it after every
         ``send_nowait`` and ``close`` (:meth:`_wake`).
         """
         self._wakeup = wakeup = anyio.Event()
