@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from roomcast.brokers.resp import Reply, ReplyParser, encode_command
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -64,6 +66,24 @@ class RedisServer:
                 time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
 
+    def command(self, *args: str) -> Reply:
+        return redis_command(self.port, *args)
+
+    def kill_subscribers(self, pids: set[int]) -> int:
+        """Close the pub/sub connections of roomcast workers with these pids, as Redis does
+        to a subscriber that falls too far behind; returns how many were closed."""
+        closed = 0
+        clients = self.command("CLIENT", "LIST", "TYPE", "pubsub")
+        assert isinstance(clients, bytes)
+        for line in clients.decode().splitlines():
+            fields = dict(item.partition("=")[::2] for item in line.split())
+            name = fields.get("name", "")
+            if name.startswith("roomcast-subscriber-") and int(name.rpartition("-")[2]) in pids:
+                killed = self.command("CLIENT", "KILL", "ID", fields["id"])
+                assert isinstance(killed, int)
+                closed += killed
+        return closed
+
     def kill(self) -> None:
         """Stop it the hard way (SIGKILL): only what the append-only file holds survives."""
         if self.process is not None:
@@ -81,3 +101,13 @@ def run_redis(directory: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+def redis_command(port: int, *args: str) -> Reply:
+    """Send one command to the redis-server on ``port`` and return its reply."""
+    parser = ReplyParser()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(encode_command(*args))
+        while not (replies := parser.replies()):
+            parser.feed(sock.recv(65536))
+    return replies[0]

@@ -26,5 +26,5 @@ class MemoryBroker:
     async def leave(self, member: Member) -> None:
         self.hub.leave(member)
 
-    async def publish(self, member: Member, message: ChatMessage) -> int | None:
-        return self.hub.publish(member, message)
+    async def publish(self, member: Member, message: ChatMessage) -> None:
+        self.hub.publish(member, message)
