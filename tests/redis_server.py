@@ -84,6 +84,13 @@ class RedisServer:
                 closed += killed
         return closed
 
+    def forget(self) -> None:
+        """Delete what it persisted (it must be stopped): the next start has no data, as
+        after a restart without persistence."""
+        assert self.process is None
+        shutil.rmtree(self.directory)
+        os.makedirs(self.directory)
+
     def kill(self) -> None:
         """Stop it the hard way (SIGKILL): only what the append-only file holds survives."""
         if self.process is not None:

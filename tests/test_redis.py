@@ -204,3 +204,53 @@ async def test_redis_outage_mid_traffic(redis_server: RedisServer) -> None:
             replay = [await next_of(late, "message") for _ in range(again["seq"])]
         texts = {e["seq"]: e["text"] for e in replay}
         assert all(texts[seq] == f"before {n}" for n, seq in enumerate(acked))
+
+
+async def send_until_acked(ws: WebSocketConnection, text: str) -> int:
+    """Send ``text`` until the broker acknowledges it (it answers ``unavailable`` while it
+    reconnects); returns its seq."""
+    while True:
+        await ws.send_message(json.dumps({"text": text, "id": text}))
+        event = json.loads(await ws.get_message())
+        while event["type"] not in ("ack", "error") or event.get("id") != text:
+            event = json.loads(await ws.get_message())
+        if event["type"] == "ack":
+            seq: int = event["seq"]
+            return seq
+        await trio.sleep(0.2)  # another thread's server reconnecting: nothing to wait on
+
+
+async def test_redis_losing_its_data_starts_a_new_run(redis_server: RedisServer) -> None:
+    """Redis restarts empty (no persistence): members are told ``history_gap`` with the
+    new epoch, then receive the new run from seq 1; a client resuming with the old epoch
+    is told too."""
+    settings = Settings(redis_url=redis_server.url, rate_limit=0)
+    with serve_in_thread(create_app(settings)) as server, trio.fail_after(60):
+        url = server.url("/ws/chat?room=reset")
+        async with chat(url + "&name=talker") as (talker, welcome), chat(url) as (listener, _):
+            for n in range(3):
+                assert await send_until_acked(talker, f"old {n}") == n + 1
+            assert [(await next_of(listener, "message"))["seq"] for _ in range(3)] == [1, 2, 3]
+
+            redis_server.kill()
+            redis_server.forget()
+            redis_server.start()
+            while await trio.to_thread.run_sync(health, server) != 200:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+            after = await send_until_acked(talker, "new")
+
+            gap = json.loads(await listener.get_message())
+            while gap["type"] == "system":
+                gap = json.loads(await listener.get_message())
+            assert gap["error"] == "history_gap" and gap["epoch"] != welcome["epoch"]
+            assert (gap["since"], gap["first"]) == (3, 1)
+            new = [await next_of(listener, "message") for _ in range(after)]
+            assert [e["seq"] for e in new] == list(range(1, after + 1))
+            assert new[-1]["text"] == "new"
+
+        resume = f"&since=3&epoch={welcome['epoch']}"
+        async with chat(url + resume) as (back, again):
+            assert again["epoch"] == gap["epoch"] and again["seq"] == after
+            told = json.loads(await back.get_message())
+            assert (told["error"], told["epoch"]) == ("history_gap", gap["epoch"])
+            assert (await next_of(back, "message"))["seq"] == 1
