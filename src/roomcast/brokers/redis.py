@@ -148,7 +148,7 @@ def _presence_entry(member: Member) -> str:
 @dataclass(eq=False)
 class _Stream:
     """How far this worker has fanned out one room's stream (written by the subscriber
-    task only, always through :meth:`RedisBroker._advance` or :meth:`RedisBroker._jump`)."""
+    task only: :meth:`RedisBroker._advance`, or a jump in :meth:`RedisBroker._catch_up`)."""
 
     epoch: str
     seq: int
@@ -419,8 +419,15 @@ class RedisBroker:
             return
         history = [_split_entry(entry) for entry in entries]
         first = history[0][0] if history else int(counter) + 1
-        if run != stream.epoch or (first > stream.seq + 1 and int(counter) > stream.seq):
-            self._jump(room, stream, run, first)
+        since = stream.seq
+        jumped = run != stream.epoch or (first > stream.seq + 1 and int(counter) > stream.seq)
+        if run != stream.epoch:
+            stream.retired.add(stream.epoch)
+            stream.epoch = room.epoch = run
+        if jumped:
+            stream.seq = first - 1
+            stream.jumps += 1
+        self._tell_gaps(room, run, since, stream.seq + 1, jumped=jumped)
         for seq, event in history:
             self._advance(room, stream, seq, event)
 
@@ -430,29 +437,25 @@ class RedisBroker:
             stream.seq = seq
             self.hub.deliver(room.name, seq, event)
 
-    def _jump(self, room: Room, stream: _Stream, run: str, first: int) -> None:
-        """Move the stream to just before ``first`` of ``run``; tell ``history_gap`` to the
-        members that needed something in between (everyone from an earlier run)."""
-        since = stream.seq
-        if run != stream.epoch:
-            stream.retired.add(stream.epoch)
-            stream.epoch = room.epoch = run
-        stream.seq = first - 1
-        stream.jumps += 1
+    def _tell_gaps(self, room: Room, run: str, since: int, first: int, *, jumped: bool) -> None:
+        """After a history read: ``history_gap`` for every greeted member from an earlier
+        run (it starts over in ``run``) and, if the stream jumped from ``since`` to just
+        before ``first``, for every member that needed something in between."""
         for member in list(room.members):
             member_run = self._runs.get(member)
             if member_run is None:
-                continue  # still joining: refused when its snapshot arrives
+                continue  # still joining: refused when its snapshot arrives (a jump)
+            told_since = max(since, member.skip_through)
             if member_run != run:
                 self._runs[member] = run
                 member.skip_through = 0
-            elif member.skip_through >= first - 1:
+            elif not jumped or member.skip_through >= first - 1:
                 continue
             gap = protocol.encode_error(
                 ErrorCode.HISTORY_GAP,
                 "messages were lost while the server was cut off from Redis",
                 epoch=run,
-                since=max(since, member.skip_through) if member_run == run else since,
+                since=told_since,
                 first=first,
             )
             self.hub.send_to(member, gap)
