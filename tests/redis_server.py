@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -90,6 +91,15 @@ class RedisServer:
         assert self.process is None
         shutil.rmtree(self.directory)
         os.makedirs(self.directory)
+
+    def pause(self) -> None:
+        """Stop it (SIGSTOP): connections stay open, nothing is answered."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """Stop it the hard way (SIGKILL): only what the append-only file holds survives."""

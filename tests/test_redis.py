@@ -15,6 +15,7 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from roomcast import Settings, create_app
+from roomcast.brokers.redis import QUEUE_SIZE, RedisBroker
 
 from redis_server import RedisServer
 from servers import ThreadedServer, serve_in_thread
@@ -254,3 +255,49 @@ async def test_redis_losing_its_data_starts_a_new_run(redis_server: RedisServer)
             told = json.loads(await back.get_message())
             assert (told["error"], told["epoch"]) == ("history_gap", gap["epoch"])
             assert (await next_of(back, "message"))["seq"] == 1
+
+
+async def test_a_stalled_redis_holds_senders_back_then_acks_in_order(
+    redis_server: RedisServer,
+) -> None:
+    """While Redis does not answer, a flooding sender fills its worker's bounded queue and
+    then waits (its frames stay in its socket); when Redis answers again every message is
+    acknowledged, in the order sent, with increasing seqs."""
+    settings = Settings(redis_url=redis_server.url, rate_limit=0, outbox_size=16384)
+    count = QUEUE_SIZE * 3
+    with serve_in_thread(create_app(settings)) as server, trio.fail_after(60):
+        broker = server.runtime.broker
+        assert isinstance(broker, RedisBroker)
+        async with chat(server.url("/ws/chat?room=slow&name=flood")) as (flood, _):
+            acks: list[tuple[str, int]] = []
+
+            async def send_all() -> None:
+                for n in range(count):
+                    await flood.send_message(json.dumps({"text": f"m{n}", "id": f"{n}"}))
+
+            async def read_acks() -> None:
+                while len(acks) < count:
+                    event = json.loads(await flood.get_message())
+                    assert event["type"] != "error", event
+                    if event["type"] == "ack":
+                        acks.append((event["id"], event["seq"]))
+
+            redis_server.pause()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send_all)
+                    nursery.start_soon(read_acks)
+                    while True:  # another thread's server: poll its queue
+                        backlog = await trio.to_thread.run_sync(
+                            server.run_sync, lambda: broker.backlog
+                        )
+                        if backlog.current_buffer_used and backlog.tasks_waiting_send:
+                            break
+                        await trio.sleep(0.01)
+                    assert backlog.current_buffer_used == QUEUE_SIZE  # full, not growing
+                    assert not acks
+                    redis_server.resume()
+            finally:
+                redis_server.resume()
+    assert [id for id, _ in acks] == [f"{n}" for n in range(count)]
+    assert [seq for _, seq in acks] == list(range(1, count + 1))

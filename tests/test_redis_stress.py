@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack, contextmanager
 
 import psutil
@@ -174,15 +174,29 @@ async def test_a_paused_server_without_the_history_says_history_gap(
         assert not client.errors
 
 
-async def test_a_dead_server_takes_its_members_out_of_the_room(
+def counted(client: Client, count: int) -> Callable[[], bool]:
+    """Whether the last presence notice ``client`` got says ``count`` members."""
+    return lambda: bool(client.notices) and client.notices[-1]["count"] == count
+
+
+async def all_see(clients: list[Client], count: int) -> None:
+    for client in clients:
+        await client.wait_for(counted(client, count))
+
+
+async def test_a_stopped_then_dead_server_takes_its_members_out_of_the_room(
     redis_server: RedisServer,
 ) -> None:
-    """SIGKILL one of two servers: the other's members see every member of the dead one
-    leave (named notices, the count going down) within PRESENCE_TTL + TICK seconds."""
+    """The other server's members see every member of a server that stops answering leave
+    (named notices, the count going down) within PRESENCE_TTL + TICK seconds; when it is
+    resumed they come back; when it is SIGKILLed they leave again, in the same time."""
     with two_servers_on(redis_server) as (alive, doomed):
         stayers = [Client(alive.url(f"/ws/chat?room=p&name=a{i}"), batch=i == 1) for i in range(3)]
         goners = [Client(doomed.url(f"/ws/chat?room=p&name=d{i}"), batch=False) for i in range(5)]
-        with trio.fail_after(PRESENCE_TTL + TICK + 20):
+        group = os.getpgid(doomed.process.pid)
+        # the documented bound, plus a little for a busy machine's scheduling
+        within = PRESENCE_TTL + TICK + 2
+        with trio.fail_after(3 * within):
             async with AsyncExitStack() as stack:
                 await connect_all(stack, stayers)
                 async with trio.open_nursery() as nursery:
@@ -190,26 +204,34 @@ async def test_a_dead_server_takes_its_members_out_of_the_room(
                         nursery.start_soon(read_forever, client)
                     async with AsyncExitStack() as doomed_stack:
                         await connect_all(doomed_stack, goners)
-                        for client in stayers:
-                            await client.wait_for(
-                                lambda c=client: any(n["count"] == 8 for n in c.notices)  # type: ignore[misc]
-                            )
-                        os.killpg(os.getpgid(doomed.process.pid), signal.SIGKILL)
+                        await all_see(stayers, 8)
+                        marks = [len(client.notices) for client in stayers]
+                        os.killpg(group, signal.SIGSTOP)
+                        try:
+                            with trio.fail_after(within):
+                                await all_see(stayers, 3)
+                        finally:
+                            os.killpg(group, signal.SIGCONT)
+                        with trio.fail_after(within):  # refreshed, then added back
+                            await all_see(stayers, 8)
+                        before = len(stayers[0].notices)
+                        os.killpg(group, signal.SIGKILL)
                         killed = time.monotonic()
-                        # the documented bound, plus a little for a busy machine's scheduling
-                        with trio.fail_after(PRESENCE_TTL + TICK + 2):
-                            for client in stayers:
-                                await client.wait_for(
-                                    lambda c=client: c.notices[-1]["count"] == 3  # type: ignore[misc]
-                                )
+                        with trio.fail_after(within):
+                            await all_see(stayers, 3)
                         took = time.monotonic() - killed
                     nursery.cancel_scope.cancel()
                 newcomer = Client(alive.url("/ws/chat?room=p&name=late"), batch=False)
                 await connect_all(stack, [newcomer])
     print(f"\nthe dead server's members left after {took:.1f} s")
-    for client in stayers:
-        leaves = [n for n in client.notices if n["event"] == "leave"]
-        assert sorted(n["name"] for n in leaves) == [f"d{i}" for i in range(5)]
-        assert sorted(n["count"] for n in leaves) == [3, 4, 5, 6, 7]
+    for client, mark in zip(stayers, marks, strict=True):
+        comings_and_goings = [(n["event"], n["name"]) for n in client.notices[mark:]]
+        gone = sorted(("leave", f"d{i}") for i in range(5))
+        back = sorted(("join", f"d{i}") for i in range(5))
+        assert sorted(comings_and_goings[:5]) == gone  # stopped
+        assert sorted(comings_and_goings[5:10]) == back  # resumed
+        assert sorted(comings_and_goings[10:]) == gone  # killed
+    leaves = stayers[0].notices[before:]
+    assert sorted(n["count"] for n in leaves) == [3, 4, 5, 6, 7]
     assert newcomer.welcome["count"] == 4
     assert sorted(newcomer.welcome["members"]) == ["a0", "a1", "a2", "late"]

@@ -96,6 +96,7 @@ import anyio
 import coredis
 import orjson
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectStreamStatistics
 from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
@@ -120,8 +121,8 @@ TICK: Final = 1.0
 REQUEST_TIMEOUT: Final = 2.0
 #: messages a worker queues for Redis before receive loops wait (backpressure)
 QUEUE_SIZE: Final = 1024
-#: most messages in one publishing script call
-MAX_BATCH: Final = 512
+#: most messages in one publishing script call (their acks reach outboxes in one step)
+MAX_BATCH: Final = 256
 #: rooms per presence upkeep call
 UPKEEP_ROOMS: Final = 100
 #: presence changes announced one by one; more at once become one notice with the count
@@ -199,6 +200,12 @@ class RedisBroker:
     def healthy(self) -> bool:
         """Redis answers requests and this worker is subscribed."""
         return self._healthy and self._subscribed
+
+    @property
+    def backlog(self) -> MemoryObjectStreamStatistics:
+        """The publisher's queue: messages waiting for Redis (at most :data:`QUEUE_SIZE`)
+        and receive loops waiting for room in it."""
+        return self._outgoing_send.statistics()
 
     # -- the Broker interface ---------------------------------------------------------------
 
