@@ -48,15 +48,18 @@ flight, which messages reached the outbox can no longer be told apart, so the jo
 refused with 1011 ("try again shortly"), as when Redis is unreachable.
 
 *Why no seq is delivered twice or out of order.* Every sequenced fan-out in a worker goes
-through :meth:`RedisBroker._advance`, which runs synchronously (no await between the check
-and the fan-out) in the subscriber task, and fans out seq ``s`` of run ``e`` only when the
-room's position is exactly ``(e, s - 1)``, setting it to ``(e, s)``. Positions only move
-forward within a run, so for a member present throughout, the seqs it receives are the
-successive values of one counter: strictly increasing by one, each once. Interleavings
-cannot break this: pub/sub events and history reads are consumed by that one task, one at
-a time; an await (reading history) happens before a check, never between a check and its
-fan-out; a duplicate (an event replayed from history and then arriving through pub/sub,
-or a notice from behind) fails the check and is dropped. Joiners are covered by the
+through :meth:`RedisBroker._advance`, in the subscriber task, which fans out seq ``s`` only
+when the room's position is exactly ``s - 1`` and sets it to ``s``, with no await between
+the check and the fan-out; its callers hand it only events of the position's own run (an
+event of another run first sends the subscriber to history, which settles the current
+run). A position only moves forward within a run: by ``_advance``, or by a jump past what
+history no longer holds, announced with ``history_gap``. So for a member present
+throughout, the seqs it receives are successive values of one counter, each once,
+strictly increasing (by one, except across an announced jump). Interleavings cannot break
+this: pub/sub events and history reads are consumed by that one task, one at a time; an
+await (reading history) happens before a check, never between a check and its fan-out; a
+duplicate (an entry read from history and then arriving through pub/sub, or a notice from
+behind the position) fails the check and is dropped. Joiners are covered by the
 snapshot argument above: the member is attached before the snapshot is taken, so every
 seq after the snapshot is fanned out after the attach, exactly once, either into the outbox
 before the greeting (kept) or after it (sent); the seqs up to the snapshot are dropped or
@@ -235,9 +238,10 @@ class RedisBroker:
             self.hub.detach(member)
             raise RoomFull(room)
         stream = self._streams.get(member.room)
-        if self._jumps(member.room) != jumps or (stream and stream.epoch != snapshot[0]):
-            # The stream jumped (or is about to) while the snapshot travelled: what reached
-            # the outbox can no longer be told apart from what is missing.
+        other_run = stream is not None and stream.epoch != snapshot[0]
+        if self._jumps(member.room) != jumps or other_run:
+            # The stream jumped (or is about to: another run) while the snapshot travelled:
+            # what reached the outbox can no longer be told apart from what is missing.
             await self.leave(member)
             raise BrokerUnavailable("the room's stream was resynchronised during the join")
         self._greet(member, snapshot, since, epoch)
@@ -292,7 +296,7 @@ class RedisBroker:
         while True:
             try:
                 event = member.outbox.receive_nowait()
-            except anyio.WouldBlock:
+            except (anyio.WouldBlock, anyio.EndOfStream):  # drained, or removed (shutdown)
                 break
             if _seq_of(event) > seq:
                 member.greeting.append(event)
@@ -349,20 +353,18 @@ class RedisBroker:
             counter, run = values[2 * index], values[2 * index + 1]
             stream = self._streams.get(room)
             if stream is None:
-                stream = self._adopt(room, run)
+                stream = self._adopt(room, run, int(counter or 0))
             if stream.epoch != run or stream.seq != int(counter or 0):
                 await self._catch_up(room)
 
-    def _adopt(self, room: Room, run: str | None) -> _Stream:
+    def _adopt(self, room: Room, run: str | None, seq: int) -> _Stream:
         """A stream position for a room that had none when its events may have been lost:
-        the earliest snapshot among its greeted members, counted as a jump (members still
-        joining are refused and retry)."""
+        the earliest snapshot among its greeted members (``run`` at ``seq`` if none is
+        greeted yet), counted as a jump: members still joining are refused and retry."""
         greeted = [(self._runs[m], m.skip_through) for m in room.members if m in self._runs]
         if greeted:
             run = greeted[0][0]
             seq = min(s for r, s in greeted if r == run)
-        else:
-            seq = 0
         stream = self._streams[room] = _Stream(run or "", seq, jumps=1)
         return stream
 
@@ -401,7 +403,7 @@ class RedisBroker:
                 # it comes no later than that member's snapshot (see the module docstring).
                 stream = self._streams[room] = _Stream(run, seq)
                 return stream
-            stream = self._adopt(room, run)  # members from another run: history decides
+            stream = self._adopt(room, run, seq)  # members from another run: history decides
         if run in stream.retired:
             return None
         if run == stream.epoch and seq <= stream.seq:
