@@ -44,10 +44,16 @@ def two_servers(redis_server: RedisServer) -> Iterator[list[ServerProcess]]:
         yield servers
 
 
-async def pause(server: ServerProcess, redis: RedisServer | None = None) -> None:
-    """Stop every process of ``server`` for :data:`PAUSE` seconds. With ``redis``, Redis
-    also drops the stopped server's subscription at once, as it does when a subscriber
-    falls too far behind: the server must then catch up from history."""
+async def pause(
+    server: ServerProcess,
+    redis: RedisServer | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Stop every process of ``server`` for :data:`PAUSE` seconds (started once they are
+    stopped). With ``redis``, Redis also drops the stopped server's subscription at once,
+    as it does when a subscriber falls too far behind: the server must then catch up from
+    history."""
     group = os.getpgid(server.process.pid)
     os.killpg(group, signal.SIGSTOP)
     try:
@@ -55,6 +61,7 @@ async def pause(server: ServerProcess, redis: RedisServer | None = None) -> None
             root = psutil.Process(server.process.pid)
             pids = {root.pid} | {child.pid for child in root.children(recursive=True)}
             assert redis.kill_subscribers(pids) == 1
+        task_status.started()
         await trio.sleep(PAUSE)  # the pause itself is what is being tested
     finally:
         os.killpg(group, signal.SIGCONT)
@@ -151,8 +158,7 @@ async def test_a_paused_server_without_the_history_says_history_gap(
                 async with trio.open_nursery() as nursery:
                     for client in clients:
                         nursery.start_soon(read_forever, client)
-                    nursery.start_soon(pause, servers[1], redis_server)
-                    await trio.sleep(0.5)  # the pause has begun (a wall-clock fact)
+                    await nursery.start(pause, servers[1], redis_server)
                     await run_load([], [sender], per_sender=PER_SENDER, window=WINDOW)
                     last = sender.acks[-1][1]
                     for client in clients:
