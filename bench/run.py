@@ -685,7 +685,11 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         }
         report["workloads"][wname] = entry
         if w.mode == "brokers":
-            run_brokers(runner, args, params, entry)
+            try:
+                run_brokers(runner, args, params, entry)
+            except RuntimeError as exc:  # no redis-server here: the rest of the run goes on
+                entry["error"] = str(exc)
+                log(f"{wname}: {exc}")
             continue
         passes = 1 if w.mode == "idle" else args.passes
         runs: dict[str, list[dict[str, Any]]] = {}
@@ -989,6 +993,8 @@ def _passes(report: dict[str, Any]) -> str:
 def broker_table(report: dict[str, Any], entry: dict[str, Any]) -> list[str]:
     """One row per broker configuration, the scenarios side by side; every ratio is
     against the memory broker with the same batching in this run."""
+    if "error" in entry:
+        return [f"Not measured: {entry['error']}"]
     S = entry["servers"]
     scenarios = list(entry["params"])
     first = entry["params"][scenarios[0]]
@@ -1003,17 +1009,20 @@ def broker_table(report: dict[str, Any], entry: dict[str, Any]) -> list[str]:
             f"{sc} deliveries/s | vs memory | p99 ms | events/frame | dup / gaps"
             for sc in scenarios
         )
-        + " |",
-        "|---|" + "---:|---:|---:|---:|---:|" * len(scenarios),
+        + " | notes |",
+        "|---|" + "---:|---:|---:|---:|---:|" * len(scenarios) + "---|",
     ]
     names = list(dict.fromkeys(key.partition("@")[0] for key in S))
     for name in names:
         cells = []
+        remarks = []
         for sc in scenarios:
             r = S.get(f"{name}@{sc}", {})
             if "error" in r:
                 cells.append(f"ERROR {str(r['error'])[:60]} | - | - | - | -")
                 continue
+            if remark := notes(r):
+                remarks.append(f"{sc}: {remark}")
             ref = S.get(f"{brokers.reference_of(name)}@{sc}", {}).get("deliveries_per_s")
             d = r.get("deliveries_per_s")
             order = r.get("order") or {}
@@ -1024,7 +1033,7 @@ def broker_table(report: dict[str, Any], entry: dict[str, Any]) -> list[str]:
                 f"{fmt(d)} | {ratio(d, ref)} | {fmt(r.get('p99_ms'), 1)} "
                 f"| {fmt(r.get('events_per_frame'), 1)} | {faults}"
             )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'; '.join(remarks)} |")
     return lines
 
 

@@ -70,19 +70,26 @@ class RedisServer:
     def command(self, *args: str) -> Reply:
         return redis_command(self.port, *args)
 
-    def kill_subscribers(self, pids: set[int]) -> int:
-        """Close the pub/sub connections of roomcast workers with these pids, as Redis does
-        to a subscriber that falls too far behind; returns how many were closed."""
-        closed = 0
+    def subscribers(self, pids: set[int]) -> list[str]:
+        """Client ids of the pub/sub connections of roomcast workers with these pids."""
         clients = self.command("CLIENT", "LIST", "TYPE", "pubsub")
         assert isinstance(clients, bytes)
+        ids = []
         for line in clients.decode().splitlines():
             fields = dict(item.partition("=")[::2] for item in line.split())
             name = fields.get("name", "")
             if name.startswith("roomcast-subscriber-") and int(name.rpartition("-")[2]) in pids:
-                killed = self.command("CLIENT", "KILL", "ID", fields["id"])
-                assert isinstance(killed, int)
-                closed += killed
+                ids.append(fields["id"])
+        return ids
+
+    def kill_subscribers(self, pids: set[int]) -> int:
+        """Close the pub/sub connections of roomcast workers with these pids, as Redis does
+        to a subscriber that falls too far behind; returns how many were closed."""
+        closed = 0
+        for id in self.subscribers(pids):
+            killed = self.command("CLIENT", "KILL", "ID", id)
+            assert isinstance(killed, int)
+            closed += killed
         return closed
 
     def forget(self) -> None:
