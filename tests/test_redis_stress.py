@@ -1,6 +1,7 @@
-"""The Redis broker under load, across two server processes on one redis-server: every
-member sees every message exactly once and in order, also while one server is paused
-(SIGSTOP) and must catch up; a server that dies takes its members out of the room."""
+"""The Redis broker under load, across two server processes on one redis-server (one on
+Hypercorn's Trio worker, one on its asyncio worker): every member sees every message
+exactly once and in order, also while one server is paused (SIGSTOP) and must catch up;
+a server that stops answering or dies takes its members out of the room."""
 
 from __future__ import annotations
 
@@ -32,10 +33,16 @@ PAUSE = 3.0
 
 @contextmanager
 def two_servers_on(redis: RedisServer, **env: str) -> Iterator[list[ServerProcess]]:
-    """Two ``python -m roomcast`` processes (one worker each) sharing ``redis``."""
+    """Two ``python -m roomcast`` processes (one worker each) sharing ``redis``: one on
+    Hypercorn's Trio worker, one on its asyncio worker."""
     env = {"ROOMCAST_REDIS_URL": redis.url, "ROOMCAST_RATE_LIMIT": "0", **env}
     with ExitStack() as stack:
-        yield [stack.enter_context(spawn_server(["--workers", "1"], env=env)) for _ in range(2)]
+        yield [
+            stack.enter_context(
+                spawn_server(["--workers", "1", "--worker-class", worker_class], env=env)
+            )
+            for worker_class in ("trio", "asyncio")
+        ]
 
 
 @pytest.fixture
