@@ -18,7 +18,7 @@ subscribed connection only ever receives ``pmessage`` pushes and a few command r
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
@@ -93,7 +93,7 @@ class Subscription:
             lambda reply: isinstance(reply, list) and reply[:1] == [b"psubscribe"], "PSUBSCRIBE"
         )
 
-    async def _expect(self, check: Any, what: str) -> None:
+    async def _expect(self, check: Callable[[Reply], bool], what: str) -> None:
         with anyio.fail_after(self._timeout):
             while not self._replies:
                 await self._read()
@@ -121,8 +121,8 @@ class Subscription:
         try:
             with anyio.fail_after(self._timeout):
                 await self._stream.send(encode_command(*args))
-        except (anyio.BrokenResourceError, OSError) as exc:
-            raise SubscriptionLost(f"connection to Redis lost: {exc!r}") from exc
+        except (anyio.BrokenResourceError, OSError, TimeoutError) as exc:
+            raise SubscriptionLost(f"cannot write to Redis: {exc!r}") from exc
 
 
 @asynccontextmanager
