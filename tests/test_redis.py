@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -15,8 +15,10 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from roomcast import Settings, create_app
-from roomcast.brokers.redis import QUEUE_SIZE, RedisBroker
+from roomcast.brokers import redis as redis_broker
+from roomcast.brokers.redis import MEMBER_QUEUE, QUEUE_SIZE, Backlog, RedisBroker
 
+from chatload import Client, connect_all, read_forever, send_all
 from redis_server import RedisServer
 from servers import ThreadedServer, serve_in_thread
 
@@ -258,46 +260,52 @@ async def test_redis_losing_its_data_starts_a_new_run(redis_server: RedisServer)
 
 
 async def test_a_stalled_redis_holds_senders_back_then_acks_in_order(
-    redis_server: RedisServer,
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While Redis does not answer, a flooding sender fills its worker's bounded queue and
-    then waits (its frames stay in its socket); when Redis answers again every message is
-    acknowledged, in the order sent, with increasing seqs."""
-    settings = Settings(redis_url=redis_server.url, rate_limit=0, outbox_size=16384)
-    count = QUEUE_SIZE * 3
+    """While Redis does not answer, flooding senders fill their worker's bounded queue (a
+    single one only its own share of it) and then wait, their frames left in their
+    sockets; when Redis answers again every message is acknowledged, in the order each
+    sender sent them, and the room's seqs are each given once."""
+    monkeypatch.setattr(redis_broker, "REQUEST_TIMEOUT", 30.0)  # slow, not unavailable
+    settings = Settings(redis_url=redis_server.url, rate_limit=0, outbox_size=8192)
+    senders = QUEUE_SIZE // MEMBER_QUEUE + 2  # more than the queue holds
+    per_sender = MEMBER_QUEUE + 1  # one more than a sender's share
     with serve_in_thread(create_app(settings)) as server, trio.fail_after(60):
         broker = server.runtime.broker
         assert isinstance(broker, RedisBroker)
-        async with chat(server.url("/ws/chat?room=slow&name=flood")) as (flood, _):
-            acks: list[tuple[str, int]] = []
 
-            async def send_all() -> None:
-                for n in range(count):
-                    await flood.send_message(json.dumps({"text": f"m{n}", "id": f"{n}"}))
+        async def backlog_once(check: Callable[[Backlog], bool]) -> Backlog:
+            while True:  # another thread's server: poll it
+                backlog = await trio.to_thread.run_sync(server.run_sync, lambda: broker.backlog)
+                if check(backlog):
+                    return backlog
+                await trio.sleep(0.01)
 
-            async def read_acks() -> None:
-                while len(acks) < count:
-                    event = json.loads(await flood.get_message())
-                    assert event["type"] != "error", event
-                    if event["type"] == "ack":
-                        acks.append((event["id"], event["seq"]))
-
+        url = server.url("/ws/chat?room=slow")
+        clients = [Client(url + f"&name=f{n}", batch=n % 2 == 0) for n in range(senders)]
+        async with AsyncExitStack() as stack:
+            await connect_all(stack, clients)
             redis_server.pause()
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(send_all)
-                    nursery.start_soon(read_acks)
-                    while True:  # another thread's server: poll its queue
-                        backlog = await trio.to_thread.run_sync(
-                            server.run_sync, lambda: broker.backlog
-                        )
-                        if backlog.current_buffer_used and backlog.tasks_waiting_send:
-                            break
-                        await trio.sleep(0.01)
-                    assert backlog.current_buffer_used == QUEUE_SIZE  # full, not growing
-                    assert not acks
+                    for client in clients:
+                        nursery.start_soon(read_forever, client)
+                    nursery.start_soon(send_all, clients[0], 0, per_sender, per_sender)
+                    alone = await backlog_once(lambda backlog: backlog.waiting == 1)
+                    assert alone.queued <= MEMBER_QUEUE  # one sender: only its share
+                    for n, client in enumerate(clients[1:], 1):
+                        nursery.start_soon(send_all, client, n, per_sender, per_sender)
+                    full = await backlog_once(lambda backlog: backlog.waiting == senders)
+                    assert full.queued == QUEUE_SIZE  # full, not growing
+                    assert not any(client.acks for client in clients)
                     redis_server.resume()
+                    for client in clients:
+                        await client.wait_for(lambda c=client: len(c.acks) == per_sender)  # type: ignore[misc]
+                    nursery.cancel_scope.cancel()
             finally:
                 redis_server.resume()
-    assert [id for id, _ in acks] == [f"{n}" for n in range(count)]
-    assert [seq for _, seq in acks] == list(range(1, count + 1))
+    for client in clients:
+        assert [id for id, _ in client.acks] == [f"{n}" for n in range(per_sender)]
+        assert not client.errors
+    seqs = sorted(seq for client in clients for _, seq in client.acks)
+    assert seqs == list(range(1, senders * per_sender + 1))

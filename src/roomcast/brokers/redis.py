@@ -93,13 +93,12 @@ import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import anyio
 import coredis
 import orjson
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectStreamStatistics
 from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
@@ -110,7 +109,7 @@ from ..settings import Settings
 from . import UNAVAILABLE_NOTICE, BrokerUnavailable, redis_scripts
 from .subscriber import SubscriptionLost, open_subscription
 
-__all__ = ["PRESENCE_TTL", "RedisBroker", "open_redis_broker"]
+__all__ = ["PRESENCE_TTL", "Backlog", "RedisBroker", "open_redis_broker"]
 
 log = logging.getLogger("roomcast.redis")
 
@@ -123,9 +122,13 @@ TICK: Final = 1.0
 #: longest a request to Redis may take before the caller is told it is unavailable
 REQUEST_TIMEOUT: Final = 2.0
 #: messages a worker queues for Redis before receive loops wait (backpressure)
-QUEUE_SIZE: Final = 1024
-#: most messages in one publishing script call (their acks reach outboxes in one step)
-MAX_BATCH: Final = 256
+QUEUE_SIZE: Final = 2048
+#: messages one member may have queued: beyond that its own receive loop waits, so one
+#: flooding connection cannot fill the worker's queue, and its acks come at most this
+#: many at once
+MEMBER_QUEUE: Final = 64
+#: most messages in one publishing script call
+MAX_BATCH: Final = 1024
 #: rooms per presence upkeep call
 UPKEEP_ROOMS: Final = 100
 #: presence changes announced one by one; more at once become one notice with the count
@@ -162,6 +165,13 @@ class _Stream:
     retired: set[str] = field(default_factory=set)
 
 
+class Backlog(NamedTuple):
+    """See :attr:`RedisBroker.backlog`."""
+
+    queued: int
+    waiting: int
+
+
 @dataclass(eq=False, slots=True)
 class _Outgoing:
     """A message waiting in the publisher's queue, serialised around its future seq."""
@@ -170,6 +180,8 @@ class _Outgoing:
     id: str | None
     head: str
     tail: str
+    #: the member's queue slots, one of which this message holds until it is answered
+    slots: anyio.Semaphore
 
 
 class RedisBroker:
@@ -193,6 +205,9 @@ class RedisBroker:
         self._runs: weakref.WeakKeyDictionary[Member, str] = weakref.WeakKeyDictionary()
         #: members whose presence entry had expired at the last refresh (a long pause)
         self._absent: weakref.WeakSet[Member] = weakref.WeakSet()
+        self._slots: weakref.WeakKeyDictionary[Member, anyio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
         self._outgoing_send, self._outgoing = anyio.create_memory_object_stream[_Outgoing](
             QUEUE_SIZE
         )
@@ -205,10 +220,12 @@ class RedisBroker:
         return self._healthy and self._subscribed
 
     @property
-    def backlog(self) -> MemoryObjectStreamStatistics:
-        """The publisher's queue: messages waiting for Redis (at most :data:`QUEUE_SIZE`)
-        and receive loops waiting for room in it."""
-        return self._outgoing_send.statistics()
+    def backlog(self) -> Backlog:
+        """Messages waiting for Redis, and receive loops waiting for room (in the queue or
+        in their member's share of it)."""
+        queue = self._outgoing_send.statistics()
+        waiting = sum(slots.statistics().tasks_waiting for slots in self._slots.values())
+        return Backlog(queue.current_buffer_used, queue.tasks_waiting_send + waiting)
 
     # -- the Broker interface ---------------------------------------------------------------
 
@@ -252,8 +269,9 @@ class RedisBroker:
             await self._remove_presence(member)
 
     async def publish(self, member: Member, message: ChatMessage) -> None:
-        """Queue the message for this worker's publisher (waiting only while the queue is
-        full); its ``ack`` or ``unavailable`` error follows in the member's outbox."""
+        """Queue the message for this worker's publisher (waiting only while the queue,
+        or the member's share of it, is full); its ``ack`` or ``unavailable`` error
+        follows in the member's outbox."""
         if not member.joined:
             return
         head, tail = protocol.encode_message_parts(
@@ -263,11 +281,22 @@ class RedisBroker:
             ts=_now_ms(),
             id=message.id,
         )
-        outgoing = _Outgoing(member, message.id, head, tail)
+        slots = self._slots.get(member)
+        if slots is None:
+            slots = self._slots[member] = anyio.Semaphore(MEMBER_QUEUE)
+        try:
+            slots.acquire_nowait()
+        except anyio.WouldBlock:
+            await slots.acquire()
+        outgoing = _Outgoing(member, message.id, head, tail, slots)
         try:
             self._outgoing_send.send_nowait(outgoing)
         except anyio.WouldBlock:
-            await self._outgoing_send.send(outgoing)
+            try:
+                await self._outgoing_send.send(outgoing)
+            except BaseException:
+                slots.release()
+                raise
 
     # -- joining ----------------------------------------------------------------------------
 
@@ -517,11 +546,13 @@ class RedisBroker:
             firsts = await self._call(self._publish, keys, args)
         except BrokerUnavailable:
             for outgoing in batch:
+                outgoing.slots.release()
                 self._refuse(outgoing)
             return
         self.hub.stats.messages_in += len(batch)
         for messages, first in zip(rooms.values(), firsts, strict=True):
             for offset, outgoing in enumerate(messages):
+                outgoing.slots.release()
                 if outgoing.id is not None and outgoing.member.joined:
                     ack = protocol.encode_ack(id=outgoing.id, seq=int(first) + offset)
                     self.hub.send_to(outgoing.member, ack)
