@@ -991,8 +991,9 @@ def _passes(report: dict[str, Any]) -> str:
 
 
 def broker_table(report: dict[str, Any], entry: dict[str, Any]) -> list[str]:
-    """One row per broker configuration, the scenarios side by side; every ratio is
-    against the memory broker with the same batching in this run."""
+    """One row per scenario and broker configuration; every ratio is against the memory
+    broker with the same batching in this run. Server CPU per delivery is the steadier
+    signal when other work shares the machine."""
     if "error" in entry:
         return [f"Not measured: {entry['error']}"]
     S = entry["servers"]
@@ -1004,36 +1005,34 @@ def broker_table(report: dict[str, Any], entry: dict[str, Any]) -> list[str]:
         "had already seen (duplicates or out of order), gaps = seqs a member never got, "
         "over the whole run.",
         "",
-        "| configuration | "
-        + " | ".join(
-            f"{sc} deliveries/s | vs memory | p99 ms | events/frame | dup / gaps"
-            for sc in scenarios
-        )
-        + " | notes |",
-        "|---|" + "---:|---:|---:|---:|---:|" * len(scenarios) + "---|",
+        "| scenario | configuration | deliveries/s | vs memory | server CPU µs/delivery "
+        "| vs memory | p99 ms | events/frame | dup / gaps | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     names = list(dict.fromkeys(key.partition("@")[0] for key in S))
-    for name in names:
-        cells = []
-        remarks = []
-        for sc in scenarios:
+    for sc in scenarios:
+        for name in names:
             r = S.get(f"{name}@{sc}", {})
             if "error" in r:
-                cells.append(f"ERROR {str(r['error'])[:60]} | - | - | - | -")
+                lines.append(f"| {sc} | {name} | - | - | - | - | - | - | - | {notes(r)} |")
                 continue
-            if remark := notes(r):
-                remarks.append(f"{sc}: {remark}")
-            ref = S.get(f"{brokers.reference_of(name)}@{sc}", {}).get("deliveries_per_s")
-            d = r.get("deliveries_per_s")
+            ref = S.get(f"{brokers.reference_of(name)}@{sc}", {})
+            d, cpu = r.get("deliveries_per_s"), r.get("server_cpu_us_per_delivery")
             order = r.get("order") or {}
             faults = f"{order.get('duplicates', '-')} / {order.get('gaps', '-')}"
             if not r.get("complete", True):
                 faults += " (incomplete)"
-            cells.append(
-                f"{fmt(d)} | {ratio(d, ref)} | {fmt(r.get('p99_ms'), 1)} "
-                f"| {fmt(r.get('events_per_frame'), 1)} | {faults}"
+            rounds = "/".join(
+                f"{x / 1000:.0f}k" for x in r.get("rounds_deliveries_per_s") or [] if x
             )
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'; '.join(remarks)} |")
+            other = r.get("other_cpu_pct")
+            remark = f"rounds {rounds}" + (f"; other load {other:.0f}% CPU" if other else "")
+            lines.append(
+                f"| {sc} | {name} | {fmt(d)} | {ratio(d, ref.get('deliveries_per_s'))} "
+                f"| {fmt(cpu, 1)} | {ratio(cpu, ref.get('server_cpu_us_per_delivery'))} "
+                f"| {fmt(r.get('p99_ms'), 1)} | {fmt(r.get('events_per_frame'), 1)} "
+                f"| {faults} | {remark} |"
+            )
     return lines
 
 
