@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,10 +24,12 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, extra: Sequence[str] = ()) -> None:
         self.directory = directory
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        #: more redis-server arguments (``--requirepass``, ``--unixsocket``, ...)
+        self.extra = list(extra)
 
     @property
     def url(self) -> str:
@@ -52,6 +54,7 @@ class RedisServer:
                 "always",
                 "--dir",
                 str(self.directory),
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -61,7 +64,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
+                    if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # up, maybe locked
                         return
             except OSError:
                 time.sleep(0.05)
@@ -117,9 +120,9 @@ class RedisServer:
 
 
 @contextmanager
-def run_redis(directory: Path) -> Iterator[RedisServer]:
+def run_redis(directory: Path, extra: Sequence[str] = ()) -> Iterator[RedisServer]:
     os.makedirs(directory, exist_ok=True)
-    server = RedisServer(directory)
+    server = RedisServer(directory, extra)
     server.start()
     try:
         yield server

@@ -1,13 +1,17 @@
 """The Redis broker against a real redis-server: two servers share rooms, resume works on
-both brokers, and a Redis outage in the middle of traffic is survived."""
+both brokers, a Redis outage in the middle of traffic is survived, Redis losing its data
+starts a new run, a stalled Redis holds senders back (bounded queue) and then acks in
+order, and the broker reaches Redis however the URL says (password, ACL user, socket)."""
 
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +23,7 @@ from roomcast.brokers import redis as redis_broker
 from roomcast.brokers.redis import MEMBER_QUEUE, QUEUE_SIZE, Backlog, RedisBroker
 
 from chatload import Client, connect_all, read_forever, send_all
-from redis_server import RedisServer
+from redis_server import RedisServer, run_redis
 from servers import ThreadedServer, serve_in_thread
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
@@ -309,3 +313,34 @@ async def test_a_stalled_redis_holds_senders_back_then_acks_in_order(
         assert not client.errors
     seqs = sorted(seq for client in clients for _, seq in client.acks)
     assert seqs == list(range(1, senders * per_sender + 1))
+
+
+@pytest.mark.parametrize("access", ["password", "acl-user", "unix-socket"])
+async def test_the_broker_reaches_redis_the_way_the_url_says(
+    tmp_path: os.PathLike[str], access: str
+) -> None:
+    """Commands (coredis) and the subscriber (roomcast's own connection) both follow the
+    URL: a password, an ACL user, a Unix socket."""
+    directory = Path(tmp_path) / "redis"
+    socket_path = directory / "redis.sock"
+    extra = {
+        "password": ["--requirepass", "s3cret"],
+        "acl-user": [
+            *("--user", "default", "off"),
+            *("--user", "chat", "on", ">pw", "~*", "&*", "+@all"),
+        ],
+        "unix-socket": ["--unixsocket", str(socket_path), "--unixsocketperm", "700"],
+    }[access]
+    with run_redis(directory, extra) as redis:
+        url = {
+            "password": f"redis://:s3cret@127.0.0.1:{redis.port}/0",
+            "acl-user": f"redis://chat:pw@127.0.0.1:{redis.port}/0",
+            "unix-socket": f"unix://{socket_path}?db=0",
+        }[access]
+        settings = Settings(redis_url=url, rate_limit=0)
+        with serve_in_thread(create_app(settings)) as server, trio.fail_after(15):
+            room = server.url("/ws/chat?room=url")
+            async with chat(room + "&name=a") as (a, _), chat(room + "&name=b") as (b, _):
+                await a.send_message("through the subscriber")
+                assert (await next_of(b, "message"))["text"] == "through the subscriber"
+                assert await trio.to_thread.run_sync(health, server) == 200
