@@ -442,23 +442,20 @@ def test_browser_errors_and_close_reasons() -> None:
         dana = Person(browser, expect, "Dana", viewport={"width": 390, "height": 844})
         stack.callback(dana.close)
 
-        # no token: closed with 4001, said plainly, and not retried
+        # no token: closed with 4001, which leads to the sign-in step, and is not retried
         dana.page.goto(f"{base}?room=ops&name=Dana")
-        expect(dana.status).to_have_attribute("data-state", "closed")
-        expect(dana.status).to_contain_text("not authorised")
-        expect(dana.page.locator("#banner")).to_contain_text("missing or invalid token")
+        expect(dana.page.locator("#signin")).to_be_visible()
+        expect(dana.page.locator("#join-error")).to_contain_text("paste your access token")
         assert dana.page.evaluate(
             "() => !window.roomcast.session.active && window.roomcast.session.retryTimer === null"
         )
-        expect(dana.page.locator("#change-room")).to_be_visible()
-        expect(dana.page.locator("#retry")).to_be_hidden()
-        dana.screenshot("closed-4001-phone")
+        dana.screenshot("signin-4001-phone")
 
         # a name the server refuses (a right-to-left override could disguise it): 4400
         # brings the join form back with the server's reason, and nothing is retried
         dana.page.goto(f"{base}?room=ops&name=Dana%E2%80%AEX&token=sesame")
         expect(dana.page.locator("#join-form")).to_be_visible()
-        expect(dana.page.locator("#join-error")).to_contain_text("name must be")
+        expect(dana.page.locator("#join-error")).to_contain_text("bidirectional control")
         assert dana.page.evaluate("() => !window.roomcast.session.active")
 
         # with the token: in
