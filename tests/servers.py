@@ -1,11 +1,13 @@
 """Real servers for end-to-end tests.
 
-:func:`serve_in_thread` runs Hypercorn (Trio or asyncio worker) on its own event loop in a
-background thread, bound to a socket the test binds itself on port 0 and hands over with
-``fd://`` (as ``python -m roomcast`` does). Tests talk to it over loopback with real
+:func:`serve_in_thread` runs Hypercorn on its own event loop in a background thread: on Trio
+with roomcast's serving loop (``roomcast.launcher.trio_server``, what ``python -m roomcast``
+runs), on asyncio with Hypercorn's. It is bound to a socket the test binds itself on port 0
+and hands over with ``fd://``. Tests talk to it over loopback with real
 clients and can run a function inside the server's loop to inspect its state.
 
-:func:`spawn_server` starts ``python -m roomcast`` (or plain ``hypercorn``) as a subprocess.
+:func:`spawn_server` starts a serving command the README offers (``python -m roomcast``,
+``roomcast``, ``bash scripts/run`` or plain ``hypercorn``) as a subprocess.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -26,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import psutil
 import trio
 from hypercorn.config import Config
 
@@ -151,7 +155,9 @@ def _call_soon(token: trio.lowlevel.TrioToken, fn: Callable[[], T]) -> T:
 
 
 def _run_trio(spy: LifespanSpy, config: Config, ready: Future[Any], stopper: Future[Any]) -> None:
-    import hypercorn.trio
+    from hypercorn.utils import wrap_app
+
+    from roomcast.launcher import trio_server
 
     async def main() -> None:
         shutdown = trio.Event()
@@ -159,11 +165,11 @@ def _run_trio(spy: LifespanSpy, config: Config, ready: Future[Any], stopper: Fut
         stopper.set_result(lambda: _call_soon(token, shutdown.set))
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                lambda task_status: hypercorn.trio.serve(
-                    spy,
+                lambda task_status: trio_server.serve(
+                    wrap_app(spy, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
                     config,
                     shutdown_trigger=shutdown.wait,
-                    task_status=task_status,  # type: ignore[arg-type]
+                    task_status=task_status,
                 )
             )
             ready.set_result(lambda fn: _call_soon(token, fn))
@@ -212,6 +218,16 @@ def _run_asyncio(
 # -- subprocess servers -------------------------------------------------------------------------
 
 _RUNNING_ON = re.compile(rb"Running on http://[0-9.]+:(\d+)")
+_SERVING = re.compile(rb"worker\(s\) serving")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: the serving commands the README offers, by name
+COMMANDS: dict[str, list[str]] = {
+    "python -m roomcast": [sys.executable, "-m", "roomcast"],
+    "roomcast": [os.path.join(os.path.dirname(sys.executable), "roomcast")],
+    "scripts/run": ["bash", os.path.join(ROOT, "scripts", "run")],
+    "hypercorn": [sys.executable, "-m", "hypercorn"],
+}
 
 
 @dataclass
@@ -231,6 +247,33 @@ class ServerProcess:
         if self.process.poll() is None:
             self.process.send_signal(sig)
 
+    @property
+    def text(self) -> str:
+        return b"".join(self.output).decode(errors="replace")
+
+    def master(self) -> psutil.Process:
+        """The serving process: the command's own, or its child when a shell runs it."""
+        process = psutil.Process(self.process.pid)
+        if process.name() == "bash":
+            (process,) = [child for child in process.children() if "bash" not in child.name()]
+        return process
+
+    def workers(self) -> list[int]:
+        """Worker pids (multiprocessing's resource tracker is not one)."""
+        children = self.master().children()
+        return sorted(c.pid for c in children if "resource_tracker" not in " ".join(c.cmdline()))
+
+    def wait_for_output(self, pattern: str, timeout: float = 10.0, after: int = 0) -> str:
+        """The first output line from index ``after`` on that matches ``pattern``."""
+        compiled = re.compile(pattern.encode())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.output[after:]:
+                if compiled.search(line):
+                    return line.decode(errors="replace")
+            time.sleep(0.02)
+        raise AssertionError(f"no output line matched {pattern!r}:\n{self.text}")
+
 
 @contextmanager
 def spawn_server(
@@ -239,48 +282,58 @@ def spawn_server(
     env: dict[str, str] | None = None,
     port: int = 0,
     host: str = "127.0.0.1",
+    command: str = "python -m roomcast",
     hypercorn: bool = False,
     config: str | None = None,
-    timeout: float = 20.0,
+    nofile: int | None = None,
+    timeout: float = 30.0,
 ) -> Iterator[ServerProcess]:
-    """Run ``python -m roomcast`` (or ``hypercorn roomcast.app:app``) on ``host:port`` with
-    the repository's hypercorn.toml (or ``config``) and wait until it listens; the whole
-    process group is killed on exit if it is still running."""
+    """Run a serving command of :data:`COMMANDS` (``hypercorn=True`` for plain Hypercorn)
+    on ``host:port`` with the repository's hypercorn.toml (or ``config``) and wait until
+    every worker serves; the whole process group is killed on exit if still running.
+
+    ``nofile`` sets the command's soft and hard open-file limit (``ulimit -n``).
+    """
     bind = f"{host}:{port}"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config = config or os.path.join(root, "hypercorn.toml")
-    if hypercorn:
-        command = [sys.executable, "-m", "hypercorn", "--config", config, "--bind", bind]
-        command += [*(args or []), "roomcast.app:app"]
-    else:
-        command = [sys.executable, "-m", "roomcast", "--config", config, "--bind", bind]
-        command += args or []
+    config = config or os.path.join(ROOT, "hypercorn.toml")
+    command = "hypercorn" if hypercorn else command
+    argv = [*COMMANDS[command], "--config", config, "--bind", bind, *(args or [])]
+    if command == "hypercorn":
+        argv.append("roomcast.app:app")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+
+    def limit_files() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     process = subprocess.Popen(
-        command,
-        cwd=root,
+        argv,
+        cwd=ROOT,
         env=full_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: workers die with it
+        preexec_fn=limit_files,
     )
     output: list[bytes] = []
-    found = threading.Event()
+    ready = threading.Event()
     ports: list[int] = []
+    launcher = command != "hypercorn"
 
     def pump() -> None:
         assert process.stdout is not None
         for line in process.stdout:
             output.append(line)
             match = _RUNNING_ON.search(line)
-            if match and not found.is_set():
+            if match and not ports:
                 ports.append(int(match.group(1)))
-                found.set()
+            if ports and (not launcher or any(_SERVING.search(seen) for seen in output)):
+                ready.set()
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     deadline = time.monotonic() + timeout
-    while not found.wait(0.05):
+    while not ready.wait(0.05):
         if process.poll() is not None or time.monotonic() > deadline:
             _kill_group(process)
             raise RuntimeError(

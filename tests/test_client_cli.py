@@ -10,6 +10,7 @@ fails its test instead of hanging the run.
 from __future__ import annotations
 
 import codecs
+import fcntl
 import json
 import os
 import pty
@@ -17,8 +18,10 @@ import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,11 +29,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import anyio
+import pyte
 import pytest
 import trio
 
-from roomcast.client import PendingAcks, chat_url, format_event
+from roomcast.chat import format_event
+from roomcast.client import HistoryGap, Message, Presence, Reconnecting, Welcome, chat_url
 
+from redis_server import RedisServer
 from servers import ServerProcess, spawn_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,11 +256,12 @@ def test_unreachable_server_exits_2() -> None:
     assert result.stderr.startswith(f"roomcast: cannot connect to ws://127.0.0.1:{port}/ws/chat")
 
 
-def test_chat_url_defaults_and_overrides() -> None:
-    assert chat_url("ws://h:1") == "ws://h:1/ws/chat"
-    assert chat_url("ws://h:1/", room="r", name="bob") == "ws://h:1/ws/chat?room=r&name=bob"
-    assert chat_url("wss://h/ws/chat?room=a&since=3", room="b") == "wss://h/ws/chat?room=b&since=3"
-    assert chat_url("ws://h/ws/echo") == "ws://h/ws/echo"
+def test_chat_url_adds_the_chat_path_under_any_mount_prefix() -> None:
+    assert chat_url("ws://h:1", "r") == "ws://h:1/ws/chat?room=r"
+    assert chat_url("ws://h:1/", "r", name="bob") == "ws://h:1/ws/chat?room=r&name=bob"
+    assert chat_url("wss://h/ws/chat", "b", since=3) == "wss://h/ws/chat?room=b&since=3"
+    assert chat_url("ws://h/chat/", "r") == "ws://h/chat/ws/chat?room=r"
+    assert chat_url("http://h:1", "r") == "ws://h:1/ws/chat?room=r"
 
 
 # -- human output ---------------------------------------------------------------------------
@@ -262,36 +269,28 @@ def test_chat_url_defaults_and_overrides() -> None:
 
 def test_events_in_human_form() -> None:
     ts = int(time.mktime((2024, 5, 6, 7, 8, 9, 0, 0, -1)) * 1000)
-    message = {"type": "message", "text": "hi", "from": "bob", "ts": ts, "seq": 1}
-    assert format_event(message, "") == "[07:08:09] bob: hi"
-    assert format_event({**message, "from": None}, "") == "[07:08:09] (anonymous): hi"
-    system = {"type": "system", "message": "alice joined #r", "event": "join", "count": 3}
-    assert format_event(system, "") == "* alice joined #r (3 here)"
-    welcome = {"type": "welcome", "room": "r", "members": ["a", "b"], "count": 3, "seq": 0}
-    assert format_event(welcome, "") == "* you joined #r (3 here: a, b and 1 more)"
-    error = {"type": "error", "error": "rate_limited", "message": "slow down"}
-    assert format_event(error, "") == "! rate_limited: slow down"
-    assert format_event({"type": "ack", "id": "1", "seq": 1}, "") is None
-    assert format_event({}, "not json") == "? not json"
+    message = Message(room="r", seq=1, text="hi", sender="bob", user=None, ts=ts)
+    assert format_event(message) == "[07:08:09] bob: hi"
+    anonymous = Message(room="r", seq=1, text="hi", sender=None, user=None, ts=ts)
+    assert format_event(anonymous) == "[07:08:09] (anonymous): hi"
+    system = Presence(event="join", names=("alice",), count=3, message="alice joined #r")
+    assert format_event(system) == "* alice joined #r (3 here)"
+    welcome = Welcome(room="r", epoch="e", seq=0, members=("a", "b"), count=3)
+    assert format_event(welcome) == "* you joined #r (3 here: a, b and 1 more)"
+    gap = HistoryGap(epoch="e", since=3, first=10)
+    assert format_event(gap) == "* some messages are no longer available (missed 4-9)"
+    lost = Reconnecting(code=1006, reason="", attempt=1, delay=0.25)
+    assert format_event(lost) == "* connection lost (1006); reconnecting in 0.2s"
 
 
 def test_terminal_control_characters_are_shown_not_obeyed() -> None:
-    event = {"type": "message", "text": "\x1b[2Jgone\x07\nline 2", "from": "m\x1b]0;x", "ts": 0}
-    line = format_event(event, "")
+    event = Message(
+        room="r", seq=1, text="\x1b[2Jgone\x07\nline 2", sender="m\x1b]0;x", user=None, ts=0
+    )
+    line = format_event(event)
     assert line is not None
     assert "\x1b" not in line and "\x07" not in line
     assert line.endswith("m\\x1b]0;x: \\x1b[2Jgone\\x07\n    line 2")
-
-
-def test_an_ack_settles_every_older_message() -> None:
-    pending = PendingAcks()
-    for message_id in (1, 2, 3, 4):
-        pending.add(message_id)
-    pending.acked(2)  # 1 was dropped without an answer (rate limit)
-    assert len(pending) == 2
-    pending.refused()  # an error answers the oldest: 3
-    pending.acked(4)
-    assert len(pending) == 0
 
 
 # -- scripting mode -------------------------------------------------------------------------
@@ -313,13 +312,8 @@ def test_piped_lines_become_messages_and_events_come_out_as_json(
     assert (events[0]["members"], events[0]["count"], events[0]["seq"]) == (["alice", "bob"], 2, 0)
     messages = of_type(events, "message")
     assert [m["text"] for m in messages] == ["hello", "world", "no newline at the end"]
-    assert [(m["seq"], m["id"], m["from"]) for m in messages] == [
-        (1, "1", "bob"),
-        (2, "2", "bob"),
-        (3, "3", "bob"),
-    ]
-    acks = of_type(events, "ack")
-    assert [(a["id"], a["seq"]) for a in acks] == [("1", 1), ("2", 2), ("3", 3)]
+    assert [(m["seq"], m["from"]) for m in messages] == [(1, "bob"), (2, "bob"), (3, "bob")]
+    assert [a["seq"] for a in of_type(events, "ack")] == [1, 2, 3]
 
     assert alice.wait() == 0
     seen = json_lines(alice.out.read_to_end())
@@ -346,7 +340,7 @@ def test_batch_frames_are_split_into_events(server: ServerProcess, clients: list
     assert (bob.returncode, bob.stderr) == (0, "")
     events = json_lines(bob.stdout)
     assert [m["seq"] for m in of_type(events, "message")] == list(range(1, total + 1))
-    assert [a["id"] for a in of_type(events, "ack")] == [str(n) for n in range(1, total + 1)]
+    assert [a["seq"] for a in of_type(events, "ack")] == list(range(1, total + 1))
     assert alice.wait() == 0
     seen = of_type(json_lines(alice.out.read_to_end()), "message")
     assert [m["text"] for m in seen] == [f"line {n}" for n in range(1, total + 1)]
@@ -453,9 +447,9 @@ def test_timeout_alone_ends_a_listening_session_normally(
 
 
 def test_unknown_path_close_is_reported(server: ServerProcess) -> None:
-    result = run_client(server.url("/ws/nowhere"))
+    result = run_client(server.url("/nowhere"))  # a mount prefix with no roomcast under it
     assert result.returncode == 1
-    assert result.stderr == "roomcast: closed 4004: no WebSocket endpoint at /ws/nowhere\n"
+    assert result.stderr == "roomcast: closed 4004: no WebSocket endpoint at /nowhere/ws/chat\n"
 
 
 def test_ctrl_c_leaves_the_room_quietly(server: ServerProcess, clients: list[Client]) -> None:
@@ -496,28 +490,113 @@ def test_a_closed_stdout_ends_the_session_quietly(
 # -- interactive mode -----------------------------------------------------------------------
 
 
-def test_interactive_session_in_a_terminal(server: ServerProcess, clients: list[Client]) -> None:
+class AnsweringScreen(pyte.Screen):
+    """A pyte screen that answers the terminal's queries (cursor position reports), as a
+    real terminal does."""
+
+    answer: Any = None
+
+    def write_process_input(self, data: str) -> None:
+        if self.answer is not None:
+            self.answer(data)
+
+
+class Terminal:
+    """A client in a pseudo-terminal of a fixed size, its output rendered by pyte (a
+    terminal emulator), so tests assert what a person would see on the screen."""
+
+    ROWS, COLUMNS = 24, 100
+
+    def __init__(self, url: str, *args: str) -> None:
+        master, child_side = pty.openpty()
+        size = struct.pack("HHHH", self.ROWS, self.COLUMNS, 0, 0)
+        fcntl.ioctl(child_side, termios.TIOCSWINSZ, size)
+        self.process = subprocess.Popen(
+            [*CLIENT, url, *args],
+            stdin=child_side,
+            stdout=child_side,
+            stderr=child_side,
+            cwd=ROOT,
+            env={**os.environ, "TERM": "xterm"},
+            start_new_session=True,
+        )
+        os.close(child_side)
+        self.fd = master
+        self.screen = AnsweringScreen(self.COLUMNS, self.ROWS)
+        self.screen.answer = lambda text: os.write(master, text.encode())
+        self.stream = pyte.ByteStream(self.screen)
+        self.raw = b""
+
+    def type(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    @property
+    def lines(self) -> list[str]:
+        return [line.rstrip() for line in self.screen.display]
+
+    def wait_for(self, condition: Any, what: str, timeout: float = DEADLINE) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition(self.lines):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"not on screen: {what}\n" + "\n".join(self.lines))
+            ready, _, _ = select.select([self.fd], [], [], remaining)
+            if ready:
+                try:
+                    data = os.read(self.fd, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    raise AssertionError(f"the client ended before {what}: {self.raw[-500:]!r}")
+                self.raw += data
+                self.stream.feed(data)
+
+    def wait(self) -> int:
+        return self.process.wait(timeout=DEADLINE)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=DEADLINE)
+        os.close(self.fd)
+
+
+def showing(pattern: str, times: int = 1) -> Any:
+    regex = re.compile(pattern)
+    return lambda lines: sum(bool(regex.search(line)) for line in lines) == times
+
+
+def test_interactive_session_keeps_the_typed_line_and_shows_own_lines_once(
+    server: ServerProcess,
+) -> None:
     room = fresh_room()
     url = room_url(server, room)
-    bob = Client(url, "--name", "bob", terminal=True)
-    clients.append(bob)
-    bob.out.expect(rf"\* you joined #{room} \(1 here: bob\)\r\n")
+    bob = Terminal(url, "--name", "bob")
+    try:
+        bob.wait_for(showing(rf"^\* you joined #{room} \(1 here: bob\)$"), "the welcome")
+        bob.type(b"hello there\r")
+        bob.wait_for(showing(r"^\[\d\d:\d\d:\d\d\] bob: hello there$"), "bob's line, once")
 
-    bob.type(b"hello there\n")
-    bob.out.expect(r"\[\d\d:\d\d:\d\d\] bob: hello there\r\n")
+        bob.type(b"half-typed")
+        bob.wait_for(showing(r"^> half-typed$"), "the half-typed line")
+        alice = run_client(url, "--name", "alice", input="hi from alice \x1b[2J\n")
+        assert alice.returncode == 0
+        bob.wait_for(
+            showing(r"^\[\d\d:\d\d:\d\d\] alice: hi from alice \\x1b\[2J$"), "alice's line"
+        )
+        bob.wait_for(showing(rf"^\* alice left #{room} \(1 here\)$"), "alice leaving")
+        bob.wait_for(showing(r"^> half-typed$"), "the half-typed line, intact below")
 
-    alice = run_client(url, "--name", "alice", input="hi from alice \x1b[2J\n")
-    assert alice.returncode == 0
-    bob.out.expect(rf"\* alice joined #{room} \(2 here\)\r\n")
-    bob.out.expect(r"\[\d\d:\d\d:\d\d\] alice: hi from alice \\x1b\[2J\r\n")
-    bob.out.expect(rf"\* alice left #{room} \(1 here\)\r\n")
+        bob.type(b" and done\r")
+        bob.wait_for(showing(r"bob: half-typed and done$"), "the finished line, once")
+        bob.wait_for(showing(r"bob: hello there$"), "the first line, still once")
+        assert not any("sending:" in line for line in bob.lines)
 
-    bob.type(b"\x04")  # Ctrl-D at the start of a line: end of input
-    assert bob.wait() == 0
-    shown = bob.out.read_to_end()
-    assert "\x1b" not in shown
-    assert '"type"' not in shown  # no raw JSON, no acks
-    assert "roomcast:" not in shown and "Traceback" not in shown
+        bob.type(b"\x04")  # Ctrl-D on an empty line: leave
+        assert bob.wait() == 0
+        assert b"Traceback" not in bob.raw and b"roomcast:" not in bob.raw
+    finally:
+        bob.close()
 
 
 def test_json_flag_in_a_terminal(server: ServerProcess, clients: list[Client]) -> None:
@@ -525,8 +604,8 @@ def test_json_flag_in_a_terminal(server: ServerProcess, clients: list[Client]) -
     clients.append(bob)
     bob.out.expect(r'\{"type":"welcome",.*\}\r\n')
     bob.type(b"hi\n")
-    bob.out.expect(r'\{"type":"message","text":"hi",.*"seq":1,"from":"bob",.*"id":"1"\}\r\n')
-    bob.out.expect(r'\{"type":"ack","id":"1","seq":1\}\r\n')
+    bob.out.expect(r'\{"type":"ack","seq":1\}\r\n')
+    bob.out.expect(r'\{"type":"message","text":"hi",.*"seq":1,"from":"bob",.*\}\r\n')
     bob.type(b"\x04")
     assert bob.wait() == 0
 
@@ -557,3 +636,20 @@ def test_server_shutdown_exits_1_with_1001(clients: list[Client]) -> None:
         server.terminate()
         assert listener.wait() == 1
         assert listener.stderr() == "roomcast: closed 1001: server shutting down\n"
+
+
+def test_piped_mode_on_redis_prints_every_echo_even_when_acks_come_first(
+    redis_server: RedisServer,
+) -> None:
+    """With Redis an ack can overtake the message's own echo; the client must still wait
+    for (and print) every echo before it leaves."""
+    with roomcast_server(env={"ROOMCAST_REDIS_URL": redis_server.url}) as server:
+        for _ in range(5):
+            lines = "".join(f"line {n}\n" for n in range(20))
+            result = run_client(room_url(server, fresh_room()), "--name", "bob", input=lines)
+            assert (result.returncode, result.stderr) == (0, "")
+            events = json_lines(result.stdout)
+            assert [m["text"] for m in of_type(events, "message")] == [
+                f"line {n}" for n in range(20)
+            ]
+            assert len(of_type(events, "ack")) == 20

@@ -12,7 +12,7 @@ from roomcast.protocol import ChatMessage, ChatQuery, CloseCode, ErrorCode, Prot
 
 
 def parse(frame: str, max_text: int = 4000) -> ChatMessage | None:
-    return protocol.parse_chat_text(frame, max_text=max_text)
+    return protocol.parse_client_frame(frame, max_text=max_text)
 
 
 class TestParseChatText:
@@ -105,10 +105,14 @@ class TestParseChatQuery:
         assert info.value.code is CloseCode.BAD_REQUEST
         assert names in info.value.message
 
-    @pytest.mark.parametrize("name", ["Zoë", "Jean\u00a0Paul", "👨\u200d👩\u200d👧", "李小龍"])
+    @pytest.mark.parametrize("name", ["Zoë", "Jean Paul", "👨\u200d👩\u200d👧", "李小龍"])
     def test_names_people_actually_use(self, name: str) -> None:
         query = f"name={quote(name)}".encode()
         assert protocol.parse_chat_query(query).name == name
+
+    def test_names_are_normalised(self) -> None:
+        assert protocol.parse_chat_query(b"name=Jean%C2%A0Paul%20").name == "Jean Paul"
+        assert protocol.parse_chat_query(b"name=%EF%BD%81nn").name == "ann"  # fullwidth a
 
     def test_room_of_64_characters_is_fine(self) -> None:
         assert protocol.parse_chat_query(b"room=" + b"r" * 64).room == "r" * 64
@@ -181,3 +185,17 @@ class TestEncode:
         ]
         frame = protocol.join_batch(events)
         assert [orjson.loads(line)["seq"] for line in frame.split("\n")] == [1, 2]
+
+
+def test_an_object_with_another_type_is_a_command() -> None:
+    assert parse('{"type": "refresh", "token": "t0k"}') == protocol.Refresh("t0k")
+    assert parse('{"type": "message", "text": "hi"}') == protocol.ChatMessage("hi")
+    for frame, code in [
+        ('{"type": "refresh"}', protocol.ErrorCode.BAD_TOKEN),
+        ('{"type": "refresh", "token": 5}', protocol.ErrorCode.BAD_TOKEN),
+        ('{"type": "typing", "text": "hi"}', protocol.ErrorCode.UNKNOWN_TYPE),
+    ]:
+        with pytest.raises(protocol.BadMessage) as refused:
+            parse(frame)
+        assert refused.value.code == code
+    assert parse('{"type": 5, "text": "hi"}') == protocol.ChatMessage("hi")  # not a string

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from roomcast.admission import TokenBucket, origin_allowed, query_param, token_valid
+from roomcast.admission import (
+    TokenBucket,
+    origin_allowed,
+    presented_token,
+    query_param,
+    token_valid,
+)
 from roomcast.settings import Settings, SettingsError
 
 
@@ -61,7 +67,7 @@ def headers(**values: str) -> list[tuple[bytes, bytes]]:
 
 class TestTokens:
     def test_no_tokens_configured_admits_everyone(self) -> None:
-        assert token_valid(Settings(), [], None)
+        assert token_valid(Settings(), None)
 
     @pytest.mark.parametrize(
         ("header_value", "query", "ok"),
@@ -80,7 +86,7 @@ class TestTokens:
     def test_header_or_query(self, header_value: str | None, query: str | None, ok: bool) -> None:
         settings = Settings(tokens=frozenset({"s3cret", "other"}))
         hs = headers(authorization=header_value) if header_value is not None else []
-        assert token_valid(settings, hs, query) is ok
+        assert token_valid(settings, presented_token(hs, query)) is ok
 
     def test_query_param_is_lenient(self) -> None:
         assert query_param(b"room=%FF&token=abc", "token") == "abc"

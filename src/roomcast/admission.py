@@ -7,14 +7,40 @@ its clock from the caller (so tests drive it with trio's MockClock or plain numb
 from __future__ import annotations
 
 import hmac
+import resource
 from collections.abc import Iterable
 from urllib.parse import parse_qsl, urlsplit
 
 from .settings import Settings
 
-__all__ = ["TokenBucket", "header", "origin_allowed", "query_param", "token_valid"]
+__all__ = [
+    "TokenBucket",
+    "default_max_connections",
+    "header",
+    "origin_allowed",
+    "presented_token",
+    "query_param",
+    "token_valid",
+]
 
 Headers = Iterable[tuple[bytes, bytes]]
+
+#: descriptors a worker keeps for everything but WebSockets: listening sockets, Redis,
+#: log files, plain HTTP requests (/healthz), and the handshakes it answers with 503
+FD_RESERVE = 64
+
+
+def default_max_connections() -> int:
+    """WebSocket connections this process can hold with the descriptors it may open: its
+    soft ``RLIMIT_NOFILE`` less a reserve (:data:`FD_RESERVE`, or a tenth if more).
+
+    Beyond this a handshake is answered 503 while there are still descriptors to answer
+    it with, instead of the kernel's listen backlog filling with clients nobody accepts.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(1, soft - max(FD_RESERVE, soft // 10))
 
 
 def header(headers: Headers, name: bytes) -> str | None:
@@ -34,20 +60,22 @@ def query_param(query_string: bytes, name: str) -> str | None:
     return None
 
 
-def token_valid(settings: Settings, headers: Headers, query_token: str | None) -> bool:
-    """Whether the client presented an accepted token (always true when auth is off).
-
-    The ``Authorization: Bearer`` header wins over the ``token`` query parameter.
-    Comparison is constant-time.
-    """
-    if settings.tokens is None:
-        return True
-    token = query_token
+def presented_token(headers: Headers, query_token: str | None) -> str | None:
+    """The token a client presented: ``Authorization: Bearer`` wins over the ``token``
+    query parameter (which browsers need: they cannot set headers on a WebSocket)."""
     authorization = header(headers, b"authorization")
     if authorization is not None:
         scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() == "bearer":
-            token = credentials.strip()
+            return credentials.strip() or None
+    return query_token or None
+
+
+def token_valid(settings: Settings, token: str | None) -> bool:
+    """Whether ``token`` is one of ``ROOMCAST_TOKENS`` (always true when they are unset).
+    Comparison is constant-time."""
+    if settings.tokens is None:
+        return True
     if not token:
         return False
     presented = token.encode()

@@ -12,8 +12,9 @@ from __future__ import annotations
 import gc
 import logging
 import mimetypes
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Final
@@ -22,12 +23,19 @@ import anyio
 import orjson
 from prometheus_client import CollectorRegistry
 
-from . import metrics, protocol
-from .admission import origin_allowed, query_param, token_valid
+from . import api, metrics, protocol
+from .admission import (
+    default_max_connections,
+    origin_allowed,
+    presented_token,
+    query_param,
+    token_valid,
+)
 from .asgi import ConnectionClosed, Receive, Scope, Send, WebSocket, respond
 from .brokers import Broker, BrokerUnavailable, open_broker
 from .connection import CLOSE_TIMEOUT, serve_binary_echo, serve_echo, serve_member
 from .hub import Hub, RoomFull
+from .identity import Identity, TokenRejected, TokenVerifier
 from .protocol import BadQuery, CloseCode
 from .settings import Settings
 
@@ -36,6 +44,7 @@ __all__ = ["RoomcastApp", "Runtime", "app", "create_app", "open_runtime"]
 log = logging.getLogger("roomcast")
 
 STATE_KEY: Final = "roomcast"
+BUSY: Final = b"Service Unavailable: too many connections; try again shortly"
 
 
 @dataclass(eq=False)
@@ -45,12 +54,24 @@ class Runtime:
     settings: Settings
     hub: Hub
     broker: Broker
+    shared_metrics: metrics.SharedMetrics | None = field(init=False)
     registry: CollectorRegistry = field(init=False)
     static: dict[str, tuple[bytes, str]] = field(init=False)
+    max_connections: int = field(init=False)
+    #: verifies signed tokens (``None`` unless ROOMCAST_JWT_SECRET/_PUBLIC_KEY is set)
+    verifier: TokenVerifier | None = field(init=False)
+    #: open WebSockets per verified user (``ROOMCAST_MAX_CONNECTIONS_PER_USER``)
+    user_connections: Counter[str] = field(default_factory=Counter)
+    #: open WebSockets, counted from the handshake
     connections: int = 0
+    #: handshakes answered 503 because ``connections`` was at ``max_connections``
+    refused: int = 0
 
     def __post_init__(self) -> None:
-        self.registry = metrics.open_registry(self.hub, lambda: self.connections)
+        self.max_connections = self.settings.max_connections or default_max_connections()
+        self.verifier = _open_verifier(self.settings)
+        self.shared_metrics = metrics.open_shared_metrics()
+        self.registry = metrics.open_registry(self)
         self.static = _load_static()
 
 
@@ -70,11 +91,22 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtim
         idle_rooms=settings.idle_rooms,
     )
     with gc_threshold(settings.gc_threshold):
-        async with open_broker(settings, hub) as broker:
+        async with open_broker(settings, hub) as broker, anyio.create_task_group() as tg:
+            runtime = Runtime(settings, hub, broker)
+            if runtime.shared_metrics is not None:
+                tg.start_soon(_share_metrics, runtime, runtime.shared_metrics)
             try:
-                yield Runtime(settings, hub, broker)
+                yield runtime
             finally:
                 hub.close_all(CloseCode.GOING_AWAY, "server shutting down")
+                tg.cancel_scope.cancel()
+
+
+async def _share_metrics(runtime: Runtime, shared: metrics.SharedMetrics) -> None:
+    """Keep this worker's values in the files every worker's ``/metrics`` merges."""
+    while True:
+        shared.sync(runtime)
+        await anyio.sleep(metrics.SYNC_INTERVAL)
 
 
 @contextmanager
@@ -98,6 +130,17 @@ def gc_threshold(gen0: int) -> Iterator[None]:
         yield
     finally:
         gc.set_threshold(*saved)
+
+
+def _open_verifier(settings: Settings) -> TokenVerifier | None:
+    if not settings.signed_tokens:
+        return None
+    return TokenVerifier(
+        secret=settings.jwt_secret,
+        public_key=settings.jwt_public_key,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+    )
 
 
 def _load_static() -> dict[str, tuple[bytes, str]]:
@@ -124,11 +167,28 @@ class RoomcastApp:
             return
         runtime = scope.get("state", {}).get(STATE_KEY)
         if runtime is None:
-            raise RuntimeError("roomcast needs an ASGI server that runs the lifespan protocol")
+            raise RuntimeError(
+                "roomcast needs an ASGI server that runs the lifespan protocol; mounted in "
+                "another app, give that app roomcast's: Starlette(lifespan=chat.lifespan)"
+            )
         if kind == "http":
-            await _http(runtime, scope, send)
+            await _http(runtime, scope, receive, send)
         elif kind == "websocket":
             await _websocket(runtime, WebSocket(scope, receive, send))
+
+    @asynccontextmanager
+    async def lifespan(self, host: object) -> AsyncIterator[dict[str, Runtime]]:
+        """roomcast's lifespan for an app that mounts it (Starlette, FastAPI)::
+
+            chat = roomcast.create_app()
+            app = FastAPI(lifespan=chat.lifespan)
+            app.mount("/chat", chat)
+
+        Frameworks do not run a mounted app's own lifespan; this runs it in the host's,
+        and the state it yields reaches every request to the mount.
+        """
+        async with open_runtime(self._settings) as runtime:
+            yield {STATE_KEY: runtime}
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
@@ -138,12 +198,20 @@ class RoomcastApp:
                     raise RuntimeError("the ASGI server does not support lifespan state")
                 runtime = await stack.enter_async_context(open_runtime(self._settings))
             except Exception as exc:
-                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                await send({"type": "lifespan.startup.failed", "message": _reason(exc)})
                 return
             scope["state"][STATE_KEY] = runtime
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown
         await send({"type": "lifespan.shutdown.complete"})
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in words: task groups wrap the errors that end them, and "1
+    sub-exception" names no cause."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_reason(inner) for inner in exc.exceptions)
+    return str(exc) or type(exc).__name__
 
 
 def create_app(settings: Settings | None = None) -> RoomcastApp:
@@ -156,9 +224,25 @@ app: Final = create_app()
 # -- HTTP -----------------------------------------------------------------------------------
 
 
-async def _http(runtime: Runtime, scope: Scope, send: Send) -> None:
+def route_path(scope: Scope) -> str:
+    """The request's path below this app's mount point (``root_path``): Starlette's
+    ``Mount`` and Hypercorn's ``root_path`` both leave the full path in ``path``."""
     path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+async def _http(runtime: Runtime, scope: Scope, receive: Receive, send: Send) -> None:
+    path = route_path(scope)
     method: str = scope["method"]
+    if path.startswith(api.PREFIX) or path == "/api":
+        with suppress(ConnectionClosed):
+            await api.handle(runtime, path, scope, receive, send)
+        return
+    if not path:  # the mount point itself: the page's relative links need its slash
+        location = (scope.get("root_path", "") + "/").encode()
+        await respond(send, 308, b"", "text/plain", headers=[(b"location", location)])
+        return
     if path == "/":
         path = "/static/index.html"
     known = path in ("/healthz", "/metrics") or path.removeprefix("/static/") in runtime.static
@@ -183,26 +267,28 @@ def _get(runtime: Runtime, path: str) -> tuple[bytes, str, int]:
         status, code = ("ok", 200) if broker.healthy else ("unavailable", 503)
         return orjson.dumps({"status": status, "broker": broker.name}), "application/json", code
     if path == "/metrics":
-        return metrics.render(runtime.registry), metrics.CONTENT_TYPE, 200
+        return metrics.render(runtime), metrics.CONTENT_TYPE, 200
     body, content_type = runtime.static[path.removeprefix("/static/")]
     return body, content_type, 200
 
 
 # -- WebSockets -----------------------------------------------------------------------------
 
-Endpoint = Callable[[Runtime, WebSocket], Awaitable[None]]
+Endpoint = Callable[[Runtime, WebSocket, "Identity | None"], Awaitable[None]]
 
 
-async def _chat(runtime: Runtime, ws: WebSocket) -> None:
+async def _chat(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> None:
     try:
         query = protocol.parse_chat_query(ws.scope.get("query_string", b""))
+        name = identity.name if identity is not None else query.name
     except BadQuery as exc:
         await ws.close(CloseCode.BAD_REQUEST, exc.message)
         return
+    if identity is not None and not identity.may_enter(query.room):
+        await ws.close(CloseCode.FORBIDDEN, f"not allowed in #{query.room}")
+        return
     try:
-        member = await runtime.broker.join(
-            query.room, query.name, since=query.since, epoch=query.epoch
-        )
+        member = await runtime.broker.join(query.room, name, since=query.since, epoch=query.epoch)
     except RoomFull:
         await ws.close(CloseCode.ROOM_FULL, "room full")
         return
@@ -213,11 +299,11 @@ async def _chat(runtime: Runtime, ws: WebSocket) -> None:
     await serve_member(ws, runtime.broker, member, runtime.settings, batch=batch)
 
 
-async def _echo(runtime: Runtime, ws: WebSocket) -> None:
+async def _echo(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> None:
     await serve_echo(ws)
 
 
-async def _binary(runtime: Runtime, ws: WebSocket) -> None:
+async def _binary(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> None:
     await serve_binary_echo(ws)
 
 
@@ -229,28 +315,12 @@ WEBSOCKET_ROUTES: Final[dict[str, Endpoint]] = {
 
 
 async def _websocket(runtime: Runtime, ws: WebSocket) -> None:
-    settings = runtime.settings
-    path: str = ws.scope["path"]
+    if runtime.connections >= runtime.max_connections:
+        await _refuse_busy(runtime, ws)
+        return
+    runtime.connections += 1
     try:
-        await ws.wait_connect()
-        if not origin_allowed(settings, ws.headers):
-            await ws.deny()
-            return
-        endpoint = WEBSOCKET_ROUTES.get(path)
-        offered = protocol.BATCH_SUBPROTOCOL in ws.subprotocols
-        await ws.accept(protocol.BATCH_SUBPROTOCOL if offered and endpoint is _chat else None)
-        if endpoint is None:
-            await ws.close(CloseCode.UNKNOWN_PATH, f"no WebSocket endpoint at {path[:80]}")
-            return
-        token = query_param(ws.scope.get("query_string", b""), "token")
-        if not token_valid(settings, ws.headers, token):
-            await ws.close(CloseCode.UNAUTHORIZED, "missing or invalid token")
-            return
-        runtime.connections += 1
-        try:
-            await endpoint(runtime, ws)
-        finally:
-            runtime.connections -= 1
+        await _admit(runtime, ws)
     except ConnectionClosed:
         pass
     except anyio.get_cancelled_exc_class():
@@ -258,3 +328,61 @@ async def _websocket(runtime: Runtime, ws: WebSocket) -> None:
         with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
             await ws.close(CloseCode.GOING_AWAY, "server shutting down")
         raise
+    finally:
+        runtime.connections -= 1
+
+
+async def _admit(runtime: Runtime, ws: WebSocket) -> None:
+    settings = runtime.settings
+    path = route_path(ws.scope)
+    await ws.wait_connect()
+    if not origin_allowed(settings, ws.headers):
+        await ws.deny()
+        return
+    endpoint = WEBSOCKET_ROUTES.get(path)
+    offered = protocol.BATCH_SUBPROTOCOL in ws.subprotocols
+    await ws.accept(protocol.BATCH_SUBPROTOCOL if offered and endpoint is _chat else None)
+    if endpoint is None:
+        unknown = ws.scope["path"]
+        await ws.close(CloseCode.UNKNOWN_PATH, f"no WebSocket endpoint at {unknown[:80]}")
+        return
+    try:
+        identity = _identify(runtime, ws)
+    except TokenRejected as rejected:
+        await ws.close(CloseCode.UNAUTHORIZED, rejected.reason)
+        return
+    if identity is None:
+        await endpoint(runtime, ws, None)
+        return
+    counts = runtime.user_connections
+    if counts[identity.user] >= settings.max_connections_per_user:
+        await ws.close(CloseCode.TOO_MANY_CONNECTIONS, "too many connections for this user")
+        return
+    counts[identity.user] += 1
+    try:
+        await endpoint(runtime, ws, identity)
+    finally:
+        counts[identity.user] -= 1
+        if not counts[identity.user]:
+            del counts[identity.user]
+
+
+def _identify(runtime: Runtime, ws: WebSocket) -> Identity | None:
+    """Who the client is: a verified identity with signed tokens, ``None`` otherwise.
+
+    :raises TokenRejected: for a token that is refused (with the reason for the 4001)
+    """
+    token = presented_token(ws.headers, query_param(ws.scope.get("query_string", b""), "token"))
+    if runtime.verifier is not None:
+        return runtime.verifier.verify(token)
+    if not token_valid(runtime.settings, token):
+        raise TokenRejected("missing or invalid token")
+    return None
+
+
+async def _refuse_busy(runtime: Runtime, ws: WebSocket) -> None:
+    """Answer a handshake beyond ``ROOMCAST_MAX_CONNECTIONS`` with 503, never upgraded."""
+    runtime.refused += 1
+    with suppress(ConnectionClosed):
+        await ws.wait_connect()
+        await ws.reject(503, BUSY, "text/plain; charset=utf-8")

@@ -13,7 +13,17 @@ from typing import Any
 
 from .protocol import CloseCode
 
-__all__ = ["ASGIApp", "ConnectionClosed", "Receive", "Scope", "Send", "WebSocket", "respond"]
+__all__ = [
+    "ASGIApp",
+    "BodyTooLarge",
+    "ConnectionClosed",
+    "Receive",
+    "Scope",
+    "Send",
+    "WebSocket",
+    "read_body",
+    "respond",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -80,6 +90,22 @@ class WebSocket:
         await self._send_message({"type": "websocket.close", "code": CloseCode.NORMAL})
         self.state = WebSocketState.CLOSED
 
+    async def reject(self, status: int, body: bytes, content_type: str) -> None:
+        """Refuse the handshake with an HTTP response of our own (the ASGI
+        ``websocket.http.response`` extension); servers without it answer 403."""
+        if "websocket.http.response" not in self.scope.get("extensions", {}):
+            await self.deny()
+            return
+        await self._send_message(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": _response_headers(body, content_type, [(b"connection", b"close")]),
+            }
+        )
+        await self._send_message({"type": "websocket.http.response.body", "body": body})
+        self.state = WebSocketState.CLOSED
+
     async def receive(self) -> str | bytes:
         """The next data frame's payload.
 
@@ -116,6 +142,29 @@ class WebSocket:
             raise ConnectionClosed(CloseCode.INTERNAL_ERROR) from exc
 
 
+class BodyTooLarge(Exception):
+    """A request body is longer than the caller accepts (reading stopped there)."""
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """An HTTP request's whole body, refusing more than ``limit`` bytes without reading
+    them all into memory.
+
+    :raises BodyTooLarge: past ``limit`` bytes
+    :raises ConnectionClosed: if the client disconnected first
+    """
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionClosed()
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise BodyTooLarge(limit)
+        if not message.get("more_body", False):
+            return bytes(body)
+
+
 async def respond(
     send: Send,
     status: int,
@@ -130,11 +179,17 @@ async def respond(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [
-                (b"content-type", content_type.encode()),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
+            "headers": _response_headers(body, content_type, headers or []),
         }
     )
     await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+def _response_headers(
+    body: bytes, content_type: str, extra: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]

@@ -26,7 +26,7 @@ from .admission import TokenBucket
 from .asgi import ConnectionClosed, WebSocket
 from .brokers import UNAVAILABLE_NOTICE, Broker, BrokerUnavailable
 from .hub import Hub, Member
-from .protocol import BadMessage, CloseCode, ErrorCode
+from .protocol import BadMessage, CloseCode, ErrorCode, Refresh
 from .settings import Settings
 
 __all__ = ["serve_binary_echo", "serve_echo", "serve_member"]
@@ -74,11 +74,14 @@ async def _receive_chat(ws: WebSocket, broker: Broker, member: Member, settings:
             _refuse(hub, member, ErrorCode.BINARY_UNSUPPORTED, "send text frames, not binary")
             continue
         try:
-            message = protocol.parse_chat_text(frame, max_text=settings.max_text)
+            message = protocol.parse_client_frame(frame, max_text=settings.max_text)
         except BadMessage as exc:
             _refuse(hub, member, exc.code, exc.message, exc.id)
             continue
         if message is None:
+            continue
+        if isinstance(message, Refresh):
+            _refuse(hub, member, ErrorCode.BAD_TOKEN, "this server does not use signed tokens")
             continue
         if bucket is not None and not bucket.take(anyio.current_time()):
             _refuse(hub, member, ErrorCode.RATE_LIMITED, RATE_NOTICE, message.id)

@@ -125,7 +125,7 @@ class Hub:
         self.idle_rooms = idle_rooms
         self.rooms: dict[str, Room] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
-        self.stats = HubStats()
+        self.stats: HubStats = HubStats()
         self.announce: Announce = self.announce_locally
         self.node = secrets.token_hex(4)
         self._ids = itertools.count(1)
@@ -201,14 +201,27 @@ class Hub:
         gave an ``id``. Returns the seq, or ``None`` if the member has left the room."""
         if not member.joined:
             return None
-        room = member.room
+        seq = self._sequence(member.room, message, member.name)
+        if message.id is not None and member.joined:
+            self.send_to(member, protocol.encode_ack(id=message.id, seq=seq))
+        return seq
+
+    def post(self, room_name: str, message: protocol.ChatMessage, sender: str | None) -> int:
+        """Publish into a room from outside it (the server API): the room's next ``seq``,
+        its history and its members, as if a member named ``sender`` had sent it."""
+        room = self._open_room(room_name)
+        seq = self._sequence(room, message, sender)
+        self._forget_if_unused(room)
+        return seq
+
+    def _sequence(self, room: Room, message: protocol.ChatMessage, sender: str | None) -> int:
         room.seq += 1
         seq = room.seq
         encoded = protocol.encode_message(
             room=room.name,
             seq=seq,
             text=message.text,
-            sender=member.name,
+            sender=sender,
             ts=time.time_ns() // 1_000_000,
             id=message.id,
         )
@@ -216,8 +229,6 @@ class Hub:
             room.history.append((seq, encoded))
         self.stats.messages_in += 1
         self._fanout(room, encoded)
-        if message.id is not None and member.joined:
-            self.send_to(member, protocol.encode_ack(id=message.id, seq=seq))
         return seq
 
     def deliver(self, room_name: str, seq: int, encoded: str) -> None:

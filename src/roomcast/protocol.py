@@ -9,13 +9,14 @@ matter how many members receive it.
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
 import orjson
+
+from .names import BadName, normalize_name
 
 __all__ = [
     "BATCH_SUBPROTOCOL",
@@ -26,6 +27,7 @@ __all__ = [
     "CloseCode",
     "ErrorCode",
     "ProtocolError",
+    "Refresh",
     "encode_ack",
     "encode_error",
     "encode_message",
@@ -34,13 +36,13 @@ __all__ = [
     "encode_welcome",
     "join_batch",
     "parse_chat_query",
-    "parse_chat_text",
+    "parse_client_frame",
+    "valid_room",
 ]
 
 BATCH_SUBPROTOCOL: Final = "roomcast.batch"
 DEFAULT_ROOM: Final = "general"
 MAX_ID_LENGTH: Final = 64
-MAX_NAME_LENGTH: Final = 32
 MAX_WELCOME_MEMBERS: Final = 100
 
 _ROOM_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -59,6 +61,8 @@ class CloseCode(IntEnum):
     UNKNOWN_PATH = 4004
     TOO_SLOW = 4008
     BAD_REQUEST = 4400
+    FORBIDDEN = 4403
+    TOO_MANY_CONNECTIONS = 4429
 
 
 class ErrorCode(StrEnum):
@@ -70,6 +74,8 @@ class ErrorCode(StrEnum):
     BAD_ID = "bad_id"
     HISTORY_GAP = "history_gap"
     UNAVAILABLE = "unavailable"
+    UNKNOWN_TYPE = "unknown_type"
+    BAD_TOKEN = "bad_token"
 
 
 class ProtocolError(ValueError):
@@ -126,11 +132,14 @@ def parse_chat_query(query_string: bytes) -> ChatQuery:
         params.setdefault(key, value)
 
     room = params.get("room", DEFAULT_ROOM)
-    if not _ROOM_RE.fullmatch(room):
+    if not valid_room(room):
         raise _bad_query("room must be 1-64 characters of A-Z a-z 0-9 _ - .")
     name = params.get("name") or None
-    if name is not None and not _valid_name(name):
-        raise _bad_query(f"name must be 1-{MAX_NAME_LENGTH} printable characters")
+    if name is not None:
+        try:
+            name = normalize_name(name)
+        except BadName as exc:
+            raise _bad_query(str(exc)) from None
     since = params.get("since") or None
     if since is not None and not (since.isascii() and since.isdigit() and len(since) <= 18):
         raise _bad_query("since must be a non-negative integer")
@@ -146,27 +155,9 @@ def parse_chat_query(query_string: bytes) -> ChatQuery:
     )
 
 
-#: bidirectional overrides and isolates: printable by Unicode's reckoning, but they let a
-#: name reorder the text around it ("spoofing"), so names may not carry them
-_BIDI_CONTROLS: Final = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-#: invisible on their own (zero-width space, word joiner, BOM, soft hyphen): they let "ann"
-#: and "a\u200bnn" be two people who look the same
-_INVISIBLE: Final = frozenset("\u200b\u2060\ufeff\u00ad")
-_UNPRINTABLE: Final = frozenset({"Cc", "Cs", "Co", "Cn", "Zl", "Zp"})
-
-
-def _valid_name(name: str) -> bool:
-    """1-32 characters, not all blank, with no control characters, line breaks, bidi
-    controls or invisible characters. Unlike ``str.isprintable`` it accepts no-break spaces
-    and the zero-width joiners of emoji sequences, which people do put in their names."""
-    return (
-        len(name) <= MAX_NAME_LENGTH
-        and not name.isspace()
-        and not any(
-            unicodedata.category(c) in _UNPRINTABLE or c in _BIDI_CONTROLS or c in _INVISIBLE
-            for c in name
-        )
-    )
+def valid_room(room: str) -> bool:
+    """1-64 characters of ``A-Z a-z 0-9 _ - .``"""
+    return _ROOM_RE.fullmatch(room) is not None
 
 
 def _bad_query(message: str) -> BadQuery:
@@ -181,19 +172,33 @@ class ChatMessage:
     id: str | None = None
 
 
-def parse_chat_text(frame: str, *, max_text: int) -> ChatMessage | None:
-    """Turn a text frame into a chat message, following the seed chapter's rules.
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """A client's ``{"type": "refresh", "token": ...}``: a new token for this connection
+    (SPEC §8.3)."""
 
-    A JSON object with a string ``"text"`` is a message (with an optional string ``"id"``);
-    any other frame, JSON or not, is itself the chat text. Returns ``None`` for an empty
-    (or whitespace-only) text, which is ignored.
+    token: str
+
+
+def parse_client_frame(frame: str, *, max_text: int) -> ChatMessage | Refresh | None:
+    """Turn a client text frame into a chat message or a command.
+
+    A JSON object whose ``"type"`` is a string other than ``"message"`` is a command.
+    Otherwise the seed chapter's rules apply: a JSON object with a string ``"text"`` is a
+    message (with an optional string ``"id"``); any other frame, JSON or not, is itself the
+    chat text. Returns ``None`` for an empty (or whitespace-only) text, which is ignored.
 
     :raises BadMessage: :attr:`ErrorCode.TOO_LONG` past ``max_text`` characters,
-        :attr:`ErrorCode.BAD_ID` for an ``id`` that is not a string of at most 64 characters
+        :attr:`ErrorCode.BAD_ID` for an ``id`` that is not a string of at most 64
+        characters, :attr:`ErrorCode.UNKNOWN_TYPE` for a command this server does not
+        know, :attr:`ErrorCode.BAD_TOKEN` for a ``refresh`` without a string ``token``
     """
     text, message_id = frame, None
     if frame[:1] == "{":
         data = _loads_object(frame)
+        kind = None if data is None else data.get("type")
+        if data is not None and isinstance(kind, str) and kind != "message":
+            return _command(kind, data)
         if data is not None and isinstance(data.get("text"), str):
             text = data["text"]
             message_id = data.get("id")
@@ -212,6 +217,17 @@ def parse_chat_text(frame: str, *, max_text: int) -> ChatMessage | None:
             message_id,
         )
     return ChatMessage(text, message_id)
+
+
+def _command(kind: str, data: dict[str, Any]) -> Refresh:
+    if kind == "refresh":
+        token = data.get("token")
+        if not isinstance(token, str) or not token:
+            raise BadMessage(ErrorCode.BAD_TOKEN, "refresh needs a token: a non-empty string")
+        return Refresh(token)
+    raise BadMessage(
+        ErrorCode.UNKNOWN_TYPE, f"unknown command type {kind[:40]!r}; expected refresh"
+    )
 
 
 def _loads_object(frame: str) -> dict[str, Any] | None:

@@ -52,6 +52,16 @@ def _redis_url(raw: str) -> str:
     return raw
 
 
+def _public_key(raw: str) -> str:
+    """The PEM text of the public key file ``raw`` names (checked when the verifier is
+    built at startup)."""
+    try:
+        with open(raw, encoding="ascii") as file:
+            return file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the key file: {exc}") from None
+
+
 def _env(parse: Callable[[str], Any], help: str) -> dict[str, Any]:
     return {"parse": parse, "help": help}
 
@@ -69,6 +79,25 @@ class Settings:
     )
     redis_url: str | None = field(
         default=None, metadata=_env(_redis_url, "redis://... switches the broker to Redis")
+    )
+    jwt_secret: str | None = field(
+        default=None,
+        metadata=_env(str, "HS256 secret: every WebSocket needs a token signed with it (8.1)"),
+    )
+    jwt_public_key: str | None = field(
+        default=None,
+        metadata=_env(
+            _public_key, "path to a PEM public key (RSA, P-256, Ed25519) for signed tokens"
+        ),
+    )
+    jwt_audience: str | None = field(
+        default=None, metadata=_env(str, "signed tokens must carry this aud claim")
+    )
+    jwt_issuer: str | None = field(
+        default=None, metadata=_env(str, "signed tokens must carry this iss claim")
+    )
+    max_connections_per_user: int = field(
+        default=10, metadata=_env(_int(1), "WebSocket connections per verified user (4429)")
     )
     rate_limit: float = field(
         default=10.0,
@@ -95,6 +124,20 @@ class Settings:
             "seconds a peer may leave sent data unread before the kernel ends it",
         ),
     )
+    max_connections: int | None = field(
+        default=None,
+        metadata=_env(
+            _int(1),
+            "WebSocket connections per worker; beyond it the handshake gets HTTP 503; "
+            "unset = the soft fd limit less a reserve",
+        ),
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata=_env(
+            str, "enables the server API (/api/...): requests need Authorization: Bearer KEY"
+        ),
+    )
     batch_max: int = field(
         default=64, metadata=_env(_int(1), "most events in one roomcast.batch frame")
     )
@@ -108,6 +151,10 @@ class Settings:
     @property
     def auth_required(self) -> bool:
         return self.tokens is not None
+
+    @property
+    def signed_tokens(self) -> bool:
+        return self.jwt_secret is not None or self.jwt_public_key is not None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -128,7 +175,23 @@ class Settings:
                 values[f.name] = f.metadata["parse"](raw)
             except ValueError as exc:
                 raise SettingsError(f"{name}={raw!r}: {exc}") from None
-        return cls(**values)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """:raises SettingsError: for settings that contradict each other"""
+        chosen = [f for f in ("tokens", "jwt_secret", "jwt_public_key") if getattr(self, f)]
+        if len(chosen) > 1:
+            names = " and ".join(env_name(f) for f in chosen)
+            raise SettingsError(f"{names}: set one way of checking tokens, not several")
+        if self.jwt_public_key is not None:
+            from .identity import TokenVerifier
+
+            try:
+                TokenVerifier(public_key=self.jwt_public_key)
+            except ValueError as exc:
+                raise SettingsError(f"ROOMCAST_JWT_PUBLIC_KEY: {exc}") from None
 
 
 def env_name(field_name: str) -> str:

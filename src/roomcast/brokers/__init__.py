@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..hub import Hub, Member
 from ..protocol import ChatMessage
 from ..settings import Settings
 
-__all__ = ["UNAVAILABLE_NOTICE", "Broker", "BrokerUnavailable", "open_broker"]
+__all__ = ["UNAVAILABLE_NOTICE", "Broker", "BrokerUnavailable", "History", "open_broker"]
 
 #: the ``error`` text for a message the broker could not accept
 UNAVAILABLE_NOTICE = "message not sent: the chat service is unavailable; try again shortly"
@@ -26,6 +27,16 @@ UNAVAILABLE_NOTICE = "message not sent: the chat service is unavailable; try aga
 
 class BrokerUnavailable(Exception):
     """The broker cannot take the request now (Redis is down); nothing was published."""
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A page of a room's retained messages (encoded ``message`` events, oldest first)."""
+
+    epoch: str | None  # None: the room has no history
+    seq: int  # the room's latest seq
+    first: int  # the first seq still retained (seq + 1 when none is)
+    events: list[str]
 
 
 class Broker(Protocol):
@@ -58,6 +69,36 @@ class Broker(Protocol):
         The sender gets an ``ack`` (if the message has an ``id``) or an ``unavailable``
         error for each message, in the order it sent them, in its outbox. A broker may
         return before the message is sequenced, waiting only for room in a bounded queue.
+        """
+        ...
+
+    # -- the server API (SPEC §8.2) ---------------------------------------------------------
+
+    async def post(self, room: str, message: ChatMessage, sender: str | None) -> int:
+        """Publish into ``room`` from outside it, as a member named ``sender`` would.
+
+        :raises BrokerUnavailable: if the message could not be accepted
+        """
+        ...
+
+    async def history(self, room: str, since: int, limit: int) -> History:
+        """Up to ``limit`` retained messages after ``since``.
+
+        :raises BrokerUnavailable: if the broker cannot be reached
+        """
+        ...
+
+    async def presence(self, room: str) -> list[str | None]:
+        """The display names of the room's members (``None`` for unnamed ones).
+
+        :raises BrokerUnavailable: if the broker cannot be reached
+        """
+        ...
+
+    async def rooms(self) -> dict[str, int]:
+        """Rooms with members, and how many.
+
+        :raises BrokerUnavailable: if the broker cannot be reached
         """
         ...
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..hub import Hub, Member
 from ..protocol import ChatMessage
+from . import History
 
 __all__ = ["MemoryBroker"]
 
@@ -28,3 +29,22 @@ class MemoryBroker:
 
     async def publish(self, member: Member, message: ChatMessage) -> None:
         self.hub.publish(member, message)
+
+    async def post(self, room: str, message: ChatMessage, sender: str | None) -> int:
+        return self.hub.post(room, message, sender)
+
+    async def history(self, room: str, since: int, limit: int) -> History:
+        found = self.hub.rooms.get(room)
+        if found is None:
+            return History(None, 0, 1, [])
+        kept = found.history
+        first = kept[0][0] if kept else found.seq + 1
+        events = [encoded for seq, encoded in kept if seq > since][:limit]
+        return History(found.epoch, found.seq, first, events)
+
+    async def presence(self, room: str) -> list[str | None]:
+        found = self.hub.rooms.get(room)
+        return [] if found is None else [member.name for member in found.members]
+
+    async def rooms(self) -> dict[str, int]:
+        return {name: len(room.members) for name, room in self.hub.rooms.items() if room.members}

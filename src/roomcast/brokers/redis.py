@@ -106,7 +106,7 @@ from .. import protocol
 from ..hub import Hub, Member, Room, RoomFull, replay
 from ..protocol import ChatMessage, ErrorCode
 from ..settings import Settings
-from . import UNAVAILABLE_NOTICE, BrokerUnavailable, redis_scripts
+from . import UNAVAILABLE_NOTICE, BrokerUnavailable, History, redis_scripts
 from .subscriber import SubscriptionLost, open_subscription
 
 __all__ = ["PRESENCE_TTL", "Backlog", "RedisBroker", "open_redis_broker"]
@@ -632,6 +632,52 @@ class RedisBroker:
             expired = set(gone)
             self._absent.update(m for m in members if m.joined and _presence_entry(m) in expired)
 
+    # -- the server API (SPEC §8.2) ---------------------------------------------------------
+
+    async def post(self, room: str, message: ChatMessage, sender: str | None) -> int:
+        """The API's publish: one script call of its own (the caller waits for the seq)."""
+        head, tail = protocol.encode_message_parts(
+            room=room, text=message.text, sender=sender, ts=_now_ms(), id=message.id
+        )
+        firsts = await self._call(
+            self._publish,
+            _keys(room)[:3],
+            [
+                self.settings.history_size,
+                secrets.token_urlsafe(6),
+                self.channel_prefix + room,
+                1,
+                head,
+                tail,
+            ],
+        )
+        self.hub.stats.messages_in += 1
+        return int(firsts[0])
+
+    async def history(self, room: str, since: int, limit: int) -> History:
+        seq_key, epoch_key, history_key, _ = _keys(room)
+        seq, epoch = await self._call_raw(self.client.mget([seq_key, epoch_key]))
+        entries = await self._call_raw(self.client.lrange(history_key, 0, -1))
+        kept = [_split_entry(entry) for entry in entries]
+        latest = int(seq or 0)
+        first = kept[0][0] if kept else latest + 1
+        events = [event for number, event in kept if number > since][:limit]
+        return History(epoch, latest, first, events)
+
+    async def presence(self, room: str) -> list[str | None]:
+        live = self.client.zrangebyscore(_keys(room)[3], _now_ms(), float("inf"))
+        entries = await self._call_raw(live)
+        return [entry.partition(":")[2] or None for entry in entries]
+
+    async def rooms(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        now = _now_ms()
+        async for key in self.client.scan_iter(match="roomcast:{*}:presence"):
+            count = int(await self._call_raw(self.client.zcount(key, now, float("inf"))))
+            if count:
+                found[key.partition("{")[2].rpartition("}")[0]] = count
+        return found
+
     # -- calls ------------------------------------------------------------------------------
 
     async def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -688,9 +734,10 @@ async def open_redis_broker(settings: Settings, hub: Hub) -> AsyncIterator[Redis
     )
     async with client:
         broker = RedisBroker(settings, hub, client)
-        try:
-            await broker._call_raw(client.ping())
-        except BrokerUnavailable as exc:
+        try:  # not _call_raw: this failure is the startup's one line, not a health change
+            with anyio.fail_after(REQUEST_TIMEOUT):
+                await client.ping()
+        except (RedisError, TimeoutError, OSError) as exc:
             raise BrokerUnavailable(f"cannot reach Redis at {settings.redis_url}: {exc}") from None
         async with anyio.create_task_group() as tg:
             try:

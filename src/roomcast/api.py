@@ -1,0 +1,181 @@
+"""The server API (SPEC §8.2): HTTP for the application's backend.
+
+Enabled by ``ROOMCAST_API_KEY``; every request carries ``Authorization: Bearer <key>``.
+JSON in and out; an error is ``{"error": code, "message": text}`` with a 4xx (or 503)
+status. Everything goes through the broker, so the API behaves the same on every worker
+and, with Redis, on every machine: a message posted here gets the room's next ``seq``, is
+kept in its history and reaches every member.
+
+::
+
+    POST /api/rooms/{room}/messages   {"text", "from"?, "id"?}  -> {"seq"}
+    GET  /api/rooms/{room}/history?since=S&limit=N             -> {"room", "epoch", "seq",
+                                                                    "first", "messages"}
+    GET  /api/rooms/{room}/presence                             -> {"room", "count", "members"}
+    GET  /api/rooms                                             -> {"rooms": [{"name", "count"}]}
+
+Request parsing is sans I/O (:func:`parse_publish`, :func:`parse_history_query`), so the
+rules are tested without a server; :func:`handle` is the thin I/O edge.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qsl
+
+import orjson
+
+from . import protocol
+from .admission import Headers, header
+from .asgi import BodyTooLarge, Receive, Scope, Send, read_body, respond
+from .brokers import BrokerUnavailable
+from .names import BadName, normalize_name
+
+if TYPE_CHECKING:
+    from .app import Runtime
+
+__all__ = ["ApiError", "Publish", "handle", "parse_history_query", "parse_publish"]
+
+PREFIX: Final = "/api/"
+#: largest request body accepted: a message at ROOMCAST_MAX_TEXT of 4-byte characters fits
+MAX_BODY: Final = 65536
+DEFAULT_LIMIT: Final = 100
+MAX_LIMIT: Final = 1000
+JSON: Final = "application/json"
+
+_ROOM_ROUTE: Final = re.compile(r"/api/rooms/(?P<room>[^/]+)/(?P<what>messages|history|presence)")
+
+
+class ApiError(Exception):
+    """A request the API refuses: ``status``, and ``code``/``message`` for the body."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    message: protocol.ChatMessage
+    sender: str | None
+
+
+def parse_publish(body: bytes, *, max_text: int) -> Publish:
+    """The body of ``POST /api/rooms/{room}/messages``.
+
+    :raises ApiError: 400 for anything but a JSON object with a non-empty string
+        ``text`` (and, if present, a valid ``from`` display name and ``id``); 413 for a
+        text over ``max_text`` characters
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "bad_request", "the body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    text, sender, id = data.get("text"), data.get("from"), data.get("id")
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError(400, "bad_request", '"text" must be a non-empty string')
+    if len(text) > max_text:
+        message = f"text is {len(text)} characters; the limit is {max_text}"
+        raise ApiError(413, protocol.ErrorCode.TOO_LONG.value, message)
+    if sender is not None:
+        try:
+            sender = normalize_name(sender) if isinstance(sender, str) else None
+        except BadName as exc:
+            raise ApiError(400, "bad_request", f'"from": {exc}') from None
+        if sender is None:
+            raise ApiError(400, "bad_request", '"from" must be a string')
+    if id is not None and not (isinstance(id, str) and len(id) <= protocol.MAX_ID_LENGTH):
+        message = f'"id" must be a string of at most {protocol.MAX_ID_LENGTH} characters'
+        raise ApiError(400, protocol.ErrorCode.BAD_ID.value, message)
+    return Publish(protocol.ChatMessage(text, id), sender)
+
+
+def parse_history_query(query_string: bytes) -> tuple[int, int]:
+    """``(since, limit)`` from ``?since=S&limit=N`` (defaults 0 and :data:`DEFAULT_LIMIT`).
+
+    :raises ApiError: 400 unless both are integers, ``since >= 0`` and
+        ``1 <= limit <= MAX_LIMIT``
+    """
+    params = dict(parse_qsl(query_string.decode("latin-1")))
+    since, limit = params.get("since", "0"), params.get("limit", str(DEFAULT_LIMIT))
+    if not (since.isdigit() and len(since) <= 18):
+        raise ApiError(400, "bad_request", "since must be a non-negative integer")
+    if not (limit.isdigit() and 1 <= int(limit) <= MAX_LIMIT):
+        raise ApiError(400, "bad_request", f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return int(since), int(limit)
+
+
+def authorized(headers: Headers, key: str) -> bool:
+    """Whether the request carries ``Authorization: Bearer <key>`` (constant time)."""
+    given = header(headers, b"authorization") or ""
+    scheme, _, token = given.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
+
+
+async def handle(runtime: Runtime, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer one API request (``path`` is below the app's mount point)."""
+    key = runtime.settings.api_key
+    if key is None:
+        await respond(send, 404, b"Not Found", "text/plain; charset=utf-8")
+        return
+    try:
+        if not authorized(scope.get("headers", []), key):
+            raise ApiError(401, "unauthorized", "Authorization: Bearer <ROOMCAST_API_KEY> needed")
+        status, body = await _route(runtime, path, scope, receive)
+    except ApiError as error:
+        status, body = error.status, {"error": error.code, "message": error.message}
+    except BrokerUnavailable:
+        status = 503
+        body = {"error": "unavailable", "message": "the chat service is unavailable"}
+    extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+    encoded = body if isinstance(body, bytes) else orjson.dumps(body)
+    await respond(send, status, encoded, JSON, headers=extra)
+
+
+async def _route(
+    runtime: Runtime, path: str, scope: Scope, receive: Receive
+) -> tuple[int, dict[str, Any] | bytes]:
+    method: str = scope["method"]
+    broker = runtime.broker
+    if path == "/api/rooms":
+        _allow(method, "GET")
+        rooms = await broker.rooms()
+        return 200, {"rooms": [{"name": name, "count": n} for name, n in sorted(rooms.items())]}
+    match = _ROOM_ROUTE.fullmatch(path)
+    if match is None:
+        raise ApiError(404, "not_found", f"no API endpoint at {path[:80]}")
+    room, what = match["room"], match["what"]
+    if not protocol.valid_room(room):
+        raise ApiError(400, "bad_request", "room must be 1-64 characters of A-Z a-z 0-9 _ - .")
+    if what == "messages":
+        _allow(method, "POST")
+        try:
+            body = await read_body(receive, MAX_BODY)
+        except BodyTooLarge:
+            raise ApiError(413, "too_large", f"the body is over {MAX_BODY} bytes") from None
+        publish = parse_publish(body, max_text=runtime.settings.max_text)
+        return 200, {"seq": await broker.post(room, publish.message, publish.sender)}
+    _allow(method, "GET")
+    if what == "history":
+        since, limit = parse_history_query(scope.get("query_string", b""))
+        history = await broker.history(room, since, limit)
+        head = orjson.dumps(
+            {"room": room, "epoch": history.epoch, "seq": history.seq, "first": history.first}
+        )
+        # the retained events are already JSON: splice them in rather than re-encode them
+        return 200, head[:-1] + b',"messages":[' + ",".join(history.events).encode() + b"]}"
+    names = await broker.presence(room)
+    members = [{"user": None, "name": name} for name in names]
+    return 200, {"room": room, "count": len(members), "members": members}
+
+
+def _allow(method: str, expected: str) -> None:
+    if method != expected:
+        raise ApiError(405, "method_not_allowed", f"use {expected}")

@@ -1,0 +1,111 @@
+"""The server API from Python (SPEC §8.2), on anyio and httpx: publish from a backend or a
+background job, read history, presence and rooms.
+
+::
+
+    async with open_server_api("http://127.0.0.1:8000", key) as api:
+        seq = await api.publish("lobby", "deploy finished", sender="ci")
+        page = await api.history("lobby", since=seq - 10)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+
+from .events import Message, parse_event
+
+__all__ = ["ApiRefused", "HistoryPage", "ServerAPI", "open_server_api"]
+
+TIMEOUT = 10.0
+
+
+class ApiRefused(Exception):
+    """The server refused the request: HTTP ``status``, and its ``code`` and ``message``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    room: str
+    epoch: str | None
+    seq: int  # the room's latest
+    first: int  # the first seq still retained
+    messages: list[Message]
+
+
+class ServerAPI:
+    """A connection to one server's API. Use :func:`open_server_api`."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._http = http
+
+    async def publish(
+        self, room: str, text: str, *, sender: str | None = None, id: str | None = None
+    ) -> int:
+        """Publish ``text`` into ``room`` as ``sender``; returns its seq.
+
+        :raises ApiRefused: if the server refused it (401 key, 413 too long, 503 ...)
+        """
+        body: dict[str, Any] = {"text": text}
+        if sender is not None:
+            body["from"] = sender
+        if id is not None:
+            body["id"] = id
+        data = await self._request("POST", f"rooms/{quote(room)}/messages", json=body)
+        return int(data["seq"])
+
+    async def history(self, room: str, *, since: int = 0, limit: int = 100) -> HistoryPage:
+        """Up to ``limit`` retained messages after ``since``, oldest first."""
+        params = {"since": since, "limit": limit}
+        data = await self._request("GET", f"rooms/{quote(room)}/history", params=params)
+        messages = [
+            event for raw in data["messages"] if isinstance(event := parse_event(raw), Message)
+        ]
+        return HistoryPage(data["room"], data["epoch"], data["seq"], data["first"], messages)
+
+    async def presence(self, room: str) -> list[dict[str, str | None]]:
+        """The room's members: ``{"user", "name"}`` each."""
+        data = await self._request("GET", f"rooms/{quote(room)}/presence")
+        members: list[dict[str, str | None]] = data["members"]
+        return members
+
+    async def rooms(self) -> dict[str, int]:
+        """Rooms with members, and how many."""
+        data = await self._request("GET", "rooms")
+        return {room["name"]: room["count"] for room in data["rooms"]}
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self._http.request(method, path, **kwargs)
+        if response.is_success:
+            return response.json()
+        try:
+            error = response.json()
+            code, message = error["error"], error["message"]
+        except (ValueError, KeyError, TypeError):
+            code, message = "http_error", response.reason_phrase or response.text[:200]
+        raise ApiRefused(response.status_code, code, message)
+
+
+@asynccontextmanager
+async def open_server_api(url: str, key: str) -> AsyncIterator[ServerAPI]:
+    """The API of the server at ``url`` (``http(s)://host:port``, with its mount prefix
+    if it has one; ``ws://`` works too), authenticated with ``key``."""
+    parts = urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {url!r}")
+    base = urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/api/", "", ""))
+    headers = {"authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=TIMEOUT) as http:
+        yield ServerAPI(http)

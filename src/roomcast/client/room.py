@@ -1,0 +1,457 @@
+"""A room that stays joined: connect, resume after every drop, and send exactly once.
+
+::
+
+    open_room
+    └── task group
+        └── connection task   (connect -> read events -> on a drop: back off, reconnect
+                               with since=<last seq>&epoch=<epoch>, resend what was not
+                               sequenced)
+
+The caller's side is :meth:`Room.send` (returns the message's ``seq`` once the server
+accepted it) and ``async for event in room``. Both work on trio and asyncio (anyio), over
+httpx-ws.
+
+Exactly once, across reconnections: every message carries an ``id`` of this room's own.
+After a reconnection the server first replays what the room missed (``since``), and a
+message of ours found in that replay was sequenced before the drop: it is settled with
+that ``seq``, not sent again. Only what the replay does not hold is resent. (With the
+Redis broker a message can still be in flight in Redis while the replay is read; that
+message would be sent twice. The memory broker sequences synchronously.)
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Final
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import anyio
+import httpx
+import orjson
+from anyio.abc import TaskStatus
+from httpx_ws import (
+    AsyncWebSocketSession,
+    HTTPXWSException,
+    WebSocketDisconnect,
+    WebSocketUpgradeError,
+    aconnect_ws,
+)
+from wsproto.utilities import LocalProtocolError
+
+from ..protocol import BATCH_SUBPROTOCOL, CloseCode
+from .events import (
+    Ack,
+    Error,
+    Event,
+    HistoryGap,
+    Message,
+    Reconnecting,
+    Welcome,
+    parse_event,
+)
+
+__all__ = [
+    "MessageRefused",
+    "Room",
+    "RoomClosed",
+    "RoomUnavailable",
+    "TokenSource",
+    "chat_url",
+    "open_room",
+]
+
+#: an async callable returning a fresh token (asked before each connection and before the
+#: current token expires)
+TokenSource = Callable[[], Awaitable[str]]
+
+CHAT_PATH: Final = "/ws/chat"
+#: close codes after which the room reconnects: the server went away, the network broke,
+#: the service was unavailable, or this client read too slowly (4008) and was evicted
+RETRYABLE: Final = frozenset({1001, 1006, 1011, 1012, 1013, CloseCode.TOO_SLOW})
+FIRST_BACKOFF: Final = 0.1
+CONNECT_TIMEOUT: Final = 10.0
+#: a token is renewed when this share of its remaining lifetime has passed
+REFRESH_AT: Final = 0.8
+#: a drop this long after the welcome starts the backoff over
+STABLE_AFTER: Final = 10.0
+
+
+class RoomClosed(Exception):
+    """The server ended the membership for good, with ``code`` and ``reason``
+    (4001 token, 4003 room full, 4400 bad request, 4403 not allowed, 4429 too many
+    connections, 1000 normal closure ...)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"closed {code}" + (f": {reason}" if reason else ""))
+        self.code = code
+        self.reason = reason
+
+
+class RoomUnavailable(RoomClosed):
+    """The first connection failed: the server could not be reached, or refused the
+    handshake (``code`` is then the HTTP status, e.g. 403 or 503)."""
+
+
+class MessageRefused(Exception):
+    """The server refused a message (``code``: ``rate_limited``, ``too_long``,
+    ``unavailable`` ...); it was not sent to anyone."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(eq=False)
+class _Pending:
+    text: str
+    done: anyio.Event = field(default_factory=anyio.Event)
+    seq: int | None = None
+    error: Exception | None = None
+
+    def settle(self, seq: int | None = None, error: Exception | None = None) -> None:
+        if not self.done.is_set():
+            self.seq, self.error = seq, error
+            self.done.set()
+
+
+def chat_url(url: str, room: str, **params: str | int | None) -> str:
+    """The ``ws://`` URL of ``room``'s chat endpoint under ``url`` (a server's base URL,
+    with or without a mount prefix, or the chat endpoint itself), with ``params``.
+
+    :raises ValueError: if ``url`` is not ``ws://``, ``wss://``, ``http://`` or ``https://``
+    """
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"expected a ws:// or wss:// URL with a host, got {url!r}")
+    path = parts.path if parts.path.endswith(CHAT_PATH) else parts.path.rstrip("/") + CHAT_PATH
+    query = {"room": room, **{k: str(v) for k, v in params.items() if v is not None}}
+    return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
+
+
+class Room:
+    """One joined room. Use :func:`open_room`."""
+
+    def __init__(
+        self,
+        url: str,
+        room: str,
+        *,
+        name: str | None,
+        token: str | TokenSource | None,
+        batch: bool,
+        since: int | None,
+        epoch: str | None,
+        buffer: int,
+        reconnect: bool,
+        max_backoff: float,
+    ) -> None:
+        chat_url(url, room)  # fail early on a bad URL
+        self.url = url
+        self.name = room
+        self.display_name = name
+        self._token_source = token if callable(token) else None
+        #: the token the next connection presents (fetched again before each one, and
+        #: before it expires, when a token source was given)
+        self.token = None if callable(token) else token
+        #: the last message seq seen (and the epoch it belongs to): where a resume starts
+        self.seq = since or 0
+        self.epoch = epoch
+        #: messages dropped because they were already seen (0 unless the server repeats)
+        self.duplicates = 0
+        self._batch = batch
+        self._reconnect = reconnect
+        self._max_backoff = max_backoff
+        self._events_in, self._events_out = anyio.create_memory_object_stream[Event](buffer)
+        self._pending: dict[str, _Pending] = {}
+        self._prefix = secrets.token_hex(4)
+        self._ids = itertools.count(1)
+        self._ws: AsyncWebSocketSession | None = None
+        self._replay_until: int | None = None  # set by a welcome, cleared once caught up
+        self._welcomed_at: float | None = None
+        #: whether connections ask for a replay (``since``): after the first welcome, always
+        self._resume = since is not None
+        self._closed: RoomClosed | None = None
+
+    # -- the caller's side ----------------------------------------------------------------
+
+    async def send(self, text: str) -> int:
+        """Send a chat message; return its ``seq`` once the server has accepted it.
+
+        While the room is reconnecting the message waits, and it is sent once: a message
+        the server sequenced before a drop is recognised in the resume replay.
+
+        :raises MessageRefused: if the server refused it (rate limit, length, outage)
+        :raises RoomClosed: if the room was closed for good first
+        """
+        if self._closed is not None:
+            raise self._closed
+        id = f"{self._prefix}-{next(self._ids)}"
+        pending = self._pending[id] = _Pending(text)
+        try:
+            if self._ws is not None and self._replay_until is None:
+                await self._transmit(self._ws, id, pending)
+            await pending.done.wait()
+        finally:
+            del self._pending[id]
+        if pending.error is not None:
+            raise pending.error
+        assert pending.seq is not None
+        return pending.seq
+
+    def __aiter__(self) -> Room:
+        return self
+
+    def is_own(self, message: Message) -> bool:
+        """Whether ``message`` was sent by this room (through :meth:`send`)."""
+        return message.id is not None and message.id.startswith(self._prefix + "-")
+
+    async def __anext__(self) -> Event:
+        """The next event.
+
+        :raises RoomClosed: once the server has closed the room for good and every event
+            before that was read
+        """
+        try:
+            return await self._events_out.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            if self._closed is not None and self._closed.code != CloseCode.NORMAL:
+                raise self._closed from None
+            raise StopAsyncIteration from None
+
+    # -- the connection task -----------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Stay connected until the server closes the room for good (or the task group is
+        cancelled). ``task_status.started()`` comes with the first welcome.
+
+        :raises RoomUnavailable: if the first connection fails
+        """
+        attempt = 0
+        async with httpx.AsyncClient(timeout=CONNECT_TIMEOUT) as http:
+            while True:
+                self._welcomed_at = None
+                code, reason = await self._connect(http, task_status)
+                if self._welcomed_at is None and not self._resume:
+                    self._finish(RoomUnavailable(code, reason))
+                    raise RoomUnavailable(code, reason)
+                if code not in RETRYABLE or not self._reconnect:
+                    self._finish(RoomClosed(code, reason))
+                    return
+                stable = self._welcomed_at is not None and (
+                    anyio.current_time() - self._welcomed_at >= STABLE_AFTER
+                )
+                attempt = 1 if stable else attempt + 1
+                delay = min(self._max_backoff, FIRST_BACKOFF * 2 ** (attempt - 1))
+                delay *= random.uniform(0.5, 1.0)  # a server's clients do not all return at once
+                await self._events_in.send(Reconnecting(code, reason, attempt, delay))
+                await anyio.sleep(delay)
+
+    async def _connect(
+        self, http: httpx.AsyncClient, task_status: TaskStatus[None]
+    ) -> tuple[int, str]:
+        """One connection, until it ends: ``(close code, reason)``."""
+        params: dict[str, str | int | None] = {"name": self.display_name}
+        if self._resume:
+            params |= {"since": self.seq, "epoch": self.epoch}
+        url = chat_url(self.url, self.name, **params).replace("ws", "http", 1)
+        if self._token_source is not None:
+            self.token = await self._token_source()
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        protocols = [BATCH_SUBPROTOCOL] if self._batch else None
+        try:
+            async with aconnect_ws(
+                url,
+                http,
+                subprotocols=protocols,
+                headers=headers,
+                session_class=AsyncWebSocketSession,
+            ) as ws:
+                self._ws = ws
+                try:
+                    async with anyio.create_task_group() as tg:
+                        if self._token_source is not None:
+                            tg.start_soon(self._keep_token_fresh, ws)
+                        await self._read(ws, task_status)
+                finally:
+                    self._ws = None
+                    self._replay_until = None
+        except Exception as exc:  # httpx-ws raises from its task group: look inside
+            return _why_it_ended(exc)
+        raise AssertionError("unreachable: reading only ends with an exception")
+
+    async def _read(self, ws: AsyncWebSocketSession, task_status: TaskStatus[None]) -> None:
+        split = ws.subprotocol == BATCH_SUBPROTOCOL
+        while True:
+            frame = await ws.receive_text()
+            for line in frame.split("\n") if split else (frame,):
+                event = parse_event(orjson.loads(line), line)
+                if await self._handle(ws, event) and not self._resume:
+                    self._resume = True  # from now on every connection resumes
+                    task_status.started()
+
+    async def _handle(self, ws: AsyncWebSocketSession, event: Event | Ack) -> bool:
+        """Deliver or settle one server event; ``True`` for a welcome."""
+        if isinstance(event, Ack):
+            self._settle(event.id, seq=event.seq)
+            return False
+        if isinstance(event, Welcome):
+            if not self._resume:
+                self.seq = event.seq  # nothing to replay: start at the room's latest
+            self.epoch = event.epoch
+            self._replay_until = event.seq
+            self._welcomed_at = anyio.current_time()
+        elif isinstance(event, HistoryGap):
+            self.seq = event.first - 1  # the replay starts at the first message kept
+        elif isinstance(event, Message):
+            if event.seq <= self.seq:
+                self.duplicates += 1
+                return False
+            self.seq = event.seq
+            if event.id is not None:
+                self._settle(event.id, seq=event.seq)
+        elif isinstance(event, Error) and event.id in self._pending:
+            self._settle(event.id, error=MessageRefused(event.code, event.message))
+            return False
+        await self._events_in.send(event)
+        if self._replay_until is not None and self.seq >= self._replay_until:
+            await self._caught_up(ws)
+        return isinstance(event, Welcome)
+
+    async def _keep_token_fresh(self, ws: AsyncWebSocketSession) -> None:
+        """Before the token expires, fetch a new one and send it in-band (``refresh``,
+        SPEC §8.3), so the connection is not closed 4001 "token expired"."""
+        assert self._token_source is not None
+        while True:
+            expires = _expiry(self.token)
+            if expires is None:
+                return
+            await anyio.sleep(max(1.0, (expires - time.time()) * REFRESH_AT))
+            self.token = await self._token_source()
+            with suppress(HTTPXWSException, LocalProtocolError, httpx.TransportError, OSError):
+                await ws.send_text(orjson.dumps({"type": "refresh", "token": self.token}).decode())
+
+    async def _caught_up(self, ws: AsyncWebSocketSession) -> None:
+        """The resume replay is over: send what it did not show as sequenced."""
+        self._replay_until = None
+        for id, pending in list(self._pending.items()):
+            if not pending.done.is_set():
+                await self._transmit(ws, id, pending)
+
+    async def _transmit(self, ws: AsyncWebSocketSession, id: str, pending: _Pending) -> None:
+        # a failure means the connection is going: the message goes again after the resume
+        with suppress(HTTPXWSException, LocalProtocolError, httpx.TransportError, OSError):
+            await ws.send_text(orjson.dumps({"text": pending.text, "id": id}).decode())
+
+    def _settle(self, id: str, *, seq: int | None = None, error: Exception | None = None) -> None:
+        pending = self._pending.get(id)
+        if pending is not None:
+            pending.settle(seq, error)
+
+    def _finish(self, closed: RoomClosed) -> None:
+        self._closed = closed
+        for pending in self._pending.values():
+            pending.settle(error=closed)
+        self._events_in.close()
+
+
+@asynccontextmanager
+async def open_room(
+    url: str,
+    room: str,
+    *,
+    name: str | None = None,
+    token: str | TokenSource | None = None,
+    batch: bool = True,
+    since: int | None = None,
+    epoch: str | None = None,
+    buffer: int = 1024,
+    reconnect: bool = True,
+    max_backoff: float = 10.0,
+) -> AsyncIterator[Room]:
+    """Join ``room`` on the server at ``url`` and stay in it until the block exits.
+
+    ``url`` is the server's address (``ws://host:8000``, or the prefix it is mounted
+    under); ``since`` and ``epoch`` resume from an earlier session. ``token`` is a token,
+    or an async callable returning one (a :data:`TokenSource`): it is then asked before
+    every connection and again before the current token expires, and the new token is
+    sent in-band (``refresh``), so a long session outlives short-lived tokens. The block is entered
+    once the server has welcomed us; from then on drops are survived: the room
+    reconnects with backoff (up to ``max_backoff`` seconds) and resumes, and a
+    :class:`~roomcast.client.Reconnecting` event says so. Read events with
+    ``async for event in room``: at most ``buffer`` wait for you, then the room stops
+    reading from the server (which in time evicts a member that reads too slowly; the
+    room then reconnects and resumes).
+
+    :raises RoomUnavailable: if the first connection fails
+    """
+    instance = Room(
+        url,
+        room,
+        name=name,
+        token=token,
+        batch=batch,
+        since=since,
+        epoch=epoch,
+        buffer=buffer,
+        reconnect=reconnect,
+        max_backoff=max_backoff,
+    )
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(instance.run)
+            try:
+                yield instance
+            finally:
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The room's task group wraps whatever ends it; a caller expects what was raised.
+        if len(group.exceptions) != 1:
+            raise
+        raise group.exceptions[0] from group.exceptions[0].__cause__
+
+
+def _expiry(token: str | None) -> float | None:
+    """The ``exp`` claim of a JWT, read without verifying it (the server does that): only
+    to know when to fetch the next one."""
+    if not token:
+        return None
+    try:
+        payload = token.split(".")[1]
+        claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"])
+    except (IndexError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+        return None
+
+
+def _why_it_ended(exc: BaseException) -> tuple[int, str]:
+    """``(close code, reason)`` for how a connection ended: the server's close, the HTTP
+    status that refused the handshake, or 1006 for the network.
+
+    :raises BaseException: ``exc`` itself if it holds none of those (a bug, not a drop)
+    """
+    leaves = _leaves(exc)
+    for leaf in leaves:
+        if isinstance(leaf, WebSocketDisconnect):
+            return leaf.code, leaf.reason
+        if isinstance(leaf, WebSocketUpgradeError):
+            return leaf.response.status_code, leaf.response.reason_phrase
+    for leaf in leaves:
+        if isinstance(leaf, HTTPXWSException | httpx.TransportError | OSError):
+            return 1006, str(leaf) or type(leaf).__name__
+    raise exc
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]

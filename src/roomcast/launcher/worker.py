@@ -1,0 +1,142 @@
+"""One worker process of ``python -m roomcast``: the app on the chosen event loop.
+
+A worker is started by the master (:mod:`.supervisor`) with the listening sockets and one
+end of a *lifeline*, a socket pair whose other end only the master holds. The worker
+writes one report on it (:data:`READY`, or :data:`FAILED` and the reason the app's
+lifespan startup gave), and otherwise only waits for it to reach end-of-file. That
+happens when the master asks the worker to stop (it closes its end) and also when the
+master dies, however it dies (the kernel closes its end): either way the worker shuts
+down gracefully, giving every WebSocket 1001, so no worker outlives its master.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import signal
+import ssl
+import sys
+from collections.abc import Awaitable, Callable
+from functools import partial
+from multiprocessing.connection import Connection
+from typing import Any, Final
+
+import anyio
+import trio
+from hypercorn.config import Config, Sockets
+from hypercorn.utils import LifespanFailureError, LifespanTimeoutError, wrap_app
+
+from ..asgi import ASGIApp, Message, Receive, Scope, Send
+from . import trio_server
+from .logs import configure_logging
+
+__all__ = ["FAILED", "READY", "STARTUP_FAILED", "StartupReporter", "run_worker", "wait_for_stop"]
+
+READY: Final = b"ready"
+FAILED: Final = b"failed:"
+#: a worker's exit status when the app's lifespan startup failed (reported on the lifeline)
+STARTUP_FAILED: Final = 3
+
+
+class StartupReporter:
+    """Wraps an ASGI app and reports the outcome of its lifespan startup on the lifeline."""
+
+    def __init__(self, app: ASGIApp, lifeline: Connection) -> None:
+        self.app = app
+        self._lifeline = lifeline
+        self.reported = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def reporting_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                self.report(READY)
+            elif message["type"] == "lifespan.startup.failed":
+                self.report(FAILED + str(message.get("message", "")).encode())
+            await send(message)
+
+        await self.app(scope, receive, reporting_send)
+
+    def report(self, report: bytes) -> None:
+        """Send the one report (later calls do nothing)."""
+        if self.reported:
+            return
+        self.reported = True
+        with contextlib.suppress(OSError):  # the master is gone: the lifeline says so
+            self._lifeline.send_bytes(report)
+
+
+async def wait_for_stop(lifeline: Connection) -> None:
+    """Return once the lifeline reaches end-of-file or this process gets SIGTERM.
+
+    The master never writes to a worker, so the lifeline becomes readable only at EOF.
+    """
+    async with anyio.create_task_group() as tg:
+
+        async def stop_on_sigterm() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+
+        tg.start_soon(stop_on_sigterm)
+        await anyio.wait_readable(lifeline.fileno())
+        tg.cancel_scope.cancel()
+
+
+def run_worker(config: Config, sockets: Sockets, lifeline: Connection) -> None:
+    """The entry point of a spawned worker process.
+
+    Exits with :data:`STARTUP_FAILED` if the app's lifespan startup failed (the reason is
+    already on the lifeline); anything else that ends the worker is a crash, and
+    propagates with its traceback.
+    """
+    # Ctrl-C in a terminal reaches the whole process group: the master handles it and
+    # stops the workers through their lifelines.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging()
+    module, _, attribute = config.application_path.partition(":")
+    reporter = StartupReporter(getattr(importlib.import_module(module), attribute), lifeline)
+    app = wrap_app(reporter, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    shutdown_trigger = partial(wait_for_stop, lifeline)
+    try:
+        if config.worker_class == "trio":
+            trio.run(
+                partial(
+                    trio_server.serve,
+                    app,
+                    config,
+                    sockets=sockets,
+                    shutdown_trigger=shutdown_trigger,
+                )
+            )
+        else:
+            _run_asyncio(app, config, sockets, shutdown_trigger)
+    except* (LifespanFailureError, LifespanTimeoutError) as group:
+        reporter.report(FAILED + str(group.exceptions[0]).encode())
+        sys.exit(STARTUP_FAILED)
+
+
+def _run_asyncio(
+    app: Any, config: Config, sockets: Sockets, shutdown_trigger: Callable[[], Awaitable[None]]
+) -> None:
+    from hypercorn.asyncio.run import worker_serve
+
+    loop_factory = None
+    if config.worker_class == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.get_loop().set_exception_handler(_ignore_tls_handshake_failures)
+        runner.run(worker_serve(app, config, sockets=sockets, shutdown_trigger=shutdown_trigger))
+
+
+def _ignore_tls_handshake_failures(
+    loop: asyncio.AbstractEventLoop, context: dict[str, Any]
+) -> None:
+    if not isinstance(context.get("exception"), ssl.SSLError):
+        loop.default_exception_handler(context)

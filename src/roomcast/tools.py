@@ -1,0 +1,140 @@
+"""``roomcast publish`` and ``roomcast history``: the server API from a shell, for cron jobs
+and scripts (``ROOMCAST_API_KEY`` in the environment, or ``--key``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import anyio
+import httpx
+import orjson
+
+from .client.api import ApiRefused, open_server_api
+
+__all__ = ["history_main", "publish_main"]
+
+EXIT_OK: Final = 0
+EXIT_REFUSED: Final = 1
+EXIT_USAGE: Final = 2
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("url", metavar="URL", help="the server, http(s)://host:port[/prefix]")
+    parser.add_argument("--room", required=True, help="the room")
+    parser.add_argument(
+        "--key",
+        default=os.environ.get("ROOMCAST_API_KEY") or None,
+        help="the server's API key (default: $ROOMCAST_API_KEY)",
+    )
+    return parser
+
+
+def publish_main(argv: list[str]) -> int:
+    """``roomcast publish URL --room R TEXT``: prints the message's seq."""
+    parser = _parser("roomcast publish", "Publish a message into a room through the server API.")
+    parser.add_argument("text", metavar="TEXT", help="the message")
+    parser.add_argument("--from", dest="sender", help="display name to show it from")
+    parser.add_argument("--id", help="an id of yours, echoed in the message event")
+    args = parser.parse_args(argv)
+
+    async def publish() -> str:
+        async with open_server_api(args.url, args.key) as api:
+            seq = await api.publish(args.room, args.text, sender=args.sender, id=args.id)
+        return str(seq)
+
+    return _run(parser, args.key, publish)
+
+
+def history_main(argv: list[str]) -> int:
+    """``roomcast history URL --room R``: prints retained messages as JSON lines."""
+    parser = _parser("roomcast history", "Print a room's retained messages, one JSON per line.")
+    parser.add_argument("--since", type=int, default=0, help="only messages after this seq")
+    parser.add_argument("--limit", type=int, default=100, help="at most this many (<= 1000)")
+    args = parser.parse_args(argv)
+
+    async def history() -> str:
+        async with open_server_api(args.url, args.key) as api:
+            page = await api.history(args.room, since=args.since, limit=args.limit)
+        return "\n".join(message.raw or orjson.dumps(message).decode() for message in page.messages)
+
+    return _run(parser, args.key, history)
+
+
+def _run(
+    parser: argparse.ArgumentParser, key: str | None, call: Callable[[], Awaitable[str]]
+) -> int:
+    if not key:
+        parser.error("no API key: pass --key or set ROOMCAST_API_KEY")
+    try:
+        output = anyio.run(call)
+    except ApiRefused as refused:
+        print(f"roomcast: {refused}", file=sys.stderr)
+        return EXIT_REFUSED
+    except (httpx.TransportError, ValueError) as exc:
+        print(f"roomcast: cannot reach the server: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if output:
+        print(output)
+    return EXIT_OK
+
+
+def token_main(argv: list[str]) -> int:
+    """``roomcast token --sub ann [--name Ann] [--rooms 'team-*'] [--ttl 1h]``: prints a
+    token signed with ``ROOMCAST_JWT_SECRET`` (with the configured audience and issuer)."""
+    from .identity import mint_token
+    from .settings import Settings, SettingsError
+
+    parser = argparse.ArgumentParser(
+        prog="roomcast token",
+        description="Mint a signed token (HS256, from ROOMCAST_JWT_SECRET) for a user: "
+        "for operators and local testing; applications mint their own.",
+    )
+    parser.add_argument("--sub", required=True, help="the user id")
+    parser.add_argument("--name", help="display name (default: the user id)")
+    parser.add_argument(
+        "--rooms", action="append", help="a room it may enter, * as wildcard (repeatable)"
+    )
+    parser.add_argument("--ttl", type=_duration, default=3600.0, help="lifetime: 90s, 30m, 1h, 2d")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"roomcast: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if settings.jwt_secret is None:
+        parser.error(
+            "ROOMCAST_JWT_SECRET is not set (public-key tokens are minted by their issuer)"
+        )
+    print(
+        mint_token(
+            settings.jwt_secret,
+            sub=args.sub,
+            ttl=args.ttl,
+            name=args.name,
+            rooms=args.rooms,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
+    )
+    return EXIT_OK
+
+
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        seconds = 0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 90s, 30m or 1h, got {text!r}"
+        )
+    return seconds

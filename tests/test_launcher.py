@@ -1,0 +1,251 @@
+"""The process model of ``python -m roomcast`` (``roomcast.launcher``), on real processes.
+
+A worker that dies is replaced while the others serve on; the master's death ends its
+workers; SIGTERM/SIGINT end everything with 1001 and status 0; a server that cannot start
+says why in one line and exits non-zero; one ``/metrics`` scrape counts every worker.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from chatters import Chatter, owner_of
+from servers import ROOT, ServerProcess, spawn_server
+
+GRACEFUL = "1"
+
+
+@pytest.fixture
+def chatters() -> Iterator[list[Chatter]]:
+    opened: list[Chatter] = []
+    yield opened
+    for chatter in opened:
+        chatter.ws.sock.close()
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> float:
+    """Seconds until ``condition()`` held: these are other processes, with no event of
+    theirs to wait on."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def spread(server: ServerProcess, chatters: list[Chatter], room: str) -> dict[int, list[Chatter]]:
+    """Join chatters until every worker has at least two; returns them by worker pid."""
+    workers = server.workers()
+    by_worker: dict[int, list[Chatter]] = {pid: [] for pid in workers}
+    for i in range(60):
+        chatter = Chatter.join(server.port, room, f"c{i}")
+        chatters.append(chatter)
+        owner = owner_of(workers, chatter.local_address())
+        assert owner is not None
+        by_worker[owner].append(chatter)
+        if all(len(group) >= 2 for group in by_worker.values()):
+            return by_worker
+    raise AssertionError(f"60 clients never reached every worker: {by_worker}")
+
+
+def test_a_killed_worker_is_replaced_while_the_other_serves_on(chatters: list[Chatter]) -> None:
+    env = {"ROOMCAST_RATE_LIMIT": "0"}
+    with spawn_server(["--workers", "2"], env=env) as server:
+        by_worker = spread(server, chatters, "r")
+        victim, survivor = list(by_worker)
+        for chatter in chatters:
+            chatter.say()
+        mark = len(server.output)
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(20):  # the survivor's room goes on, seq by seq, during the restart
+            for chatter in by_worker[survivor]:
+                chatter.say()
+        for chatter in by_worker[victim]:
+            assert chatter.close_code() == 1006
+        server.wait_for_output(
+            rf"worker \d \(pid {victim}\) was killed by SIGKILL; starting a", 5, mark
+        )
+        ready = server.wait_for_output(r"worker \d \(pid \d+\) ready", 10, mark)
+        replacement = int(ready.split("(pid ")[1].split(")")[0])
+        assert sorted(server.workers()) == sorted([survivor, replacement])
+        for i in range(60):  # the replacement answers: someone lands on it and chats
+            chatter = Chatter.join(server.port, "r", f"new{i}")
+            chatters.append(chatter)
+            if owner_of([replacement], chatter.local_address()) == replacement:
+                chatter.say()
+                break
+        else:
+            raise AssertionError("no new client reached the replacement")
+        for chatter in by_worker[survivor]:
+            chatter.say()
+        assert server.process.poll() is None
+
+
+def test_the_masters_death_ends_its_workers_and_frees_the_port(chatters: list[Chatter]) -> None:
+    with spawn_server(["--workers", "2", "--graceful-timeout", GRACEFUL]) as server:
+        spread(server, chatters, "r")
+        workers = server.workers()
+        os.kill(server.process.pid, signal.SIGKILL)
+        for chatter in chatters:
+            assert chatter.close_code() == 1001  # each worker shut down gracefully
+        took = wait_until(lambda: not any(psutil.pid_exists(pid) for pid in workers), 5, "exit")
+        listening = [
+            c
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port
+        ]
+        assert listening == []
+        print(f"\nworkers gone {took:.2f} s after the master's SIGKILL")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_gives_every_client_1001_and_status_0(
+    sig: int, chatters: list[Chatter]
+) -> None:
+    with spawn_server(["--workers", "2", "--graceful-timeout", GRACEFUL]) as server:
+        spread(server, chatters, "r")
+        workers = server.workers()
+        server.terminate(sig)
+        for chatter in chatters:
+            assert chatter.close_code() == 1001
+        assert server.process.wait(timeout=10) == 0
+        assert not any(psutil.pid_exists(pid) for pid in workers)
+
+
+def test_one_metrics_scrape_counts_every_workers_connections(chatters: list[Chatter]) -> None:
+    with spawn_server(["--workers", "2"]) as server:
+        by_worker = spread(server, chatters, "r")
+        assert all(len(group) < len(chatters) for group in by_worker.values())
+
+        def scrape() -> dict[str, float]:
+            with urllib.request.urlopen(server.http_url("/metrics"), timeout=5) as response:
+                lines = response.read().decode().splitlines()
+            return {
+                line.split()[0]: float(line.split()[1])
+                for line in lines
+                if line.startswith(("roomcast_connections ", "roomcast_members "))
+            }
+
+        wait_until(
+            lambda: (
+                scrape()
+                == {
+                    "roomcast_connections": len(chatters),
+                    "roomcast_members": len(chatters),
+                }
+            ),
+            5,
+            f"one scrape counting {len(chatters)} connections",
+        )
+
+
+# -- startup failures: exit status and one line --------------------------------------------
+
+
+def run_roomcast(args: list[str], env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    result = subprocess.run(
+        [sys.executable, "-m", "roomcast", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.returncode, (result.stdout + result.stderr).splitlines()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_an_unreachable_redis_fails_startup_in_one_line() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    status, lines = run_roomcast(
+        ["--bind", f"127.0.0.1:{free_port()}", "--workers", "2"], {"ROOMCAST_REDIS_URL": url}
+    )
+    assert status == 1
+    assert len(lines) == 1 and lines[0].startswith(
+        f"roomcast: cannot start: cannot reach Redis at {url}"
+    )
+
+
+def test_a_bad_setting_fails_startup_in_one_line() -> None:
+    status, lines = run_roomcast(["--bind", "127.0.0.1:0"], {"ROOMCAST_RATE_LIMIT": "fast"})
+    assert status == 2
+    assert len(lines) == 1 and lines[0].startswith("roomcast: ROOMCAST_RATE_LIMIT='fast'")
+
+
+def test_a_busy_port_fails_startup_in_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status, lines = run_roomcast(["--bind", f"127.0.0.1:{port}"])
+    assert status == 2
+    assert lines == [f"roomcast: cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
+def test_uvloop_missing_fails_startup_in_one_line(tmp_path: Path) -> None:
+    shadow = tmp_path / "uvloop"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('No module named uvloop')\n")
+    status, lines = run_roomcast(
+        ["--bind", "127.0.0.1:0", "-k", "uvloop"], {"PYTHONPATH": str(tmp_path)}
+    )
+    assert status == 2
+    assert lines == ["roomcast: --worker-class uvloop needs uvloop: pip install 'roomcast[uvloop]'"]
+
+
+# -- the Hypercorn internals roomcast.launcher builds on -------------------------------------
+
+
+class TestHypercornInternals:
+    """``roomcast.launcher.trio_server`` reuses Hypercorn's connection machinery. If a new
+    Hypercorn changes any of this, these fail before a user finds out (pyproject.toml also
+    pins Hypercorn below the next minor release)."""
+
+    def test_tcp_server_takes_app_config_context_state_stream(self) -> None:
+        from hypercorn.trio.tcp_server import TCPServer
+
+        parameters = list(inspect.signature(TCPServer.__init__).parameters)
+        assert parameters == ["self", "app", "config", "context", "state", "stream"]
+        assert inspect.iscoroutinefunction(TCPServer._read_data)
+        assert "self.protocol.handle(Closed())" in inspect.getsource(TCPServer._read_data)
+
+    def test_the_ping_loop_sleeps_on_the_context_and_checks_closed_after(self) -> None:
+        from hypercorn.protocol.ws_stream import WSStream
+
+        source = inspect.getsource(WSStream._send_pings)
+        assert "while not self.closed" in source
+        assert "self.context.sleep(self.config.websocket_ping_interval)" in source
+
+    def test_the_worker_context_has_what_connection_context_mirrors(self) -> None:
+        from hypercorn.trio.worker_context import WorkerContext
+
+        from roomcast.launcher.trio_server import ConnectionContext
+
+        worker = WorkerContext(None)
+        public = {name for name in dir(worker) if not name.startswith("_")}
+        assert public <= set(dir(ConnectionContext(worker)))
+
+    def test_the_lifespan_reports_startup_failure_through_asgi_send(self) -> None:
+        from hypercorn.trio.lifespan import Lifespan
+
+        assert '"lifespan.startup.failed"' in inspect.getsource(Lifespan.asgi_send)
+        assert "self.startup.set()" in inspect.getsource(Lifespan.handle_lifespan)
