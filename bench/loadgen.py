@@ -64,6 +64,11 @@ class Stats:
         self.measuring = False
         self.unexpected_closes = 0
         self.close_codes: dict[int, int] = {}
+        # delivery order, over the whole run: every member must see its room's seqs
+        # once each, consecutively, from the seq its welcome named
+        self.duplicates = 0
+        self.gaps = 0
+        self.gap_notices = 0
 
     def reset(self) -> None:
         self.lat = []
@@ -85,6 +90,7 @@ class Client(WSListener):
         self.got = 0
         self.sent = 0
         self.close_code: int | None = None
+        self.last_seq: int | None = None  # from the welcome, then each message's
 
     def on_ws_frame(self, transport, frame) -> None:  # type: ignore[no-untyped-def]
         st = STATS
@@ -107,12 +113,24 @@ class Client(WSListener):
                 continue
             try:
                 data = loads(line)
-                text = data["text"] if data.get("type") == "message" else None
+                kind = data.get("type")
+                text = data["text"] if kind == "message" else None
             except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
-                text = None
+                kind = text = None
             if text is None:
                 st.other_events += 1
+                if kind == "welcome":
+                    self.last_seq = data.get("seq")
+                elif kind == "error" and data.get("error") == "history_gap":
+                    st.gap_notices += 1
                 continue
+            seq = data.get("seq")
+            if isinstance(seq, int) and self.last_seq is not None:
+                if seq <= self.last_seq:
+                    st.duplicates += 1  # or out of order: either way, seen before its turn
+                elif seq > self.last_seq + 1:
+                    st.gaps += seq - self.last_seq - 1
+                self.last_seq = max(seq, self.last_seq)
             parts = text.split(":", 3)
             if len(parts) < 3:
                 st.other_events += 1
@@ -384,6 +402,11 @@ async def run_fanout(a: argparse.Namespace) -> dict:
         "connect_s": round(connect_s, 3),
         "settle_s": round(settle_s, 3),
         "close_codes": {str(k): v for k, v in STATS.close_codes.items()},
+        "order": {
+            "duplicates": STATS.duplicates,
+            "gaps": STATS.gaps,
+            "gap_notices": STATS.gap_notices,
+        },
         **stalled_info,
         "rounds": rounds,
     }
