@@ -71,6 +71,11 @@ class Stats:
         self.measuring = False
         self.unexpected_closes = 0
         self.close_codes: dict[int, int] = {}
+        # delivery order, over the whole run: every member must see its room's seqs
+        # once each, consecutively, from the seq its welcome named
+        self.duplicates = 0
+        self.gaps = 0
+        self.gap_notices = 0
 
     def reset(self) -> None:
         self.lat = []
@@ -93,6 +98,7 @@ class Client(WSListener):
         self.got = 0
         self.sent = 0
         self.close_code: int | None = None
+        self.last_seq: int | None = None  # from the welcome, then each message's
 
     def on_ws_frame(self, transport, frame) -> None:  # type: ignore[no-untyped-def]
         st = STATS
@@ -122,7 +128,18 @@ class Client(WSListener):
             if text is None:
                 st.other_events += 1
                 st.notices += kind == "system"
+                if kind == "welcome":
+                    self.last_seq = data.get("seq")
+                elif kind == "error" and data.get("error") == "history_gap":
+                    st.gap_notices += 1
                 continue
+            seq = data.get("seq")
+            if isinstance(seq, int) and self.last_seq is not None:
+                if seq <= self.last_seq:
+                    st.duplicates += 1  # or out of order: either way, seen before its turn
+                elif seq > self.last_seq + 1:
+                    st.gaps += seq - self.last_seq - 1
+                self.last_seq = max(seq, self.last_seq)
             parts = text.split(":", 3)
             if len(parts) < 3:
                 st.other_events += 1
@@ -394,6 +411,11 @@ async def run_fanout(a: argparse.Namespace) -> dict:
         "connect_s": round(connect_s, 3),
         "settle_s": round(settle_s, 3),
         "close_codes": {str(k): v for k, v in STATS.close_codes.items()},
+        "order": {
+            "duplicates": STATS.duplicates,
+            "gaps": STATS.gaps,
+            "gap_notices": STATS.gap_notices,
+        },
         **stalled_info,
         "rounds": rounds,
     }

@@ -31,6 +31,7 @@ from typing import Any
 
 import psutil
 
+from . import brokers
 from .servers import DEFAULT_SERVERS, REFERENCE, SERVERS, Server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ PY = sys.executable
 @dataclass(frozen=True)
 class Workload:
     name: str
-    mode: str  # "fanout", "stalled" (a control run and a stalled run), "idle" or "crowd"
+    mode: str  # "fanout", "stalled" (a control run and a stalled run), "idle", "crowd" or "brokers"
     title: str
     full: dict[str, Any]
     quick: dict[str, Any]
@@ -90,6 +91,14 @@ WORKLOADS: dict[str, Workload] = {
             "2 KiB pad",
             full=dict(STALLED, duration=4),
             quick=dict(STALLED, duration=3),
+        ),
+        Workload(
+            "redis",
+            "brokers",
+            "the memory broker vs the Redis broker (1 and 2 workers), with and without "
+            "roomcast.batch, at fanout100 and rooms (bench/brokers.py; its own redis-server)",
+            full=dict(duration=4, rounds=2),
+            quick=dict(duration=2, rounds=1),
         ),
         Workload(
             "idle",
@@ -635,6 +644,8 @@ def pool_passes(raws: list[dict[str, Any]]) -> dict[str, Any]:
         if values:
             pooled[key] = max(values)
     pooled["server_tracebacks"] = sum(r.get("server_tracebacks") or 0 for r in ok)
+    if all("order" in r for r in ok):
+        pooled["order"] = {k: sum(r["order"][k] for r in ok) for k in ok[0]["order"]}
     pooled["passes"] = len(ok)
     return pooled
 
@@ -653,6 +664,7 @@ def summarize(mode: str, run: dict[str, Any]) -> dict[str, Any]:
         "rss_start_mb",
         "negotiated",
         "log",
+        "order",
     )
     common = {k: run.get(k) for k in keep}
     rounds = run.get("rounds", [])
@@ -676,6 +688,41 @@ def summarize(mode: str, run: dict[str, Any]) -> dict[str, Any]:
         if control.get("deliveries_per_s") and "deliveries_per_s" in stalled
         else None,
     }
+
+
+def run_brokers(
+    runner: Runner, args: argparse.Namespace, params: dict[str, Any], entry: dict[str, Any]
+) -> None:
+    """The ``redis`` workload: every broker configuration at every scenario, ``--passes``
+    times, against one redis-server of its own (flushed before each server)."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    with brokers.open_redis() as redis:
+        servers = brokers.broker_servers(redis.url)
+        entry["params"] = {
+            scenario: dict(WORKLOADS[scenario].params(args.quick), **params)
+            for scenario in brokers.SCENARIOS
+        }
+        for n in range(args.passes):
+            for scenario, scenario_params in entry["params"].items():
+                for server in servers:
+                    redis.command("FLUSHALL")
+                    t0 = time.monotonic()
+                    tag = f"redis-{scenario}" + (f"-pass{n + 1}" if args.passes > 1 else "")
+                    try:
+                        raw = runner.fanout(server, scenario_params, tag)
+                    except Exception as exc:
+                        raw = {"error": repr(exc)}
+                    key = f"{server.name}@{scenario}"
+                    runs.setdefault(key, []).append(raw)
+                    row = summarize("fanout", raw)
+                    log(
+                        f"redis/{scenario:<10} {server.name:<16} {time.monotonic() - t0:5.1f}s  "
+                        f"{brief('fanout', row)} order {raw.get('order')}"
+                    )
+    for key, raws in runs.items():
+        raw = raws[0] if len(raws) == 1 else pool_passes(raws)
+        entry["raw"][key] = raws if len(raws) > 1 else raw
+        entry["servers"][key] = summarize("fanout", raw)
 
 
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
@@ -708,6 +755,13 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             "raw": {},
         }
         report["workloads"][wname] = entry
+        if w.mode == "brokers":
+            try:
+                run_brokers(runner, args, params, entry)
+            except RuntimeError as exc:  # no redis-server here: the rest of the run goes on
+                entry["error"] = str(exc)
+                log(f"{wname}: {exc}")
+            continue
         passes = 1 if w.mode in ("idle", "crowd") else args.passes
         runs: dict[str, list[dict[str, Any]]] = {}
         for n in range(passes):
@@ -901,6 +955,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                         + (f" ({x['fill_ratio']:.2f}x)" if x.get("fill_ratio") else ""),
                     )
                 )
+    if "redis" in W:
+        out.extend(broker_targets(W["redis"]["servers"]))
     if "stalled" in W:
         S = {n: r for n, r in W["stalled"]["servers"].items() if "error" not in r}
         for name in ("roomcast-trio-batch", "roomcast-trio"):
@@ -934,6 +990,49 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                     + ", ".join(f"{n} {r['rss_growth_mb']:+}" for n, r in S.items()),
                 )
             )
+    return out
+
+
+def broker_targets(S: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Redis issue's targets, from one run's ``redis`` workload."""
+    out: list[dict[str, Any]] = []
+
+    def rate(name: str, scenario: str) -> float | None:
+        r = S.get(f"{name}@{scenario}")
+        return r.get("deliveries_per_s") if r and "error" not in r else None
+
+    for sc in brokers.SCENARIOS:
+        redis, memory = rate("redis-1w-batch", sc), rate("memory-batch", sc)
+        if redis and memory:
+            out.append(
+                dict(
+                    target=f"redis/{sc}: Redis broker, 1 worker, batching >= 0.5x memory broker",
+                    met=redis / memory >= 0.5,
+                    detail=f"{redis:,}/s vs {memory:,}/s ({redis / memory:.2f}x)",
+                )
+            )
+        for batch in ("-batch", ""):
+            one, two = rate(f"redis-1w{batch}", sc), rate(f"redis-2w{batch}", sc)
+            if one and two:
+                out.append(
+                    dict(
+                        target=f"redis/{sc}: redis-2w{batch} faster than redis-1w{batch}",
+                        met=two > one,
+                        detail=f"{two:,}/s vs {one:,}/s ({two / one:.2f}x)",
+                    )
+                )
+    faults = {
+        key: r["order"]
+        for key, r in S.items()
+        if r.get("order") and (r["order"].get("duplicates") or r["order"].get("gaps"))
+    }
+    out.append(
+        dict(
+            target="redis: no duplicate, out-of-order or missing delivery in any run",
+            met=not faults,
+            detail=", ".join(f"{k}: {v}" for k, v in faults.items()) or "0 duplicates, 0 gaps",
+        )
+    )
     return out
 
 
@@ -1038,6 +1137,52 @@ def crowd_table(servers: dict[str, Any], p: dict[str, Any]) -> list[str]:
     return lines
 
 
+def broker_table(report: dict[str, Any], entry: dict[str, Any]) -> list[str]:
+    """One row per scenario and broker configuration; every ratio is against the memory
+    broker with the same batching in this run. Server CPU per delivery is the steadier
+    signal when other work shares the machine."""
+    if "error" in entry:
+        return [f"Not measured: {entry['error']}"]
+    S = entry["servers"]
+    scenarios = list(entry["params"])
+    first = entry["params"][scenarios[0]]
+    lines = [
+        f"{_passes(report)}{first.get('rounds', 1)} round(s) of {first.get('duration')} s per "
+        "configuration and scenario; median round shown. dup = deliveries of a seq a member "
+        "had already seen (duplicates or out of order), gaps = seqs a member never got, "
+        "over the whole run.",
+        "",
+        "| scenario | configuration | deliveries/s | vs memory | server CPU µs/delivery "
+        "| vs memory | p99 ms | events/frame | dup / gaps | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    names = list(dict.fromkeys(key.partition("@")[0] for key in S))
+    for sc in scenarios:
+        for name in names:
+            r = S.get(f"{name}@{sc}", {})
+            if "error" in r:
+                lines.append(f"| {sc} | {name} | - | - | - | - | - | - | - | {notes(r)} |")
+                continue
+            ref = S.get(f"{brokers.reference_of(name)}@{sc}", {})
+            d, cpu = r.get("deliveries_per_s"), r.get("server_cpu_us_per_delivery")
+            order = r.get("order") or {}
+            faults = f"{order.get('duplicates', '-')} / {order.get('gaps', '-')}"
+            if not r.get("complete", True):
+                faults += " (incomplete)"
+            rounds = "/".join(
+                f"{x / 1000:.0f}k" for x in r.get("rounds_deliveries_per_s") or [] if x
+            )
+            other = r.get("other_cpu_pct")
+            remark = f"rounds {rounds}" + (f"; other load {other:.0f}% CPU" if other else "")
+            lines.append(
+                f"| {sc} | {name} | {fmt(d)} | {ratio(d, ref.get('deliveries_per_s'))} "
+                f"| {fmt(cpu, 1)} | {ratio(cpu, ref.get('server_cpu_us_per_delivery'))} "
+                f"| {fmt(r.get('p99_ms'), 1)} | {fmt(r.get('events_per_frame'), 1)} "
+                f"| {faults} | {remark} |"
+            )
+    return lines
+
+
 def tables(report: dict[str, Any]) -> str:
     lines: list[str] = []
     W = report["workloads"]
@@ -1046,7 +1191,9 @@ def tables(report: dict[str, Any]) -> str:
         p = entry["params"]
         lines.append(f"### {wname}: {entry['title']}")
         lines.append("")
-        if entry["mode"] == "fanout":
+        if entry["mode"] == "brokers":
+            lines.extend(broker_table(report, entry))
+        elif entry["mode"] == "fanout":
             lines.append(
                 f"{_passes(report)}{p.get('rounds', 1)} round(s) of {p.get('duration')} s per server"
                 "; median round shown."

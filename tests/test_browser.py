@@ -442,23 +442,20 @@ def test_browser_errors_and_close_reasons() -> None:
         dana = Person(browser, expect, "Dana", viewport={"width": 390, "height": 844})
         stack.callback(dana.close)
 
-        # no token: closed with 4001, said plainly, and not retried
+        # no token: closed with 4001, which leads to the sign-in step, and is not retried
         dana.page.goto(f"{base}?room=ops&name=Dana")
-        expect(dana.status).to_have_attribute("data-state", "closed")
-        expect(dana.status).to_contain_text("not authorised")
-        expect(dana.page.locator("#banner")).to_contain_text("missing or invalid token")
+        expect(dana.page.locator("#signin")).to_be_visible()
+        expect(dana.page.locator("#join-error")).to_contain_text("paste your access token")
         assert dana.page.evaluate(
             "() => !window.roomcast.session.active && window.roomcast.session.retryTimer === null"
         )
-        expect(dana.page.locator("#change-room")).to_be_visible()
-        expect(dana.page.locator("#retry")).to_be_hidden()
-        dana.screenshot("closed-4001-phone")
+        dana.screenshot("signin-4001-phone")
 
         # a name the server refuses (a right-to-left override could disguise it): 4400
         # brings the join form back with the server's reason, and nothing is retried
         dana.page.goto(f"{base}?room=ops&name=Dana%E2%80%AEX&token=sesame")
         expect(dana.page.locator("#join-form")).to_be_visible()
-        expect(dana.page.locator("#join-error")).to_contain_text("name must be")
+        expect(dana.page.locator("#join-error")).to_contain_text("bidirectional control")
         assert dana.page.evaluate("() => !window.roomcast.session.active")
 
         # with the token: in
@@ -621,3 +618,50 @@ def test_the_page_works_mounted_under_a_prefix() -> None:
         url = person.page.evaluate("() => window.roomcast.session.ws.url")
         assert url.startswith(f"ws://127.0.0.1:{server.port}/chat/ws/chat?")
         _assert_clean(person)
+
+
+def test_sign_in_with_a_token_that_never_reaches_the_address_bar_or_the_log() -> None:
+    from roomcast.identity import mint_token
+
+    secret = "a-secret-of-at-least-thirty-two-bytes!"
+    with contextlib.ExitStack() as stack:
+        expect, browser, servers = _launch(stack, {**SERVER_ENV, "ROOMCAST_JWT_SECRET": secret})
+        server = servers.current
+        assert server is not None
+        token = mint_token(secret, sub="ann", name="Ann", ttl=600)
+        ann = Person(browser, expect, "Ann", viewport={"width": 900, "height": 600})
+        stack.callback(ann.close)
+
+        ann.page.goto(server.http_url("/?room=lobby&name=Someone"))
+        expect(ann.page.locator("#signin")).to_be_visible()
+        expect(ann.page.locator("#join-error")).to_contain_text("paste your access token")
+        ann.page.locator("#token-input").fill(token)
+        ann.page.locator("#join-button").click()
+        expect(ann.status).to_have_attribute("data-state", "connected")
+        ann.send("signed in")
+        expect(ann.message("signed in")).to_have_count(1)
+        expect(ann.messages.first.locator(".from")).to_have_text("Ann")  # the token's name
+        assert token not in ann.page.url
+
+        # handed over in the fragment: taken, then removed from the address bar
+        bob_token = mint_token(secret, sub="bob", name="Bob", ttl=600)
+        bob = Person(browser, expect, "Bob", viewport={"width": 900, "height": 600})
+        stack.callback(bob.close)
+        bob.page.goto(server.http_url(f"/?room=lobby#token={bob_token}"))
+        expect(bob.status).to_have_attribute("data-state", "connected")
+        assert bob_token not in bob.page.url
+        assert bob.page.evaluate("() => sessionStorage.getItem('roomcast.token')") == bob_token
+
+        # an expired token leads back to the sign-in step, saying so
+        expired = mint_token(secret, sub="cy", ttl=1, now=time.time() - 3600)
+        cy = Person(browser, expect, "Cy", viewport={"width": 900, "height": 600})
+        stack.callback(cy.close)
+        cy.page.goto(server.http_url(f"/?room=lobby#token={expired}"))
+        expect(cy.page.locator("#signin")).to_be_visible()
+        expect(cy.page.locator("#join-error")).to_contain_text("Your sign-in has expired")
+        assert cy.page.evaluate("() => sessionStorage.getItem('roomcast.token')") is None
+
+        log = server.text
+        for secret_token in (token, bob_token, expired):
+            assert secret_token not in log and secret_token.split(".")[2] not in log
+        _assert_clean(ann, bob, cy)

@@ -106,10 +106,14 @@ class TestParseChatQuery:
         assert info.value.code is CloseCode.BAD_REQUEST
         assert names in info.value.message
 
-    @pytest.mark.parametrize("name", ["Zoë", "Jean\u00a0Paul", "👨\u200d👩\u200d👧", "李小龍"])
+    @pytest.mark.parametrize("name", ["Zoë", "Jean Paul", "👨\u200d👩\u200d👧", "李小龍"])
     def test_names_people_actually_use(self, name: str) -> None:
         query = f"name={quote(name)}".encode()
         assert protocol.parse_chat_query(query).name == name
+
+    def test_names_are_normalised(self) -> None:
+        assert protocol.parse_chat_query(b"name=Jean%C2%A0Paul%20").name == "Jean Paul"
+        assert protocol.parse_chat_query(b"name=%EF%BD%81nn").name == "ann"  # fullwidth a
 
     def test_room_of_64_characters_is_fine(self) -> None:
         assert protocol.parse_chat_query(b"room=" + b"r" * 64).room == "r" * 64

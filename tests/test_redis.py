@@ -1,14 +1,18 @@
 """The Redis broker against a real redis-server: two servers share rooms, resume works on
-both brokers, and a Redis outage in the middle of traffic is survived."""
+both brokers, a Redis outage in the middle of traffic is survived, Redis losing its data
+starts a new run, a stalled Redis holds senders back (bounded queue) and then acks in
+order, and the broker reaches Redis however the URL says (password, ACL user, socket)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +20,11 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from roomcast import Settings, create_app
+from roomcast.brokers import redis as redis_broker
+from roomcast.brokers.redis import MEMBER_QUEUE, QUEUE_SIZE, Backlog, RedisBroker
 
-from redis_server import RedisServer
+from chatload import Client, connect_all, read_forever, send_all
+from redis_server import RedisServer, run_redis
 from servers import ThreadedServer, serve_in_thread
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
@@ -257,3 +264,136 @@ async def test_redis_outage_mid_traffic(redis_server: RedisServer) -> None:
             replay = [await next_of(late, "message") for _ in range(again["seq"])]
         texts = {e["seq"]: e["text"] for e in replay}
         assert all(texts[seq] == f"before {n}" for n, seq in enumerate(acked))
+
+
+async def send_until_acked(ws: WebSocketConnection, text: str) -> int:
+    """Send ``text`` until the broker acknowledges it (it answers ``unavailable`` while it
+    reconnects); returns its seq."""
+    while True:
+        await ws.send_message(json.dumps({"text": text, "id": text}))
+        event = json.loads(await ws.get_message())
+        while event["type"] not in ("ack", "error") or event.get("id") != text:
+            event = json.loads(await ws.get_message())
+        if event["type"] == "ack":
+            seq: int = event["seq"]
+            return seq
+        await trio.sleep(0.2)  # another thread's server reconnecting: nothing to wait on
+
+
+async def test_redis_losing_its_data_starts_a_new_run(redis_server: RedisServer) -> None:
+    """Redis restarts empty (no persistence): members are told ``history_gap`` with the
+    new epoch, then receive the new run from seq 1; a client resuming with the old epoch
+    is told too."""
+    settings = Settings(redis_url=redis_server.url, rate_limit=0)
+    with serve_in_thread(create_app(settings)) as server, trio.fail_after(60):
+        url = server.url("/ws/chat?room=reset")
+        async with chat(url + "&name=talker") as (talker, welcome), chat(url) as (listener, _):
+            for n in range(3):
+                assert await send_until_acked(talker, f"old {n}") == n + 1
+            assert [(await next_of(listener, "message"))["seq"] for _ in range(3)] == [1, 2, 3]
+
+            redis_server.kill()
+            redis_server.forget()
+            redis_server.start()
+            while await trio.to_thread.run_sync(health, server) != 200:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+            after = await send_until_acked(talker, "new")
+
+            gap = json.loads(await listener.get_message())
+            while gap["type"] == "system":
+                gap = json.loads(await listener.get_message())
+            assert gap["error"] == "history_gap" and gap["epoch"] != welcome["epoch"]
+            assert (gap["since"], gap["first"]) == (3, 1)
+            new = [await next_of(listener, "message") for _ in range(after)]
+            assert [e["seq"] for e in new] == list(range(1, after + 1))
+            assert new[-1]["text"] == "new"
+
+        resume = f"&since=3&epoch={welcome['epoch']}"
+        async with chat(url + resume) as (back, again):
+            assert again["epoch"] == gap["epoch"] and again["seq"] == after
+            told = json.loads(await back.get_message())
+            assert (told["error"], told["epoch"]) == ("history_gap", gap["epoch"])
+            assert (await next_of(back, "message"))["seq"] == 1
+
+
+async def test_a_stalled_redis_holds_senders_back_then_acks_in_order(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While Redis does not answer, flooding senders fill their worker's bounded queue (a
+    single one only its own share of it) and then wait, their frames left in their
+    sockets; when Redis answers again every message is acknowledged, in the order each
+    sender sent them, and the room's seqs are each given once."""
+    monkeypatch.setattr(redis_broker, "REQUEST_TIMEOUT", 30.0)  # slow, not unavailable
+    settings = Settings(redis_url=redis_server.url, rate_limit=0, outbox_size=8192)
+    senders = QUEUE_SIZE // MEMBER_QUEUE + 2  # more than the queue holds
+    per_sender = MEMBER_QUEUE + 1  # one more than a sender's share
+    with serve_in_thread(create_app(settings)) as server, trio.fail_after(60):
+        broker = server.runtime.broker
+        assert isinstance(broker, RedisBroker)
+
+        async def backlog_once(check: Callable[[Backlog], bool]) -> Backlog:
+            while True:  # another thread's server: poll it
+                backlog = await trio.to_thread.run_sync(server.run_sync, lambda: broker.backlog)
+                if check(backlog):
+                    return backlog
+                await trio.sleep(0.01)
+
+        url = server.url("/ws/chat?room=slow")
+        clients = [Client(url + f"&name=f{n}", batch=n % 2 == 0) for n in range(senders)]
+        async with AsyncExitStack() as stack:
+            await connect_all(stack, clients)
+            redis_server.pause()
+            try:
+                async with trio.open_nursery() as nursery:
+                    for client in clients:
+                        nursery.start_soon(read_forever, client)
+                    nursery.start_soon(send_all, clients[0], 0, per_sender, per_sender)
+                    alone = await backlog_once(lambda backlog: backlog.waiting == 1)
+                    assert alone.queued <= MEMBER_QUEUE  # one sender: only its share
+                    for n, client in enumerate(clients[1:], 1):
+                        nursery.start_soon(send_all, client, n, per_sender, per_sender)
+                    full = await backlog_once(lambda backlog: backlog.waiting == senders)
+                    assert full.queued == QUEUE_SIZE  # full, not growing
+                    assert not any(client.acks for client in clients)
+                    redis_server.resume()
+                    for client in clients:
+                        await client.wait_for(lambda c=client: len(c.acks) == per_sender)  # type: ignore[misc]
+                    nursery.cancel_scope.cancel()
+            finally:
+                redis_server.resume()
+    for client in clients:
+        assert [id for id, _ in client.acks] == [f"{n}" for n in range(per_sender)]
+        assert not client.errors
+    seqs = sorted(seq for client in clients for _, seq in client.acks)
+    assert seqs == list(range(1, senders * per_sender + 1))
+
+
+@pytest.mark.parametrize("access", ["password", "acl-user", "unix-socket"])
+async def test_the_broker_reaches_redis_the_way_the_url_says(
+    tmp_path: os.PathLike[str], access: str
+) -> None:
+    """Commands (coredis) and the subscriber (roomcast's own connection) both follow the
+    URL: a password, an ACL user, a Unix socket."""
+    directory = Path(tmp_path) / "redis"
+    socket_path = directory / "redis.sock"
+    extra = {
+        "password": ["--requirepass", "s3cret"],
+        "acl-user": [
+            *("--user", "default", "off"),
+            *("--user", "chat", "on", ">pw", "~*", "&*", "+@all"),
+        ],
+        "unix-socket": ["--unixsocket", str(socket_path), "--unixsocketperm", "700"],
+    }[access]
+    with run_redis(directory, extra) as redis:
+        url = {
+            "password": f"redis://:s3cret@127.0.0.1:{redis.port}/0",
+            "acl-user": f"redis://chat:pw@127.0.0.1:{redis.port}/0",
+            "unix-socket": f"unix://{socket_path}?db=0",
+        }[access]
+        settings = Settings(redis_url=url, rate_limit=0)
+        with serve_in_thread(create_app(settings)) as server, trio.fail_after(15):
+            room = server.url("/ws/chat?room=url")
+            async with chat(room + "&name=a") as (a, _), chat(room + "&name=b") as (b, _):
+                await a.send_message("through the subscriber")
+                assert (await next_of(b, "message"))["text"] == "through the subscriber"
+                assert await trio.to_thread.run_sync(health, server) == 200

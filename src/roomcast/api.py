@@ -32,6 +32,7 @@ from . import protocol
 from .admission import Headers, header
 from .asgi import BodyTooLarge, Receive, Scope, Send, read_body, respond
 from .brokers import BrokerUnavailable
+from .names import BadName, normalize_name
 
 if TYPE_CHECKING:
     from .app import Runtime
@@ -83,9 +84,13 @@ def parse_publish(body: bytes, *, max_text: int) -> Publish:
     if len(text) > max_text:
         message = f"text is {len(text)} characters; the limit is {max_text}"
         raise ApiError(413, protocol.ErrorCode.TOO_LONG.value, message)
-    if sender is not None and not (isinstance(sender, str) and protocol.valid_name(sender)):
-        message = f'"from" must be a display name of 1-{protocol.MAX_NAME_LENGTH} characters'
-        raise ApiError(400, "bad_request", message)
+    if sender is not None:
+        try:
+            sender = normalize_name(sender) if isinstance(sender, str) else None
+        except BadName as exc:
+            raise ApiError(400, "bad_request", f'"from": {exc}') from None
+        if sender is None:
+            raise ApiError(400, "bad_request", '"from" must be a string')
     if id is not None and not (isinstance(id, str) and len(id) <= protocol.MAX_ID_LENGTH):
         message = f'"id" must be a string of at most {protocol.MAX_ID_LENGTH} characters'
         raise ApiError(400, protocol.ErrorCode.BAD_ID.value, message)

@@ -36,7 +36,6 @@ from .brokers import Broker, BrokerUnavailable, open_broker
 from .connection import CLOSE_TIMEOUT, serve_binary_echo, serve_echo, serve_member
 from .hub import Hub, RoomFull
 from .identity import Identity, TokenRejected, TokenVerifier
-from .names import BadName, normalize_name
 from .protocol import BadQuery, CloseCode
 from .settings import Settings
 
@@ -284,7 +283,7 @@ Endpoint = Callable[[Runtime, WebSocket, "Identity | None"], Awaitable[None]]
 async def _chat(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> None:
     try:
         query = protocol.parse_chat_query(ws.scope.get("query_string", b""))
-        name = identity.name if identity is not None else _display_name(query.name)
+        name = identity.name if identity is not None else query.name
     except BadQuery as exc:
         await ws.close(CloseCode.BAD_REQUEST, exc.message)
         return
@@ -301,19 +300,6 @@ async def _chat(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> N
         return
     batch = ws.subprotocol == protocol.BATCH_SUBPROTOCOL
     await serve_member(ws, runtime.broker, member, runtime.settings, batch=batch)
-
-
-def _display_name(name: str | None) -> str | None:
-    """An anonymous member's chosen name, normalised (:mod:`roomcast.names`).
-
-    :raises BadQuery: if it is invisible or otherwise refused
-    """
-    if name is None:
-        return None
-    try:
-        return normalize_name(name)
-    except BadName as exc:
-        raise BadQuery(str(exc)) from None
 
 
 async def _echo(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> None:

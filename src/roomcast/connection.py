@@ -23,7 +23,7 @@ from anyio import CancelScope
 from . import protocol
 from .admission import TokenBucket
 from .asgi import ConnectionClosed, WebSocket
-from .brokers import Broker, BrokerUnavailable
+from .brokers import UNAVAILABLE_NOTICE, Broker, BrokerUnavailable
 from .hub import PRESENCE_WAKE, Hub, Member
 from .protocol import BadMessage, CloseCode, ErrorCode, Refresh
 from .settings import Settings
@@ -36,7 +36,6 @@ CLOSE_TIMEOUT = 1.0
 #: asyncio a send that fits in the socket buffer never yields to other tasks
 FAIR_SHARE = 64
 RATE_NOTICE = "slow down: messages over the rate limit are dropped"
-UNAVAILABLE_NOTICE = "message not sent: the chat service is unavailable; try again shortly"
 
 
 async def serve_member(

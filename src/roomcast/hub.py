@@ -65,7 +65,7 @@ class RoomFull(Exception):
     """The room already has as many members as its capacity allows."""
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)  # a broker may keep weak references
 class Member:
     """One connection's place in one room.
 

@@ -24,7 +24,7 @@ from functools import cache
 from importlib import resources
 from typing import Final
 
-__all__ = ["MAX_NAME_LENGTH", "BadName", "normalize_name", "skeleton"]
+__all__ = ["MAX_NAME_LENGTH", "BadName", "confusable", "normalize_name", "skeleton"]
 
 MAX_NAME_LENGTH: Final = 32
 
@@ -35,6 +35,7 @@ VS16: Final = "\ufe0f"
 _BLANK_LETTERS: Final = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f")
 #: bidirectional controls (some are format characters, all are refused)
 _BIDI: Final = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_LINE_BREAKS: Final = frozenset("\n\r\x0b\x0c\x85\u2028\u2029")
 _REFUSED_CATEGORIES: Final = frozenset({"Cc", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
@@ -46,15 +47,19 @@ def normalize_name(raw: str) -> str:
     """The name ``raw`` stands for: NFKC, whitespace collapsed and trimmed.
 
     :raises BadName: if it is empty, longer than :data:`MAX_NAME_LENGTH` characters, or
-        holds a control, bidirectional or invisible character
+        holds a line break, a control, bidirectional or invisible character
     """
+    if any(char in _LINE_BREAKS for char in raw):
+        raise BadName("name holds a line break")
     name = " ".join(unicodedata.normalize("NFKC", raw).split())
     if not name:
         raise BadName("name is empty")
     if len(name) > MAX_NAME_LENGTH:
         raise BadName(f"name must be at most {MAX_NAME_LENGTH} characters")
     for index, char in enumerate(name):
-        if _invisible(name, index) or char in _BIDI:
+        if char in _BIDI:
+            raise BadName(f"name holds a bidirectional control (U+{ord(char):04X})")
+        if _invisible(name, index):
             raise BadName(f"name holds an invisible character (U+{ord(char):04X})")
         if unicodedata.category(char) in _REFUSED_CATEGORIES:
             raise BadName(f"name holds a control character (U+{ord(char):04X})")

@@ -9,13 +9,14 @@ matter how many members receive it.
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
 import orjson
+
+from .names import BadName, normalize_name
 
 __all__ = [
     "BATCH_SUBPROTOCOL",
@@ -36,14 +37,12 @@ __all__ = [
     "join_batch",
     "parse_chat_query",
     "parse_client_frame",
-    "valid_name",
     "valid_room",
 ]
 
 BATCH_SUBPROTOCOL: Final = "roomcast.batch"
 DEFAULT_ROOM: Final = "general"
 MAX_ID_LENGTH: Final = 64
-MAX_NAME_LENGTH: Final = 32
 MAX_WELCOME_MEMBERS: Final = 100
 #: names listed per direction (joined, left) in one presence notice; the rest are counted
 MAX_PRESENCE_NAMES: Final = 10
@@ -138,8 +137,11 @@ def parse_chat_query(query_string: bytes) -> ChatQuery:
     if not valid_room(room):
         raise _bad_query("room must be 1-64 characters of A-Z a-z 0-9 _ - .")
     name = params.get("name") or None
-    if name is not None and not valid_name(name):
-        raise _bad_query(f"name must be 1-{MAX_NAME_LENGTH} printable characters")
+    if name is not None:
+        try:
+            name = normalize_name(name)
+        except BadName as exc:
+            raise _bad_query(str(exc)) from None
     since = params.get("since") or None
     if since is not None and not (since.isascii() and since.isdigit() and len(since) <= 18):
         raise _bad_query("since must be a non-negative integer")
@@ -158,29 +160,6 @@ def parse_chat_query(query_string: bytes) -> ChatQuery:
 def valid_room(room: str) -> bool:
     """1-64 characters of ``A-Z a-z 0-9 _ - .``"""
     return _ROOM_RE.fullmatch(room) is not None
-
-
-#: bidirectional overrides and isolates: printable by Unicode's reckoning, but they let a
-#: name reorder the text around it ("spoofing"), so names may not carry them
-_BIDI_CONTROLS: Final = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-#: invisible on their own (zero-width space, word joiner, BOM, soft hyphen): they let "ann"
-#: and "a\u200bnn" be two people who look the same
-_INVISIBLE: Final = frozenset("\u200b\u2060\ufeff\u00ad")
-_UNPRINTABLE: Final = frozenset({"Cc", "Cs", "Co", "Cn", "Zl", "Zp"})
-
-
-def valid_name(name: str) -> bool:
-    """1-32 characters, not all blank, with no control characters, line breaks, bidi
-    controls or invisible characters. Unlike ``str.isprintable`` it accepts no-break spaces
-    and the zero-width joiners of emoji sequences, which people do put in their names."""
-    return (
-        0 < len(name) <= MAX_NAME_LENGTH
-        and not name.isspace()
-        and not any(
-            unicodedata.category(c) in _UNPRINTABLE or c in _BIDI_CONTROLS or c in _INVISIBLE
-            for c in name
-        )
-    )
 
 
 def _bad_query(message: str) -> BadQuery:

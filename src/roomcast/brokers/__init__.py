@@ -21,7 +21,10 @@ from ..hub import Hub, Member
 from ..protocol import ChatMessage
 from ..settings import Settings
 
-__all__ = ["Broker", "BrokerUnavailable", "History", "open_broker"]
+__all__ = ["UNAVAILABLE_NOTICE", "Broker", "BrokerUnavailable", "History", "open_broker"]
+
+#: the ``error`` text for a message the broker could not accept
+UNAVAILABLE_NOTICE = "message not sent: the chat service is unavailable; try again shortly"
 
 
 class BrokerUnavailable(Exception):
@@ -62,11 +65,12 @@ class Broker(Protocol):
         implementations bound their own time and never raise for a broker outage."""
         ...
 
-    async def publish(self, member: Member, message: ChatMessage) -> int | None:
-        """Sequence and fan out a message, then ack it to the sender if it has an ``id``.
-        Returns the seq, or ``None`` if the member is no longer in the room.
+    async def publish(self, member: Member, message: ChatMessage) -> None:
+        """Sequence and fan out a message (nothing if the member has left the room).
 
-        :raises BrokerUnavailable: if the message could not be accepted
+        The sender gets an ``ack`` (if the message has an ``id``) or an ``unavailable``
+        error for each message, in the order it sent them, in its outbox. A broker may
+        return before the message is sequenced, waiting only for room in a bounded queue.
         """
         ...
 

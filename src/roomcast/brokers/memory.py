@@ -27,8 +27,8 @@ class MemoryBroker:
     async def leave(self, member: Member) -> None:
         self.hub.leave(member)
 
-    async def publish(self, member: Member, message: ChatMessage) -> int | None:
-        return self.hub.publish(member, message)
+    async def publish(self, member: Member, message: ChatMessage) -> None:
+        self.hub.publish(member, message)
 
     async def post(self, room: str, message: ChatMessage, sender: str | None) -> int:
         return self.hub.post(room, message, sender)

@@ -2,116 +2,138 @@
 
 Design
 ------
-*Order and seq.* Every message goes through one Lua script that ``INCR``\\ s the room's
-counter, appends ``"<seq>|<event>"`` to the room's history list (trimmed to
-``ROOMCAST_HISTORY_SIZE``) and ``PUBLISH``\\ es it on the room's channel. Redis runs scripts
-one at a time, so counter order, history order and publish order are one total order per
-room, and every subscriber receives a room's messages in it. An atomic counter gives the
-SPEC's gap-free ``+1`` sequence, which stream IDs would not; the seq is spliced into the
-pre-serialised event, so each message is still encoded once.
+*Order and seq.* Every message goes through a Lua script (:mod:`.redis_scripts`) that
+advances the room's counter, appends ``"<seq>|<event>"`` to the room's capped history list
+and publishes it on the room's channel. Redis runs scripts one at a time, so counter,
+history and publish order are one total order per room, and every subscriber receives a
+room's events in it. The seq is spliced into the pre-serialised event, so each message
+is still encoded once.
 
-*Delivery.* Each worker holds one pattern subscription and fans out locally through its
-hub. Pub/sub is at-most-once: a worker cut off from Redis for a while notices the missed
-seqs (a jump, or its periodic check of the room counters), re-reads them from history and
-tells its members ``history_gap`` for any already trimmed away.
+*Publishing.* A connection's receive loop never waits for Redis: :meth:`publish` puts the
+message on this worker's bounded queue and goes back to reading its client. One publisher
+task takes everything queued (up to :data:`MAX_BATCH`) and sends it as a single script
+call, one batch in flight at a time; meanwhile the next batch gathers. Batches run in
+queue order and a batch keeps each room's messages in queue order, so a sender's messages
+get increasing seqs in the order it sent them, and its ``ack``\\ s (or ``unavailable``
+errors, when the call fails) come back in that order too. A slow Redis fills the queue
+and then blocks the receive loops: backpressure reaches the clients' sockets, nothing
+grows. Each batch is one ``PUBLISH`` per room, so subscribers receive it as one burst.
 
-*Joining.* The join script registers presence and returns a snapshot (epoch, seq,
-members, history) atomically. Live messages that reach the new member while the snapshot
-travels are merged by seq, so the replay and the live stream meet with no gap and no
-duplicate.
+*Delivery.* Each worker holds one pattern subscription on its own connection
+(:mod:`.subscriber`), which returns everything one socket read brought as a burst; the
+burst is fanned out in one synchronous step, so a batching sender wakes once for all of
+it. For each room with local members, the worker keeps a *stream position*: the run
+(``epoch``) and the last ``seq`` it has fanned out. One task, the subscriber, is the only
+writer of stream positions, and it advances a position only by fanning out exactly the
+next seq, or by a *jump* that tells the members concerned ``history_gap``.
 
-*Presence.* A sorted set per room maps ``<member id>:<name>`` to an expiry time; each worker
-refreshes its own members every few seconds, so a dead worker's entries expire.
+*Catching up.* Within one subscription Redis loses nothing and reorders nothing. Events
+can go missing only while the subscription is down (a reconnect, or Redis dropping a
+subscriber that fell too far behind), so after every (re)subscription the subscriber
+compares each room's counter with its position and re-reads what it missed from history
+before it handles any new event. An event that does not follow the position (a batch
+starting past ``seq + 1``, a presence notice from further on, another run) also sends the
+subscriber to history first. Entries already trimmed from history are announced with
+``history_gap`` to the members that needed them. A worker that was merely paused
+(SIGSTOP, a long GC) finds its backlog intact in the socket and in Redis's output buffer
+and simply works through it.
+
+*Joining.* The member is attached locally (it receives every fan-out from then on) before
+its join script runs; the script registers presence and returns a snapshot (run, seq,
+members, history) atomically. Events fanned out while the snapshot travelled sit in the
+member's outbox: the greeting keeps the messages after the snapshot's seq and drops the
+rest, and from then on the member skips any seq up to it (``Member.skip_through``), which
+can still arrive late from pub/sub. If the room's stream jumped while the join was in
+flight, which messages reached the outbox can no longer be told apart, so the join is
+refused with 1011 ("try again shortly"), as when Redis is unreachable.
+
+*Why no seq is delivered twice or out of order.* Every sequenced fan-out in a worker goes
+through :meth:`RedisBroker._advance`, in the subscriber task, which fans out seq ``s`` only
+when the room's position is exactly ``s - 1`` and sets it to ``s``, with no await between
+the check and the fan-out; its callers hand it only events of the position's own run (an
+event of another run first sends the subscriber to history, which settles the current
+run). A position only moves forward within a run: by ``_advance``, or by a jump past what
+history no longer holds, announced with ``history_gap``. So for a member present
+throughout, the seqs it receives are successive values of one counter, each once,
+strictly increasing (by one, except across an announced jump). Interleavings cannot break
+this: pub/sub events and history reads are consumed by that one task, one at a time; an
+await (reading history) happens before a check, never between a check and its fan-out; a
+duplicate (an entry read from history and then arriving through pub/sub, or a notice from
+behind the position) fails the check and is dropped. Joiners are covered by the
+snapshot argument above: the member is attached before the snapshot is taken, so every
+seq after the snapshot is fanned out after the attach, exactly once, either into the outbox
+before the greeting (kept) or after it (sent); the seqs up to the snapshot are dropped or
+skipped. A run change (Redis lost the room's data: ``seq`` restarts and ``epoch`` changes)
+is a jump: members from the earlier run get ``history_gap`` with the new epoch and start
+over at the new run's first seq; events of retired runs are dropped.
+
+*Presence.* A sorted set per room maps ``<member id>:<name>`` to an expiry time. Every
+:data:`TICK` each worker runs one upkeep script over its rooms: it refreshes its members'
+entries every :data:`PRESENCE_REFRESH` seconds and removes every expired entry, announcing
+those as leaves. So when a worker or a whole server dies, its members leave the room for
+everyone else, with leave notices and the new count, at most :data:`PRESENCE_TTL` +
+:data:`TICK` seconds after its last refresh. A worker back from a pause longer than that
+adds its members back and announces them as joins.
 
 *Epoch.* Set once per room (``SET NX``) beside its counter; it changes only if Redis loses
 the room's data (a restart without persistence), exactly when ``seq`` restarts.
 
-*Cluster.* A room's keys share the hash tag ``{room}``, so its scripts touch one slot; the
-path past one Redis is Redis Cluster with sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE`` per
-room) in place of the pattern subscription.
+*Cluster.* A room's keys share the hash tag ``{room}``. Publishing and upkeep take several
+rooms per script call, which a single Redis (or a replicated one) accepts; Redis Cluster
+would need those calls grouped per hash slot and sharded pub/sub (``SSUBSCRIBE``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple
 
 import anyio
 import coredis
 import orjson
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 from coredis.exceptions import RedisError
+from coredis.retry import NoRetryPolicy
 
 from .. import protocol
 from ..hub import Hub, Member, Room, RoomFull, replay
 from ..presence import PresenceEvent
 from ..protocol import MAX_WELCOME_MEMBERS, ChatMessage, ErrorCode
 from ..settings import Settings
-from . import BrokerUnavailable, History
+from . import UNAVAILABLE_NOTICE, BrokerUnavailable, History, redis_scripts
+from .subscriber import SubscriptionLost, open_subscription
 
-__all__ = ["RedisBroker", "open_redis_broker"]
+__all__ = ["PRESENCE_TTL", "Backlog", "RedisBroker", "open_redis_broker"]
 
 log = logging.getLogger("roomcast.redis")
 
-CHANNEL_PREFIX: Final = "roomcast:room:"
-PRESENCE_TTL: Final = 15.0
+#: seconds a member's presence entry lives unless its worker refreshes it
+PRESENCE_TTL: Final = 10.0
+#: seconds between refreshes of a worker's presence entries
+PRESENCE_REFRESH: Final = 2.0
+#: seconds between presence upkeep runs (expired entries are announced as leaves)
 TICK: Final = 1.0
 #: longest a request to Redis may take before the caller is told it is unavailable
 REQUEST_TIMEOUT: Final = 2.0
-
-JOIN = """
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[2])
-local count = redis.call('ZCARD', KEYS[4])
-local capacity = tonumber(ARGV[4])
-if capacity > 0 and count >= capacity then return false end
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-count = count + 1
-redis.call('SET', KEYS[2], ARGV[5], 'NX')
-local epoch = redis.call('GET', KEYS[2])
-local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
-local present = redis.call('ZRANGE', KEYS[4], 0, 199)
-local history = {}
-if ARGV[6] == '1' then history = redis.call('LRANGE', KEYS[3], 0, -1) end
-redis.call('PUBLISH', ARGV[7], 'J|' .. count .. '|' .. ARGV[1])
-return {epoch, seq, count, present, history}
-"""
-
-PUBLISH = """
-local seq = redis.call('INCR', KEYS[1])
-redis.call('SET', KEYS[2], ARGV[5], 'NX')
-local entry = seq .. '|' .. ARGV[1] .. seq .. ARGV[2]
-local keep, budget = tonumber(ARGV[3]), tonumber(ARGV[6])
-if keep > 0 and budget > 0 then
-    local n = redis.call('RPUSH', KEYS[3], entry)
-    local bytes = redis.call('INCRBY', KEYS[4], #entry)
-    while n > 0 and (n > keep or bytes > budget) do
-        bytes = redis.call('DECRBY', KEYS[4], #redis.call('LPOP', KEYS[3]))
-        n = n - 1
-    end
-end
-redis.call('PUBLISH', ARGV[4], 'M|' .. entry)
-return seq
-"""
-
-LEAVE = """
-local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-local count = redis.call('ZCARD', KEYS[1])
-if removed == 1 then redis.call('PUBLISH', ARGV[3], 'L|' .. count .. '|' .. ARGV[1]) end
-return count
-"""
-
-
-#: a room's live presence: its count and the first entries (for a notice's names)
-PRESENCE_NOW = """
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
-return {redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf'), live}
-"""
+#: messages a worker queues for Redis before receive loops wait (backpressure)
+QUEUE_SIZE: Final = 2048
+#: messages one member may have queued: beyond that its own receive loop waits, so one
+#: flooding connection cannot fill the worker's queue, and its acks come at most this
+#: many at once
+MEMBER_QUEUE: Final = 64
+#: most messages in one publishing script call
+MAX_BATCH: Final = 1024
+#: rooms per presence upkeep call
+UPKEEP_ROOMS: Final = 100
+#: subscriber reconnection backoff, seconds
+RETRY_FIRST, RETRY_MAX = 0.1, 2.0
 
 
 def _keys(room: str) -> tuple[str, str, str, str]:
@@ -120,11 +142,11 @@ def _keys(room: str) -> tuple[str, str, str, str]:
     return f"{base}:seq", f"{base}:epoch", f"{base}:history", f"{base}:presence"
 
 
-def _history_bytes_key(room: str) -> str:
-    """The UTF-8 bytes the room's history list holds (kept by :data:`PUBLISH`, which drops
-    the oldest entries beyond ``ROOMCAST_HISTORY_BYTES``; a list from before this counter
-    is counted from its next message on, and trimmed by count meanwhile)."""
-    return f"roomcast:{{{room}}}:history-bytes"
+def _publish_keys(room: str) -> list[str]:
+    """A room's keys for :data:`~.redis_scripts.PUBLISH`: seq, epoch, history, and the UTF-8
+    bytes its history holds."""
+    seq, epoch, history, _ = _keys(room)
+    return [seq, epoch, history, f"{history}-bytes"]
 
 
 def _split_entry(entry: str) -> tuple[int, str]:
@@ -136,6 +158,38 @@ def _presence_entry(member: Member) -> str:
     return f"{member.id}:{member.name or ''}"
 
 
+@dataclass(eq=False)
+class _Stream:
+    """How far this worker has fanned out one room's stream (written by the subscriber
+    task only: :meth:`RedisBroker._advance`, or a jump in :meth:`RedisBroker._catch_up`)."""
+
+    epoch: str
+    seq: int
+    #: incremented by every jump; a join that sees it change while in flight is refused
+    jumps: int = 0
+    #: runs that ended (Redis lost the room's data): their late events are dropped
+    retired: set[str] = field(default_factory=set)
+
+
+class Backlog(NamedTuple):
+    """See :attr:`RedisBroker.backlog`."""
+
+    queued: int
+    waiting: int
+
+
+@dataclass(eq=False, slots=True)
+class _Outgoing:
+    """A message waiting in the publisher's queue, serialised around its future seq."""
+
+    member: Member
+    id: str | None
+    head: str
+    tail: str
+    #: the member's queue slots, one of which this message holds until it is answered
+    slots: anyio.Semaphore
+
+
 class RedisBroker:
     name = "redis"
 
@@ -143,13 +197,27 @@ class RedisBroker:
         self.settings = settings
         self.hub = hub
         self.client = client
-        self._join = client.register_script(JOIN)
-        self._publish = client.register_script(PUBLISH)
-        self._leave = client.register_script(LEAVE)
-        self._presence_now = client.register_script(PRESENCE_NOW)
+        pool = client.connection_pool
+        self.channel_prefix = f"roomcast:{pool.connection_kwargs.get('db') or 0}:room:"
+        self._join = client.register_script(redis_scripts.JOIN)
+        self._leave = client.register_script(redis_scripts.LEAVE)
+        self._publish = client.register_script(redis_scripts.PUBLISH)
+        self._read = client.register_script(redis_scripts.READ)
+        self._upkeep_script = client.register_script(redis_scripts.UPKEEP)
+        self._presence_now = client.register_script(redis_scripts.PRESENCE)
         self._healthy = True
-        #: rooms whose ``seq`` reflects every message delivered so far (gaps detectable)
-        self._synced: weakref.WeakSet[Room] = weakref.WeakSet()
+        self._subscribed = False
+        self._streams: weakref.WeakKeyDictionary[Room, _Stream] = weakref.WeakKeyDictionary()
+        #: greeted members and the run their snapshot belongs to
+        self._runs: weakref.WeakKeyDictionary[Member, str] = weakref.WeakKeyDictionary()
+        #: members whose presence entry had expired at the last refresh (a long pause)
+        self._absent: weakref.WeakSet[Member] = weakref.WeakSet()
+        self._slots: weakref.WeakKeyDictionary[Member, anyio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._outgoing_send, self._outgoing = anyio.create_memory_object_stream[_Outgoing](
+            QUEUE_SIZE
+        )
         self._leaving_send, self._leaving = anyio.create_memory_object_stream[Member](4096)
         #: local members whose own join has not come back through pub/sub yet, by id
         self._joining: dict[str, Member] = {}
@@ -158,7 +226,16 @@ class RedisBroker:
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
+        """Redis answers requests and this worker is subscribed."""
+        return self._healthy and self._subscribed
+
+    @property
+    def backlog(self) -> Backlog:
+        """Messages waiting for Redis, and receive loops waiting for room (in the queue or
+        in their member's share of it)."""
+        queue = self._outgoing_send.statistics()
+        waiting = sum(slots.statistics().tasks_waiting for slots in self._slots.values())
+        return Backlog(queue.current_buffer_used, queue.tasks_waiting_send + waiting)
 
     # -- the Broker interface ---------------------------------------------------------------
 
@@ -167,6 +244,7 @@ class RedisBroker:
     ) -> Member:
         member = self.hub.attach(room, name)
         self._joining[member.id] = member
+        jumps = self._jumps(member.room)
         try:
             snapshot = await self._call(
                 self._join,
@@ -178,7 +256,7 @@ class RedisBroker:
                     self.settings.room_capacity,
                     secrets.token_urlsafe(6),
                     "1" if since is not None else "0",
-                    CHANNEL_PREFIX + room,
+                    self.channel_prefix + room,
                 ],
             )
         except BaseException:
@@ -189,6 +267,13 @@ class RedisBroker:
             self.hub.detach(member)
             self._joining.pop(member.id, None)
             raise RoomFull(room)
+        stream = self._streams.get(member.room)
+        other_run = stream is not None and stream.epoch != snapshot[0]
+        if self._jumps(member.room) != jumps or other_run:
+            # The stream jumped (or is about to: another run) while the snapshot travelled:
+            # what reached the outbox can no longer be told apart from what is missing.
+            await self.leave(member)
+            raise BrokerUnavailable("the room's stream was resynchronised during the join")
         self._greet(member, snapshot, since, epoch)
         return member
 
@@ -197,44 +282,51 @@ class RedisBroker:
         if self.hub.detach(member):
             await self._remove_presence(member)
 
-    async def publish(self, member: Member, message: ChatMessage) -> int | None:
+    async def publish(self, member: Member, message: ChatMessage) -> None:
+        """Queue the message for this worker's publisher (waiting only while the queue,
+        or the member's share of it, is full); its ``ack`` or ``unavailable`` error
+        follows in the member's outbox."""
         if not member.joined:
-            return None
-        room = member.room.name
+            return
         head, tail = protocol.encode_message_parts(
-            room=room, text=message.text, sender=member.name, ts=_now_ms(), id=message.id
+            room=member.room.name,
+            text=message.text,
+            sender=member.name,
+            ts=_now_ms(),
+            id=message.id,
         )
-        seq = await self._sequence(room, head, tail)
-        self.hub.stats.messages_in += 1
-        if message.id is not None and member.joined:
-            self.hub.send_to(member, protocol.encode_ack(id=message.id, seq=seq))
-        return seq
-
-    async def _sequence(self, room: str, head: str, tail: str) -> int:
-        """Run :data:`PUBLISH` for one message: its seq, kept in the room's history (within
-        ``ROOMCAST_HISTORY_SIZE`` and ``ROOMCAST_HISTORY_BYTES``) and published.
-
-        :raises BrokerUnavailable: if Redis did not take it
-        """
-        seq_key, epoch_key, history_key, _ = _keys(room)
-        keys = (seq_key, epoch_key, history_key, _history_bytes_key(room))
-        args = [head, tail, self.settings.history_size, CHANNEL_PREFIX + room]
-        args += [secrets.token_urlsafe(6), self.settings.history_bytes]
-        return int(await self._call(self._publish, keys, args))
+        slots = self._slots.get(member)
+        if slots is None:
+            slots = self._slots[member] = anyio.Semaphore(MEMBER_QUEUE)
+        try:
+            slots.acquire_nowait()
+        except anyio.WouldBlock:
+            await slots.acquire()
+        outgoing = _Outgoing(member, message.id, head, tail, slots)
+        try:
+            self._outgoing_send.send_nowait(outgoing)
+        except anyio.WouldBlock:
+            try:
+                await self._outgoing_send.send(outgoing)
+            except BaseException:
+                slots.release()
+                raise
 
     # -- joining ----------------------------------------------------------------------------
+
+    def _jumps(self, room: Room) -> int:
+        stream = self._streams.get(room)
+        return stream.jumps if stream is not None else 0
 
     def _greet(
         self, member: Member, snapshot: list[Any], since: int | None, epoch: str | None
     ) -> None:
-        room_epoch, seq, count, present, history = snapshot
+        run, seq, count, present, history = snapshot
         seq = int(seq)
-        room = member.room
-        room.epoch = room_epoch
         names = [entry.partition(":")[2] for entry in present]
         welcome = protocol.encode_welcome(
-            room=room.name,
-            epoch=room_epoch,
+            room=member.room.name,
+            epoch=run,
             seq=seq,
             members=[n for n in names if n],
             count=int(count),
@@ -242,39 +334,195 @@ class RedisBroker:
         member.greeting.append(welcome)
         if since is not None:
             entries = [_split_entry(entry) for entry in history]
-            member.greeting.extend(replay(entries, seq, room_epoch, since, epoch))
-        # Live events that reached the outbox while the snapshot travelled: keep those
-        # after the snapshot, in order; drop the messages it already covers.
+            member.greeting.extend(replay(entries, seq, run, since, epoch))
+        # Fanned out while the snapshot travelled: keep the messages after it, in order.
         while True:
             try:
                 event = member.outbox.receive_nowait()
-            except anyio.WouldBlock:
+            except (anyio.WouldBlock, anyio.EndOfStream):  # drained, or removed (shutdown)
                 break
-            if _seq_of(event) <= seq:
-                continue
-            member.greeting.append(event)
+            if _seq_of(event) > seq:
+                member.greeting.append(event)
         member.skip_through = seq
-        if room not in self._synced:
-            room.seq = max(room.seq, seq)
-            self._synced.add(room)
+        self._runs[member] = run
 
-    # -- presence ---------------------------------------------------------------------------
+    # -- delivery (the subscriber task) -----------------------------------------------------
 
-    def _announce(self, room: Room, event: PresenceEvent, member: Member) -> None:
-        """The hub removed a member on its own (eviction): tell every worker, from a task."""
-        try:
-            self._leaving_send.send_nowait(member)
-        except anyio.WouldBlock:
-            self.hub.announce_locally(room, event, member)
+    async def _subscribe_forever(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Hold the subscription, reconnecting with backoff; report started once the first
+        subscription is confirmed."""
+        pool = self.client.connection_pool
+        assert pool.location is not None
+        retry = RETRY_FIRST
+        started = False
+        while True:
+            try:
+                async with open_subscription(
+                    pool.location,
+                    dict(pool.connection_kwargs),
+                    self.channel_prefix + "*",
+                    name=f"roomcast-subscriber-{os.getpid()}",
+                    reply_timeout=REQUEST_TIMEOUT,
+                ) as subscription:
+                    await self._resync()
+                    if started:
+                        log.warning("Redis subscription restored")
+                    self._subscribed = True
+                    if not started:
+                        task_status.started()
+                        started = True
+                    retry = RETRY_FIRST
+                    while True:
+                        await self._on_burst(await subscription.receive())
+            except (SubscriptionLost, BrokerUnavailable) as exc:
+                if self._subscribed:
+                    log.warning("Redis subscription lost: %s", exc)
+                self._subscribed = False
+            await anyio.sleep(retry)
+            retry = min(retry * 2, RETRY_MAX)
 
-    def _note_presence(self, room: Room, kind: str, rest: str) -> None:
-        """A join (``J``) or leave (``L``) from any worker, for the room's next notice; a
-        local member's own join is already in its welcome (its ``origin``)."""
-        count, _, entry = rest.partition("|")
-        member_id, _, name = entry.partition(":")
+    async def _resync(self) -> None:
+        """After (re)subscribing, before any new event: bring every room with local
+        members up to its counter in Redis (what was published while unsubscribed)."""
+        rooms = [room for room in self.hub.rooms.values() if room.members]
+        if not rooms:
+            return
+        values = await self._call_raw(
+            self.client.mget([key for room in rooms for key in _keys(room.name)[:2]])
+        )
+        for index, room in enumerate(rooms):
+            counter, run = values[2 * index], values[2 * index + 1]
+            stream = self._streams.get(room)
+            if stream is None:
+                stream = self._adopt(room, run, int(counter or 0))
+            if stream.epoch != run or stream.seq != int(counter or 0):
+                await self._catch_up(room)
+
+    def _adopt(self, room: Room, run: str | None, seq: int) -> _Stream:
+        """A stream position for a room that had none when its events may have been lost:
+        the earliest snapshot among its greeted members (``run`` at ``seq`` if none is
+        greeted yet), counted as a jump: members still joining are refused and retry."""
+        greeted = [(self._runs[m], m.skip_through) for m in room.members if m in self._runs]
+        if greeted:
+            run = greeted[0][0]
+            seq = min(s for r, s in greeted if r == run)
+        stream = self._streams[room] = _Stream(run or "", seq, jumps=1)
+        return stream
+
+    async def _on_burst(self, burst: list[tuple[str, str]]) -> None:
+        prefix = len(self.channel_prefix)
+        for channel, data in burst:
+            room = self.hub.rooms.get(channel[prefix:])
+            if room is None or not room.members:
+                if room is not None:
+                    self._streams.pop(room, None)  # no one to deliver to: start afresh
+                continue
+            kind, _, rest = data.partition("|")
+            run, _, rest = rest.partition("|")
+            if kind == "M":
+                entries = [_split_entry(entry) for entry in rest.split("\n")]
+                stream = self._streams.get(room)
+                if stream is None or stream.epoch != run or entries[0][0] != stream.seq + 1:
+                    stream = await self._follow(room, run, entries[0][0] - 1)
+                if stream is not None:
+                    for seq, event in entries:
+                        self._advance(room, stream, seq, event)
+            elif kind in ("J", "L"):
+                seq_text, _, rest = rest.partition("|")
+                count, _, entries_text = rest.partition("|")
+                if await self._follow(room, run, int(seq_text)) is not None:
+                    self._announce_remote(room, kind, int(count), entries_text.split("\n"))
+
+    async def _follow(self, room: Room, run: str, seq: int) -> _Stream | None:
+        """The room's stream position, caught up so that an event of ``run`` coming right
+        after ``seq`` can be handled; ``None`` if the event is stale or the room is gone."""
+        stream = self._streams.get(room)
+        if stream is None:
+            runs = {self._runs[m] for m in room.members if m in self._runs}
+            if runs <= {run}:
+                # The first event since this worker's first member of the room attached:
+                # it comes no later than that member's snapshot (see the module docstring).
+                stream = self._streams[room] = _Stream(run, seq)
+                return stream
+            stream = self._adopt(room, run, seq)  # members from another run: history decides
+        if run in stream.retired:
+            return None
+        if run == stream.epoch and seq <= stream.seq:
+            return stream
+        await self._catch_up(room)
+        stream = self._streams.get(room)
+        if stream is None or self.hub.rooms.get(room.name) is not room or not room.members:
+            return None
+        if run != stream.epoch:
+            stream.retired.add(run)  # read after the event arrived: the event's run is over
+            return None
+        return stream
+
+    async def _catch_up(self, room: Room) -> None:
+        """Read the room's run, counter and history, then (synchronously) jump past what
+        is gone and fan out what this worker has not."""
+        run, counter, entries = await self._call(
+            self._read, _keys(room.name)[:3], [secrets.token_urlsafe(6)]
+        )
+        stream = self._streams.get(room)
+        if stream is None or self.hub.rooms.get(room.name) is not room or not room.members:
+            return
+        history = [_split_entry(entry) for entry in entries]
+        first = history[0][0] if history else int(counter) + 1
+        since = stream.seq
+        jumped = run != stream.epoch or (first > stream.seq + 1 and int(counter) > stream.seq)
+        if run != stream.epoch:
+            stream.retired.add(stream.epoch)
+            stream.epoch = room.epoch = run
+        if jumped:
+            stream.seq = first - 1
+            stream.jumps += 1
+        self._tell_gaps(room, run, since, stream.seq + 1, jumped=jumped)
+        for seq, event in history:
+            self._advance(room, stream, seq, event)
+
+    def _advance(self, room: Room, stream: _Stream, seq: int, event: str) -> None:
+        """Fan out seq ``seq`` of the stream's run if it is the next one; else drop it."""
+        if seq == stream.seq + 1:
+            stream.seq = seq
+            self.hub.deliver(room.name, seq, event)
+
+    def _tell_gaps(self, room: Room, run: str, since: int, first: int, *, jumped: bool) -> None:
+        """After a history read: ``history_gap`` for every greeted member from an earlier
+        run (it starts over in ``run``) and, if the stream jumped from ``since`` to just
+        before ``first``, for every member that needed something in between."""
+        for member in list(room.members):
+            member_run = self._runs.get(member)
+            if member_run is None:
+                continue  # still joining: refused when its snapshot arrives (a jump)
+            told_since = max(since, member.skip_through)
+            if member_run != run:
+                self._runs[member] = run
+                member.skip_through = 0
+            elif not jumped or member.skip_through >= first - 1:
+                continue
+            gap = protocol.encode_error(
+                ErrorCode.HISTORY_GAP,
+                "messages were lost while the server was cut off from Redis",
+                epoch=run,
+                since=told_since,
+                first=first,
+            )
+            self.hub.send_to(member, gap)
+
+    def _announce_remote(self, room: Room, kind: str, count: int, entries: list[str]) -> None:
+        """Entries that joined (``J``) or left (``L``), from any worker, for the room's next
+        presence notice: the hub coalesces them (O(1) each). A local member's own join is
+        already in its welcome (the change's ``origin``)."""
         change: PresenceEvent = "join" if kind == "J" else "leave"
-        origin = self._joining.pop(member_id, None) if kind == "J" else None
-        self.hub.note_presence(room, change, name or None, int(count), origin=origin)
+        for index, entry in enumerate(entries):
+            member_id, _, name = entry.partition(":")
+            later = len(entries) - 1 - index
+            origin = self._joining.pop(member_id, None) if kind == "J" else None
+            after = count - later if kind == "J" else count + later
+            self.hub.note_presence(room, change, name or None, after, origin=origin)
 
     async def _presence_state(self, room: Room) -> tuple[int, list[str]] | None:
         """The room's count and names across workers, for a presence notice (the hub's
@@ -288,13 +536,79 @@ class RedisBroker:
         names = [name for name in (entry.partition(":")[2] for entry in entries) if name]
         return int(count), names[:MAX_WELCOME_MEMBERS]
 
+    # -- publishing (the publisher task) ----------------------------------------------------
+
+    async def _publish_forever(self) -> None:
+        async with self._outgoing:
+            async for first in self._outgoing:
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._outgoing.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                await self._publish_batch(batch)
+
+    async def _publish_batch(self, batch: list[_Outgoing]) -> None:
+        """One script call for the batch; then every sender's acks, in queue order."""
+        rooms: dict[str, list[_Outgoing]] = {}
+        for outgoing in batch:
+            rooms.setdefault(outgoing.member.room.name, []).append(outgoing)
+        keys: list[str] = []
+        args = self._publish_args()
+        for room, messages in rooms.items():
+            keys.extend(_publish_keys(room))
+            args += [self.channel_prefix + room, len(messages)]
+            for outgoing in messages:
+                args += [outgoing.head, outgoing.tail]
+        try:
+            firsts = await self._call(self._publish, keys, args)
+        except BrokerUnavailable:
+            for outgoing in batch:
+                outgoing.slots.release()
+                self._refuse(outgoing)
+            return
+        self.hub.stats.messages_in += len(batch)
+        for messages, first in zip(rooms.values(), firsts, strict=True):
+            for offset, outgoing in enumerate(messages):
+                outgoing.slots.release()
+                if outgoing.id is not None and outgoing.member.joined:
+                    ack = protocol.encode_ack(id=outgoing.id, seq=int(first) + offset)
+                    self.hub.send_to(outgoing.member, ack)
+
+    def _publish_args(self) -> list[str | int]:
+        """:data:`~.redis_scripts.PUBLISH`'s leading arguments: the history bounds
+        (``ROOMCAST_HISTORY_SIZE``, ``ROOMCAST_HISTORY_BYTES``) and a new room's epoch."""
+        size, budget = self.settings.history_size, self.settings.history_bytes
+        return [size, secrets.token_urlsafe(6), budget]
+
+    def _refuse(self, outgoing: _Outgoing) -> None:
+        if outgoing.member.joined:
+            self.hub.stats.drops += 1
+            error = protocol.encode_error(ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, id=outgoing.id)
+            self.hub.send_to(outgoing.member, error)
+
+    # -- presence ---------------------------------------------------------------------------
+
+    def _announce(self, room: Room, event: PresenceEvent, member: Member) -> None:
+        """The hub removed a member on its own (eviction): tell every worker, from a task."""
+        try:
+            self._leaving_send.send_nowait(member)
+        except anyio.WouldBlock:
+            self.hub.announce_locally(room, event, member)
+
     async def _remove_presence(self, member: Member) -> None:
-        presence = _keys(member.room.name)[3]
+        seq_key, epoch_key, _, presence = _keys(member.room.name)
         try:
             with anyio.move_on_after(REQUEST_TIMEOUT, shield=True):
                 await self._leave(
-                    keys=[presence],
-                    args=[_presence_entry(member), _now_ms(), CHANNEL_PREFIX + member.room.name],
+                    keys=[seq_key, epoch_key, presence],
+                    args=[
+                        _presence_entry(member),
+                        _now_ms(),
+                        self.channel_prefix + member.room.name,
+                        secrets.token_urlsafe(6),
+                    ],
                 )
                 return
         except RedisError:
@@ -306,103 +620,57 @@ class RedisBroker:
         async for member in self._leaving:
             await self._remove_presence(member)
 
-    # -- delivery ---------------------------------------------------------------------------
-
-    async def _subscribe(
-        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
-            await pubsub.psubscribe(CHANNEL_PREFIX + "*")
-            task_status.started()
-            async for message in pubsub:
-                if message["type"] == "pmessage":
-                    room = str(message["channel"]).removeprefix(CHANNEL_PREFIX)
-                    await self._on_event(room, str(message["data"]))
-
-    async def _on_event(self, room_name: str, data: str) -> None:
-        kind, _, rest = data.partition("|")
-        room = self.hub.rooms.get(room_name)
-        if room is None or not room.members:
-            return
-        if kind == "M":
-            seq, event = _split_entry(rest)
-            await self._deliver(room, seq, event)
-        else:
-            self._note_presence(room, kind, rest)
-
-    async def _deliver(self, room: Room, seq: int, event: str) -> None:
-        if room in self._synced:
-            if seq <= room.seq:
-                return  # already delivered (a catch-up read it from history first)
-            if seq > room.seq + 1:
-                await self._catch_up(room, seq - 1)
-        self.hub.deliver(room.name, seq, event)
-
-    async def _catch_up(self, room: Room, through: int) -> None:
-        """Deliver what this worker missed (seq ``room.seq + 1`` to ``through``) from
-        history; tell the members ``history_gap`` if some of it was already trimmed."""
-        first_missing = room.seq + 1
-        try:
-            entries = await self._call_raw(self.client.lrange(_keys(room.name)[2], 0, -1))
-        except BrokerUnavailable:
-            return
-        missed = [(s, e) for s, e in map(_split_entry, entries) if first_missing <= s <= through]
-        if not missed or missed[0][0] != first_missing:
-            gap = protocol.encode_error(
-                ErrorCode.HISTORY_GAP,
-                "messages were lost while the server was cut off from Redis",
-                epoch=room.epoch,
-                since=room.seq,
-                first=missed[0][0] if missed else through + 1,
-            )
-            self.hub.broadcast(room.name, gap)
-        for seq, event in missed:
-            self.hub.deliver(room.name, seq, event)
-        room.seq = max(room.seq, through)
-
-    # -- upkeep -----------------------------------------------------------------------------
-
-    async def _tick(self) -> None:
-        """Every second: check Redis (health), catch up rooms whose counter moved past what
-        arrived (a message lost to a reconnect), and refresh this worker's presence."""
-        ticks = 0
-        while True:
+    async def _upkeep_forever(self) -> None:
+        """Every :data:`TICK`: presence upkeep for the rooms with local members (which also
+        checks that Redis answers), or a ping if there are none."""
+        refresh_every = round(PRESENCE_REFRESH / TICK)
+        for tick in range(1, 1 << 62):
             await anyio.sleep(TICK)
-            ticks += 1
-            rooms = [r for r in self.hub.rooms.values() if r.members and r in self._synced]
+            rooms = [room for room in self.hub.rooms.values() if room.members]
             try:
-                counters = await self._call_raw(
-                    self.client.mget([_keys(r.name)[0] for r in rooms])
-                    if rooms
-                    else self.client.ping()
-                )
-                if rooms:
-                    for room, counter in zip(rooms, counters, strict=True):
-                        if counter is not None and int(counter) > room.seq:
-                            await self._catch_up(room, int(counter))
-                if ticks % int(PRESENCE_TTL / 3 / TICK) == 0:
-                    await self._refresh_presence()
+                if not rooms:
+                    await self._call_raw(self.client.ping())
+                for start in range(0, len(rooms), UPKEEP_ROOMS):
+                    chunk = rooms[start : start + UPKEEP_ROOMS]
+                    await self._upkeep(chunk, refresh=tick % refresh_every == 0)
             except BrokerUnavailable:
                 continue
 
-    async def _refresh_presence(self) -> None:
-        expires = _now_ms() + int(PRESENCE_TTL * 1000)
-        for room in list(self.hub.rooms.values()):
-            if room.members:
-                mapping: dict[str | bytes, int | float] = {
-                    _presence_entry(m): expires for m in room.members
-                }
-                await self._call_raw(self.client.zadd(_keys(room.name)[3], mapping))
+    async def _upkeep(self, rooms: Sequence[Room], *, refresh: bool) -> None:
+        now = _now_ms()
+        keys: list[str] = []
+        args: list[str | int] = [now, now + int(PRESENCE_TTL * 1000), secrets.token_urlsafe(6)]
+        refreshed: list[list[Member]] = []
+        for room in rooms:
+            greeted = [m for m in room.members if m in self._runs]
+            back = [m for m in greeted if m in self._absent]
+            still = [m for m in greeted if m not in self._absent] if refresh else []
+            for member in back:
+                self._absent.discard(member)
+            seq_key, epoch_key, _, presence = _keys(room.name)
+            keys += [seq_key, epoch_key, presence]
+            args += [self.channel_prefix + room.name, len(still), len(back)]
+            args += [_presence_entry(m) for m in still] + [_presence_entry(m) for m in back]
+            refreshed.append(still)
+        absent = await self._call(self._upkeep_script, keys, args)
+        for members, gone in zip(refreshed, absent, strict=True):
+            expired = set(gone)
+            self._absent.update(m for m in members if m.joined and _presence_entry(m) in expired)
 
     # -- the server API (SPEC §8.2) ---------------------------------------------------------
 
     async def post(self, room: str, message: ChatMessage, sender: str | None) -> int:
+        """The API's publish: one script call of its own (the caller waits for the seq)."""
         head, tail = protocol.encode_message_parts(
             room=room, text=message.text, sender=sender, ts=_now_ms(), id=message.id
         )
-        seq = await self._sequence(room, head, tail)
+        firsts = await self._call(
+            self._publish,
+            _publish_keys(room),
+            [*self._publish_args(), self.channel_prefix + room, 1, head, tail],
+        )
         self.hub.stats.messages_in += 1
-        return seq
+        return int(firsts[0])
 
     async def history(self, room: str, since: int, limit: int) -> History:
         seq_key, epoch_key, history_key, _ = _keys(room)
@@ -430,8 +698,8 @@ class RedisBroker:
 
     # -- calls ------------------------------------------------------------------------------
 
-    async def _call(self, script: Any, keys: Any, args: list[Any]) -> Any:
-        return await self._call_raw(script(keys=list(keys), args=args))
+    async def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await self._call_raw(script(keys=list(keys), args=list(args)))
 
     async def _call_raw(self, request: Any) -> Any:
         """Await a Redis request within :data:`REQUEST_TIMEOUT`, tracking health.
@@ -466,7 +734,8 @@ def _seq_of(event: str) -> int:
 
 @asynccontextmanager
 async def open_redis_broker(settings: Settings, hub: Hub) -> AsyncIterator[RedisBroker]:
-    """Connect, subscribe, and keep the broker's tasks running until the block exits.
+    """Connect, subscribe, and keep the broker's tasks (subscriber, publisher, presence
+    upkeep, leave announcements) running in one task group until the block exits.
 
     :raises BrokerUnavailable: if Redis cannot be reached at startup
     """
@@ -476,6 +745,10 @@ async def open_redis_broker(settings: Settings, hub: Hub) -> AsyncIterator[Redis
         decode_responses=True,
         connect_timeout=REQUEST_TIMEOUT,
         stream_timeout=REQUEST_TIMEOUT * 5,
+        client_name=f"roomcast-{os.getpid()}",
+        # A script that ran but whose reply was lost must not run again: a retried
+        # publish would be a second copy of the message under a new seq.
+        retry_policy=NoRetryPolicy(),
     )
     async with client:
         broker = RedisBroker(settings, hub, client)
@@ -485,13 +758,15 @@ async def open_redis_broker(settings: Settings, hub: Hub) -> AsyncIterator[Redis
         except (RedisError, TimeoutError, OSError) as exc:
             raise BrokerUnavailable(f"cannot reach Redis at {settings.redis_url}: {exc}") from None
         async with anyio.create_task_group() as tg:
-            await _start(tg, broker)
+            try:
+                with anyio.fail_after(REQUEST_TIMEOUT * 5):
+                    await tg.start(broker._subscribe_forever)
+            except TimeoutError:
+                raise BrokerUnavailable(
+                    f"cannot subscribe to Redis at {settings.redis_url}"
+                ) from None
+            tg.start_soon(broker._publish_forever)
+            tg.start_soon(broker._upkeep_forever)
+            tg.start_soon(broker._process_leaves)
             yield broker
             tg.cancel_scope.cancel()
-
-
-async def _start(tg: TaskGroup, broker: RedisBroker) -> None:
-    with anyio.fail_after(REQUEST_TIMEOUT * 5):
-        await tg.start(broker._subscribe)
-    tg.start_soon(broker._tick)
-    tg.start_soon(broker._process_leaves)

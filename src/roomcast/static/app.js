@@ -34,11 +34,13 @@
     1011: ["the server hit an internal error", true],
     1012: ["the server is restarting", true],
     1013: ["the server is busy", true],
-    4001: ["not authorised: missing or invalid token", false],
+    4001: ["not signed in", false],
     4003: ["the room is full", false],
     4004: ["no chat endpoint at this address", false],
     4008: ["the connection was too slow and fell behind", true],
     4400: ["invalid room or name", false],
+    4403: ["you are not allowed in this room", false],
+    4429: ["you have too many connections open", false],
   };
 
   const ERROR_TEXT = {
@@ -57,6 +59,8 @@
     roomInput: $("room-input"),
     nameInput: $("name-input"),
     joinError: $("join-error"),
+    signin: $("signin"),
+    tokenInput: $("token-input"),
     chat: $("chat"),
     roomTitle: $("room-title"),
     roomName: $("room-name"),
@@ -502,10 +506,17 @@
         (n === 1 ? "it, it" : "them, they") + " will appear when you reconnect.", { error: "unconfirmed" });
       session.pending.clear();
     }
-    if (code === 4400) {
-      // bad room or name: nothing to retry; let the user fix it
+    if (code === 4400 || code === 4403) {
+      // bad room or name, or a room the token does not grant: let the user choose again
       stop();
-      showJoin("Can't join: " + (reason || "invalid room or name") + ".");
+      showJoin("Can't join: " + (reason || text) + ".");
+      return;
+    }
+    if (code === 4001) {
+      // the server wants a (better) token: back to the sign-in step, saying why
+      stop();
+      forgetToken();
+      showJoin(signInReason(reason), { signIn: true });
       return;
     }
     if (!reconnect) {
@@ -599,7 +610,40 @@
     if (!window.matchMedia("(pointer: coarse)").matches) el.text.focus();
   }
 
-  function showJoin(error) {
+  // -- tokens: from the URL fragment (never sent to a server) or the sign-in step, kept in
+  // sessionStorage (this tab only), sent as ?token= on the WebSocket URL, never shown in
+  // the address bar.
+
+  const TOKEN_KEY = "roomcast.token";
+
+  function storedToken() {
+    try {
+      return sessionStorage.getItem(TOKEN_KEY);
+    } catch (err) {
+      return null;
+    }
+  }
+
+  function keepToken(token) {
+    session.token = token || null;
+    try {
+      if (token) sessionStorage.setItem(TOKEN_KEY, token); else sessionStorage.removeItem(TOKEN_KEY);
+    } catch (err) { /* storage may be disabled: the token lives in memory only */ }
+  }
+
+  function forgetToken() {
+    keepToken(null);
+  }
+
+  function signInReason(reason) {
+    if (reason === "token expired") return "Your sign-in has expired. Paste a new token to continue.";
+    if (!reason || reason === "missing token" || reason === "missing or invalid token") {
+      return "This server asks who you are: paste your access token to join.";
+    }
+    return "The server refused your token (" + reason + "). Paste a valid one.";
+  }
+
+  function showJoin(error, options) {
     el.app.dataset.view = "join";
     el.join.hidden = false;
     el.chat.hidden = true;
@@ -612,7 +656,10 @@
     if (session.name) el.nameInput.value = session.name;
     el.joinError.hidden = !error;
     el.joinError.textContent = error || "";
-    el.roomInput.focus();
+    const signIn = Boolean(options && options.signIn);
+    if (signIn) el.signin.hidden = false;
+    el.tokenInput.value = "";
+    (signIn ? el.tokenInput : el.roomInput).focus();
   }
 
   function validate(room, name) {
@@ -675,6 +722,7 @@
       el.joinError.hidden = false;
       return;
     }
+    if (!el.signin.hidden && el.tokenInput.value.trim()) keepToken(el.tokenInput.value.trim());
     enterRoom(room, name, session.token);
   });
 
@@ -725,7 +773,19 @@
   // -- start -------------------------------------------------------------------------------
 
   const query = new URLSearchParams(location.search);
-  session.token = query.get("token") || null;
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const handedToken = fragment.get("token") || query.get("token");
+  if (handedToken) {
+    // take it, then take it out of the address bar (and history) at once
+    keepToken(handedToken);
+    fragment.delete("token");
+    query.delete("token");
+    const rest = fragment.toString();
+    history.replaceState(null, "", location.pathname + (query.toString() ? "?" + query : "") +
+      (rest ? "#" + rest : ""));
+  } else {
+    session.token = storedToken();
+  }
   let storedName = null;
   try {
     storedName = localStorage.getItem("roomcast.name");
