@@ -44,6 +44,7 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config, Sockets
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.logging import Logger
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
@@ -51,6 +52,9 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import EventWrapper, TrioSingleTask, WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import repr_socket_addr
+
+from . import trio_write
+from .trio_write import DirectWriter
 
 __all__ = ["AcceptGate", "ConnectionContext", "ContainedTCPServer", "WatchedLifespan", "serve"]
 
@@ -121,9 +125,40 @@ class ConnectionContext:
 
 
 class ContainedTCPServer(TCPServer):
-    """Hypercorn's connection handler, whose failures end only its own connection."""
+    """Hypercorn's connection handler, whose failures end only its own connection, and
+    whose plain-TCP writes go through a :class:`~.trio_write.DirectWriter`."""
 
     context: ConnectionContext  # type: ignore[assignment]  # duck-typed like WorkerContext
+
+    def __init__(
+        self,
+        app: AppWrapper,
+        config: Config,
+        context: ConnectionContext,
+        state: LifespanState,
+        stream: Stream,
+    ) -> None:
+        super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]  # see _handle
+        self.writer: DirectWriter | None = None
+        if trio_write.SUPPORTED and isinstance(stream, trio.SocketStream):
+            self.writer = DirectWriter(stream, self._spawn, self._peer_closed)
+
+    async def protocol_send(self, event: Event) -> None:
+        if self.writer is None:
+            await super().protocol_send(event)
+        elif isinstance(event, RawData):
+            if not await self.writer.send(event.data):
+                await self.protocol.handle(Closed())
+        else:
+            if isinstance(event, Closed):
+                await self.writer.flush()  # the last frames (a close frame) before the socket
+            await super().protocol_send(event)
+
+    def _spawn(self, task: Callable[[], Awaitable[None]]) -> None:
+        self._task_group.spawn(task)
+
+    async def _peer_closed(self) -> None:
+        await self.protocol.handle(Closed())
 
     async def run(self) -> None:
         peer = _peer(self.stream)  # before the socket closes
@@ -225,9 +260,8 @@ async def _handle(
     stream: Stream,
 ) -> None:
     state = ConnectionState(lifespan_state.copy())
-    connection_context: Any = ConnectionContext(context)
     try:
-        await ContainedTCPServer(app, config, connection_context, state, stream)  # type: ignore[arg-type]  # Hypercorn annotates SSLStream, handles both
+        await ContainedTCPServer(app, config, ConnectionContext(context), state, stream)
     finally:
         gate.connection_closed()
 
