@@ -224,6 +224,11 @@ async def serve(
     ``task_status.started`` gets the served addresses (``http://host:port``).
     """
     config.set_statsd_logger_class(StatsdLogger)
+    if not trio_write.SUPPORTED:
+        await config.log.warning(
+            f"Hypercorn {trio_write.hypercorn_version()} is newer than roomcast's write path "
+            "was tested with: using Hypercorn's (slower) one"
+        )
     lifespan_state: LifespanState = {}
     lifespan = WatchedLifespan(app, config, lifespan_state)
     context = WorkerContext(config.max_requests)

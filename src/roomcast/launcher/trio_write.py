@@ -70,7 +70,7 @@ from importlib.metadata import version
 
 import trio
 
-__all__ = ["PENDING_LIMIT", "SUPPORTED", "DirectWriter"]
+__all__ = ["PENDING_LIMIT", "SUPPORTED", "DirectWriter", "hypercorn_version"]
 
 #: bytes buffered for one connection beyond which its senders wait for the writer
 PENDING_LIMIT = 64 * 1024
@@ -78,8 +78,12 @@ PENDING_LIMIT = 64 * 1024
 TESTED_HYPERCORN = ((0, 17), (0, 18))
 
 
+def hypercorn_version() -> str:
+    return version("hypercorn")
+
+
 def _hypercorn_is_tested() -> bool:
-    major, minor = (int(part) for part in version("hypercorn").split(".")[:2])
+    major, minor = (int(part) for part in hypercorn_version().split(".")[:2])
     return (major, minor) in TESTED_HYPERCORN
 
 
