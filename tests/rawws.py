@@ -41,10 +41,14 @@ class RawWebSocket:
         return self.pending.pop(0)
 
     def next_message(self) -> str | bytes:
+        """The next whole message (wsproto hands over large ones in pieces)."""
+        parts: list[str | bytes] = []
         while True:
             event = self.next_event()
             if isinstance(event, Message):
-                return event.data
+                parts.append(event.data)
+                if event.message_finished:
+                    return parts[0][:0].join(parts)  # type: ignore[arg-type]
             if isinstance(event, CloseConnection):
                 raise ConnectionError(f"closed {event.code}")
 
