@@ -136,24 +136,24 @@ class DirectWriter:
             buffered (then none of it is)
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        while self.buffered > self._limit and not self._broken:
+        while self._writing and self.buffered > self._limit:
             await self._progress.park()
         if self._broken:
             return False
-        if not self._writing:
-            try:
-                sent = self._socket.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._broken = True
-                return False
-            if sent == len(data):
-                return True
-            data = data[sent:]
+        if self._writing:
+            self._pending += data
+            return True
+        try:
+            sent = self._socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._broken = True
+            return False
+        if sent < len(data):
+            self._pending += memoryview(data)[sent:]
             self._writing = True
             self._spawn(self._write_pending)
-        self._pending += data
         return True
 
     async def flush(self) -> None:
