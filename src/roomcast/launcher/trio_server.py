@@ -226,8 +226,8 @@ async def serve(
     config.set_statsd_logger_class(StatsdLogger)
     if not trio_write.SUPPORTED:
         await config.log.warning(
-            f"Hypercorn {trio_write.hypercorn_version()} is newer than roomcast's write path "
-            "was tested with: using Hypercorn's (slower) one"
+            f"writing with Hypercorn {trio_write.hypercorn_version()}'s own (slower) write "
+            "path: roomcast's is tested with Hypercorn 0.17 and 0.18"
         )
     lifespan_state: LifespanState = {}
     lifespan = WatchedLifespan(app, config, lifespan_state)

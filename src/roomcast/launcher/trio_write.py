@@ -6,9 +6,10 @@ Hypercorn 0.18 writes every frame (``TCPServer.protocol_send``) like this::
         with trio.CancelScope(shield=True):
             await self.stream.send_all(data)    # and send_all yields again after the write
 
-Two passes of the scheduler per frame, whoever sends it. For a chat server that sends a
-frame per member per message, that was most of the worker's CPU: the per-frame write path
-cost more than everything roomcast does per delivery.
+Two passes of the scheduler per frame, whoever sends it. A chat server writes a frame per
+member per message, and on the Trio worker those passes cost more than the ``send()``
+itself: sending one event per frame, roomcast spent two to four times the CPU per
+delivery with this path as without it (bench/README.md, "What the profiles showed").
 
 :class:`DirectWriter` writes a frame in the caller when it can, with one ``send()`` on the
 non-blocking socket, and hands the writing to a task only when it cannot:
@@ -19,47 +20,53 @@ non-blocking socket, and hands the writing to a task only when it cannot:
   buffered, and one writer task is started for the connection.
 - **Something is buffered**: the frame is appended behind it. The writer sends everything
   buffered in one ``send_all`` and repeats until nothing is left, then ends. So the writer
-  exists only while there is a backlog: it never holds the connection's task group open once
-  the connection has nothing left to write (``TCPServer.run`` waits for every task in it).
+  exists only while there is a backlog, and never holds the connection's task group open
+  once the connection has nothing left to write (``TCPServer.run`` waits for every task in
+  it before it closes the socket).
 - **More than** :data:`PENDING_LIMIT` **bytes buffered**: the sender waits until the writer
   brings it back under. A peer that stops reading blocks the tasks that write to it (its
-  sender, its ping), never anyone else's; roomcast's fan-out keeps filling that member's
+  sender, its pings), never anyone else's; roomcast's fan-out keeps filling that member's
   bounded outbox until the hub evicts it with 4008.
 
 What it keeps from Hypercorn's path:
 
-- **Order, whole frames.** Each frame is written or buffered in one synchronous step, so
-  frames from concurrent writers (the app's sender, the ping task, the reader answering a
-  ping or a close) never interleave, and a task's frames stay in the order it sent them:
+- **Order, whole frames.** A frame is written or buffered in one synchronous step, so the
+  frames of concurrent writers (the app's sender, the ping task, the reader answering a
+  ping or a close) never interleave, and each task's frames keep the order it sent them in:
   once anything is buffered, every later frame queues behind it.
-- **Shielded writes.** The writer's ``send_all`` is shielded, as Hypercorn's is, and a
-  ``Closed`` event first waits, shielded, until everything buffered is written: the close
-  frame sent under a shield at shutdown (1001), or after an eviction (4008), still reaches
-  a peer that reads, before the socket closes.
-- **Backpressure.** A sender still waits for a peer that does not read, only after
-  :data:`PENDING_LIMIT` bytes instead of after the kernel's send buffer; ``TCP_USER_TIMEOUT``
-  still ends such a peer, as the writer's (or the next direct) write then fails.
+- **Shielded writes.** The writer's ``send_all`` is shielded, as Hypercorn's is. A
+  ``Closed`` event first waits, shielded, until everything buffered is written; and at
+  shutdown, when the connection's tasks are cancelled, the writer finishes before
+  ``TCPServer.run`` closes the socket. So the close frame sent under a shield at shutdown
+  (1001), or after an eviction (4008), still reaches a peer that reads.
+- **Backpressure.** A sender waits for a peer that does not read: after the kernel's send
+  buffer and :data:`PENDING_LIMIT` more bytes, instead of after the kernel's buffer alone.
+  ``TCP_USER_TIMEOUT`` still ends such a peer, as the writer's write then fails.
 - **Errors end the connection.** A failed write tells the protocol ``Closed`` (the app sees
-  a disconnect), exactly as Hypercorn's ``protocol_send`` does; later frames are dropped.
+  a disconnect), as Hypercorn's ``protocol_send`` does; later frames are dropped.
 
 What it drops:
 
-- **The lock and the per-frame shield**: ordering comes from writing or buffering without a
-  schedule point in between, and a direct ``send()`` cannot be interrupted.
-- **A scheduling pass per frame.** ``send`` is a cancellation point (a cancelled caller gets
-  ``Cancelled`` and nothing is written, as with Trio's own socket calls) but it does not
-  yield when the frame was written: like asyncio's ``transport.write``. A task that sends in
-  a loop must yield on its own; roomcast's senders do (``connection.FAIR_SHARE``, and the
-  batch sender's checkpoint per frame), which is where the yield does the most good: the
-  batch sender's frames fill up while it waits, a single-event sender's cost stays one
-  ``send()`` per event (bench/README.md, "What the profiles showed").
-- **Writes of TLS streams** keep Hypercorn's path: an ``SSLStream`` has no frame-sized
-  non-blocking write, and roomcast expects TLS to end at a proxy.
+- **The lock, and the shield around a sender that waits.** Order comes from writing or
+  buffering without a schedule point in between. A sender waiting for room can be
+  cancelled, and then none of its frame is written; only bytes already accepted are
+  written under a shield.
+- **A pass of the scheduler per frame.** ``send`` is a cancellation point (a cancelled
+  caller gets ``Cancelled`` and nothing is written, as with Trio's own socket calls) but it
+  does not yield when the kernel takes the frame, like asyncio's ``transport.write``. A
+  task that sends in a loop must yield on its own, and roomcast's senders do, where a
+  yield does the most good: a batch sender lets passes go by before it gathers a frame
+  (``connection.GATHER_PASSES``: fuller frames), a single-event sender yields when its
+  outbox is empty and every ``connection.FAIR_SHARE`` events. Yielding after every write
+  instead cost single-event clients about 30% of their throughput.
+- **TLS** is not covered: an ``SSLStream`` keeps Hypercorn's path (it has no frame-sized
+  non-blocking write; roomcast expects TLS to end at a proxy).
 
-The Trio internals it relies on (``SocketStream.socket._sock`` being the non-blocking
-stdlib socket, Hypercorn's ``protocol_send`` and ``TaskGroup.spawn``) are checked by
-``tests/test_launcher.py::TestHypercornInternals``; :data:`SUPPORTED` keeps Hypercorn's
-path on any Hypercorn outside the range those tests ran against.
+The internals it relies on (Hypercorn's ``protocol_send``, ``TCPServer.run`` and
+``TaskGroup.spawn``; ``SocketStream.socket._sock`` being Trio's non-blocking stdlib socket)
+are checked by ``tests/test_launcher.py`` (``TestHypercornInternals``,
+``TestTrioInternals``). :data:`SUPPORTED` keeps Hypercorn's own path, with a warning at
+startup, on a Hypercorn outside the releases those checks describe.
 """
 
 from __future__ import annotations
