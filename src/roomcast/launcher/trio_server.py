@@ -9,7 +9,7 @@ same TCP write, by anything at all makes Hypercorn's h11 layer raise ``LocalProt
 logs a failed connection task instead of propagating it.
 
 :func:`serve` is that loop again, built from Hypercorn's own parts (``Lifespan``,
-``TCPServer``, ``WorkerContext``) with three changes, each where it belongs:
+``TCPServer``, ``WorkerContext``) with four changes, each where it belongs:
 
 - **Containment.** Each connection runs in a :class:`ContainedTCPServer`, which catches
   whatever ``Exception`` Hypercorn's connection handling raises (``except*``, so
@@ -23,15 +23,21 @@ logs a failed connection task instead of propagating it.
   the connection's nursery, socket and memory stay alive. Each connection here gets a
   :class:`ConnectionContext` whose ``sleep`` also ends when the peer is gone, so a
   connection ended by a close frame, FIN or RST releases everything at once.
+- **Direct writes.** Hypercorn writes every frame under a lock and a shield, passing
+  through the scheduler twice; :class:`ContainedTCPServer` writes plain-TCP frames through
+  a :class:`~.trio_write.DirectWriter` (straight to the socket when nothing is queued, the
+  rest through one writer task), which keeps their order, bounds and shields. See
+  :mod:`.trio_write` for the argument.
 - **Accepting at the fd limit.** ``trio.serve_listeners`` answers ``EMFILE`` by logging a
   traceback and retrying every 0.1 s, for as long as the limit lasts. :class:`AcceptGate`
   logs once, then waits until one of this worker's connections closes (or a second
   passes) before it accepts again: new clients wait in the listen backlog meanwhile, and
   are served as soon as a descriptor is free.
 
-The internals this relies on (``TCPServer``'s constructor and ``_read_data``, the ping
-loop's ``context.sleep``) are checked by ``tests/test_launcher.py::TestHypercornInternals``,
-and ``pyproject.toml`` pins Hypercorn below the next minor release.
+The internals this relies on (``TCPServer``'s constructor, ``run``, ``protocol_send`` and
+``_read_data``, the ping loop's ``context.sleep``) are checked by
+``tests/test_launcher.py::TestHypercornInternals``, and ``pyproject.toml`` pins Hypercorn
+below the next minor release.
 """
 
 from __future__ import annotations
