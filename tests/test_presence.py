@@ -266,6 +266,40 @@ async def test_run_presence_asks_a_presence_source_for_count_and_names() -> None
     assert q["count"] == 7 and "members" not in q
 
 
+async def test_a_change_while_the_source_is_asked_is_announced_to_the_member_it_concerns() -> None:
+    """Regression (found by the Redis tests): the flusher asks a presence source after
+    taking a room's changes; a change arriving meanwhile bumped the room's version, so the
+    earlier notice reached the member whose own join it reported, and that member then
+    skipped the notice of the newer change."""
+    hub = Hub(presence_interval=0.01)
+    asked, release = anyio.Event(), anyio.Event()
+
+    async def source(room: Any) -> tuple[int, list[str]]:
+        asked.set()
+        await release.wait()
+        return len(room.members), room.member_names()
+
+    hub.presence_source = source
+    ann = hub.attach("r", "ann")  # as the Redis broker does: its own join comes back later
+    room = hub.rooms["r"]
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hub.run_presence)
+            hub.note_presence(room, "join", "ann", 1, origin=ann)
+            await asked.wait()
+            hub.attach("r", "bob")
+            hub.note_presence(room, "join", "bob", 2)
+            release.set()
+            seen: list[dict[str, Any]] = []
+            while not seen:
+                await anyio.wait_all_tasks_blocked()
+                seen += notices(read(ann))
+                if not seen:
+                    await anyio.sleep(0.01)  # the room's interval, before bob's notice
+            tg.cancel_scope.cancel()
+    assert [(n["name"], n["count"]) for n in seen] == [("bob", 2)]
+
+
 @pytest.mark.parametrize("batch", [False, True])
 async def test_an_idle_sender_wakes_for_a_notice_and_gets_it_after_queued_events(
     batch: bool,

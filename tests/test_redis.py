@@ -107,7 +107,7 @@ async def test_presence_notices_cross_servers(two_servers: list[ThreadedServer])
                 assert welcome["count"] == 2
                 joined = await next_of(ann, "system")
                 assert (joined["event"], joined["name"], joined["count"]) == ("join", "bob", 2)
-                assert joined["members"] == ["ann", "bob"]  # everyone's, from Redis
+                assert sorted(joined["members"]) == ["ann", "bob"]  # everyone's, from Redis
             left = await next_of(ann, "system")
             assert (left["event"], left["name"], left["count"]) == ("leave", "bob", 1)
             assert left["members"] == ["ann"]
@@ -137,7 +137,7 @@ async def test_a_crowd_over_two_servers_is_announced_in_few_notices(
                     while seen["count"] != crowd + 1:
                         seen = await next_of(stays, "system")
                         notices += 1
-                    assert len(seen["members"]) == 100 and seen["members"][0] == "stays"
+                    assert len(seen["members"]) == 100  # the first 100 names Redis has
                 while seen["count"] != 1:
                     seen = await next_of(stays, "system")
                     notices += 1

@@ -338,13 +338,6 @@ class Hub:
             room.seq = seq
             self._fanout(room, encoded, seq=seq)
 
-    def broadcast(self, room_name: str, encoded: str, *, skip_id: str | None = None) -> None:
-        """Fan out an unsequenced event (a presence notice) to a room's local members."""
-        room = self.rooms.get(room_name)
-        if room is not None:
-            skip = next((m for m in room.members if m.id == skip_id), None)
-            self._fanout(room, encoded, skip=skip)
-
     # -- presence ---------------------------------------------------------------------------
 
     def announce_locally(self, room: Room, event: PresenceEvent, member: Member) -> None:
@@ -445,34 +438,37 @@ class Hub:
         changes, room.presence = room.presence, None
         if changes is None or not room.members:
             return 0
-        handed = self._hand_out(room, _notice(room, changes, None))
+        handed = self._hand_out(room, _notice(room, changes, None), room.presence_version)
         if handed:
             room.presence_quiet = False
             room.presence_next = math.inf  # the flusher starts the interval
         return handed
 
     async def _flush(self, room: Room, changes: PresenceChanges) -> int:
+        """Hand out the notice for ``changes``, just taken from the room: up to the
+        room's version now, whatever changes while a presence source is asked."""
+        version = room.presence_version
         state = None
         if room.members and self.presence_source is not None:
             state = await self.presence_source(room)
         if not room.members:
             return 0
-        return self._hand_out(room, _notice(room, changes, state))
+        return self._hand_out(room, _notice(room, changes, state), version)
 
-    def _hand_out(self, room: Room, notice: str) -> int:
-        """Put ``notice`` in the presence slot of every member not up to date with it.
+    def _hand_out(self, room: Room, notice: str, version: int) -> int:
+        """Put ``notice``, which reports the room's changes up to ``version``, in the
+        presence slot of every member whose view is older.
 
         A member whose slot was empty and whose outbox is empty gets :data:`PRESENCE_WAKE`
         (its sender may be waiting on the outbox); one with a busy outbox takes the notice
         when it has drained it. Either way the notice costs at most one outbox slot, never
         evicts, and a newer notice replaces it until it is sent.
         """
-        version = room.presence_version
         unreachable = []
         handed = 0
         for member in room.members:
-            if member.presence_seen == version:
-                continue
+            if member.presence_seen >= version:
+                continue  # its welcome or an earlier notice already shows these changes
             member.presence_seen = version
             if member.presence is None and not member.queued:
                 try:
@@ -490,13 +486,11 @@ class Hub:
             self._drop_all(unreachable)
         return handed
 
-    def _fanout(
-        self, room: Room, encoded: str, *, skip: Member | None = None, seq: int = 0
-    ) -> None:
+    def _fanout(self, room: Room, encoded: str, *, seq: int = 0) -> None:
         failed = []
         skipped = 0
         for member in room.members:
-            if member is skip or member.skip_through >= seq > 0:
+            if member.skip_through >= seq > 0:
                 skipped += 1
             else:
                 try:
