@@ -153,6 +153,26 @@ SERVERS: dict[str, Server] = {
             env={"PYTHONPATH": "bench/experiments/gc"},
         ),
         Server(
+            "roomcast-trio-hypercorn-write",
+            _roomcast("trio"),
+            "roomcast-trio with Hypercorn's own write path (bench/experiments/hypercorn_write)",
+            "roomcast",
+            roomcast_env=True,
+            bounded=True,
+            env={"PYTHONPATH": "bench/experiments/hypercorn_write"},
+        ),
+        Server(
+            "roomcast-trio-batch-hypercorn-write",
+            _roomcast("trio"),
+            "roomcast-trio-batch with Hypercorn's own write path (bench/experiments/hypercorn_write)",
+            "roomcast",
+            subprotocol=BATCH,
+            roomcast_env=True,
+            idle=False,
+            bounded=True,
+            env={"PYTHONPATH": "bench/experiments/hypercorn_write"},
+        ),
+        Server(
             "outbox-trio",
             _hypercorn_trio("bench.experiments.outbox_app:application"),
             "roomcast's task-per-member design alone (bench/experiments/outbox_app.py), trio",
@@ -174,6 +194,8 @@ EXPERIMENTS = {
     "websockets-broadcast-uvloop",
     "roomcast-trio-gc",
     "roomcast-trio-batch-gc",
+    "roomcast-trio-hypercorn-write",
+    "roomcast-trio-batch-hypercorn-write",
 }
 DEFAULT_SERVERS = [name for name in SERVERS if name not in EXPERIMENTS]
 #: the chapter app on the same server roomcast uses: every ratio in the tables is against it

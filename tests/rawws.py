@@ -41,10 +41,14 @@ class RawWebSocket:
         return self.pending.pop(0)
 
     def next_message(self) -> str | bytes:
+        """The next whole message (wsproto hands over large ones in pieces)."""
+        parts: list[str | bytes] = []
         while True:
             event = self.next_event()
             if isinstance(event, Message):
-                return event.data
+                parts.append(event.data)
+                if event.message_finished:
+                    return parts[0][:0].join(parts)  # type: ignore[arg-type]
             if isinstance(event, CloseConnection):
                 raise ConnectionError(f"closed {event.code}")
 
@@ -71,6 +75,7 @@ def open_raw_websocket(
     receive_buffer: int | None = None,
     timeout: float = 10.0,
     host: str = "127.0.0.1",
+    subprotocols: list[str] | None = None,
 ) -> RawWebSocket:
     """Connect and complete the handshake; ``receive_buffer`` sets SO_RCVBUF before
     connecting, so the advertised TCP window stays tiny from the start."""
@@ -80,7 +85,8 @@ def open_raw_websocket(
     sock.settimeout(timeout)
     sock.connect((host, port))
     conn = WSConnection(ConnectionType.CLIENT)
-    sock.sendall(conn.send(Request(host=f"{host}:{port}", target=target)))
+    request = Request(host=f"{host}:{port}", target=target, subprotocols=subprotocols or [])
+    sock.sendall(conn.send(request))
     ws = RawWebSocket(sock, conn)
     event = ws.next_event()
     if isinstance(event, RejectConnection):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -249,3 +250,53 @@ class TestHypercornInternals:
 
         assert '"lifespan.startup.failed"' in inspect.getsource(Lifespan.asgi_send)
         assert "self.startup.set()" in inspect.getsource(Lifespan.handle_lifespan)
+
+    def test_protocol_send_is_the_write_path_trio_write_replaces(self) -> None:
+        """``ContainedTCPServer.protocol_send`` replaces Hypercorn's for ``RawData`` and
+        ``Closed`` and defers to it for the rest: these are the semantics it keeps."""
+        from hypercorn.trio.tcp_server import TCPServer
+
+        source = inspect.getsource(TCPServer.protocol_send)
+        handled = re.findall(r"isinstance\(event, (\w+)\)", source)
+        assert handled == ["RawData", "Closed", "Updated"]
+        # RawData: one frame at a time, whole, shielded; a failed write closes the protocol
+        assert "async with self.send_lock:" in source
+        assert "cancel_scope.shield = True" in source
+        assert "await self.stream.send_all(event.data)" in source
+        assert "except (trio.BrokenResourceError, trio.ClosedResourceError):" in source
+        # Closed: the socket closes, then the protocol is told
+        closed = source[source.index("isinstance(event, Closed)") :]
+        assert closed.index("await self._close()") < closed.index("self.protocol.handle(Closed())")
+
+    def test_the_connection_task_group_exists_before_the_protocol_can_send(self) -> None:
+        from hypercorn.trio.task_group import TaskGroup
+        from hypercorn.trio.tcp_server import TCPServer
+
+        source = inspect.getsource(TCPServer.run)
+        assert "self._task_group = task_group" in source
+        assert source.index("self._task_group = task_group") < source.index("ProtocolWrapper(")
+        assert "self.protocol_send," in source  # the protocol sends through the bound method
+        assert list(inspect.signature(TaskGroup.spawn).parameters) == ["self", "func", "args"]
+
+    def test_the_direct_write_path_is_on_for_the_installed_hypercorn(self) -> None:
+        """Otherwise the worker quietly keeps Hypercorn's path (with a warning), and these
+        checks no longer describe what runs."""
+        from roomcast.launcher import trio_write
+
+        assert trio_write.SUPPORTED
+
+
+class TestTrioInternals:
+    """``roomcast.launcher.trio_write`` writes to the socket under a Trio ``SocketStream``."""
+
+    def test_a_socket_stream_wraps_a_nonblocking_stdlib_socket(self) -> None:
+        import trio
+
+        ours, theirs = socket.socketpair()
+        with theirs:
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+            raw = stream.socket._sock  # type: ignore[attr-defined]
+            assert isinstance(raw, socket.socket)
+            assert raw.fileno() == stream.socket.fileno()
+            assert raw.getblocking() is False
+            raw.close()

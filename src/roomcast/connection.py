@@ -36,6 +36,12 @@ CLOSE_TIMEOUT = 1.0
 #: a sender working through a backlog still checkpoints once per this many events: on
 #: asyncio a send that fits in the socket buffer never yields to other tasks
 FAIR_SHARE = 64
+#: passes of the event loop a batch sender lets go by between taking an event and gathering
+#: the rest of its frame (on top of the one in ``receive()``). Sends do not yield when the
+#: kernel takes the frame (asyncio, and the Trio worker of ``python -m roomcast``), so these
+#: are the only ones: with 1 a batch held 6 events at fanout1000, with 3 about 15 (of 16 in
+#: flight), and CPU per delivery fell by a third (bench/README.md)
+GATHER_PASSES = 3
 RATE_NOTICE = "slow down: messages over the rate limit are dropped"
 
 
@@ -118,10 +124,11 @@ async def _send_outbox(
         with outbox:
             if batch:
                 async for event in outbox:
-                    # One more pass of the event loop before gathering lets the other
-                    # fan-outs of this pass land too: it costs a quiet room microseconds
-                    # and gives a busy one fuller frames (8 -> 10 events at fanout1000).
-                    await anyio.lowlevel.checkpoint()
+                    # More passes of the event loop before gathering let the other
+                    # fan-outs of those passes land too: a quiet room loses microseconds,
+                    # a busy one gets fuller frames (GATHER_PASSES).
+                    for _ in range(GATHER_PASSES):
+                        await anyio.lowlevel.checkpoint()
                     await ws.send_text(_with_backlog(outbox, event, batch_max))
             else:
                 for count in itertools.count(1):

@@ -9,7 +9,7 @@ same TCP write, by anything at all makes Hypercorn's h11 layer raise ``LocalProt
 logs a failed connection task instead of propagating it.
 
 :func:`serve` is that loop again, built from Hypercorn's own parts (``Lifespan``,
-``TCPServer``, ``WorkerContext``) with three changes, each where it belongs:
+``TCPServer``, ``WorkerContext``) with four changes, each where it belongs:
 
 - **Containment.** Each connection runs in a :class:`ContainedTCPServer`, which catches
   whatever ``Exception`` Hypercorn's connection handling raises (``except*``, so
@@ -23,15 +23,21 @@ logs a failed connection task instead of propagating it.
   the connection's nursery, socket and memory stay alive. Each connection here gets a
   :class:`ConnectionContext` whose ``sleep`` also ends when the peer is gone, so a
   connection ended by a close frame, FIN or RST releases everything at once.
+- **Direct writes.** Hypercorn writes every frame under a lock and a shield, passing
+  through the scheduler twice; :class:`ContainedTCPServer` writes plain-TCP frames through
+  a :class:`~.trio_write.DirectWriter` (straight to the socket when nothing is queued, the
+  rest through one writer task), which keeps their order, bounds and shields. See
+  :mod:`.trio_write` for the argument.
 - **Accepting at the fd limit.** ``trio.serve_listeners`` answers ``EMFILE`` by logging a
   traceback and retrying every 0.1 s, for as long as the limit lasts. :class:`AcceptGate`
   logs once, then waits until one of this worker's connections closes (or a second
   passes) before it accepts again: new clients wait in the listen backlog meanwhile, and
   are served as soon as a descriptor is free.
 
-The internals this relies on (``TCPServer``'s constructor and ``_read_data``, the ping
-loop's ``context.sleep``) are checked by ``tests/test_launcher.py::TestHypercornInternals``,
-and ``pyproject.toml`` pins Hypercorn below the next minor release.
+The internals this relies on (``TCPServer``'s constructor, ``run``, ``protocol_send`` and
+``_read_data``, the ping loop's ``context.sleep``) are checked by
+``tests/test_launcher.py::TestHypercornInternals``, and ``pyproject.toml`` pins Hypercorn
+below the next minor release.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config, Sockets
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.logging import Logger
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
@@ -51,6 +58,9 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import EventWrapper, TrioSingleTask, WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import repr_socket_addr
+
+from . import trio_write
+from .trio_write import DirectWriter
 
 __all__ = ["AcceptGate", "ConnectionContext", "ContainedTCPServer", "WatchedLifespan", "serve"]
 
@@ -121,9 +131,40 @@ class ConnectionContext:
 
 
 class ContainedTCPServer(TCPServer):
-    """Hypercorn's connection handler, whose failures end only its own connection."""
+    """Hypercorn's connection handler, whose failures end only its own connection, and
+    whose plain-TCP writes go through a :class:`~.trio_write.DirectWriter`."""
 
     context: ConnectionContext  # type: ignore[assignment]  # duck-typed like WorkerContext
+
+    def __init__(
+        self,
+        app: AppWrapper,
+        config: Config,
+        context: ConnectionContext,
+        state: LifespanState,
+        stream: Stream,
+    ) -> None:
+        super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]  # see _handle
+        self.writer: DirectWriter | None = None
+        if trio_write.SUPPORTED and isinstance(stream, trio.SocketStream):
+            self.writer = DirectWriter(stream, self._spawn, self._peer_closed)
+
+    async def protocol_send(self, event: Event) -> None:
+        if self.writer is None:
+            await super().protocol_send(event)
+        elif isinstance(event, RawData):
+            if not await self.writer.send(event.data):
+                await self.protocol.handle(Closed())
+        else:
+            if isinstance(event, Closed):
+                await self.writer.flush()  # the last frames (a close frame) before the socket
+            await super().protocol_send(event)
+
+    def _spawn(self, task: Callable[[], Awaitable[None]]) -> None:
+        self._task_group.spawn(task)
+
+    async def _peer_closed(self) -> None:
+        await self.protocol.handle(Closed())
 
     async def run(self) -> None:
         peer = _peer(self.stream)  # before the socket closes
@@ -189,6 +230,11 @@ async def serve(
     ``task_status.started`` gets the served addresses (``http://host:port``).
     """
     config.set_statsd_logger_class(StatsdLogger)
+    if not trio_write.SUPPORTED:
+        await config.log.warning(
+            f"writing with Hypercorn {trio_write.hypercorn_version()}'s own (slower) write "
+            "path: roomcast's is tested with Hypercorn 0.17 and 0.18"
+        )
     lifespan_state: LifespanState = {}
     lifespan = WatchedLifespan(app, config, lifespan_state)
     context = WorkerContext(config.max_requests)
@@ -225,9 +271,8 @@ async def _handle(
     stream: Stream,
 ) -> None:
     state = ConnectionState(lifespan_state.copy())
-    connection_context: Any = ConnectionContext(context)
     try:
-        await ContainedTCPServer(app, config, connection_context, state, stream)  # type: ignore[arg-type]  # Hypercorn annotates SSLStream, handles both
+        await ContainedTCPServer(app, config, ConnectionContext(context), state, stream)
     finally:
         gate.connection_closed()
 
