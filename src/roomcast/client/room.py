@@ -211,6 +211,11 @@ class Room:
     def __aiter__(self) -> Room:
         return self
 
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is open and caught up (its resume replay read)."""
+        return self._ws is not None and self._replay_until is None
+
     def is_own(self, message: Message) -> bool:
         """Whether ``message`` was sent by this room (through :meth:`send`)."""
         return message.id is not None and message.id.startswith(self._prefix + "-")
