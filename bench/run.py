@@ -993,34 +993,51 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _best_round(r: dict[str, Any]) -> float | None:
+    """The fastest round: the one other work on the machine disturbed least (the reason
+    ``timeit`` reports its best repetition)."""
+    return max((x for x in r.get("rounds_deliveries_per_s") or [] if x), default=None)
+
+
 def broker_targets(S: dict[str, Any]) -> list[dict[str, Any]]:
-    """The Redis issue's targets, from one run's ``redis`` workload."""
+    """The Redis issue's targets, from one run's ``redis`` workload: met or not on the
+    median rounds; the best rounds' ratio is given beside it."""
     out: list[dict[str, Any]] = []
 
-    def rate(name: str, scenario: str) -> float | None:
+    def rates(name: str, scenario: str) -> tuple[float, float | None] | None:
         r = S.get(f"{name}@{scenario}")
-        return r.get("deliveries_per_s") if r and "error" not in r else None
+        if not r or "error" in r or not r.get("deliveries_per_s"):
+            return None
+        return r["deliveries_per_s"], _best_round(r)
 
-    for sc in brokers.SCENARIOS:
-        redis, memory = rate("redis-1w-batch", sc), rate("memory-batch", sc)
-        if redis and memory:
+    def compare(target: str, a: str, b: str, sc: str, threshold: float) -> None:
+        x, y = rates(a, sc), rates(b, sc)
+        if x and y:
+            best = f"; best rounds {x[1] / y[1]:.2f}x" if x[1] and y[1] else ""
             out.append(
                 dict(
-                    target=f"redis/{sc}: Redis broker, 1 worker, batching >= 0.5x memory broker",
-                    met=redis / memory >= 0.5,
-                    detail=f"{redis:,}/s vs {memory:,}/s ({redis / memory:.2f}x)",
+                    target=target,
+                    met=x[0] / y[0] >= threshold,
+                    detail=f"{x[0]:,}/s vs {y[0]:,}/s ({x[0] / y[0]:.2f}x{best})",
                 )
             )
+
+    for sc in brokers.SCENARIOS:
+        compare(
+            f"redis/{sc}: Redis broker, 1 worker, batching >= 0.5x memory broker",
+            "redis-1w-batch",
+            "memory-batch",
+            sc,
+            0.5,
+        )
         for batch in ("-batch", ""):
-            one, two = rate(f"redis-1w{batch}", sc), rate(f"redis-2w{batch}", sc)
-            if one and two:
-                out.append(
-                    dict(
-                        target=f"redis/{sc}: redis-2w{batch} faster than redis-1w{batch}",
-                        met=two > one,
-                        detail=f"{two:,}/s vs {one:,}/s ({two / one:.2f}x)",
-                    )
-                )
+            compare(
+                f"redis/{sc}: redis-2w{batch} faster than redis-1w{batch}",
+                f"redis-2w{batch}",
+                f"redis-1w{batch}",
+                sc,
+                1.0 + 1e-9,
+            )
     faults = {
         key: r["order"]
         for key, r in S.items()
@@ -1139,8 +1156,8 @@ def crowd_table(servers: dict[str, Any], p: dict[str, Any]) -> list[str]:
 
 def broker_table(report: dict[str, Any], entry: dict[str, Any]) -> list[str]:
     """One row per scenario and broker configuration; every ratio is against the memory
-    broker with the same batching in this run. Server CPU per delivery is the steadier
-    signal when other work shares the machine."""
+    broker with the same batching in this run. When other work shares the machine, the
+    best round and the server's CPU per delivery are steadier than the median."""
     if "error" in entry:
         return [f"Not measured: {entry['error']}"]
     S = entry["servers"]
@@ -1152,19 +1169,20 @@ def broker_table(report: dict[str, Any], entry: dict[str, Any]) -> list[str]:
         "had already seen (duplicates or out of order), gaps = seqs a member never got, "
         "over the whole run.",
         "",
-        "| scenario | configuration | deliveries/s | vs memory | server CPU µs/delivery "
-        "| vs memory | p99 ms | events/frame | dup / gaps | notes |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| scenario | configuration | deliveries/s | vs memory | best round/s | vs memory "
+        "| server CPU µs/delivery | vs memory | p99 ms | events/frame | dup / gaps | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     names = list(dict.fromkeys(key.partition("@")[0] for key in S))
     for sc in scenarios:
         for name in names:
             r = S.get(f"{name}@{sc}", {})
             if "error" in r:
-                lines.append(f"| {sc} | {name} | - | - | - | - | - | - | - | {notes(r)} |")
+                lines.append(f"| {sc} | {name} |" + " - |" * 9 + f" {notes(r)} |")
                 continue
             ref = S.get(f"{brokers.reference_of(name)}@{sc}", {})
             d, cpu = r.get("deliveries_per_s"), r.get("server_cpu_us_per_delivery")
+            best, ref_best = _best_round(r), _best_round(ref)
             order = r.get("order") or {}
             faults = f"{order.get('duplicates', '-')} / {order.get('gaps', '-')}"
             if not r.get("complete", True):
@@ -1176,6 +1194,7 @@ def broker_table(report: dict[str, Any], entry: dict[str, Any]) -> list[str]:
             remark = f"rounds {rounds}" + (f"; other load {other:.0f}% CPU" if other else "")
             lines.append(
                 f"| {sc} | {name} | {fmt(d)} | {ratio(d, ref.get('deliveries_per_s'))} "
+                f"| {fmt(best)} | {ratio(best, ref_best)} "
                 f"| {fmt(cpu, 1)} | {ratio(cpu, ref.get('server_cpu_us_per_delivery'))} "
                 f"| {fmt(r.get('p99_ms'), 1)} | {fmt(r.get('events_per_frame'), 1)} "
                 f"| {faults} | {remark} |"
@@ -1322,6 +1341,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait", type=float, default=15.0, help="... but at most this many seconds")
     p.add_argument("--json", type=Path, default=None, help="write the JSON here instead")
     p.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="measure nothing: print the tables (and targets) of a report written earlier",
+    )
+    p.add_argument(
         "--py-spy",
         action="store_true",
         help="record a py-spy flame graph of each roomcast worker (needs py-spy; "
@@ -1343,6 +1369,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        report = json.loads(args.render.read_text())
+        report["targets"] = targets(report)
+        print(tables(report))
+        return 0
     nofile = raise_nofile()
     RESULTS.mkdir(parents=True, exist_ok=True)
     log(

@@ -590,7 +590,7 @@ def test_interactive_session_keeps_the_typed_line_and_shows_own_lines_once(
         bob.type(b" and done\r")
         bob.wait_for(showing(r"bob: half-typed and done$"), "the finished line, once")
         bob.wait_for(showing(r"bob: hello there$"), "the first line, still once")
-        assert not any("sending:" in line for line in bob.lines)
+        bob.wait_for(lambda lines: not any("sending:" in line for line in lines), "no line pending")
 
         bob.type(b"\x04")  # Ctrl-D on an empty line: leave
         assert bob.wait() == 0

@@ -101,6 +101,8 @@ async def test_cut_connections_resume_with_nothing_lost_or_repeated(
                 for i in range(300):
                     await writer.send(f"w{i}")
                     if i % 100 == 50:
+                        await reader_room.wait_connected()  # each cut finds both connected
+                        await flaky.wait_connected()
                         await proxy.cut()
                     if i % 10 == 0:
                         flaky_seqs.append(await flaky.send(f"f{i}"))

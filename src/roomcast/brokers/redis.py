@@ -17,7 +17,10 @@ queue order and a batch keeps each room's messages in queue order, so a sender's
 get increasing seqs in the order it sent them, and its ``ack``\\ s (or ``unavailable``
 errors, when the call fails) come back in that order too. A slow Redis fills the queue
 and then blocks the receive loops: backpressure reaches the clients' sockets, nothing
-grows. Each batch is one ``PUBLISH`` per room, so subscribers receive it as one burst.
+grows. Each member may hold only :data:`MEMBER_QUEUE` places in the queue, so a flooding
+connection waits for its own messages and not the others for it. Each batch is one
+``PUBLISH`` per room, so subscribers receive it as one burst. (The server API's
+:meth:`RedisBroker.post` makes a call of its own: its caller waits for the seq.)
 
 *Delivery.* Each worker holds one pattern subscription on its own connection
 (:mod:`.subscriber`), which returns everything one socket read brought as a burst; the

@@ -178,6 +178,7 @@ class Room:
         self._ws: AsyncWebSocketSession | None = None
         self._replay_until: int | None = None  # set by a welcome, cleared once caught up
         self._welcomed_at: float | None = None
+        self._connected = anyio.Event()
         #: whether connections ask for a replay (``since``): after the first welcome, always
         self._resume = since is not None
         self._closed: RoomClosed | None = None
@@ -210,6 +211,15 @@ class Room:
 
     def __aiter__(self) -> Room:
         return self
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is open and caught up (its resume replay read)."""
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        """Return once :attr:`connected` (at once if it is)."""
+        await self._connected.wait()
 
     def is_own(self, message: Message) -> bool:
         """Whether ``message`` was sent by this room (through :meth:`send`)."""
@@ -285,6 +295,8 @@ class Room:
                 finally:
                     self._ws = None
                     self._replay_until = None
+                    if self._connected.is_set():
+                        self._connected = anyio.Event()
         except Exception as exc:  # httpx-ws raises from its task group: look inside
             return _why_it_ended(exc)
         raise AssertionError("unreachable: reading only ends with an exception")
@@ -343,6 +355,7 @@ class Room:
     async def _caught_up(self, ws: AsyncWebSocketSession) -> None:
         """The resume replay is over: send what it did not show as sequenced."""
         self._replay_until = None
+        self._connected.set()
         for id, pending in list(self._pending.items()):
             if not pending.done.is_set():
                 await self._transmit(ws, id, pending)
