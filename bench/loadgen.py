@@ -20,6 +20,12 @@ Two modes, each printing JSON lines on stdout:
     handshakes in flight, prints ``{"phase": "connected", ...}``, then holds them until a
     line arrives on stdin (or ``--hold`` seconds pass) and closes them.
 
+``crowd``
+    Fills rooms with ``--members`` clients (one room, or rooms of ``--rooms-of``) with
+    ``--concurrency`` handshakes in flight, within ``--limit`` seconds: how long until
+    every handshake completed (the fill), and until the presence traffic it set off has
+    been delivered (no frame for ``--quiet`` seconds: the settle).
+
 Every loop is bounded in count and time (``--deadline``, ``--connect-timeout``, ``--hold``).
 """
 
@@ -58,6 +64,7 @@ class Stats:
         self.deliveries = 0
         self.frames = 0
         self.other_events = 0
+        self.notices = 0  # presence: "system" events
         self.first_send: int | None = None
         self.last_recv: int | None = None
         self.last_frame = perf_ns()
@@ -75,6 +82,7 @@ class Stats:
         self.deliveries = 0
         self.frames = 0
         self.other_events = 0
+        self.notices = 0
         self.first_send = None
         self.last_recv = None
 
@@ -119,6 +127,7 @@ class Client(WSListener):
                 kind = text = None
             if text is None:
                 st.other_events += 1
+                st.notices += kind == "system"
                 if kind == "welcome":
                     self.last_seq = data.get("seq")
                 elif kind == "error" and data.get("error") == "history_gap":
@@ -452,11 +461,73 @@ async def run_idle(a: argparse.Namespace) -> None:
     await asyncio.sleep(0.2)
 
 
+async def connect_until(a: argparse.Namespace, specs, deadline: float):  # type: ignore[no-untyped-def]
+    """Like :func:`connect_many`, but every handshake still open at ``deadline``
+    (perf_counter) is abandoned: returns (clients connected, failures)."""
+    results: list = []
+    it = iter(specs)
+    failures = 0
+
+    async def worker() -> None:
+        nonlocal failures
+        for url, idx, stalled in it:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            try:
+                results.append(
+                    await asyncio.wait_for(connect(a, url, idx, stalled=stalled), remaining)
+                )
+            except (RuntimeError, TimeoutError):
+                failures += 1
+
+    await asyncio.gather(*(worker() for _ in range(max(1, a.concurrency))))
+    return results, failures
+
+
+async def run_crowd(a: argparse.Namespace) -> dict:
+    size = a.rooms_of or a.members
+    specs = [(room_url(a, i // size), i, False) for i in range(a.members)]
+    STATS.reset()
+    wall_start = time.time()
+    t0 = time.perf_counter()
+    clients, failures = await connect_until(a, specs, t0 + a.limit)
+    fill_s = time.perf_counter() - t0
+    wall_filled = time.time()
+    complete = len(clients) == a.members
+    settle_limit = max(0.0, a.limit - fill_s) + a.quiet
+    settled = await wait_quiet(a.quiet, settle_limit) < settle_limit
+    settled_s = (STATS.last_frame / 1e9) - t0 if STATS.last_frame / 1e9 > t0 else fill_s
+    out = {
+        "mode": "crowd",
+        "members": a.members,
+        "room_size": size,
+        "rooms": -(-a.members // size),
+        "concurrency": a.concurrency,
+        "connected": len(clients),
+        "connect_failures": failures,
+        "complete": complete,
+        "fill_s": round(fill_s, 3),
+        "settled": settled,
+        "settled_s": round(max(settled_s, fill_s), 3),
+        "wall": [round(wall_start, 3), round(wall_filled, 3)],
+        "wall_settled": [round(wall_start, 3), round(time.time(), 3)],
+        "frames": STATS.frames,
+        "events": STATS.other_events,
+        "notices": STATS.notices,
+    }
+    for t, lst in clients:
+        lst.closing = True
+        close(t)
+    await asyncio.sleep(0.1)
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("mode", choices=["fanout", "idle"])
+    p.add_argument("mode", choices=["fanout", "idle", "crowd"])
     p.add_argument("--url", default="ws://127.0.0.1:8000/ws/chat", help="without the query string")
     p.add_argument("--room-prefix", default="bench")
     p.add_argument("--rooms", type=int, default=1)
@@ -484,6 +555,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=10_000, help="idle mode")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
     p.add_argument("--hold", type=float, default=60.0, help="idle mode: most seconds to hold")
+    p.add_argument("--rooms-of", type=int, default=0, help="crowd mode: room size (0: one room)")
+    p.add_argument("--limit", type=float, default=120.0, help="crowd mode: most seconds to fill")
     return p.parse_args(argv)
 
 
@@ -492,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
     raise_nofile()
     if a.mode == "fanout":
         print(json.dumps(uvloop.run(run_fanout(a))), flush=True)
+    elif a.mode == "crowd":
+        print(json.dumps(uvloop.run(run_crowd(a))), flush=True)
     else:
         uvloop.run(run_idle(a))
 

@@ -47,10 +47,12 @@ PY = sys.executable
 @dataclass(frozen=True)
 class Workload:
     name: str
-    mode: str  # "fanout", "stalled" (a control run and a stalled run), "idle" or "brokers"
+    mode: str  # "fanout", "stalled" (a control run and a stalled run), "idle", "crowd" or "brokers"
     title: str
     full: dict[str, Any]
     quick: dict[str, Any]
+    #: the servers it runs by default (None: every server asked for)
+    servers: tuple[str, ...] | None = None
 
     def params(self, quick: bool) -> dict[str, Any]:
         return dict(self.quick if quick else self.full)
@@ -104,6 +106,15 @@ WORKLOADS: dict[str, Workload] = {
             "idle connections in rooms of 10: connect rate and memory per connection",
             full=dict(connections=10_000, members=10, concurrency=50),
             quick=dict(connections=2_000, members=10, concurrency=50),
+        ),
+        Workload(
+            "crowd",
+            "crowd",
+            "one room of N filled with 50 handshakes in flight, against N/10 rooms of 10: "
+            "fill time and server CPU (a fresh server each)",
+            full=dict(sizes=[2000, 5000], concurrency=50, rooms_of=10, limit=120, quiet=1.5),
+            quick=dict(sizes=[1000, 2000], concurrency=50, rooms_of=10, limit=60, quiet=1.5),
+            servers=("roomcast-trio-batch", "roomcast-trio", REFERENCE),
         ),
     ]
 }
@@ -522,6 +533,66 @@ class Runner:
         return result
 
 
+def _crowd_phase(
+    runner: Runner, server: Server, params: dict[str, Any], tag: str
+) -> dict[str, Any]:
+    """One crowd fill against a fresh server process: the loadgen's result, with the
+    server's CPU during the fill and until the presence traffic settled."""
+    sp = runner.start(server, tag)
+    sampler = Sampler(sp.proc.pid)
+    result: dict[str, Any] = {}
+    try:
+        sampler.start()
+        argv = loadgen_args("crowd", sp.url, params, server.subprotocol)
+        lg = subprocess.run(
+            argv, cwd=REPO, capture_output=True, text=True, timeout=params["limit"] + 120
+        )
+        result = _last_json(lg.stdout) or {
+            "error": f"loadgen exit {lg.returncode}: {lg.stderr[-2000:]}"
+        }
+    except subprocess.TimeoutExpired:
+        result = {"error": "loadgen did not finish"}
+    finally:
+        sampler.stop()
+        sp.stop()
+    if "wall" in result:
+        fill = sampler.window(*result["wall"])
+        settled = sampler.window(*result["wall_settled"])
+        result.update(
+            server_cpu_s=fill.get("server_cpu_s"),
+            server_cpu_pct=fill.get("server_cpu_pct"),
+            settled_server_cpu_s=settled.get("server_cpu_s"),
+            peak_rss_mb=settled.get("peak_rss_mb"),
+            other_cpu_pct=fill.get("other_cpu_pct"),
+        )
+    result.update(server_tracebacks=sp.log_errors(), log=str(sp.log_path.relative_to(REPO)))
+    return result
+
+
+def crowd(runner: Runner, server: Server, params: dict[str, Any], tag: str) -> dict[str, Any]:
+    """For each size N: one room of N, then N/10 rooms of ``rooms_of`` (10), each on a
+    fresh server (the chapter app is still broadcasting a crowd's leaves long after)."""
+    sizes: dict[str, Any] = {}
+    for size in params["sizes"]:
+        phases = {}
+        for layout, rooms_of in (("one", 0), ("tens", params["rooms_of"])):
+            phase = dict(
+                members=size,
+                rooms_of=rooms_of,
+                concurrency=params["concurrency"],
+                limit=params["limit"],
+                quiet=params["quiet"],
+                room_prefix=f"crowd-{layout}-",
+            )
+            phases[layout] = _crowd_phase(runner, server, phase, f"{tag}-{size}-{layout}")
+        one, tens = phases["one"], phases["tens"]
+        ratio = None
+        if one.get("complete") and tens.get("complete") and tens.get("fill_s"):
+            ratio = round(one["fill_s"] / tens["fill_s"], 2)
+        sizes[str(size)] = {"one": one, "tens": tens, "fill_ratio": ratio}
+    return {"sizes": sizes}
+
+
 def _readline(proc: subprocess.Popen, timeout: float) -> str:
     box: list[str] = []
     t = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
@@ -691,23 +762,27 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                 entry["error"] = str(exc)
                 log(f"{wname}: {exc}")
             continue
-        passes = 1 if w.mode == "idle" else args.passes
+        passes = 1 if w.mode in ("idle", "crowd") else args.passes
         runs: dict[str, list[dict[str, Any]]] = {}
         for n in range(passes):
             for server in servers:
                 if w.mode == "idle" and not server.idle:
+                    continue
+                if w.servers is not None and server.name not in w.servers:
                     continue
                 t0 = time.monotonic()
                 tag = wname if passes == 1 else f"{wname}-pass{n + 1}"
                 try:
                     if w.mode == "idle":
                         raw = runner.idle(server, params, tag)
+                    elif w.mode == "crowd":
+                        raw = crowd(runner, server, params, tag)
                     else:
                         raw = runner.fanout(server, params, tag)
                 except Exception as exc:
                     raw = {"error": repr(exc)}
                 runs.setdefault(server.name, []).append(raw)
-                row = raw if w.mode == "idle" else summarize(w.mode, raw)
+                row = raw if w.mode in ("idle", "crowd") else summarize(w.mode, raw)
                 label = wname if passes == 1 else f"{wname}/{n + 1}"
                 log(
                     f"{label:<12} {server.name:<24} {time.monotonic() - t0:5.1f}s  {brief(w.mode, row)}"
@@ -715,7 +790,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         for name, raws in runs.items():
             raw = raws[0] if len(raws) == 1 else pool_passes(raws)
             entry["raw"][name] = raws if len(raws) > 1 else raw
-            entry["servers"][name] = raw if w.mode == "idle" else summarize(w.mode, raw)
+            entry["servers"][name] = raw if w.mode in ("idle", "crowd") else summarize(w.mode, raw)
     report["seconds"] = round(time.monotonic() - t_suite, 1)
     report["targets"] = targets(report)
     return report
@@ -726,6 +801,12 @@ def brief(mode: str, r: dict[str, Any]) -> str:
         return "ERROR " + str(r["error"])[:300]
     if mode == "idle":
         return f"{r.get('connects_per_s')} conn/s, {r.get('kb_per_connection')} KB/conn"
+    if mode == "crowd":
+        return "; ".join(
+            f"{n}: one room {_fill(x['one'])}, rooms of 10 {_fill(x['tens'])}, "
+            f"ratio {x['fill_ratio']}"
+            for n, x in r["sizes"].items()
+        )
 
     def one(x: dict[str, Any]) -> str:
         if "error" in x:
@@ -859,6 +940,21 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                     detail=f"{plain['deliveries_per_s']:,}/s vs {ref['deliveries_per_s']:,}/s ({ratio:.2f}x)",
                 )
             )
+    if "crowd" in W:
+        for name, r in W["crowd"]["servers"].items():
+            if SERVERS[name].kind != "roomcast" or "error" in r:
+                continue
+            for size, x in r["sizes"].items():
+                one, tens = x["one"], x["tens"]
+                out.append(
+                    dict(
+                        target=f"crowd: {name} fills one room of {int(size):,} in at most 2x "
+                        f"the time of {int(size) // 10:,} rooms of 10",
+                        met=x.get("fill_ratio") is not None and x["fill_ratio"] <= 2.0,
+                        detail=f"{_fill(one)} vs {_fill(tens)}"
+                        + (f" ({x['fill_ratio']:.2f}x)" if x.get("fill_ratio") else ""),
+                    )
+                )
     if "redis" in W:
         out.extend(broker_targets(W["redis"]["servers"]))
     if "stalled" in W:
@@ -960,6 +1056,14 @@ def broker_targets(S: dict[str, Any]) -> list[dict[str, Any]]:
 # -- tables ----------------------------------------------------------------------------------
 
 
+def _fill(x: dict[str, Any]) -> str:
+    if "error" in x:
+        return "ERROR " + str(x["error"])[:200]
+    if not x.get("complete"):
+        return f"{x.get('connected'):,} of {x.get('members'):,} in {x.get('fill_s')} s"
+    return f"{x.get('fill_s')} s (cpu {x.get('server_cpu_s')} s)"
+
+
 def fmt(v: Any, nd: int = 0) -> str:
     if v is None:
         return "-"
@@ -1005,6 +1109,49 @@ def notes(r: dict[str, Any], *, noise: bool = True) -> str:
 def _passes(report: dict[str, Any]) -> str:
     n = report["args"].get("passes") or 1
     return f"{n} passes through the servers (a fresh process each), each with " if n > 1 else ""
+
+
+def crowd_table(servers: dict[str, Any], p: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{p.get('concurrency')} handshakes in flight, at most {p.get('limit')} s per fill; "
+        "fill: every handshake done; settled: the presence notices it set off delivered "
+        f"(no frame for {p.get('quiet')} s); server CPU during the fill. A fresh server for each.",
+        "",
+        "| server | N | one room of N: fill s | settled s | server CPU s | presence notices received "
+        "| N/10 rooms of 10: fill s | server CPU s | one room / rooms of 10 | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, r in servers.items():
+        if "error" in r:
+            lines.append(
+                f"| {name} | - | - | - | - | - | - | - | - | ERROR: {str(r['error'])[:100]} |"
+            )
+            continue
+        for size, x in r["sizes"].items():
+            one, tens = x["one"], x["tens"]
+            note = []
+            for label, phase in (("one room", one), ("rooms of 10", tens)):
+                if "error" in phase:
+                    note.append(f"{label}: ERROR {str(phase['error'])[:80]}")
+                elif not phase.get("complete"):
+                    note.append(
+                        f"{label}: {phase.get('connected', 0):,} of {int(size):,} joined "
+                        f"in {phase.get('fill_s')} s"
+                    )
+                if phase.get("server_tracebacks"):
+                    note.append(f"{label}: {phase['server_tracebacks']} server tracebacks")
+            fill_one = fmt(one.get("fill_s"), 2) if one.get("complete") else f">{one.get('fill_s')}"
+            fill_ratio = f"{x['fill_ratio']:.2f}x" if x.get("fill_ratio") else "-"
+            settled = fmt(one.get("settled_s"), 2)
+            if not one.get("settled", True):
+                settled = f">{settled}"  # still delivering notices when the limit came
+            lines.append(
+                f"| {name} | {int(size):,} | {fill_one} | {settled} "
+                f"| {fmt(one.get('server_cpu_s'), 1)} | {fmt(one.get('notices'))} "
+                f"| {fmt(tens.get('fill_s'), 2)} | {fmt(tens.get('server_cpu_s'), 1)} "
+                f"| {fill_ratio} | {'; '.join(note)} |"
+            )
+    return lines
 
 
 def broker_table(report: dict[str, Any], entry: dict[str, Any]) -> list[str]:
@@ -1114,6 +1261,8 @@ def tables(report: dict[str, Any]) -> str:
                     f"| {fmt(r.get('peak_rss_before_stalled_mb'), 1)} → {fmt(r.get('peak_rss_with_stalled_mb'), 1)} "
                     f"| {r.get('rss_growth_mb'):+.1f} | {end} | {notes(s)} |"
                 )
+        elif entry["mode"] == "crowd":
+            lines.extend(crowd_table(S, p))
         else:
             ref = S.get(REFERENCE, {}).get("connects_per_s")
             lines.append(

@@ -512,6 +512,52 @@ def _gap_to_bottom(person: Person) -> float:
     return gap
 
 
+def test_a_crowd_arriving_and_leaving_is_a_few_notices_and_an_exact_member_list() -> None:
+    """150 join at once (named and not), then all leave at once: the page shows the room's
+    count and names as each coalesced notice gives them, in a few notice lines, not 300."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rawws import RawWebSocket, open_raw_websocket
+
+    crowd = 150
+    with contextlib.ExitStack() as stack:
+        expect, browser, servers = _launch(stack, SERVER_ENV)
+        server = servers.current
+        assert server is not None
+        watcher = Person(browser, expect, "Watcher", viewport={"width": 1000, "height": 700})
+        stack.callback(watcher.close)
+        watcher.page.goto(f"{server.http_url('/')}?room=crowd&name=Watcher")
+        expect(watcher.status).to_have_attribute("data-state", "connected")
+
+        def arrive(n: int) -> RawWebSocket:
+            name = f"&name=guest{n:03}" if n % 3 else ""  # a third of them anonymous
+            ws = open_raw_websocket(server.port, f"/ws/chat?room=crowd{name}")
+            ws.next_message()  # the welcome
+            return ws
+
+        with ThreadPoolExecutor(16) as pool:
+            guests = list(pool.map(arrive, range(crowd)))
+        named = [f"guest{n:03}" for n in range(crowd) if n % 3]
+        expect(watcher.page.locator("#count")).to_have_text(str(crowd + 1))
+        # the server names 100 members (as in welcome); the rest are counted
+        expect(watcher.page.locator("#members li.member")).to_have_count(100)
+        expect(watcher.member("Watcher")).to_have_count(1)
+        expect(watcher.member(named[0])).to_have_count(1)
+        expect(watcher.page.locator("#members-more")).to_contain_text(f"{crowd + 1 - 100} others")
+        for guest in guests:
+            guest.kill()
+        expect(watcher.page.locator("#count")).to_have_text("1")
+        expect(watcher.page.locator("#members li.member")).to_have_count(1)
+        expect(watcher.page.locator("#members-more")).to_be_hidden()
+        notices = watcher.page.locator("#messages li.notice[data-kind=system]")
+        texts = notices.all_text_contents()
+        assert 2 <= len(texts) <= 12, texts  # one a second at most, each naming a few
+        assert any("others joined" in text for text in texts), texts
+        assert any("left" in text for text in texts), texts
+        watcher.screenshot("crowd")
+        _assert_clean(watcher)
+
+
 def test_the_list_follows_new_messages_while_a_long_draft_grows_the_box() -> None:
     with contextlib.ExitStack() as stack:
         expect, browser, servers = _launch(stack, SERVER_ENV)

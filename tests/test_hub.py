@@ -8,21 +8,32 @@ import anyio
 import orjson
 import pytest
 
-from roomcast.hub import Hub, Member, RoomFull
+from roomcast.hub import PRESENCE_WAKE, Hub, Member, RoomFull
 from roomcast.protocol import ChatMessage, CloseCode
 
 pytestmark = pytest.mark.anyio
 
 
 def drain(member: Member) -> list[dict[str, Any]]:
-    """Everything queued for a member right now: its greeting, then its outbox."""
+    """Everything a sender task would send a member right now: its greeting, then its
+    outbox, with a waiting presence notice where it wakes the sender or when the outbox is
+    empty (as connection._next_event does)."""
     events = [orjson.loads(e) for e in member.greeting]
     member.greeting = []
     while True:
         try:
-            events.append(orjson.loads(member.outbox.receive_nowait()))
-        except (anyio.WouldBlock, anyio.EndOfStream):
+            event = member.outbox.receive_nowait()
+        except anyio.WouldBlock:
+            if (notice := member.take_presence()) is not None:
+                events.append(orjson.loads(notice))
             return events
+        except anyio.EndOfStream:
+            return events
+        if event is PRESENCE_WAKE:
+            if (notice := member.take_presence()) is not None:
+                events.append(orjson.loads(notice))
+        else:
+            events.append(orjson.loads(event))
 
 
 def types(events: list[dict[str, Any]]) -> list[str]:
@@ -76,7 +87,9 @@ async def test_join_and_leave_are_announced_to_the_others_only() -> None:
     ann = hub.join("r", "ann")
     drain(ann)
     bob = hub.join("r", "bob")
-    assert types(drain(bob)) == ["welcome"]
+    assert drain(ann) == []  # recorded, not sent: notices go out when presence is flushed
+    assert hub.flush_presence() == 1
+    assert types(drain(bob)) == ["welcome"]  # its welcome already shows its join
     [joined] = drain(ann)
     assert joined == {
         "type": "system",
@@ -84,11 +97,22 @@ async def test_join_and_leave_are_announced_to_the_others_only() -> None:
         "event": "join",
         "name": "bob",
         "count": 2,
+        "joined": ["bob"],
+        "left": [],
+        "joins": 1,
+        "leaves": 0,
+        "members": ["ann", "bob"],
     }
     hub.leave(bob)
     hub.leave(bob)  # idempotent
+    hub.flush_presence()
     [left] = drain(ann)
-    assert (left["event"], left["name"], left["count"]) == ("leave", "bob", 1)
+    assert (left["event"], left["name"], left["count"], left["members"]) == (
+        "leave",
+        "bob",
+        1,
+        ["ann"],
+    )
 
 
 async def test_ack_only_for_messages_with_an_id() -> None:
@@ -134,13 +158,16 @@ async def test_full_outbox_evicts_only_that_member() -> None:
 
 async def test_eviction_is_announced_and_frees_the_room_slot() -> None:
     hub = Hub(outbox_size=2, room_capacity=2)
-    slow, fast = hub.join("r", "slow"), hub.join("r", "fast")  # slow: the join notice
+    slow, fast = hub.join("r", "slow"), hub.join("r", "fast")
+    hub.flush_presence()  # slow's outbox was empty: the notice's wake-up takes one slot
     drain(fast)
     hub.publish(fast, ChatMessage("x"))  # slow's outbox is now full
     drain(fast)
     hub.publish(fast, ChatMessage("y"))
-    assert not slow.joined
+    assert not slow.joined and slow.close_code is CloseCode.TOO_SLOW
+    hub.flush_presence()
     assert [e.get("event", e["type"]) for e in drain(fast)] == ["message", "leave"]
+    assert [e.get("event", e["type"]) for e in drain(slow)] == ["welcome", "join", "message"]
     hub.join("r", "newcomer")  # capacity is free again
 
 
@@ -238,23 +265,27 @@ async def test_member_whose_sender_stopped_is_dropped_quietly() -> None:
     hub.publish(staying, ChatMessage("hi"))
     assert not gone.joined and gone.close_code is None
     assert hub.stats.evictions == 0
-    assert [e.get("event", e["type"]) for e in drain(staying)] == ["message", "leave"]
+    hub.flush_presence()
+    events = drain(staying)
+    assert types(events) == ["message", "system"]
+    assert (events[1]["left"], events[1]["count"]) == (["gone"], 1)
 
 
 async def test_a_mass_disconnect_drops_everyone_without_deep_recursion() -> None:
     """1,000 peers gone at once: their senders have stopped, their receive loops have not
-    left yet. The first leave's notice finds the next dead member, whose leave notice finds
-    the next... Each must be dropped in a loop: nested, this was a RecursionError that
-    killed the connection handler that happened to leave first."""
-    hub = Hub(outbox_size=4096)  # room for everyone's join notices
+    left yet. Presence finds them all at its next notice (each wake-up meets a closed
+    outbox); dropping them must be a loop: nested, this was a RecursionError that killed
+    the connection handler that happened to leave first."""
+    hub = Hub(outbox_size=4)
     staying = hub.join("r", "staying")
     gone = [hub.join("r", f"g{i}") for i in range(1500)]
     drain(staying)
     for member in gone:
         member.outbox.close()
     hub.leave(gone[0])
+    hub.flush_presence()  # wakes everyone who has not seen the last change
     assert list(hub.rooms["r"].members) == [staying]
     assert all(not m.joined and m.close_code is None for m in gone)
-    events = drain(staying)
-    assert [e["event"] for e in events] == ["leave"] * 1500
-    assert [e["count"] for e in events] == list(range(1500, 0, -1))
+    hub.flush_presence()  # the drops, announced
+    [notice] = [e for e in drain(staying) if e["type"] == "system"][-1:]
+    assert (notice["count"], notice["members"], notice["leaves"]) == (1, ["staying"], 1499)

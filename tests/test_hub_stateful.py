@@ -17,8 +17,13 @@ member must read (SPEC §4.2, §4.3, §7):
 * a member removed from its room (left, evicted, shut down) got everything up to that moment,
   then its outbox ends (``EndOfStream``); an evicted one got ``TOO_SLOW``, and only when its
   outbox was full; one whose sender stopped reading is dropped by the next fan-out, quietly;
-* presence: ``welcome.count``/``members`` and every ``system.count`` match the room at that
-  moment; a member that keeps up ends each step with the room's count;
+* presence: ``welcome.count``/``members`` match the room when it joins; joins and leaves are
+  only recorded (nobody's outbox changes) until a ``flush_presence`` step, which hands each
+  member whose view is out of date one notice with the changes since the room's last notice
+  and the room's count and names then; the notice waits in the member's slot (a newer one
+  replaces it), takes at most the one outbox slot of a wake-up and only when the outbox was
+  empty, and never evicts; a member that keeps up and has no change pending ends each step
+  with the room's count;
 * an ``ack`` exactly when the sender is still joined after its message's fan-out;
 * hub bookkeeping: ``rooms`` holds exactly the rooms with members or retained history, idle ones
   bounded by ``idle_rooms`` (least recently emptied forgotten first; a forgotten room comes back
@@ -45,8 +50,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from roomcast.hub import Hub, Member, RoomFull
-from roomcast.protocol import ChatMessage, CloseCode
+from roomcast.hub import PRESENCE_WAKE, Hub, Member, RoomFull
+from roomcast.protocol import MAX_PRESENCE_NAMES, MAX_WELCOME_MEMBERS, ChatMessage, CloseCode
 
 ROOMS = ("a", "b", "c")
 NAMES = (None, "ann", "bob", "cy")
@@ -83,6 +88,9 @@ class Tracked:
     finished: bool = False  # read to the end of its outbox (or gone)
     acks: dict[str, int] = field(default_factory=dict)  # id -> seq it must be acked with
     outbox_events: int = 0  # events read from the outbox (the greeting is not counted)
+    stale: bool = False  # its room changed after its welcome or its last notice
+    slot: dict[str, Any] | None = None  # the presence notice waiting for its sender
+    wake_queued: bool = False  # a presence wake-up is in its outbox
 
 
 @dataclass(eq=False)
@@ -91,6 +99,33 @@ class ModelRoom:
     history: deque[int]
     seq: int = 0
     members: list[Tracked] = field(default_factory=list)
+    #: joins and leaves since the room's last notice, as the hub records them
+    changes: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def record(self, event: str, name: str | None) -> None:
+        """A join or leave the hub records (it does when others are there to tell)."""
+        self.changes.append((event, name))
+        for t in self.members:
+            t.stale = True
+
+    def notice(self) -> dict[str, Any]:
+        """The notice the hub must send for ``changes``, with the room as it is now."""
+        joined = [n for e, n in self.changes if e == "join"]
+        left = [n for e, n in self.changes if e == "leave"]
+        joins, leaves = len(joined), len(left)
+        event = "presence" if joins and leaves else "join" if joins else "leave"
+        single = self.changes[0][1] if len(self.changes) == 1 else None
+        return {
+            "type": "system",
+            "event": event,
+            "name": single,
+            "count": len(self.members),
+            "joined": [n for n in joined if n is not None][:MAX_PRESENCE_NAMES],
+            "left": [n for n in left if n is not None][:MAX_PRESENCE_NAMES],
+            "joins": joins,
+            "leaves": leaves,
+            "members": [t.name for t in self.members if t.name is not None][:MAX_WELCOME_MEMBERS],
+        }
 
 
 def pick(pool: list[Tracked], i: int) -> Tracked | None:
@@ -111,6 +146,7 @@ class HubMachine(RuleBasedStateMachine):
         self.messages: dict[tuple[str, int], tuple[str, str | None, str | None]] = {}
         self.resume_points: deque[tuple[str, int, str]] = deque(maxlen=12)
         self.joins = self.leaves = self.evictions = self.messages_in = 0
+        self.presence_notices = 0
         self.ids = 0
         self.steps = 0
         self.closed_all = False
@@ -226,10 +262,11 @@ class HubMachine(RuleBasedStateMachine):
                 _event("resume: replay" if since < mr.seq else "resume: up to date")
         t = Tracked(f"m{len(self.everyone)}", member, room, name, mr.epoch, welcome, gap, next_seq)
         self.everyone.append(t)
-        others = bool(mr.members)
+        if mr.members:
+            mr.record("join", name)
         mr.members.append(t)
         self.joins += 1
-        self.settle([room], {room: mr.seq}, fanned_out={room} if others else set())
+        self.settle([], {})  # nothing is sent: nobody can be removed
 
     @rule(
         i=PICK, texts=st.lists(st.text(max_size=5), min_size=1, max_size=3), with_id=st.booleans()
@@ -273,8 +310,12 @@ class HubMachine(RuleBasedStateMachine):
         assert not t.member.joined and t.member.close_code is None
         self.mark_removed(t, None, (mr.seq, mr.seq))
         mr.members.remove(t)
+        if mr.members:
+            mr.record("leave", t.name)
+        else:
+            self.room_emptied(t.room)
         self.leaves += 1
-        self.settle([t.room], {t.room: mr.seq}, fanned_out={t.room} if mr.members else set())
+        self.settle([], {})  # nothing is sent: nobody else can be removed
 
     @rule(i=PICK, text=st.text(max_size=3))
     def stray(self, i: int, text: str) -> None:
@@ -317,6 +358,60 @@ class HubMachine(RuleBasedStateMachine):
         self.settle([], {})
 
     @rule()
+    def flush_presence(self) -> None:
+        """What the presence flusher does once per interval."""
+        flushed = []
+        handed = 0
+        woke = set()
+        for name, mr in self.rooms.items():
+            if not mr.changes:
+                continue
+            flushed.append(name)
+            notice = mr.notice()
+            mr.changes = []
+            for t in mr.members:
+                if not t.stale:
+                    continue
+                t.stale = False
+                if t.slot is None and t.member.queued == 0:
+                    if t.gone:
+                        _event("presence: wake-up found the sender gone")
+                        continue  # dropped, like a fan-out drops it
+                    t.wake_queued = True
+                    woke.add(t.key)
+                    _event("presence: woke an idle sender")
+                elif t.slot is not None:
+                    _event("presence: an unsent notice replaced")
+                else:
+                    _event("presence: waits for a busy outbox")
+                t.slot = notice
+                handed += 1
+        if flushed:
+            _event("presence flushed")
+        queued_before = {t.key: t.member.queued for t in self.everyone}
+        assert self.hub.flush_presence() == handed
+        self.presence_notices += handed
+        for t in self.everyone:  # a wake-up or nothing: presence never queues more
+            woken = t.wake_queued and t.key in woke
+            assert t.member.queued == queued_before[t.key] + woken, t.key
+        self.settle(flushed, {}, presence=True)
+
+    @rule(room=st.sampled_from(ROOMS))
+    def visit(self, room: str) -> None:
+        """Someone comes, says hello and goes, with a notice each time: members that do not
+        read in between have their unsent notice replaced, or find it waiting behind the
+        hello."""
+        self.join(room, "cy", None)
+        visitor = self.everyone[-1]
+        if visitor.room == room and not visitor.removed:
+            # a hello first: members that stalled have something queued when the notice comes
+            self.publish(self.joined().index(visitor), ["hello"], with_id=False)
+        self.flush_presence()
+        if visitor.room == room and not visitor.removed:
+            self.leave(self.joined().index(visitor))
+            self.flush_presence()
+
+    @rule()
     def close_all(self) -> None:
         """Shutdown, at most once per run and late in it; the hub stays usable afterwards."""
         if self.closed_all or self.steps < 20 or not self.joined():
@@ -337,8 +432,9 @@ class HubMachine(RuleBasedStateMachine):
         *,
         fanned_out: Collection[str] = (),
         closing: bool = False,
+        presence: bool = False,
     ) -> None:
-        self.observe(rooms, seq_before, fanned_out=fanned_out, closing=closing)
+        self.observe(rooms, seq_before, fanned_out=fanned_out, closing=closing, presence=presence)
         self.drain_healthy()
 
     def mark_removed(self, t: Tracked, code: CloseCode | None, seq_range: tuple[int, int]) -> None:
@@ -353,8 +449,10 @@ class HubMachine(RuleBasedStateMachine):
         *,
         fanned_out: Collection[str] = (),
         closing: bool = False,
+        presence: bool = False,
     ) -> None:
-        """Account for the members the hub removed during the step, in ``rooms`` only."""
+        """Account for the members the hub removed during the step, in ``rooms`` only (and
+        the leaves it recorded for them)."""
         self.steps += 1
         for name, mr in list(self.rooms.items()):
             gone_now = [t for t in mr.members if not t.member.joined]
@@ -367,6 +465,7 @@ class HubMachine(RuleBasedStateMachine):
                 if closing:
                     assert code is CloseCode.GOING_AWAY
                 elif code is CloseCode.TOO_SLOW:
+                    assert not presence, f"{t.key} evicted by a presence notice"
                     assert not t.gone, "a member whose sender stopped was evicted as too slow"
                     assert t.member.queued == self.hub.outbox_size, (
                         f"{t.key} evicted with {t.member.queued}/{self.hub.outbox_size} queued"
@@ -379,16 +478,18 @@ class HubMachine(RuleBasedStateMachine):
                     _event("sender stopped: dropped quietly by fan-out")
                 self.mark_removed(t, code, (seq_before.get(name, mr.seq), mr.seq))
                 mr.members.remove(t)
+                if mr.members and not closing:
+                    mr.record("leave", t.name)
             self.leaves += len(gone_now)
             self.evictions += evicted
             if evicted:
                 _event("eviction: too slow")
             if evicted > 1:
                 _event("several evictions in one step (cascade)")
-            if name in fanned_out or gone_now:
+            if not presence and (name in fanned_out or gone_now):
                 stuck = [t.key for t in mr.members if t.gone]
                 assert not stuck, f"fan-out in {name} kept members whose sender stopped: {stuck}"
-            if not mr.members:
+            if gone_now and not mr.members:
                 self.room_emptied(name)
 
     def room_emptied(self, name: str) -> None:
@@ -420,11 +521,17 @@ class HubMachine(RuleBasedStateMachine):
                 raw = t.member.outbox.receive_nowait()
             except anyio.WouldBlock:
                 assert not t.removed, f"{t.key} was removed but its outbox is still open"
+                self.check_presence(t, t.member.take_presence())
                 break
             except anyio.EndOfStream:
                 assert t.removed, f"{t.key}'s outbox ended while it is a member"
                 t.finished = True
                 break
+            if raw is PRESENCE_WAKE:
+                assert t.wake_queued, f"{t.key}: a presence wake-up it was not sent"
+                t.wake_queued = False
+                self.check_presence(t, t.member.take_presence())
+                continue
             t.outbox_events += 1
             self.check(t, orjson.loads(raw))
         assert t.welcomed and t.gap is None
@@ -436,9 +543,11 @@ class HubMachine(RuleBasedStateMachine):
         else:
             mr = self.rooms[t.room]
             assert last == mr.seq, f"{t.key} got up to seq {last} of {mr.seq}"
-            assert t.count == len(mr.members), (
-                f"{t.key} counts {t.count}, room has {len(mr.members)}"
-            )
+            assert t.slot is None, f"{t.key} did not get its presence notice"
+            if not t.stale:
+                assert t.count == len(mr.members), (
+                    f"{t.key} counts {t.count}, room has {len(mr.members)}"
+                )
         point = (t.room, last, t.epoch)
         if not self.resume_points or self.resume_points[-1] != point:
             self.resume_points.append(point)
@@ -460,17 +569,22 @@ class HubMachine(RuleBasedStateMachine):
             text, sender, msg_id = self.messages[(t.epoch, ev["seq"])]
             assert (ev["text"], ev["from"], ev.get("id")) == (text, sender, msg_id)
             t.next_seq += 1
-        elif kind == "system":
-            t.count += 1 if ev["event"] == "join" else -1
-            assert ev["event"] in ("join", "leave") and ev["count"] == t.count, (
-                f"{t.key}: {ev} after count {t.count}"
-            )
-            assert ev["name"] in NAMES
         elif kind == "ack":
             assert ev["id"] in t.acks, f"{t.key}: unexpected {ev}"
             assert t.acks.pop(ev["id"]) == ev["seq"] < t.next_seq, f"{t.key}: {ev} too early"
         else:
             raise AssertionError(f"{t.key}: unexpected event {ev}")
+
+    def check_presence(self, t: Tracked, notice: str | None) -> None:
+        """A notice its sender took from the slot: the latest the model handed it."""
+        if notice is None:
+            return
+        ev = orjson.loads(notice)
+        assert t.slot is not None, f"{t.key}: unexpected presence notice {ev}"
+        assert ev.pop("message").endswith(f"#{t.room}")
+        assert ev == t.slot, f"{t.key}: {ev} != {t.slot}"
+        t.slot = None
+        t.count = ev["count"]
 
     # -- invariants -------------------------------------------------------------------------
 
@@ -481,7 +595,7 @@ class HubMachine(RuleBasedStateMachine):
         for name, mr in self.rooms.items():
             room = hub.rooms[name]
             assert (room.epoch, room.seq) == (mr.epoch, mr.seq)
-            assert [seq for seq, _ in room.history] == list(mr.history)
+            assert [seq for seq, _ in room.history.entries] == list(mr.history)
             assert list(room.members) == [t.member for t in mr.members]
             assert room.members or room.history, f"room {name} kept with nothing in it"
         idle = [name for name, room in hub.rooms.items() if not room.members]
@@ -496,12 +610,14 @@ class HubMachine(RuleBasedStateMachine):
         assert stats.joins - stats.leaves == len(joined)
         assert (stats.joins, stats.leaves) == (self.joins, self.leaves)
         assert (stats.evictions, stats.messages_in) == (self.evictions, self.messages_in)
+        assert stats.presence_notices == self.presence_notices
         for t in self.everyone:
             assert t.member.joined is not t.removed
             assert t.member.outbox.statistics().open_send_streams == (0 if t.removed else 1)
             assert t.member.queued <= hub.outbox_size
-        # every event the hub queued (roomcast_messages_out) is counted, exactly once
-        queued = sum(t.outbox_events + t.member.queued for t in self.everyone)
+        # every event the hub queued (roomcast_messages_out) is counted, exactly once;
+        # presence wake-ups are not events
+        queued = sum(t.outbox_events + t.member.queued - t.wake_queued for t in self.everyone)
         assert stats.deliveries == queued, f"stats.deliveries {stats.deliveries}, queued {queued}"
 
     def teardown(self) -> None:
@@ -540,6 +656,11 @@ def test_hub_state_machine() -> None:
         "room re-created with a new epoch",
         "sender stopped: dropped quietly by fan-out",
         "close_all",
+        "presence flushed",
+        "presence: woke an idle sender",
+        "presence: an unsent notice replaced",
+        "presence: waits for a busy outbox",
+        "presence: wake-up found the sender gone",
     ):
         assert SEEN[what] > 0, f"never happened in {SETTINGS.max_examples} examples: {what}"
     print(dict(SEEN))
@@ -550,14 +671,13 @@ def test_hub_state_machine() -> None:
 test_hub_state_machine.is_hypothesis_test = True  # type: ignore[attr-defined]
 
 
-def test_deliveries_count_leave_notices() -> None:
-    """Regression: ``_fanout`` used to subtract the skipped member even when it was no longer
-    in ``room.members`` (leave and eviction notices), so ``stats.deliveries``
-    (``roomcast_messages_out``) missed one event per leave notice."""
+def test_presence_notices_are_counted_apart_from_deliveries() -> None:
+    """``roomcast_messages_out`` counts events queued to outboxes; presence notices wait in
+    the members' slots and are counted in ``roomcast_presence_notices`` instead."""
     hub = Hub()
     stays = hub.join("r")
     goes = hub.join("r")
-    assert (stays.queued, hub.stats.deliveries) == (1, 1)  # goes's join notice
     hub.leave(goes)
-    assert stays.queued == 2  # ... and its leave notice
-    assert hub.stats.deliveries == 2  # was 1
+    assert hub.flush_presence() == 1
+    assert (stays.queued, hub.stats.deliveries, hub.stats.presence_notices) == (1, 0, 1)
+    assert stays.take_presence() is not None

@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from roomcast import protocol
+from roomcast.presence import PresenceChanges
 from roomcast.protocol import ChatMessage, ChatQuery, CloseCode, ErrorCode, ProtocolError
 
 
@@ -159,15 +160,66 @@ class TestEncode:
             ("bob", "leave", "bob left #r"),
         ],
     )
-    def test_system_messages(self, name: str | None, event: str, message: str) -> None:
-        decoded = orjson.loads(protocol.encode_system(room="r", event=event, name=name, count=2))
-        assert decoded == {
+    def test_a_single_change_keeps_the_seed_notice_fields(
+        self, name: str | None, event: str, message: str
+    ) -> None:
+        changes = PresenceChanges()
+        changes.add("join" if event == "join" else "leave", name)
+        decoded = orjson.loads(changes.encode("r", count=2, members=["x", "y"]))
+        assert {k: decoded[k] for k in ("type", "message", "event", "name", "count")} == {
             "type": "system",
             "message": message,
             "event": event,
             "name": name,
             "count": 2,
         }
+        assert decoded["members"] == ["x", "y"]
+
+    @pytest.mark.parametrize(
+        ("joins", "leaves", "message", "event"),
+        [
+            (["ann", "bob"], [], "ann and bob joined #r", "join"),
+            (["ann", None, "bob", None], [], "ann, bob and 2 others joined #r", "join"),
+            ([None, None, None], [], "3 users joined #r", "join"),
+            ([], ["ann", "bob", "cy"], "ann, bob and cy left #r", "leave"),
+            (["ann"], [None], "ann joined and A user left #r", "presence"),
+            ([f"u{i}" for i in range(12)], ["ann"], None, "presence"),
+        ],
+    )
+    def test_coalesced_notices(
+        self, joins: list[str | None], leaves: list[str | None], message: str | None, event: str
+    ) -> None:
+        changes = PresenceChanges()
+        for name in joins:
+            changes.add("join", name)
+        for name in leaves:
+            changes.add("leave", name)
+        decoded = orjson.loads(changes.encode("r", count=7, members=None))
+        assert (decoded["event"], decoded["name"], decoded["count"]) == (event, None, 7)
+        if message is not None:
+            assert decoded["message"] == message
+        named = [n for n in joins if n is not None]
+        assert decoded["joined"] == named[: protocol.MAX_PRESENCE_NAMES]
+        assert decoded["left"] == [n for n in leaves if n is not None]
+        assert (decoded["joins"], decoded["leaves"]) == (len(joins), len(leaves))
+        assert "members" not in decoded  # not known where the notice was encoded
+
+    def test_a_crowd_costs_a_bounded_notice(self) -> None:
+        changes = PresenceChanges()
+        for i in range(5000):
+            changes.add("join", f"member-{i}")
+            changes.add("leave", f"member-{i}")
+        assert len(changes.joined) == len(changes.left) == protocol.MAX_PRESENCE_NAMES
+        notice = changes.encode("r", count=1, members=[f"n{i}" for i in range(500)])
+        decoded = orjson.loads(notice)
+        assert decoded["message"] == (
+            "member-0, member-1, member-2, member-3, member-4, member-5, member-6, member-7, "
+            "member-8, member-9 and 4990 others joined and member-0, member-1, member-2, "
+            "member-3, member-4, member-5, member-6, member-7, member-8, member-9 and 4990 "
+            "others left #r"
+        )
+        assert len(decoded["members"]) == protocol.MAX_WELCOME_MEMBERS
+        assert len(notice) < 2000
 
     def test_ack_and_error(self) -> None:
         assert orjson.loads(protocol.encode_ack(id="x", seq=9)) == {

@@ -5,6 +5,7 @@ order, and the broker reaches Redis however the URL says (password, ACL user, so
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import urllib.error
@@ -106,8 +107,60 @@ async def test_presence_notices_cross_servers(two_servers: list[ThreadedServer])
                 assert welcome["count"] == 2
                 joined = await next_of(ann, "system")
                 assert (joined["event"], joined["name"], joined["count"]) == ("join", "bob", 2)
+                assert sorted(joined["members"]) == ["ann", "bob"]  # everyone's, from Redis
             left = await next_of(ann, "system")
             assert (left["event"], left["name"], left["count"]) == ("leave", "bob", 1)
+            assert left["members"] == ["ann"]
+
+
+async def test_a_crowd_over_two_servers_is_announced_in_few_notices(
+    redis_server: RedisServer,
+) -> None:
+    """Joins and leaves from both workers are coalesced by each worker; every member
+    converges on the room's count and names, and the one that stays sees the room empty."""
+    settings = Settings(redis_url=redis_server.url, rate_limit=0, presence_interval=0.2)
+    crowd = 120
+    with ExitStack() as stack:
+        servers = [
+            stack.enter_context(serve_in_thread(create_app(settings), worker_class=kind))
+            for kind in ("trio", "asyncio")
+        ]
+        notices = 0
+        with trio.fail_after(60):
+            async with chat(servers[0].url("/ws/chat?room=crowd&name=stays")) as (stays, _):
+                async with AsyncExitStack() as joined:
+                    for n in range(crowd):
+                        url = servers[n % 2].url(f"/ws/chat?room=crowd&name=c{n}")
+                        await joined.enter_async_context(chat(url))
+                    seen = await next_of(stays, "system")
+                    notices += 1
+                    while seen["count"] != crowd + 1:
+                        seen = await next_of(stays, "system")
+                        notices += 1
+                    assert len(seen["members"]) == 100  # the first 100 names Redis has
+                while seen["count"] != 1:
+                    seen = await next_of(stays, "system")
+                    notices += 1
+                assert seen["members"] == ["stays"]
+        assert notices < crowd // 2  # one per change would be 240
+
+
+async def test_history_has_a_byte_budget_on_both_brokers(broker_settings: Settings) -> None:
+    budget = 40_000  # five messages of 8 KB (2,000 emoji), in memory and in Redis's UTF-8
+    settings = dataclasses.replace(broker_settings, history_bytes=budget, max_text=4000)
+    with serve_in_thread(create_app(settings)) as server, trio.fail_after(20):
+        url = server.url("/ws/chat?room=bytes")
+        async with chat(url) as (talker, welcome):
+            for n in range(8):
+                await talker.send_message(f"{n}" + "\U0001f600" * 2000)
+            for _ in range(8):
+                await next_of(talker, "message")
+            async with chat(url + f"&since=0&epoch={welcome['epoch']}") as (back, _):
+                gap = json.loads(await back.get_message())
+                assert (gap["type"], gap["error"]) == ("error", "history_gap")
+                kept = [await next_of(back, "message") for _ in range(8 - gap["first"] + 1)]
+        assert [e["seq"] for e in kept] == list(range(gap["first"], 9))
+        assert 1 <= len(kept) <= budget // 8_000
 
 
 @pytest.fixture(params=["memory", "redis"])

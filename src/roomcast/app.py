@@ -89,6 +89,9 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtim
         history_size=settings.history_size,
         room_capacity=settings.room_capacity,
         idle_rooms=settings.idle_rooms,
+        history_bytes=settings.history_bytes,
+        idle_history_bytes=settings.idle_history_bytes,
+        presence_interval=settings.presence_interval,
     )
     with gc_threshold(settings.gc_threshold):
         async with open_broker(settings, hub) as broker, anyio.create_task_group() as tg:

@@ -55,6 +55,8 @@ class WebSocket:
     business beyond "this peer is gone".
     """
 
+    __slots__ = ("_receive", "_send", "scope", "state", "subprotocol")
+
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
         self._receive = receive

@@ -19,13 +19,12 @@ import itertools
 import anyio
 import anyio.lowlevel
 from anyio import CancelScope
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from . import protocol
 from .admission import TokenBucket
 from .asgi import ConnectionClosed, WebSocket
 from .brokers import UNAVAILABLE_NOTICE, Broker, BrokerUnavailable
-from .hub import Hub, Member
+from .hub import PRESENCE_WAKE, Hub, Member
 from .protocol import BadMessage, CloseCode, ErrorCode, Refresh
 from .settings import Settings
 
@@ -113,29 +112,26 @@ async def _send_outbox(
 
     With ``batch``, whatever is already queued (up to ``batch_max`` events) goes out as
     one frame: a lone event is never delayed, a backlog costs one write instead of many.
+    A presence notice waiting in the member's slot goes out whenever the outbox is empty
+    (or its wake-up comes through it), after the events queued before it.
     """
     try:
-        greeting = member.greeting
-        for start in range(0, len(greeting), batch_max if batch else 1):
-            chunk = greeting[start : start + (batch_max if batch else 1)]
-            await ws.send_text(protocol.join_batch(chunk))
-        member.greeting = []
-        outbox = member.outbox
-        with outbox:
+        await _send_greeting(ws, member, batch_max if batch else 1)
+        with member.outbox:
             if batch:
-                async for event in outbox:
+                while (event := await _next_event(member, checkpoint=True)) is not None:
                     # More passes of the event loop before gathering let the other
                     # fan-outs of those passes land too: a quiet room loses microseconds,
                     # a busy one gets fuller frames (GATHER_PASSES).
                     for _ in range(GATHER_PASSES):
                         await anyio.lowlevel.checkpoint()
-                    await ws.send_text(_with_backlog(outbox, event, batch_max))
+                    await ws.send_text(_with_backlog(member, event, batch_max))
             else:
                 for count in itertools.count(1):
-                    queued = await _next_event(outbox, checkpoint=count % FAIR_SHARE == 0)
-                    if queued is None:
+                    event = await _next_event(member, checkpoint=count % FAIR_SHARE == 0)
+                    if event is None:
                         break
-                    await ws.send_text(queued)
+                    await ws.send_text(event)
         # The hub ended this membership (eviction or shutdown): tell the client why.
         await ws.close(member.close_code or CloseCode.NORMAL, member.close_reason)
     except ConnectionClosed:
@@ -144,34 +140,63 @@ async def _send_outbox(
         scope.cancel()
 
 
-async def _next_event(outbox: MemoryObjectReceiveStream[str], *, checkpoint: bool) -> str | None:
-    """The next event, or ``None`` once the outbox is closed and drained.
+async def _send_greeting(ws: WebSocket, member: Member, per_frame: int) -> None:
+    """Send the welcome and any replay, then let them go: an idle connection should not
+    keep its greeting alive (its own frame ends here)."""
+    greeting = member.greeting
+    for start in range(0, len(greeting), per_frame):
+        await ws.send_text(protocol.join_batch(greeting[start : start + per_frame]))
+    greeting.clear()
+
+
+async def _next_event(member: Member, *, checkpoint: bool) -> str | None:
+    """The next event to send, or ``None`` once the outbox is closed and drained.
 
     Unless ``checkpoint`` is asked for, an event already queued is taken without
     ``receive``'s checkpoint and waiter objects: the send that follows is a checkpoint on
-    trio, and under load those allocations were a large share of a delivery's cost.
+    trio, and under load those allocations were a large share of a delivery's cost. Before
+    waiting on an empty outbox, a presence notice waiting in the member's slot is taken.
     """
-    if not checkpoint:
+    outbox = member.outbox
+    while True:
+        if checkpoint:
+            await anyio.lowlevel.checkpoint()
         try:
-            return outbox.receive_nowait()
+            event: str | None = outbox.receive_nowait()
         except anyio.WouldBlock:
-            pass
+            event = None  # (no await in here: the exception would live as long as the wait)
         except anyio.EndOfStream:
             return None
-    try:
-        return await outbox.receive()
-    except anyio.EndOfStream:
-        return None
+        if event is None:
+            if (notice := member.take_presence()) is not None:
+                return notice
+            await member.wait_for_events()
+            checkpoint = False  # that was one
+        elif event is not PRESENCE_WAKE:
+            return event
+        elif (notice := member.take_presence()) is not None:
+            return notice
 
 
-def _with_backlog(outbox: MemoryObjectReceiveStream[str], first: str, batch_max: int) -> str:
-    """``first`` and whatever else is queued (up to ``batch_max`` events) as one batch."""
+def _with_backlog(member: Member, first: str, batch_max: int) -> str:
+    """``first`` and whatever else is queued (up to ``batch_max`` events) as one batch,
+    with a waiting presence notice last if the outbox is drained."""
     events = [first]
+    outbox = member.outbox
     while len(events) < batch_max:
         try:
-            events.append(outbox.receive_nowait())
-        except (anyio.WouldBlock, anyio.EndOfStream):
+            event = outbox.receive_nowait()
+        except anyio.WouldBlock:
+            notice = member.take_presence()
+            if notice is not None:
+                events.append(notice)
             break
+        except anyio.EndOfStream:
+            break
+        if event is not PRESENCE_WAKE:
+            events.append(event)
+        elif (notice := member.take_presence()) is not None:
+            events.append(notice)
     return protocol.join_batch(events)
 
 

@@ -9,31 +9,63 @@ happen with no checkpoint in between, so nothing can fall into a gap or arrive t
 Fan-out never waits on a client: each member owns a bounded outbox (an anyio memory object
 stream) and the hub only ever calls ``send_nowait`` on it. A member whose outbox is full is
 evicted on the spot; its connection closes it with :attr:`CloseCode.TOO_SLOW`.
+
+Presence is not fanned out per join or leave: each change is recorded in O(1)
+(:class:`~roomcast.presence.PresenceChanges`) and :meth:`Hub.run_presence` sends each room
+one notice per interval at most. A notice never takes a message's place in an outbox: it
+waits in the member's one-notice slot (:attr:`Member.presence`, a newer notice replaces an
+unsent one) and enters the outbox only as an empty wake-up event when the outbox is empty,
+so however many members come and go, presence alone can never evict anyone.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import protocol
+from .history import History
+from .presence import PresenceChanges, PresenceEvent
 from .protocol import CloseCode, ErrorCode
 
-__all__ = ["Announce", "Hub", "HubStats", "Member", "Room", "RoomFull", "replay"]
+__all__ = [
+    "PRESENCE_RATE",
+    "PRESENCE_WAKE",
+    "Announce",
+    "Hub",
+    "HubStats",
+    "Member",
+    "PresenceSource",
+    "Room",
+    "RoomFull",
+    "replay",
+]
+
+#: presence notices one room's members get per second at most, all of them together: a
+#: room of more members than this waits members/rate seconds between notices instead of
+#: ``presence_interval``, so presence costs a room a bounded rate however big it grows
+PRESENCE_RATE: Final = 1000
+
+#: what the hub puts in an idle member's outbox to wake its sender for a presence notice
+#: (no real event is empty); the notice itself waits in :attr:`Member.presence`
+PRESENCE_WAKE: Final = ""
 
 
 class RoomFull(Exception):
     """The room already has as many members as its capacity allows."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)  # a broker may keep weak references
 class Member:
     """One connection's place in one room.
 
@@ -41,6 +73,10 @@ class Member:
     :attr:`greeting` first, then :attr:`outbox` until it ends. When the hub removes the
     member (eviction or shutdown) it closes the send end and records :attr:`close_code`,
     so the sender drains what is already queued and then closes the WebSocket with it.
+
+    Presence notices do not go through the outbox: the latest one waits in
+    :attr:`presence` until the sender takes it (:meth:`take_presence`), which it does
+    whenever it finds the outbox empty or finds :data:`PRESENCE_WAKE` in it.
     """
 
     room: Room
@@ -54,10 +90,40 @@ class Member:
     #: sequenced messages up to this seq are already in the greeting (resume), so live
     #: delivery skips them; only a broker whose snapshot is not atomic with joining needs it
     skip_through: int = 0
+    #: the presence notice waiting to be sent, if any (a newer one replaces it)
+    presence: str | None = None
+    #: the room's :attr:`Room.presence_version` this member's view already reflects
+    presence_seen: int = 0
+    #: set while the sender waits for an empty outbox (see :meth:`wait_for_events`)
+    _wakeup: anyio.Event | None = field(default=None, repr=False)
 
     @property
     def joined(self) -> bool:
         return self in self.room.members
+
+    async def wait_for_events(self) -> None:
+        """Wait until the hub queues an event, or a presence notice, or ends the outbox.
+
+        Cheaper than waiting in the outbox's ``receive()``, which an idle connection
+        would sit in for its whole life: one event instead of anyio's waiter objects
+        (1.7 KB less per idle connection). The hub wakes it after every
+        ``send_nowait`` and ``close`` (:meth:`_wake`).
+        """
+        self._wakeup = wakeup = anyio.Event()
+        try:
+            await wakeup.wait()
+        finally:
+            self._wakeup = None
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+
+    def take_presence(self) -> str | None:
+        """The waiting presence notice, if any; the slot is empty afterwards."""
+        notice, self.presence = self.presence, None
+        return notice
 
     @property
     def queued(self) -> int:
@@ -65,14 +131,23 @@ class Member:
         return self.outbox.statistics().current_buffer_used
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)  # a broker may keep weak references
 class Room:
     name: str
     epoch: str
-    history: deque[tuple[int, str]]
+    history: History
     seq: int = 0
     #: insertion-ordered set of members: dict keys keep join order, O(1) removal
     members: dict[Member, None] = field(default_factory=dict)
+    #: joins and leaves not announced yet (``None``: nothing to announce)
+    presence: PresenceChanges | None = None
+    #: +1 per join or leave, so that a notice skips members whose welcome is newer
+    presence_version: int = 0
+    #: no notice within the last interval: the next change is announced at once
+    presence_quiet: bool = True
+    #: when the interval since the room's last notice ends (``anyio.current_time()``;
+    #: ``inf`` until the flusher has seen a notice that went out at once)
+    presence_next: float = -math.inf
 
     def member_names(self) -> list[str]:
         names = []
@@ -94,11 +169,17 @@ class HubStats:
     drops: int = 0
     joins: int = 0
     leaves: int = 0
+    #: presence notices handed to members (each replaces any unsent one)
+    presence_notices: int = 0
 
 
-#: called when a member joins or leaves (``"join"``/``"leave"``); the default tells the
-#: room's other local members, a cross-process broker tells every process instead
-Announce = Callable[["Room", str, Member], None]
+#: called when a member joins or leaves; the default records it for the room's next
+#: presence notice, a cross-process broker tells every process instead
+Announce = Callable[["Room", PresenceEvent, Member], None]
+
+#: how a broker that keeps presence elsewhere gives the room's count and names (as in
+#: ``welcome``) for a notice; ``None`` if it cannot now (the notice then has no names)
+PresenceSource = Callable[["Room"], Awaitable[tuple[int, list[str]] | None]]
 
 
 class Hub:
@@ -109,6 +190,11 @@ class Hub:
     :param room_capacity: members per room, 0 for unlimited
     :param idle_rooms: rooms without members whose history is kept (least recently
         emptied are forgotten first); beyond that a room's sequence restarts with a new epoch
+    :param history_bytes: bytes of history each room keeps (:func:`~roomcast.history.entry_size`)
+    :param idle_history_bytes: bytes of history all rooms without members keep together;
+        beyond it the least recently emptied are forgotten, as beyond ``idle_rooms``
+    :param presence_interval: seconds between two presence notices of one room (longer in
+        rooms of more than :data:`PRESENCE_RATE` members)
     """
 
     def __init__(
@@ -118,13 +204,26 @@ class Hub:
         history_size: int = 100,
         room_capacity: int = 0,
         idle_rooms: int = 1000,
+        history_bytes: int = 256 * 1024,
+        idle_history_bytes: int = 64 * 1024 * 1024,
+        presence_interval: float = 1.0,
     ) -> None:
         self.outbox_size = outbox_size
         self.history_size = history_size
         self.room_capacity = room_capacity
         self.idle_rooms = idle_rooms
+        self.history_bytes = history_bytes
+        self.idle_history_bytes = idle_history_bytes
+        self.presence_interval = presence_interval
         self.rooms: dict[str, Room] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
+        #: history bytes held by the rooms in ``_idle``
+        self.idle_bytes: int = 0
+        #: rooms whose first change since their last notice came after the flusher looked
+        self._presence_new: list[Room] = []
+        self._presence_wakeup: anyio.Event | None = None
+        #: set by a broker that keeps presence elsewhere (Redis); None: this hub's members
+        self.presence_source: PresenceSource | None = None
         self.stats: HubStats = HubStats()
         self.announce: Announce = self.announce_locally
         self.node = secrets.token_hex(4)
@@ -159,8 +258,9 @@ class Hub:
             )
         )
         if since is not None:
-            member.greeting.extend(replay(room.history, room.seq, room.epoch, since, epoch))
+            member.greeting.extend(replay(room.history.entries, room.seq, room.epoch, since, epoch))
         self.announce(room, "join", member)
+        member.presence_seen = room.presence_version  # its welcome shows its own join
         return member
 
     def attach(self, room_name: str, name: str | None = None) -> Member:
@@ -226,7 +326,7 @@ class Hub:
             id=message.id,
         )
         if self.history_size:
-            room.history.append((seq, encoded))
+            room.history.append(seq, encoded)
         self.stats.messages_in += 1
         self._fanout(room, encoded)
         return seq
@@ -238,33 +338,168 @@ class Hub:
             room.seq = seq
             self._fanout(room, encoded, seq=seq)
 
-    def broadcast(self, room_name: str, encoded: str, *, skip_id: str | None = None) -> None:
-        """Fan out an unsequenced event (a presence notice) to a room's local members."""
-        room = self.rooms.get(room_name)
-        if room is not None:
-            skip = next((m for m in room.members if m.id == skip_id), None)
-            self._fanout(room, encoded, skip=skip)
+    # -- presence ---------------------------------------------------------------------------
 
-    def announce_locally(self, room: Room, event: str, member: Member) -> None:
-        if room.members:
-            notice = protocol.encode_system(
-                room=room.name, event=event, name=member.name, count=len(room.members)
-            )
-            self._fanout(room, notice, skip=member)
+    def announce_locally(self, room: Room, event: PresenceEvent, member: Member) -> None:
+        """Record a local member's join or leave, unless nobody else is there to tell."""
+        if len(room.members) > member.joined:
+            self.note_presence(room, event, member.name, origin=member)
 
-    def _fanout(
-        self, room: Room, encoded: str, *, skip: Member | None = None, seq: int = 0
+    def note_presence(
+        self,
+        room: Room,
+        event: PresenceEvent,
+        name: str | None,
+        count: int | None = None,
+        *,
+        origin: Member | None = None,
     ) -> None:
+        """Record a join or leave for the room's next notice, in O(1).
+
+        In a quiet room (no notice within the last interval) that notice goes out at once,
+        so a member's join is announced before anything it says; later changes wait for
+        :meth:`run_presence`. (At once only while the flusher runs and the room is counted
+        here; with a :attr:`presence_source` the flusher asks it first.)
+
+        ``count`` is the room's count after the change, from a broker that counts members
+        elsewhere. ``origin`` is the local member that joined, whose welcome shows it.
+        """
+        changes = room.presence
+        fresh = changes is None
+        if changes is None:
+            changes = room.presence = PresenceChanges()
+        changes.add(event, name, count)
+        room.presence_version += 1
+        if origin is not None and origin.joined:
+            origin.presence_seen = room.presence_version
+        if not fresh:
+            return  # the flusher already knows the room
+        wakeup = self._presence_wakeup
+        if wakeup is not None and room.presence_quiet and self.presence_source is None:
+            self._announce_now(room)
+        self._presence_new.append(room)
+        if wakeup is not None:
+            wakeup.set()
+
+    async def run_presence(self) -> None:
+        """Send presence notices until cancelled (a task in the broker's task group).
+
+        Each room's notice goes out at most once per interval (``presence_interval``, or
+        one second per :data:`PRESENCE_RATE` members in a bigger room): the first change
+        after a quiet interval at once (:meth:`note_presence`), the changes within the
+        interval that follows together at its end. So every member gets at most one
+        notice per interval, a crowd joining or leaving costs O(members) per interval (and
+        a room at most :data:`PRESENCE_RATE` notices a second), and rooms do not wait on
+        each other.
+        """
+        schedule: list[tuple[float, int, Room]] = []  # a heap of (due time, order, room)
+        order = itertools.count()
+        while True:
+            self._presence_wakeup = wakeup = anyio.Event()
+            now = anyio.current_time()
+            rooms, self._presence_new = self._presence_new, []
+            for room in rooms:
+                if room.presence_next == math.inf:  # just announced: its interval starts
+                    room.presence_next = now + self._interval(len(room.members))
+                if not room.presence_quiet:
+                    heapq.heappush(schedule, (room.presence_next, next(order), room))
+                elif room.presence is not None:  # quiet, but not announced at once
+                    heapq.heappush(schedule, (now, next(order), room))
+            while schedule and schedule[0][0] <= now:
+                due, _, room = heapq.heappop(schedule)
+                if due < room.presence_next:
+                    continue  # a later entry ends this room's interval
+                changes, room.presence = room.presence, None
+                if changes is not None and await self._flush(room, changes):
+                    size = max(len(room.members), changes.count or 0)
+                    room.presence_quiet = False
+                    room.presence_next = anyio.current_time() + self._interval(size)
+                    heapq.heappush(schedule, (room.presence_next, next(order), room))
+                else:
+                    room.presence_quiet = True  # an interval without changes
+            if not schedule:
+                await wakeup.wait()
+                continue
+            with anyio.move_on_after(schedule[0][0] - anyio.current_time()):
+                await wakeup.wait()
+
+    def _interval(self, members: int) -> float:
+        return max(self.presence_interval, members / PRESENCE_RATE)
+
+    def flush_presence(self) -> int:
+        """Send every pending notice now, with what this hub knows of each room (what the
+        flusher does, without its schedule, when no :attr:`presence_source` is set).
+        Returns how many members were handed one."""
+        rooms, self._presence_new = self._presence_new, []
+        # (a member this drops is announced by the next flush)
+        return sum(self._announce_now(room) for room in rooms)
+
+    def _announce_now(self, room: Room) -> int:
+        changes, room.presence = room.presence, None
+        if changes is None or not room.members:
+            return 0
+        handed = self._hand_out(room, _notice(room, changes, None), room.presence_version)
+        if handed:
+            room.presence_quiet = False
+            room.presence_next = math.inf  # the flusher starts the interval
+        return handed
+
+    async def _flush(self, room: Room, changes: PresenceChanges) -> int:
+        """Hand out the notice for ``changes``, just taken from the room: up to the
+        room's version now, whatever changes while a presence source is asked."""
+        version = room.presence_version
+        state = None
+        if room.members and self.presence_source is not None:
+            state = await self.presence_source(room)
+        if not room.members:
+            return 0
+        return self._hand_out(room, _notice(room, changes, state), version)
+
+    def _hand_out(self, room: Room, notice: str, version: int) -> int:
+        """Put ``notice``, which reports the room's changes up to ``version``, in the
+        presence slot of every member whose view is older.
+
+        A member whose slot was empty and whose outbox is empty gets :data:`PRESENCE_WAKE`
+        (its sender may be waiting on the outbox); one with a busy outbox takes the notice
+        when it has drained it. Either way the notice costs at most one outbox slot, never
+        evicts, and a newer notice replaces it until it is sent.
+        """
+        unreachable = []
+        handed = 0
+        for member in room.members:
+            if member.presence_seen >= version:
+                continue  # its welcome or an earlier notice already shows these changes
+            member.presence_seen = version
+            if member.presence is None and not member.queued:
+                try:
+                    member._outbox_send.send_nowait(PRESENCE_WAKE)
+                    member._wake()
+                except anyio.WouldBlock:  # not into an empty outbox; a busy sender finds the slot
+                    pass
+                except anyio.BrokenResourceError:  # its sender has stopped reading
+                    unreachable.append(member)
+                    continue
+            member.presence = notice
+            handed += 1
+        self.stats.presence_notices += handed
+        if unreachable:
+            self._drop_all(unreachable)
+        return handed
+
+    def _fanout(self, room: Room, encoded: str, *, seq: int = 0) -> None:
         failed = []
         skipped = 0
         for member in room.members:
-            if member is skip or member.skip_through >= seq > 0:
+            if member.skip_through >= seq > 0:
                 skipped += 1
             else:
                 try:
                     member._outbox_send.send_nowait(encoded)
                 except (anyio.WouldBlock, anyio.BrokenResourceError):
                     failed.append(member)
+                else:
+                    if member._wakeup is not None:
+                        member._wake()
         self.stats.deliveries += len(room.members) - len(failed) - skipped
         if failed:
             self._drop_all(failed)
@@ -276,15 +511,17 @@ class Hub:
         except (anyio.WouldBlock, anyio.BrokenResourceError):
             self._drop_all([member])
         else:
+            member._wake()
             self.stats.deliveries += 1
 
     def _drop_all(self, members: list[Member]) -> None:
         """Drop members that could not take an event, one after another.
 
-        Dropping one announces its leave, and that fan-out can find more such members:
-        when 1,000 peers disconnect at once, their senders stop before their receive loops
-        leave. Those go on the same queue instead of a nested call, so a mass disconnect
-        costs a loop, not a call stack 1,000 drops deep (RecursionError).
+        Dropping one can make a broker tell the room at once (Redis, when Redis is out of
+        reach), and that fan-out can find more such members: when 1,000 peers disconnect
+        at once, their senders stop before their receive loops leave. Those go on the same
+        queue instead of a nested call, so a mass disconnect costs a loop, not a call stack
+        1,000 drops deep (RecursionError).
         """
         self._unreachable.extend(members)
         if self._dropping:
@@ -314,6 +551,7 @@ class Hub:
         del room.members[member]
         member.close_code, member.close_reason = code, reason
         member._outbox_send.close()
+        member._wake()
         self.stats.leaves += 1
         self._forget_if_unused(room)
         return True
@@ -321,21 +559,40 @@ class Hub:
     def _open_room(self, name: str) -> Room:
         room = self.rooms.get(name)
         if room is None:
-            room = Room(name, secrets.token_urlsafe(6), deque(maxlen=self.history_size))
+            history = History(self.history_size, self.history_bytes)
+            room = Room(name, secrets.token_urlsafe(6), history)
             self.rooms[name] = room
-        self._idle.pop(name, None)
+        elif name in self._idle:
+            del self._idle[name]
+            self.idle_bytes -= room.history.bytes
         return room
 
     def _forget_if_unused(self, room: Room) -> None:
+        """Forget a room without members, or keep its history for resume while it is among
+        the most recently emptied within both idle budgets (rooms and bytes)."""
         if room.members:
             return
         if not room.history or not self.idle_rooms:
             del self.rooms[room.name]
             return
         self._idle[room.name] = None
-        while len(self._idle) > self.idle_rooms:
+        self.idle_bytes += room.history.bytes
+        while len(self._idle) > self.idle_rooms or self.idle_bytes > self.idle_history_bytes:
             oldest, _ = self._idle.popitem(last=False)
-            del self.rooms[oldest]
+            self.idle_bytes -= self.rooms.pop(oldest).history.bytes
+
+
+def _notice(room: Room, changes: PresenceChanges, state: tuple[int, list[str]] | None) -> str:
+    """The room's notice for ``changes``, with the count and names a presence source gave
+    (``state``), else the count a broker reported with the changes (names unknown here),
+    else this hub's own."""
+    if state is not None:
+        count, members = state
+    elif changes.count is not None:
+        count, members = changes.count, None
+    else:
+        count, members = len(room.members), room.member_names()
+    return changes.encode(room.name, count=count, members=members)
 
 
 def replay(

@@ -117,6 +117,25 @@ FAMILIES: Final = (
         _outbox_depth,
         across_workers="liveall",
     ),
+    # -- big rooms: coalesced presence, retained history
+    Family(
+        "roomcast_presence_notices",
+        "Presence notices handed to members (one per room per interval at most).",
+        "counter",
+        lambda r: r.hub.stats.presence_notices,
+    ),
+    Family(
+        "roomcast_history_bytes",
+        "Bytes of history retained for resume, in every room.",
+        "gauge",
+        lambda r: sum(room.history.bytes for room in r.hub.rooms.values()),
+    ),
+    Family(
+        "roomcast_idle_history_bytes",
+        "Bytes of history retained in rooms without members (ROOMCAST_IDLE_HISTORY_BYTES).",
+        "gauge",
+        lambda r: r.hub.idle_bytes,
+    ),
 )
 
 

@@ -32,7 +32,7 @@ __all__ = [
     "encode_error",
     "encode_message",
     "encode_message_parts",
-    "encode_system",
+    "encode_presence",
     "encode_welcome",
     "join_batch",
     "parse_chat_query",
@@ -44,6 +44,8 @@ BATCH_SUBPROTOCOL: Final = "roomcast.batch"
 DEFAULT_ROOM: Final = "general"
 MAX_ID_LENGTH: Final = 64
 MAX_WELCOME_MEMBERS: Final = 100
+#: names listed per direction (joined, left) in one presence notice; the rest are counted
+MAX_PRESENCE_NAMES: Final = 10
 
 _ROOM_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _EPOCH_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -281,19 +283,61 @@ def encode_welcome(*, room: str, epoch: str, seq: int, members: list[str], count
     )
 
 
-def encode_system(*, room: str, event: str, name: str | None, count: int) -> str:
-    """A ``system`` join/leave notice; ``event`` is ``"join"`` or ``"leave"``."""
-    who = name if name is not None else "A user"
-    verb = "joined" if event == "join" else "left"
-    return _dumps(
-        {
-            "type": "system",
-            "message": f"{who} {verb} #{room}",
-            "event": event,
-            "name": name,
-            "count": count,
-        }
-    )
+def encode_presence(
+    *,
+    room: str,
+    joined: list[str],
+    left: list[str],
+    joins: int,
+    leaves: int,
+    count: int,
+    members: list[str] | None,
+) -> str:
+    """A ``system`` notice for the joins and leaves of one room since its last notice.
+
+    It keeps the single-change shape (``message``, ``event``, ``name``, ``count``) and adds
+    what a coalesced notice needs: ``joined``/``left`` (names, at most
+    :data:`MAX_PRESENCE_NAMES` each; anonymous members are only counted), ``joins``/``leaves``
+    (how many in all) and ``members`` (the room's names now, as in ``welcome``). ``count`` and
+    ``members`` are absolute, so a client that replaces its member list with them is right
+    whichever notices it saw before. ``event`` is ``join`` or ``leave`` when only one kind
+    of change happened, else ``presence``; ``name`` is set only for a single named change.
+    """
+    if joins and leaves:
+        event = "presence"
+        text = f"{_who(joined, joins)} joined and {_who(left, leaves)} left #{room}"
+    elif joins:
+        event, text = "join", f"{_who(joined, joins)} joined #{room}"
+    else:
+        event, text = "leave", f"{_who(left, leaves)} left #{room}"
+    single = joined if joins == 1 and not leaves else left if leaves == 1 and not joins else []
+    notice: dict[str, Any] = {
+        "type": "system",
+        "message": text,
+        "event": event,
+        "name": single[0] if single else None,
+        "count": count,
+        "joined": joined[:MAX_PRESENCE_NAMES],
+        "left": left[:MAX_PRESENCE_NAMES],
+        "joins": joins,
+        "leaves": leaves,
+    }
+    if members is not None:
+        notice["members"] = members[:MAX_WELCOME_MEMBERS]
+    return _dumps(notice)
+
+
+def _who(names: list[str], total: int) -> str:
+    """``ann``, ``ann and bob``, ``ann, bob and 3 others``, ``5 users``, ``A user``."""
+    names = names[:MAX_PRESENCE_NAMES]
+    others = total - len(names)
+    if not names:
+        return "A user" if total == 1 else f"{total} users"
+    if others > 0:
+        return f"{', '.join(names)} and {others} {'other' if others == 1 else 'others'}"
+    if len(names) == 1:
+        return names[0]
+    return f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def encode_ack(*, id: str | None, seq: int) -> str:

@@ -147,6 +147,29 @@ class Settings:
             _int(0), "CPython's gen-0 GC threshold while serving (Python's is 700); 0 = leave it"
         ),
     )
+    # -- big rooms and retained memory ------------------------------------------------------
+    presence_interval: float = field(
+        default=1.0,
+        metadata=_env(
+            _float(0, allow_equal=False),
+            "seconds between two presence notices of a room: joins and leaves in between "
+            "are announced in one",
+        ),
+    )
+    history_bytes: int = field(
+        default=256 * 1024,
+        metadata=_env(
+            _int(0), "bytes of history each room keeps for resume (oldest dropped first)"
+        ),
+    )
+    idle_history_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_env(
+            _int(0),
+            "bytes of history all rooms without members keep together (least recently "
+            "emptied forgotten first)",
+        ),
+    )
 
     @property
     def auth_required(self) -> bool:

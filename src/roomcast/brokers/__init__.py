@@ -11,9 +11,11 @@ has members in the room; the hub does the local, synchronous fan-out.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
+
+import anyio
 
 from ..hub import Hub, Member
 from ..protocol import ChatMessage
@@ -105,13 +107,22 @@ class Broker(Protocol):
 
 @asynccontextmanager
 async def open_broker(settings: Settings, hub: Hub) -> AsyncIterator[Broker]:
-    """The broker the settings ask for, running until the block exits."""
-    if settings.redis_url is None:
-        from .memory import MemoryBroker
+    """The broker the settings ask for, and the hub's presence notices
+    (:meth:`Hub.run_presence`), running until the block exits.
 
-        yield MemoryBroker(hub)
-    else:
-        from .redis import open_redis_broker
+    :raises BrokerUnavailable: if the configured Redis cannot be reached
+    """
+    async with AsyncExitStack() as stack:
+        broker: Broker
+        if settings.redis_url is None:
+            from .memory import MemoryBroker
 
-        async with open_redis_broker(settings, hub) as broker:
-            yield broker
+            broker = MemoryBroker(hub)
+        else:
+            from .redis import open_redis_broker
+
+            broker = await stack.enter_async_context(open_redis_broker(settings, hub))
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        tg.start_soon(hub.run_presence)
+        yield broker
+        tg.cancel_scope.cancel()

@@ -37,7 +37,7 @@ class MemoryBroker:
         found = self.hub.rooms.get(room)
         if found is None:
             return History(None, 0, 1, [])
-        kept = found.history
+        kept = found.history.entries
         first = kept[0][0] if kept else found.seq + 1
         events = [encoded for seq, encoded in kept if seq > since][:limit]
         return History(found.epoch, found.seq, first, events)

@@ -107,7 +107,8 @@ from coredis.retry import NoRetryPolicy
 
 from .. import protocol
 from ..hub import Hub, Member, Room, RoomFull, replay
-from ..protocol import ChatMessage, ErrorCode
+from ..presence import PresenceEvent
+from ..protocol import MAX_WELCOME_MEMBERS, ChatMessage, ErrorCode
 from ..settings import Settings
 from . import UNAVAILABLE_NOTICE, BrokerUnavailable, History, redis_scripts
 from .subscriber import SubscriptionLost, open_subscription
@@ -134,8 +135,6 @@ MEMBER_QUEUE: Final = 64
 MAX_BATCH: Final = 1024
 #: rooms per presence upkeep call
 UPKEEP_ROOMS: Final = 100
-#: presence changes announced one by one; more at once become one notice with the count
-MAX_NAMED: Final = 10
 #: subscriber reconnection backoff, seconds
 RETRY_FIRST, RETRY_MAX = 0.1, 2.0
 
@@ -144,6 +143,13 @@ def _keys(room: str) -> tuple[str, str, str, str]:
     """seq, epoch, history and presence keys of a room (one hash slot: ``{room}``)."""
     base = f"roomcast:{{{room}}}"
     return f"{base}:seq", f"{base}:epoch", f"{base}:history", f"{base}:presence"
+
+
+def _publish_keys(room: str) -> list[str]:
+    """A room's keys for :data:`~.redis_scripts.PUBLISH`: seq, epoch, history, and the UTF-8
+    bytes its history holds."""
+    seq, epoch, history, _ = _keys(room)
+    return [seq, epoch, history, f"{history}-bytes"]
 
 
 def _split_entry(entry: str) -> tuple[int, str]:
@@ -201,6 +207,7 @@ class RedisBroker:
         self._publish = client.register_script(redis_scripts.PUBLISH)
         self._read = client.register_script(redis_scripts.READ)
         self._upkeep_script = client.register_script(redis_scripts.UPKEEP)
+        self._presence_now = client.register_script(redis_scripts.PRESENCE)
         self._healthy = True
         self._subscribed = False
         self._streams: weakref.WeakKeyDictionary[Room, _Stream] = weakref.WeakKeyDictionary()
@@ -215,7 +222,10 @@ class RedisBroker:
             QUEUE_SIZE
         )
         self._leaving_send, self._leaving = anyio.create_memory_object_stream[Member](4096)
+        #: local members whose own join has not come back through pub/sub yet, by id
+        self._joining: dict[str, Member] = {}
         hub.announce = self._announce
+        hub.presence_source = self._presence_state
 
     @property
     def healthy(self) -> bool:
@@ -236,6 +246,7 @@ class RedisBroker:
         self, room: str, name: str | None, *, since: int | None, epoch: str | None
     ) -> Member:
         member = self.hub.attach(room, name)
+        self._joining[member.id] = member
         jumps = self._jumps(member.room)
         try:
             snapshot = await self._call(
@@ -253,9 +264,11 @@ class RedisBroker:
             )
         except BaseException:
             self.hub.detach(member)
+            self._joining.pop(member.id, None)
             raise
         if snapshot is None:
             self.hub.detach(member)
+            self._joining.pop(member.id, None)
             raise RoomFull(room)
         stream = self._streams.get(member.room)
         other_run = stream is not None and stream.epoch != snapshot[0]
@@ -268,6 +281,7 @@ class RedisBroker:
         return member
 
     async def leave(self, member: Member) -> None:
+        self._joining.pop(member.id, None)
         if self.hub.detach(member):
             await self._remove_presence(member)
 
@@ -502,23 +516,28 @@ class RedisBroker:
             self.hub.send_to(member, gap)
 
     def _announce_remote(self, room: Room, kind: str, count: int, entries: list[str]) -> None:
-        """Presence notices for entries that joined (``J``) or left (``L``): one each, or
-        a single one with the new count when many change at once."""
-        event = "join" if kind == "J" else "leave"
-        if len(entries) > MAX_NAMED:
-            notice = protocol.encode_system(room=room.name, event=event, name=None, count=count)
-            self.hub.broadcast(room.name, notice)
-            return
+        """Entries that joined (``J``) or left (``L``), from any worker, for the room's next
+        presence notice: the hub coalesces them (O(1) each). A local member's own join is
+        already in its welcome (the change's ``origin``)."""
+        change: PresenceEvent = "join" if kind == "J" else "leave"
         for index, entry in enumerate(entries):
             member_id, _, name = entry.partition(":")
             later = len(entries) - 1 - index
-            notice = protocol.encode_system(
-                room=room.name,
-                event=event,
-                name=name or None,
-                count=count - later if kind == "J" else count + later,
+            origin = self._joining.pop(member_id, None) if kind == "J" else None
+            after = count - later if kind == "J" else count + later
+            self.hub.note_presence(room, change, name or None, after, origin=origin)
+
+    async def _presence_state(self, room: Room) -> tuple[int, list[str]] | None:
+        """The room's count and names across workers, for a presence notice (the hub's
+        ``presence_source``); ``None`` while Redis is out of reach."""
+        try:
+            count, entries = await self._call(
+                self._presence_now, [_keys(room.name)[3]], [_now_ms(), 2 * MAX_WELCOME_MEMBERS]
             )
-            self.hub.broadcast(room.name, notice, skip_id=member_id)
+        except BrokerUnavailable:
+            return None
+        names = [name for name in (entry.partition(":")[2] for entry in entries) if name]
+        return int(count), names[:MAX_WELCOME_MEMBERS]
 
     # -- publishing (the publisher task) ----------------------------------------------------
 
@@ -539,9 +558,9 @@ class RedisBroker:
         for outgoing in batch:
             rooms.setdefault(outgoing.member.room.name, []).append(outgoing)
         keys: list[str] = []
-        args: list[str | int] = [self.settings.history_size, secrets.token_urlsafe(6)]
+        args = self._publish_args()
         for room, messages in rooms.items():
-            keys.extend(_keys(room)[:3])
+            keys.extend(_publish_keys(room))
             args += [self.channel_prefix + room, len(messages)]
             for outgoing in messages:
                 args += [outgoing.head, outgoing.tail]
@@ -560,6 +579,12 @@ class RedisBroker:
                     ack = protocol.encode_ack(id=outgoing.id, seq=int(first) + offset)
                     self.hub.send_to(outgoing.member, ack)
 
+    def _publish_args(self) -> list[str | int]:
+        """:data:`~.redis_scripts.PUBLISH`'s leading arguments: the history bounds
+        (``ROOMCAST_HISTORY_SIZE``, ``ROOMCAST_HISTORY_BYTES``) and a new room's epoch."""
+        size, budget = self.settings.history_size, self.settings.history_bytes
+        return [size, secrets.token_urlsafe(6), budget]
+
     def _refuse(self, outgoing: _Outgoing) -> None:
         if outgoing.member.joined:
             self.hub.stats.drops += 1
@@ -568,7 +593,7 @@ class RedisBroker:
 
     # -- presence ---------------------------------------------------------------------------
 
-    def _announce(self, room: Room, event: str, member: Member) -> None:
+    def _announce(self, room: Room, event: PresenceEvent, member: Member) -> None:
         """The hub removed a member on its own (eviction): tell every worker, from a task."""
         try:
             self._leaving_send.send_nowait(member)
@@ -644,15 +669,8 @@ class RedisBroker:
         )
         firsts = await self._call(
             self._publish,
-            _keys(room)[:3],
-            [
-                self.settings.history_size,
-                secrets.token_urlsafe(6),
-                self.channel_prefix + room,
-                1,
-                head,
-                tail,
-            ],
+            _publish_keys(room),
+            [*self._publish_args(), self.channel_prefix + room, 1, head, tail],
         )
         self.hub.stats.messages_in += 1
         return int(firsts[0])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["JOIN", "LEAVE", "PUBLISH", "READ", "UPKEEP"]
+__all__ = ["JOIN", "LEAVE", "PRESENCE", "PUBLISH", "READ", "UPKEEP"]
 
 _HELPERS: Final = """
 local function run_of(epoch_key, token)
@@ -80,28 +80,45 @@ return removed
 """
 )
 
-#: KEYS per room: seq, epoch, history; ARGV history size, token, then per room: channel,
-#: n, then n pairs (head, tail) of events split around their seq -> first seq per room
+#: KEYS per room: seq, epoch, history, history bytes; ARGV history size, token, history
+#: bytes, then per room: channel, n, then n pairs (head, tail) of events split around their
+#: seq -> first seq per room. History keeps the newest entries within both bounds; its
+#: bytes key counts their UTF-8 length (a history from before that key is counted from its
+#: next message on, and trimmed by count meanwhile).
 PUBLISH: Final = (
     _HELPERS
     + """
-local keep = tonumber(ARGV[1])
-local a = 3
+local keep, budget = tonumber(ARGV[1]), tonumber(ARGV[3])
+local a = 4
 local firsts = {}
-for r = 1, #KEYS / 3 do
-  local history = KEYS[3 * r]
+for r = 1, #KEYS / 4 do
+  local history, size = KEYS[4 * r - 1], KEYS[4 * r]
   local channel, n = ARGV[a], tonumber(ARGV[a + 1])
   a = a + 2
-  local first = redis.call('INCRBY', KEYS[3 * r - 2], n) - n + 1
-  local epoch = run_of(KEYS[3 * r - 1], ARGV[2])
+  local first = redis.call('INCRBY', KEYS[4 * r - 3], n) - n + 1
+  local epoch = run_of(KEYS[4 * r - 2], ARGV[2])
   local entries = {}
+  local added = 0
   for i = 0, n - 1 do
     entries[i + 1] = (first + i) .. '|' .. ARGV[a] .. (first + i) .. ARGV[a + 1]
+    added = added + #entries[i + 1]
     a = a + 2
   end
-  if keep > 0 then
-    redis.call('RPUSH', history, unpack(entries))
-    redis.call('LTRIM', history, -keep, -1)
+  if keep > 0 and budget > 0 then
+    local length = redis.call('RPUSH', history, unpack(entries))
+    local held = tonumber(redis.call('GET', size) or '0') + added
+    if length > keep then
+      for _, entry in ipairs(redis.call('LRANGE', history, 0, length - keep - 1)) do
+        held = held - #entry
+      end
+      redis.call('LTRIM', history, length - keep, -1)
+      length = keep
+    end
+    while length > 0 and held > budget do
+      held = held - #redis.call('LPOP', history)
+      length = length - 1
+    end
+    redis.call('SET', size, math.max(held, 0))
   end
   redis.call('PUBLISH', channel, 'M|' .. epoch .. '|' .. table.concat(entries, '\\n'))
   firsts[r] = first
@@ -109,6 +126,12 @@ end
 return firsts
 """
 )
+
+#: KEYS presence; ARGV now, n -> {count, the first n live entries}: a room's presence now
+PRESENCE: Final = """
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
+return {redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf'), live}
+"""
 
 #: KEYS seq, epoch, history; ARGV token -> {epoch, seq, history}: one consistent snapshot
 READ: Final = (

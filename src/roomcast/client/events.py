@@ -55,9 +55,12 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Presence:
-    """Members came or went (``event`` is ``"join"`` or ``"leave"``); ``names`` are the
-    ones the notice names (several when the server coalesced a crowd, none when it only
-    counts), ``count`` the room's size after it."""
+    """Members came or went since the room's last notice (the server coalesces them:
+    ``event`` is ``"join"``, ``"leave"``, or ``"presence"`` for both). ``names`` are the
+    ones the notice names (``joined`` then ``left``, at most ten each; anonymous members
+    are only counted in ``joins`` and ``leaves``). ``count`` is the room's size now and
+    ``members`` its names now (as in :class:`Welcome`; ``None`` from a server that does
+    not send them): replace a member list with them rather than patching it."""
 
     event: str
     names: tuple[str, ...]
@@ -65,6 +68,11 @@ class Presence:
     message: str
     #: the event as the server sent it (one JSON object)
     raw: str = field(default="", repr=False, compare=False)
+    joined: tuple[str, ...] = ()
+    left: tuple[str, ...] = ()
+    joins: int = 0
+    leaves: int = 0
+    members: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,16 +164,7 @@ def _parse(raw: dict[str, Any], line: str) -> Event | Ack:
             raw=line,
         )
     if kind == "system":
-        names = raw.get("names")
-        if names is None:
-            names = [] if raw.get("name") is None else [raw["name"]]
-        return Presence(
-            event=_str(raw.get("event", "")),
-            names=tuple(_str(name) for name in names),
-            count=_int(raw.get("count", 0)),
-            message=_str(raw.get("message", "")),
-            raw=line,
-        )
+        return _presence(raw, line)
     if kind == "error" and raw.get("error") == "history_gap":
         return HistoryGap(
             epoch=_str(raw["epoch"]),
@@ -181,6 +180,34 @@ def _parse(raw: dict[str, Any], line: str) -> Event | Ack:
             raw=line,
         )
     return Unknown(raw)
+
+
+def _presence(raw: dict[str, Any], line: str) -> Presence:
+    event = _str(raw.get("event", ""))
+    name = _optional_str(raw.get("name"))
+    single = () if name is None else (name,)
+    # a server that sends one notice per change names it in "name" only
+    joined = _names(raw["joined"]) if "joined" in raw else single if event == "join" else ()
+    left = _names(raw["left"]) if "left" in raw else single if event == "leave" else ()
+    members = raw.get("members")
+    return Presence(
+        event=event,
+        names=joined + left,
+        count=_int(raw.get("count", 0)),
+        message=_str(raw.get("message", "")),
+        raw=line,
+        joined=joined,
+        left=left,
+        joins=_int(raw.get("joins", 1 if event == "join" else 0)),
+        leaves=_int(raw.get("leaves", 1 if event == "leave" else 0)),
+        members=None if members is None else _names(members),
+    )
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list of names, got {value!r}")
+    return tuple(_str(name) for name in value)
 
 
 def _str(value: Any) -> str:

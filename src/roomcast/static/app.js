@@ -4,6 +4,9 @@
 // "roomcast.batch" subprotocol (one or more newline-separated JSON events per frame when
 // the server agrees, one event per frame otherwise). Messages are deduplicated by seq
 // within an epoch; a welcome with a new epoch means the room's sequence restarted.
+// Presence notices are coalesced by the server (README, "Presence"): one `system` event
+// can report several joins and leaves, and its `count` and `members` are the room as it
+// is now, so the member list is replaced with them rather than patched.
 //
 // Everything user-supplied is rendered with textContent, never as HTML.
 
@@ -243,7 +246,8 @@
     }
     const others = Math.max(0, session.count - named);
     el.membersMore.hidden = others === 0;
-    el.membersMore.textContent = others === 0 ? "" : "+ " + others + (others === 1 ? " other" : " others") + " without a name";
+    // the server names at most 100 members; the rest, and anyone without a name, are counted
+    el.membersMore.textContent = others === 0 ? "" : "+ " + others + (others === 1 ? " other" : " others");
     el.count.textContent = String(session.count);
     el.membersToggleCount.textContent = String(session.count);
   }
@@ -345,19 +349,43 @@
     renderMessage(ev);
   }
 
+  function names(value) {
+    return Array.isArray(value) ? value.filter((n) => typeof n === "string" && n) : [];
+  }
+
+  // "Ann", "Ann and Bob", "Ann, Bob and 3 others", "Someone", "5 people"
+  function who(named, total) {
+    const others = total - named.length;
+    if (!named.length) return total === 1 ? "Someone" : total + " people";
+    if (others > 0) return named.join(", ") + " and " + others + (others === 1 ? " other" : " others");
+    return named.length === 1 ? named[0] : named.slice(0, -1).join(", ") + " and " + named[named.length - 1];
+  }
+
   function onSystem(ev) {
     const name = typeof ev.name === "string" && ev.name ? ev.name : null;
-    if (ev.event === "join" && name) {
-      session.members.set(name, (session.members.get(name) || 0) + 1);
-    } else if (ev.event === "leave" && name) {
-      const n = session.members.get(name) || 0;
-      if (n <= 1) session.members.delete(name); else session.members.set(name, n - 1);
+    // what changed: a coalesced notice lists names and totals; a single-change one (older
+    // servers) has only `event` and `name`
+    const joined = Array.isArray(ev.joined) ? names(ev.joined) : ev.event === "join" && name ? [name] : [];
+    const left = Array.isArray(ev.left) ? names(ev.left) : ev.event === "leave" && name ? [name] : [];
+    const joins = typeof ev.joins === "number" ? ev.joins : ev.event === "join" ? 1 : 0;
+    const leaves = typeof ev.leaves === "number" ? ev.leaves : ev.event === "leave" ? 1 : 0;
+    if (Array.isArray(ev.members)) {
+      session.members = new Map();
+      for (const n of names(ev.members)) session.members.set(n, (session.members.get(n) || 0) + 1);
+    } else {
+      for (const n of joined) session.members.set(n, (session.members.get(n) || 0) + 1);
+      for (const n of left) {
+        const k = session.members.get(n) || 0;
+        if (k <= 1) session.members.delete(n); else session.members.set(n, k - 1);
+      }
     }
     if (typeof ev.count === "number") session.count = ev.count;
     renderMembers();
-    if (ev.event === "join" || ev.event === "leave") {
-      const who = name || "Someone";
-      notice("system", who + (ev.event === "join" ? " joined" : " left"), { event: ev.event });
+    const parts = [];
+    if (joins > 0) parts.push(who(joined, joins) + " joined");
+    if (leaves > 0) parts.push(who(left, leaves) + " left");
+    if (parts.length) {
+      notice("system", parts.join(", "), { event: String(ev.event || "") });
     } else if (typeof ev.message === "string") {
       notice("system", ev.message);
     }
