@@ -96,6 +96,7 @@ async def test_join_and_leave_are_announced_to_the_others_only() -> None:
         "message": "bob joined #r",
         "event": "join",
         "name": "bob",
+        "user": None,
         "count": 2,
         "joined": ["bob"],
         "left": [],

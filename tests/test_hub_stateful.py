@@ -33,6 +33,7 @@ member must read (SPEC §4.2, §4.3, §7):
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, OrderedDict, deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -50,10 +51,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from roomcast.hub import PRESENCE_WAKE, Hub, Member, RoomFull
+from roomcast.hub import PRESENCE_WAKE, Hub, Member, NameTaken, RoomFull
 from roomcast.protocol import MAX_PRESENCE_NAMES, MAX_WELCOME_MEMBERS, ChatMessage, CloseCode
 
 ROOMS = ("a", "b", "c")
+_PENDING_ORDER = itertools.count(1)
 NAMES = (None, "ann", "bob", "cy")
 PICK = st.integers(0, 1000)  # index into a pool of members, modulo its size
 
@@ -101,9 +103,14 @@ class ModelRoom:
     members: list[Tracked] = field(default_factory=list)
     #: joins and leaves since the room's last notice, as the hub records them
     changes: list[tuple[str, str | None]] = field(default_factory=list)
+    #: when ``changes`` started: the hub flushes rooms in that order (which decides which
+    #: of two rooms emptied by one flush was emptied last)
+    pending_since: int = 0
 
     def record(self, event: str, name: str | None) -> None:
         """A join or leave the hub records (it does when others are there to tell)."""
+        if not self.changes:
+            self.pending_since = next(_PENDING_ORDER)
         self.changes.append((event, name))
         for t in self.members:
             t.stale = True
@@ -119,6 +126,7 @@ class ModelRoom:
             "type": "system",
             "event": event,
             "name": single,
+            "user": None,
             "count": len(self.members),
             "joined": [n for n in joined if n is not None][:MAX_PRESENCE_NAMES],
             "left": [n for n in left if n is not None][:MAX_PRESENCE_NAMES],
@@ -213,6 +221,7 @@ class HubMachine(RuleBasedStateMachine):
         mr = self.rooms.get(room)
         cap = self.hub.room_capacity
         full = mr is not None and cap > 0 and len(mr.members) >= cap
+        taken = mr is not None and name is not None and any(t.name == name for t in mr.members)
         try:
             member = self.hub.join(room, name, since=since, epoch=epoch)
         except RoomFull:
@@ -220,7 +229,13 @@ class HubMachine(RuleBasedStateMachine):
             _event("join refused: room full")
             self.settle([room], {})
             return
+        except NameTaken:
+            assert taken and not full, f"NameTaken for {name!r} in {room}"
+            _event("join refused: name taken")
+            self.settle([room], {})
+            return
         assert not full, "a join beyond the room capacity was accepted"
+        assert not taken, f"a second member named {name!r} was accepted in {room}"
 
         if mr is None:  # a new room, or one the hub has forgotten: a new run of its seq
             hub_room = self.hub.rooms[room]
@@ -363,7 +378,8 @@ class HubMachine(RuleBasedStateMachine):
         flushed = []
         handed = 0
         woke = set()
-        for name, mr in self.rooms.items():
+        pending = sorted(self.rooms.items(), key=lambda item: item[1].pending_since)
+        for name, mr in pending:
             if not mr.changes:
                 continue
             flushed.append(name)
@@ -454,7 +470,12 @@ class HubMachine(RuleBasedStateMachine):
         """Account for the members the hub removed during the step, in ``rooms`` only (and
         the leaves it recorded for them)."""
         self.steps += 1
-        for name, mr in list(self.rooms.items()):
+        # the rooms of the step first, in its order: rooms it empties go idle in that order
+        order = [name for name in rooms if name in self.rooms]
+        order += [name for name in self.rooms if name not in rooms]
+        for name in order:
+            if (mr := self.rooms.get(name)) is None:
+                continue  # forgotten as another room of this step went idle
             gone_now = [t for t in mr.members if not t.member.joined]
             if name not in rooms:
                 assert not gone_now, f"a step in {rooms} removed members of room {name}"

@@ -130,6 +130,7 @@ class TestEncode:
             "room": "r",
             "seq": 3,
             "from": None,
+            "user": None,
             "ts": 10,
             "id": "m",
         }

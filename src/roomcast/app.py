@@ -33,8 +33,14 @@ from .admission import (
 )
 from .asgi import ConnectionClosed, Receive, Scope, Send, WebSocket, respond
 from .brokers import Broker, BrokerUnavailable, open_broker
-from .connection import CLOSE_TIMEOUT, serve_binary_echo, serve_echo, serve_member
-from .hub import Hub, RoomFull
+from .connection import (
+    CLOSE_TIMEOUT,
+    Credentials,
+    serve_binary_echo,
+    serve_echo,
+    serve_member,
+)
+from .hub import Hub, NameTaken, RoomFull
 from .identity import Identity, TokenRejected, TokenVerifier
 from .protocol import BadQuery, CloseCode
 from .settings import Settings
@@ -290,8 +296,14 @@ async def _chat(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> N
     if identity is not None and not identity.may_enter(query.room):
         await ws.close(CloseCode.FORBIDDEN, f"not allowed in #{query.room}")
         return
+    user = None if identity is None else identity.user
     try:
-        member = await runtime.broker.join(query.room, name, since=query.since, epoch=query.epoch)
+        member = await runtime.broker.join(
+            query.room, name, since=query.since, epoch=query.epoch, user=user
+        )
+    except NameTaken:
+        await ws.close(CloseCode.BAD_REQUEST, f"the name {name} is taken in #{query.room}")
+        return
     except RoomFull:
         await ws.close(CloseCode.ROOM_FULL, "room full")
         return
@@ -299,7 +311,12 @@ async def _chat(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> N
         await ws.close(CloseCode.INTERNAL_ERROR, "chat service unavailable; try again shortly")
         return
     batch = ws.subprotocol == protocol.BATCH_SUBPROTOCOL
-    await serve_member(ws, runtime.broker, member, runtime.settings, batch=batch)
+    credentials = None
+    if identity is not None and runtime.verifier is not None:
+        credentials = Credentials(runtime.verifier, identity)
+    await serve_member(
+        ws, runtime.broker, member, runtime.settings, batch=batch, credentials=credentials
+    )
 
 
 async def _echo(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> None:

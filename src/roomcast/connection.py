@@ -5,7 +5,8 @@
     serve_member
     └── task group
         ├── receive loop   (client frames -> hub.publish; errors -> own outbox)
-        └── sender task    (greeting, then outbox -> WebSocket frames; then the close code)
+        ├── sender task    (greeting, then outbox -> WebSocket frames; then the close code)
+        └── expiry task    (signed tokens only: at the token's deadline, ends the membership)
 
 Only the sender task writes to the socket, so a peer that stops reading can block nothing
 but its own sender. Whichever side ends first cancels the other; the member leaves its room
@@ -15,6 +16,7 @@ in ``finally``, synchronously, so no room entry outlives the connection.
 from __future__ import annotations
 
 import itertools
+import time
 
 import anyio
 import anyio.lowlevel
@@ -24,11 +26,12 @@ from . import protocol
 from .admission import TokenBucket
 from .asgi import ConnectionClosed, WebSocket
 from .brokers import UNAVAILABLE_NOTICE, Broker, BrokerUnavailable
-from .hub import PRESENCE_WAKE, Hub, Member
+from .hub import PRESENCE_WAKE, Hub, Member, NameTaken
+from .identity import LEEWAY, Identity, TokenRejected, TokenVerifier
 from .protocol import BadMessage, CloseCode, ErrorCode, Refresh
 from .settings import Settings
 
-__all__ = ["serve_binary_echo", "serve_echo", "serve_member"]
+__all__ = ["Credentials", "serve_binary_echo", "serve_echo", "serve_member"]
 
 #: how long a close frame may take once the connection is being torn down
 CLOSE_TIMEOUT = 1.0
@@ -44,15 +47,47 @@ GATHER_PASSES = 3
 RATE_NOTICE = "slow down: messages over the rate limit are dropped"
 
 
+class Credentials:
+    """A member's signed token (SPEC §8.1, §8.3): who it is, and until when.
+
+    ``expiry`` is the cancel scope the expiry task waits in; its deadline is the token's
+    ``exp`` (plus the verifier's clock :data:`~roomcast.identity.LEEWAY`, as at connect
+    time) on anyio's clock. A ``refresh`` moves that deadline, which needs no wake-up: a
+    scope's new deadline takes effect at once.
+    """
+
+    def __init__(self, verifier: TokenVerifier, identity: Identity) -> None:
+        self.verifier = verifier
+        self.identity = identity
+        self.expiry = CancelScope(deadline=_deadline(identity))
+
+    def renew(self, identity: Identity) -> None:
+        self.identity = identity
+        self.expiry.deadline = _deadline(identity)
+
+
+def _deadline(identity: Identity) -> float:
+    """The token's expiry on anyio's clock (``exp`` is wall-clock time)."""
+    return anyio.current_time() + (identity.expires + LEEWAY - time.time())
+
+
 async def serve_member(
-    ws: WebSocket, broker: Broker, member: Member, settings: Settings, *, batch: bool
+    ws: WebSocket,
+    broker: Broker,
+    member: Member,
+    settings: Settings,
+    *,
+    batch: bool,
+    credentials: Credentials | None = None,
 ) -> None:
-    """Run a joined member's connection until either side ends it; the member has left
-    its room when this returns (or raises)."""
+    """Run a joined member's connection until either side ends it (or its token expires);
+    the member has left its room when this returns (or raises)."""
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_send_outbox, ws, member, tg.cancel_scope, batch, settings.batch_max)
-            if await _receive_chat(ws, broker, member, settings):
+            if credentials is not None:
+                tg.start_soon(_end_at_expiry, broker.hub, member, credentials.expiry)
+            if await _receive_chat(ws, broker, member, settings, credentials):
                 tg.cancel_scope.cancel()  # the peer is gone: nobody left to write to
             # else the hub ended the membership: the sender drains the outbox, then sends
             # the close code (4008, 1001) and ends the task group itself
@@ -63,7 +98,20 @@ async def serve_member(
             await broker.leave(member)
 
 
-async def _receive_chat(ws: WebSocket, broker: Broker, member: Member, settings: Settings) -> bool:
+async def _end_at_expiry(hub: Hub, member: Member, expiry: CancelScope) -> None:
+    """End the membership with 4001 "token expired" once ``expiry``'s deadline passes."""
+    with expiry:
+        await anyio.sleep_forever()
+    hub.end(member, CloseCode.UNAUTHORIZED, "token expired")
+
+
+async def _receive_chat(
+    ws: WebSocket,
+    broker: Broker,
+    member: Member,
+    settings: Settings,
+    credentials: Credentials | None,
+) -> bool:
     """Publish the client's messages until it disconnects (``True``) or the hub ends the
     membership (``False``)."""
     hub = broker.hub
@@ -86,7 +134,7 @@ async def _receive_chat(ws: WebSocket, broker: Broker, member: Member, settings:
         if message is None:
             continue
         if isinstance(message, Refresh):
-            _refuse(hub, member, ErrorCode.BAD_TOKEN, "this server does not use signed tokens")
+            _refresh(hub, member, credentials, message.token)
             continue
         if bucket is not None and not bucket.take(anyio.current_time()):
             _refuse(hub, member, ErrorCode.RATE_LIMITED, RATE_NOTICE, message.id)
@@ -96,6 +144,32 @@ async def _receive_chat(ws: WebSocket, broker: Broker, member: Member, settings:
         except BrokerUnavailable:
             _refuse(hub, member, ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, message.id)
     return False
+
+
+def _refresh(hub: Hub, member: Member, credentials: Credentials | None, token: str) -> None:
+    """Take a new token in-band (SPEC §8.3): one for the same user moves the deadline and
+    brings its ``name`` and ``rooms``; a room no longer granted is left with 4403. Any
+    other token gets ``bad_token`` and changes nothing."""
+    if credentials is None:
+        _refuse(hub, member, ErrorCode.BAD_TOKEN, "this server does not use signed tokens")
+        return
+    try:
+        identity = credentials.verifier.verify(token)
+    except TokenRejected as rejected:
+        _refuse(hub, member, ErrorCode.BAD_TOKEN, rejected.reason)
+        return
+    if identity.user != credentials.identity.user:
+        _refuse(hub, member, ErrorCode.BAD_TOKEN, "the token is for another user")
+        return
+    try:
+        hub.rename(member, identity.name)
+    except NameTaken:
+        room = member.room.name
+        _refuse(hub, member, ErrorCode.BAD_TOKEN, f"the name {identity.name} is taken in #{room}")
+        return
+    credentials.renew(identity)
+    if not identity.may_enter(member.room.name):
+        hub.end(member, CloseCode.FORBIDDEN, f"not allowed in #{member.room.name}")
 
 
 def _refuse(hub: Hub, member: Member, code: ErrorCode, message: str, id: str | None = None) -> None:

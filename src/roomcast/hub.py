@@ -25,7 +25,7 @@ import itertools
 import math
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -35,6 +35,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from . import protocol
 from .history import History
+from .names import skeleton
 from .presence import PresenceChanges, PresenceEvent
 from .protocol import CloseCode, ErrorCode
 
@@ -45,6 +46,7 @@ __all__ = [
     "Hub",
     "HubStats",
     "Member",
+    "NameTaken",
     "PresenceSource",
     "Room",
     "RoomFull",
@@ -63,6 +65,10 @@ PRESENCE_WAKE: Final = ""
 
 class RoomFull(Exception):
     """The room already has as many members as its capacity allows."""
+
+
+class NameTaken(Exception):
+    """Another member of the room has this name, or one that looks the same."""
 
 
 @dataclass(eq=False, slots=True, weakref_slot=True)  # a broker may keep weak references
@@ -96,6 +102,8 @@ class Member:
     presence_seen: int = 0
     #: set while the sender waits for an empty outbox (see :meth:`wait_for_events`)
     _wakeup: anyio.Event | None = field(default=None, repr=False)
+    #: the verified user (SPEC §8.1), ``None`` when anonymous
+    user: str | None = None
 
     @property
     def joined(self) -> bool:
@@ -148,14 +156,28 @@ class Room:
     #: when the interval since the room's last notice ends (``anyio.current_time()``;
     #: ``inf`` until the flusher has seen a notice that went out at once)
     presence_next: float = -math.inf
+    #: connections per verified user: a user with three tabs open is one member
+    users: Counter[str] = field(default_factory=Counter)
+    #: who holds each name skeleton here (a user id, or an anonymous member's id), and how
+    #: many connections hold it (see :meth:`Hub.attach`)
+    name_owners: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        """Members as people: anonymous connections, plus each verified user once."""
+        return len(self.members) - sum(self.users.values()) + len(self.users)
 
     def member_names(self) -> list[str]:
-        names = []
+        names: list[str] = []
+        users: set[str] = set()
         for member in self.members:
-            if member.name is not None:
-                names.append(member.name)
-                if len(names) == protocol.MAX_WELCOME_MEMBERS:
-                    break
+            if member.name is None or (member.user is not None and member.user in users):
+                continue
+            if member.user is not None:
+                users.add(member.user)
+            names.append(member.name)
+            if len(names) == protocol.MAX_WELCOME_MEMBERS:
+                break
         return names
 
 
@@ -241,12 +263,14 @@ class Hub:
         *,
         since: int | None = None,
         epoch: str | None = None,
+        user: str | None = None,
     ) -> Member:
         """Add a member; its greeting holds ``welcome`` and any resume replay.
 
         :raises RoomFull: if the room is at capacity
+        :raises NameTaken: if another member's name looks like ``name``
         """
-        member = self.attach(room_name, name)
+        member = self.attach(room_name, name, user)
         room = member.room
         member.greeting.append(
             protocol.encode_welcome(
@@ -254,7 +278,7 @@ class Hub:
                 epoch=room.epoch,
                 seq=room.seq,
                 members=room.member_names(),
-                count=len(room.members),
+                count=room.count,
             )
         )
         if since is not None:
@@ -263,11 +287,15 @@ class Hub:
         member.presence_seen = room.presence_version  # its welcome shows its own join
         return member
 
-    def attach(self, room_name: str, name: str | None = None) -> Member:
+    def attach(self, room_name: str, name: str | None = None, user: str | None = None) -> Member:
         """Add a local member with an empty greeting and tell nobody (a broker that keeps
         rooms elsewhere fills in the greeting and announces the join itself).
 
+        A name that looks like another member's (:func:`roomcast.names.skeleton`) is
+        refused, unless that member is the same verified user (another tab).
+
         :raises RoomFull: if the room is at capacity
+        :raises NameTaken: if another member's name looks like ``name``
         """
         room = self._open_room(room_name)
         if self.room_capacity and len(room.members) >= self.room_capacity:
@@ -275,9 +303,36 @@ class Hub:
             raise RoomFull(room_name)
         send, receive = anyio.create_memory_object_stream[str](self.outbox_size)
         member = Member(room, name, f"{self.node}-{next(self._ids)}", [], receive, send)
+        member.user = user
+        if name is not None and not _claim_name(room, name, user or member.id):
+            self._forget_if_unused(room)
+            raise NameTaken(name)
         room.members[member] = None
+        if user is not None:
+            room.users[user] += 1
         self.stats.joins += 1
         return member
+
+    def rename(self, member: Member, name: str) -> None:
+        """Give a member a new display name (a refreshed token's ``name`` claim): its later
+        messages carry it, and the room's member list shows it from the next notice.
+
+        :raises NameTaken: if another member's name looks like ``name`` (the old one stays)
+        """
+        room, owner = member.room, member.user or member.id
+        if name == member.name or not member.joined:
+            return
+        if not _claim_name(room, name, owner):
+            raise NameTaken(name)
+        if member.name is not None:
+            _release_name(room, member.name)
+        member.name = name
+
+    def end(self, member: Member, code: CloseCode, reason: str) -> None:
+        """End one membership with ``code`` (an expired token, a room no longer granted):
+        the member's sender drains its outbox and closes with it; the room is told."""
+        if self._remove(member, code, reason):
+            self.announce(member.room, "leave", member)
 
     def leave(self, member: Member) -> None:
         """Remove a member (idempotent) and tell the rest of its room."""
@@ -301,7 +356,7 @@ class Hub:
         gave an ``id``. Returns the seq, or ``None`` if the member has left the room."""
         if not member.joined:
             return None
-        seq = self._sequence(member.room, message, member.name)
+        seq = self._sequence(member.room, message, member.name, member.user)
         if message.id is not None and member.joined:
             self.send_to(member, protocol.encode_ack(id=message.id, seq=seq))
         return seq
@@ -314,7 +369,13 @@ class Hub:
         self._forget_if_unused(room)
         return seq
 
-    def _sequence(self, room: Room, message: protocol.ChatMessage, sender: str | None) -> int:
+    def _sequence(
+        self,
+        room: Room,
+        message: protocol.ChatMessage,
+        sender: str | None,
+        user: str | None = None,
+    ) -> int:
         room.seq += 1
         seq = room.seq
         encoded = protocol.encode_message(
@@ -324,6 +385,7 @@ class Hub:
             sender=sender,
             ts=time.time_ns() // 1_000_000,
             id=message.id,
+            user=user,
         )
         if self.history_size:
             room.history.append(seq, encoded)
@@ -341,9 +403,13 @@ class Hub:
     # -- presence ---------------------------------------------------------------------------
 
     def announce_locally(self, room: Room, event: PresenceEvent, member: Member) -> None:
-        """Record a local member's join or leave, unless nobody else is there to tell."""
+        """Record a local member's join or leave, unless nobody else is there to tell, or
+        it is a verified user's second tab (a user joins with its first connection and
+        leaves with its last)."""
+        if member.user is not None and room.users[member.user] > (event == "join"):
+            return
         if len(room.members) > member.joined:
-            self.note_presence(room, event, member.name, origin=member)
+            self.note_presence(room, event, member.name, origin=member, user=member.user)
 
     def note_presence(
         self,
@@ -353,6 +419,7 @@ class Hub:
         count: int | None = None,
         *,
         origin: Member | None = None,
+        user: str | None = None,
     ) -> None:
         """Record a join or leave for the room's next notice, in O(1).
 
@@ -368,7 +435,7 @@ class Hub:
         fresh = changes is None
         if changes is None:
             changes = room.presence = PresenceChanges()
-        changes.add(event, name, count)
+        changes.add(event, name, count, user)
         room.presence_version += 1
         if origin is not None and origin.joined:
             origin.presence_seen = room.presence_version
@@ -549,6 +616,12 @@ class Hub:
         if member not in room.members:
             return False
         del room.members[member]
+        if member.user is not None:
+            room.users[member.user] -= 1
+            if not room.users[member.user]:
+                del room.users[member.user]
+        if member.name is not None:
+            _release_name(room, member.name)
         member.close_code, member.close_reason = code, reason
         member._outbox_send.close()
         member._wake()
@@ -591,8 +664,29 @@ def _notice(room: Room, changes: PresenceChanges, state: tuple[int, list[str]] |
     elif changes.count is not None:
         count, members = changes.count, None
     else:
-        count, members = len(room.members), room.member_names()
+        count, members = room.count, room.member_names()
     return changes.encode(room.name, count=count, members=members)
+
+
+def _claim_name(room: Room, name: str, owner: str) -> bool:
+    """Hold ``name``'s skeletons in ``room`` for ``owner``; ``False`` (and nothing held)
+    if another owner holds either."""
+    keys = skeleton(name)
+    if any(room.name_owners.get(key, (owner, 0))[0] != owner for key in keys):
+        return False
+    for key in set(keys):
+        held = room.name_owners.get(key, (owner, 0))[1]
+        room.name_owners[key] = (owner, held + 1)
+    return True
+
+
+def _release_name(room: Room, name: str) -> None:
+    for key in set(skeleton(name)):
+        owner, held = room.name_owners[key]
+        if held > 1:
+            room.name_owners[key] = (owner, held - 1)
+        else:
+            del room.name_owners[key]
 
 
 def replay(

@@ -35,8 +35,16 @@ class PresenceChanges:
     leaves: int = 0
     #: the room's count as a broker that counts members elsewhere (Redis) last reported it
     count: int | None = None
+    #: the verified user of the latest change (shown when it is the only one)
+    user: str | None = None
 
-    def add(self, event: PresenceEvent, name: str | None, count: int | None = None) -> None:
+    def add(
+        self,
+        event: PresenceEvent,
+        name: str | None,
+        count: int | None = None,
+        user: str | None = None,
+    ) -> None:
         if event == "join":
             self.joins += 1
             names = self.joined
@@ -47,6 +55,7 @@ class PresenceChanges:
             names.append(name)
         if count is not None:
             self.count = count
+        self.user = user
 
     def encode(self, room: str, *, count: int, members: list[str] | None) -> str:
         """The ``system`` notice for these changes, with the room's ``count`` and
@@ -59,4 +68,5 @@ class PresenceChanges:
             leaves=self.leaves,
             count=count,
             members=members,
+            user=self.user,
         )

@@ -248,22 +248,37 @@ def _dumps(event: dict[str, Any]) -> str:
 
 
 def encode_message(
-    *, room: str, seq: int, text: str, sender: str | None, ts: int, id: str | None = None
+    *,
+    room: str,
+    seq: int,
+    text: str,
+    sender: str | None,
+    ts: int,
+    id: str | None = None,
+    user: str | None = None,
 ) -> str:
-    head, tail = encode_message_parts(room=room, text=text, sender=sender, ts=ts, id=id)
+    head, tail = encode_message_parts(room=room, text=text, sender=sender, ts=ts, id=id, user=user)
     return f"{head}{seq}{tail}"
 
 
 def encode_message_parts(
-    *, room: str, text: str, sender: str | None, ts: int, id: str | None = None
+    *,
+    room: str,
+    text: str,
+    sender: str | None,
+    ts: int,
+    id: str | None = None,
+    user: str | None = None,
 ) -> tuple[str, str]:
     """A ``message`` event split around its ``seq``: ``head + str(seq) + tail`` is the
     event. A broker that assigns the seq elsewhere (a Redis script) splices it in, so the
-    event is still serialised once."""
+    event is still serialised once. ``user`` is the sender's verified user id (SPEC §8.1),
+    ``None`` when anonymous."""
     head = f'{{"type":"message","text":{_string(text)},"room":{_string(room)},"seq":'
     sender_json = "null" if sender is None else _string(sender)
+    user_json = "null" if user is None else _string(user)
     id_json = "" if id is None else f',"id":{_string(id)}'
-    return head, f',"from":{sender_json},"ts":{ts}{id_json}}}'
+    return head, f',"from":{sender_json},"user":{user_json},"ts":{ts}{id_json}}}'
 
 
 def _string(value: str) -> str:
@@ -292,6 +307,7 @@ def encode_presence(
     leaves: int,
     count: int,
     members: list[str] | None,
+    user: str | None = None,
 ) -> str:
     """A ``system`` notice for the joins and leaves of one room since its last notice.
 
@@ -301,7 +317,8 @@ def encode_presence(
     (how many in all) and ``members`` (the room's names now, as in ``welcome``). ``count`` and
     ``members`` are absolute, so a client that replaces its member list with them is right
     whichever notices it saw before. ``event`` is ``join`` or ``leave`` when only one kind
-    of change happened, else ``presence``; ``name`` is set only for a single named change.
+    of change happened, else ``presence``; ``name`` is set only for a single named change,
+    ``user`` (the verified user id, SPEC §8.1) only for a single change by a verified user.
     """
     if joins and leaves:
         event = "presence"
@@ -316,6 +333,7 @@ def encode_presence(
         "message": text,
         "event": event,
         "name": single[0] if single else None,
+        "user": user if joins + leaves == 1 else None,
         "count": count,
         "joined": joined[:MAX_PRESENCE_NAMES],
         "left": left[:MAX_PRESENCE_NAMES],

@@ -51,11 +51,18 @@ class Broker(Protocol):
         ...
 
     async def join(
-        self, room: str, name: str | None, *, since: int | None, epoch: str | None
+        self,
+        room: str,
+        name: str | None,
+        *,
+        since: int | None,
+        epoch: str | None,
+        user: str | None = None,
     ) -> Member:
         """Add a member; its greeting holds ``welcome`` and any resume replay.
 
         :raises RoomFull: if the room is at capacity
+        :raises NameTaken: if another member's name looks like ``name``
         :raises BrokerUnavailable: if the broker cannot be reached
         """
         ...

@@ -20,9 +20,15 @@ class MemoryBroker:
         self.hub = hub
 
     async def join(
-        self, room: str, name: str | None, *, since: int | None, epoch: str | None
+        self,
+        room: str,
+        name: str | None,
+        *,
+        since: int | None,
+        epoch: str | None,
+        user: str | None = None,
     ) -> Member:
-        return self.hub.join(room, name, since=since, epoch=epoch)
+        return self.hub.join(room, name, since=since, epoch=epoch, user=user)
 
     async def leave(self, member: Member) -> None:
         self.hub.leave(member)

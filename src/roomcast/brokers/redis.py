@@ -243,9 +243,15 @@ class RedisBroker:
     # -- the Broker interface ---------------------------------------------------------------
 
     async def join(
-        self, room: str, name: str | None, *, since: int | None, epoch: str | None
+        self,
+        room: str,
+        name: str | None,
+        *,
+        since: int | None,
+        epoch: str | None,
+        user: str | None = None,
     ) -> Member:
-        member = self.hub.attach(room, name)
+        member = self.hub.attach(room, name, user)
         self._joining[member.id] = member
         jumps = self._jumps(member.room)
         try:
@@ -295,6 +301,7 @@ class RedisBroker:
             room=member.room.name,
             text=message.text,
             sender=member.name,
+            user=member.user,
             ts=_now_ms(),
             id=message.id,
         )
