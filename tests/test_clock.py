@@ -213,3 +213,21 @@ async def test_refresh_without_signed_tokens_is_a_bad_token() -> None:
                 "bad_token",
                 "this server does not use signed tokens",
             )
+
+
+async def test_refreshes_are_limited_to_one_a_second() -> None:
+    """Each refresh costs a signature check: a client cannot make the server do them at
+    the speed it can send frames (a burst of 3, then one a second)."""
+    app = create_app(Settings(jwt_secret=SECRET, rate_limit=0))
+    with anyio.fail_after(60):
+        async with (
+            open_asgi_client(app) as client,
+            client.websocket(f"/ws/chat?room=r&token={token()}") as ws,
+        ):
+            await ws.receive_json()
+            for _ in range(5):
+                await ws.send_json({"type": "refresh", "token": "not.a.token"})
+            await trio.sleep(1)
+            await ws.send_json({"type": "refresh", "token": "not.a.token"})
+            errors = [(await ws.receive_until("error"))["error"] for _ in range(6)]
+    assert errors == ["bad_token"] * 3 + ["rate_limited"] * 2 + ["bad_token"]

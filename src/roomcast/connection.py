@@ -45,6 +45,10 @@ FAIR_SHARE = 64
 #: flight), and CPU per delivery fell by a third (bench/README.md)
 GATHER_PASSES = 3
 RATE_NOTICE = "slow down: messages over the rate limit are dropped"
+#: refreshes a connection may send per second (a burst of 3): each costs a signature check,
+#: which for ES256 is ~100 times a message's work, and a client needs one per token lifetime
+REFRESH_RATE = 1.0
+REFRESH_NOTICE = "slow down: at most one refresh a second"
 
 
 class Credentials:
@@ -118,6 +122,7 @@ async def _receive_chat(
     bucket = None
     if settings.rate_limit:
         bucket = TokenBucket(settings.rate_limit, 2 * settings.rate_limit, anyio.current_time())
+    refreshes = TokenBucket(REFRESH_RATE, 3 * REFRESH_RATE, anyio.current_time())
     while member.joined:
         try:
             frame = await ws.receive()
@@ -134,7 +139,10 @@ async def _receive_chat(
         if message is None:
             continue
         if isinstance(message, Refresh):
-            _refresh(hub, member, credentials, message.token)
+            if refreshes.take(anyio.current_time()):
+                _refresh(hub, member, credentials, message.token)
+            else:
+                _refuse(hub, member, ErrorCode.RATE_LIMITED, REFRESH_NOTICE)
             continue
         if bucket is not None and not bucket.take(anyio.current_time()):
             _refuse(hub, member, ErrorCode.RATE_LIMITED, RATE_NOTICE, message.id)
