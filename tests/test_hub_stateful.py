@@ -210,6 +210,18 @@ class HubMachine(RuleBasedStateMachine):
     def join(
         self, room: str, name: str | None, resume: int | tuple[int, str | None] | None
     ) -> None:
+        """A new member; names are made unique (:meth:`impersonate` tries taken ones)."""
+        unique = None if name is None else f"{name}{len(self.everyone)}"
+        self.enter(room, unique, resume)
+
+    def enter(
+        self,
+        room: str,
+        name: str | None,
+        resume: int | tuple[int, str | None] | None,
+        *,
+        taken: bool = False,
+    ) -> None:
         since: int | None = None
         epoch: str | None = None
         if isinstance(resume, int) and self.resume_points:
@@ -221,7 +233,7 @@ class HubMachine(RuleBasedStateMachine):
         mr = self.rooms.get(room)
         cap = self.hub.room_capacity
         full = mr is not None and cap > 0 and len(mr.members) >= cap
-        taken = mr is not None and name is not None and any(t.name == name for t in mr.members)
+        taken = taken or (mr is not None and any(t.name == name for t in mr.members if name))
         try:
             member = self.hub.join(room, name, since=since, epoch=epoch)
         except RoomFull:
@@ -411,6 +423,16 @@ class HubMachine(RuleBasedStateMachine):
             woken = t.wake_queued and t.key in woke
             assert t.member.queued == queued_before[t.key] + woken, t.key
         self.settle(flushed, {}, presence=True)
+
+    @rule(i=st.integers(0, 1000), upper=st.booleans())
+    def impersonate(self, i: int, upper: bool) -> None:
+        """Someone joins under a member's name (or the same name in capitals): refused."""
+        named = [t for t in self.joined() if t.name is not None]
+        if not named:
+            return
+        target = named[i % len(named)]
+        assert target.name is not None
+        self.enter(target.room, target.name.upper() if upper else target.name, None, taken=True)
 
     @rule(room=st.sampled_from(ROOMS))
     def visit(self, room: str) -> None:
@@ -660,7 +682,7 @@ class HubMachine(RuleBasedStateMachine):
             assert not t.member.joined
 
 
-SETTINGS = settings(max_examples=200, stateful_step_count=50, deadline=None)
+SETTINGS = settings(max_examples=300, stateful_step_count=50, deadline=None)
 
 
 def test_hub_state_machine() -> None:

@@ -94,7 +94,7 @@ async def serve_member(
             if await _receive_chat(ws, broker, member, settings, credentials):
                 tg.cancel_scope.cancel()  # the peer is gone: nobody left to write to
             # else the hub ended the membership: the sender drains the outbox, then sends
-            # the close code (4008, 1001) and ends the task group itself
+            # the close code (4008, 4001, 4403, 1001) and ends the task group itself
     finally:
         # Leaving the local room is synchronous and comes first; only telling other
         # processes may wait, and not for long.
