@@ -334,6 +334,21 @@ class Hub:
         if self._remove(member, code, reason):
             self.announce(member.room, "leave", member)
 
+    def end_user(self, user: str, code: CloseCode, reason: str) -> int:
+        """End every membership of the verified ``user`` here (each room, each tab), as
+        :meth:`end` does; returns how many were ended. Its rooms hear one leave each, with
+        its last connection (see :meth:`announce_locally`)."""
+        ending = [
+            member
+            for room in self.rooms.values()
+            if user in room.users
+            for member in room.members
+            if member.user == user
+        ]
+        for member in ending:
+            self.end(member, code, reason)
+        return len(ending)
+
     def leave(self, member: Member) -> None:
         """Remove a member (idempotent) and tell the rest of its room."""
         if self.detach(member):

@@ -21,10 +21,19 @@ from ..hub import Hub, Member
 from ..protocol import ChatMessage
 from ..settings import Settings
 
-__all__ = ["UNAVAILABLE_NOTICE", "Broker", "BrokerUnavailable", "History", "open_broker"]
+__all__ = [
+    "DISCONNECTED",
+    "UNAVAILABLE_NOTICE",
+    "Broker",
+    "BrokerUnavailable",
+    "History",
+    "open_broker",
+]
 
 #: the ``error`` text for a message the broker could not accept
 UNAVAILABLE_NOTICE = "message not sent: the chat service is unavailable; try again shortly"
+#: the close reason (with 4001) of a connection the server API disconnected
+DISCONNECTED = "disconnected by the server"
 
 
 class BrokerUnavailable(Exception):
@@ -106,6 +115,17 @@ class Broker(Protocol):
 
     async def rooms(self) -> dict[str, int]:
         """Rooms with members, and how many.
+
+        :raises BrokerUnavailable: if the broker cannot be reached
+        """
+        ...
+
+    async def disconnect(self, user: str) -> int:
+        """Close every connection of the verified ``user``, on every worker and server,
+        with 4001 :data:`DISCONNECTED`; returns how many were closed (a broker spanning
+        processes counts those that reported back in time).
+
+        Not a ban: the user may connect again (with a token that is still valid).
 
         :raises BrokerUnavailable: if the broker cannot be reached
         """

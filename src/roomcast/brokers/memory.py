@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..hub import Hub, Member
-from ..protocol import ChatMessage
-from . import History
+from ..protocol import ChatMessage, CloseCode
+from . import DISCONNECTED, History
 
 __all__ = ["MemoryBroker"]
 
@@ -54,3 +54,6 @@ class MemoryBroker:
 
     async def rooms(self) -> dict[str, int]:
         return {name: len(room.members) for name, room in self.hub.rooms.items() if room.members}
+
+    async def disconnect(self, user: str) -> int:
+        return self.hub.end_user(user, CloseCode.UNAUTHORIZED, DISCONNECTED)

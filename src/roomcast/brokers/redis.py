@@ -78,6 +78,12 @@ everyone else, with leave notices and the new count, at most :data:`PRESENCE_TTL
 :data:`TICK` seconds after its last refresh. A worker back from a pause longer than that
 adds its members back and announces them as joins.
 
+*Disconnect* (the server API). A request on ``<prefix>control`` reaches every subscribed
+worker; each ends the user's local memberships (:meth:`~roomcast.hub.Hub.end_user`) and
+reports how many on the request's own list, all its queued reports in one script call
+(:data:`~.redis_scripts.REPORT`). The requester knows from ``PUBLISH`` how many workers
+heard it and waits (``BLPOP``) up to :data:`DISCONNECT_WAIT` for their reports.
+
 *Epoch.* Set once per room (``SET NX``) beside its counter; it changes only if Redis loses
 the room's data (a restart without persistence), exactly when ``seq`` restarts.
 
@@ -88,6 +94,7 @@ would need those calls grouped per hash slot and sharded pub/sub (``SSUBSCRIBE``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -108,9 +115,9 @@ from coredis.retry import NoRetryPolicy
 from .. import protocol
 from ..hub import Hub, Member, Room, RoomFull, replay
 from ..presence import PresenceEvent
-from ..protocol import MAX_WELCOME_MEMBERS, ChatMessage, ErrorCode
+from ..protocol import MAX_WELCOME_MEMBERS, ChatMessage, CloseCode, ErrorCode
 from ..settings import Settings
-from . import UNAVAILABLE_NOTICE, BrokerUnavailable, History, redis_scripts
+from . import DISCONNECTED, UNAVAILABLE_NOTICE, BrokerUnavailable, History, redis_scripts
 from .subscriber import SubscriptionLost, open_subscription
 
 __all__ = ["PRESENCE_TTL", "Backlog", "RedisBroker", "open_redis_broker"]
@@ -137,6 +144,12 @@ MAX_BATCH: Final = 1024
 UPKEEP_ROOMS: Final = 100
 #: subscriber reconnection backoff, seconds
 RETRY_FIRST, RETRY_MAX = 0.1, 2.0
+#: seconds the server API's disconnect waits for the workers' reports of what they closed
+DISCONNECT_WAIT: Final = 1.0
+#: reports of closed connections a worker queues for Redis (beyond: not reported)
+REPORT_QUEUE: Final = 256
+#: milliseconds a disconnect's report list lives (its requester has stopped waiting)
+REPORT_TTL_MS: Final = 30_000
 
 
 def _keys(room: str) -> tuple[str, str, str, str]:
@@ -201,13 +214,18 @@ class RedisBroker:
         self.hub = hub
         self.client = client
         pool = client.connection_pool
-        self.channel_prefix = f"roomcast:{pool.connection_kwargs.get('db') or 0}:room:"
+        #: every channel this broker uses starts with it (the subscriber's pattern)
+        self.namespace = f"roomcast:{pool.connection_kwargs.get('db') or 0}:"
+        self.channel_prefix = self.namespace + "room:"
+        #: requests for every worker (the server API's disconnect)
+        self.control_channel = self.namespace + "control"
         self._join = client.register_script(redis_scripts.JOIN)
         self._leave = client.register_script(redis_scripts.LEAVE)
         self._publish = client.register_script(redis_scripts.PUBLISH)
         self._read = client.register_script(redis_scripts.READ)
         self._upkeep_script = client.register_script(redis_scripts.UPKEEP)
         self._presence_now = client.register_script(redis_scripts.PRESENCE)
+        self._report = client.register_script(redis_scripts.REPORT)
         self._healthy = True
         self._subscribed = False
         self._streams: weakref.WeakKeyDictionary[Room, _Stream] = weakref.WeakKeyDictionary()
@@ -222,6 +240,10 @@ class RedisBroker:
             QUEUE_SIZE
         )
         self._leaving_send, self._leaving = anyio.create_memory_object_stream[Member](4096)
+        #: (report list, connections closed) for :meth:`disconnect` requests from any worker
+        self._reports_send, self._reports = anyio.create_memory_object_stream[tuple[str, int]](
+            REPORT_QUEUE
+        )
         #: local members whose own join has not come back through pub/sub yet, by id
         self._joining: dict[str, Member] = {}
         hub.announce = self._announce
@@ -372,7 +394,7 @@ class RedisBroker:
                 async with open_subscription(
                     pool.location,
                     dict(pool.connection_kwargs),
-                    self.channel_prefix + "*",
+                    self.namespace + "*",
                     name=f"roomcast-subscriber-{os.getpid()}",
                     reply_timeout=REQUEST_TIMEOUT,
                 ) as subscription:
@@ -424,6 +446,10 @@ class RedisBroker:
     async def _on_burst(self, burst: list[tuple[str, str]]) -> None:
         prefix = len(self.channel_prefix)
         for channel, data in burst:
+            if not channel.startswith(self.channel_prefix):
+                if channel == self.control_channel:
+                    self._on_control(data)
+                continue
             room = self.hub.rooms.get(channel[prefix:])
             if room is None or not room.members:
                 if room is not None:
@@ -669,6 +695,54 @@ class RedisBroker:
 
     # -- the server API (SPEC §8.2) ---------------------------------------------------------
 
+    async def disconnect(self, user: str) -> int:
+        """Ask every subscribed worker to close ``user``'s connections, and add up what
+        they report within :data:`DISCONNECT_WAIT` (see the module docstring)."""
+        report = f"{self.namespace}disconnected:{secrets.token_urlsafe(12)}"
+        workers = await self._call_raw(
+            self.client.publish(self.control_channel, f"D|{report}|{user}")
+        )
+        closed = 0
+        deadline = anyio.current_time() + DISCONNECT_WAIT
+        for _ in range(int(workers)):
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:  # (BLPOP's timeout 0 would wait forever)
+                break
+            popped = await self._call_raw(self.client.blpop([report], remaining))
+            if popped is None:
+                break
+            closed += int(popped[1])
+        return closed
+
+    def _on_control(self, data: str) -> None:
+        """A request from the control channel: ``D|<report list>|<user>`` closes the
+        user's local connections and queues the count for the report list."""
+        kind, _, rest = data.partition("|")
+        if kind != "D":
+            return
+        report, _, user = rest.partition("|")
+        closed = self.hub.end_user(user, CloseCode.UNAUTHORIZED, DISCONNECTED)
+        # (a full queue: the requester stops waiting without this report, and counts less)
+        with contextlib.suppress(anyio.WouldBlock):
+            self._reports_send.send_nowait((report, closed))
+
+    async def _send_reports(self) -> None:
+        """Push queued disconnect reports, everything queued in one script call."""
+        async with self._reports:
+            async for first in self._reports:
+                batch = [first]
+                while True:
+                    try:
+                        batch.append(self._reports.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                keys = [report for report, _ in batch]
+                args = [REPORT_TTL_MS, *(closed for _, closed in batch)]
+                try:
+                    await self._call(self._report, keys, args)
+                except BrokerUnavailable:
+                    continue
+
     async def post(self, room: str, message: ChatMessage, sender: str | None) -> int:
         """The API's publish: one script call of its own (the caller waits for the seq)."""
         head, tail = protocol.encode_message_parts(
@@ -778,5 +852,6 @@ async def open_redis_broker(settings: Settings, hub: Hub) -> AsyncIterator[Redis
             tg.start_soon(broker._publish_forever)
             tg.start_soon(broker._upkeep_forever)
             tg.start_soon(broker._process_leaves)
+            tg.start_soon(broker._send_reports)
             yield broker
             tg.cancel_scope.cancel()

@@ -13,6 +13,9 @@ characters, events are JSON with newlines escaped):
 - ``J|<epoch>|<seq>|<count>|<entry>\\n<entry>...``: members joined (``count`` after them);
 - ``L|<epoch>|<seq>|<count>|<entry>\\n<entry>...``: members left or expired.
 
+and on ``<namespace>control``, for every worker: ``D|<report list>|<user>`` (the server
+API's disconnect: close the user's connections, report how many on the list).
+
 A room's keys share the hash tag ``{room}``. The scripts that serve several rooms at once
 (publishing a batch, presence upkeep) take several rooms' keys, which a single Redis
 accepts; on Redis Cluster they would be called once per hash slot.
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["JOIN", "LEAVE", "PRESENCE", "PUBLISH", "READ", "UPKEEP"]
+__all__ = ["JOIN", "LEAVE", "PRESENCE", "PUBLISH", "READ", "REPORT", "UPKEEP"]
 
 _HELPERS: Final = """
 local function run_of(epoch_key, token)
@@ -180,3 +183,12 @@ end
 return result
 """
 )
+
+#: KEYS report lists; ARGV ttl (ms), then one count per list: each worker's answer to the
+#: server API's disconnect (how many connections it closed), for the requester's BLPOP
+REPORT: Final = """
+for i, key in ipairs(KEYS) do
+  redis.call('RPUSH', key, ARGV[i + 1])
+  redis.call('PEXPIRE', key, ARGV[1])
+end
+"""
