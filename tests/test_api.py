@@ -205,7 +205,7 @@ def test_a_message_posted_on_one_server_reaches_both_with_redis(redis_server: Re
             member.ws.sock.close()
 
 
-# -- disconnecting a user (signed tokens) ----------------------------------------------------
+# -- signed tokens: users in presence, disconnecting a user --------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +240,19 @@ def presence_until(ws: RawWebSocket, count: int) -> list[dict[str, Any]]:
     return notices
 
 
+def test_presence_lists_each_user_once_however_many_tabs(signed: ServerProcess) -> None:
+    tabs = [connect(signed, user, "tabs")[0] for user in ("ann", "bob", "ann", "ann")]
+    presence = api(signed, "GET", "/api/rooms/tabs/presence").json()
+    assert presence == {
+        "room": "tabs",
+        "count": 2,
+        "members": [{"user": "ann", "name": "Ann"}, {"user": "bob", "name": "Bob"}],
+    }
+    assert {"name": "tabs", "count": 2} in api(signed, "GET", "/api/rooms").json()["rooms"]
+    for tab in tabs:
+        tab.sock.close()
+
+
 def still_connected(ws: RawWebSocket) -> None:
     """``ws`` is still a member: its message comes back (its ack may come first)."""
     ws.send_text(json.dumps({"text": "still here", "id": "check"}))
@@ -265,6 +278,8 @@ def test_disconnect_closes_every_connection_of_the_user_and_no_other(
 
     again, welcome = connect(signed, "ann", "team")  # not a ban: her token still works
     assert welcome["count"] == 2
+    presence = api(signed, "GET", "/api/rooms/team/presence").json()
+    assert presence["members"] == [{"user": "bob", "name": "Bob"}, {"user": "ann", "name": "Ann"}]
     assert api(signed, "POST", "/api/users/nobody/disconnect").json() == {"closed": 0}
     for ws in (again, bob):
         ws.sock.close()
@@ -314,6 +329,9 @@ def test_a_disconnect_on_one_server_closes_the_user_everywhere_with_redis(
             room = "shared" if len(tabs) % 2 else "elsewhere"
             tabs.append(connect(second, "ann", room)[0])
             owners.add(owner_of(workers, tabs[-1].sock.getsockname()[:2]))
+        presence = api(first, "GET", "/api/rooms/shared/presence").json()
+        assert presence["count"] == 2
+        assert sorted(m["user"] for m in presence["members"]) == ["ann", "bob"]
 
         response = api(first, "POST", "/api/users/ann/disconnect")
         assert (response.status_code, response.json()) == (200, {"closed": len(tabs)})

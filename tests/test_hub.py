@@ -124,6 +124,8 @@ async def test_ending_a_user_ends_each_of_its_tabs_with_one_leave_per_room() -> 
     hub.flush_presence()
     for member in (bob, other, *tabs):
         drain(member)
+    assert hub.rooms["r"].people() == [("bob", "Bob"), ("ann", "Ann")]
+    assert hub.rooms["s"].people() == [("ann", "Ann"), (None, None)]
     assert hub.end_user("ann", CloseCode.UNAUTHORIZED, "disconnected by the server") == 3
     assert hub.end_user("ann", CloseCode.UNAUTHORIZED, "again") == 0
     for tab in tabs:

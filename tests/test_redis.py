@@ -20,8 +20,18 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from roomcast import Settings, create_app
+from roomcast.brokers import Person
 from roomcast.brokers import redis as redis_broker
-from roomcast.brokers.redis import MEMBER_QUEUE, QUEUE_SIZE, Backlog, RedisBroker
+from roomcast.brokers.redis import (
+    MEMBER_QUEUE,
+    QUEUE_SIZE,
+    Backlog,
+    RedisBroker,
+    _parse_entry,
+    _people,
+    _presence_entry,
+)
+from roomcast.hub import Hub
 
 from chatload import Client, connect_all, read_forever, send_all
 from redis_server import RedisServer, run_redis
@@ -43,6 +53,19 @@ async def next_of(ws: WebSocketConnection, kind: str) -> dict[str, Any]:
         event: dict[str, Any] = json.loads(await ws.get_message())
         if event["type"] == kind:
             return event
+
+
+async def test_a_presence_entry_carries_any_user_id_and_name() -> None:
+    hub = Hub()
+    odd = hub.join("r", "a:b|c", user="id:with\nnewline|and:colons")
+    anonymous = hub.join("r", None)
+    tab = hub.join("r", "a:b|c", user=odd.user)
+    entries = [_presence_entry(member) for member in (odd, anonymous, tab)]
+    assert not any("\n" in entry for entry in entries)
+    assert _parse_entry(entries[0]) == (odd.id, Person(odd.user, "a:b|c"))
+    assert _parse_entry(entries[1]) == (anonymous.id, Person(None, None))
+    assert _people(entries) == [Person(odd.user, "a:b|c"), Person(None, None)]
+    assert _parse_entry("n-1:old:style") == ("n-1", Person(None, "old:style"))  # before users
 
 
 @pytest.fixture

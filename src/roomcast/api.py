@@ -219,8 +219,8 @@ async def _route(
         )
         # the retained events are already JSON: splice them in rather than re-encode them
         return 200, head[:-1] + b',"messages":[' + ",".join(history.events).encode() + b"]}"
-    names = await broker.presence(room)
-    members = [{"user": None, "name": name} for name in names]
+    people = await broker.presence(room)
+    members = [{"user": person.user, "name": person.name} for person in people]
     return 200, {"room": room, "count": len(members), "members": members}
 
 

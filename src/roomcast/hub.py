@@ -167,6 +167,19 @@ class Room:
         """Members as people: anonymous connections, plus each verified user once."""
         return len(self.members) - sum(self.users.values()) + len(self.users)
 
+    def people(self) -> list[tuple[str | None, str | None]]:
+        """``(user, name)`` of each member as a person, in join order: a verified user
+        once (as its first connection is named), each anonymous connection."""
+        people: list[tuple[str | None, str | None]] = []
+        users: set[str] = set()
+        for member in self.members:
+            if member.user is not None:
+                if member.user in users:
+                    continue
+                users.add(member.user)
+            people.append((member.user, member.name))
+        return people
+
     def member_names(self) -> list[str]:
         names: list[str] = []
         users: set[str] = set()

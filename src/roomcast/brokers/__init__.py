@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import anyio
 
@@ -27,6 +27,7 @@ __all__ = [
     "Broker",
     "BrokerUnavailable",
     "History",
+    "Person",
     "open_broker",
 ]
 
@@ -48,6 +49,14 @@ class History:
     seq: int  # the room's latest seq
     first: int  # the first seq still retained (seq + 1 when none is)
     events: list[str]
+
+
+class Person(NamedTuple):
+    """A room's member as a person: a verified ``user`` once however many connections
+    (tabs) it has there, or one anonymous connection (``user`` ``None``)."""
+
+    user: str | None
+    name: str | None
 
 
 class Broker(Protocol):
@@ -106,8 +115,8 @@ class Broker(Protocol):
         """
         ...
 
-    async def presence(self, room: str) -> list[str | None]:
-        """The display names of the room's members (``None`` for unnamed ones).
+    async def presence(self, room: str) -> list[Person]:
+        """The room's members, each verified user once (SPEC §8.1).
 
         :raises BrokerUnavailable: if the broker cannot be reached
         """

@@ -117,7 +117,7 @@ from ..hub import Hub, Member, Room, RoomFull, replay
 from ..presence import PresenceEvent
 from ..protocol import MAX_WELCOME_MEMBERS, ChatMessage, CloseCode, ErrorCode
 from ..settings import Settings
-from . import DISCONNECTED, UNAVAILABLE_NOTICE, BrokerUnavailable, History, redis_scripts
+from . import DISCONNECTED, UNAVAILABLE_NOTICE, BrokerUnavailable, History, Person, redis_scripts
 from .subscriber import SubscriptionLost, open_subscription
 
 __all__ = ["PRESENCE_TTL", "Backlog", "RedisBroker", "open_redis_broker"]
@@ -171,7 +171,34 @@ def _split_entry(entry: str) -> tuple[int, str]:
 
 
 def _presence_entry(member: Member) -> str:
-    return f"{member.id}:{member.name or ''}"
+    """A member's entry in its room's presence set: ``<member id>:<JSON [user, name]>``
+    (ids have no ``:``, JSON escapes newlines, so any user id and name fit)."""
+    return f"{member.id}:{orjson.dumps([member.user, member.name]).decode()}"
+
+
+def _parse_entry(entry: str) -> tuple[str, Person]:
+    """The member id and the person of a presence entry (one written before entries
+    carried the user, ``<id>:<name>``, is an anonymous member of that name)."""
+    member_id, _, rest = entry.partition(":")
+    try:
+        user, name = orjson.loads(rest)
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return member_id, Person(None, rest or None)
+    return member_id, Person(user, name)
+
+
+def _people(entries: Sequence[str]) -> list[Person]:
+    """The people among presence entries: each verified user once, in the entries' order."""
+    people: list[Person] = []
+    users: set[str] = set()
+    for entry in entries:
+        person = _parse_entry(entry)[1]
+        if person.user is not None:
+            if person.user in users:
+                continue
+            users.add(person.user)
+        people.append(person)
+    return people
 
 
 @dataclass(eq=False)
@@ -231,6 +258,8 @@ class RedisBroker:
         self._streams: weakref.WeakKeyDictionary[Room, _Stream] = weakref.WeakKeyDictionary()
         #: greeted members and the run their snapshot belongs to
         self._runs: weakref.WeakKeyDictionary[Member, str] = weakref.WeakKeyDictionary()
+        #: each member's presence entry, as written when it joined (a rename changes no key)
+        self._entries: weakref.WeakKeyDictionary[Member, str] = weakref.WeakKeyDictionary()
         #: members whose presence entry had expired at the last refresh (a long pause)
         self._absent: weakref.WeakSet[Member] = weakref.WeakSet()
         self._slots: weakref.WeakKeyDictionary[Member, anyio.Semaphore] = (
@@ -281,7 +310,7 @@ class RedisBroker:
                 self._join,
                 _keys(room),
                 [
-                    _presence_entry(member),
+                    self._entry(member),
                     _now_ms(),
                     _now_ms() + int(PRESENCE_TTL * 1000),
                     self.settings.room_capacity,
@@ -346,6 +375,12 @@ class RedisBroker:
 
     # -- joining ----------------------------------------------------------------------------
 
+    def _entry(self, member: Member) -> str:
+        entry = self._entries.get(member)
+        if entry is None:
+            entry = self._entries[member] = _presence_entry(member)
+        return entry
+
     def _jumps(self, room: Room) -> int:
         stream = self._streams.get(room)
         return stream.jumps if stream is not None else 0
@@ -355,12 +390,12 @@ class RedisBroker:
     ) -> None:
         run, seq, count, present, history = snapshot
         seq = int(seq)
-        names = [entry.partition(":")[2] for entry in present]
+        names = [person.name for person in _people(present) if person.name]
         welcome = protocol.encode_welcome(
             room=member.room.name,
             epoch=run,
             seq=seq,
-            members=[n for n in names if n],
+            members=names[:MAX_WELCOME_MEMBERS],
             count=int(count),
         )
         member.greeting.append(welcome)
@@ -554,11 +589,13 @@ class RedisBroker:
         already in its welcome (the change's ``origin``)."""
         change: PresenceEvent = "join" if kind == "J" else "leave"
         for index, entry in enumerate(entries):
-            member_id, _, name = entry.partition(":")
+            member_id, person = _parse_entry(entry)
             later = len(entries) - 1 - index
             origin = self._joining.pop(member_id, None) if kind == "J" else None
             after = count - later if kind == "J" else count + later
-            self.hub.note_presence(room, change, name or None, after, origin=origin)
+            self.hub.note_presence(
+                room, change, person.name, after, origin=origin, user=person.user
+            )
 
     async def _presence_state(self, room: Room) -> tuple[int, list[str]] | None:
         """The room's count and names across workers, for a presence notice (the hub's
@@ -569,7 +606,7 @@ class RedisBroker:
             )
         except BrokerUnavailable:
             return None
-        names = [name for name in (entry.partition(":")[2] for entry in entries) if name]
+        names = [person.name for person in _people(entries) if person.name]
         return int(count), names[:MAX_WELCOME_MEMBERS]
 
     # -- publishing (the publisher task) ----------------------------------------------------
@@ -640,7 +677,7 @@ class RedisBroker:
                 await self._leave(
                     keys=[seq_key, epoch_key, presence],
                     args=[
-                        _presence_entry(member),
+                        self._entry(member),
                         _now_ms(),
                         self.channel_prefix + member.room.name,
                         secrets.token_urlsafe(6),
@@ -686,12 +723,12 @@ class RedisBroker:
             seq_key, epoch_key, _, presence = _keys(room.name)
             keys += [seq_key, epoch_key, presence]
             args += [self.channel_prefix + room.name, len(still), len(back)]
-            args += [_presence_entry(m) for m in still] + [_presence_entry(m) for m in back]
+            args += [self._entry(m) for m in still] + [self._entry(m) for m in back]
             refreshed.append(still)
         absent = await self._call(self._upkeep_script, keys, args)
         for members, gone in zip(refreshed, absent, strict=True):
             expired = set(gone)
-            self._absent.update(m for m in members if m.joined and _presence_entry(m) in expired)
+            self._absent.update(m for m in members if m.joined and self._entry(m) in expired)
 
     # -- the server API (SPEC §8.2) ---------------------------------------------------------
 
@@ -766,10 +803,9 @@ class RedisBroker:
         events = [event for number, event in kept if number > since][:limit]
         return History(epoch, latest, first, events)
 
-    async def presence(self, room: str) -> list[str | None]:
+    async def presence(self, room: str) -> list[Person]:
         live = self.client.zrangebyscore(_keys(room)[3], _now_ms(), float("inf"))
-        entries = await self._call_raw(live)
-        return [entry.partition(":")[2] or None for entry in entries]
+        return _people(await self._call_raw(live))
 
     async def rooms(self) -> dict[str, int]:
         found: dict[str, int] = {}

@@ -5,9 +5,9 @@ step in the room's total order. Every pub/sub payload names the room's *run* (it
 and its position (the room's ``seq`` counter), which is what lets a worker tell a stale,
 a duplicate and a missed event apart (see :mod:`roomcast.brokers.redis`).
 
-Payloads on ``<channel prefix><room>`` (no field holds ``|`` or a newline: epochs are
-URL-safe tokens, member entries are ``<id>:<name>`` with names that refuse control
-characters, events are JSON with newlines escaped):
+Payloads on ``<channel prefix><room>`` (only the last field may hold a ``|``, and none a
+newline: epochs are URL-safe tokens, member entries are ``<id>:<JSON [user, name]>`` and
+events are JSON, both with newlines escaped):
 
 - ``M|<epoch>|<seq>|<event>\\n<seq>|<event>...``: a batch of messages, consecutive seqs;
 - ``J|<epoch>|<seq>|<count>|<entry>\\n<entry>...``: members joined (``count`` after them);
