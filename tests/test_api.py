@@ -332,11 +332,13 @@ def test_a_disconnect_on_one_server_closes_the_user_everywhere_with_redis(
         presence = api(first, "GET", "/api/rooms/shared/presence").json()
         assert presence["count"] == 2
         assert sorted(m["user"] for m in presence["members"]) == ["ann", "bob"]
+        assert sum(n["joins"] for n in presence_until(bob, 2)) == 1  # ann, once
 
         response = api(first, "POST", "/api/users/ann/disconnect")
         assert (response.status_code, response.json()) == (200, {"closed": len(tabs)})
         for tab in tabs:
             assert closed_with(tab) == DISCONNECTED
-        presence_until(bob, 1)
+        notices = presence_until(bob, 1)
+        assert sum(n["leaves"] for n in notices) == 1 and notices[-1]["left"] == ["Ann"]
         still_connected(bob)
         bob.sock.close()

@@ -70,13 +70,27 @@ skipped. A run change (Redis lost the room's data: ``seq`` restarts and ``epoch`
 is a jump: members from the earlier run get ``history_gap`` with the new epoch and start
 over at the new run's first seq; events of retired runs are dropped.
 
-*Presence.* A sorted set per room maps ``<member id>:<name>`` to an expiry time. Every
-:data:`TICK` each worker runs one upkeep script over its rooms: it refreshes its members'
-entries every :data:`PRESENCE_REFRESH` seconds and removes every expired entry, announcing
-those as leaves. So when a worker or a whole server dies, its members leave the room for
-everyone else, with leave notices and the new count, at most :data:`PRESENCE_TTL` +
-:data:`TICK` seconds after its last refresh. A worker back from a pause longer than that
-adds its members back and announces them as joins.
+*Presence.* A sorted set per room maps each connection's entry, ``<member id>:<JSON
+[user, name]>``, to an expiry time. Every :data:`TICK` each worker runs one upkeep script
+over its rooms: it refreshes its members' entries every :data:`PRESENCE_REFRESH` seconds and
+removes every expired entry, announcing those as leaves. So when a worker or a whole server
+dies, its members leave the room for everyone else, with leave notices and the new count,
+at most :data:`PRESENCE_TTL` + :data:`TICK` seconds after its last refresh. A worker back
+from a pause longer than that adds its members back and announces them as joins.
+
+*A user is one member* (SPEC §8.1), however many connections it has in the room, on
+whichever workers and servers. Beside the sorted set, a hash per room counts each user's
+entries (the field ``""`` counts the anonymous ones). Every script that adds an entry
+(join, a paused worker's members coming back) or removes one (leave, expiry, which any
+script touching the room's presence reaps first) updates the hash in the same atomic step
+and announces only a person's change: a join when a user's count goes from 0 to 1, a leave
+when it comes back to 0 (anonymous entries are each a person). The room's ``count`` is the
+hash's users plus its anonymous entries, so it counts people the way each hub does, in O(1).
+As the hash follows the entries, expiry still works per connection: a dead server's
+connections expire within the same bound, and a user leaves only with the last of them;
+a user with a tab on a live server stays. Names in ``welcome`` and notices are read from the
+entries and each user is listed once. Capacity (``ROOMCAST_ROOM_CAPACITY``) still counts
+connections, as each hub does.
 
 *Disconnect* (the server API). A request on ``<prefix>control`` reaches every subscribed
 worker; each ends the user's local memberships (:meth:`~roomcast.hub.Hub.end_user`) and
@@ -152,17 +166,35 @@ REPORT_QUEUE: Final = 256
 REPORT_TTL_MS: Final = 30_000
 
 
-def _keys(room: str) -> tuple[str, str, str, str]:
-    """seq, epoch, history and presence keys of a room (one hash slot: ``{room}``)."""
+class _Keys(NamedTuple):
+    """A room's keys (one hash slot: ``{room}``)."""
+
+    seq: str
+    epoch: str
+    history: str
+    #: sorted set: presence entry (one per connection) -> expiry (ms)
+    presence: str
+    #: hash: user -> its entries in ``presence`` ("" -> the anonymous ones)
+    users: str
+
+
+def _keys(room: str) -> _Keys:
     base = f"roomcast:{{{room}}}"
-    return f"{base}:seq", f"{base}:epoch", f"{base}:history", f"{base}:presence"
+    suffixes = ("seq", "epoch", "history", "presence", "users")
+    return _Keys(*(f"{base}:{suffix}" for suffix in suffixes))
+
+
+def _presence_keys(room: str) -> list[str]:
+    """The keys of the scripts that change a room's presence: seq, epoch, presence, users."""
+    keys = _keys(room)
+    return [keys.seq, keys.epoch, keys.presence, keys.users]
 
 
 def _publish_keys(room: str) -> list[str]:
     """A room's keys for :data:`~.redis_scripts.PUBLISH`: seq, epoch, history, and the UTF-8
     bytes its history holds."""
-    seq, epoch, history, _ = _keys(room)
-    return [seq, epoch, history, f"{history}-bytes"]
+    keys = _keys(room)
+    return [keys.seq, keys.epoch, keys.history, f"{keys.history}-bytes"]
 
 
 def _split_entry(entry: str) -> tuple[int, str]:
@@ -388,7 +420,9 @@ class RedisBroker:
     def _greet(
         self, member: Member, snapshot: list[Any], since: int | None, epoch: str | None
     ) -> None:
-        run, seq, count, present, history = snapshot
+        run, seq, count, present, history, new = snapshot
+        if not new:  # another tab of a user already there: no join to come back
+            self._joining.pop(member.id, None)
         seq = int(seq)
         names = [person.name for person in _people(present) if person.name]
         welcome = protocol.encode_welcome(
@@ -457,7 +491,7 @@ class RedisBroker:
         if not rooms:
             return
         values = await self._call_raw(
-            self.client.mget([key for room in rooms for key in _keys(room.name)[:2]])
+            self.client.mget([key for room in rooms for key in _keys(room.name)[:2]])  # seq, epoch
         )
         for index, room in enumerate(rooms):
             counter, run = values[2 * index], values[2 * index + 1]
@@ -535,7 +569,9 @@ class RedisBroker:
         """Read the room's run, counter and history, then (synchronously) jump past what
         is gone and fan out what this worker has not."""
         run, counter, entries = await self._call(
-            self._read, _keys(room.name)[:3], [secrets.token_urlsafe(6)]
+            self._read,
+            _keys(room.name)[:3],
+            [secrets.token_urlsafe(6)],  # seq, epoch, history
         )
         stream = self._streams.get(room)
         if stream is None or self.hub.rooms.get(room.name) is not room or not room.members:
@@ -601,13 +637,21 @@ class RedisBroker:
         """The room's count and names across workers, for a presence notice (the hub's
         ``presence_source``); ``None`` while Redis is out of reach."""
         try:
-            count, entries = await self._call(
-                self._presence_now, [_keys(room.name)[3]], [_now_ms(), 2 * MAX_WELCOME_MEMBERS]
-            )
+            count, entries = await self._presence_of(room.name, 2 * MAX_WELCOME_MEMBERS)
         except BrokerUnavailable:
             return None
         names = [person.name for person in _people(entries) if person.name]
-        return int(count), names[:MAX_WELCOME_MEMBERS]
+        return count, names[:MAX_WELCOME_MEMBERS]
+
+    async def _presence_of(self, room: str, entries: int) -> tuple[int, list[str]]:
+        """The room's count (people) and its first ``entries`` presence entries (-1: all),
+        after removing (and announcing) expired ones.
+
+        :raises BrokerUnavailable: if Redis cannot be reached
+        """
+        args = [_now_ms(), entries, self.channel_prefix + room, secrets.token_urlsafe(6)]
+        count, live = await self._call(self._presence_now, _presence_keys(room), args)
+        return int(count), live
 
     # -- publishing (the publisher task) ----------------------------------------------------
 
@@ -671,11 +715,10 @@ class RedisBroker:
             self.hub.announce_locally(room, event, member)
 
     async def _remove_presence(self, member: Member) -> None:
-        seq_key, epoch_key, _, presence = _keys(member.room.name)
         try:
             with anyio.move_on_after(REQUEST_TIMEOUT, shield=True):
                 await self._leave(
-                    keys=[seq_key, epoch_key, presence],
+                    keys=_presence_keys(member.room.name),
                     args=[
                         self._entry(member),
                         _now_ms(),
@@ -720,8 +763,7 @@ class RedisBroker:
             still = [m for m in greeted if m not in self._absent] if refresh else []
             for member in back:
                 self._absent.discard(member)
-            seq_key, epoch_key, _, presence = _keys(room.name)
-            keys += [seq_key, epoch_key, presence]
+            keys += _presence_keys(room.name)
             args += [self.channel_prefix + room.name, len(still), len(back)]
             args += [self._entry(m) for m in still] + [self._entry(m) for m in back]
             refreshed.append(still)
@@ -794,7 +836,7 @@ class RedisBroker:
         return int(firsts[0])
 
     async def history(self, room: str, since: int, limit: int) -> History:
-        seq_key, epoch_key, history_key, _ = _keys(room)
+        seq_key, epoch_key, history_key, _, _ = _keys(room)
         seq, epoch = await self._call_raw(self.client.mget([seq_key, epoch_key]))
         entries = await self._call_raw(self.client.lrange(history_key, 0, -1))
         kept = [_split_entry(entry) for entry in entries]
@@ -804,16 +846,16 @@ class RedisBroker:
         return History(epoch, latest, first, events)
 
     async def presence(self, room: str) -> list[Person]:
-        live = self.client.zrangebyscore(_keys(room)[3], _now_ms(), float("inf"))
-        return _people(await self._call_raw(live))
+        _, entries = await self._presence_of(room, -1)
+        return _people(entries)
 
     async def rooms(self) -> dict[str, int]:
         found: dict[str, int] = {}
-        now = _now_ms()
         async for key in self.client.scan_iter(match="roomcast:{*}:presence"):
-            count = int(await self._call_raw(self.client.zcount(key, now, float("inf"))))
+            room = key.partition("{")[2].rpartition("}")[0]
+            count, _ = await self._presence_of(room, 0)
             if count:
-                found[key.partition("{")[2].rpartition("}")[0]] = count
+                found[room] = count
         return found
 
     # -- calls ------------------------------------------------------------------------------
