@@ -11,9 +11,13 @@ kept in its history and reaches every member.
     POST /api/rooms/{room}/messages   {"text", "from"?, "id"?}  -> {"seq"}
     GET  /api/rooms/{room}/history?since=S&limit=N             -> {"room", "epoch", "seq",
                                                                     "first", "messages"}
-    GET  /api/rooms/{room}/presence                             -> {"room", "count", "members"}
+    GET  /api/rooms/{room}/presence                             -> {"room", "count", "members":
+                                                                    [{"user", "name"}]}
     GET  /api/rooms                                             -> {"rooms": [{"name", "count"}]}
     POST /api/users/{user}/disconnect                           -> {"closed"}
+
+*Presence* lists people: each verified user once however many tabs it has open (with the
+name one of them shows), each anonymous connection with ``"user": null``; ``count`` counts them.
 
 *Disconnect* closes every connection of a verified user (the token's ``sub``; percent-
 encode it in the URL, ``/`` included) with 4001 "disconnected by the server", in every room

@@ -123,7 +123,7 @@ class Broker(Protocol):
         ...
 
     async def rooms(self) -> dict[str, int]:
-        """Rooms with members, and how many.
+        """Rooms with members, and how many people (each verified user once).
 
         :raises BrokerUnavailable: if the broker cannot be reached
         """
