@@ -1,5 +1,6 @@
 """The server API (SPEC §8.2): request rules without a server, then the endpoints on a real
-``python -m roomcast``, and across two servers sharing one Redis."""
+``python -m roomcast``, and across two servers sharing one Redis; disconnecting a user (with
+signed tokens) on one server, and across servers and workers."""
 
 from __future__ import annotations
 
@@ -7,17 +8,23 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
-from roomcast.api import ApiError, parse_history_query, parse_publish
+from roomcast.api import ApiError, parse_history_query, parse_publish, parse_user
+from roomcast.client.api import ApiRefused, open_server_api
+from roomcast.identity import mint_token
 
-from chatters import Chatter
+from chatters import Chatter, owner_of
+from rawws import RawWebSocket, open_raw_websocket
 from redis_server import RedisServer
 from servers import ServerProcess, spawn_server
 
 KEY = "s3cret-api-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
+SECRET = "a-secret-of-at-least-thirty-two-bytes!"
+DISCONNECTED = (4001, "disconnected by the server")
 
 
 # -- request rules (sans I/O) ----------------------------------------------------------------
@@ -47,6 +54,15 @@ def test_bad_publish_bodies_are_refused(body: bytes, status: int, code: str) -> 
     with pytest.raises(ApiError) as refused:
         parse_publish(body, max_text=10)
     assert (refused.value.status, refused.value.code) == (status, code)
+
+
+def test_a_user_id_in_a_path_is_percent_decoded_utf8_of_1_to_256_characters() -> None:
+    assert parse_user(b"team%2Fann%20%C3%BC:1") == "team/ann \u00fc:1"
+    assert parse_user(b"x" * 256) == "x" * 256
+    for bad in (b"", b"x" * 257, b"%FF", b"%C3"):
+        with pytest.raises(ApiError) as refused:
+            parse_user(bad)
+        assert (refused.value.status, refused.value.code) == (400, "bad_request")
 
 
 def test_history_paging_parameters() -> None:
@@ -138,6 +154,12 @@ def test_history_pages_with_since_and_limit(server: ServerProcess) -> None:
         ("GET", "/api/rooms/r/messages", {}, 405, "method_not_allowed"),
         ("GET", "/api/nothing", {}, 404, "not_found"),
         ("GET", "/api/rooms/r/history?limit=5000", {}, 400, "bad_request"),
+        ("POST", "/api/users/ann/disconnect", {"headers": {}}, 401, "unauthorized"),
+        ("GET", "/api/users/ann/disconnect", {}, 405, "method_not_allowed"),
+        ("POST", "/api/users//disconnect", {}, 400, "bad_request"),
+        ("POST", "/api/users/" + "x" * 257 + "/disconnect", {}, 400, "bad_request"),
+        ("POST", "/api/users/%FF/disconnect", {}, 400, "bad_request"),
+        ("POST", "/api/users/ann", {}, 404, "not_found"),
     ],
 )
 def test_refused_requests_say_why(
@@ -181,3 +203,142 @@ def test_a_message_posted_on_one_server_reaches_both_with_redis(redis_server: Re
         assert sorted(m["name"] for m in presence["members"]) == ["a", "b"]
         for member in members:
             member.ws.sock.close()
+
+
+# -- signed tokens: users in presence, disconnecting a user --------------------------------
+
+
+@pytest.fixture(scope="module")
+def signed() -> Iterator[ServerProcess]:
+    env = {"ROOMCAST_API_KEY": KEY, "ROOMCAST_JWT_SECRET": SECRET, "ROOMCAST_RATE_LIMIT": "0"}
+    with spawn_server(env=env) as server:
+        yield server
+
+
+def connect(server: ServerProcess, user: str, room: str) -> tuple[RawWebSocket, dict[str, Any]]:
+    """A connection of ``user`` (named after it, capitalised) and its welcome."""
+    token = mint_token(SECRET, sub=user, name=user.capitalize(), ttl=600)
+    ws = open_raw_websocket(server.port, f"/ws/chat?room={room}&token={token}")
+    welcome = json.loads(ws.next_message())
+    assert welcome["type"] == "welcome", welcome
+    return ws, welcome
+
+
+def closed_with(ws: RawWebSocket) -> tuple[int, str]:
+    code, reason, _ = ws.read_until_close()
+    ws.sock.close()
+    return code, reason
+
+
+def presence_until(ws: RawWebSocket, count: int) -> list[dict[str, Any]]:
+    """The presence notices ``ws`` reads until one shows ``count``."""
+    notices: list[dict[str, Any]] = []
+    while not notices or notices[-1]["count"] != count:
+        event = json.loads(ws.next_message())
+        if event["type"] == "system":
+            notices.append(event)
+    return notices
+
+
+def test_presence_lists_each_user_once_however_many_tabs(signed: ServerProcess) -> None:
+    tabs = [connect(signed, user, "tabs")[0] for user in ("ann", "bob", "ann", "ann")]
+    presence = api(signed, "GET", "/api/rooms/tabs/presence").json()
+    assert presence == {
+        "room": "tabs",
+        "count": 2,
+        "members": [{"user": "ann", "name": "Ann"}, {"user": "bob", "name": "Bob"}],
+    }
+    assert {"name": "tabs", "count": 2} in api(signed, "GET", "/api/rooms").json()["rooms"]
+    for tab in tabs:
+        tab.sock.close()
+
+
+def still_connected(ws: RawWebSocket) -> None:
+    """``ws`` is still a member: its message comes back (its ack may come first)."""
+    ws.send_text(json.dumps({"text": "still here", "id": "check"}))
+    while (event := json.loads(ws.next_message()))["type"] != "message":
+        assert event["type"] == "ack", event
+    assert event["text"] == "still here"
+
+
+def test_disconnect_closes_every_connection_of_the_user_and_no_other(
+    signed: ServerProcess,
+) -> None:
+    bob, _ = connect(signed, "bob", "team")
+    tabs = [connect(signed, "ann", room)[0] for room in ("team", "team", "side")]
+    assert [n["event"] for n in presence_until(bob, 2)] == ["join"]
+
+    response = api(signed, "POST", "/api/users/ann/disconnect")
+    assert (response.status_code, response.json()) == (200, {"closed": 3})
+    for tab in tabs:
+        assert closed_with(tab) == DISCONNECTED
+    notices = presence_until(bob, 1)  # her tabs were one member: one leave
+    assert sum(n["leaves"] for n in notices) == 1 and notices[-1]["left"] == ["Ann"]
+    still_connected(bob)
+
+    again, welcome = connect(signed, "ann", "team")  # not a ban: her token still works
+    assert welcome["count"] == 2
+    presence = api(signed, "GET", "/api/rooms/team/presence").json()
+    assert presence["members"] == [{"user": "bob", "name": "Bob"}, {"user": "ann", "name": "Ann"}]
+    assert api(signed, "POST", "/api/users/nobody/disconnect").json() == {"closed": 0}
+    for ws in (again, bob):
+        ws.sock.close()
+
+
+@pytest.mark.anyio
+async def test_the_client_disconnects_a_user_whose_id_needs_escaping(
+    signed: ServerProcess,
+) -> None:
+    user = "team/ann \u00fc:1?x=%2F"
+    ws, _ = connect(signed, user, "escaped")
+    with anyio.fail_after(10):
+        async with open_server_api(signed.http_url(), KEY) as client:
+            assert await client.disconnect_user(user) == 1
+            assert await client.disconnect_user(user) == 0
+            with pytest.raises(ApiRefused) as refused:
+                await client.disconnect_user("")
+            assert (refused.value.status, refused.value.code) == (400, "bad_request")
+        async with open_server_api(signed.http_url(), "wrong") as client:
+            with pytest.raises(ApiRefused) as refused:
+                await client.disconnect_user(user)
+            assert refused.value.status == 401
+    assert closed_with(ws) == DISCONNECTED
+
+
+def test_a_disconnect_on_one_server_closes_the_user_everywhere_with_redis(
+    redis_server: RedisServer,
+) -> None:
+    """Ann has tabs on server A and on both workers of server B; the request goes to A."""
+    env = {
+        "ROOMCAST_API_KEY": KEY,
+        "ROOMCAST_JWT_SECRET": SECRET,
+        "ROOMCAST_RATE_LIMIT": "0",
+        "ROOMCAST_REDIS_URL": redis_server.url,
+        "ROOMCAST_MAX_CONNECTIONS_PER_USER": "50",
+    }
+    with (
+        spawn_server(env=env) as first,
+        spawn_server(["--workers", "2"], env=env) as second,
+    ):
+        bob, _ = connect(first, "bob", "shared")
+        tabs = [connect(first, "ann", "shared")[0]]
+        workers = second.workers()
+        owners: set[int | None] = set()
+        while owners != set(workers):  # the kernel spreads connections over both workers
+            assert len(tabs) < 40, f"all of ann's tabs went to one worker: {owners}"
+            room = "shared" if len(tabs) % 2 else "elsewhere"
+            tabs.append(connect(second, "ann", room)[0])
+            owners.add(owner_of(workers, tabs[-1].sock.getsockname()[:2]))
+        presence = api(first, "GET", "/api/rooms/shared/presence").json()
+        assert presence["count"] == 2
+        assert sorted(m["user"] for m in presence["members"]) == ["ann", "bob"]
+        assert sum(n["joins"] for n in presence_until(bob, 2)) == 1  # ann, once
+
+        response = api(first, "POST", "/api/users/ann/disconnect")
+        assert (response.status_code, response.json()) == (200, {"closed": len(tabs)})
+        for tab in tabs:
+            assert closed_with(tab) == DISCONNECTED
+        notices = presence_until(bob, 1)
+        assert sum(n["leaves"] for n in notices) == 1 and notices[-1]["left"] == ["Ann"]
+        still_connected(bob)
+        bob.sock.close()

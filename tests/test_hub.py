@@ -116,6 +116,36 @@ async def test_join_and_leave_are_announced_to_the_others_only() -> None:
     )
 
 
+async def test_ending_a_user_ends_each_of_its_tabs_with_one_leave_per_room() -> None:
+    hub = Hub()
+    bob = hub.join("r", "Bob", user="bob")
+    tabs = [hub.join(room, "Ann", user="ann") for room in ("r", "r", "s")]
+    other = hub.join("s", None)
+    hub.flush_presence()
+    for member in (bob, other, *tabs):
+        drain(member)
+    assert hub.rooms["r"].people() == [("bob", "Bob"), ("ann", "Ann")]
+    assert hub.rooms["s"].people() == [("ann", "Ann"), (None, None)]
+    assert hub.end_user("ann", CloseCode.UNAUTHORIZED, "disconnected by the server") == 3
+    assert hub.end_user("ann", CloseCode.UNAUTHORIZED, "again") == 0
+    for tab in tabs:
+        assert not tab.joined
+        assert (tab.close_code, tab.close_reason) == (
+            CloseCode.UNAUTHORIZED,
+            "disconnected by the server",
+        )
+    hub.flush_presence()
+    for member in (bob, other):
+        [left] = drain(member)
+        assert (left["event"], left["leaves"], left["user"], left["count"]) == (
+            "leave",
+            1,
+            "ann",
+            1,
+        )
+    assert hub.rooms["r"].users == {"bob": 1} and not hub.rooms["s"].users
+
+
 async def test_ack_only_for_messages_with_an_id() -> None:
     hub = Hub()
     a = hub.join("r")

@@ -15,19 +15,34 @@ from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from roomcast import Settings, create_app
+from roomcast.brokers import Person
 from roomcast.brokers import redis as redis_broker
-from roomcast.brokers.redis import MEMBER_QUEUE, QUEUE_SIZE, Backlog, RedisBroker
+from roomcast.brokers.redis import (
+    MEMBER_QUEUE,
+    QUEUE_SIZE,
+    Backlog,
+    RedisBroker,
+    _parse_entry,
+    _people,
+    _presence_entry,
+)
+from roomcast.hub import Hub
+from roomcast.identity import mint_token
 
 from chatload import Client, connect_all, read_forever, send_all
 from redis_server import RedisServer, run_redis
 from servers import ThreadedServer, serve_in_thread
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
+
+SECRET = "a-secret-of-at-least-thirty-two-bytes!"
+KEY = "s3cret-api-key"
 
 
 @asynccontextmanager
@@ -43,6 +58,19 @@ async def next_of(ws: WebSocketConnection, kind: str) -> dict[str, Any]:
         event: dict[str, Any] = json.loads(await ws.get_message())
         if event["type"] == kind:
             return event
+
+
+async def test_a_presence_entry_carries_any_user_id_and_name() -> None:
+    hub = Hub()
+    odd = hub.join("r", "a:b|c", user="id:with\nnewline|and:colons")
+    anonymous = hub.join("r", None)
+    tab = hub.join("r", "a:b|c", user=odd.user)
+    entries = [_presence_entry(member) for member in (odd, anonymous, tab)]
+    assert not any("\n" in entry for entry in entries)
+    assert _parse_entry(entries[0]) == (odd.id, Person(odd.user, "a:b|c"))
+    assert _parse_entry(entries[1]) == (anonymous.id, Person(None, None))
+    assert _people(entries) == [Person(odd.user, "a:b|c"), Person(None, None)]
+    assert _parse_entry("n-1:old:style") == ("n-1", Person(None, "old:style"))  # before users
 
 
 @pytest.fixture
@@ -111,6 +139,65 @@ async def test_presence_notices_cross_servers(two_servers: list[ThreadedServer])
             left = await next_of(ann, "system")
             assert (left["event"], left["name"], left["count"]) == ("leave", "bob", 1)
             assert left["members"] == ["ann"]
+
+
+def as_user(server: ThreadedServer, room: str, user: str) -> str:
+    """The chat URL of a connection of ``user`` (named after it, capitalised)."""
+    token = mint_token(SECRET, sub=user, name=user.capitalize(), ttl=600)
+    return server.url(f"/ws/chat?room={room}&token={token}")
+
+
+async def notices_until(
+    ws: WebSocketConnection, done: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """The presence notices ``ws`` reads until one for which ``done`` holds."""
+    notices = [await next_of(ws, "system")]
+    while not done(notices[-1]):
+        notices.append(await next_of(ws, "system"))
+    return notices
+
+
+async def test_a_user_is_one_member_across_servers(redis_server: RedisServer) -> None:
+    """Ann's tabs on two servers: the room sees her join once, counts her once, and sees
+    her leave when her last tab goes, not her first; the API lists her once."""
+    settings = Settings(redis_url=redis_server.url, rate_limit=0, jwt_secret=SECRET, api_key=KEY)
+    with ExitStack() as stack:
+        a, b = [
+            stack.enter_context(serve_in_thread(create_app(settings), worker_class=kind))
+            for kind in ("trio", "asyncio")
+        ]
+        with trio.fail_after(30):
+            async with chat(as_user(a, "tabs", "bob")) as (bob, _):
+                async with chat(as_user(a, "tabs", "ann")) as (_, first):
+                    [joined] = await notices_until(bob, lambda n: n["count"] == 2)
+                    assert (joined["event"], joined["user"], joined["joins"]) == ("join", "ann", 1)
+                    async with chat(as_user(b, "tabs", "ann")) as (_, second):
+                        assert (first["count"], second["count"]) == (2, 2)
+                        assert sorted(second["members"]) == ["Ann", "Bob"]
+                        async with httpx.AsyncClient(
+                            headers={"authorization": f"Bearer {KEY}"}
+                        ) as api:
+                            presence = (
+                                await api.get(b.http_url("/api/rooms/tabs/presence"))
+                            ).json()
+                            rooms = (await api.get(a.http_url("/api/rooms"))).json()["rooms"]
+                        assert presence["count"] == 2
+                        assert sorted(m["user"] for m in presence["members"]) == ["ann", "bob"]
+                        assert {"name": "tabs", "count": 2} in rooms
+                    # her tab on b has left Redis's presence: the tab on a is all she has there
+                    zcard = ("ZCARD", "roomcast:{tabs}:presence")
+                    while await trio.to_thread.run_sync(redis_server.command, *zcard) != 2:  # noqa: ASYNC110
+                        await trio.sleep(0.01)  # another thread's server: nothing to wait on
+                    async with chat(as_user(b, "tabs", "cy")) as (_, marker):
+                        assert marker["count"] == 3
+                        notices = await notices_until(bob, lambda n: "Cy" in n["joined"])
+                        assert sum(n["joins"] for n in notices) == 1  # cy's, not ann's 2nd tab
+                        assert sum(n["leaves"] for n in notices) == 0  # ann's 1st leaving tab
+                        assert notices[-1]["count"] == 3
+                    await notices_until(bob, lambda n: n["count"] == 2)
+                [left] = await notices_until(bob, lambda n: n["count"] == 1)
+                assert (left["event"], left["user"], left["left"]) == ("leave", "ann", ["Ann"])
+                assert left["members"] == ["Bob"]
 
 
 async def test_a_crowd_over_two_servers_is_announced_in_few_notices(

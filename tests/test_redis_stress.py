@@ -1,7 +1,8 @@
 """The Redis broker under load, across two server processes on one redis-server (one on
 Hypercorn's Trio worker, one on its asyncio worker): every member sees every message
 exactly once and in order, also while one server is paused (SIGSTOP) and must catch up;
-a server that stops answering or dies takes its members out of the room."""
+a server that stops answering or dies takes its members out of the room, each verified
+user with its last connection."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import trio
 
 from roomcast.brokers.redis import PRESENCE_TTL, TICK
+from roomcast.identity import mint_token
 
 from chatload import Client, connect_all, delivery_faults, read_forever, run_load, text_of
 from redis_server import RedisServer
@@ -254,3 +256,38 @@ async def test_a_stopped_then_dead_server_takes_its_members_out_of_the_room(
             assert all(3 <= notice["count"] <= 8 for notice in phase)
     assert newcomer.welcome["count"] == 4
     assert sorted(newcomer.welcome["members"]) == ["a0", "a1", "a2", "late"]
+
+
+async def test_a_dead_server_takes_out_the_users_whose_every_tab_it_held(
+    redis_server: RedisServer,
+) -> None:
+    """Ann has a tab on each server, Zed two on the one that is SIGKILLed: within
+    PRESENCE_TTL + TICK seconds Zed leaves, once, and Ann stays (one tab is alive)."""
+    secret = "a-secret-of-at-least-thirty-two-bytes!"
+    with two_servers_on(redis_server, ROOMCAST_JWT_SECRET=secret) as (alive, doomed):
+
+        def tab(server: ServerProcess, user: str) -> Client:
+            token = mint_token(secret, sub=user, name=user.capitalize(), ttl=600)
+            return Client(server.url(f"/ws/chat?room=k&token={token}"), batch=False)
+
+        bob, ann = tab(alive, "bob"), tab(alive, "ann")
+        doomed_tabs = [tab(doomed, user) for user in ("ann", "zed", "zed")]
+        within = PRESENCE_TTL + TICK + 2
+        with trio.fail_after(3 * within):
+            async with AsyncExitStack() as stack:
+                await connect_all(stack, [bob, ann])
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read_forever, bob)
+                    async with AsyncExitStack() as doomed_stack:
+                        await connect_all(doomed_stack, doomed_tabs)
+                        assert doomed_tabs[-1].welcome["count"] == 3
+                        await all_see([bob], 3)
+                        mark = len(bob.notices)
+                        os.killpg(os.getpgid(doomed.process.pid), signal.SIGKILL)
+                        with trio.fail_after(within):
+                            await all_see([bob], 2)
+                    nursery.cancel_scope.cancel()
+    after = bob.notices[mark:]
+    assert [name for notice in after for name in notice["left"]] == ["Zed"]
+    assert sum(n["leaves"] for n in after) == 1 and not any(n["joins"] for n in after)
+    assert sorted(after[-1]["members"]) == ["Ann", "Bob"]

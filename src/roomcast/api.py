@@ -11,11 +11,29 @@ kept in its history and reaches every member.
     POST /api/rooms/{room}/messages   {"text", "from"?, "id"?}  -> {"seq"}
     GET  /api/rooms/{room}/history?since=S&limit=N             -> {"room", "epoch", "seq",
                                                                     "first", "messages"}
-    GET  /api/rooms/{room}/presence                             -> {"room", "count", "members"}
+    GET  /api/rooms/{room}/presence                             -> {"room", "count", "members":
+                                                                    [{"user", "name"}]}
     GET  /api/rooms                                             -> {"rooms": [{"name", "count"}]}
+    POST /api/users/{user}/disconnect                           -> {"closed"}
 
-Request parsing is sans I/O (:func:`parse_publish`, :func:`parse_history_query`), so the
-rules are tested without a server; :func:`handle` is the thin I/O edge.
+*Presence* lists people: each verified user once however many tabs it has open (with the
+name one of them shows), each anonymous connection with ``"user": null``; ``count`` counts them.
+
+*Disconnect* closes every connection of a verified user (the token's ``sub``; percent-
+encode it in the URL, ``/`` included) with 4001 "disconnected by the server", in every room
+and tab, on every worker and server, each room hearing one leave. It is not a ban: the user
+may connect again with a token that is still valid (refuse to issue new ones, and keep
+tokens short-lived, to keep someone out). ``closed`` is how many connections were closed:
+with one process, exactly; with Redis, the request goes to every worker over pub/sub
+(``PUBLISH`` tells how many workers are subscribed), each closes the user's connections
+it holds and reports its count on a list the request waits on (``BLPOP``) for up to one
+second, and ``closed`` adds up the reports that came in time. A worker that is too slow
+to report still closes the connections (they are just not counted); one that was cut off
+from Redis at that moment never hears of the request and keeps them.
+
+Request parsing is sans I/O (:func:`parse_publish`, :func:`parse_history_query`,
+:func:`parse_user`), so the rules are tested without a server; :func:`handle` is the thin
+I/O edge.
 """
 
 from __future__ import annotations
@@ -24,7 +42,7 @@ import hmac
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 import orjson
 
@@ -37,7 +55,7 @@ from .names import BadName, normalize_name
 if TYPE_CHECKING:
     from .app import Runtime
 
-__all__ = ["ApiError", "Publish", "handle", "parse_history_query", "parse_publish"]
+__all__ = ["ApiError", "Publish", "handle", "parse_history_query", "parse_publish", "parse_user"]
 
 PREFIX: Final = "/api/"
 #: largest request body accepted: a message at ROOMCAST_MAX_TEXT of 4-byte characters fits
@@ -45,8 +63,13 @@ MAX_BODY: Final = 65536
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
 JSON: Final = "application/json"
+#: longest user id (a token's ``sub`` is refused beyond it too)
+MAX_USER: Final = 256
 
 _ROOM_ROUTE: Final = re.compile(r"/api/rooms/(?P<room>[^/]+)/(?P<what>messages|history|presence)")
+_USER_ROUTE: Final = re.compile(r"/api/users/(?P<user>.*)/disconnect", re.DOTALL)
+#: the same in the undecoded path, where a ``%2F`` in a user id is not a separator yet
+_RAW_USER_ROUTE: Final = re.compile(rb"/api/users/([^/]*)/disconnect\Z")
 
 
 class ApiError(Exception):
@@ -112,6 +135,31 @@ def parse_history_query(query_string: bytes) -> tuple[int, int]:
     return int(since), int(limit)
 
 
+def parse_user(segment: bytes) -> str:
+    """The user id in a ``/api/users/{user}/...`` path segment, percent-decoded.
+
+    :raises ApiError: 400 unless it decodes to 1-:data:`MAX_USER` characters of UTF-8
+    """
+    try:
+        user = unquote_to_bytes(segment).decode()
+    except UnicodeDecodeError:
+        raise ApiError(400, "bad_request", "the user id must be percent-encoded UTF-8") from None
+    return _checked_user(user)
+
+
+def _checked_user(user: str) -> str:
+    if not 1 <= len(user) <= MAX_USER:
+        raise ApiError(400, "bad_request", f"the user id must be 1-{MAX_USER} characters")
+    return user
+
+
+def _user_in(scope: Scope, decoded: str) -> str:
+    """The user id of a ``/api/users/{user}/...`` request: from the undecoded path (so
+    that an id with a ``%2F`` is one segment), else as the server decoded it."""
+    raw = _RAW_USER_ROUTE.search(scope.get("raw_path") or b"")
+    return parse_user(raw[1]) if raw is not None else _checked_user(decoded)
+
+
 def authorized(headers: Headers, key: str) -> bool:
     """Whether the request carries ``Authorization: Bearer <key>`` (constant time)."""
     given = header(headers, b"authorization") or ""
@@ -148,6 +196,10 @@ async def _route(
         _allow(method, "GET")
         rooms = await broker.rooms()
         return 200, {"rooms": [{"name": name, "count": n} for name, n in sorted(rooms.items())]}
+    if (user_match := _USER_ROUTE.fullmatch(path)) is not None:
+        _allow(method, "POST")
+        user = _user_in(scope, user_match["user"])
+        return 200, {"closed": await broker.disconnect(user)}
     match = _ROOM_ROUTE.fullmatch(path)
     if match is None:
         raise ApiError(404, "not_found", f"no API endpoint at {path[:80]}")
@@ -171,8 +223,8 @@ async def _route(
         )
         # the retained events are already JSON: splice them in rather than re-encode them
         return 200, head[:-1] + b',"messages":[' + ",".join(history.events).encode() + b"]}"
-    names = await broker.presence(room)
-    members = [{"user": None, "name": name} for name in names]
+    people = await broker.presence(room)
+    members = [{"user": person.user, "name": person.name} for person in people]
     return 200, {"room": room, "count": len(members), "members": members}
 
 

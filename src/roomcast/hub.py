@@ -167,6 +167,19 @@ class Room:
         """Members as people: anonymous connections, plus each verified user once."""
         return len(self.members) - sum(self.users.values()) + len(self.users)
 
+    def people(self) -> list[tuple[str | None, str | None]]:
+        """``(user, name)`` of each member as a person, in join order: a verified user
+        once (as its first connection is named), each anonymous connection."""
+        people: list[tuple[str | None, str | None]] = []
+        users: set[str] = set()
+        for member in self.members:
+            if member.user is not None:
+                if member.user in users:
+                    continue
+                users.add(member.user)
+            people.append((member.user, member.name))
+        return people
+
     def member_names(self) -> list[str]:
         names: list[str] = []
         users: set[str] = set()
@@ -333,6 +346,21 @@ class Hub:
         the member's sender drains its outbox and closes with it; the room is told."""
         if self._remove(member, code, reason):
             self.announce(member.room, "leave", member)
+
+    def end_user(self, user: str, code: CloseCode, reason: str) -> int:
+        """End every membership of the verified ``user`` here (each room, each tab), as
+        :meth:`end` does; returns how many were ended. Its rooms hear one leave each, with
+        its last connection (see :meth:`announce_locally`)."""
+        ending = [
+            member
+            for room in self.rooms.values()
+            if user in room.users
+            for member in room.members
+            if member.user == user
+        ]
+        for member in ending:
+            self.end(member, code, reason)
+        return len(ending)
 
     def leave(self, member: Member) -> None:
         """Remove a member (idempotent) and tell the rest of its room."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import anyio
 
@@ -21,10 +21,20 @@ from ..hub import Hub, Member
 from ..protocol import ChatMessage
 from ..settings import Settings
 
-__all__ = ["UNAVAILABLE_NOTICE", "Broker", "BrokerUnavailable", "History", "open_broker"]
+__all__ = [
+    "DISCONNECTED",
+    "UNAVAILABLE_NOTICE",
+    "Broker",
+    "BrokerUnavailable",
+    "History",
+    "Person",
+    "open_broker",
+]
 
 #: the ``error`` text for a message the broker could not accept
 UNAVAILABLE_NOTICE = "message not sent: the chat service is unavailable; try again shortly"
+#: the close reason (with 4001) of a connection the server API disconnected
+DISCONNECTED = "disconnected by the server"
 
 
 class BrokerUnavailable(Exception):
@@ -39,6 +49,14 @@ class History:
     seq: int  # the room's latest seq
     first: int  # the first seq still retained (seq + 1 when none is)
     events: list[str]
+
+
+class Person(NamedTuple):
+    """A room's member as a person: a verified ``user`` once however many connections
+    (tabs) it has there, or one anonymous connection (``user`` ``None``)."""
+
+    user: str | None
+    name: str | None
 
 
 class Broker(Protocol):
@@ -97,15 +115,26 @@ class Broker(Protocol):
         """
         ...
 
-    async def presence(self, room: str) -> list[str | None]:
-        """The display names of the room's members (``None`` for unnamed ones).
+    async def presence(self, room: str) -> list[Person]:
+        """The room's members, each verified user once (SPEC §8.1).
 
         :raises BrokerUnavailable: if the broker cannot be reached
         """
         ...
 
     async def rooms(self) -> dict[str, int]:
-        """Rooms with members, and how many.
+        """Rooms with members, and how many people (each verified user once).
+
+        :raises BrokerUnavailable: if the broker cannot be reached
+        """
+        ...
+
+    async def disconnect(self, user: str) -> int:
+        """Close every connection of the verified ``user``, on every worker and server,
+        with 4001 :data:`DISCONNECTED`; returns how many were closed (a broker spanning
+        processes counts those that reported back in time).
+
+        Not a ban: the user may connect again (with a token that is still valid).
 
         :raises BrokerUnavailable: if the broker cannot be reached
         """

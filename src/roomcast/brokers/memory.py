@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..hub import Hub, Member
-from ..protocol import ChatMessage
-from . import History
+from ..protocol import ChatMessage, CloseCode
+from . import DISCONNECTED, History, Person
 
 __all__ = ["MemoryBroker"]
 
@@ -48,9 +48,12 @@ class MemoryBroker:
         events = [encoded for seq, encoded in kept if seq > since][:limit]
         return History(found.epoch, found.seq, first, events)
 
-    async def presence(self, room: str) -> list[str | None]:
+    async def presence(self, room: str) -> list[Person]:
         found = self.hub.rooms.get(room)
-        return [] if found is None else [member.name for member in found.members]
+        return [] if found is None else [Person(user, name) for user, name in found.people()]
 
     async def rooms(self) -> dict[str, int]:
-        return {name: len(room.members) for name, room in self.hub.rooms.items() if room.members}
+        return {name: room.count for name, room in self.hub.rooms.items() if room.members}
+
+    async def disconnect(self, user: str) -> int:
+        return self.hub.end_user(user, CloseCode.UNAUTHORIZED, DISCONNECTED)

@@ -70,13 +70,33 @@ skipped. A run change (Redis lost the room's data: ``seq`` restarts and ``epoch`
 is a jump: members from the earlier run get ``history_gap`` with the new epoch and start
 over at the new run's first seq; events of retired runs are dropped.
 
-*Presence.* A sorted set per room maps ``<member id>:<name>`` to an expiry time. Every
-:data:`TICK` each worker runs one upkeep script over its rooms: it refreshes its members'
-entries every :data:`PRESENCE_REFRESH` seconds and removes every expired entry, announcing
-those as leaves. So when a worker or a whole server dies, its members leave the room for
-everyone else, with leave notices and the new count, at most :data:`PRESENCE_TTL` +
-:data:`TICK` seconds after its last refresh. A worker back from a pause longer than that
-adds its members back and announces them as joins.
+*Presence.* A sorted set per room maps each connection's entry, ``<member id>:<JSON
+[user, name]>``, to an expiry time. Every :data:`TICK` each worker runs one upkeep script
+over its rooms: it refreshes its members' entries every :data:`PRESENCE_REFRESH` seconds and
+removes every expired entry, announcing those as leaves. So when a worker or a whole server
+dies, its members leave the room for everyone else, with leave notices and the new count,
+at most :data:`PRESENCE_TTL` + :data:`TICK` seconds after its last refresh. A worker back
+from a pause longer than that adds its members back and announces them as joins.
+
+*A user is one member* (SPEC §8.1), however many connections it has in the room, on
+whichever workers and servers. Beside the sorted set, a hash per room counts each user's
+entries (the field ``""`` counts the anonymous ones). Every script that adds an entry
+(join, a paused worker's members coming back) or removes one (leave, expiry, which any
+script touching the room's presence reaps first) updates the hash in the same atomic step
+and announces only a person's change: a join when a user's count goes from 0 to 1, a leave
+when it comes back to 0 (anonymous entries are each a person). The room's ``count`` is the
+hash's users plus its anonymous entries, so it counts people the way each hub does, in O(1).
+As the hash follows the entries, expiry still works per connection: a dead server's
+connections expire within the same bound, and a user leaves only with the last of them;
+a user with a tab on a live server stays. Names in ``welcome`` and notices are read from the
+entries and each user is listed once. Capacity (``ROOMCAST_ROOM_CAPACITY``) still counts
+connections, as each hub does.
+
+*Disconnect* (the server API). A request on ``<prefix>control`` reaches every subscribed
+worker; each ends the user's local memberships (:meth:`~roomcast.hub.Hub.end_user`) and
+reports how many on the request's own list, all its queued reports in one script call
+(:data:`~.redis_scripts.REPORT`). The requester knows from ``PUBLISH`` how many workers
+heard it and waits (``BLPOP``) up to :data:`DISCONNECT_WAIT` for their reports.
 
 *Epoch.* Set once per room (``SET NX``) beside its counter; it changes only if Redis loses
 the room's data (a restart without persistence), exactly when ``seq`` restarts.
@@ -88,6 +108,7 @@ would need those calls grouped per hash slot and sharded pub/sub (``SSUBSCRIBE``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -108,9 +129,9 @@ from coredis.retry import NoRetryPolicy
 from .. import protocol
 from ..hub import Hub, Member, Room, RoomFull, replay
 from ..presence import PresenceEvent
-from ..protocol import MAX_WELCOME_MEMBERS, ChatMessage, ErrorCode
+from ..protocol import MAX_WELCOME_MEMBERS, ChatMessage, CloseCode, ErrorCode
 from ..settings import Settings
-from . import UNAVAILABLE_NOTICE, BrokerUnavailable, History, redis_scripts
+from . import DISCONNECTED, UNAVAILABLE_NOTICE, BrokerUnavailable, History, Person, redis_scripts
 from .subscriber import SubscriptionLost, open_subscription
 
 __all__ = ["PRESENCE_TTL", "Backlog", "RedisBroker", "open_redis_broker"]
@@ -137,19 +158,43 @@ MAX_BATCH: Final = 1024
 UPKEEP_ROOMS: Final = 100
 #: subscriber reconnection backoff, seconds
 RETRY_FIRST, RETRY_MAX = 0.1, 2.0
+#: seconds the server API's disconnect waits for the workers' reports of what they closed
+DISCONNECT_WAIT: Final = 1.0
+#: reports of closed connections a worker queues for Redis (beyond: not reported)
+REPORT_QUEUE: Final = 256
+#: milliseconds a disconnect's report list lives (its requester has stopped waiting)
+REPORT_TTL_MS: Final = 30_000
 
 
-def _keys(room: str) -> tuple[str, str, str, str]:
-    """seq, epoch, history and presence keys of a room (one hash slot: ``{room}``)."""
+class _Keys(NamedTuple):
+    """A room's keys (one hash slot: ``{room}``)."""
+
+    seq: str
+    epoch: str
+    history: str
+    #: sorted set: presence entry (one per connection) -> expiry (ms)
+    presence: str
+    #: hash: user -> its entries in ``presence`` ("" -> the anonymous ones)
+    users: str
+
+
+def _keys(room: str) -> _Keys:
     base = f"roomcast:{{{room}}}"
-    return f"{base}:seq", f"{base}:epoch", f"{base}:history", f"{base}:presence"
+    suffixes = ("seq", "epoch", "history", "presence", "users")
+    return _Keys(*(f"{base}:{suffix}" for suffix in suffixes))
+
+
+def _presence_keys(room: str) -> list[str]:
+    """The keys of the scripts that change a room's presence: seq, epoch, presence, users."""
+    keys = _keys(room)
+    return [keys.seq, keys.epoch, keys.presence, keys.users]
 
 
 def _publish_keys(room: str) -> list[str]:
     """A room's keys for :data:`~.redis_scripts.PUBLISH`: seq, epoch, history, and the UTF-8
     bytes its history holds."""
-    seq, epoch, history, _ = _keys(room)
-    return [seq, epoch, history, f"{history}-bytes"]
+    keys = _keys(room)
+    return [keys.seq, keys.epoch, keys.history, f"{keys.history}-bytes"]
 
 
 def _split_entry(entry: str) -> tuple[int, str]:
@@ -158,7 +203,34 @@ def _split_entry(entry: str) -> tuple[int, str]:
 
 
 def _presence_entry(member: Member) -> str:
-    return f"{member.id}:{member.name or ''}"
+    """A member's entry in its room's presence set: ``<member id>:<JSON [user, name]>``
+    (ids have no ``:``, JSON escapes newlines, so any user id and name fit)."""
+    return f"{member.id}:{orjson.dumps([member.user, member.name]).decode()}"
+
+
+def _parse_entry(entry: str) -> tuple[str, Person]:
+    """The member id and the person of a presence entry (one written before entries
+    carried the user, ``<id>:<name>``, is an anonymous member of that name)."""
+    member_id, _, rest = entry.partition(":")
+    try:
+        user, name = orjson.loads(rest)
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return member_id, Person(None, rest or None)
+    return member_id, Person(user, name)
+
+
+def _people(entries: Sequence[str]) -> list[Person]:
+    """The people among presence entries: each verified user once, in the entries' order."""
+    people: list[Person] = []
+    users: set[str] = set()
+    for entry in entries:
+        person = _parse_entry(entry)[1]
+        if person.user is not None:
+            if person.user in users:
+                continue
+            users.add(person.user)
+        people.append(person)
+    return people
 
 
 @dataclass(eq=False)
@@ -201,18 +273,25 @@ class RedisBroker:
         self.hub = hub
         self.client = client
         pool = client.connection_pool
-        self.channel_prefix = f"roomcast:{pool.connection_kwargs.get('db') or 0}:room:"
+        #: every channel this broker uses starts with it (the subscriber's pattern)
+        self.namespace = f"roomcast:{pool.connection_kwargs.get('db') or 0}:"
+        self.channel_prefix = self.namespace + "room:"
+        #: requests for every worker (the server API's disconnect)
+        self.control_channel = self.namespace + "control"
         self._join = client.register_script(redis_scripts.JOIN)
         self._leave = client.register_script(redis_scripts.LEAVE)
         self._publish = client.register_script(redis_scripts.PUBLISH)
         self._read = client.register_script(redis_scripts.READ)
         self._upkeep_script = client.register_script(redis_scripts.UPKEEP)
         self._presence_now = client.register_script(redis_scripts.PRESENCE)
+        self._report = client.register_script(redis_scripts.REPORT)
         self._healthy = True
         self._subscribed = False
         self._streams: weakref.WeakKeyDictionary[Room, _Stream] = weakref.WeakKeyDictionary()
         #: greeted members and the run their snapshot belongs to
         self._runs: weakref.WeakKeyDictionary[Member, str] = weakref.WeakKeyDictionary()
+        #: each member's presence entry, as written when it joined (a rename changes no key)
+        self._entries: weakref.WeakKeyDictionary[Member, str] = weakref.WeakKeyDictionary()
         #: members whose presence entry had expired at the last refresh (a long pause)
         self._absent: weakref.WeakSet[Member] = weakref.WeakSet()
         self._slots: weakref.WeakKeyDictionary[Member, anyio.Semaphore] = (
@@ -222,6 +301,10 @@ class RedisBroker:
             QUEUE_SIZE
         )
         self._leaving_send, self._leaving = anyio.create_memory_object_stream[Member](4096)
+        #: (report list, connections closed) for :meth:`disconnect` requests from any worker
+        self._reports_send, self._reports = anyio.create_memory_object_stream[tuple[str, int]](
+            REPORT_QUEUE
+        )
         #: local members whose own join has not come back through pub/sub yet, by id
         self._joining: dict[str, Member] = {}
         hub.announce = self._announce
@@ -259,7 +342,7 @@ class RedisBroker:
                 self._join,
                 _keys(room),
                 [
-                    _presence_entry(member),
+                    self._entry(member),
                     _now_ms(),
                     _now_ms() + int(PRESENCE_TTL * 1000),
                     self.settings.room_capacity,
@@ -324,6 +407,12 @@ class RedisBroker:
 
     # -- joining ----------------------------------------------------------------------------
 
+    def _entry(self, member: Member) -> str:
+        entry = self._entries.get(member)
+        if entry is None:
+            entry = self._entries[member] = _presence_entry(member)
+        return entry
+
     def _jumps(self, room: Room) -> int:
         stream = self._streams.get(room)
         return stream.jumps if stream is not None else 0
@@ -331,14 +420,16 @@ class RedisBroker:
     def _greet(
         self, member: Member, snapshot: list[Any], since: int | None, epoch: str | None
     ) -> None:
-        run, seq, count, present, history = snapshot
+        run, seq, count, present, history, new = snapshot
+        if not new:  # another tab of a user already there: no join to come back
+            self._joining.pop(member.id, None)
         seq = int(seq)
-        names = [entry.partition(":")[2] for entry in present]
+        names = [person.name for person in _people(present) if person.name]
         welcome = protocol.encode_welcome(
             room=member.room.name,
             epoch=run,
             seq=seq,
-            members=[n for n in names if n],
+            members=names[:MAX_WELCOME_MEMBERS],
             count=int(count),
         )
         member.greeting.append(welcome)
@@ -372,7 +463,7 @@ class RedisBroker:
                 async with open_subscription(
                     pool.location,
                     dict(pool.connection_kwargs),
-                    self.channel_prefix + "*",
+                    self.namespace + "*",
                     name=f"roomcast-subscriber-{os.getpid()}",
                     reply_timeout=REQUEST_TIMEOUT,
                 ) as subscription:
@@ -400,7 +491,7 @@ class RedisBroker:
         if not rooms:
             return
         values = await self._call_raw(
-            self.client.mget([key for room in rooms for key in _keys(room.name)[:2]])
+            self.client.mget([key for room in rooms for key in _keys(room.name)[:2]])  # seq, epoch
         )
         for index, room in enumerate(rooms):
             counter, run = values[2 * index], values[2 * index + 1]
@@ -424,6 +515,10 @@ class RedisBroker:
     async def _on_burst(self, burst: list[tuple[str, str]]) -> None:
         prefix = len(self.channel_prefix)
         for channel, data in burst:
+            if not channel.startswith(self.channel_prefix):
+                if channel == self.control_channel:
+                    self._on_control(data)
+                continue
             room = self.hub.rooms.get(channel[prefix:])
             if room is None or not room.members:
                 if room is not None:
@@ -474,7 +569,9 @@ class RedisBroker:
         """Read the room's run, counter and history, then (synchronously) jump past what
         is gone and fan out what this worker has not."""
         run, counter, entries = await self._call(
-            self._read, _keys(room.name)[:3], [secrets.token_urlsafe(6)]
+            self._read,
+            _keys(room.name)[:3],
+            [secrets.token_urlsafe(6)],  # seq, epoch, history
         )
         stream = self._streams.get(room)
         if stream is None or self.hub.rooms.get(room.name) is not room or not room.members:
@@ -528,23 +625,33 @@ class RedisBroker:
         already in its welcome (the change's ``origin``)."""
         change: PresenceEvent = "join" if kind == "J" else "leave"
         for index, entry in enumerate(entries):
-            member_id, _, name = entry.partition(":")
+            member_id, person = _parse_entry(entry)
             later = len(entries) - 1 - index
             origin = self._joining.pop(member_id, None) if kind == "J" else None
             after = count - later if kind == "J" else count + later
-            self.hub.note_presence(room, change, name or None, after, origin=origin)
+            self.hub.note_presence(
+                room, change, person.name, after, origin=origin, user=person.user
+            )
 
     async def _presence_state(self, room: Room) -> tuple[int, list[str]] | None:
         """The room's count and names across workers, for a presence notice (the hub's
         ``presence_source``); ``None`` while Redis is out of reach."""
         try:
-            count, entries = await self._call(
-                self._presence_now, [_keys(room.name)[3]], [_now_ms(), 2 * MAX_WELCOME_MEMBERS]
-            )
+            count, entries = await self._presence_of(room.name, 2 * MAX_WELCOME_MEMBERS)
         except BrokerUnavailable:
             return None
-        names = [name for name in (entry.partition(":")[2] for entry in entries) if name]
-        return int(count), names[:MAX_WELCOME_MEMBERS]
+        names = [person.name for person in _people(entries) if person.name]
+        return count, names[:MAX_WELCOME_MEMBERS]
+
+    async def _presence_of(self, room: str, entries: int) -> tuple[int, list[str]]:
+        """The room's count (people) and its first ``entries`` presence entries (-1: all),
+        after removing (and announcing) expired ones.
+
+        :raises BrokerUnavailable: if Redis cannot be reached
+        """
+        args = [_now_ms(), entries, self.channel_prefix + room, secrets.token_urlsafe(6)]
+        count, live = await self._call(self._presence_now, _presence_keys(room), args)
+        return int(count), live
 
     # -- publishing (the publisher task) ----------------------------------------------------
 
@@ -608,13 +715,12 @@ class RedisBroker:
             self.hub.announce_locally(room, event, member)
 
     async def _remove_presence(self, member: Member) -> None:
-        seq_key, epoch_key, _, presence = _keys(member.room.name)
         try:
             with anyio.move_on_after(REQUEST_TIMEOUT, shield=True):
                 await self._leave(
-                    keys=[seq_key, epoch_key, presence],
+                    keys=_presence_keys(member.room.name),
                     args=[
-                        _presence_entry(member),
+                        self._entry(member),
                         _now_ms(),
                         self.channel_prefix + member.room.name,
                         secrets.token_urlsafe(6),
@@ -657,17 +763,64 @@ class RedisBroker:
             still = [m for m in greeted if m not in self._absent] if refresh else []
             for member in back:
                 self._absent.discard(member)
-            seq_key, epoch_key, _, presence = _keys(room.name)
-            keys += [seq_key, epoch_key, presence]
+            keys += _presence_keys(room.name)
             args += [self.channel_prefix + room.name, len(still), len(back)]
-            args += [_presence_entry(m) for m in still] + [_presence_entry(m) for m in back]
+            args += [self._entry(m) for m in still] + [self._entry(m) for m in back]
             refreshed.append(still)
         absent = await self._call(self._upkeep_script, keys, args)
         for members, gone in zip(refreshed, absent, strict=True):
             expired = set(gone)
-            self._absent.update(m for m in members if m.joined and _presence_entry(m) in expired)
+            self._absent.update(m for m in members if m.joined and self._entry(m) in expired)
 
     # -- the server API (SPEC §8.2) ---------------------------------------------------------
+
+    async def disconnect(self, user: str) -> int:
+        """Ask every subscribed worker to close ``user``'s connections, and add up what
+        they report within :data:`DISCONNECT_WAIT` (see the module docstring)."""
+        report = f"{self.namespace}disconnected:{secrets.token_urlsafe(12)}"
+        workers = await self._call_raw(
+            self.client.publish(self.control_channel, f"D|{report}|{user}")
+        )
+        closed = 0
+        deadline = anyio.current_time() + DISCONNECT_WAIT
+        for _ in range(int(workers)):
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:  # (BLPOP's timeout 0 would wait forever)
+                break
+            popped = await self._call_raw(self.client.blpop([report], remaining))
+            if popped is None:
+                break
+            closed += int(popped[1])
+        return closed
+
+    def _on_control(self, data: str) -> None:
+        """A request from the control channel: ``D|<report list>|<user>`` closes the
+        user's local connections and queues the count for the report list."""
+        kind, _, rest = data.partition("|")
+        if kind != "D":
+            return
+        report, _, user = rest.partition("|")
+        closed = self.hub.end_user(user, CloseCode.UNAUTHORIZED, DISCONNECTED)
+        # (a full queue: the requester stops waiting without this report, and counts less)
+        with contextlib.suppress(anyio.WouldBlock):
+            self._reports_send.send_nowait((report, closed))
+
+    async def _send_reports(self) -> None:
+        """Push queued disconnect reports, everything queued in one script call."""
+        async with self._reports:
+            async for first in self._reports:
+                batch = [first]
+                while True:
+                    try:
+                        batch.append(self._reports.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                keys = [report for report, _ in batch]
+                args = [REPORT_TTL_MS, *(closed for _, closed in batch)]
+                try:
+                    await self._call(self._report, keys, args)
+                except BrokerUnavailable:
+                    continue
 
     async def post(self, room: str, message: ChatMessage, sender: str | None) -> int:
         """The API's publish: one script call of its own (the caller waits for the seq)."""
@@ -683,7 +836,7 @@ class RedisBroker:
         return int(firsts[0])
 
     async def history(self, room: str, since: int, limit: int) -> History:
-        seq_key, epoch_key, history_key, _ = _keys(room)
+        seq_key, epoch_key, history_key, _, _ = _keys(room)
         seq, epoch = await self._call_raw(self.client.mget([seq_key, epoch_key]))
         entries = await self._call_raw(self.client.lrange(history_key, 0, -1))
         kept = [_split_entry(entry) for entry in entries]
@@ -692,18 +845,17 @@ class RedisBroker:
         events = [event for number, event in kept if number > since][:limit]
         return History(epoch, latest, first, events)
 
-    async def presence(self, room: str) -> list[str | None]:
-        live = self.client.zrangebyscore(_keys(room)[3], _now_ms(), float("inf"))
-        entries = await self._call_raw(live)
-        return [entry.partition(":")[2] or None for entry in entries]
+    async def presence(self, room: str) -> list[Person]:
+        _, entries = await self._presence_of(room, -1)
+        return _people(entries)
 
     async def rooms(self) -> dict[str, int]:
         found: dict[str, int] = {}
-        now = _now_ms()
         async for key in self.client.scan_iter(match="roomcast:{*}:presence"):
-            count = int(await self._call_raw(self.client.zcount(key, now, float("inf"))))
+            room = key.partition("{")[2].rpartition("}")[0]
+            count, _ = await self._presence_of(room, 0)
             if count:
-                found[key.partition("{")[2].rpartition("}")[0]] = count
+                found[room] = count
         return found
 
     # -- calls ------------------------------------------------------------------------------
@@ -778,5 +930,6 @@ async def open_redis_broker(settings: Settings, hub: Hub) -> AsyncIterator[Redis
             tg.start_soon(broker._publish_forever)
             tg.start_soon(broker._upkeep_forever)
             tg.start_soon(broker._process_leaves)
+            tg.start_soon(broker._send_reports)
             yield broker
             tg.cancel_scope.cancel()

@@ -5,13 +5,16 @@ step in the room's total order. Every pub/sub payload names the room's *run* (it
 and its position (the room's ``seq`` counter), which is what lets a worker tell a stale,
 a duplicate and a missed event apart (see :mod:`roomcast.brokers.redis`).
 
-Payloads on ``<channel prefix><room>`` (no field holds ``|`` or a newline: epochs are
-URL-safe tokens, member entries are ``<id>:<name>`` with names that refuse control
-characters, events are JSON with newlines escaped):
+Payloads on ``<channel prefix><room>`` (only the last field may hold a ``|``, and none a
+newline: epochs are URL-safe tokens, member entries are ``<id>:<JSON [user, name]>`` and
+events are JSON, both with newlines escaped):
 
 - ``M|<epoch>|<seq>|<event>\\n<seq>|<event>...``: a batch of messages, consecutive seqs;
 - ``J|<epoch>|<seq>|<count>|<entry>\\n<entry>...``: members joined (``count`` after them);
 - ``L|<epoch>|<seq>|<count>|<entry>\\n<entry>...``: members left or expired.
+
+and on ``<namespace>control``, for every worker: ``D|<report list>|<user>`` (the server
+API's disconnect: close the user's connections, report how many on the list).
 
 A room's keys share the hash tag ``{room}``. The scripts that serve several rooms at once
 (publishing a batch, presence upkeep) take several rooms' keys, which a single Redis
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["JOIN", "LEAVE", "PRESENCE", "PUBLISH", "READ", "UPKEEP"]
+__all__ = ["JOIN", "LEAVE", "PRESENCE", "PUBLISH", "READ", "REPORT", "UPKEEP"]
 
 _HELPERS: Final = """
 local function run_of(epoch_key, token)
@@ -32,9 +35,48 @@ end
 local function seq_of(seq_key)
   return tonumber(redis.call('GET', seq_key) or '0')
 end
-local function reap(presence, now)
-  local gone = redis.call('ZRANGEBYSCORE', presence, '-inf', now)
-  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', presence, '-inf', now) end
+-- the user of a presence entry, '' for an anonymous one, nil for one from before entries
+-- carried users ('<id>:<name>', counted by nobody: it expires within the presence TTL)
+local function user_of(entry)
+  local colon = string.find(entry, ':', 1, true)
+  if not colon then return nil end
+  local ok, who = pcall(cjson.decode, string.sub(entry, colon + 1))
+  if not ok or type(who) ~= 'table' then return nil end
+  if type(who[1]) == 'string' then return who[1] end
+  return ''
+end
+-- count an entry just added to the presence set; true if a person arrived (a user's
+-- first connection in the room, or an anonymous one)
+local function arrived(users, entry)
+  local user = user_of(entry)
+  if user == nil then return true end
+  return redis.call('HINCRBY', users, user, 1) == 1 or user == ''
+end
+-- uncount an entry just removed; true if a person left (a user's last connection)
+local function departed(users, entry)
+  local user = user_of(entry)
+  if user == nil then return true end
+  local left = redis.call('HINCRBY', users, user, -1)
+  if left <= 0 then redis.call('HDEL', users, user) end
+  return left <= 0 or user == ''
+end
+-- the room's people: each user once, each anonymous connection
+local function people(users)
+  local n = redis.call('HLEN', users)
+  local anonymous = tonumber(redis.call('HGET', users, '') or '0')
+  if anonymous > 0 then n = n - 1 + anonymous end
+  return n
+end
+-- remove expired entries; returns those whose person left
+local function reap(presence, users, now)
+  local expired = redis.call('ZRANGEBYSCORE', presence, '-inf', now)
+  local gone = {}
+  if #expired == 0 then return gone end
+  redis.call('ZREMRANGEBYSCORE', presence, '-inf', now)
+  for _, entry in ipairs(expired) do
+    if departed(users, entry) then gone[#gone + 1] = entry end
+  end
+  if redis.call('EXISTS', presence) == 0 then redis.call('DEL', users) end
   return gone
 end
 local function notice(channel, kind, epoch, seq, count, entries)
@@ -43,38 +85,43 @@ local function notice(channel, kind, epoch, seq, count, entries)
 end
 """
 
-#: KEYS seq, epoch, history, presence; ARGV entry, now, expires, capacity, token,
-#: with history ('1'/'0'), channel -> {epoch, seq, count, present (first 200), history} or nil
+#: KEYS seq, epoch, history, presence, users; ARGV entry, now, expires, capacity, token,
+#: with history ('1'/'0'), channel -> {epoch, seq, count, present (first 200), history,
+#: 1 if the entry is a new person in the room (announced as a join) else 0} or nil if full.
+#: Capacity counts connections, as each worker's hub does.
 JOIN: Final = (
     _HELPERS
     + """
-local gone = reap(KEYS[4], ARGV[2])
+local gone = reap(KEYS[4], KEYS[5], ARGV[2])
 local epoch = run_of(KEYS[2], ARGV[5])
 local seq = seq_of(KEYS[1])
-local count = redis.call('ZCARD', KEYS[4])
-if #gone > 0 then notice(ARGV[7], 'L', epoch, seq, count, gone) end
+if #gone > 0 then notice(ARGV[7], 'L', epoch, seq, people(KEYS[5]), gone) end
 local capacity = tonumber(ARGV[4])
-if capacity > 0 and count >= capacity then return false end
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-count = count + 1
+if capacity > 0 and redis.call('ZCARD', KEYS[4]) >= capacity then return false end
+local new = 0
+if redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1]) == 1 and arrived(KEYS[5], ARGV[1]) then
+  new = 1
+end
+local count = people(KEYS[5])
 local present = redis.call('ZRANGE', KEYS[4], 0, 199)
 local history = {}
 if ARGV[6] == '1' then history = redis.call('LRANGE', KEYS[3], 0, -1) end
-notice(ARGV[7], 'J', epoch, seq, count, {ARGV[1]})
-return {epoch, seq, count, present, history}
+if new == 1 then notice(ARGV[7], 'J', epoch, seq, count, {ARGV[1]}) end
+return {epoch, seq, count, present, history, new}
 """
 )
 
-#: KEYS seq, epoch, presence; ARGV entry, now, channel, token -> 1 if the entry was there
+#: KEYS seq, epoch, presence, users; ARGV entry, now, channel, token -> 1 if the entry was
+#: there. Its leave is announced only if it was its user's last connection in the room.
 LEAVE: Final = (
     _HELPERS
     + """
 local removed = redis.call('ZREM', KEYS[3], ARGV[1])
-local gone = reap(KEYS[3], ARGV[2])
-if removed == 1 then table.insert(gone, 1, ARGV[1]) end
+local left = removed == 1 and departed(KEYS[4], ARGV[1])
+local gone = reap(KEYS[3], KEYS[4], ARGV[2])
+if left then table.insert(gone, 1, ARGV[1]) end
 if #gone > 0 then
-  local count = redis.call('ZCARD', KEYS[3])
-  notice(ARGV[3], 'L', run_of(KEYS[2], ARGV[4]), seq_of(KEYS[1]), count, gone)
+  notice(ARGV[3], 'L', run_of(KEYS[2], ARGV[4]), seq_of(KEYS[1]), people(KEYS[4]), gone)
 end
 return removed
 """
@@ -127,11 +174,22 @@ return firsts
 """
 )
 
-#: KEYS presence; ARGV now, n -> {count, the first n live entries}: a room's presence now
-PRESENCE: Final = """
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
-return {redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf'), live}
+#: KEYS seq, epoch, presence, users; ARGV now, n (-1: all), channel, token -> {count (people),
+#: the first n entries}: a room's presence now, after removing (and announcing) what expired
+PRESENCE: Final = (
+    _HELPERS
+    + """
+local gone = reap(KEYS[3], KEYS[4], ARGV[1])
+local count = people(KEYS[4])
+if #gone > 0 then
+  notice(ARGV[3], 'L', run_of(KEYS[2], ARGV[4]), seq_of(KEYS[1]), count, gone)
+end
+local n = tonumber(ARGV[2])
+local live = {}
+if n ~= 0 then live = redis.call('ZRANGE', KEYS[3], 0, n < 0 and -1 or n - 1) end
+return {count, live}
 """
+)
 
 #: KEYS seq, epoch, history; ARGV token -> {epoch, seq, history}: one consistent snapshot
 READ: Final = (
@@ -142,18 +200,19 @@ return {epoch, seq_of(KEYS[1]), redis.call('LRANGE', KEYS[3], 0, -1)}
 """
 )
 
-#: KEYS per room: seq, epoch, presence; ARGV now, expires, token, then per room: channel,
-#: r, j, r entries to refresh (only if still present), j entries to add back (announced
-#: as joins) -> per room, the refreshed entries that were no longer present.
-#: Expired entries (a dead worker's members) are removed and announced as leaves.
+#: KEYS per room: seq, epoch, presence, users; ARGV now, expires, token, then per room:
+#: channel, r, j, r entries to refresh (only if still present), j entries to add back
+#: (announced as joins if their person was not there) -> per room, the refreshed entries
+#: that were no longer present. Expired entries (a dead worker's members) are removed and
+#: announced as leaves, each user's with its last connection.
 UPKEEP: Final = (
     _HELPERS
     + """
 local now, expires, token = ARGV[1], ARGV[2], ARGV[3]
 local a = 4
 local result = {}
-for r = 1, #KEYS / 3 do
-  local presence = KEYS[3 * r]
+for r = 1, #KEYS / 4 do
+  local presence, users = KEYS[4 * r - 1], KEYS[4 * r]
   local channel, refresh, rejoin = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   a = a + 3
   local absent = {}
@@ -165,13 +224,15 @@ for r = 1, #KEYS / 3 do
   end
   local back = {}
   for i = 1, rejoin do
-    if redis.call('ZADD', presence, 'NX', expires, ARGV[a]) == 1 then back[#back + 1] = ARGV[a] end
+    if redis.call('ZADD', presence, 'NX', expires, ARGV[a]) == 1 and arrived(users, ARGV[a]) then
+      back[#back + 1] = ARGV[a]
+    end
     a = a + 1
   end
-  local gone = reap(presence, now)
+  local gone = reap(presence, users, now)
   if #gone > 0 or #back > 0 then
-    local epoch, seq = run_of(KEYS[3 * r - 1], token), seq_of(KEYS[3 * r - 2])
-    local count = redis.call('ZCARD', presence)
+    local epoch, seq = run_of(KEYS[4 * r - 2], token), seq_of(KEYS[4 * r - 3])
+    local count = people(users)
     if #gone > 0 then notice(channel, 'L', epoch, seq, count, gone) end
     if #back > 0 then notice(channel, 'J', epoch, seq, count, back) end
   end
@@ -180,3 +241,12 @@ end
 return result
 """
 )
+
+#: KEYS report lists; ARGV ttl (ms), then one count per list: each worker's answer to the
+#: server API's disconnect (how many connections it closed), for the requester's BLPOP
+REPORT: Final = """
+for i, key in ipairs(KEYS) do
+  redis.call('RPUSH', key, ARGV[i + 1])
+  redis.call('PEXPIRE', key, ARGV[1])
+end
+"""

@@ -1,5 +1,5 @@
 """The server API from Python (SPEC §8.2), on anyio and httpx: publish from a backend or a
-background job, read history, presence and rooms.
+background job, read history, presence and rooms, disconnect a user.
 
 ::
 
@@ -84,6 +84,16 @@ class ServerAPI:
         """Rooms with members, and how many."""
         data = await self._request("GET", "rooms")
         return {room["name"]: room["count"] for room in data["rooms"]}
+
+    async def disconnect_user(self, user: str) -> int:
+        """Close every connection of the verified ``user`` (4001 "disconnected by the
+        server") on every worker and server; returns how many were closed. Not a ban: the
+        user may connect again with a valid token.
+
+        :raises ApiRefused: if the server refused it (400 bad user id, 401 key, 503 ...)
+        """
+        data = await self._request("POST", f"users/{quote(user, safe='')}/disconnect")
+        return int(data["closed"])
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         response = await self._http.request(method, path, **kwargs)
