@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from roomcast import Settings, create_app
 from roomcast.brokers import Person
@@ -204,6 +204,38 @@ async def test_a_user_is_one_member_across_servers(redis_server: RedisServer) ->
                 [left] = await notices_until(bob, lambda n: n["count"] == 1)
                 assert (left["event"], left["user"], left["left"]) == ("leave", "ann", ["Ann"])
                 assert left["members"] == ["Bob"]
+
+
+async def test_the_per_user_connection_cap_spans_servers(redis_server: RedisServer) -> None:
+    """ROOMCAST_MAX_CONNECTIONS_PER_USER counts a user's connections on every server: with a
+    cap of 3, two on one server and one on the other leave no room for a fourth anywhere,
+    and a slot freed on one server can be taken on the other."""
+    settings = Settings(
+        redis_url=redis_server.url, rate_limit=0, jwt_secret=SECRET, max_connections_per_user=3
+    )
+    with ExitStack() as stack:
+        a, b = [
+            stack.enter_context(serve_in_thread(create_app(settings), worker_class=kind))
+            for kind in ("trio", "asyncio")
+        ]
+        with trio.fail_after(30):
+            async with AsyncExitStack() as tabs:
+                for server, room in ((a, "one"), (a, "two"), (b, "three")):
+                    await tabs.enter_async_context(chat(as_user(server, room, "ann")))
+                for server in (a, b):
+                    async with open_websocket_url(as_user(server, "four", "ann")) as fourth:
+                        with pytest.raises(ConnectionClosed) as refused:
+                            await fourth.get_message()
+                    assert refused.value.reason.code == 4429
+                async with chat(as_user(b, "four", "bob")):  # ann's slots are hers alone
+                    pass
+            # all three of ann's are closed: her slots come back (on either server)
+            zcard = ("ZCARD", "roomcast:user:ann:connections")
+            while await trio.to_thread.run_sync(redis_server.command, *zcard) != 0:  # noqa: ASYNC110
+                await trio.sleep(0.01)  # another thread's server: nothing to wait on
+            async with AsyncExitStack() as tabs:
+                for server in (b, b, a):
+                    await tabs.enter_async_context(chat(as_user(server, "again", "ann")))
 
 
 async def test_a_crowd_over_two_servers_is_announced_in_few_notices(

@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack, ExitStack, contextmanager
 import psutil
 import pytest
 import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from roomcast.brokers.redis import PRESENCE_TTL, TICK
 from roomcast.identity import mint_token
@@ -258,13 +259,30 @@ async def test_a_stopped_then_dead_server_takes_its_members_out_of_the_room(
     assert sorted(newcomer.welcome["members"]) == ["a0", "a1", "a2", "late"]
 
 
+async def all_connect(urls: list[str]) -> bool:
+    """Whether connections to all of ``urls`` at once are welcomed (``False``: one was
+    refused 4429, the per-user cap)."""
+    async with AsyncExitStack() as stack:
+        for url in urls:
+            ws = await stack.enter_async_context(open_websocket_url(url))
+            try:
+                await ws.get_message()
+            except ConnectionClosed as closed:
+                assert closed.reason.code == 4429, closed.reason
+                return False
+    return True
+
+
 async def test_a_dead_server_takes_out_the_users_whose_every_tab_it_held(
     redis_server: RedisServer,
 ) -> None:
     """Ann has a tab on each server, Zed two on the one that is SIGKILLed: within
-    PRESENCE_TTL + TICK seconds Zed leaves, once, and Ann stays (one tab is alive)."""
+    PRESENCE_TTL + TICK seconds Zed leaves, once, and Ann stays (one tab is alive). Zed's
+    two connections were his whole per-user cap: the dead server's claims lapse with its
+    presence, so he gets both back on the live one."""
     secret = "a-secret-of-at-least-thirty-two-bytes!"
-    with two_servers_on(redis_server, ROOMCAST_JWT_SECRET=secret) as (alive, doomed):
+    env = {"ROOMCAST_JWT_SECRET": secret, "ROOMCAST_MAX_CONNECTIONS_PER_USER": "2"}
+    with two_servers_on(redis_server, **env) as (alive, doomed):
 
         def tab(server: ServerProcess, user: str) -> Client:
             token = mint_token(secret, sub=user, name=user.capitalize(), ttl=600)
@@ -286,6 +304,10 @@ async def test_a_dead_server_takes_out_the_users_whose_every_tab_it_held(
                         os.killpg(os.getpgid(doomed.process.pid), signal.SIGKILL)
                         with trio.fail_after(within):
                             await all_see([bob], 2)
+                    zed = tab(alive, "zed").url
+                    with trio.fail_after(TICK + 2):
+                        while not await all_connect([zed, zed]):  # noqa: ASYNC110
+                            await trio.sleep(0.05)  # the dead server's claims lapse on their own
                     nursery.cancel_scope.cancel()
     after = bob.notices[mark:]
     assert [name for notice in after for name in notice["left"]] == ["Zed"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import logging
 import mimetypes
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -66,8 +65,6 @@ class Runtime:
     max_connections: int = field(init=False)
     #: verifies signed tokens (``None`` unless ROOMCAST_JWT_SECRET/_PUBLIC_KEY is set)
     verifier: TokenVerifier | None = field(init=False)
-    #: open WebSockets per verified user (``ROOMCAST_MAX_CONNECTIONS_PER_USER``)
-    user_connections: Counter[str] = field(default_factory=Counter)
     #: open WebSockets, counted from the handshake
     connections: int = 0
     #: handshakes answered 503 because ``connections`` was at ``max_connections``
@@ -374,17 +371,20 @@ async def _admit(runtime: Runtime, ws: WebSocket) -> None:
     if identity is None:
         await endpoint(runtime, ws, None)
         return
-    counts = runtime.user_connections
-    if counts[identity.user] >= settings.max_connections_per_user:
+    broker = runtime.broker
+    try:
+        claim = await broker.claim_connection(identity.user, settings.max_connections_per_user)
+    except BrokerUnavailable:
+        await ws.close(CloseCode.INTERNAL_ERROR, "chat service unavailable; try again shortly")
+        return
+    if claim is None:
         await ws.close(CloseCode.TOO_MANY_CONNECTIONS, "too many connections for this user")
         return
-    counts[identity.user] += 1
     try:
         await endpoint(runtime, ws, identity)
     finally:
-        counts[identity.user] -= 1
-        if not counts[identity.user]:
-            del counts[identity.user]
+        with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            await broker.release_connection(claim)
 
 
 def _identify(runtime: Runtime, ws: WebSocket) -> Identity | None:

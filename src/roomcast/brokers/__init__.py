@@ -26,6 +26,7 @@ __all__ = [
     "UNAVAILABLE_NOTICE",
     "Broker",
     "BrokerUnavailable",
+    "Claim",
     "History",
     "Person",
     "open_broker",
@@ -57,6 +58,14 @@ class Person(NamedTuple):
 
     user: str | None
     name: str | None
+
+
+class Claim(NamedTuple):
+    """One connection of a verified ``user``, counted against the per-user limit until it
+    is released (:meth:`Broker.claim_connection`); ``id`` is the broker's own."""
+
+    user: str
+    id: str
 
 
 class Broker(Protocol):
@@ -127,6 +136,20 @@ class Broker(Protocol):
 
         :raises BrokerUnavailable: if the broker cannot be reached
         """
+        ...
+
+    async def claim_connection(self, user: str, limit: int) -> Claim | None:
+        """Count a new connection of the verified ``user``: ``None`` if it already has
+        ``limit`` (``ROOMCAST_MAX_CONNECTIONS_PER_USER``, 4429), on every worker and server
+        the broker spans, else the claim to release when the connection ends.
+
+        :raises BrokerUnavailable: if the broker cannot be reached
+        """
+        ...
+
+    async def release_connection(self, claim: Claim) -> None:
+        """Stop counting a connection (idempotent; never raises: a claim the broker cannot
+        release now lapses on its own)."""
         ...
 
     async def disconnect(self, user: str) -> int:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
+
 from ..hub import Hub, Member
 from ..protocol import ChatMessage, CloseCode
-from . import DISCONNECTED, History, Person
+from . import DISCONNECTED, Claim, History, Person
 
 __all__ = ["MemoryBroker"]
 
@@ -18,6 +21,10 @@ class MemoryBroker:
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
+        #: open connections per verified user, and the claims counted in it
+        self._connections: Counter[str] = Counter()
+        self._claims: set[Claim] = set()
+        self._claim_ids = itertools.count()
 
     async def join(
         self,
@@ -54,6 +61,22 @@ class MemoryBroker:
 
     async def rooms(self) -> dict[str, int]:
         return {name: room.count for name, room in self.hub.rooms.items() if room.members}
+
+    async def claim_connection(self, user: str, limit: int) -> Claim | None:
+        if self._connections[user] >= limit:
+            return None
+        claim = Claim(user, str(next(self._claim_ids)))
+        self._claims.add(claim)
+        self._connections[user] += 1
+        return claim
+
+    async def release_connection(self, claim: Claim) -> None:
+        if claim not in self._claims:
+            return
+        self._claims.remove(claim)
+        self._connections[claim.user] -= 1
+        if not self._connections[claim.user]:
+            del self._connections[claim.user]
 
     async def disconnect(self, user: str) -> int:
         return self.hub.end_user(user, CloseCode.UNAUTHORIZED, DISCONNECTED)

@@ -131,7 +131,15 @@ from ..hub import Hub, Member, Room, RoomFull, replay
 from ..presence import PresenceEvent
 from ..protocol import MAX_WELCOME_MEMBERS, ChatMessage, CloseCode, ErrorCode
 from ..settings import Settings
-from . import DISCONNECTED, UNAVAILABLE_NOTICE, BrokerUnavailable, History, Person, redis_scripts
+from . import (
+    DISCONNECTED,
+    UNAVAILABLE_NOTICE,
+    BrokerUnavailable,
+    Claim,
+    History,
+    Person,
+    redis_scripts,
+)
 from .subscriber import SubscriptionLost, open_subscription
 
 __all__ = ["PRESENCE_TTL", "Backlog", "RedisBroker", "open_redis_broker"]
@@ -156,6 +164,8 @@ MEMBER_QUEUE: Final = 64
 MAX_BATCH: Final = 1024
 #: rooms per presence upkeep call
 UPKEEP_ROOMS: Final = 100
+#: connection claims per refresh call
+REFRESH_CLAIMS: Final = 500
 #: subscriber reconnection backoff, seconds
 RETRY_FIRST, RETRY_MAX = 0.1, 2.0
 #: seconds the server API's disconnect waits for the workers' reports of what they closed
@@ -182,6 +192,12 @@ def _keys(room: str) -> _Keys:
     base = f"roomcast:{{{room}}}"
     suffixes = ("seq", "epoch", "history", "presence", "users")
     return _Keys(*(f"{base}:{suffix}" for suffix in suffixes))
+
+
+def _user_key(user: str) -> str:
+    """A verified user's connections across servers (sorted set: claim id -> expiry, ms).
+    Room keys start ``roomcast:{``, so no user id can name one of them."""
+    return f"roomcast:user:{user}:connections"
 
 
 def _presence_keys(room: str) -> list[str]:
@@ -285,6 +301,10 @@ class RedisBroker:
         self._upkeep_script = client.register_script(redis_scripts.UPKEEP)
         self._presence_now = client.register_script(redis_scripts.PRESENCE)
         self._report = client.register_script(redis_scripts.REPORT)
+        self._claim = client.register_script(redis_scripts.CLAIM)
+        self._refresh_claims_script = client.register_script(redis_scripts.REFRESH_CLAIMS)
+        #: this worker's connection claims (id -> user), refreshed with presence
+        self._claims: dict[str, str] = {}
         self._healthy = True
         self._subscribed = False
         self._streams: weakref.WeakKeyDictionary[Room, _Stream] = weakref.WeakKeyDictionary()
@@ -749,6 +769,8 @@ class RedisBroker:
                 for start in range(0, len(rooms), UPKEEP_ROOMS):
                     chunk = rooms[start : start + UPKEEP_ROOMS]
                     await self._upkeep(chunk, refresh=tick % refresh_every == 0)
+                if tick % refresh_every == 0:
+                    await self._refresh_claims()
             except BrokerUnavailable:
                 continue
 
@@ -771,6 +793,46 @@ class RedisBroker:
         for members, gone in zip(refreshed, absent, strict=True):
             expired = set(gone)
             self._absent.update(m for m in members if m.joined and self._entry(m) in expired)
+
+    # -- connections per user (ROOMCAST_MAX_CONNECTIONS_PER_USER) ---------------------------
+
+    async def claim_connection(self, user: str, limit: int) -> Claim | None:
+        """One more connection of ``user``, counted in Redis across every worker and server.
+
+        A claim lives :data:`PRESENCE_TTL` and is refreshed with presence, so the claims of
+        a worker that died lapse as its members' presence does, and the user's slots come
+        back within that bound.
+        """
+        claim = Claim(user, secrets.token_urlsafe(9))
+        now = _now_ms()
+        self._claims[claim.id] = user  # refreshed from now on, even if this is cancelled
+        try:
+            added = await self._call(
+                self._claim,
+                [_user_key(user)],
+                [now, now + int(PRESENCE_TTL * 1000), limit, claim.id],
+            )
+        except BaseException:
+            del self._claims[claim.id]  # (a claim made anyway lapses unrefreshed)
+            raise
+        if not added:
+            del self._claims[claim.id]
+            return None
+        return claim
+
+    async def release_connection(self, claim: Claim) -> None:
+        if self._claims.pop(claim.id, None) is None:
+            return
+        with contextlib.suppress(BrokerUnavailable):
+            await self._call_raw(self.client.zrem(_user_key(claim.user), [claim.id]))
+
+    async def _refresh_claims(self) -> None:
+        claims = list(self._claims.items())
+        expiry = _now_ms() + int(PRESENCE_TTL * 1000)
+        for start in range(0, len(claims), REFRESH_CLAIMS):
+            chunk = claims[start : start + REFRESH_CLAIMS]
+            keys = [_user_key(user) for _, user in chunk]
+            await self._call(self._refresh_claims_script, keys, [expiry, *(id for id, _ in chunk)])
 
     # -- the server API (SPEC §8.2) ---------------------------------------------------------
 

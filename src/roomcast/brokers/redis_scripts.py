@@ -25,7 +25,17 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["JOIN", "LEAVE", "PRESENCE", "PUBLISH", "READ", "REPORT", "UPKEEP"]
+__all__ = [
+    "CLAIM",
+    "JOIN",
+    "LEAVE",
+    "PRESENCE",
+    "PUBLISH",
+    "READ",
+    "REFRESH_CLAIMS",
+    "REPORT",
+    "UPKEEP",
+]
 
 _HELPERS: Final = """
 local function run_of(epoch_key, token)
@@ -248,5 +258,30 @@ REPORT: Final = """
 for i, key in ipairs(KEYS) do
   redis.call('RPUSH', key, ARGV[i + 1])
   redis.call('PEXPIRE', key, ARGV[1])
+end
+"""
+
+#: KEYS[1] a user's connections (sorted set: claim id -> expiry, ms); ARGV now, expiry,
+#: limit, claim id: 1 if the claim is added, 0 if the user already holds ``limit`` live
+#: ones. Expired claims (their worker died) are dropped first; the key dies with its
+#: latest claim (the latest by score: servers' clocks may differ a little).
+CLAIM: Final = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+local latest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], latest[2])
+return 1
+"""
+
+#: KEYS users' connection sets; ARGV expiry, then one claim id per key: a worker's live
+#: claims, kept for another presence lifetime (re-added if they had expired meanwhile)
+REFRESH_CLAIMS: Final = """
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, ARGV[1], ARGV[i + 1])
+  local latest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', key, latest[2])
 end
 """
