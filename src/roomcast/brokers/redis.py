@@ -92,6 +92,13 @@ a user with a tab on a live server stays. Names in ``welcome`` and notices are r
 entries and each user is listed once. Capacity (``ROOMCAST_ROOM_CAPACITY``) still counts
 connections, as each hub does.
 
+*Connections per user* (``ROOMCAST_MAX_CONNECTIONS_PER_USER``). Each connection of a
+verified user claims a place in the user's sorted set (claim id -> expiry) with one script
+that first drops lapsed claims and then checks the cap (:data:`~.redis_scripts.CLAIM`).
+Claims are refreshed with presence and lapse as presence entries do, so the slots of a
+dead server's connections come back within the same bound; a closing connection removes
+its claim at once.
+
 *Disconnect* (the server API). A request on ``<prefix>control`` reaches every subscribed
 worker; each ends the user's local memberships (:meth:`~roomcast.hub.Hub.end_user`) and
 reports how many on the request's own list, all its queued reports in one script call
