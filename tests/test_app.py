@@ -13,6 +13,7 @@ import pytest
 
 from roomcast import Settings, create_app
 from roomcast.app import open_runtime
+from roomcast.identity import mint_token
 from roomcast.protocol import BATCH_SUBPROTOCOL, CloseCode
 
 from harness import ASGIClient, Closed, Denied, open_asgi_client
@@ -321,3 +322,31 @@ class TestLifespan:
         before = gc.get_threshold()
         async with open_runtime(Settings(gc_threshold=0)):
             assert gc.get_threshold() == before
+
+
+SECRET = "a-secret-of-at-least-thirty-two-bytes!"
+
+
+@pytest.mark.parametrize(
+    "last_frame",
+    [b"binary", "x" * 5000, '{"type": "refresh", "token": "not.a.token"}'],
+    ids=["binary", "too-long", "bad-refresh"],
+)
+@settings(Settings(rate_limit=0, jwt_secret=SECRET))
+async def test_a_frame_that_races_the_end_of_its_membership_costs_nothing(
+    client: ASGIClient, last_frame: str | bytes
+) -> None:
+    """The server ends a membership (here the server API's disconnect) while the client's
+    next frame is on its way; that frame would get an ``error``, but the outbox is closed.
+    The connection still ends with the close code it was given, and nothing raises."""
+    token = mint_token(SECRET, sub="ann", ttl=600)
+    for _ in range(10):
+        async with client.websocket(f"/ws/chat?room=r&token={token}") as ws:
+            await ws.receive_json()
+            await anyio.wait_all_tasks_blocked()  # the receive loop waits for a frame
+            assert await client.runtime.broker.disconnect("ann") == 1
+            if isinstance(last_frame, bytes):
+                await ws.send_bytes(last_frame)
+            else:
+                await ws.send_text(last_frame)
+            assert await ws.expect_close() == (4001, "disconnected by the server")

@@ -600,7 +600,11 @@ class Hub:
             self._drop_all(failed)
 
     def send_to(self, member: Member, encoded: str) -> None:
-        """Queue one event for one member (an ack or an error); evicts it on overflow."""
+        """Queue one event for one member (an ack or an error); evicts it on overflow.
+        Nothing for a member that has left: its outbox is closed (an expired token, the
+        server API, shutdown) while its receive loop may still answer a last frame."""
+        if not member.joined:
+            return
         try:
             member._outbox_send.send_nowait(encoded)
         except (anyio.WouldBlock, anyio.BrokenResourceError):
