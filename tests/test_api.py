@@ -68,7 +68,7 @@ def test_a_user_id_in_a_path_is_percent_decoded_utf8_of_1_to_256_characters() ->
 def test_history_paging_parameters() -> None:
     assert parse_history_query(b"") == (0, 100)
     assert parse_history_query(b"since=5&limit=2") == (5, 2)
-    for bad in (b"since=-1", b"since=x", b"limit=0", b"limit=1001", b"limit=two"):
+    for bad in (b"since=-1", b"since=x", b"limit=0", b"limit=1001", b"limit=two", b"since=%C2%B2"):
         with pytest.raises(ApiError):
             parse_history_query(bad)
 
@@ -147,6 +147,9 @@ def test_history_pages_with_since_and_limit(server: ServerProcess) -> None:
     [
         ("POST", "/api/rooms/r/messages", {"headers": {}}, 401, "unauthorized"),
         ("GET", "/api/rooms", {"headers": {"authorization": "Bearer wrong"}}, 401, "unauthorized"),
+        ("GET", "/api/rooms", {"headers": {"authorization": b"Bearer \xe9"}}, 401, "unauthorized"),
+        ("GET", "/api/rooms/r/history?since=%C2%B2", {}, 400, "bad_request"),
+        ("GET", "/api/rooms/r/history?limit=%D9%A3", {}, 400, "bad_request"),
         ("POST", "/api/rooms/r/messages", {"content": b"{"}, 400, "bad_request"),
         ("POST", "/api/rooms/r/messages", {"json": {"text": "x" * 101}}, 413, "too_long"),
         ("POST", "/api/rooms/r/messages", {"content": b"x" * 70_000}, 413, "too_large"),

@@ -128,11 +128,16 @@ def parse_history_query(query_string: bytes) -> tuple[int, int]:
     """
     params = dict(parse_qsl(query_string.decode("latin-1")))
     since, limit = params.get("since", "0"), params.get("limit", str(DEFAULT_LIMIT))
-    if not (since.isdigit() and len(since) <= 18):
+    if not (_digits(since) and len(since) <= 18):
         raise ApiError(400, "bad_request", "since must be a non-negative integer")
-    if not (limit.isdigit() and 1 <= int(limit) <= MAX_LIMIT):
+    if not (_digits(limit) and len(limit) <= 4 and 1 <= int(limit) <= MAX_LIMIT):
         raise ApiError(400, "bad_request", f"limit must be an integer from 1 to {MAX_LIMIT}")
     return int(since), int(limit)
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes ``²`` and ``٣``, which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def parse_user(segment: bytes) -> str:
@@ -164,7 +169,9 @@ def authorized(headers: Headers, key: str) -> bool:
     """Whether the request carries ``Authorization: Bearer <key>`` (constant time)."""
     given = header(headers, b"authorization") or ""
     scheme, _, token = given.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
+    # as bytes: compare_digest refuses str with non-ASCII characters (TypeError)
+    presented = token.strip().encode("latin-1")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented, key.encode())
 
 
 async def handle(runtime: Runtime, path: str, scope: Scope, receive: Receive, send: Send) -> None:
