@@ -27,6 +27,8 @@ LOOK_ALIKES = [
     ("al\u00adice", "refused"),  # soft hyphen
     ("alice\ufe0f", "refused"),  # a variation selector on a letter
     ("ali\u202ece", "refused"),  # bidi override
+    ("ali\u17b4ce", "refused"),  # Khmer inherent vowel (draws nothing)
+    ("al\u17b5ice", "refused"),  # the other one
 ]
 
 
@@ -44,6 +46,22 @@ def test_look_alikes_are_refused_or_the_same_name(spelling: str, outcome: str) -
 )
 def test_names_people_use_pass(name: str) -> None:
     assert normalize_name(name) == name
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("rnallory", "mallory"),  # TR39: m is rn
+        ("vvilliam", "william"),
+        ("clavid", "david"),
+        ("CLAVID", "david"),
+        ("B0b", "Bob"),  # a zero among lower-case letters
+        ("B0B", "BOB"),
+        ("\U0001d5ba\U0001d5c5\U0001d5c2\U0001d5bc\U0001d5be", "alice"),  # sans-serif letters
+    ],
+)
+def test_look_alikes_of_more_than_one_letter_are_the_same_name(a: str, b: str) -> None:
+    assert confusable(skeleton(normalize_name(a)), skeleton(normalize_name(b)))
 
 
 @pytest.mark.parametrize(("a", "b"), [("alice", "alicé"), ("ann", "anna"), ("bob", "rob")])

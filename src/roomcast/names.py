@@ -30,9 +30,17 @@ MAX_NAME_LENGTH: Final = 32
 
 ZWJ: Final = "\u200d"
 VS16: Final = "\ufe0f"
-#: letters and symbols that draw nothing, though Unicode does not class them as format
-#: characters: Hangul fillers, the Braille blank, the combining grapheme joiner
-_BLANK_LETTERS: Final = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f")
+#: letters and marks that draw nothing, though Unicode does not class them as format
+#: characters: Hangul fillers, the Braille blank, the combining grapheme joiner, the Khmer
+#: inherent vowels (with the format characters and variation selectors, this covers
+#: Unicode's Default_Ignorable_Code_Point)
+_BLANK_LETTERS: Final = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u17b4\u17b5")
+#: ASCII characters that pass for each other beyond Unicode's confusables data (``0`` and
+#: ``o`` side by side in a lower-case name)
+_EXTRA_PEERS: Final = (("0", "o"),)
+#: letters that pass for two (TR39 maps ``m`` to ``rn``; ``w`` and ``d`` are the other
+#: classics): in a skeleton each is written as the pair, so ``rnallory`` is ``mallory``
+_PAIRS: Final = {"m": "rn", "w": "vv", "d": "cl"}
 #: bidirectional controls (some are format characters, all are refused)
 _BIDI: Final = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 _LINE_BREAKS: Final = frozenset("\n\r\x0b\x0c\x85\u2028\u2029")
@@ -71,7 +79,7 @@ def skeleton(name: str) -> tuple[str, str]:
     (``ALICE`` as ``alice``), and after (``aIice``, with a capital I, as ``alice``). Two
     names are indistinguishable if either skeleton is equal (:func:`confusable`)."""
     text = "".join(char for char in unicodedata.normalize("NFKC", name) if char not in (ZWJ, VS16))
-    return _mapped(text.casefold()), _mapped(text).casefold()
+    return _paired(_mapped(text.casefold())), _paired(_mapped(text).casefold())
 
 
 def confusable(a: tuple[str, str], b: tuple[str, str]) -> bool:
@@ -82,6 +90,11 @@ def confusable(a: tuple[str, str], b: tuple[str, str]) -> bool:
 def _mapped(text: str) -> str:
     prototypes = _prototypes()
     return "".join(prototypes.get(char, char) for char in text)
+
+
+def _paired(skeleton: str) -> str:
+    """Each of :data:`_PAIRS` written as the pair it passes for, mapped like the rest."""
+    return _mapped("".join(_PAIRS.get(char, char) for char in skeleton))
 
 
 def _invisible(name: str, index: int) -> bool:
@@ -129,12 +142,11 @@ def _prototypes() -> dict[str, str]:
     def ascii_peers(char: str) -> list[str]:
         return [e["c"] for e in data.get(char, ()) if len(e["c"]) == 1 and e["c"].isascii()]
 
-    for char in data:
-        if len(char) == 1 and char.isascii():
-            for peer in ascii_peers(char):
-                low, high = sorted((root(char), root(peer)))
-                if low != high:
-                    parent[high] = low
+    pairs = [(c, peer) for c in data if len(c) == 1 and c.isascii() for peer in ascii_peers(c)]
+    for char, peer in [*pairs, *_EXTRA_PEERS]:
+        low, high = sorted((root(char), root(peer)))
+        if low != high:
+            parent[high] = low
     prototypes = {char: root(char) for char in parent}
     for char in data:
         if len(char) == 1 and not char.isascii() and (peers := ascii_peers(char)):
