@@ -56,8 +56,9 @@ def room_matches(pattern: str, room: str) -> bool:
     """Whether ``room`` fits a ``rooms`` claim entry, where ``*`` is any run of characters
     and nothing else is special.
 
-    In linear time: a regex of many stars (``*a*a*a*a*a*a*a*b``) backtracks for seconds
-    against a long room name, and the client chooses the name.
+    Without backtracking (each part is looked for once, left to right): a regex of many
+    stars (``*a*a*a*a*a*a*a*b``) backtracks for seconds against a long room name, and the
+    client chooses the name.
     """
     if "*" not in pattern:
         return room == pattern
