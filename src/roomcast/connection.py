@@ -4,19 +4,22 @@
 
     serve_member
     └── task group
-        ├── receive loop   (client frames -> hub.publish; errors -> own outbox)
-        ├── sender task    (greeting, then outbox -> WebSocket frames; then the close code)
-        └── expiry task    (signed tokens only: at the token's deadline, ends the membership)
+        ├── receive loop   (client frames -> hub.publish; errors -> own outbox), within
+        │                  the token's expiry scope when tokens are signed
+        └── sender task    (greeting, then outbox -> WebSocket frames; then the close code)
 
 Only the sender task writes to the socket, so a peer that stops reading can block nothing
 but its own sender. Whichever side ends first cancels the other; the member leaves its room
-in ``finally``, synchronously, so no room entry outlives the connection.
+in ``finally``, synchronously, so no room entry outlives the connection. A token that
+expires cancels the receive loop (its deadline is the scope's; a refresh moves it), which
+ends the membership with 4001: no task of its own waits for it.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from contextlib import nullcontext
 
 import anyio
 import anyio.lowlevel
@@ -54,7 +57,7 @@ REFRESH_NOTICE = "slow down: at most one refresh a second"
 class Credentials:
     """A member's signed token (SPEC §8.1, §8.3): who it is, and until when.
 
-    ``expiry`` is the cancel scope the expiry task waits in; its deadline is the token's
+    ``expiry`` is the cancel scope the receive loop runs in; its deadline is the token's
     ``exp`` (plus the verifier's clock :data:`~roomcast.identity.LEEWAY`, as at connect
     time) on anyio's clock. A ``refresh`` moves that deadline, which needs no wake-up: a
     scope's new deadline takes effect at once.
@@ -86,27 +89,22 @@ async def serve_member(
 ) -> None:
     """Run a joined member's connection until either side ends it (or its token expires);
     the member has left its room when this returns (or raises)."""
+    expiry = credentials.expiry if credentials is not None else nullcontext()
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_send_outbox, ws, member, tg.cancel_scope, batch, settings.batch_max)
-            if credentials is not None:
-                tg.start_soon(_end_at_expiry, broker.hub, member, credentials.expiry)
-            if await _receive_chat(ws, broker, member, settings, credentials):
-                tg.cancel_scope.cancel()  # the peer is gone: nobody left to write to
-            # else the hub ended the membership: the sender drains the outbox, then sends
-            # the close code (4008, 4001, 4403, 1001) and ends the task group itself
+            with expiry:
+                if await _receive_chat(ws, broker, member, settings, credentials):
+                    tg.cancel_scope.cancel()  # the peer is gone: nobody left to write to
+            if credentials is not None and credentials.expiry.cancelled_caught:
+                broker.hub.end(member, CloseCode.UNAUTHORIZED, "token expired")
+            # else (or now) the hub ended the membership: the sender drains the outbox,
+            # then sends the close code (4008, 4001, 4403, 1001) and ends the task group
     finally:
         # Leaving the local room is synchronous and comes first; only telling other
         # processes may wait, and not for long.
         with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
             await broker.leave(member)
-
-
-async def _end_at_expiry(hub: Hub, member: Member, expiry: CancelScope) -> None:
-    """End the membership with 4001 "token expired" once ``expiry``'s deadline passes."""
-    with expiry:
-        await anyio.sleep_forever()
-    hub.end(member, CloseCode.UNAUTHORIZED, "token expired")
 
 
 async def _receive_chat(
