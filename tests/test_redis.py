@@ -36,6 +36,7 @@ from roomcast.brokers.redis import (
 from roomcast.connection import RENAME_UNAVAILABLE
 from roomcast.hub import Hub
 from roomcast.identity import mint_token
+from roomcast.names import skeleton
 
 from chatload import Client, connect_all, read_forever, send_all
 from redis_server import RedisServer, run_redis
@@ -73,6 +74,8 @@ async def test_a_presence_entry_carries_any_user_id_and_name() -> None:
     assert _parse_entry(entries[1]) == (anonymous.id, Person(None, None))
     assert _people(entries) == [Person(odd.user, "a:b|c"), Person(None, None)]
     assert _parse_entry("n-1:old:style") == ("n-1", Person(None, "old:style"))  # before users
+    assert _parse_entry('n-2:["u","Bo"]') == ("n-2", Person("u", "Bo"))  # before skeletons
+    assert json.loads(entries[0].partition(":")[2])[2:] == list(skeleton("a:b|c"))
 
 
 @pytest.fixture

@@ -70,13 +70,14 @@ skipped. A run change (Redis lost the room's data: ``seq`` restarts and ``epoch`
 is a jump: members from the earlier run get ``history_gap`` with the new epoch and start
 over at the new run's first seq; events of retired runs are dropped.
 
-*Presence.* A sorted set per room maps each connection's entry, ``<member id>:<JSON
-[user, name]>``, to an expiry time. Every :data:`TICK` each worker runs one upkeep script
-over its rooms: it refreshes its members' entries every :data:`PRESENCE_REFRESH` seconds and
-removes every expired entry, announcing those as leaves. So when a worker or a whole server
-dies, its members leave the room for everyone else, with leave notices and the new count,
-at most :data:`PRESENCE_TTL` + :data:`TICK` seconds after its last refresh. A worker back
-from a pause longer than that adds its members back and announces them as joins.
+*Presence.* A sorted set per room maps each connection's entry, ``<member id>:<JSON [user,
+name, skeleton, skeleton]>`` (see *Names*), to an expiry time. Every :data:`TICK` each
+worker runs one upkeep script over its rooms: it refreshes its members' entries every
+:data:`PRESENCE_REFRESH` seconds and removes every expired entry, announcing those as
+leaves. So when a worker or a whole server dies, its members leave the room for everyone
+else, with leave notices and the new count, at most :data:`PRESENCE_TTL` + :data:`TICK`
+seconds after its last refresh. A worker back from a pause longer than that adds its
+members back (if their names are still free: see *Names*) and announces them as joins.
 
 *A user is one member* (SPEC §8.1), however many connections it has in the room, on
 whichever workers and servers. Beside the sorted set, a hash per room counts each user's
@@ -91,6 +92,27 @@ connections expire within the same bound, and a user leaves only with the last o
 a user with a tab on a live server stays. Names in ``welcome`` and notices are read from the
 entries and each user is listed once. Capacity (``ROOMCAST_ROOM_CAPACITY``) still counts
 connections, as each hub does.
+
+*Names* (:mod:`roomcast.names`). A name that looks like another member's is refused in
+the whole room, not only on one worker. Beside the presence set, a hash per room maps each
+name skeleton to ``<count>|<owner>``: the owner is the verified user (``u<user>``, so a
+user's tabs on any worker share its name) or the anonymous connection (``m<member id>``),
+the count how many entries hold it. The entry carries its name's two skeletons, so every
+script that adds or removes entries holds or lets go of their names in the same atomic
+step, expiry included: the join refuses (:data:`~.redis_scripts.TAKEN`, close 4400) if
+another owner holds either skeleton, and a dead server's names come back with its presence,
+within the same bound. The hub's own check runs first (it costs nothing and settles races
+between one worker's members); its owners are the same, so it refuses nothing Redis would
+accept while that worker's members are present. A rename (a refreshed token's ``name``)
+is one script: it holds the new name, lets the old one go and rewrites the entry with the
+same expiry, or changes nothing (``bad_token``). A worker back from a pause longer than the
+presence TTL adds its members back only if their names are still free: one whose name
+someone took meanwhile is ended with 4400, as a joiner with that name would be refused;
+whoever holds a name keeps it. A name is held as long as its entry lives: a crashed
+server's, or one whose leave could not reach Redis, for up to :data:`PRESENCE_TTL` +
+:data:`TICK` seconds; a rename whose answer was lost leaves an unrefreshed entry that
+lapses as well (and is removed with the member's own if it leaves first). Entries written
+before names were claimed hold none.
 
 *Connections per user* (``ROOMCAST_MAX_CONNECTIONS_PER_USER``). Each connection of a
 verified user claims a place in the user's sorted set (claim id -> expiry) with one script
