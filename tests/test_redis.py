@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -32,8 +33,10 @@ from roomcast.brokers.redis import (
     _people,
     _presence_entry,
 )
+from roomcast.connection import RENAME_UNAVAILABLE
 from roomcast.hub import Hub
 from roomcast.identity import mint_token
+from roomcast.names import skeleton
 
 from chatload import Client, connect_all, read_forever, send_all
 from redis_server import RedisServer, run_redis
@@ -71,6 +74,8 @@ async def test_a_presence_entry_carries_any_user_id_and_name() -> None:
     assert _parse_entry(entries[1]) == (anonymous.id, Person(None, None))
     assert _people(entries) == [Person(odd.user, "a:b|c"), Person(None, None)]
     assert _parse_entry("n-1:old:style") == ("n-1", Person(None, "old:style"))  # before users
+    assert _parse_entry('n-2:["u","Bo"]') == ("n-2", Person("u", "Bo"))  # before skeletons
+    assert json.loads(entries[0].partition(":")[2])[2:] == list(skeleton("a:b|c"))
 
 
 @pytest.fixture
@@ -522,3 +527,121 @@ async def test_the_broker_reaches_redis_the_way_the_url_says(
                 await a.send_message("through the subscriber")
                 assert (await next_of(b, "message"))["text"] == "through the subscriber"
                 assert await trio.to_thread.run_sync(health, server) == 200
+
+
+# -- names are claimed room-wide (roomcast.names) -------------------------------------------
+
+
+async def refused(url: str) -> tuple[int, str]:
+    """The close code and reason of a connection to ``url`` that is refused."""
+    async with open_websocket_url(url) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+    return closed.value.reason.code, closed.value.reason.reason or ""
+
+
+async def names_let_go(redis: RedisServer, room: str) -> None:
+    """Wait until no name is held in ``room`` (another thread's server leaves)."""
+    hlen = ("HLEN", f"roomcast:{{{room}}}:names")
+    while await trio.to_thread.run_sync(redis.command, *hlen) != 0:  # noqa: ASYNC110
+        await trio.sleep(0.01)  # another thread's server: nothing to wait on
+
+
+async def test_a_name_is_held_in_the_whole_room_across_servers(
+    two_servers: list[ThreadedServer], redis_server: RedisServer
+) -> None:
+    """Anonymous alice on one server: ``ALICE`` and a Cyrillic ``\u0430lice`` are refused
+    4400 on the other; once alice has left, ``ALICE`` may come in there."""
+    a, b = two_servers
+    with trio.fail_after(15):
+        async with chat(a.url("/ws/chat?room=n&name=alice")):
+            for lookalike in ("ALICE", "\u0430lice"):
+                code, reason = await refused(b.url(f"/ws/chat?room=n&name={quote(lookalike)}"))
+                assert (code, reason) == (4400, f"the name {lookalike} is taken in #n")
+            async with chat(b.url("/ws/chat?room=n&name=bob")) as (_, welcome):
+                assert sorted(welcome["members"]) == ["alice", "bob"]
+        await names_let_go(redis_server, "n")  # (bob's too)
+        async with chat(b.url("/ws/chat?room=n&name=ALICE")) as (_, welcome):
+            assert welcome["members"] == ["ALICE"]
+
+
+@pytest.fixture
+def two_signed_servers(redis_server: RedisServer) -> Iterator[list[ThreadedServer]]:
+    settings = Settings(redis_url=redis_server.url, rate_limit=0, jwt_secret=SECRET)
+    with ExitStack() as stack:
+        yield [
+            stack.enter_context(serve_in_thread(create_app(settings), worker_class=kind))
+            for kind in ("trio", "asyncio")
+        ]
+
+
+def named(server: ThreadedServer, room: str, user: str, name: str) -> str:
+    """The chat URL of a connection of ``user`` named ``name``."""
+    token = mint_token(SECRET, sub=user, name=name, ttl=600)
+    return server.url(f"/ws/chat?room={room}&token={token}")
+
+
+async def test_a_users_tabs_on_two_servers_share_its_name(
+    two_signed_servers: list[ThreadedServer],
+) -> None:
+    """Ann's name is hers on every server: another user calling itself ``ANN`` is refused
+    on the server where she has no tab, and her own second tab there is welcome."""
+    a, b = two_signed_servers
+    with trio.fail_after(15):
+        async with chat(named(a, "t", "ann", "Ann")):
+            code, reason = await refused(named(b, "t", "eve", "ANN"))
+            assert (code, reason) == (4400, "the name ANN is taken in #t")
+            async with chat(named(b, "t", "ann", "Ann")) as (_, welcome):
+                assert (welcome["members"], welcome["count"]) == (["Ann"], 1)
+
+
+async def refresh(ws: WebSocketConnection, user: str, name: str) -> dict[str, Any]:
+    """Refresh ``ws``'s token for a new ``name``, then send a message: the refusal, or the
+    message as the room sees it (refreshes and messages are handled in order)."""
+    token = mint_token(SECRET, sub=user, name=name, ttl=600)
+    await ws.send_message(json.dumps({"type": "refresh", "token": token}))
+    await ws.send_message(json.dumps({"text": f"as {name}"}))
+    event: dict[str, Any] = json.loads(await ws.get_message())
+    while event["type"] not in ("error", "message") or event.get("text", f"as {name}") != (
+        f"as {name}"
+    ):
+        event = json.loads(await ws.get_message())
+    return event
+
+
+async def test_a_rename_is_claimed_in_the_whole_room(
+    two_signed_servers: list[ThreadedServer], redis_server: RedisServer
+) -> None:
+    """Bob (on b) cannot take Ann's name (on a) by refreshing his token: ``bad_token``,
+    and he keeps his. Renamed to Rob, his old name is free everywhere and the new one
+    his: Redis's presence lists him as Rob, and ``ROB`` is refused on a."""
+    a, b = two_signed_servers
+    with trio.fail_after(15):
+        async with chat(named(a, "r", "ann", "Ann")), chat(named(b, "r", "bob", "Bob")) as (bob, _):
+            refused_rename = await refresh(bob, "bob", "ANN")
+            assert (refused_rename["error"], refused_rename["message"]) == (
+                "bad_token",
+                "the name ANN is taken in #r",
+            )
+            kept = await refresh(bob, "bob", "Bob")  # (the same name: nothing to claim)
+            assert kept["from"] == "Bob"
+            renamed = await refresh(bob, "bob", "Rob")
+            assert (renamed["type"], renamed["from"]) == ("message", "Rob")
+            async with chat(named(a, "r", "cy", "BOB")) as (_, welcome):
+                assert sorted(welcome["members"]) == ["Ann", "BOB", "Rob"]
+            code, reason = await refused(named(a, "r", "dee", "ROB"))
+            assert (code, reason) == (4400, "the name ROB is taken in #r")
+
+
+async def test_a_rename_without_redis_is_a_bad_token(redis_server: RedisServer) -> None:
+    settings = Settings(redis_url=redis_server.url, rate_limit=0, jwt_secret=SECRET)
+    with serve_in_thread(create_app(settings)) as server, trio.fail_after(20):
+        async with chat(named(server, "d", "ann", "Ann")) as (ann, _):
+            redis_server.kill()
+            event = await refresh(ann, "ann", "Anna")
+            assert (event["type"], event["error"]) == ("error", "bad_token")
+            assert event["message"] == RENAME_UNAVAILABLE
+            redis_server.start()
+            while (event := await refresh(ann, "ann", "Ann"))["type"] != "message":  # noqa: ASYNC110
+                await trio.sleep(0.2)  # another thread's server reconnecting
+            assert event["from"] == "Ann"  # the name it kept

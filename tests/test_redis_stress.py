@@ -6,6 +6,7 @@ user with its last connection."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -15,7 +16,7 @@ from contextlib import AsyncExitStack, ExitStack, contextmanager
 import psutil
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from roomcast.brokers.redis import PRESENCE_TTL, TICK
 from roomcast.identity import mint_token
@@ -205,7 +206,8 @@ async def test_a_stopped_then_dead_server_takes_its_members_out_of_the_room(
     """The other server's members see every member of a server that stops answering leave
     (named in the room's coalesced notices, the count going down) within PRESENCE_TTL +
     TICK seconds; when it is resumed they come back; when it is SIGKILLed they leave again,
-    in the same time."""
+    in the same time, and let go of their names: ``D0`` is refused while d0 is there, and
+    welcome once the dead server's d0 has left."""
     with two_servers_on(redis_server) as (alive, doomed):
         stayers = [Client(alive.url(f"/ws/chat?room=p&name=a{i}"), batch=i == 1) for i in range(3)]
         goners = [Client(doomed.url(f"/ws/chat?room=p&name=d{i}"), batch=False) for i in range(5)]
@@ -221,6 +223,7 @@ async def test_a_stopped_then_dead_server_takes_its_members_out_of_the_room(
                     async with AsyncExitStack() as doomed_stack:
                         await connect_all(doomed_stack, goners)
                         await all_see(stayers, 8)
+                        assert await refused_name(alive.url("/ws/chat?room=p&name=D0")) == 4400
                         marks = [len(client.notices) for client in stayers]
                         os.killpg(group, signal.SIGSTOP)
                         try:
@@ -238,7 +241,7 @@ async def test_a_stopped_then_dead_server_takes_its_members_out_of_the_room(
                             await all_see(stayers, 3)
                         took = time.monotonic() - killed
                     nursery.cancel_scope.cancel()
-                newcomer = Client(alive.url("/ws/chat?room=p&name=late"), batch=False)
+                newcomer = Client(alive.url("/ws/chat?room=p&name=D0"), batch=False)
                 await connect_all(stack, [newcomer])
     print(f"\nthe dead server's members left after {took:.1f} s")
     doomed_names = [f"d{i}" for i in range(5)]
@@ -256,7 +259,65 @@ async def test_a_stopped_then_dead_server_takes_its_members_out_of_the_room(
             assert sorted(phase[-1]["members"]) == sorted(["a0", "a1", "a2", *came])
             assert all(3 <= notice["count"] <= 8 for notice in phase)
     assert newcomer.welcome["count"] == 4
-    assert sorted(newcomer.welcome["members"]) == ["a0", "a1", "a2", "late"]
+    assert sorted(newcomer.welcome["members"]) == ["D0", "a0", "a1", "a2"]
+
+
+async def refused_name(url: str) -> int | None:
+    """The close code of a connection to ``url`` that is refused, ``None`` if welcomed."""
+    async with open_websocket_url(url) as ws:
+        try:
+            await ws.get_message()
+        except ConnectionClosed as closed:
+            return closed.reason.code
+    return None
+
+
+async def take_name(stack: AsyncExitStack, url: str, within: float) -> WebSocketConnection:
+    """A connection to ``url`` once its name is free (refused 4400 until then), within
+    ``within`` seconds (a deadline, not a cancel scope: the connection outlives this)."""
+    deadline = trio.current_time() + within
+    while True:
+        assert trio.current_time() < deadline, "the name was not let go in time"
+        ws = await stack.enter_async_context(open_websocket_url(url))
+        try:
+            await ws.get_message()  # welcome
+        except ConnectionClosed as closed:
+            assert closed.reason.code == 4400
+            await trio.sleep(0.1)  # another process's presence lapsing: nothing to wait on
+        else:
+            return ws
+
+
+async def test_a_name_taken_while_its_server_was_stopped_ends_its_member(
+    redis_server: RedisServer,
+) -> None:
+    """Ann's server stops answering: once her presence lapses, her name is free and ANN
+    takes it on the other server. When Ann's server comes back, she is the one refused,
+    4400, as a joiner with that name would be; ANN keeps the name."""
+    with two_servers_on(redis_server) as (alive, stopped):
+        group = os.getpgid(stopped.process.pid)
+        within = PRESENCE_TTL + TICK + 2
+        with trio.fail_after(3 * within):
+            async with open_websocket_url(stopped.url("/ws/chat?room=q&name=ann")) as ann:
+                await ann.get_message()  # welcome
+                os.killpg(group, signal.SIGSTOP)
+                try:
+                    async with AsyncExitStack() as stack:
+                        lookalike = alive.url("/ws/chat?room=q&name=ANN")
+                        taker = await take_name(stack, lookalike, within)
+                        os.killpg(group, signal.SIGCONT)
+                        with pytest.raises(ConnectionClosed) as ended:
+                            while True:
+                                await ann.get_message()
+                        assert ended.value.reason.code == 4400
+                        assert ended.value.reason.reason == "the name ann is taken in #q"
+                        assert await refused_name(stopped.url("/ws/chat?room=q&name=Ann")) == 4400
+                        await taker.send_message("still ANN")
+                        while (event := json.loads(await taker.get_message()))["type"] != "message":
+                            pass
+                        assert event["from"] == "ANN"
+                finally:
+                    os.killpg(group, signal.SIGCONT)
 
 
 async def all_connect(urls: list[str]) -> bool:

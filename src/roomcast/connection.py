@@ -52,6 +52,10 @@ RATE_NOTICE = "slow down: messages over the rate limit are dropped"
 #: which for ES256 is ~100 times a message's work, and a client needs one per token lifetime
 REFRESH_RATE = 1.0
 REFRESH_NOTICE = "slow down: at most one refresh a second"
+#: the ``bad_token`` text for a refresh whose new name the broker could not claim
+RENAME_UNAVAILABLE = (
+    "token not taken: the chat service cannot change your name now; try again shortly"
+)
 
 
 class Credentials:
@@ -138,7 +142,7 @@ async def _receive_chat(
             continue
         if isinstance(message, Refresh):
             if refreshes.take(anyio.current_time()):
-                _refresh(hub, member, credentials, message.token)
+                await _refresh(broker, member, credentials, message.token)
             else:
                 _refuse(hub, member, ErrorCode.RATE_LIMITED, REFRESH_NOTICE)
             continue
@@ -152,10 +156,14 @@ async def _receive_chat(
     return False
 
 
-def _refresh(hub: Hub, member: Member, credentials: Credentials | None, token: str) -> None:
+async def _refresh(
+    broker: Broker, member: Member, credentials: Credentials | None, token: str
+) -> None:
     """Take a new token in-band (SPEC §8.3): one for the same user moves the deadline and
     brings its ``name`` and ``rooms``; a room no longer granted is left with 4403. Any
-    other token gets ``bad_token`` and changes nothing."""
+    other token, or a name taken in the room or that the broker cannot check now, gets
+    ``bad_token`` and changes nothing."""
+    hub = broker.hub
     if credentials is None:
         _refuse(hub, member, ErrorCode.BAD_TOKEN, "this server does not use signed tokens")
         return
@@ -168,10 +176,13 @@ def _refresh(hub: Hub, member: Member, credentials: Credentials | None, token: s
         _refuse(hub, member, ErrorCode.BAD_TOKEN, "the token is for another user")
         return
     try:
-        hub.rename(member, identity.name)
+        await broker.rename(member, identity.name)
     except NameTaken:
         room = member.room.name
         _refuse(hub, member, ErrorCode.BAD_TOKEN, f"the name {identity.name} is taken in #{room}")
+        return
+    except BrokerUnavailable:
+        _refuse(hub, member, ErrorCode.BAD_TOKEN, RENAME_UNAVAILABLE)
         return
     credentials.renew(identity)
     if not identity.may_enter(member.room.name):

@@ -332,14 +332,30 @@ class Hub:
 
         :raises NameTaken: if another member's name looks like ``name`` (the old one stays)
         """
-        room, owner = member.room, member.user or member.id
         if name == member.name or not member.joined:
             return
-        if not _claim_name(room, name, owner):
+        self.claim_name(member, name)
+        self.adopt_name(member, name)
+
+    def claim_name(self, member: Member, name: str) -> None:
+        """Hold ``name`` in the member's room for its owner, beside the name it has: the
+        first half of a rename whose second half (:meth:`adopt_name`, or
+        :meth:`release_name` if it falls through) waits for a broker.
+
+        :raises NameTaken: if another member's name looks like ``name``
+        """
+        if not _claim_name(member.room, name, member.user or member.id):
             raise NameTaken(name)
+
+    def adopt_name(self, member: Member, name: str) -> None:
+        """Make a name held by :meth:`claim_name` the member's own, letting the old go."""
         if member.name is not None:
-            _release_name(room, member.name)
+            _release_name(member.room, member.name)
         member.name = name
+
+    def release_name(self, member: Member, name: str) -> None:
+        """Let go of a name held by :meth:`claim_name` that the member did not adopt."""
+        _release_name(member.room, name)
 
     def end(self, member: Member, code: CloseCode, reason: str) -> None:
         """End one membership with ``code`` (an expired token, a room no longer granted):

@@ -99,6 +99,16 @@ class Broker(Protocol):
         implementations bound their own time and never raise for a broker outage."""
         ...
 
+    async def rename(self, member: Member, name: str) -> None:
+        """Give a member a new display name (a refreshed token's ``name``, SPEC §8.3),
+        claimed in its room wherever the broker's members are; nothing changes if it is
+        refused (nor if the member has left).
+
+        :raises NameTaken: if another member's name looks like ``name``
+        :raises BrokerUnavailable: if the broker cannot be reached
+        """
+        ...
+
     async def publish(self, member: Member, message: ChatMessage) -> None:
         """Sequence and fan out a message (nothing if the member has left the room).
 

@@ -40,6 +40,9 @@ class MemoryBroker:
     async def leave(self, member: Member) -> None:
         self.hub.leave(member)
 
+    async def rename(self, member: Member, name: str) -> None:
+        self.hub.rename(member, name)
+
     async def publish(self, member: Member, message: ChatMessage) -> None:
         self.hub.publish(member, message)
 

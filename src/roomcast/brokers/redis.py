@@ -70,13 +70,14 @@ skipped. A run change (Redis lost the room's data: ``seq`` restarts and ``epoch`
 is a jump: members from the earlier run get ``history_gap`` with the new epoch and start
 over at the new run's first seq; events of retired runs are dropped.
 
-*Presence.* A sorted set per room maps each connection's entry, ``<member id>:<JSON
-[user, name]>``, to an expiry time. Every :data:`TICK` each worker runs one upkeep script
-over its rooms: it refreshes its members' entries every :data:`PRESENCE_REFRESH` seconds and
-removes every expired entry, announcing those as leaves. So when a worker or a whole server
-dies, its members leave the room for everyone else, with leave notices and the new count,
-at most :data:`PRESENCE_TTL` + :data:`TICK` seconds after its last refresh. A worker back
-from a pause longer than that adds its members back and announces them as joins.
+*Presence.* A sorted set per room maps each connection's entry, ``<member id>:<JSON [user,
+name, skeleton, skeleton]>`` (see *Names*), to an expiry time. Every :data:`TICK` each
+worker runs one upkeep script over its rooms: it refreshes its members' entries every
+:data:`PRESENCE_REFRESH` seconds and removes every expired entry, announcing those as
+leaves. So when a worker or a whole server dies, its members leave the room for everyone
+else, with leave notices and the new count, at most :data:`PRESENCE_TTL` + :data:`TICK`
+seconds after its last refresh. A worker back from a pause longer than that adds its
+members back (if their names are still free: see *Names*) and announces them as joins.
 
 *A user is one member* (SPEC §8.1), however many connections it has in the room, on
 whichever workers and servers. Beside the sorted set, a hash per room counts each user's
@@ -91,6 +92,27 @@ connections expire within the same bound, and a user leaves only with the last o
 a user with a tab on a live server stays. Names in ``welcome`` and notices are read from the
 entries and each user is listed once. Capacity (``ROOMCAST_ROOM_CAPACITY``) still counts
 connections, as each hub does.
+
+*Names* (:mod:`roomcast.names`). A name that looks like another member's is refused in
+the whole room, not only on one worker. Beside the presence set, a hash per room maps each
+name skeleton to ``<count>|<owner>``: the owner is the verified user (``u<user>``, so a
+user's tabs on any worker share its name) or the anonymous connection (``m<member id>``),
+the count how many entries hold it. The entry carries its name's two skeletons, so every
+script that adds or removes entries holds or lets go of their names in the same atomic
+step, expiry included: the join refuses (:data:`~.redis_scripts.TAKEN`, close 4400) if
+another owner holds either skeleton, and a dead server's names come back with its presence,
+within the same bound. The hub's own check runs first (it costs nothing and settles races
+between one worker's members); its owners are the same, so it refuses nothing Redis would
+accept while that worker's members are present. A rename (a refreshed token's ``name``)
+is one script: it holds the new name, lets the old one go and rewrites the entry with the
+same expiry, or changes nothing (``bad_token``). A worker back from a pause longer than the
+presence TTL adds its members back only if their names are still free: one whose name
+someone took meanwhile is ended with 4400, as a joiner with that name would be refused;
+whoever holds a name keeps it. A name is held as long as its entry lives: a crashed
+server's, or one whose leave could not reach Redis, for up to :data:`PRESENCE_TTL` +
+:data:`TICK` seconds; a rename whose answer was lost leaves an unrefreshed entry that
+lapses as well (and is removed with the member's own if it leaves first). Entries written
+before names were claimed hold none.
 
 *Connections per user* (``ROOMCAST_MAX_CONNECTIONS_PER_USER``). Each connection of a
 verified user claims a place in the user's sorted set (claim id -> expiry) with one script
@@ -134,7 +156,8 @@ from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
 from .. import protocol
-from ..hub import Hub, Member, Room, RoomFull, replay
+from ..hub import Hub, Member, NameTaken, Room, RoomFull, replay
+from ..names import skeleton
 from ..presence import PresenceEvent
 from ..protocol import MAX_WELCOME_MEMBERS, ChatMessage, CloseCode, ErrorCode
 from ..settings import Settings
@@ -193,11 +216,13 @@ class _Keys(NamedTuple):
     presence: str
     #: hash: user -> its entries in ``presence`` ("" -> the anonymous ones)
     users: str
+    #: hash: name skeleton -> ``<entries holding it>|<owner>`` (``u<user>`` or ``m<member>``)
+    names: str
 
 
 def _keys(room: str) -> _Keys:
     base = f"roomcast:{{{room}}}"
-    suffixes = ("seq", "epoch", "history", "presence", "users")
+    suffixes = ("seq", "epoch", "history", "presence", "users", "names")
     return _Keys(*(f"{base}:{suffix}" for suffix in suffixes))
 
 
@@ -208,9 +233,10 @@ def _user_key(user: str) -> str:
 
 
 def _presence_keys(room: str) -> list[str]:
-    """The keys of the scripts that change a room's presence: seq, epoch, presence, users."""
+    """The keys of the scripts that change a room's presence: seq, epoch, presence, users,
+    names."""
     keys = _keys(room)
-    return [keys.seq, keys.epoch, keys.presence, keys.users]
+    return [keys.seq, keys.epoch, keys.presence, keys.users, keys.names]
 
 
 def _publish_keys(room: str) -> list[str]:
@@ -225,21 +251,30 @@ def _split_entry(entry: str) -> tuple[int, str]:
     return int(seq), event
 
 
-def _presence_entry(member: Member) -> str:
-    """A member's entry in its room's presence set: ``<member id>:<JSON [user, name]>``
-    (ids have no ``:``, JSON escapes newlines, so any user id and name fit)."""
-    return f"{member.id}:{orjson.dumps([member.user, member.name]).decode()}"
+def _presence_entry(member: Member, name: str | None = None) -> str:
+    """A member's entry in its room's presence set (as named ``name``, if given):
+    ``<member id>:<JSON [user, name, skeleton, skeleton]>``, the skeletons of
+    :func:`~roomcast.names.skeleton` for the scripts' name claims (none without a name).
+    Ids have no ``:``, JSON escapes newlines, so any user id and name fit."""
+    name = member.name if name is None else name
+    who: list[str | None] = [member.user, name]
+    if name is not None:
+        who.extend(skeleton(name))
+    return f"{member.id}:{orjson.dumps(who).decode()}"
 
 
 def _parse_entry(entry: str) -> tuple[str, Person]:
     """The member id and the person of a presence entry (one written before entries
-    carried the user, ``<id>:<name>``, is an anonymous member of that name)."""
+    carried the user, ``<id>:<name>``, is an anonymous member of that name; one from
+    before they carried skeletons, ``[user, name]``, reads as any other)."""
     member_id, _, rest = entry.partition(":")
     try:
-        user, name = orjson.loads(rest)
-    except (orjson.JSONDecodeError, TypeError, ValueError):
+        who = orjson.loads(rest)
+    except orjson.JSONDecodeError:
+        who = None
+    if not isinstance(who, list) or len(who) < 2:
         return member_id, Person(None, rest or None)
-    return member_id, Person(user, name)
+    return member_id, Person(who[0], who[1])
 
 
 def _people(entries: Sequence[str]) -> list[Person]:
@@ -303,6 +338,7 @@ class RedisBroker:
         self.control_channel = self.namespace + "control"
         self._join = client.register_script(redis_scripts.JOIN)
         self._leave = client.register_script(redis_scripts.LEAVE)
+        self._rename = client.register_script(redis_scripts.RENAME)
         self._publish = client.register_script(redis_scripts.PUBLISH)
         self._read = client.register_script(redis_scripts.READ)
         self._upkeep_script = client.register_script(redis_scripts.UPKEEP)
@@ -317,8 +353,15 @@ class RedisBroker:
         self._streams: weakref.WeakKeyDictionary[Room, _Stream] = weakref.WeakKeyDictionary()
         #: greeted members and the run their snapshot belongs to
         self._runs: weakref.WeakKeyDictionary[Member, str] = weakref.WeakKeyDictionary()
-        #: each member's presence entry, as written when it joined (a rename changes no key)
+        #: each member's presence entry, as written when it joined or was last renamed
         self._entries: weakref.WeakKeyDictionary[Member, str] = weakref.WeakKeyDictionary()
+        #: an entry Redis may hold for a member beside its own: a rename's, while it is in
+        #: flight or if its answer was lost (removed with the member's own when it leaves;
+        #: else it lapses unrefreshed)
+        self._renamed: weakref.WeakKeyDictionary[Member, str] = weakref.WeakKeyDictionary()
+        #: members whose rename is in flight (not added back meanwhile: which entry is theirs
+        #: is not settled)
+        self._renaming: weakref.WeakSet[Member] = weakref.WeakSet()
         #: members whose presence entry had expired at the last refresh (a long pause)
         self._absent: weakref.WeakSet[Member] = weakref.WeakSet()
         self._slots: weakref.WeakKeyDictionary[Member, anyio.Semaphore] = (
@@ -382,10 +425,12 @@ class RedisBroker:
             self.hub.detach(member)
             self._joining.pop(member.id, None)
             raise
-        if snapshot is None:
+        if snapshot is None or snapshot == redis_scripts.TAKEN:
             self.hub.detach(member)
             self._joining.pop(member.id, None)
-            raise RoomFull(room)
+            if snapshot is None:
+                raise RoomFull(room)
+            raise NameTaken(name)
         stream = self._streams.get(member.room)
         other_run = stream is not None and stream.epoch != snapshot[0]
         if self._jumps(member.room) != jumps or other_run:
@@ -400,6 +445,52 @@ class RedisBroker:
         self._joining.pop(member.id, None)
         if self.hub.detach(member):
             await self._remove_presence(member)
+
+    async def rename(self, member: Member, name: str) -> None:
+        """Give a member a new name room-wide: this worker's hub holds it first (free, and
+        it settles races between this worker's members), then one script holds it in Redis,
+        lets the old one go and rewrites the member's presence entry (same expiry).
+
+        An entry that is no longer there (it expired while this worker was paused) is not
+        written back here: the next upkeep adds the renamed one back, claiming its name.
+
+        :raises NameTaken: if another member's name looks like ``name`` (nothing changes)
+        :raises BrokerUnavailable: if Redis cannot be reached (nothing changes here; if the
+            script ran anyway, the entry it wrote lapses and the old one comes back)
+        """
+        if name == member.name or not member.joined:
+            return
+        self.hub.claim_name(member, name)
+        renamed = self._renamed[member] = _presence_entry(member, name)
+        self._renaming.add(member)
+        room = member.room.name
+        try:
+            outcome = await self._call(
+                self._rename,
+                _presence_keys(room),
+                [
+                    self._entry(member),
+                    renamed,
+                    _now_ms(),
+                    self.channel_prefix + room,
+                    secrets.token_urlsafe(6),
+                ],
+            )
+        except BaseException:
+            self.hub.release_name(member, name)
+            raise
+        finally:
+            self._renaming.discard(member)
+        del self._renamed[member]
+        if outcome == 0 or not member.joined:
+            self.hub.release_name(member, name)
+            if outcome == 0:
+                raise NameTaken(name)
+            return
+        self.hub.adopt_name(member, name)
+        self._entries[member] = renamed
+        if outcome == -1:
+            self._absent.add(member)
 
     async def publish(self, member: Member, message: ChatMessage) -> None:
         """Queue the message for this worker's publisher (waiting only while the queue,
@@ -742,15 +833,18 @@ class RedisBroker:
             self.hub.announce_locally(room, event, member)
 
     async def _remove_presence(self, member: Member) -> None:
+        entries = [self._entry(member)]
+        if (renamed := self._renamed.get(member)) is not None:
+            entries.append(renamed)
         try:
             with anyio.move_on_after(REQUEST_TIMEOUT, shield=True):
                 await self._leave(
                     keys=_presence_keys(member.room.name),
                     args=[
-                        self._entry(member),
                         _now_ms(),
                         self.channel_prefix + member.room.name,
                         secrets.token_urlsafe(6),
+                        *entries,
                     ],
                 )
                 return
@@ -786,9 +880,10 @@ class RedisBroker:
         keys: list[str] = []
         args: list[str | int] = [now, now + int(PRESENCE_TTL * 1000), secrets.token_urlsafe(6)]
         refreshed: list[list[Member]] = []
+        added: list[list[Member]] = []
         for room in rooms:
             greeted = [m for m in room.members if m in self._runs]
-            back = [m for m in greeted if m in self._absent]
+            back = [m for m in greeted if m in self._absent and m not in self._renaming]
             still = [m for m in greeted if m not in self._absent] if refresh else []
             for member in back:
                 self._absent.discard(member)
@@ -796,10 +891,22 @@ class RedisBroker:
             args += [self.channel_prefix + room.name, len(still), len(back)]
             args += [self._entry(m) for m in still] + [self._entry(m) for m in back]
             refreshed.append(still)
-        absent = await self._call(self._upkeep_script, keys, args)
-        for members, gone in zip(refreshed, absent, strict=True):
+            added.append(back)
+        results = await self._call(self._upkeep_script, keys, args)
+        for members, returning, (gone, refused) in zip(refreshed, added, results, strict=True):
             expired = set(gone)
             self._absent.update(m for m in members if m.joined and self._entry(m) in expired)
+            self._end_refused(returning, set(refused))
+
+    def _end_refused(self, returning: Sequence[Member], refused: set[str]) -> None:
+        """Members back from a pause whose name someone else took while they were gone
+        (their entries had expired, letting it go): they end as a joiner with that name
+        would be refused, 4400. Whoever holds a name now keeps it."""
+        for member in returning:
+            if member.joined and self._entry(member) in refused:
+                room = member.room.name
+                reason = f"the name {member.name} is taken in #{room}"
+                self.hub.end(member, CloseCode.BAD_REQUEST, reason)
 
     # -- connections per user (ROOMCAST_MAX_CONNECTIONS_PER_USER) ---------------------------
 
@@ -905,7 +1012,7 @@ class RedisBroker:
         return int(firsts[0])
 
     async def history(self, room: str, since: int, limit: int) -> History:
-        seq_key, epoch_key, history_key, _, _ = _keys(room)
+        seq_key, epoch_key, history_key, *_ = _keys(room)
         seq, epoch = await self._call_raw(self.client.mget([seq_key, epoch_key]))
         entries = await self._call_raw(self.client.lrange(history_key, 0, -1))
         kept = [_split_entry(entry) for entry in entries]

@@ -6,8 +6,10 @@ and its position (the room's ``seq`` counter), which is what lets a worker tell 
 a duplicate and a missed event apart (see :mod:`roomcast.brokers.redis`).
 
 Payloads on ``<channel prefix><room>`` (only the last field may hold a ``|``, and none a
-newline: epochs are URL-safe tokens, member entries are ``<id>:<JSON [user, name]>`` and
-events are JSON, both with newlines escaped):
+newline: epochs are URL-safe tokens, member entries are ``<id>:<JSON [user, name,
+skeleton, skeleton]>`` (see :func:`roomcast.names.skeleton`; no skeletons for a member
+without a name, nor in entries written before names were claimed) and events are JSON,
+both with newlines escaped):
 
 - ``M|<epoch>|<seq>|<event>\\n<seq>|<event>...``: a batch of messages, consecutive seqs;
 - ``J|<epoch>|<seq>|<count>|<entry>\\n<entry>...``: members joined (``count`` after them);
@@ -25,6 +27,10 @@ from __future__ import annotations
 
 from typing import Final
 
+#: what :data:`JOIN` returns (spelt out in its Lua) when another owner holds a name that
+#: looks like the joiner's
+TAKEN: Final = "taken"
+
 __all__ = [
     "CLAIM",
     "JOIN",
@@ -33,7 +39,9 @@ __all__ = [
     "PUBLISH",
     "READ",
     "REFRESH_CLAIMS",
+    "RENAME",
     "REPORT",
+    "TAKEN",
     "UPKEEP",
 ]
 
@@ -54,6 +62,53 @@ local function user_of(entry)
   if not ok or type(who) ~= 'table' then return nil end
   if type(who[1]) == 'string' then return who[1] end
   return ''
+end
+-- who holds an entry's name ('u' .. user, or 'm' .. member id for an anonymous member)
+-- and its distinct skeletons; nil for an entry without skeletons (no name, or written
+-- before names were claimed: it claims nothing)
+local function name_of(entry)
+  local colon = string.find(entry, ':', 1, true)
+  if not colon then return nil end
+  local ok, who = pcall(cjson.decode, string.sub(entry, colon + 1))
+  if not ok or type(who) ~= 'table' or type(who[3]) ~= 'string' then return nil end
+  local owner = 'm' .. string.sub(entry, 1, colon - 1)
+  if type(who[1]) == 'string' then owner = 'u' .. who[1] end
+  local skeletons = {who[3]}
+  if type(who[4]) == 'string' and who[4] ~= who[3] then skeletons[2] = who[4] end
+  return owner, skeletons
+end
+-- a claim in a room's names hash (skeleton -> '<count>|<owner>'): count, owner
+local function claim_of(names, skeleton)
+  local held = redis.call('HGET', names, skeleton)
+  if not held then return 0, nil end
+  local bar = string.find(held, '|', 1, true)
+  return tonumber(string.sub(held, 1, bar - 1)), string.sub(held, bar + 1)
+end
+-- whether no other owner holds a name that looks like the entry's
+local function name_free(names, entry)
+  local owner, skeletons = name_of(entry)
+  if owner == nil then return true end
+  for _, skeleton in ipairs(skeletons) do
+    local count, holder = claim_of(names, skeleton)
+    if holder ~= nil and holder ~= owner then return false end
+  end
+  return true
+end
+-- hold (delta 1: an entry added) or let go of (-1: an entry removed) the entry's name
+local function hold_name(names, entry, delta)
+  local owner, skeletons = name_of(entry)
+  if owner == nil then return end
+  for _, skeleton in ipairs(skeletons) do
+    local count, holder = claim_of(names, skeleton)
+    if holder == nil or holder == owner then
+      count = count + delta
+      if count > 0 then
+        redis.call('HSET', names, skeleton, count .. '|' .. owner)
+      else
+        redis.call('HDEL', names, skeleton)
+      end
+    end
+  end
 end
 -- count an entry just added to the presence set; true if a person arrived (a user's
 -- first connection in the room, or an anonymous one)
@@ -77,16 +132,17 @@ local function people(users)
   if anonymous > 0 then n = n - 1 + anonymous end
   return n
 end
--- remove expired entries; returns those whose person left
-local function reap(presence, users, now)
+-- remove expired entries (and let go of their names); returns those whose person left
+local function reap(presence, users, names, now)
   local expired = redis.call('ZRANGEBYSCORE', presence, '-inf', now)
   local gone = {}
   if #expired == 0 then return gone end
   redis.call('ZREMRANGEBYSCORE', presence, '-inf', now)
   for _, entry in ipairs(expired) do
+    hold_name(names, entry, -1)
     if departed(users, entry) then gone[#gone + 1] = entry end
   end
-  if redis.call('EXISTS', presence) == 0 then redis.call('DEL', users) end
+  if redis.call('EXISTS', presence) == 0 then redis.call('DEL', users, names) end
   return gone
 end
 local function notice(channel, kind, epoch, seq, count, entries)
@@ -95,22 +151,25 @@ local function notice(channel, kind, epoch, seq, count, entries)
 end
 """
 
-#: KEYS seq, epoch, history, presence, users; ARGV entry, now, expires, capacity, token,
-#: with history ('1'/'0'), channel -> {epoch, seq, count, present (first 200), history,
-#: 1 if the entry is a new person in the room (announced as a join) else 0} or nil if full.
+#: KEYS seq, epoch, history, presence, users, names; ARGV entry, now, expires, capacity,
+#: token, with history ('1'/'0'), channel -> {epoch, seq, count, present (first 200),
+#: history, 1 if the entry is a new person in the room (announced as a join) else 0}, nil
+#: if full, or :data:`TAKEN` if another owner holds a name that looks like the entry's.
 #: Capacity counts connections, as each worker's hub does.
 JOIN: Final = (
     _HELPERS
     + """
-local gone = reap(KEYS[4], KEYS[5], ARGV[2])
+local gone = reap(KEYS[4], KEYS[5], KEYS[6], ARGV[2])
 local epoch = run_of(KEYS[2], ARGV[5])
 local seq = seq_of(KEYS[1])
 if #gone > 0 then notice(ARGV[7], 'L', epoch, seq, people(KEYS[5]), gone) end
 local capacity = tonumber(ARGV[4])
 if capacity > 0 and redis.call('ZCARD', KEYS[4]) >= capacity then return false end
+if not name_free(KEYS[6], ARGV[1]) then return 'taken' end
 local new = 0
-if redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1]) == 1 and arrived(KEYS[5], ARGV[1]) then
-  new = 1
+if redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1]) == 1 then
+  hold_name(KEYS[6], ARGV[1], 1)
+  if arrived(KEYS[5], ARGV[1]) then new = 1 end
 end
 local count = people(KEYS[5])
 local present = redis.call('ZRANGE', KEYS[4], 0, 199)
@@ -121,19 +180,48 @@ return {epoch, seq, count, present, history, new}
 """
 )
 
-#: KEYS seq, epoch, presence, users; ARGV entry, now, channel, token -> 1 if the entry was
-#: there. Its leave is announced only if it was its user's last connection in the room.
+#: KEYS seq, epoch, presence, users, names; ARGV now, channel, token, then the entries of
+#: one member (its own, and one a rename may have written) -> how many were there. A leave
+#: is announced only for its user's last connection in the room.
 LEAVE: Final = (
     _HELPERS
     + """
-local removed = redis.call('ZREM', KEYS[3], ARGV[1])
-local left = removed == 1 and departed(KEYS[4], ARGV[1])
-local gone = reap(KEYS[3], KEYS[4], ARGV[2])
-if left then table.insert(gone, 1, ARGV[1]) end
+local removed, left = 0, {}
+for i = 4, #ARGV do
+  if redis.call('ZREM', KEYS[3], ARGV[i]) == 1 then
+    removed = removed + 1
+    hold_name(KEYS[5], ARGV[i], -1)
+    if departed(KEYS[4], ARGV[i]) then left[#left + 1] = ARGV[i] end
+  end
+end
+local gone = reap(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
+for i, entry in ipairs(left) do table.insert(gone, i, entry) end
 if #gone > 0 then
-  notice(ARGV[3], 'L', run_of(KEYS[2], ARGV[4]), seq_of(KEYS[1]), people(KEYS[4]), gone)
+  notice(ARGV[2], 'L', run_of(KEYS[2], ARGV[3]), seq_of(KEYS[1]), people(KEYS[4]), gone)
 end
 return removed
+"""
+)
+
+#: KEYS seq, epoch, presence, users, names; ARGV old entry, new entry, now, channel, token
+#: -> 1 if the old entry was replaced by the new one (same expiry; the new name held, the
+#: old one let go), 0 if another owner holds a name that looks like the new entry's, -1 if
+#: the old entry is not there (it left, or expired). Nothing is announced but what expired.
+RENAME: Final = (
+    _HELPERS
+    + """
+local gone = reap(KEYS[3], KEYS[4], KEYS[5], ARGV[3])
+if #gone > 0 then
+  notice(ARGV[4], 'L', run_of(KEYS[2], ARGV[5]), seq_of(KEYS[1]), people(KEYS[4]), gone)
+end
+local expires = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if not expires then return -1 end
+if not name_free(KEYS[5], ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[3], expires, ARGV[2])
+hold_name(KEYS[5], ARGV[2], 1)
+hold_name(KEYS[5], ARGV[1], -1)
+return 1
 """
 )
 
@@ -184,12 +272,13 @@ return firsts
 """
 )
 
-#: KEYS seq, epoch, presence, users; ARGV now, n (-1: all), channel, token -> {count (people),
-#: the first n entries}: a room's presence now, after removing (and announcing) what expired
+#: KEYS seq, epoch, presence, users, names; ARGV now, n (-1: all), channel, token ->
+#: {count (people), the first n entries}: a room's presence now, after removing (and
+#: announcing) what expired
 PRESENCE: Final = (
     _HELPERS
     + """
-local gone = reap(KEYS[3], KEYS[4], ARGV[1])
+local gone = reap(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
 local count = people(KEYS[4])
 if #gone > 0 then
   notice(ARGV[3], 'L', run_of(KEYS[2], ARGV[4]), seq_of(KEYS[1]), count, gone)
@@ -210,19 +299,21 @@ return {epoch, seq_of(KEYS[1]), redis.call('LRANGE', KEYS[3], 0, -1)}
 """
 )
 
-#: KEYS per room: seq, epoch, presence, users; ARGV now, expires, token, then per room:
-#: channel, r, j, r entries to refresh (only if still present), j entries to add back
-#: (announced as joins if their person was not there) -> per room, the refreshed entries
-#: that were no longer present. Expired entries (a dead worker's members) are removed and
-#: announced as leaves, each user's with its last connection.
+#: KEYS per room: seq, epoch, presence, users, names; ARGV now, expires, token, then per
+#: room: channel, r, j, r entries to refresh (only if still present), j entries to add back
+#: (announced as joins if their person was not there) -> per room, {the refreshed entries
+#: that were no longer present, the entries not added back because another owner holds a
+#: name that looks like theirs}. Expired entries (a dead worker's members) are removed,
+#: letting go of their names, and announced as leaves, each user's with its last
+#: connection; then entries come back, claiming their names again.
 UPKEEP: Final = (
     _HELPERS
     + """
 local now, expires, token = ARGV[1], ARGV[2], ARGV[3]
 local a = 4
 local result = {}
-for r = 1, #KEYS / 4 do
-  local presence, users = KEYS[4 * r - 1], KEYS[4 * r]
+for r = 1, #KEYS / 5 do
+  local presence, users, names = KEYS[5 * r - 2], KEYS[5 * r - 1], KEYS[5 * r]
   local channel, refresh, rejoin = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   a = a + 3
   local absent = {}
@@ -232,21 +323,28 @@ for r = 1, #KEYS / 4 do
     end
     a = a + 1
   end
-  local back = {}
+  local gone = reap(presence, users, names, now)
+  local back, refused = {}, {}
   for i = 1, rejoin do
-    if redis.call('ZADD', presence, 'NX', expires, ARGV[a]) == 1 and arrived(users, ARGV[a]) then
-      back[#back + 1] = ARGV[a]
+    local entry = ARGV[a]
+    if redis.call('ZSCORE', presence, entry) then
+      -- still (or already) there: nothing to add
+    elseif not name_free(names, entry) then
+      refused[#refused + 1] = entry
+    else
+      redis.call('ZADD', presence, expires, entry)
+      hold_name(names, entry, 1)
+      if arrived(users, entry) then back[#back + 1] = entry end
     end
     a = a + 1
   end
-  local gone = reap(presence, users, now)
   if #gone > 0 or #back > 0 then
-    local epoch, seq = run_of(KEYS[4 * r - 2], token), seq_of(KEYS[4 * r - 3])
+    local epoch, seq = run_of(KEYS[5 * r - 3], token), seq_of(KEYS[5 * r - 4])
     local count = people(users)
     if #gone > 0 then notice(channel, 'L', epoch, seq, count, gone) end
     if #back > 0 then notice(channel, 'J', epoch, seq, count, back) end
   end
-  result[r] = absent
+  result[r] = {absent, refused}
 end
 return result
 """
