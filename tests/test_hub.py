@@ -320,3 +320,24 @@ async def test_a_mass_disconnect_drops_everyone_without_deep_recursion() -> None
     hub.flush_presence()  # the drops, announced
     [notice] = [e for e in drain(staying) if e["type"] == "system"][-1:]
     assert (notice["count"], notice["members"], notice["leaves"]) == (1, ["staying"], 1499)
+
+
+async def test_a_users_tabs_count_once_as_they_come_and_go() -> None:
+    hub = Hub()
+    tabs = [hub.join("r", "Ann", user="ann") for _ in range(3)]
+    bob = hub.join("r", "Bob", user="bob")
+    anonymous = [hub.join("r") for _ in range(2)]
+    room = hub.rooms["r"]
+    assert room.count == 4 and room.people() == [
+        ("ann", "Ann"),
+        ("bob", "Bob"),
+        (None, None),
+        (None, None),
+    ]
+    expected = [4, 4, 3]  # ann is there until her last tab goes
+    for tab, count in zip(tabs, expected, strict=True):
+        hub.leave(tab)
+        assert room.count == count
+    for member in [bob, *anonymous]:
+        hub.leave(member)
+    assert (room.count, room.extra_tabs, dict(room.users)) == (0, 0, {})

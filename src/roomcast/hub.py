@@ -158,6 +158,9 @@ class Room:
     presence_next: float = -math.inf
     #: connections per verified user: a user with three tabs open is one member
     users: Counter[str] = field(default_factory=Counter)
+    #: connections beyond each user's first (``sum(users.values()) - len(users)``, kept
+    #: as joins and leaves happen so that :attr:`count` is O(1) in a crowd)
+    extra_tabs: int = 0
     #: who holds each name skeleton here (a user id, or an anonymous member's id), and how
     #: many connections hold it (see :meth:`Hub.attach`)
     name_owners: dict[str, tuple[str, int]] = field(default_factory=dict)
@@ -165,7 +168,7 @@ class Room:
     @property
     def count(self) -> int:
         """Members as people: anonymous connections, plus each verified user once."""
-        return len(self.members) - sum(self.users.values()) + len(self.users)
+        return len(self.members) - self.extra_tabs
 
     def people(self) -> list[tuple[str | None, str | None]]:
         """``(user, name)`` of each member as a person, in join order: a verified user
@@ -323,6 +326,7 @@ class Hub:
         room.members[member] = None
         if user is not None:
             room.users[user] += 1
+            room.extra_tabs += room.users[user] > 1
         self.stats.joins += 1
         return member
 
@@ -666,7 +670,9 @@ class Hub:
         del room.members[member]
         if member.user is not None:
             room.users[member.user] -= 1
-            if not room.users[member.user]:
+            if room.users[member.user]:
+                room.extra_tabs -= 1
+            else:
                 del room.users[member.user]
         if member.name is not None:
             _release_name(room, member.name)
