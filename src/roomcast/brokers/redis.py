@@ -419,6 +419,7 @@ class RedisBroker:
                     secrets.token_urlsafe(6),
                     "1" if since is not None else "0",
                     self.channel_prefix + room,
+                    *self._idle_args(),
                 ],
             )
         except BaseException:
@@ -474,6 +475,7 @@ class RedisBroker:
                     _now_ms(),
                     self.channel_prefix + room,
                     secrets.token_urlsafe(6),
+                    *self._idle_args(),
                 ],
             )
         except BaseException:
@@ -768,6 +770,7 @@ class RedisBroker:
         :raises BrokerUnavailable: if Redis cannot be reached
         """
         args = [_now_ms(), entries, self.channel_prefix + room, secrets.token_urlsafe(6)]
+        args += self._idle_args()
         count, live = await self._call(self._presence_now, _presence_keys(room), args)
         return int(count), live
 
@@ -813,9 +816,15 @@ class RedisBroker:
 
     def _publish_args(self) -> list[str | int]:
         """:data:`~.redis_scripts.PUBLISH`'s leading arguments: the history bounds
-        (``ROOMCAST_HISTORY_SIZE``, ``ROOMCAST_HISTORY_BYTES``) and a new room's epoch."""
+        (``ROOMCAST_HISTORY_SIZE``, ``ROOMCAST_HISTORY_BYTES``), a new room's epoch and the
+        idle budgets."""
         size, budget = self.settings.history_size, self.settings.history_bytes
-        return [size, secrets.token_urlsafe(6), budget]
+        return [size, secrets.token_urlsafe(6), budget, *self._idle_args()]
+
+    def _idle_args(self) -> list[str | int]:
+        """The idle budgets every script that changes presence or history enforces
+        (``ROOMCAST_IDLE_ROOMS``, ``ROOMCAST_IDLE_HISTORY_BYTES``)."""
+        return [self.settings.idle_rooms, self.settings.idle_history_bytes]
 
     def _refuse(self, outgoing: _Outgoing) -> None:
         if outgoing.member.joined:
@@ -844,6 +853,7 @@ class RedisBroker:
                         _now_ms(),
                         self.channel_prefix + member.room.name,
                         secrets.token_urlsafe(6),
+                        *self._idle_args(),
                         *entries,
                     ],
                 )
@@ -878,7 +888,8 @@ class RedisBroker:
     async def _upkeep(self, rooms: Sequence[Room], *, refresh: bool) -> None:
         now = _now_ms()
         keys: list[str] = []
-        args: list[str | int] = [now, now + int(PRESENCE_TTL * 1000), secrets.token_urlsafe(6)]
+        expires = now + int(PRESENCE_TTL * 1000)
+        args: list[str | int] = [now, expires, secrets.token_urlsafe(6), *self._idle_args()]
         refreshed: list[list[Member]] = []
         added: list[list[Member]] = []
         for room in rooms:
