@@ -51,7 +51,9 @@ __all__ = [
     "UPKEEP",
 ]
 
-_HELPERS: Final = f"local IDLE, IDLE_BYTES = '{IDLE}', '{IDLE_BYTES}'\n" + """
+_HELPERS: Final = (
+    f"local IDLE, IDLE_BYTES = '{IDLE}', '{IDLE_BYTES}'\n"
+    + """
 local function run_of(epoch_key, token)
   redis.call('SET', epoch_key, token, 'NX')
   return redis.call('GET', epoch_key)
@@ -213,11 +215,13 @@ local function settle(room, rooms, budget)
   evict(rooms, budget)
 end
 """
+)
 
 #: KEYS seq, epoch, history, presence, users, names; ARGV entry, now, expires, capacity,
-#: token, with history ('1'/'0'), channel, idle rooms, idle history bytes -> {epoch, seq, count, present (first 200),
-#: history, 1 if the entry is a new person in the room (announced as a join) else 0}, nil
-#: if full, or :data:`TAKEN` if another owner holds a name that looks like the entry's.
+#: token, with history ('1'/'0'), channel, idle rooms, idle history bytes -> {epoch, seq,
+#: count, present (first 200), history, 1 if the entry is a new person in the room
+#: (announced as a join) else 0}, nil if full, or :data:`TAKEN` if another owner holds a
+#: name that looks like the entry's.
 #: Capacity counts connections, as each worker's hub does. The room stops being idle.
 JOIN: Final = (
     _HELPERS
@@ -270,9 +274,10 @@ return removed
 )
 
 #: KEYS seq, epoch, presence, users, names; ARGV old entry, new entry, now, channel, token,
-#: idle rooms, idle history bytes -> 1 if the old entry was replaced by the new one (same expiry; the new name held, the
-#: old one let go), 0 if another owner holds a name that looks like the new entry's, -1 if
-#: the old entry is not there (it left, or expired). Nothing is announced but what expired.
+#: idle rooms, idle history bytes -> 1 if the old entry was replaced by the new one (same
+#: expiry; the new name held, the old one let go), 0 if another owner holds a name that
+#: looks like the new entry's, -1 if the old entry is not there (it left, or expired).
+#: Nothing is announced but what expired.
 RENAME: Final = (
     _HELPERS
     + """
@@ -380,13 +385,14 @@ return {epoch, seq_of(KEYS[1]), redis.call('LRANGE', KEYS[3], 0, -1)}
 )
 
 #: KEYS per room: seq, epoch, presence, users, names; ARGV now, expires, token, idle rooms,
-#: idle history bytes, then per room: channel, r, j, r entries to refresh (only if still present), j entries to add back
-#: (announced as joins if their person was not there) -> per room, {the refreshed entries
-#: that were no longer present, the entries not added back because another owner holds a
-#: name that looks like theirs}. Expired entries (a dead worker's members) are removed,
-#: letting go of their names, and announced as leaves, each user's with its last
-#: connection; then entries come back, claiming their names again. A room left empty
-#: becomes idle (or is forgotten); one with entries back stops being idle.
+#: idle history bytes, then per room: channel, r, j, r entries to refresh (only if still
+#: present), j entries to add back (announced as joins if their person was not there) ->
+#: per room, {the refreshed entries that were no longer present, the entries not added
+#: back because another owner holds a name that looks like theirs}. Expired entries (a
+#: dead worker's members) are removed, letting go of their names, and announced as leaves,
+#: each user's with its last connection; then entries come back, claiming their names
+#: again. A room left empty becomes idle (or is forgotten); one with entries back stops
+#: being idle.
 UPKEEP: Final = (
     _HELPERS
     + """
