@@ -18,9 +18,16 @@ both with newlines escaped):
 and on ``<namespace>control``, for every worker: ``D|<report list>|<user>`` (the server
 API's disconnect: close the user's connections, report how many on the list).
 
+Every script that changes a room's presence or history also keeps the idle rooms within
+their budgets (``settle`` and ``evict`` below; see *Idle rooms* in
+:mod:`roomcast.brokers.redis`): :data:`IDLE` and :data:`IDLE_BYTES` track the rooms without
+presence, and a room forgotten beyond the budgets has all its keys deleted.
+
 A room's keys share the hash tag ``{room}``. The scripts that serve several rooms at once
 (publishing a batch, presence upkeep) take several rooms' keys, which a single Redis
-accepts; on Redis Cluster they would be called once per hash slot.
+accepts; on Redis Cluster they would be called once per hash slot. Evicting an idle room
+touches keys no script was given (built in Lua from the room's name, which every room key
+carries) and the two global idle keys: a single Redis allows it, Redis Cluster would not.
 """
 
 from __future__ import annotations
