@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
@@ -22,7 +22,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from roomcast import Settings, create_app
-from roomcast.brokers import Person
+from roomcast.brokers import Person, redis_scripts
 from roomcast.brokers import redis as redis_broker
 from roomcast.brokers.redis import (
     MEMBER_QUEUE,
@@ -39,7 +39,7 @@ from roomcast.identity import mint_token
 from roomcast.names import skeleton
 
 from chatload import Client, connect_all, read_forever, send_all
-from redis_server import RedisServer, run_redis
+from redis_server import RedisServer, redis_command, run_redis
 from servers import ThreadedServer, serve_in_thread
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
@@ -300,6 +300,151 @@ def broker_settings(request: pytest.FixtureRequest) -> Iterator[Settings]:
     else:
         redis: RedisServer = request.getfixturevalue("redis_server")
         yield Settings(rate_limit=0, history_size=10, redis_url=redis.url)
+
+
+def _redis_port(settings: Settings) -> int | None:
+    return None if settings.redis_url is None else urlsplit(settings.redis_url).port
+
+
+async def emptied(server: ThreadedServer, settings: Settings, room: str) -> None:
+    """Wait until the room's last member has left through the broker (another thread's
+    server finishes the leave after the close handshake)."""
+
+    def empty() -> bool:
+        if (port := _redis_port(settings)) is not None:
+            return redis_command(port, "EXISTS", f"roomcast:{{{room}}}:presence") == 0
+        found = server.runtime.hub.rooms.get(room)
+        return found is None or not found.members
+
+    while not await trio.to_thread.run_sync(empty):  # noqa: ASYNC110
+        await trio.sleep(0.01)  # another thread's server: nothing to wait on
+
+
+def retained(server: ThreadedServer, settings: Settings) -> tuple[dict[str, int], int]:
+    """The history bytes each room retains (rooms with none left out) and what the broker
+    counts for its idle rooms, as the broker holds them: Redis's keys, or the hub."""
+    if (port := _redis_port(settings)) is None:
+        hub = server.runtime.hub
+        held = {name: room.history.bytes for name, room in hub.rooms.items() if room.history}
+        return held, hub.idle_bytes
+    held = {}
+    keys = redis_command(port, "KEYS", "roomcast:{*}:history")
+    assert isinstance(keys, list)
+    for key in keys:
+        entries = redis_command(port, "LRANGE", key.decode(), "0", "-1")
+        assert isinstance(entries, list)
+        counted = redis_command(port, "GET", key.decode() + "-bytes")
+        assert isinstance(counted, bytes)
+        held[key.decode().partition("{")[2].rpartition("}")[0]] = int(counted)
+        assert int(counted) == sum(len(entry) for entry in entries)
+    idle = redis_command(port, "GET", redis_scripts.IDLE_BYTES)
+    return held, int(idle or 0) if isinstance(idle, bytes) or idle is None else -1
+
+
+async def post_and_leave(server: ThreadedServer, settings: Settings, room: str, text: str) -> str:
+    """Join ``room``, post ``text``, leave; the room's epoch."""
+    async with chat(server.url(f"/ws/chat?room={room}")) as (ws, welcome):
+        await ws.send_message(text)
+        await next_of(ws, "message")
+    await emptied(server, settings, room)
+    epoch: str = welcome["epoch"]
+    return epoch
+
+
+async def test_only_the_most_recently_emptied_rooms_keep_history(
+    broker_settings: Settings,
+) -> None:
+    """``ROOMCAST_IDLE_ROOMS`` on both brokers: of five rooms emptied one after another,
+    the last three keep their history; resuming into a forgotten one is a gap into a new
+    run."""
+    settings = dataclasses.replace(broker_settings, idle_rooms=3)
+    with serve_in_thread(create_app(settings)) as server, trio.fail_after(20):
+        rooms = [f"idle{n}" for n in range(5)]
+        epochs = [await post_and_leave(server, settings, room, f"in {room}") for room in rooms]
+        assert sorted(retained(server, settings)[0]) == rooms[2:]
+        for room, epoch in zip(rooms[:2], epochs, strict=False):
+            async with chat(server.url(f"/ws/chat?room={room}&since=1&epoch={epoch}")) as (
+                back,
+                welcome,
+            ):
+                assert welcome["epoch"] != epoch and welcome["seq"] == 0
+                gap = json.loads(await back.get_message())
+                assert (gap["error"], gap["epoch"], gap["first"]) == (
+                    "history_gap",
+                    welcome["epoch"],
+                    1,
+                )  # (it leaves no history: the room is forgotten again at once)
+        for room, epoch in zip(rooms[2:], epochs[2:], strict=True):
+            async with chat(server.url(f"/ws/chat?room={room}&since=0&epoch={epoch}")) as (
+                back,
+                welcome,
+            ):
+                assert (welcome["epoch"], welcome["seq"]) == (epoch, 1)
+                assert (await next_of(back, "message"))["text"] == f"in {room}"
+
+
+async def test_idle_rooms_retain_at_most_the_idle_byte_budget(broker_settings: Settings) -> None:
+    """``ROOMCAST_IDLE_HISTORY_BYTES`` on both brokers: what the rooms without members hold
+    together stays within it (counted, and in fact), least recently emptied dropped first."""
+    budget = 6_000  # a few rooms of one 1,000-character message each
+    settings = dataclasses.replace(broker_settings, idle_history_bytes=budget)
+    with serve_in_thread(create_app(settings)) as server, trio.fail_after(20):
+        rooms = [f"bytes{n}" for n in range(8)]
+        for room in rooms:
+            await post_and_leave(server, settings, room, room + "x" * 1_000)
+            held, counted = retained(server, settings)
+            assert sum(held.values()) == counted <= budget
+        kept = sorted(held)
+        assert 2 <= len(kept) < len(rooms) and kept == rooms[len(rooms) - len(kept) :]
+
+
+async def test_one_client_cannot_make_the_broker_retain_more_than_the_budget(
+    broker_settings: Settings,
+) -> None:
+    """An anonymous client posting the longest messages into room after room: the rooms it
+    leaves behind hold at most the idle byte budget, on Redis as in memory (keys and
+    bytes counted where they are held)."""
+    budget = 100_000
+    settings = dataclasses.replace(
+        broker_settings, idle_history_bytes=budget, max_text=4000, history_size=100
+    )
+    longest = "\U0001f600" * 4000  # 16 KB of UTF-8
+    with serve_in_thread(create_app(settings)) as server, trio.fail_after(30):
+        for n in range(20):
+            room = f"spam{n}"
+            async with chat(server.url(f"/ws/chat?room={room}")) as (ws, _):
+                for _ in range(3):
+                    await ws.send_message(longest)
+                for _ in range(3):
+                    await next_of(ws, "message")
+            await emptied(server, settings, room)
+        held, counted = retained(server, settings)
+        assert sum(held.values()) == counted <= budget
+        if (port := _redis_port(settings)) is not None:
+            keys = redis_command(port, "KEYS", "roomcast:{*")
+            assert isinstance(keys, list)
+            assert {key.decode().partition("{")[2].rpartition("}")[0] for key in keys} == set(held)
+            assert redis_command(port, "ZCARD", redis_scripts.IDLE) == len(held)
+
+
+async def test_a_forgotten_room_starts_a_new_run_on_every_worker(redis_server: RedisServer) -> None:
+    """A room forgotten while idle and joined again on two servers (one of which had a
+    member there before): both follow the new run from seq 1."""
+    settings = Settings(redis_url=redis_server.url, rate_limit=0, idle_rooms=1)
+    with ExitStack() as stack, trio.fail_after(20):
+        a, b = (stack.enter_context(serve_in_thread(create_app(settings))) for _ in range(2))
+        epoch = await post_and_leave(a, settings, "again", "first run")
+        await post_and_leave(b, settings, "other", "evicts again")
+        assert sorted(retained(a, settings)[0]) == ["other"]
+        url = "/ws/chat?room=again"
+        async with chat(a.url(url + f"&since=1&epoch={epoch}")) as (back, welcome):
+            assert welcome["epoch"] != epoch
+            assert json.loads(await back.get_message())["error"] == "history_gap"
+            async with chat(b.url(url)) as (there, _):
+                await back.send_message("second run")
+                for ws in (back, there):
+                    message = await next_of(ws, "message")
+                    assert (message["seq"], message["text"]) == (1, "second run")
 
 
 async def test_resume_receives_exactly_the_missed_messages(broker_settings: Settings) -> None:

@@ -127,12 +127,44 @@ reports how many on the request's own list, all its queued reports in one script
 (:data:`~.redis_scripts.REPORT`). The requester knows from ``PUBLISH`` how many workers
 heard it and waits (``BLPOP``) up to :data:`DISCONNECT_WAIT` for their reports.
 
-*Epoch.* Set once per room (``SET NX``) beside its counter; it changes only if Redis loses
-the room's data (a restart without persistence), exactly when ``seq`` restarts.
+*Epoch.* Set once per room (``SET NX``) beside its counter; it changes when the room's
+data is gone, exactly when ``seq`` restarts: Redis lost it (a restart without persistence),
+or the room was forgotten while idle (below).
+
+*Idle rooms* (SPEC §7: what an anonymous client can make the server retain has a byte
+budget). A room without presence entries keeps its keys only while it is among the
+``ROOMCAST_IDLE_ROOMS`` most recently emptied and within ``ROOMCAST_IDLE_HISTORY_BYTES`` of
+history (UTF-8, its history-bytes key) together, as the in-memory hub keeps its rooms.
+Every script that changes a room's presence (join, leave, rename, presence read, upkeep,
+each after reaping expired entries) settles it in the same atomic step: a room with
+entries is taken off the global sorted set of idle rooms (``roomcast:idle``: room ->
+when it became idle, ms, by Redis's clock, kept strictly increasing), and its history
+bytes off their global total (``roomcast:idle-bytes``); a room left without entries is
+added to both, or, having no history to keep, has its keys deleted at once. The publish
+script counts an idle room's growth (the server API posts into rooms without members) and
+makes a room it writes into without presence idle. Whenever the set or the total grows,
+the least recently emptied rooms are forgotten (all their keys deleted, their bytes
+subtracted) until both budgets hold. The budgets are each call's arguments, from its
+server's settings. A forgotten room joined again starts a new run (new epoch, ``seq`` from
+1): a client resuming into it gets ``history_gap`` with the new epoch, as after Redis lost
+the data. No worker holds a stream position for an idle room (it has no local members:
+their presence entries would make it not idle), so nothing here needs telling: a worker
+whose last member left dropped the room (and its position) with it, and a later join
+starts from its snapshot's run. The one overlap is a join on a worker whose previous
+member in the room is leaving at that moment, its leave forgetting the room (no history)
+before the join's script recreates it: the worker's old position belongs to the run that
+ended, so the join is refused 1011 "try again shortly" like any join that races a new run,
+and the retry starts cleanly. A room whose members all belonged to a crashed server keeps
+its keys until a script next touches it (a join, the server API's presence or room list,
+which reap expired entries): only then does it become idle and count against the budgets.
+Paused workers' members that come back (upkeep) take the room off the idle set again; if
+it was forgotten meanwhile, they start over in the new run with ``history_gap``.
 
 *Cluster.* A room's keys share the hash tag ``{room}``. Publishing and upkeep take several
 rooms per script call, which a single Redis (or a replicated one) accepts; Redis Cluster
-would need those calls grouped per hash slot and sharded pub/sub (``SSUBSCRIBE``).
+would need those calls grouped per hash slot and sharded pub/sub (``SSUBSCRIBE``), and a
+different scheme for idle rooms: evicting one deletes keys of rooms the script was not
+given (its keys are built in Lua from the room's name), and the two idle keys are global.
 """
 
 from __future__ import annotations
@@ -419,6 +451,7 @@ class RedisBroker:
                     secrets.token_urlsafe(6),
                     "1" if since is not None else "0",
                     self.channel_prefix + room,
+                    *self._idle_args(),
                 ],
             )
         except BaseException:
@@ -474,6 +507,7 @@ class RedisBroker:
                     _now_ms(),
                     self.channel_prefix + room,
                     secrets.token_urlsafe(6),
+                    *self._idle_args(),
                 ],
             )
         except BaseException:
@@ -768,6 +802,7 @@ class RedisBroker:
         :raises BrokerUnavailable: if Redis cannot be reached
         """
         args = [_now_ms(), entries, self.channel_prefix + room, secrets.token_urlsafe(6)]
+        args += self._idle_args()
         count, live = await self._call(self._presence_now, _presence_keys(room), args)
         return int(count), live
 
@@ -813,9 +848,15 @@ class RedisBroker:
 
     def _publish_args(self) -> list[str | int]:
         """:data:`~.redis_scripts.PUBLISH`'s leading arguments: the history bounds
-        (``ROOMCAST_HISTORY_SIZE``, ``ROOMCAST_HISTORY_BYTES``) and a new room's epoch."""
+        (``ROOMCAST_HISTORY_SIZE``, ``ROOMCAST_HISTORY_BYTES``), a new room's epoch and the
+        idle budgets."""
         size, budget = self.settings.history_size, self.settings.history_bytes
-        return [size, secrets.token_urlsafe(6), budget]
+        return [size, secrets.token_urlsafe(6), budget, *self._idle_args()]
+
+    def _idle_args(self) -> list[str | int]:
+        """The idle budgets every script that changes presence or history enforces
+        (``ROOMCAST_IDLE_ROOMS``, ``ROOMCAST_IDLE_HISTORY_BYTES``)."""
+        return [self.settings.idle_rooms, self.settings.idle_history_bytes]
 
     def _refuse(self, outgoing: _Outgoing) -> None:
         if outgoing.member.joined:
@@ -844,6 +885,7 @@ class RedisBroker:
                         _now_ms(),
                         self.channel_prefix + member.room.name,
                         secrets.token_urlsafe(6),
+                        *self._idle_args(),
                         *entries,
                     ],
                 )
@@ -878,7 +920,8 @@ class RedisBroker:
     async def _upkeep(self, rooms: Sequence[Room], *, refresh: bool) -> None:
         now = _now_ms()
         keys: list[str] = []
-        args: list[str | int] = [now, now + int(PRESENCE_TTL * 1000), secrets.token_urlsafe(6)]
+        expires = now + int(PRESENCE_TTL * 1000)
+        args: list[str | int] = [now, expires, secrets.token_urlsafe(6), *self._idle_args()]
         refreshed: list[list[Member]] = []
         added: list[list[Member]] = []
         for room in rooms:

@@ -18,9 +18,16 @@ both with newlines escaped):
 and on ``<namespace>control``, for every worker: ``D|<report list>|<user>`` (the server
 API's disconnect: close the user's connections, report how many on the list).
 
+Every script that changes a room's presence or history also keeps the idle rooms within
+their budgets (``settle`` and ``evict`` below; see *Idle rooms* in
+:mod:`roomcast.brokers.redis`): :data:`IDLE` and :data:`IDLE_BYTES` track the rooms without
+presence, and a room forgotten beyond the budgets has all its keys deleted.
+
 A room's keys share the hash tag ``{room}``. The scripts that serve several rooms at once
 (publishing a batch, presence upkeep) take several rooms' keys, which a single Redis
-accepts; on Redis Cluster they would be called once per hash slot.
+accepts; on Redis Cluster they would be called once per hash slot. Evicting an idle room
+touches keys no script was given (built in Lua from the room's name, which every room key
+carries) and the two global idle keys: a single Redis allows it, Redis Cluster would not.
 """
 
 from __future__ import annotations
@@ -30,9 +37,15 @@ from typing import Final
 #: what :data:`JOIN` returns (spelt out in its Lua) when another owner holds a name that
 #: looks like the joiner's
 TAKEN: Final = "taken"
+#: sorted set: the idle rooms (no presence, history kept) -> when they became idle (ms)
+IDLE: Final = "roomcast:idle"
+#: the UTF-8 bytes of history the rooms in :data:`IDLE` hold together
+IDLE_BYTES: Final = "roomcast:idle-bytes"
 
 __all__ = [
     "CLAIM",
+    "IDLE",
+    "IDLE_BYTES",
     "JOIN",
     "LEAVE",
     "PRESENCE",
@@ -45,7 +58,9 @@ __all__ = [
     "UPKEEP",
 ]
 
-_HELPERS: Final = """
+_HELPERS: Final = (
+    f"local IDLE, IDLE_BYTES = '{IDLE}', '{IDLE_BYTES}'\n"
+    + """
 local function run_of(epoch_key, token)
   redis.call('SET', epoch_key, token, 'NX')
   return redis.call('GET', epoch_key)
@@ -149,13 +164,72 @@ local function notice(channel, kind, epoch, seq, count, entries)
   redis.call('PUBLISH', channel,
     kind .. '|' .. epoch .. '|' .. seq .. '|' .. count .. '|' .. table.concat(entries, '\\n'))
 end
+-- the room a key belongs to ('roomcast:{<room>}:<suffix>'; no suffix holds a '}'), and a
+-- key of a room: idle rooms are evicted by name, so their keys are built here
+local function room_of(key)
+  return string.match(key, '^roomcast:{(.*)}:[^}]*$')
+end
+local function key_of(room, suffix)
+  return 'roomcast:{' .. room .. '}:' .. suffix
+end
+local function bytes_of(room)
+  return tonumber(redis.call('GET', key_of(room, 'history-bytes')) or '0')
+end
+local function forget(room)
+  local keys = {}
+  for i, suffix in ipairs({'seq', 'epoch', 'history', 'history-bytes', 'presence', 'users',
+                           'names'}) do
+    keys[i] = key_of(room, suffix)
+  end
+  redis.call('DEL', unpack(keys))
+end
+-- forget the least recently emptied idle rooms while beyond either budget
+local function evict(rooms, budget)
+  rooms, budget = tonumber(rooms), tonumber(budget)
+  local held = tonumber(redis.call('GET', IDLE_BYTES) or '0')
+  local idle = redis.call('ZCARD', IDLE)
+  while idle > 0 and (idle > rooms or held > budget) do
+    local oldest = redis.call('ZRANGE', IDLE, 0, 0)[1]
+    held = held - bytes_of(oldest)
+    idle = idle - 1
+    redis.call('ZREM', IDLE, oldest)
+    -- (never a room with presence: joins take rooms off the idle set; a guard all the same)
+    if redis.call('EXISTS', key_of(oldest, 'presence')) == 0 then forget(oldest) end
+  end
+  if idle == 0 then redis.call('DEL', IDLE_BYTES) else redis.call('SET', IDLE_BYTES, held) end
+end
+-- after a room's presence may have changed: a room with presence is not idle; one without
+-- keeps its history as the newest idle room (evicting beyond the budgets), or is forgotten
+-- at once if it has none to keep
+local function settle(room, rooms, budget)
+  if redis.call('EXISTS', key_of(room, 'presence')) == 1 then
+    if redis.call('ZREM', IDLE, room) == 1 then
+      redis.call('DECRBY', IDLE_BYTES, bytes_of(room))
+    end
+    return
+  end
+  if redis.call('ZSCORE', IDLE, room) then return end
+  if tonumber(rooms) <= 0 or redis.call('LLEN', key_of(room, 'history')) == 0 then
+    forget(room)
+    return
+  end
+  local time = redis.call('TIME')
+  local at = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local newest = redis.call('ZRANGE', IDLE, -1, -1, 'WITHSCORES')[2]
+  if newest and tonumber(newest) >= at then at = tonumber(newest) + 1 end  -- keep the order
+  redis.call('ZADD', IDLE, at, room)
+  redis.call('INCRBY', IDLE_BYTES, bytes_of(room))
+  evict(rooms, budget)
+end
 """
+)
 
 #: KEYS seq, epoch, history, presence, users, names; ARGV entry, now, expires, capacity,
-#: token, with history ('1'/'0'), channel -> {epoch, seq, count, present (first 200),
-#: history, 1 if the entry is a new person in the room (announced as a join) else 0}, nil
-#: if full, or :data:`TAKEN` if another owner holds a name that looks like the entry's.
-#: Capacity counts connections, as each worker's hub does.
+#: token, with history ('1'/'0'), channel, idle rooms, idle history bytes -> {epoch, seq,
+#: count, present (first 200), history, 1 if the entry is a new person in the room
+#: (announced as a join) else 0}, nil if full, or :data:`TAKEN` if another owner holds a
+#: name that looks like the entry's.
+#: Capacity counts connections, as each worker's hub does. The room stops being idle.
 JOIN: Final = (
     _HELPERS
     + """
@@ -171,6 +245,7 @@ if redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1]) == 1 then
   hold_name(KEYS[6], ARGV[1], 1)
   if arrived(KEYS[5], ARGV[1]) then new = 1 end
 end
+settle(room_of(KEYS[4]), ARGV[8], ARGV[9])
 local count = people(KEYS[5])
 local present = redis.call('ZRANGE', KEYS[4], 0, 199)
 local history = {}
@@ -180,14 +255,15 @@ return {epoch, seq, count, present, history, new}
 """
 )
 
-#: KEYS seq, epoch, presence, users, names; ARGV now, channel, token, then the entries of
-#: one member (its own, and one a rename may have written) -> how many were there. A leave
-#: is announced only for its user's last connection in the room.
+#: KEYS seq, epoch, presence, users, names; ARGV now, channel, token, idle rooms, idle
+#: history bytes, then the entries of one member (its own, and one a rename may have
+#: written) -> how many were there. A leave is announced only for its user's last
+#: connection in the room; a room left empty becomes idle (or is forgotten).
 LEAVE: Final = (
     _HELPERS
     + """
 local removed, left = 0, {}
-for i = 4, #ARGV do
+for i = 6, #ARGV do
   if redis.call('ZREM', KEYS[3], ARGV[i]) == 1 then
     removed = removed + 1
     hold_name(KEYS[5], ARGV[i], -1)
@@ -199,14 +275,16 @@ for i, entry in ipairs(left) do table.insert(gone, i, entry) end
 if #gone > 0 then
   notice(ARGV[2], 'L', run_of(KEYS[2], ARGV[3]), seq_of(KEYS[1]), people(KEYS[4]), gone)
 end
+settle(room_of(KEYS[3]), ARGV[4], ARGV[5])
 return removed
 """
 )
 
-#: KEYS seq, epoch, presence, users, names; ARGV old entry, new entry, now, channel, token
-#: -> 1 if the old entry was replaced by the new one (same expiry; the new name held, the
-#: old one let go), 0 if another owner holds a name that looks like the new entry's, -1 if
-#: the old entry is not there (it left, or expired). Nothing is announced but what expired.
+#: KEYS seq, epoch, presence, users, names; ARGV old entry, new entry, now, channel, token,
+#: idle rooms, idle history bytes -> 1 if the old entry was replaced by the new one (same
+#: expiry; the new name held, the old one let go), 0 if another owner holds a name that
+#: looks like the new entry's, -1 if the old entry is not there (it left, or expired).
+#: Nothing is announced but what expired.
 RENAME: Final = (
     _HELPERS
     + """
@@ -214,6 +292,7 @@ local gone = reap(KEYS[3], KEYS[4], KEYS[5], ARGV[3])
 if #gone > 0 then
   notice(ARGV[4], 'L', run_of(KEYS[2], ARGV[5]), seq_of(KEYS[1]), people(KEYS[4]), gone)
 end
+settle(room_of(KEYS[3]), ARGV[6], ARGV[7])
 local expires = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if not expires then return -1 end
 if not name_free(KEYS[5], ARGV[2]) then return 0 end
@@ -226,22 +305,27 @@ return 1
 )
 
 #: KEYS per room: seq, epoch, history, history bytes; ARGV history size, token, history
-#: bytes, then per room: channel, n, then n pairs (head, tail) of events split around their
-#: seq -> first seq per room. History keeps the newest entries within both bounds; its
-#: bytes key counts their UTF-8 length (a history from before that key is counted from its
-#: next message on, and trimmed by count meanwhile).
+#: bytes, idle rooms, idle history bytes, then per room: channel, n, then n pairs (head,
+#: tail) of events split around their seq -> first seq per room. History keeps the newest
+#: entries within both bounds; its bytes key counts their UTF-8 length (a history from
+#: before that key is counted from its next message on, and trimmed by count meanwhile).
+#: A room without presence (the server API posts into any room) is idle: its growth
+#: counts against the idle budget.
 PUBLISH: Final = (
     _HELPERS
     + """
 local keep, budget = tonumber(ARGV[1]), tonumber(ARGV[3])
-local a = 4
+local a = 6
 local firsts = {}
+local grown = false
 for r = 1, #KEYS / 4 do
   local history, size = KEYS[4 * r - 1], KEYS[4 * r]
   local channel, n = ARGV[a], tonumber(ARGV[a + 1])
   a = a + 2
   local first = redis.call('INCRBY', KEYS[4 * r - 3], n) - n + 1
   local epoch = run_of(KEYS[4 * r - 2], ARGV[2])
+  local room = room_of(KEYS[4 * r - 3])
+  local before = tonumber(redis.call('GET', size) or '0')
   local entries = {}
   local added = 0
   for i = 0, n - 1 do
@@ -251,7 +335,7 @@ for r = 1, #KEYS / 4 do
   end
   if keep > 0 and budget > 0 then
     local length = redis.call('RPUSH', history, unpack(entries))
-    local held = tonumber(redis.call('GET', size) or '0') + added
+    local held = before + added
     if length > keep then
       for _, entry in ipairs(redis.call('LRANGE', history, 0, length - keep - 1)) do
         held = held - #entry
@@ -266,15 +350,22 @@ for r = 1, #KEYS / 4 do
     redis.call('SET', size, math.max(held, 0))
   end
   redis.call('PUBLISH', channel, 'M|' .. epoch .. '|' .. table.concat(entries, '\\n'))
+  if redis.call('ZSCORE', IDLE, room) then
+    redis.call('INCRBY', IDLE_BYTES, bytes_of(room) - before)
+    grown = true
+  else
+    settle(room, ARGV[4], ARGV[5])
+  end
   firsts[r] = first
 end
+if grown then evict(ARGV[4], ARGV[5]) end
 return firsts
 """
 )
 
-#: KEYS seq, epoch, presence, users, names; ARGV now, n (-1: all), channel, token ->
-#: {count (people), the first n entries}: a room's presence now, after removing (and
-#: announcing) what expired
+#: KEYS seq, epoch, presence, users, names; ARGV now, n (-1: all), channel, token, idle
+#: rooms, idle history bytes -> {count (people), the first n entries}: a room's presence
+#: now, after removing (and announcing) what expired (a room left empty becomes idle)
 PRESENCE: Final = (
     _HELPERS
     + """
@@ -283,6 +374,7 @@ local count = people(KEYS[4])
 if #gone > 0 then
   notice(ARGV[3], 'L', run_of(KEYS[2], ARGV[4]), seq_of(KEYS[1]), count, gone)
 end
+settle(room_of(KEYS[3]), ARGV[5], ARGV[6])
 local n = tonumber(ARGV[2])
 local live = {}
 if n ~= 0 then live = redis.call('ZRANGE', KEYS[3], 0, n < 0 and -1 or n - 1) end
@@ -299,18 +391,20 @@ return {epoch, seq_of(KEYS[1]), redis.call('LRANGE', KEYS[3], 0, -1)}
 """
 )
 
-#: KEYS per room: seq, epoch, presence, users, names; ARGV now, expires, token, then per
-#: room: channel, r, j, r entries to refresh (only if still present), j entries to add back
-#: (announced as joins if their person was not there) -> per room, {the refreshed entries
-#: that were no longer present, the entries not added back because another owner holds a
-#: name that looks like theirs}. Expired entries (a dead worker's members) are removed,
-#: letting go of their names, and announced as leaves, each user's with its last
-#: connection; then entries come back, claiming their names again.
+#: KEYS per room: seq, epoch, presence, users, names; ARGV now, expires, token, idle rooms,
+#: idle history bytes, then per room: channel, r, j, r entries to refresh (only if still
+#: present), j entries to add back (announced as joins if their person was not there) ->
+#: per room, {the refreshed entries that were no longer present, the entries not added
+#: back because another owner holds a name that looks like theirs}. Expired entries (a
+#: dead worker's members) are removed, letting go of their names, and announced as leaves,
+#: each user's with its last connection; then entries come back, claiming their names
+#: again. A room left empty becomes idle (or is forgotten); one with entries back stops
+#: being idle.
 UPKEEP: Final = (
     _HELPERS
     + """
 local now, expires, token = ARGV[1], ARGV[2], ARGV[3]
-local a = 4
+local a = 6
 local result = {}
 for r = 1, #KEYS / 5 do
   local presence, users, names = KEYS[5 * r - 2], KEYS[5 * r - 1], KEYS[5 * r]
@@ -344,6 +438,7 @@ for r = 1, #KEYS / 5 do
     if #gone > 0 then notice(channel, 'L', epoch, seq, count, gone) end
     if #back > 0 then notice(channel, 'J', epoch, seq, count, back) end
   end
+  settle(room_of(presence), ARGV[4], ARGV[5])
   result[r] = {absent, refused}
 end
 return result
