@@ -8,32 +8,11 @@ import anyio
 import orjson
 import pytest
 
-from roomcast.hub import PRESENCE_WAKE, Hub, Member, RoomFull
+from roomcast.hub import Hub, Member, RoomFull
 from roomcast.protocol import ChatMessage, CloseCode
+from sender import drain
 
 pytestmark = pytest.mark.anyio
-
-
-def drain(member: Member) -> list[dict[str, Any]]:
-    """Everything a sender task would send a member right now: its greeting, then its
-    outbox, with a waiting presence notice where it wakes the sender or when the outbox is
-    empty (as connection._next_event does)."""
-    events = [orjson.loads(e) for e in member.greeting]
-    member.greeting = []
-    while True:
-        try:
-            event = member.outbox.receive_nowait()
-        except anyio.WouldBlock:
-            if (notice := member.take_presence()) is not None:
-                events.append(orjson.loads(notice))
-            return events
-        except anyio.EndOfStream:
-            return events
-        if event is PRESENCE_WAKE:
-            if (notice := member.take_presence()) is not None:
-                events.append(orjson.loads(notice))
-        else:
-            events.append(orjson.loads(event))
 
 
 def types(events: list[dict[str, Any]]) -> list[str]:

@@ -15,29 +15,11 @@ import orjson
 import pytest
 
 from roomcast.connection import _next_event, _with_backlog
-from roomcast.hub import PRESENCE_RATE, PRESENCE_WAKE, Hub, Member
+from roomcast.hub import PRESENCE_RATE, PRESENCE_WAKE, Hub
 from roomcast.protocol import MAX_WELCOME_MEMBERS, ChatMessage, CloseCode
+from sender import drain as read
 
 pytestmark = pytest.mark.anyio
-
-
-def read(member: Member) -> list[dict[str, Any]]:
-    """What the member's sender sends now: greeting, outbox, then a waiting notice."""
-    events = [orjson.loads(e) for e in member.greeting]
-    member.greeting = []
-    while True:
-        try:
-            event = member.outbox.receive_nowait()
-        except anyio.WouldBlock:
-            if (notice := member.take_presence()) is not None:
-                events.append(orjson.loads(notice))
-            return events
-        except anyio.EndOfStream:
-            return events
-        if event is not PRESENCE_WAKE:
-            events.append(orjson.loads(event))
-        elif (notice := member.take_presence()) is not None:
-            events.append(orjson.loads(notice))
 
 
 def notices(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ import math
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -173,28 +173,20 @@ class Room:
     def people(self) -> list[tuple[str | None, str | None]]:
         """``(user, name)`` of each member as a person, in join order: a verified user
         once (as its first connection is named), each anonymous connection."""
-        people: list[tuple[str | None, str | None]] = []
+        return list(self._people())
+
+    def member_names(self) -> list[str]:
+        named = (name for _, name in self._people() if name is not None)
+        return list(itertools.islice(named, protocol.MAX_WELCOME_MEMBERS))
+
+    def _people(self) -> Iterator[tuple[str | None, str | None]]:
         users: set[str] = set()
         for member in self.members:
             if member.user is not None:
                 if member.user in users:
                     continue
                 users.add(member.user)
-            people.append((member.user, member.name))
-        return people
-
-    def member_names(self) -> list[str]:
-        names: list[str] = []
-        users: set[str] = set()
-        for member in self.members:
-            if member.name is None or (member.user is not None and member.user in users):
-                continue
-            if member.user is not None:
-                users.add(member.user)
-            names.append(member.name)
-            if len(names) == protocol.MAX_WELCOME_MEMBERS:
-                break
-        return names
+            yield member.user, member.name
 
 
 @dataclass
