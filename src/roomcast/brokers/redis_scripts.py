@@ -353,8 +353,8 @@ for r = 1, #KEYS / 4 do
   if redis.call('ZSCORE', IDLE, room) then
     redis.call('INCRBY', IDLE_BYTES, bytes_of(room) - before)
     grown = true
-  else
-    settle(room, ARGV[4], ARGV[5])
+  elseif redis.call('EXISTS', key_of(room, 'presence')) == 0 then
+    settle(room, ARGV[4], ARGV[5])  -- (a room with presence is not idle: nothing to settle)
   end
   firsts[r] = first
 end
