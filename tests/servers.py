@@ -289,15 +289,17 @@ def spawn_server(
     timeout: float = 30.0,
 ) -> Iterator[ServerProcess]:
     """Run a serving command of :data:`COMMANDS` (``hypercorn=True`` for plain Hypercorn)
-    on ``host:port`` with the repository's hypercorn.toml (or ``config``) and wait until
+    on ``host:port`` with the repository's hypercorn.toml (or ``config``; ``""``: none, so
+    Hypercorn's defaults) and wait until
     every worker serves; the whole process group is killed on exit if still running.
 
     ``nofile`` sets the command's soft and hard open-file limit (``ulimit -n``).
     """
     bind = f"{host}:{port}"
-    config = config or os.path.join(ROOT, "hypercorn.toml")
+    config = os.path.join(ROOT, "hypercorn.toml") if config is None else config
     command = "hypercorn" if hypercorn else command
-    argv = [*COMMANDS[command], "--config", config, "--bind", bind, *(args or [])]
+    argv = [*COMMANDS[command], *(["--config", config] if config else []), "--bind", bind]
+    argv += args or []
     if command == "hypercorn":
         argv.append("roomcast.app:app")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

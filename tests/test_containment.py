@@ -18,10 +18,24 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 
+import hpack
 import pytest
+from hyperframe.frame import (
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
 from chatters import Chatter, reset
 from servers import ServerProcess, spawn_server
@@ -103,42 +117,78 @@ def bystanders(request: pytest.FixtureRequest) -> Iterator[list[Chatter]]:
         chatter.ws.sock.close()
 
 
+@dataclass(frozen=True)
+class Serving:
+    """A serving command the README offers, as ``spawn_server`` runs it."""
+
+    command: str
+    args: tuple[str, ...] = ()
+    workers: int = 1
+    config: str | None = None  # None: the repository's hypercorn.toml; "": none
+
+    @property
+    def plain_hypercorn(self) -> bool:
+        return self.command == "hypercorn"
+
+
+LAUNCHER_1 = Serving("python -m roomcast")
+#: plain Hypercorn, as the documented Hypercorn way and every tutorial run it
+HYPERCORN_TRIO_1 = Serving("hypercorn", ("--worker-class", "trio"), config="")
+HYPERCORN_TRIO_2 = Serving("hypercorn", ("--worker-class", "trio"), workers=2, config="")
+HYPERCORN_CONFIG_2 = Serving("hypercorn", workers=2)  # hypercorn --config hypercorn.toml
+HYPERCORN_ASYNCIO_1 = Serving("hypercorn", ("-k", "asyncio"))
+HYPERCORN_ASYNCIO_2 = Serving("hypercorn", ("-k", "asyncio"), workers=2)
+
 SERVING = [
-    pytest.param("python -m roomcast", ["--workers", "1"], id="python-m-roomcast-1"),
-    pytest.param("python -m roomcast", ["--workers", "2"], id="python-m-roomcast-2"),
-    pytest.param("roomcast", ["--workers", "2"], id="roomcast-2"),
-    pytest.param("scripts/run", ["--workers", "1"], id="scripts-run-1"),
-    pytest.param("scripts/run", ["--workers", "2"], id="scripts-run-2"),
-    pytest.param("roomcast", ["-k", "asyncio", "--workers", "2"], id="asyncio-2"),
-    pytest.param("roomcast", ["-k", "uvloop", "--workers", "1"], id="uvloop-1"),
+    pytest.param(LAUNCHER_1, id="python-m-roomcast-1"),
+    pytest.param(Serving("python -m roomcast", workers=2), id="python-m-roomcast-2"),
+    pytest.param(Serving("roomcast", workers=2), id="roomcast-2"),
+    pytest.param(Serving("scripts/run"), id="scripts-run-1"),
+    pytest.param(Serving("scripts/run", workers=2), id="scripts-run-2"),
+    pytest.param(Serving("roomcast", ("-k", "asyncio"), workers=2), id="asyncio-2"),
+    pytest.param(Serving("roomcast", ("-k", "uvloop")), id="uvloop-1"),
+    pytest.param(HYPERCORN_TRIO_1, id="hypercorn-worker-class-trio-1"),
+    pytest.param(HYPERCORN_TRIO_2, id="hypercorn-worker-class-trio-2"),
+    pytest.param(Serving("hypercorn"), id="hypercorn-config-1"),
+    pytest.param(HYPERCORN_CONFIG_2, id="hypercorn-config-2"),
+    pytest.param(HYPERCORN_ASYNCIO_1, id="hypercorn-asyncio-1"),
+    pytest.param(HYPERCORN_ASYNCIO_2, id="hypercorn-asyncio-2"),
+    pytest.param(Serving("hypercorn", ("-k", "uvloop")), id="hypercorn-uvloop-1"),
 ]
 
 
-@pytest.mark.parametrize(("command", "args"), SERVING)
-def test_bytes_pipelined_after_the_upgrade_end_only_their_connection(
-    command: str, args: list[str], bystanders: list[Chatter]
-) -> None:
+@contextmanager
+def serve(serving: Serving, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """Start ``serving`` (more than one worker share rooms through a real Redis) and wait
+    until every worker has hardened Hypercorn, so every connection meets the mended
+    classes."""
     env = {"ROOMCAST_RATE_LIMIT": "0"}
-    with spawn_server(args, command=command, env=env) as server:
+    if serving.workers > 1:
+        env["ROOMCAST_REDIS_URL"] = request.getfixturevalue("redis_server").url
+    args = [*serving.args, "--workers", str(serving.workers)]
+    with spawn_server(
+        args, command=serving.command, env=env, config=serving.config, timeout=60
+    ) as server:
+        deadline = time.monotonic() + 30
+        while server.text.count("hardened") < serving.workers:
+            assert time.monotonic() < deadline, server.text
+            time.sleep(0.05)
+        assert len(server.workers()) == serving.workers, server.text
+        yield server
+
+
+@pytest.mark.parametrize("serving", SERVING)
+def test_bytes_pipelined_after_the_upgrade_end_only_their_connection(
+    serving: Serving, bystanders: list[Chatter], request: pytest.FixtureRequest
+) -> None:
+    with serve(serving, request) as server:
         workers = server.workers()
-        assert len(workers) == int(args[-1])
         bystanders += [Chatter.join(server.port, "bystanders", f"b{i}") for i in range(6)]
         for path in PATHS:
             for name, trailer in TRAILERS.items():
                 answer = attack(server.port, upgrade(path) + trailer)
                 assert answer.startswith(b"HTTP/1.1 "), (name, answer)
                 alive(server, bystanders, workers)
-
-
-@pytest.mark.xfail(strict=True, reason="pgjones/hypercorn#225: the Trio worker dies")
-def test_plain_hypercorn_dies_of_bytes_pipelined_after_the_upgrade(
-    bystanders: list[Chatter],
-) -> None:
-    with spawn_server(hypercorn=True, env={"ROOMCAST_RATE_LIMIT": "0"}) as server:
-        workers = server.workers()
-        bystanders.append(Chatter.join(server.port, "bystanders", "b"))
-        attack(server.port, upgrade("/ws/echo") + TRAILERS["garbage"])
-        alive(server, bystanders, workers)
 
 
 # -- a seeded handshake fuzz -------------------------------------------------------------
@@ -230,25 +280,189 @@ def _drop_a_header(request: bytes) -> bytes:
     return b"\r\n".join(lines)
 
 
-def test_a_seeded_handshake_fuzz_never_takes_the_worker_down(bystanders: list[Chatter]) -> None:
-    rng = random.Random(SEED)
+FUZZED = [
+    pytest.param(LAUNCHER_1, id="python-m-roomcast-1"),
+    pytest.param(HYPERCORN_TRIO_1, id="hypercorn-worker-class-trio-1"),
+    pytest.param(HYPERCORN_CONFIG_2, id="hypercorn-config-2"),
+    pytest.param(HYPERCORN_ASYNCIO_1, id="hypercorn-asyncio-1"),
+    pytest.param(HYPERCORN_ASYNCIO_2, id="hypercorn-asyncio-2"),
+]
+
+
+def run_fuzz(
+    server: ServerProcess,
+    bystanders: list[Chatter],
+    cases: Iterator[tuple[str, bytes]],
+    rng: random.Random,
+    classify: Callable[[bytes], str],
+) -> Counter[str]:
+    """Send each case (in one write, or split at up to 4 random places), check after each
+    that the bystander still chats, and every 50 that everything is alive. Returns how the
+    server answered (``classify`` of what came back) and how the cases were written."""
+    workers = server.workers()
+    bystanders.append(Chatter.join(server.port, "bystanders", "b"))
     tally: Counter[str] = Counter()
-    with spawn_server(env={"ROOMCAST_RATE_LIMIT": "0"}) as server:
-        workers = server.workers()
-        bystanders.append(Chatter.join(server.port, "bystanders", "b"))
-        for number, (case, data) in enumerate(fuzz_cases(rng)):
-            split = rng.random() < 0.5
-            pieces = sorted(rng.sample(range(1, len(data)), min(4, len(data) - 1))) if split else []
-            answer = attack(server.port, data, pieces=pieces, wait=0.1)
-            tally[answer[:12].decode(errors="replace") or "(nothing)"] += 1
-            tally["split" if split else "one write"] += 1
-            try:
-                bystanders[0].say()
-            except ConnectionError as exc:
-                raise AssertionError(f"case {number} ({case}, {pieces}) {exc}") from exc
-            if number % 50 == 0:
-                alive(server, bystanders, workers)
-        alive(server, bystanders, workers)
+    for number, (case, data) in enumerate(cases):
+        split = rng.random() < 0.5
+        pieces = sorted(rng.sample(range(1, len(data)), min(4, len(data) - 1))) if split else []
+        answer = attack(server.port, data, pieces=pieces, wait=0.1)
+        tally[classify(answer)] += 1
+        tally["split" if split else "one write"] += 1
+        try:
+            bystanders[-1].say()
+        except ConnectionError as exc:
+            raise AssertionError(f"case {number} ({case}, {pieces}) {exc}") from exc
+        if number % 50 == 0:
+            alive(server, bystanders, workers)
+    alive(server, bystanders, workers)
+    return tally
+
+
+def http1_answer(answer: bytes) -> str:
+    return answer[:12].decode(errors="replace") or "(nothing)"
+
+
+@pytest.mark.parametrize("serving", FUZZED)
+def test_a_seeded_handshake_fuzz_never_takes_the_worker_down(
+    serving: Serving, bystanders: list[Chatter], request: pytest.FixtureRequest
+) -> None:
+    rng = random.Random(SEED)
+    with serve(serving, request) as server:
+        tally = run_fuzz(server, bystanders, fuzz_cases(rng), rng, http1_answer)
         contained = server.text.count("ended by a server error")
     print(f"\n{CASES} cases (seed {SEED}); {contained} contained Hypercorn errors; {dict(tally)}")
     assert tally["HTTP/1.1 101"] and tally["HTTP/1.1 400"], tally  # the fuzz reached both sides
+
+
+# -- the same over HTTP/2 cleartext: prior knowledge and the h2c upgrade ----------------------
+
+H2_CASES = 150
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def h2_headers(method: str, path: str, *extra: tuple[str, str]) -> list[tuple[str, str]]:
+    return [
+        (":method", method),
+        (":path", path),
+        (":scheme", "http"),
+        (":authority", "127.0.0.1"),
+        *extra,
+    ]
+
+
+def h2_websocket(path: str) -> list[tuple[str, str]]:
+    """An RFC 8441 extended CONNECT: a WebSocket over one HTTP/2 stream."""
+    return h2_headers("CONNECT", path, (":protocol", "websocket"), ("sec-websocket-version", "13"))
+
+
+def h2_request(headers: list[tuple[str, str]], *, end_stream: bool, body: bytes = b"") -> bytes:
+    """Frames for one request on stream 1 (after the preface and an empty SETTINGS)."""
+    flags = {"END_HEADERS", *(["END_STREAM"] if end_stream and not body else [])}
+    frames = [SettingsFrame(0), HeadersFrame(1, hpack.Encoder().encode(headers), flags=flags)]
+    if body:
+        frames.append(DataFrame(1, body, flags={"END_STREAM"} if end_stream else set()))
+    return b"".join(frame.serialize() for frame in frames)
+
+
+def h2_cases(rng: random.Random) -> Iterator[tuple[str, bytes]]:
+    """(description, bytes): HTTP/2 requests and WebSockets over HTTP/2, reached by prior
+    knowledge or by an h2c upgrade of an HTTP/1.1 request, with broken frames after them."""
+    ws_frame = client_frame(0x1, b'{"text": "over h2"}')
+    bases = [
+        ("healthz", h2_request(h2_headers("GET", "/healthz"), end_stream=True)),
+        (
+            "chat",
+            h2_request(h2_websocket("/ws/chat?room=fuzz&name=h"), end_stream=False, body=ws_frame),
+        ),
+        ("echo", h2_request(h2_websocket("/ws/echo"), end_stream=False, body=ws_frame)),
+        ("unknown-ws", h2_request(h2_websocket("/ws/nowhere"), end_stream=False)),
+        (
+            "post",
+            h2_request(
+                h2_headers("POST", "/metrics", ("content-length", "3")),
+                end_stream=True,
+                body=b"abc",
+            ),
+        ),
+        ("no-path", h2_request(h2_headers("GET", "/")[1:], end_stream=True)),
+        ("upper-case-header", h2_request(h2_headers("GET", "/", ("X-Up", "a")), end_stream=True)),
+        (
+            "long-header",
+            h2_request(h2_headers("GET", "/", ("x-long", "a" * 20_000)), end_stream=True),
+        ),
+    ]
+    after = [
+        ("", b""),
+        ("rst", RstStreamFrame(1).serialize()),
+        ("goaway", GoAwayFrame(0).serialize()),
+        ("huge-window", WindowUpdateFrame(1, window_increment=2**31 - 1).serialize()),
+        ("window-overflow", WindowUpdateFrame(0, window_increment=2**31 - 1).serialize() * 2),
+        ("ping", PingFrame(0, b"12345678").serialize()),
+        ("self-priority", PriorityFrame(1, depends_on=1).serialize()),
+        ("data-on-stream-3", DataFrame(3, b"x").serialize()),
+        (
+            "even-stream",
+            HeadersFrame(
+                2, hpack.Encoder().encode(h2_headers("GET", "/")), flags={"END_HEADERS"}
+            ).serialize(),
+        ),
+        ("headers-without-end", HeadersFrame(5, b"\x82", flags=set()).serialize() + b"junk"),
+        ("settings-flood", SettingsFrame(0, settings={4: 0}).serialize() * 50),
+        ("garbage", b"abc"),
+        ("64k-junk", b"\xff" * 65536),
+        ("second-preface", H2_PREFACE),
+        ("http1", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ]
+    settings = base64.urlsafe_b64encode(SettingsFrame(0).serialize_body()).rstrip(b"=")
+    entries = [
+        ("prior-knowledge", H2_PREFACE),
+        (
+            "h2c-upgrade",
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: " + settings + b"\r\n\r\n" + H2_PREFACE,
+        ),
+    ]
+    for _ in range(H2_CASES):
+        (entry, head), (base, request), (tail, trailer) = (
+            rng.choice(entries),
+            rng.choice(bases),
+            rng.choice(after),
+        )
+        data = head + request + trailer
+        if rng.random() < 0.2:  # a flipped byte somewhere in the frames
+            at = rng.randrange(len(head), len(data))
+            data = data[:at] + bytes([data[at] ^ (1 << rng.randrange(8))]) + data[at + 1 :]
+            tail += "+flip"
+        yield f"{entry}/{base}/{tail or 'nothing'}", data
+
+
+def h2_answer(answer: bytes) -> str:
+    """How the server answered: its HTTP/2 ``:status`` on stream 1, or that it spoke
+    HTTP/2 without one, or what else it said."""
+    if answer.startswith(b"HTTP/1.1 101"):
+        answer = answer.partition(b"\r\n\r\n")[2]
+    elif answer.startswith(b"HTTP/"):
+        return answer[:12].decode(errors="replace")
+    decoder = hpack.Decoder()
+    while len(answer) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(answer[:9]))
+        body, answer = answer[9 : 9 + length], answer[9 + length :]
+        if len(body) < length:
+            break
+        frame.parse_body(memoryview(body))
+        if isinstance(frame, HeadersFrame) and frame.stream_id == 1:
+            headers = dict(decoder.decode(frame.data))
+            return f"h2 {headers.get(':status', '?')}"
+    return "h2 no status" if answer is not None else "(nothing)"
+
+
+@pytest.mark.parametrize("serving", FUZZED[:2] + FUZZED[3:4])
+def test_a_seeded_http2_fuzz_never_takes_the_worker_down(
+    serving: Serving, bystanders: list[Chatter], request: pytest.FixtureRequest
+) -> None:
+    rng = random.Random(SEED)
+    with serve(serving, request) as server:
+        tally = run_fuzz(server, bystanders, h2_cases(rng), rng, h2_answer)
+        contained = server.text.count("ended by a server error")
+    print(f"\n{H2_CASES} HTTP/2 cases (seed {SEED}); {contained} contained errors; {dict(tally)}")
+    assert tally["h2 200"], tally  # requests and WebSockets over HTTP/2 were served

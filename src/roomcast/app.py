@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import mimetypes
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtim
     :raises BrokerUnavailable: if the configured Redis cannot be reached
     """
     settings = Settings.from_env() if settings is None else settings
+    _harden_hypercorn()
     hub = Hub(
         outbox_size=settings.outbox_size,
         history_size=settings.history_size,
@@ -106,6 +108,15 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtim
             finally:
                 hub.close_all(CloseCode.GOING_AWAY, "server shutting down")
                 tg.cancel_scope.cancel()
+
+
+def _harden_hypercorn() -> None:
+    """Served by Hypercorn (plain ``hypercorn`` or the launcher): mend, once per process,
+    what Hypercorn 0.18 breaks of roomcast's guarantees (:mod:`.launcher.hardening`)."""
+    if "hypercorn.protocol" in sys.modules:
+        from .launcher import hardening
+
+        hardening.install()
 
 
 async def _share_metrics(runtime: Runtime, shared: metrics.SharedMetrics) -> None:

@@ -62,7 +62,14 @@ from hypercorn.utils import repr_socket_addr
 from . import trio_write
 from .trio_write import DirectWriter
 
-__all__ = ["AcceptGate", "ConnectionContext", "ContainedTCPServer", "WatchedLifespan", "serve"]
+__all__ = [
+    "AcceptGate",
+    "ConnectionContext",
+    "ContainedTCPServer",
+    "ServedTCPServer",
+    "WatchedLifespan",
+    "serve",
+]
 
 #: errors of accept() that mean "out of resources", not "this listener is broken"
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -180,6 +187,23 @@ class ContainedTCPServer(TCPServer):
             await super()._read_data()
         finally:
             self.context.peer_gone()
+
+
+class ServedTCPServer(ContainedTCPServer):
+    """:class:`ContainedTCPServer` as Hypercorn's own Trio worker builds a connection
+    handler (``partial(TCPServer, app, config, context, state)(stream)``, with the
+    worker's context): what :func:`.hardening.install` puts in its place, so plain
+    ``hypercorn --worker-class trio`` contains each connection as the launcher does."""
+
+    def __init__(
+        self,
+        app: AppWrapper,
+        config: Config,
+        context: WorkerContext,
+        state: LifespanState,
+        stream: Stream,
+    ) -> None:
+        super().__init__(app, config, ConnectionContext(context), state, stream)
 
 
 class AcceptGate:

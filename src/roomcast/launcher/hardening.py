@@ -1,0 +1,220 @@
+"""What roomcast installs into Hypercorn wherever it is served, plain ``hypercorn`` included.
+
+``python -m roomcast`` runs its own Trio serving loop (:mod:`.trio_server`), but people
+serve ``roomcast.app:app`` the documented Hypercorn way too: ``hypercorn --worker-class
+trio roomcast.app:app``. Hypercorn 0.18 breaks three of roomcast's guarantees there, each
+for bytes any anonymous client can send:
+
+- **One connection ends its worker.** An upgrade request followed, in the same TCP write,
+  by anything at all makes the Trio worker's h11 layer raise, and ``worker_serve`` lets
+  that end the worker with every room in it (pgjones/hypercorn#225).
+- **A compressed message is inflated whole.** wsproto inflates a whole socket read before
+  Hypercorn compares the message with ``websocket_max_message_size``: 57 kB of
+  permessage-deflate on the wire made the server allocate ~180 MB before it answered 1009.
+- **A close is forgotten.** After Hypercorn sends 1009 it tells the app nothing until the
+  peer answers the close frame; a peer that never answers stays a member of its room for
+  as long as it keeps its socket.
+
+:func:`install` mends all three from inside the worker process, once, when the app's
+lifespan starts (which Hypercorn runs before it builds its connection handler, so every
+connection gets the mended classes). It replaces module attributes Hypercorn looks up when
+it serves (``hypercorn.trio.run.TCPServer``, the ``WSStream`` of the h11 and h2 protocols,
+``PerMessageDeflate`` of the WebSocket handshake), with subclasses that change one thing
+each:
+
+- :class:`ServedTCPServer` is the launcher's :class:`~.trio_server.ContainedTCPServer`
+  (containment, prompt release, direct writes) for ``worker_serve``'s per-connection
+  ``partial(TCPServer, app, config, context, state)``: one connection's failure is that
+  connection's, under plain Hypercorn as under the launcher. The asyncio worker needs no
+  such class: asyncio logs a failed connection task and the worker goes on.
+- :class:`BoundedPerMessageDeflate` inflates each message at most
+  :data:`INFLATE_FACTOR` times the message size limit (bytes, as a text message's
+  characters take at most four): past that it stops inflating and hands on what reaches
+  the limit, so Hypercorn's own size check answers 1009 as for an uncompressed message.
+- :class:`ClosingWSStream` drops a connection whose peer has not answered a close frame
+  the server sent within :data:`CLOSE_TIMEOUT` seconds: the app hears
+  ``websocket.disconnect`` (so the member leaves its room) and the socket closes.
+
+The launcher's workers get the same classes the same way (its serving loop uses
+:class:`~.trio_server.ContainedTCPServer` directly). Hypercorn releases other than the
+ones the internals tests describe (``tests/test_launcher.py::TestHypercornInternals``,
+:data:`.trio_write.SUPPORTED`) keep their own behaviour, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import zlib
+from typing import Any
+
+import anyio
+from hypercorn.config import Config
+from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.ws_stream import WSStream
+from hypercorn.typing import WebsocketAcceptEvent
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
+from wsproto.events import Event as WSProtoEvent
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
+
+from . import trio_write
+from .logs import configure_logging
+
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "INFLATE_FACTOR",
+    "BoundedPerMessageDeflate",
+    "ClosingWSStream",
+    "install",
+]
+
+#: seconds a peer has to answer a close frame the server sent before it is dropped
+CLOSE_TIMEOUT = 5.0
+#: a compressed message is inflated to at most this many times the message size limit
+INFLATE_FACTOR = 4
+#: until the stream sets the configured limit (before any frame of a well-behaved client)
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024
+
+log = logging.getLogger("roomcast.hardening")
+
+
+class BoundedPerMessageDeflate(PerMessageDeflate):
+    """wsproto's permessage-deflate, inflating each message at most
+    ``INFLATE_FACTOR * max_message_size`` bytes.
+
+    Once a message reaches that bound the rest of it is not inflated at all: its frames'
+    payloads are dropped. What was handed on already exceeds the limit (in bytes, and in
+    characters for text), so Hypercorn closes 1009 before the message could be delivered.
+    The connection's zlib stream is then unusable, which does not matter: it is closing.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_message_size = DEFAULT_MAX_MESSAGE_SIZE
+        self._inflated = 0  # bytes of the current message so far
+
+    @property
+    def _budget(self) -> int:
+        return INFLATE_FACTOR * self.max_message_size
+
+    def frame_inbound_payload_data(
+        self, proto: FrameDecoder | FrameProtocol, data: bytes
+    ) -> bytes | CloseReason:
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data
+        if self._inflated >= self._budget:
+            return b""
+        assert self._decompressor is not None
+        try:
+            # max_length 0 would mean "no limit": the budget check above keeps it positive
+            inflated = self._decompressor.decompress(data, self._budget - self._inflated)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        self._inflated += len(inflated)
+        return inflated
+
+    def frame_inbound_complete(
+        self, proto: FrameDecoder | FrameProtocol, fin: bool
+    ) -> bytes | CloseReason | None:
+        if not (fin and self._inbound_is_compressible):  # a frame, or a ping amid a message
+            return super().frame_inbound_complete(proto, fin)
+        overflowed = self._inflated >= self._budget
+        self._inflated = 0
+        if overflowed:
+            self._inbound_compressed = None  # its rest was dropped: nothing to flush
+            return None
+        return super().frame_inbound_complete(proto, fin)
+
+
+class ClosingWSStream(WSStream):
+    """Hypercorn's WebSocket stream, which drops a peer that ignores the server's close.
+
+    Whenever a close frame the server sent leaves the connection waiting for the peer's
+    (Hypercorn's own 1009, or the app's close), the stream waits at most
+    :data:`CLOSE_TIMEOUT` seconds for the stream to end, then ends it itself: the app is
+    told ``websocket.disconnect`` (1006) and the connection closes. A stream that ends in
+    time (the peer answered, or the app returned and Hypercorn closed the connection) ends
+    the wait at once, so the wait never outlives its connection.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ended = anyio.Event()
+        self._closing = False
+
+    async def handle(self, event: Any) -> None:
+        await super().handle(event)
+        if isinstance(event, StreamClosed):
+            self._ended.set()
+
+    async def _accept(self, message: WebsocketAcceptEvent) -> None:
+        await super()._accept(message)
+        _bound_inflation(self.connection._proto.extensions, self.config)
+
+    async def _send_wsproto_event(self, event: WSProtoEvent) -> None:
+        await super()._send_wsproto_event(event)
+        if (
+            isinstance(event, CloseConnection)
+            and not self._closing
+            and self.connection.state is ConnectionState.LOCAL_CLOSING
+        ):
+            self._closing = True
+            self.task_group.spawn(self._drop_unless_answered)
+
+    async def _drop_unless_answered(self) -> None:
+        with anyio.move_on_after(CLOSE_TIMEOUT):
+            await self._ended.wait()
+            return
+        await self.send(StreamClosed(stream_id=self.stream_id))
+
+
+def _bound_inflation(extensions: list[Any], config: Config) -> None:
+    for extension in extensions:
+        if isinstance(extension, BoundedPerMessageDeflate):
+            extension.max_message_size = config.websocket_max_message_size
+
+
+def install() -> bool:
+    """Install the classes above into the Hypercorn serving this process, once.
+
+    Returns whether they are installed: not when the process is not served by Hypercorn
+    (another ASGI server, a test's own loop) nor on an untested Hypercorn release, which
+    keeps its own behaviour (with a warning). Under plain Hypercorn, which configures only
+    its own loggers, roomcast's log lines (``roomcast.*``) go to stderr from here on, in
+    Hypercorn's format.
+    """
+    if "hypercorn.protocol" not in sys.modules:
+        return False
+    if not logging.getLogger().handlers:  # plain Hypercorn configures only its own loggers
+        configure_logging()
+    if not trio_write.SUPPORTED:
+        log.warning(
+            "roomcast: Hypercorn %s is not one whose internals roomcast's containment is "
+            "tested with (0.17, 0.18); it keeps its own behaviour",
+            trio_write.hypercorn_version(),
+        )
+        return False
+    import hypercorn.protocol.h2
+    import hypercorn.protocol.h11
+    import hypercorn.protocol.ws_stream
+
+    if hypercorn.protocol.h11.WSStream is ClosingWSStream:  # type: ignore[attr-defined]
+        return True
+    hypercorn.protocol.ws_stream.PerMessageDeflate = BoundedPerMessageDeflate  # type: ignore[attr-defined]
+    hypercorn.protocol.h11.WSStream = ClosingWSStream  # type: ignore[attr-defined]
+    hypercorn.protocol.h2.WSStream = ClosingWSStream  # type: ignore[attr-defined]
+    trio_run = sys.modules.get("hypercorn.trio.run")
+    if trio_run is not None:
+        from .trio_server import ServedTCPServer
+
+        trio_run.TCPServer = ServedTCPServer  # type: ignore[attr-defined]
+    log.info(
+        "roomcast: Hypercorn %s hardened: each connection contained, compressed messages "
+        "inflated within %dx websocket_max_message_size, unanswered closes dropped after %g s",
+        trio_write.hypercorn_version(),
+        INFLATE_FACTOR,
+        CLOSE_TIMEOUT,
+    )
+    return True
