@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 from wsproto import ConnectionType, WSConnection
@@ -17,6 +18,7 @@ from wsproto.events import (
     RejectConnection,
     Request,
 )
+from wsproto.extensions import Extension
 
 
 @dataclass
@@ -76,16 +78,23 @@ def open_raw_websocket(
     timeout: float = 10.0,
     host: str = "127.0.0.1",
     subprotocols: list[str] | None = None,
+    extensions: list[Extension] | None = None,
 ) -> RawWebSocket:
     """Connect and complete the handshake; ``receive_buffer`` sets SO_RCVBUF before
-    connecting, so the advertised TCP window stays tiny from the start."""
+    connecting, so the advertised TCP window stays tiny from the start; ``extensions``
+    are offered (``PerMessageDeflate()``, as browsers do)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if receive_buffer is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.settimeout(timeout)
     sock.connect((host, port))
     conn = WSConnection(ConnectionType.CLIENT)
-    request = Request(host=f"{host}:{port}", target=target, subprotocols=subprotocols or [])
+    request = Request(
+        host=f"{host}:{port}",
+        target=target,
+        subprotocols=subprotocols or [],
+        extensions=extensions or [],
+    )
     sock.sendall(conn.send(request))
     ws = RawWebSocket(sock, conn)
     event = ws.next_event()
@@ -93,4 +102,15 @@ def open_raw_websocket(
         sock.close()
         raise ConnectionError(f"handshake rejected with HTTP {event.status_code}")
     assert isinstance(event, AcceptConnection), event
+    assert event.extensions or not extensions, "the server declined the offered extensions"
     return ws
+
+
+def deflated(data_chunk: bytes, repeat: int) -> bytes:
+    """``data_chunk * repeat`` compressed as one permessage-deflate message payload (send
+    it in a frame with RSV1 set)."""
+    compressor = zlib.compressobj(wbits=-15)
+    out = b"".join(compressor.compress(data_chunk) for _ in range(repeat))
+    out += compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]

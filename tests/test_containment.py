@@ -12,13 +12,16 @@ offer it for production because of this, and the day Hypercorn fixes it, that te
 from __future__ import annotations
 
 import base64
+import json
 import os
 import random
 import socket
 import struct
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -36,8 +39,10 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
+from wsproto.extensions import PerMessageDeflate
 
 from chatters import Chatter, reset
+from rawws import deflated, open_raw_websocket
 from servers import ServerProcess, spawn_server
 
 BYSTANDERS = 6  # over 2 workers: all on one worker 1 time in 32, and then still checked
@@ -52,12 +57,16 @@ def upgrade(path: str, *, extra_headers: str = "") -> bytes:
     ).encode()
 
 
-def client_frame(opcode: int, payload: bytes, *, masked: bool = True) -> bytes:
+def client_frame(
+    opcode: int, payload: bytes, *, masked: bool = True, compressed: bool = False
+) -> bytes:
+    """One final client frame (``compressed``: RSV1 set, a permessage-deflate payload)."""
     length = len(payload)
+    first = 0x80 | (0x40 if compressed else 0) | opcode
     if length < 126:
-        header = struct.pack("!BB", 0x80 | opcode, (0x80 if masked else 0) | length)
+        header = struct.pack("!BB", first, (0x80 if masked else 0) | length)
     else:
-        header = struct.pack("!BBH", 0x80 | opcode, (0x80 if masked else 0) | 126, length)
+        header = struct.pack("!BBH", first, (0x80 if masked else 0) | 126, length)
     if not masked:
         return header + payload
     mask = os.urandom(4)
@@ -189,6 +198,83 @@ def test_bytes_pipelined_after_the_upgrade_end_only_their_connection(
                 answer = attack(server.port, upgrade(path) + trailer)
                 assert answer.startswith(b"HTTP/1.1 "), (name, answer)
                 alive(server, bystanders, workers)
+
+
+# -- compression bombs -------------------------------------------------------------------------
+
+BOMBERS = 10
+#: how far the worker's peak RSS may rise above its baseline while they all bomb at once
+BOMB_RSS_BUDGET = 64 * 2**20
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set size so far (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def bomb(port: int, room: str, payload: bytes, start: threading.Barrier) -> int:
+    """Join ``room`` offering permessage-deflate, wait for the others, send ``payload`` as
+    one compressed text message; the close code the server answers with."""
+    ws = open_raw_websocket(
+        port, f"/ws/chat?room={room}&name=bomber", extensions=[PerMessageDeflate()]
+    )
+    try:
+        assert json.loads(ws.next_message())["type"] == "welcome"
+        start.wait(timeout=10)
+        ws.sock.sendall(client_frame(0x1, payload, compressed=True))
+        code, _, _ = ws.read_until_close()
+        return code
+    finally:
+        ws.sock.close()
+
+
+@pytest.mark.parametrize(
+    "serving",
+    [
+        pytest.param(LAUNCHER_1, id="python-m-roomcast-1"),
+        pytest.param(Serving("hypercorn"), id="hypercorn-config-1"),
+    ],
+)
+def test_ten_deflate_bombs_at_once_stay_within_64_mb(
+    serving: Serving, bystanders: list[Chatter], request: pytest.FixtureRequest
+) -> None:
+    """Ten anonymous clients each send ~57 kB that inflates to 60 MB (under the 64 KiB
+    message limit on the wire), at once. Each gets 1009, the worker's peak RSS rises less
+    than 64 MB, and a bystander chats throughout."""
+    payload = deflated(b"a" * 1_000_000, 60)
+    assert len(payload) < 65536
+    with serve(serving, request) as server:
+        [worker] = server.workers()
+        bystanders.append(Chatter.join(server.port, "bystanders", "b"))
+        for _ in range(20):
+            bystanders[0].say()
+        baseline = peak_rss(worker)
+        start = threading.Barrier(BOMBERS)
+        bombing = threading.Event()
+        said: list[int] = []
+
+        def chat() -> None:
+            while not bombing.is_set():
+                said.append(bystanders[0].say())
+
+        with ThreadPoolExecutor(BOMBERS + 1) as pool:
+            chatting = pool.submit(chat)
+            bombers = [
+                pool.submit(bomb, server.port, f"bomb{i}", payload, start) for i in range(BOMBERS)
+            ]
+            codes = [bomber.result(timeout=30) for bomber in bombers]
+            bombing.set()
+            chatting.result(timeout=10)
+        rise = peak_rss(worker) - baseline
+        print(f"\n{BOMBERS} deflate bombs: peak RSS +{rise / 2**20:.1f} MiB, {len(said)} said")
+        assert codes == [1009] * BOMBERS
+        assert rise < BOMB_RSS_BUDGET, f"peak RSS rose {rise / 2**20:.1f} MiB"
+        assert len(said) >= 1 and said == list(range(said[0], said[0] + len(said)))
+        alive(server, bystanders, [worker])
 
 
 # -- a seeded handshake fuzz -------------------------------------------------------------

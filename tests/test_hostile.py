@@ -23,7 +23,6 @@ import struct
 import threading
 import time
 import tracemalloc
-import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,13 +36,13 @@ import trio
 from anyio.streams.memory import MemoryObjectSendStream
 from trio_websocket import WebSocketConnection, open_websocket_url
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Message, Pong, Request
+from wsproto.events import CloseConnection, Message, Pong, Request
 from wsproto.extensions import PerMessageDeflate
 
 from roomcast import Settings, create_app
 from roomcast.launcher.hardening import CLOSE_TIMEOUT, INFLATE_FACTOR
 
-from rawws import RawWebSocket, open_raw_websocket
+from rawws import RawWebSocket, deflated, open_raw_websocket
 from servers import ThreadedServer, serve_in_thread
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
@@ -1040,24 +1039,8 @@ async def test_binary_frames_to_chat_get_binary_unsupported(server: ThreadedServ
 # -- compression (permessage-deflate, which Hypercorn negotiates when a client offers it) ------
 
 
-def deflated(data_chunk: bytes, repeat: int) -> bytes:
-    """``data_chunk * repeat`` compressed as one permessage-deflate message payload."""
-    compressor = zlib.compressobj(wbits=-15)
-    out = b"".join(compressor.compress(data_chunk) for _ in range(repeat))
-    out += compressor.flush(zlib.Z_SYNC_FLUSH)
-    assert out.endswith(b"\x00\x00\xff\xff")
-    return out[:-4]
-
-
 def dial_deflate(server: ThreadedServer, target: str) -> RawWebSocket:
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    conn = WSConnection(ConnectionType.CLIENT)
-    sock.sendall(
-        conn.send(Request(host="127.0.0.1", target=target, extensions=[PerMessageDeflate()]))
-    )
-    ws = RawWebSocket(sock, conn)
-    accepted = ws.next_event()
-    assert isinstance(accepted, AcceptConnection) and accepted.extensions, accepted
+    ws = open_raw_websocket(server.port, target, extensions=[PerMessageDeflate()])
     assert json.loads(ws.next_message())["type"] == "welcome"
     return ws
 
