@@ -8,16 +8,25 @@ The flusher itself (:meth:`Hub.run_presence`) and the sender's side of the slot
 
 from __future__ import annotations
 
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import orjson
 import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
 
+from roomcast import Settings, create_app
 from roomcast.connection import _next_event, _with_backlog
-from roomcast.hub import PRESENCE_RATE, PRESENCE_WAKE, Hub
+from roomcast.hub import PRESENCE_RATE, PRESENCE_WAKE, Hub, Member
+from roomcast.presence import HeldLeaves
 from roomcast.protocol import MAX_WELCOME_MEMBERS, ChatMessage, CloseCode
 from sender import drain as read
+
+from servers import serve_in_thread
 
 pytestmark = pytest.mark.anyio
 
@@ -352,3 +361,190 @@ def test_the_client_library_still_reads_a_single_change_notice() -> None:
         1,
         None,
     )
+
+
+# -- the leave grace: a reloaded tab is announced neither leaving nor joining ------------------
+
+
+async def next_notices(member: Member) -> list[dict[str, Any]]:
+    """The notices the member gets next (waiting for the flusher)."""
+    while not (seen := notices(read(member))):
+        await member.wait_for_events()
+    return seen
+
+
+def test_a_held_leave_is_taken_back_by_the_same_person_only() -> None:
+    held = HeldLeaves()
+    held.hold("alice", None, 3, due=10.0)
+    held.hold("Ann", "ann", 2, due=11.0)
+    assert len(held) == 2 and held.due == 10.0
+    assert not held.take_back("bob", None)
+    assert not held.take_back("Ann", None)  # an anonymous "Ann" is not the verified ann
+    assert not held.take_back("alice", "alice")  # nor is a verified user named alice
+    assert held.take_back("Ann (new name)", "ann")  # a verified user by its id, whatever name
+    assert held.take_back("alice", None)  # an anonymous member by its name
+    assert len(held) == 0 and held.due == math.inf and held.release() == []
+
+
+def test_held_leaves_are_released_in_order_once_their_grace_ends() -> None:
+    held = HeldLeaves()
+    for due, name in enumerate(["a", "b", None, None, "c"]):
+        held.hold(name, None, None, due=float(due))
+    assert held.take_back("b", None)
+    assert held.take_back(None, None)  # the nameless: any stands for any other
+    assert [leave.name for leave in held.release(2.5)] == ["a"]
+    assert held.due == 3.0  # the taken-back ones are skipped
+    assert [leave.name for leave in held.release(4.0, most=1)] == [None]
+    assert [leave.name for leave in held.release()] == ["c"]
+    assert len(held) == 0
+
+
+async def test_a_member_back_within_the_grace_is_announced_neither_leaving_nor_joining() -> None:
+    hub = Hub(presence_interval=0.01, presence_grace=3600)
+    watcher, alice, ann = (
+        hub.join("r", "watcher"),
+        hub.join("r", "alice"),
+        hub.join("r", "Ann", user="ann"),
+    )
+    room = hub.rooms["r"]
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hub.run_presence)
+            await anyio.wait_all_tasks_blocked()
+            read(watcher)
+            hub.leave(alice)
+            hub.leave(ann)
+            await anyio.wait_all_tasks_blocked()
+            assert len(room.held_leaves) == 2 and room.count == 1  # true, and not announced
+            alice = hub.join("r", "alice")  # the reloaded tabs: the name is free again
+            ann = hub.join("r", "Ann", user="ann")
+            await anyio.wait_all_tasks_blocked()
+            assert not room.held_leaves and room.presence is None
+            assert read(watcher) == []
+            read(alice)
+            [welcome] = read(ann)
+            assert (welcome["count"], welcome["members"]) == (3, ["watcher", "alice", "Ann"])
+            hub.join("r", "cy")  # the next notice is about cy alone
+            [notice] = await next_notices(watcher)
+            assert (notice["joined"], notice["left"], notice["count"]) == (["cy"], [], 4)
+            assert notices(read(alice)) == notices(read(ann)) == [notice]
+            tg.cancel_scope.cancel()
+
+
+async def test_a_member_that_stays_away_is_announced_once_the_grace_is_over() -> None:
+    grace = 0.2
+    hub = Hub(presence_interval=0.01, presence_grace=grace)
+    watcher, alice = hub.join("r", "watcher"), hub.join("r", "alice")
+    read(watcher)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hub.run_presence)
+            await anyio.wait_all_tasks_blocked()
+            read(watcher)
+            hub.leave(alice)
+            alice = hub.join("r", "alice")  # a reload first: nothing to announce
+            await anyio.wait_all_tasks_blocked()
+            read(alice)
+            left_at = anyio.current_time()
+            hub.leave(alice)
+            seen = await next_notices(watcher)
+            assert anyio.current_time() - left_at >= grace
+            tg.cancel_scope.cancel()
+    [notice] = seen
+    assert (notice["event"], notice["left"], notice["count"], notice["members"]) == (
+        "leave",
+        ["alice"],
+        1,
+        ["watcher"],
+    )
+
+
+async def test_a_notice_during_the_grace_names_the_held_leave_too() -> None:
+    """A notice shows the room as it is: one that goes out during a grace (someone else
+    came) does not list the member who left, so it says so, and a return is a join."""
+    hub = Hub(presence_interval=0.01, presence_grace=3600)
+    watcher, alice = hub.join("r", "watcher"), hub.join("r", "alice")
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hub.run_presence)
+            await anyio.wait_all_tasks_blocked()
+            read(watcher)
+            hub.leave(alice)
+            hub.join("r", "cy")
+            [notice] = await next_notices(watcher)
+            assert (notice["joined"], notice["left"], notice["count"]) == (["cy"], ["alice"], 2)
+            assert notice["members"] == ["watcher", "cy"]
+            hub.join("r", "alice")
+            seen = await next_notices(watcher)
+            assert [(n["joined"], n["left"], n["count"]) for n in seen] == [(["alice"], [], 3)]
+            tg.cancel_scope.cancel()
+
+
+async def test_held_leaves_of_a_room_left_empty_are_forgotten() -> None:
+    hub = Hub(presence_grace=3600)
+    alice, bob = hub.join("r", "alice"), hub.join("r", "bob")
+    hub.leave(alice)
+    assert len(hub.rooms["r"].held_leaves) == 1
+    hub.leave(bob)  # nobody is left to tell
+    alice = hub.join("r", "alice")
+    bob = hub.join("r", "bob")  # a join like any: announced
+    assert hub.flush_presence() == 1
+    assert [n["name"] for n in notices(read(alice))] == ["bob"]
+
+
+# -- on a real server ----------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def chat(url: str) -> AsyncIterator[tuple[WebSocketConnection, dict[str, Any]]]:
+    async with open_websocket_url(url) as ws:
+        welcome = orjson.loads(await ws.get_message())
+        assert welcome["type"] == "welcome"
+        yield ws, welcome
+
+
+async def notices_until(
+    ws: WebSocketConnection, done: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """The presence notices ``ws`` reads until one for which ``done`` holds."""
+    seen: list[dict[str, Any]] = []
+    while not seen or not done(seen[-1]):
+        event = orjson.loads(await ws.get_message())
+        if event["type"] == "system":
+            seen.append(event)
+    return seen
+
+
+async def reload_and_leave(urls: Callable[[str, int], str], grace: float) -> None:
+    """Alice's tab reloads (closes, and a new one joins at once; ``urls(name, n)`` is the
+    chat URL of the ``n``-th connection): the watcher sees no leave and no join, and then
+    only cy's join; alice and cy leave for good: the watcher sees it once the grace is
+    over, with the room as it is."""
+    async with chat(urls("watcher", 0)) as (watcher, _):
+        async with chat(urls("alice", 1)):
+            await notices_until(watcher, lambda n: n["count"] == 2)
+        async with chat(urls("alice", 2)) as (_, welcome):  # the reloaded tab: its name back
+            assert (welcome["count"], sorted(welcome["members"])) == (2, ["alice", "watcher"])
+            async with chat(urls("cy", 3)):
+                [notice] = await notices_until(watcher, lambda n: "cy" in n["joined"])
+                assert (notice["joined"], notice["left"], notice["count"]) == (["cy"], [], 3)
+                assert (notice["joins"], notice["leaves"]) == (1, 0)
+                left_at = trio.current_time()
+        seen = await notices_until(watcher, lambda n: n["count"] == 1)
+        assert trio.current_time() - left_at >= grace
+        assert sorted(name for notice in seen for name in notice["left"]) == ["alice", "cy"]
+        assert sum(notice["joins"] for notice in seen) == 0
+        assert seen[-1]["members"] == ["watcher"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_reloaded_tab_is_not_announced_and_a_departure_is_after_the_grace() -> None:
+    """The issue's case, on a real server with the default grace: a tab that reloads was
+    shown to the others as "alice left" and then "alice joined"."""
+    settings = Settings(rate_limit=0)
+    assert settings.presence_grace == 2.0
+    with serve_in_thread(create_app(settings)) as server, trio.fail_after(30):
+        await reload_and_leave(
+            lambda name, _: server.url(f"/ws/chat?room=reload&name={name}"),
+            settings.presence_grace,
+        )

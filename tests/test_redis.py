@@ -790,3 +790,19 @@ async def test_a_rename_without_redis_is_a_bad_token(redis_server: RedisServer) 
             while (event := await refresh(ann, "ann", "Ann"))["type"] != "message":  # noqa: ASYNC110
                 await trio.sleep(0.2)  # another thread's server reconnecting
             assert event["from"] == "Ann"  # the name it kept
+
+
+async def test_a_tab_reloaded_onto_another_server_is_not_announced(
+    two_servers: list[ThreadedServer],
+) -> None:
+    """Alice's tab on one server reloads and comes back on the other (a load balancer's
+    choice): the watcher's worker hears her leave and her join through Redis and announces
+    neither; her leave for good is announced once the grace is over."""
+    from test_presence import reload_and_leave
+
+    a, b = two_servers
+    grace = Settings().presence_grace
+    with trio.fail_after(30):
+        await reload_and_leave(
+            lambda name, n: (a, b)[n % 2].url(f"/ws/chat?room=reload&name={name}"), grace
+        )

@@ -16,6 +16,10 @@ one notice per interval at most. A notice never takes a message's place in an ou
 waits in the member's one-notice slot (:attr:`Member.presence`, a newer notice replaces an
 unsent one) and enters the outbox only as an empty wake-up event when the outbox is empty,
 so however many members come and go, presence alone can never evict anyone.
+
+A leave is announced only once a short grace has passed without the same person joining
+again (:class:`~roomcast.presence.HeldLeaves`, ``presence_grace``): a reloading tab leaves
+and joins within a moment, and the others see neither.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from . import protocol
 from .history import History
 from .names import skeleton
-from .presence import PresenceChanges, PresenceEvent
+from .presence import HeldLeaves, PresenceChanges, PresenceEvent
 from .protocol import CloseCode, ErrorCode
 
 __all__ = [
@@ -151,6 +155,10 @@ class Room:
     presence: PresenceChanges | None = None
     #: +1 per join or leave, so that a notice skips members whose welcome is newer
     presence_version: int = 0
+    #: leaves waiting out the grace before they are recorded in :attr:`presence`
+    held_leaves: HeldLeaves = field(default_factory=HeldLeaves)
+    #: the flusher has a wake-up for this room's held leaves (or is about to)
+    grace_scheduled: bool = False
     #: no notice within the last interval: the next change is announced at once
     presence_quiet: bool = True
     #: when the interval since the room's last notice ends (``anyio.current_time()``;
@@ -225,6 +233,9 @@ class Hub:
         beyond it the least recently emptied are forgotten, as beyond ``idle_rooms``
     :param presence_interval: seconds between two presence notices of one room (longer in
         rooms of more than :data:`PRESENCE_RATE` members)
+    :param presence_grace: seconds a leave waits before it is announced; the same person
+        joining within it (a reloaded tab) takes it back, and neither is announced. 0 (the
+        hub's default, for tests of everything else) announces leaves as they happen
     """
 
     def __init__(
@@ -237,6 +248,7 @@ class Hub:
         history_bytes: int = 256 * 1024,
         idle_history_bytes: int = 64 * 1024 * 1024,
         presence_interval: float = 1.0,
+        presence_grace: float = 0.0,
     ) -> None:
         self.outbox_size = outbox_size
         self.history_size = history_size
@@ -245,12 +257,15 @@ class Hub:
         self.history_bytes = history_bytes
         self.idle_history_bytes = idle_history_bytes
         self.presence_interval = presence_interval
+        self.presence_grace = presence_grace
         self.rooms: dict[str, Room] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
         #: history bytes held by the rooms in ``_idle``
         self.idle_bytes: int = 0
         #: rooms whose first change since their last notice came after the flusher looked
         self._presence_new: list[Room] = []
+        #: rooms whose held leaves the flusher has no wake-up for yet
+        self._grace_new: list[Room] = []
         self._presence_wakeup: anyio.Event | None = None
         #: set by a broker that keeps presence elsewhere (Redis); None: this hub's members
         self.presence_source: PresenceSource | None = None
@@ -470,7 +485,46 @@ class Hub:
 
         ``count`` is the room's count after the change, from a broker that counts members
         elsewhere. ``origin`` is the local member that joined, whose welcome shows it.
+
+        With a ``presence_grace``, a leave is held for it first (:meth:`_hold_leave`), and
+        a join of the same person within it (same verified user; an anonymous member's
+        same name) takes it back: neither is announced, and the others' member lists,
+        which still show that person, stay right.
         """
+        if event == "join" and room.held_leaves.take_back(name, user):
+            if origin is not None and origin.joined:
+                origin.presence_seen = room.presence_version  # its welcome shows the room
+            return
+        if event == "leave" and self.presence_grace > 0:
+            self._hold_leave(room, name, count, user)
+            return
+        self._record(room, event, name, count, origin=origin, user=user)
+
+    def _hold_leave(
+        self, room: Room, name: str | None, count: int | None, user: str | None
+    ) -> None:
+        """Hold a leave until the grace ends, when the flusher records it
+        (:meth:`_release_held`), unless a notice goes out first: a notice shows the room as
+        it is, so it names every held leave too (:meth:`_with_held`)."""
+        room.held_leaves.hold(name, user, count, anyio.current_time() + self.presence_grace)
+        if room.grace_scheduled:
+            return
+        room.grace_scheduled = True
+        self._grace_new.append(room)
+        if self._presence_wakeup is not None:
+            self._presence_wakeup.set()
+
+    def _record(
+        self,
+        room: Room,
+        event: PresenceEvent,
+        name: str | None,
+        count: int | None = None,
+        *,
+        origin: Member | None = None,
+        user: str | None = None,
+    ) -> None:
+        """Record a change for the room's next notice (see :meth:`note_presence`)."""
         changes = room.presence
         fresh = changes is None
         if changes is None:
@@ -500,10 +554,18 @@ class Hub:
         each other.
         """
         schedule: list[tuple[float, int, Room]] = []  # a heap of (due time, order, room)
+        graces: list[tuple[float, int, Room]] = []  # a heap of (grace's end, order, room)
         order = itertools.count()
         while True:
             self._presence_wakeup = wakeup = anyio.Event()
             now = anyio.current_time()
+            rooms, self._grace_new = self._grace_new, []
+            for room in rooms:
+                self._schedule_grace(graces, next(order), room)
+            while graces and graces[0][0] <= now:
+                _, _, room = heapq.heappop(graces)
+                self._release_held(room, now)  # (a room that is quiet announces at once)
+                self._schedule_grace(graces, next(order), room)
             rooms, self._presence_new = self._presence_new, []
             for room in rooms:
                 if room.presence_next == math.inf:  # just announced: its interval starts
@@ -524,11 +586,39 @@ class Hub:
                     heapq.heappush(schedule, (room.presence_next, next(order), room))
                 else:
                     room.presence_quiet = True  # an interval without changes
-            if not schedule:
+            due = min(
+                schedule[0][0] if schedule else math.inf, graces[0][0] if graces else math.inf
+            )
+            if due == math.inf:
                 await wakeup.wait()
                 continue
-            with anyio.move_on_after(schedule[0][0] - anyio.current_time()):
+            with anyio.move_on_after(due - anyio.current_time()):
                 await wakeup.wait()
+
+    @staticmethod
+    def _schedule_grace(graces: list[tuple[float, int, Room]], order: int, room: Room) -> None:
+        """Wake the flusher when the room's next held leave is due, if it holds one (each
+        may have been taken back already)."""
+        if room.held_leaves:
+            heapq.heappush(graces, (room.held_leaves.due, order, room))
+        else:
+            room.grace_scheduled = False
+
+    def _release_held(self, room: Room, now: float) -> None:
+        """Record the room's first held leave if its grace has ended by ``now``: the
+        notice that follows names every leave still held as well (:meth:`_with_held`), so
+        leaves whose graces end together go out together, also from a quiet room."""
+        for leave in room.held_leaves.release(now, most=1):
+            self._record(room, "leave", leave.name, leave.count, user=leave.user)
+
+    def _with_held(self, room: Room, changes: PresenceChanges) -> PresenceChanges:
+        """``changes`` and every leave still held: a notice that goes out during a grace
+        shows the room without that person (its ``count`` and ``members`` are the room's
+        as it is), so it names the leave too, and a return is then a join like any."""
+        for leave in room.held_leaves.release():
+            changes.add("leave", leave.name, leave.count, leave.user)
+            room.presence_version += 1
+        return changes
 
     def _interval(self, members: int) -> float:
         return max(self.presence_interval, members / PRESENCE_RATE)
@@ -545,7 +635,8 @@ class Hub:
         changes, room.presence = room.presence, None
         if changes is None or not room.members:
             return 0
-        handed = self._hand_out(room, _notice(room, changes, None), room.presence_version)
+        notice = _notice(room, self._with_held(room, changes), None)
+        handed = self._hand_out(room, notice, room.presence_version)
         if handed:
             room.presence_quiet = False
             room.presence_next = math.inf  # the flusher starts the interval
@@ -560,7 +651,7 @@ class Hub:
             state = await self.presence_source(room)
         if not room.members:
             return 0
-        return self._hand_out(room, _notice(room, changes, state), version)
+        return self._hand_out(room, _notice(room, self._with_held(room, changes), state), version)
 
     def _hand_out(self, room: Room, notice: str, version: int) -> int:
         """Put ``notice``, which reports the room's changes up to ``version``, in the
@@ -672,6 +763,8 @@ class Hub:
         member._outbox_send.close()
         member._wake()
         self.stats.leaves += 1
+        if not room.members:
+            room.held_leaves.clear()  # nobody is left to tell
         self._forget_if_unused(room)
         return True
 

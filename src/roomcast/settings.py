@@ -156,6 +156,14 @@ class Settings:
             "are announced in one",
         ),
     )
+    presence_grace: float = field(
+        default=2.0,
+        metadata=_env(
+            _float(0),
+            "seconds a member's leave waits before it is announced: back within it (a "
+            "reloaded tab), it is announced neither leaving nor joining; 0 = at once",
+        ),
+    )
     history_bytes: int = field(
         default=256 * 1024,
         metadata=_env(

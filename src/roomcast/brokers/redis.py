@@ -78,6 +78,9 @@ leaves. So when a worker or a whole server dies, its members leave the room for 
 else, with leave notices and the new count, at most :data:`PRESENCE_TTL` + :data:`TICK`
 seconds after its last refresh. A worker back from a pause longer than that adds its
 members back (if their names are still free: see *Names*) and announces them as joins.
+The scripts announce every join and leave at once; each worker's hub holds the leaves it
+hears for ``ROOMCAST_PRESENCE_GRACE`` (:class:`~roomcast.presence.HeldLeaves`), so a
+member back within it, on any worker or server, is announced neither leaving nor joining.
 
 *A user is one member* (SPEC §8.1), however many connections it has in the room, on
 whichever workers and servers. Beside the sorted set, a hash per room counts each user's
