@@ -95,6 +95,7 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtim
         history_bytes=settings.history_bytes,
         idle_history_bytes=settings.idle_history_bytes,
         presence_interval=settings.presence_interval,
+        max_text=settings.max_text,
     )
     with gc_threshold(settings.gc_threshold):
         async with open_broker(settings, hub) as broker, anyio.create_task_group() as tg:

@@ -225,6 +225,7 @@ class Hub:
         beyond it the least recently emptied are forgotten, as beyond ``idle_rooms``
     :param presence_interval: seconds between two presence notices of one room (longer in
         rooms of more than :data:`PRESENCE_RATE` members)
+    :param max_text: the longest chat text in characters, told to clients in ``welcome``
     """
 
     def __init__(
@@ -237,6 +238,7 @@ class Hub:
         history_bytes: int = 256 * 1024,
         idle_history_bytes: int = 64 * 1024 * 1024,
         presence_interval: float = 1.0,
+        max_text: int = 4000,
     ) -> None:
         self.outbox_size = outbox_size
         self.history_size = history_size
@@ -245,6 +247,7 @@ class Hub:
         self.history_bytes = history_bytes
         self.idle_history_bytes = idle_history_bytes
         self.presence_interval = presence_interval
+        self.max_text = max_text
         self.rooms: dict[str, Room] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
         #: history bytes held by the rooms in ``_idle``
@@ -287,6 +290,7 @@ class Hub:
                 seq=room.seq,
                 members=room.member_names(),
                 count=room.count,
+                max_text=self.max_text,
             )
         )
         if since is not None:
