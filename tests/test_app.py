@@ -192,7 +192,7 @@ class TestChat:
         self, client: ASGIClient
     ) -> None:
         async with client.websocket("/ws/chat") as ws:
-            await ws.receive_json()
+            assert (await ws.receive_json())["limits"] == {"text": 5}  # ROOMCAST_MAX_TEXT
             await ws.send_bytes(b"\x00")
             assert (await ws.receive_json())["error"] == "binary_unsupported"
             await ws.send_json({"text": "toolong", "id": "t1"})

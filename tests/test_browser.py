@@ -130,7 +130,8 @@ class Person:
         return [(epoch, seq, text) for epoch, seq, text in rows]
 
     def screenshot(self, name: str) -> None:
-        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+        # transitions finished: a button just enabled is not caught half faded
+        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"), animations="disabled")
 
     def close(self) -> None:
         self.context.close()
@@ -310,7 +311,7 @@ def test_browser_chat_end_to_end() -> None:
         alice.page.locator("#text").fill("Rolling out to eu-west now")
         alice.screenshot("chat-desktop")
         if not DOCS_SCREENSHOT.exists() or os.environ.get("ROOMCAST_UPDATE_SCREENSHOT") == "1":
-            alice.page.screenshot(path=str(DOCS_SCREENSHOT))
+            alice.page.screenshot(path=str(DOCS_SCREENSHOT), animations="disabled")
         alice.page.locator("#text").fill("")
         bob.screenshot("chat-phone")
         bob.page.locator("#members-toggle").click()
@@ -462,25 +463,43 @@ def test_browser_errors_and_close_reasons() -> None:
         dana.page.goto(f"{base}?room=ops&name=Dana&token=sesame")
         expect(dana.status).to_have_attribute("data-state", "connected")
 
-        # too long: an error notice, and the text is given back for editing
+        # too long for ROOMCAST_MAX_TEXT (told in welcome): refused here, the draft kept
         long_text = "this message is longer than twenty characters"
         dana.page.locator("#text").fill(long_text)
         dana.page.locator("#text").press("Enter")
+        expect(dana.page.locator("#draft-hint")).to_have_text(
+            "This message is too long: 45 of 20 characters. Shorten it to send."
+        )
+        expect(dana.page.locator("#send")).to_be_disabled()
+        expect(dana.page.locator("#text")).to_have_value(long_text)
+        # a page that misjudged the limit: the server's refusal gives the text back
+        dana.page.evaluate("() => { window.roomcast.session.maxText = 1000; }")
+        dana.page.locator("#text").press("Enter")
         expect(dana.page.locator("#messages li.notice.error[data-error=too_long]")).to_contain_text(
-            "too long"
+            "the limit is 20"
         )
         expect(dana.page.locator("#text")).to_have_value(long_text)
         expect(dana.messages).to_have_count(0)
+        dana.page.locator("#text").fill("")
 
-        # too fast: a rate_limited notice; what got through is shown
-        for i in range(5):
-            dana.send(f"quick {i}")
+        # too fast: a rate_limited notice; what got through is shown, the rest is given back
+        dana.page.evaluate(
+            """() => { const box = document.getElementById('text');
+                       const form = document.getElementById('composer');
+                       for (let i = 0; i < 5; i++) {
+                         box.value = 'quick ' + i;
+                         form.requestSubmit();
+                       } }"""
+        )
         expect(
             dana.page.locator("#messages li.notice.error[data-error=rate_limited]")
         ).to_contain_text("too fast")
         expect(dana.message("quick 0")).to_have_count(1)
         expect(dana.message("quick 1")).to_have_count(1)
+        expect(dana.page.locator("#text")).to_have_value("quick 2\nquick 3\nquick 4")
+        expect(dana.page.locator("#send")).to_be_enabled()
         dana.screenshot("errors-phone")
+        dana.page.locator("#text").fill("")
 
         # the room holds one member: the next one is told it is full and may retry by hand
         eve = Person(browser, expect, "Eve", viewport={"width": 900, "height": 600})
@@ -665,3 +684,267 @@ def test_sign_in_with_a_token_that_never_reaches_the_address_bar_or_the_log() ->
         for secret_token in (token, bob_token, expired):
             assert secret_token not in log and secret_token.split(".")[2] not in log
         _assert_clean(ann, bob, cy)
+
+
+def _person_in(
+    stack: contextlib.ExitStack, browser: Any, expect: Any, url: str, name: str, **options: Any
+) -> Person:
+    """A page that has joined the room at ``url`` (connected)."""
+    person = Person(browser, expect, name, **options)
+    stack.callback(person.close)
+    person.page.goto(url)
+    expect(person.status).to_have_attribute("data-state", "connected")
+    return person
+
+
+def test_a_draft_over_the_limits_stays_in_the_box_and_no_sent_text_is_lost() -> None:
+    """Issue 20, item 4: a 70,000-character paste was sent, closed with 1009 and lost."""
+    with contextlib.ExitStack() as stack:
+        expect, browser, servers = _launch(stack, SERVER_ENV)
+        assert servers.current is not None
+        base = servers.current.http_url("/")
+        pat = _person_in(
+            stack,
+            browser,
+            expect,
+            f"{base}?room=limits&name=Pat",
+            "Pat",
+            viewport={"width": 900, "height": 700},
+        )
+        box, hint = pat.page.locator("#text"), pat.page.locator("#draft-hint")
+        assert pat.page.evaluate("() => window.roomcast.session.maxText") == 4000  # welcome
+
+        # the paste: refused here, kept in the box, the connection untouched
+        paste = "0123456789" * 7000
+        box.fill(paste)
+        expect(hint).to_have_text(
+            "This message is too long: 70,000 of 4,000 characters. Shorten it to send."
+        )
+        expect(pat.page.locator("#send")).to_be_disabled()
+        box.press("Enter")
+        expect(box).to_have_value(paste)
+        expect(hint).to_be_visible()
+        pat.screenshot("draft-too-long")
+        # characters as the server counts them: an emoji is one, not two UTF-16 units
+        emoji = "\N{GRINNING FACE}" * 4000
+        box.fill(emoji)
+        expect(hint).to_be_hidden()
+        expect(pat.page.locator("#send")).to_be_enabled()
+        pat.send(emoji)
+        expect(pat.message(emoji)).to_have_count(1)  # and the server agrees
+
+        # a page whose idea of the limits is wrong sends it: the 1009 close gives it back,
+        # and the page then knows that frame was too large
+        pat.page.evaluate(
+            "() => { const s = window.roomcast.session; s.maxText = null; s.frameLimit = 1e9; }"
+        )
+        box.fill(paste)
+        box.press("Enter")
+        expect(pat.page.locator("#messages li.notice[data-code='1009']")).to_have_count(1)
+        expect(pat.page.locator("#messages li.notice[data-error=too_large]")).to_contain_text(
+            "back in the message box"
+        )
+        expect(box).to_have_value(paste)
+        expect(pat.status).to_have_attribute("data-state", "connected", timeout=RESTART_WAIT)
+        # just under that frame's size (the text plus its JSON and id)
+        assert 70_000 < pat.page.evaluate("() => window.roomcast.session.frameLimit") < 70_100
+        expect(hint).to_contain_text("too long: 70,000 of 4,000 characters")
+        box.fill("")
+
+        # sent, then the connection drops before any answer: lost on the way, it comes back
+        # into the box after the resume; one that did arrive is shown, not given back
+        pat.page.evaluate("() => { window.roomcast.session.ws.send = () => {}; }")
+        box.fill("lost on the way")
+        box.press("Enter")
+        expect(box).to_have_value("")
+        pat.page.evaluate("() => window.roomcast.session.ws.close()")
+        expect(pat.page.locator("li.notice[data-error=unconfirmed]")).to_have_count(1)
+        expect(pat.status).to_have_attribute("data-state", "connected", timeout=RESTART_WAIT)
+        expect(box).to_have_value("lost on the way")
+        expect(pat.page.locator("li.notice[data-error=unsent]")).to_contain_text(
+            "back in the message box"
+        )
+        expect(pat.message("lost on the way")).to_have_count(0)
+        box.fill("")
+
+        pat.page.evaluate(
+            """() => { const ws = window.roomcast.session.ws;
+                       ws.onmessage = null;  // its ack and echo go unseen
+                       const box = document.getElementById('text');
+                       box.value = 'arrived unconfirmed';
+                       document.getElementById('composer').requestSubmit();
+                       setTimeout(() => ws.close(), 500); }"""
+        )
+        expect(pat.page.locator("li.notice[data-error=unconfirmed]")).to_have_count(2)
+        expect(pat.status).to_have_attribute("data-state", "connected", timeout=RESTART_WAIT)
+        expect(pat.message("arrived unconfirmed")).to_have_count(1)  # from the resume
+        expect(pat.page.locator("li.notice[data-error=unsent]")).to_have_count(1)
+        expect(box).to_have_value("")
+        _assert_clean(pat)
+
+
+def test_signed_in_the_page_shows_who_you_are_and_keeps_the_token_truthfully() -> None:
+    """Issue 20, item 5: no "you" for the signed-in user, an ignored "Display name" field and
+    ``name=`` in the address bar, and an empty token field after 4403 while it was kept."""
+    from roomcast.identity import mint_token
+
+    secret = "a-secret-of-at-least-thirty-two-bytes!"
+    with contextlib.ExitStack() as stack:
+        expect, browser, servers = _launch(stack, {**SERVER_ENV, "ROOMCAST_JWT_SECRET": secret})
+        assert servers.current is not None
+        base = servers.current.http_url("/")
+        token = mint_token(secret, sub="dee", name="Dee", rooms=["lobby"], ttl=600)
+        dee = Person(browser, expect, "Dee", viewport={"width": 900, "height": 700})
+        stack.callback(dee.close)
+        name_input, token_input = dee.page.locator("#name-input"), dee.page.locator("#token-input")
+
+        # the sign-in step: once a signed token is pasted, its name replaces the name field
+        dee.page.goto(f"{base}?room=lobby&name=Someone")
+        expect(dee.page.locator("#signin")).to_be_visible()
+        expect(name_input).to_be_visible()
+        token_input.fill(token)
+        expect(name_input).to_be_hidden()
+        expect(dee.page.locator("#signed-as")).to_have_text(
+            "You will appear as Dee, the name in your token."
+        )
+        dee.page.locator("#join-button").click()
+        expect(dee.status).to_have_attribute("data-state", "connected")
+        expect(dee.member("Dee").locator(".you")).to_have_count(1)
+        assert "name=" not in dee.page.url and "token" not in dee.page.url
+        dee.send("hello")
+        expect(dee.messages.first.locator(".from")).to_have_text("Dee")
+
+        # a room the token does not grant: 4403, the join form says so and shows the token
+        # still kept (masked), with the token's name rather than a name field
+        dee.page.locator("#leave").click()
+        dee.page.locator("#room-input").fill("vault")
+        dee.page.locator("#join-button").click()
+        expect(dee.page.locator("#join-error")).to_contain_text("not allowed")
+        assert dee.page.evaluate("() => sessionStorage.getItem('roomcast.token')") == token
+        expect(dee.page.locator("#signin")).to_be_visible()
+        expect(token_input).to_have_value(token)
+        expect(token_input).to_have_attribute("type", "password")
+        expect(name_input).to_be_hidden()
+        dee.screenshot("signin-4403")
+        # joining another room goes on with the kept token
+        dee.page.locator("#room-input").fill("lobby")
+        dee.page.locator("#join-button").click()
+        expect(dee.status).to_have_attribute("data-state", "connected")
+        expect(dee.member("Dee").locator(".you")).to_have_count(1)
+
+        # clearing the field signs out: the token is forgotten, the name field is back
+        dee.page.locator("#leave").click()
+        token_input.fill("")
+        expect(name_input).to_be_visible()
+        dee.page.locator("#join-button").click()
+        expect(dee.page.locator("#join-error")).to_contain_text("paste your access token")
+        assert dee.page.evaluate("() => sessionStorage.getItem('roomcast.token')") is None
+        expect(token_input).to_have_value("")
+        _assert_clean(dee)
+
+
+PHONE = {
+    "viewport": {"width": 390, "height": 844},
+    "device_scale_factor": 2,
+    "is_mobile": True,
+    "has_touch": True,
+}
+
+
+def test_the_status_pill_is_readable_on_a_phone() -> None:
+    """Issue 20, item 10: at 390 px the pill was cut to "Reconnecting i…"."""
+    with contextlib.ExitStack() as stack:
+        expect, browser, servers = _launch(stack, SERVER_ENV)
+        assert servers.current is not None
+        base = servers.current.http_url("/")
+        phone = _person_in(stack, browser, expect, f"{base}?room=lobby&name=Pia", "Pia", **PHONE)
+        phone.page.evaluate(
+            "() => { const s = window.roomcast.session; s.attempt = 12; s.ws.close(); }"
+        )
+        expect(phone.status).to_contain_text(re.compile(r"Reconnecting in \d+s"))
+        phone.screenshot("reconnecting-phone")
+        texts = [
+            "Reconnecting in 10s",
+            "Reconnecting…",
+            "Connecting…",
+            "Connected",
+            "Closed: the room is full",
+            "Closed: you have too many connections open",
+        ]
+        # measured in one go, before the countdown rewrites the text
+        shown = phone.page.evaluate(
+            """texts => texts.map(text => {
+                 const pill = document.getElementById('status');
+                 const span = document.getElementById('status-text');
+                 span.textContent = text;
+                 const box = pill.getBoundingClientRect();
+                 const toggle = document.getElementById('members-toggle').getBoundingClientRect();
+                 return {text, clipped: span.scrollWidth > span.clientWidth
+                                        || span.scrollHeight > span.clientHeight
+                                        || pill.scrollWidth > pill.clientWidth,
+                         inside: box.left >= 0 && box.right <= window.innerWidth,
+                         overlaps: box.right > toggle.left};
+               })""",
+            texts,
+        )
+        for measured in shown:
+            assert measured == {**measured, "clipped": False, "inside": True, "overlaps": False}
+        _assert_clean(phone)
+
+
+def test_links_in_messages_are_clickable_and_nothing_else_is() -> None:
+    """Issue 20, item 10: http(s) URLs become links (new tab, no opener, no referrer); a
+    ``javascript:`` URL and markup stay text."""
+    with contextlib.ExitStack() as stack:
+        expect, browser, servers = _launch(stack, SERVER_ENV)
+        assert servers.current is not None
+        base = servers.current.http_url("/")
+        health = servers.current.http_url("/healthz")
+        ann = _person_in(
+            stack,
+            browser,
+            expect,
+            f"{base}?room=links&name=Ann",
+            "Ann",
+            viewport={"width": 900, "height": 700},
+        )
+        bob = _person_in(
+            stack,
+            browser,
+            expect,
+            f"{base}?room=links&name=Bob",
+            "Bob",
+            viewport={"width": 900, "height": 700},
+        )
+        text = (
+            f"status: {health}. Docs (https://example.com/wiki/A_(b)?q=1&r=2), "
+            'not javascript:alert(1) nor <a href="javascript:alert(2)">x</a>'
+            " nor <img src=x onerror=alert(3)>"
+        )
+        ann.send(text)
+        for person in (ann, bob):
+            expect(person.message(text)).to_have_count(1)  # textContent is the text, exactly
+            links = person.page.locator("#messages li.message .text a")
+            expect(links).to_have_count(2)
+            rows = links.evaluate_all(
+                "as => as.map(a => [a.getAttribute('href'), a.textContent, a.target, a.rel])"
+            )
+            assert rows == [
+                [health, health, "_blank", "noopener noreferrer"],
+                [
+                    "https://example.com/wiki/A_(b)?q=1&r=2",
+                    "https://example.com/wiki/A_(b)?q=1&r=2",
+                    "_blank",
+                    "noopener noreferrer",
+                ],
+            ]
+            assert person.page.locator("#messages img, #messages a[href^=javascript]").count() == 0
+        bob.screenshot("links")
+        with bob.context.expect_page() as opened:
+            bob.page.locator("#messages li.message .text a").first.click()
+        tab = opened.value
+        tab.wait_for_load_state()
+        assert tab.url == health
+        assert tab.evaluate("() => window.opener") is None
+        tab.close()
+        _assert_clean(ann, bob)

@@ -269,6 +269,7 @@ class HubMachine(RuleBasedStateMachine):
             "seq": mr.seq,
             "members": present,
             "count": len(mr.members) + 1,
+            "limits": {"text": self.hub.max_text},
         }
         gap: dict[str, Any] | None = None
         next_seq = mr.seq + 1

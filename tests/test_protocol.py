@@ -142,7 +142,9 @@ class TestEncode:
     def test_welcome_lists_at_most_100_members(self) -> None:
         names = [f"n{i}" for i in range(150)]
         event = orjson.loads(
-            protocol.encode_welcome(room="r", epoch="e", seq=4, members=names, count=150)
+            protocol.encode_welcome(
+                room="r", epoch="e", seq=4, members=names, count=150, max_text=4000
+            )
         )
         assert event["members"] == names[:100]
         assert (event["type"], event["count"], event["seq"], event["epoch"]) == (
@@ -151,6 +153,14 @@ class TestEncode:
             4,
             "e",
         )
+
+    def test_welcome_tells_the_client_the_longest_text_the_server_takes(self) -> None:
+        # a client that knows the limit keeps an over-long draft rather than sending it
+        # into a refusal (issue 20, item 4)
+        event = orjson.loads(
+            protocol.encode_welcome(room="r", epoch="e", seq=0, members=[], count=1, max_text=20)
+        )
+        assert event["limits"] == {"text": 20}
 
     @pytest.mark.parametrize(
         ("name", "event", "message"),

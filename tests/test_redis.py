@@ -138,6 +138,7 @@ async def test_presence_notices_cross_servers(two_servers: list[ThreadedServer])
         async with chat(a.url("/ws/chat?room=p&name=ann")) as (ann, _):
             async with chat(b.url("/ws/chat?room=p&name=bob")) as (_, welcome):
                 assert welcome["count"] == 2
+                assert welcome["limits"] == {"text": 4000}  # as from the in-process hub
                 # (ann's own join reaches her server through Redis too, and can share a
                 # notice with bob's: read until the notice that counts him)
                 *_, joined = await notices_until(ann, lambda n: n["count"] == 2)

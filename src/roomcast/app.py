@@ -98,6 +98,7 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtim
         idle_history_bytes=settings.idle_history_bytes,
         presence_interval=settings.presence_interval,
         presence_grace=settings.presence_grace,
+        max_text=settings.max_text,
     )
     with gc_threshold(settings.gc_threshold):
         async with open_broker(settings, hub) as broker, anyio.create_task_group() as tg:

@@ -236,6 +236,7 @@ class Hub:
     :param presence_grace: seconds a leave waits before it is announced; the same person
         joining within it (a reloaded tab) takes it back, and neither is announced. 0 (the
         hub's default, for tests of everything else) announces leaves as they happen
+    :param max_text: the longest chat text in characters, told to clients in ``welcome``
     """
 
     def __init__(
@@ -249,6 +250,7 @@ class Hub:
         idle_history_bytes: int = 64 * 1024 * 1024,
         presence_interval: float = 1.0,
         presence_grace: float = 0.0,
+        max_text: int = 4000,
     ) -> None:
         self.outbox_size = outbox_size
         self.history_size = history_size
@@ -258,6 +260,7 @@ class Hub:
         self.idle_history_bytes = idle_history_bytes
         self.presence_interval = presence_interval
         self.presence_grace = presence_grace
+        self.max_text = max_text
         self.rooms: dict[str, Room] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
         #: history bytes held by the rooms in ``_idle``
@@ -302,6 +305,7 @@ class Hub:
                 seq=room.seq,
                 members=room.member_names(),
                 count=room.count,
+                max_text=self.max_text,
             )
         )
         if since is not None:

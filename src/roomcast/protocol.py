@@ -285,7 +285,12 @@ def _string(value: str) -> str:
     return orjson.dumps(value).decode()
 
 
-def encode_welcome(*, room: str, epoch: str, seq: int, members: list[str], count: int) -> str:
+def encode_welcome(
+    *, room: str, epoch: str, seq: int, members: list[str], count: int, max_text: int
+) -> str:
+    """The first event of a connection. ``limits`` tells a client what the server will
+    refuse (``text``: the longest chat text in characters), so that it can keep an
+    over-long draft instead of sending it only to have it refused."""
     return _dumps(
         {
             "type": "welcome",
@@ -294,6 +299,7 @@ def encode_welcome(*, room: str, epoch: str, seq: int, members: list[str], count
             "seq": seq,
             "members": members[:MAX_WELCOME_MEMBERS],
             "count": count,
+            "limits": {"text": max_text},
         }
     )
 

@@ -586,6 +586,7 @@ class RedisBroker:
             seq=seq,
             members=names[:MAX_WELCOME_MEMBERS],
             count=int(count),
+            max_text=self.settings.max_text,
         )
         member.greeting.append(welcome)
         if since is not None:

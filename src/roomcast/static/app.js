@@ -8,7 +8,13 @@
 // can report several joins and leaves, and its `count` and `members` are the room as it
 // is now, so the member list is replaced with them rather than patched.
 //
-// Everything user-supplied is rendered with textContent, never as HTML.
+// Everything user-supplied is rendered with textContent, never as HTML (links in messages
+// are <a> elements built from the text, their href only ever http: or https:).
+//
+// A draft is never dropped: the page refuses one the server would refuse (welcome.limits
+// says the longest text; FRAME_LIMIT the largest frame) and keeps it in the box; a message
+// the server refuses, or that was not confirmed when the connection dropped and is not in
+// the resumed history, is put back into the box.
 
 "use strict";
 
@@ -22,6 +28,12 @@
   const BACKOFF_CAP_MS = 10000;
   const CONNECT_TIMEOUT_MS = 10000;
   const MAX_RENDERED = 500; // messages kept in the DOM
+  // Hypercorn's websocket_max_message_size as roomcast runs it (hypercorn.toml): a bigger
+  // frame is closed with 1009. The app cannot know the server's real value when mounted
+  // elsewhere; a 1009 lowers the page's idea of it.
+  const FRAME_LIMIT = 65536;
+  const SETTLE_TIMEOUT_MS = 5000; // most a resume's replay may take to show what arrived
+  const URL_RE = /\bhttps?:\/\/[^\s<>"'`]+/gi;
   const GROUP_WINDOW_MS = 5 * 60 * 1000;
 
   // code -> [human text, reconnect automatically?]
@@ -58,6 +70,8 @@
     joinForm: $("join-form"),
     roomInput: $("room-input"),
     nameInput: $("name-input"),
+    nameLabel: $("name-label"),
+    signedAs: $("signed-as"),
     joinError: $("join-error"),
     signin: $("signin"),
     tokenInput: $("token-input"),
@@ -73,6 +87,7 @@
     messages: $("messages"),
     composer: $("composer"),
     text: $("text"),
+    draftHint: $("draft-hint"),
     send: $("send"),
     members: $("members"),
     membersMore: $("members-more"),
@@ -88,7 +103,8 @@
 
   const session = {
     room: null,
-    name: null,
+    name: null, // the name asked for with ?name= (null with a signed token: its name wins)
+    self: null, // the name this page appears as in the room
     token: null,
     ws: null,
     active: false, // the user wants to be in the room
@@ -109,8 +125,14 @@
     members: new Map(), // display name -> how many members use it
     count: 0,
     myIds: new Set(),
-    pending: new Map(), // id -> text of sent messages not yet acked or seen
-    lastSent: "",
+    pending: new Map(), // id -> {text, bytes} of sent messages not yet acked or seen
+    // sent before the connection dropped and not confirmed: shown when the resume replays
+    // them, put back into the box if the replay ends without them
+    unconfirmed: new Map(), // id -> text
+    replayTo: null, // the welcome's seq: the replay is over once a message reaches it
+    settleTimer: null,
+    maxText: null, // welcome.limits.text: the longest text the server takes, in characters
+    frameLimit: FRAME_LIMIT,
   };
 
   // -- small helpers -----------------------------------------------------------------------
@@ -128,6 +150,45 @@
     if (className) element.className = className;
     if (text !== undefined && text !== null) element.textContent = String(text);
     return element;
+  }
+
+  const NUMBER = new Intl.NumberFormat("en-US");
+  const UTF8 = new TextEncoder();
+
+  // characters as the server counts them (code points; JS strings count UTF-16 units)
+  function characters(text) {
+    let n = 0;
+    for (const _ of text) n++;
+    return n;
+  }
+
+  // Message text as nodes: http(s) URLs become links, everything else stays text. A link
+  // is built from the parsed URL, so "javascript:" and markup can never become one.
+  function linkified(text) {
+    const fragment = document.createDocumentFragment();
+    let last = 0;
+    for (const match of text.matchAll(URL_RE)) {
+      // a sentence's closing punctuation is not part of the address; a ")" is, if the
+      // address opened one ("https://en.wikipedia.org/wiki/Tor_(network)")
+      let url = match[0].replace(/[.,;:!?]+$/, "");
+      while (url.endsWith(")") && url.split("(").length < url.split(")").length) url = url.slice(0, -1);
+      let href;
+      try {
+        href = new URL(url);
+      } catch (err) {
+        continue;
+      }
+      if (href.protocol !== "http:" && href.protocol !== "https:") continue;
+      fragment.append(text.slice(last, match.index));
+      const a = node("a", "link", url);
+      a.href = href.href;
+      a.target = "_blank";
+      a.rel = "noopener noreferrer";
+      fragment.append(a);
+      last = match.index + url.length;
+    }
+    fragment.append(text.slice(last));
+    return fragment;
   }
 
   function hashName(name) {
@@ -222,7 +283,9 @@
     }
     meta.appendChild(time);
     bubble.appendChild(meta);
-    bubble.appendChild(node("div", "text", typeof ev.text === "string" ? ev.text : ""));
+    const text = node("div", "text");
+    text.appendChild(linkified(typeof ev.text === "string" ? ev.text : ""));
+    bubble.appendChild(text);
     li.appendChild(bubble);
     append(li);
   }
@@ -230,7 +293,7 @@
   function renderMembers() {
     el.members.replaceChildren();
     let named = 0;
-    const me = session.name;
+    const me = session.self;
     const entries = Array.from(session.members.entries());
     // me first, then everyone else in join order
     entries.sort((a, b) => (b[0] === me) - (a[0] === me));
@@ -258,7 +321,7 @@
     el.status.title = text;
     el.app.dataset.connection = state;
     const canSend = state === "connected";
-    el.send.disabled = !canSend || !el.text.value.trim();
+    updateSend();
     el.text.placeholder = canSend ? "Message #" + session.room
       : state === "closed" ? "Not connected" : "Waiting for the connection…";
   }
@@ -282,7 +345,7 @@
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const params = new URLSearchParams();
     params.set("room", session.room);
-    if (session.name) params.set("name", session.name);
+    if (session.name) params.set("name", session.name); // never with a signed token
     if (session.token) params.set("token", session.token);
     if (session.epoch) {
       params.set("since", String(session.lastSeq));
@@ -319,6 +382,8 @@
       notice("restart", "The room's history restarted (the server was restarted). Messages sent while you were away may be missing.");
     }
     session.epoch = typeof ev.epoch === "string" ? ev.epoch : null;
+    const limits = ev.limits && typeof ev.limits === "object" ? ev.limits : {};
+    session.maxText = Number.isInteger(limits.text) && limits.text > 0 ? limits.text : null;
     session.members = new Map();
     for (const name of Array.isArray(ev.members) ? ev.members : []) {
       if (typeof name === "string") session.members.set(name, (session.members.get(name) || 0) + 1);
@@ -332,11 +397,55 @@
     setStatus("connected", "Connected");
     setBanner(null);
     if (reconnect) notice("info", "Reconnected to #" + session.room + ".");
+    awaitReplay(Number(ev.seq));
+  }
+
+  // What was sent but not confirmed before a drop is known once the resume's replay has
+  // caught up with the welcome's seq: what it did not hold never reached the room.
+  function awaitReplay(seq) {
+    if (!session.unconfirmed.size) return;
+    if (session.restartedNow || !session.resuming || !Number.isInteger(seq) || session.lastSeq >= seq) {
+      settleUnconfirmed();
+      return;
+    }
+    session.replayTo = seq;
+    clearTimeout(session.settleTimer);
+    session.settleTimer = setTimeout(settleUnconfirmed, SETTLE_TIMEOUT_MS);
+  }
+
+  function settleUnconfirmed() {
+    clearTimeout(session.settleTimer);
+    session.settleTimer = null;
+    session.replayTo = null;
+    const texts = Array.from(session.unconfirmed.values());
+    session.unconfirmed.clear();
+    if (!texts.length) return;
+    giveBack(texts);
+    notice("error", (texts.length === 1 ? "A message you sent was" : texts.length + " messages you sent were") +
+      " not confirmed before the connection dropped and " + (texts.length === 1 ? "is" : "are") +
+      " not in the room's history: back in the message box, to send again.", { error: "unsent" });
+  }
+
+  // Put refused or undelivered text back into the box, after whatever is being typed.
+  function giveBack(texts) {
+    const back = texts.filter((t) => typeof t === "string" && t.trim());
+    if (!back.length) return;
+    el.text.value = [el.text.value, ...back].filter((t) => t.trim()).join("\n");
+    autosize();
+    updateSend();
   }
 
   function onMessage(ev) {
     const seq = Number(ev.seq);
     if (!Number.isInteger(seq)) return;
+    if (typeof ev.id === "string" && session.myIds.has(ev.id)) {
+      session.unconfirmed.delete(ev.id); // it did arrive
+      if (typeof ev.from === "string" && ev.from && ev.from !== session.self) {
+        session.self = ev.from; // the server's word on who this page is
+        renderMembers();
+      }
+    }
+    if (session.replayTo !== null && seq >= session.replayTo) settleUnconfirmed();
     if (session.seen.has(seq)) return; // already shown in this epoch (resume overlap)
     session.seen.add(seq);
     if (session.seen.size > 4 * MAX_RENDERED) {
@@ -394,12 +503,17 @@
   function onAck(ev) {
     if (typeof ev.id === "string" && session.pending.has(ev.id)) {
       // the server handles a connection's frames in order: anything sent before this one
-      // and still pending was refused (an error said so, or a rate-limit drop)
-      for (const id of session.pending.keys()) {
+      // and still pending was refused without an error saying so
+      const refused = [];
+      for (const [id, sent] of session.pending) {
         session.pending.delete(id);
         if (id === ev.id) break;
+        refused.push(sent.text);
       }
-      session.lastSent = "";
+      if (refused.length) {
+        giveBack(refused);
+        notice("error", "The server did not take a message you sent: it is back in the message box.", { error: "unsent" });
+      }
     }
   }
 
@@ -413,12 +527,13 @@
       return;
     }
     if (["too_long", "rate_limited", "bad_id"].includes(ev.error)) {
-      // a refusal names the message it answers; without an id, the oldest one waiting
-      if (typeof ev.id === "string" && session.pending.has(ev.id)) {
-        session.pending.delete(ev.id);
-      } else {
-        const oldest = session.pending.keys().next();
-        if (!oldest.done) session.pending.delete(oldest.value);
+      // a refusal names the message it answers; without an id, the oldest one waiting;
+      // its text goes back into the box to be shortened or sent again
+      const id = typeof ev.id === "string" && session.pending.has(ev.id)
+        ? ev.id : session.pending.keys().next().value;
+      if (id !== undefined) {
+        giveBack([session.pending.get(id).text]);
+        session.pending.delete(id);
       }
     }
     const last = el.messages.lastElementChild;
@@ -431,12 +546,8 @@
     // is 4000"); a rate-limit notice needs none
     const detail = ev.error !== "rate_limited" && typeof ev.message === "string" && ev.message
       ? (known ? " (" + ev.message + ")" : ": " + ev.message) : "";
-    notice("error", text + detail, { error: String(ev.error || "") });
-    if (ev.error === "too_long" && session.lastSent && !el.text.value) {
-      el.text.value = session.lastSent; // give the text back so it can be shortened
-      autosize();
-      updateSend();
-    }
+    const back = ["too_long", "rate_limited"].includes(ev.error) ? " What was refused is back in the message box." : "";
+    notice("error", text + detail + back, { error: String(ev.error || "") });
   }
 
   // -- connection lifecycle ----------------------------------------------------------------
@@ -498,13 +609,30 @@
     if (hadSession) {
       notice("disconnect", "Disconnected: " + text + ".", { code: String(code) });
     }
+    // a replay cut short says nothing: the next welcome starts the wait again
+    clearTimeout(session.settleTimer);
+    session.settleTimer = null;
+    session.replayTo = null;
+    if (code === 1009) refusedAsTooLarge();
     if (session.pending.size) {
-      // sent, but neither acked nor seen: the server may or may not have it
-      const n = session.pending.size;
-      notice("error", (n === 1 ? "A message you sent was" : n + " messages you sent were") +
-        " not confirmed before the connection dropped; if the server got " +
-        (n === 1 ? "it, it" : "them, they") + " will appear when you reconnect.", { error: "unconfirmed" });
+      // sent, but neither acked nor seen: the server may or may not have it. A resume
+      // tells which (awaitReplay); without one, the text goes back into the box now.
+      for (const [id, sent] of session.pending) session.unconfirmed.set(id, sent.text);
       session.pending.clear();
+      const n = session.unconfirmed.size;
+      if (reconnect && session.epoch !== null) {
+        notice("error", (n === 1 ? "A message you sent was" : n + " messages you sent were") +
+          " not confirmed before the connection dropped: once reconnected, " +
+          (n === 1 ? "it is shown if it arrived, or put back in the message box." :
+            "those that arrived are shown, the others put back in the message box."),
+          { error: "unconfirmed" });
+      }
+    }
+    const givenBack = !reconnect || session.epoch === null ? giveBackUnconfirmed() : 0;
+    if (givenBack) {
+      notice("error", (givenBack === 1 ? "A message you sent was" : givenBack + " messages you sent were") +
+        " not confirmed before the connection closed: back in the message box (" +
+        (givenBack === 1 ? "it" : "they") + " may have reached the room).", { error: "unsent" });
     }
     if (code === 4400 || code === 4403) {
       // bad room or name, or a room the token does not grant: let the user choose again
@@ -526,6 +654,34 @@
       return;
     }
     scheduleReconnect(text);
+  }
+
+  // Hypercorn closes with 1009 on a frame over its websocket_max_message_size: the biggest
+  // frame still waiting was it. Its text goes back into the box, and the page's idea of the
+  // frame limit comes down below it, so that the draft is refused here next time.
+  function refusedAsTooLarge() {
+    let biggest = null;
+    for (const [id, sent] of session.pending) if (!biggest || sent.bytes > biggest[1].bytes) biggest = [id, sent];
+    if (!biggest) return;
+    session.pending.delete(biggest[0]);
+    session.frameLimit = Math.min(session.frameLimit, biggest[1].bytes - 1);
+    giveBack([biggest[1].text]);
+    notice("error", "The server refused a message as too large (" + NUMBER.format(biggest[1].bytes) +
+      " bytes): it is back in the message box.", { error: "too_large" });
+  }
+
+  // Unconfirmed text when no resume will tell whether it arrived (the page leaves the
+  // room, or will not reconnect): back into the box, since it may not have arrived.
+  function giveBackUnconfirmed() {
+    clearTimeout(session.settleTimer);
+    session.settleTimer = null;
+    session.replayTo = null;
+    for (const [id, sent] of session.pending) session.unconfirmed.set(id, sent.text);
+    session.pending.clear();
+    const texts = Array.from(session.unconfirmed.values());
+    session.unconfirmed.clear();
+    giveBack(texts);
+    return texts.length;
   }
 
   function scheduleReconnect(reason) {
@@ -566,6 +722,7 @@
   function stop() {
     session.active = false;
     clearTimers();
+    giveBackUnconfirmed();
     const ws = session.ws;
     session.ws = null;
     if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000, "left");
@@ -574,15 +731,19 @@
   // -- views -------------------------------------------------------------------------------
 
   function enterRoom(room, name, token) {
+    // a signed token's name is the one the server uses: ?name= would be ignored
+    const signedAs = tokenName(token);
+    if (signedAs) name = null;
     session.room = room;
     session.name = name;
+    session.self = signedAs || name;
     session.token = token;
     session.epoch = null;
     session.lastSeq = 0;
     session.seen = new Set();
     session.members = new Map();
     session.count = 0;
-    session.pending.clear();
+    giveBackUnconfirmed();
     session.wasEverOpen = false;
     session.attempt = 0;
     session.active = true;
@@ -635,6 +796,32 @@
     keepToken(null);
   }
 
+  // The display name a signed token (a JWT) gives, as the server derives it (its "name"
+  // claim, else "sub"; NFKC, whitespace collapsed); null for any other token. Read for
+  // display only: the server verifies the token.
+  function tokenName(token) {
+    const parts = typeof token === "string" ? token.split(".") : [];
+    if (parts.length !== 3) return null;
+    try {
+      const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+      const bytes = Uint8Array.from(atob(b64 + "===".slice((b64.length + 3) % 4)), (c) => c.charCodeAt(0));
+      const claims = JSON.parse(new TextDecoder().decode(bytes));
+      if (!claims || typeof claims.sub !== "string") return null;
+      const raw = typeof claims.name === "string" ? claims.name : Array.from(claims.sub).slice(0, MAX_NAME).join("");
+      return raw.normalize("NFKC").split(/\s+/).filter(Boolean).join(" ") || null;
+    } catch (err) {
+      return null;
+    }
+  }
+
+  // The join form with a signed token: its name replaces the "Display name" field.
+  function showIdentity() {
+    const signedAs = el.signin.hidden ? null : tokenName(el.tokenInput.value.trim());
+    el.nameLabel.hidden = el.nameInput.hidden = Boolean(signedAs);
+    el.signedAs.hidden = !signedAs;
+    el.signedAs.textContent = signedAs ? "You will appear as " + signedAs + ", the name in your token." : "";
+  }
+
   function signInReason(reason) {
     if (reason === "token expired") return "Your sign-in has expired. Paste a new token to continue.";
     if (!reason || reason === "missing token" || reason === "missing or invalid token") {
@@ -656,9 +843,12 @@
     if (session.name) el.nameInput.value = session.name;
     el.joinError.hidden = !error;
     el.joinError.textContent = error || "";
+    // the token field shows the token this tab keeps (masked), or nothing when none is kept:
+    // submitting it empty signs out
     const signIn = Boolean(options && options.signIn);
-    if (signIn) el.signin.hidden = false;
-    el.tokenInput.value = "";
+    if (signIn || session.token) el.signin.hidden = false;
+    el.tokenInput.value = session.token || "";
+    showIdentity();
     (signIn ? el.tokenInput : el.roomInput).focus();
   }
 
@@ -690,8 +880,32 @@
     if (following) scrollToBottom();
   }
 
+  // Why the server would refuse this draft, or null. The frame is measured as it would be
+  // sent (JSON, UTF-8); a draft being typed is measured with an id of the usual length.
+  function draftProblem(text, frame) {
+    if (session.maxText !== null) {
+      const chars = characters(text);
+      if (chars > session.maxText) {
+        return "too long: " + NUMBER.format(chars) + " of " + NUMBER.format(session.maxText) + " characters";
+      }
+    }
+    const bytes = UTF8.encode(frame || JSON.stringify({ text, id: newId() })).length;
+    if (bytes > session.frameLimit) {
+      return "too long: " + NUMBER.format(bytes) + " of " + NUMBER.format(session.frameLimit) + " bytes";
+    }
+    return null;
+  }
+
+  function showDraftProblem(problem) {
+    el.draftHint.hidden = !problem;
+    el.draftHint.textContent = problem ? "This message is " + problem + ". Shorten it to send." : "";
+    if (problem) el.text.setAttribute("aria-invalid", "true"); else el.text.removeAttribute("aria-invalid");
+  }
+
   function updateSend() {
-    el.send.disabled = el.status.dataset.state !== "connected" || !el.text.value.trim();
+    const problem = el.text.value.trim() ? draftProblem(el.text.value) : null;
+    showDraftProblem(problem);
+    el.send.disabled = el.status.dataset.state !== "connected" || !el.text.value.trim() || Boolean(problem);
   }
 
   function sendMessage() {
@@ -699,11 +913,16 @@
     const ws = session.ws;
     if (!text.trim() || !ws || ws.readyState !== WebSocket.OPEN || !session.wasOpen) return;
     const id = newId();
+    const frame = JSON.stringify({ text, id });
+    const problem = draftProblem(text, frame);
+    if (problem) {
+      showDraftProblem(problem); // and the draft stays in the box
+      return;
+    }
     session.myIds.add(id);
     if (session.myIds.size > 2000) session.myIds.delete(session.myIds.values().next().value);
-    session.lastSent = text;
-    session.pending.set(id, text);
-    ws.send(JSON.stringify({ text, id }));
+    session.pending.set(id, { text, bytes: UTF8.encode(frame).length });
+    ws.send(frame);
     el.text.value = "";
     autosize();
     updateSend();
@@ -715,14 +934,15 @@
   el.joinForm.addEventListener("submit", (e) => {
     e.preventDefault();
     const room = el.roomInput.value.trim() || "general";
-    const name = el.nameInput.value.trim() || null;
+    const token = el.signin.hidden ? session.token : el.tokenInput.value.trim() || null;
+    const name = tokenName(token) ? null : el.nameInput.value.trim() || null;
     const problem = validate(room, name);
     if (problem) {
       el.joinError.textContent = problem;
       el.joinError.hidden = false;
       return;
     }
-    if (!el.signin.hidden && el.tokenInput.value.trim()) keepToken(el.tokenInput.value.trim());
+    keepToken(token);
     enterRoom(room, name, session.token);
   });
 
@@ -737,6 +957,8 @@
       sendMessage();
     }
   });
+
+  el.tokenInput.addEventListener("input", showIdentity);
 
   el.text.addEventListener("input", () => {
     autosize();
@@ -795,7 +1017,7 @@
 
   if (query.has("room") || query.has("name")) {
     const room = (query.get("room") || "general").trim() || "general";
-    const name = (query.get("name") || "").trim() || null;
+    const name = tokenName(session.token) ? null : (query.get("name") || "").trim() || null;
     const problem = validate(room, name);
     if (problem) showJoin(problem); else enterRoom(room, name, session.token);
   } else {
