@@ -88,7 +88,7 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtim
     :raises BrokerUnavailable: if the configured Redis cannot be reached
     """
     settings = Settings.from_env() if settings is None else settings
-    _harden_hypercorn()
+    _harden_hypercorn(settings)
     hub = Hub(
         outbox_size=settings.outbox_size,
         history_size=settings.history_size,
@@ -112,13 +112,13 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtim
                 tg.cancel_scope.cancel()
 
 
-def _harden_hypercorn() -> None:
+def _harden_hypercorn(settings: Settings) -> None:
     """Served by Hypercorn (plain ``hypercorn`` or the launcher): mend, once per process,
     what Hypercorn 0.18 breaks of roomcast's guarantees (:mod:`.launcher.hardening`)."""
     if "hypercorn.protocol" in sys.modules:
         from .launcher import hardening
 
-        hardening.install()
+        hardening.install(settings.send_timeout)
 
 
 async def _share_metrics(runtime: Runtime, shared: metrics.SharedMetrics) -> None:

@@ -34,11 +34,17 @@ each:
 - :class:`ClosingWSStream` drops a connection whose peer has not answered a close frame
   the server sent within :data:`CLOSE_TIMEOUT` seconds: the app hears
   ``websocket.disconnect`` (so the member leaves its room) and the socket closes.
+- Each accepted socket gets ``TCP_USER_TIMEOUT`` (``ROOMCAST_SEND_TIMEOUT``), which the
+  launcher sets on the listening sockets it binds: a peer that never reads what it is
+  sent is ended by the kernel, the only end for a write Hypercorn's Trio worker shields.
 
 The launcher's workers get the same classes the same way (its serving loop uses
-:class:`~.trio_server.ContainedTCPServer` directly). Hypercorn releases other than the
-ones the internals tests describe (``tests/test_launcher.py::TestHypercornInternals``,
-:data:`.trio_write.SUPPORTED`) keep their own behaviour, with a warning.
+:class:`~.trio_server.ContainedTCPServer` directly). What stays the launcher's alone is
+what no worker can do for itself: replacing a dead worker, ending the workers with the
+master, one ``/metrics`` for all workers, raising the fd limit and pausing accepts at it.
+Hypercorn releases other than the ones the internals tests describe
+(``tests/test_launcher.py::TestHypercornInternals``, :data:`.trio_write.SUPPORTED`) keep
+their own behaviour, with a warning.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from __future__ import annotations
 import logging
 import sys
 import zlib
+from functools import partial
 from typing import Any
 
 import anyio
@@ -61,6 +68,7 @@ from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
 
 from . import trio_write
 from .logs import configure_logging
+from .sockets import set_send_timeout
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -176,8 +184,9 @@ def _bound_inflation(extensions: list[Any], config: Config) -> None:
             extension.max_message_size = config.websocket_max_message_size
 
 
-def install() -> bool:
-    """Install the classes above into the Hypercorn serving this process, once.
+def install(send_timeout: float) -> bool:
+    """Install the classes above into the Hypercorn serving this process, once, with
+    ``TCP_USER_TIMEOUT`` of ``send_timeout`` seconds on each accepted socket.
 
     Returns whether they are installed: not when the process is not served by Hypercorn
     (another ASGI server, a test's own loop) nor on an untested Hypercorn release, which
@@ -205,16 +214,40 @@ def install() -> bool:
     hypercorn.protocol.ws_stream.PerMessageDeflate = BoundedPerMessageDeflate  # type: ignore[attr-defined]
     hypercorn.protocol.h11.WSStream = ClosingWSStream  # type: ignore[attr-defined]
     hypercorn.protocol.h2.WSStream = ClosingWSStream  # type: ignore[attr-defined]
+    _install_connection_handlers(send_timeout)
+    log.info(
+        "roomcast: Hypercorn %s hardened: each connection contained, compressed messages "
+        "inflated within %dx websocket_max_message_size, unanswered closes dropped after "
+        "%g s, unread data ends a connection after %g s",
+        trio_write.hypercorn_version(),
+        INFLATE_FACTOR,
+        CLOSE_TIMEOUT,
+        send_timeout,
+    )
+    return True
+
+
+def _install_connection_handlers(send_timeout: float) -> None:
+    """The per-connection handler of whichever Hypercorn worker loop runs here: looked up
+    by name when the loop starts accepting, which is after the lifespan started."""
     trio_run = sys.modules.get("hypercorn.trio.run")
     if trio_run is not None:
         from .trio_server import ServedTCPServer
 
-        trio_run.TCPServer = ServedTCPServer  # type: ignore[attr-defined]
-    log.info(
-        "roomcast: Hypercorn %s hardened: each connection contained, compressed messages "
-        "inflated within %dx websocket_max_message_size, unanswered closes dropped after %g s",
-        trio_write.hypercorn_version(),
-        INFLATE_FACTOR,
-        CLOSE_TIMEOUT,
-    )
-    return True
+        trio_run.TCPServer = partial(ServedTCPServer, send_timeout=send_timeout)  # type: ignore[attr-defined]
+    asyncio_run = sys.modules.get("hypercorn.asyncio.run")
+    if asyncio_run is not None:
+        asyncio_run.TCPServer = partial(_timed_asyncio_server(), send_timeout=send_timeout)  # type: ignore[attr-defined]
+
+
+def _timed_asyncio_server() -> type:
+    """Hypercorn's asyncio connection handler, with ``TCP_USER_TIMEOUT`` on its socket.
+    (asyncio contains a failed connection on its own: it logs the task's error.)"""
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    class TimedTCPServer(TCPServer):
+        def __init__(self, *args: Any, send_timeout: float) -> None:
+            super().__init__(*args)
+            set_send_timeout(self.writer.get_extra_info("socket"), send_timeout)
+
+    return TimedTCPServer

@@ -1,11 +1,18 @@
-"""What the master sets up before any worker starts: listening sockets and the fd limit."""
+"""What the master sets up before any worker starts: listening sockets and the fd limit
+(and the send timeout, which plain Hypercorn's workers set on each accepted socket)."""
 
 from __future__ import annotations
 
 import resource
 import socket
+from typing import TYPE_CHECKING
 
-__all__ = ["bind_socket", "raise_open_file_limit"]
+if TYPE_CHECKING:
+    from asyncio.trsock import TransportSocket
+
+    from trio.socket import SocketType
+
+__all__ = ["bind_socket", "raise_open_file_limit", "set_send_timeout"]
 
 #: what to raise the soft limit to when the hard limit is "unlimited" (Linux's nr_open)
 UNLIMITED_FALLBACK = 1 << 20
@@ -32,9 +39,7 @@ def bind_socket(address: str, send_timeout: float, backlog: int) -> socket.socke
         host, port = host.strip("[]") or "0.0.0.0", int(port_text)
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
-        if hasattr(socket, "TCP_USER_TIMEOUT"):
-            timeout_ms = int(send_timeout * 1000)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
+        set_send_timeout(sock, send_timeout)
         if host:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
@@ -44,6 +49,14 @@ def bind_socket(address: str, send_timeout: float, backlog: int) -> socket.socke
         raise
     sock.set_inheritable(True)
     return sock
+
+
+def set_send_timeout(sock: socket.socket | TransportSocket | SocketType, seconds: float) -> None:
+    """Have the kernel abort ``sock``'s connection once data it sent has gone unacknowledged
+    for ``seconds`` (``TCP_USER_TIMEOUT``; nothing where the platform lacks it). Set on a
+    listening socket, its accepted sockets inherit it on Linux."""
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
 
 
 def raise_open_file_limit() -> tuple[int, int]:

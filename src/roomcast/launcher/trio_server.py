@@ -60,6 +60,7 @@ from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import repr_socket_addr
 
 from . import trio_write
+from .sockets import set_send_timeout
 from .trio_write import DirectWriter
 
 __all__ = [
@@ -193,7 +194,11 @@ class ServedTCPServer(ContainedTCPServer):
     """:class:`ContainedTCPServer` as Hypercorn's own Trio worker builds a connection
     handler (``partial(TCPServer, app, config, context, state)(stream)``, with the
     worker's context): what :func:`.hardening.install` puts in its place, so plain
-    ``hypercorn --worker-class trio`` contains each connection as the launcher does."""
+    ``hypercorn --worker-class trio`` contains each connection as the launcher does.
+
+    ``send_timeout`` sets ``TCP_USER_TIMEOUT`` on the accepted socket, which the launcher
+    sets on its listening sockets instead: plain Hypercorn binds them itself.
+    """
 
     def __init__(
         self,
@@ -202,8 +207,11 @@ class ServedTCPServer(ContainedTCPServer):
         context: WorkerContext,
         state: LifespanState,
         stream: Stream,
+        *,
+        send_timeout: float,
     ) -> None:
         super().__init__(app, config, ConnectionContext(context), state, stream)
+        set_send_timeout(_socket(stream), send_timeout)
 
 
 class AcceptGate:
@@ -356,8 +364,12 @@ async def _first_of(*waits: Callable[[], Awaitable[Any]]) -> None:
             nursery.start_soon(wait_then_cancel, wait)
 
 
+def _socket(stream: Stream) -> trio.socket.SocketType:
+    return stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
+
+
 def _peer(stream: Stream) -> str:
-    sock = stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
+    sock = _socket(stream)
     try:
         host, port, *_ = sock.getpeername()
     except (OSError, ValueError):
