@@ -792,3 +792,63 @@ def test_piped_mode_on_redis_prints_every_echo_even_when_acks_come_first(
                 f"line {n}" for n in range(20)
             ]
             assert len(of_type(events, "ack")) == 20
+
+
+# -- the companion commands: publish, history, token ----------------------------------------
+
+TOOL = [sys.executable, "-m", "roomcast"]
+
+
+def run_tool(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TOOL, *args],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_publish_to_a_server_without_the_api_says_how_to_turn_it_on(
+    server: ServerProcess,
+) -> None:
+    result = run_tool("publish", server.http_url(), "--room", "r", "--key", "k", "hello")
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"roomcast: 404 api_off: no server API at {server.http_url('/api/rooms/r/messages')}: "
+    )
+    assert "only when it was started with ROOMCAST_API_KEY set" in result.stderr
+
+
+def test_history_prints_message_events_as_the_wire_has_them() -> None:
+    room, key = fresh_room(), {"ROOMCAST_API_KEY": "k"}
+    with roomcast_server(env=key) as server:
+        published = run_tool(
+            "publish", server.http_url(), "--room", room, "--from", "ci", "built", env=key
+        )
+        assert (published.returncode, published.stdout) == (0, "1\n")
+        reader = run_client(server.url(f"/ws/chat?room={room}&since=0"), "--count", "1")
+        [on_the_wire] = of_type(json_lines(reader.stdout), "message")
+
+        history = run_tool("history", server.http_url(), "--room", room, env=key)
+
+    assert (history.returncode, history.stderr) == (0, "")
+    [event] = json_lines(history.stdout)
+    assert event == on_the_wire
+    assert event["from"] == "ci" and "sender" not in event and "raw" not in event
+
+
+def test_token_with_a_negative_ttl_is_already_expired() -> None:
+    import jwt
+
+    env = {"ROOMCAST_JWT_SECRET": "s" * 32}
+    for ttl in (["--ttl", "-5m"], ["--ttl=-5m"]):
+        result = run_tool("token", "--sub", "ann", *ttl, env=env)
+        assert (result.returncode, result.stderr) == (0, ""), ttl
+        claims = jwt.decode(result.stdout.strip(), options={"verify_signature": False})
+        assert claims["exp"] - claims["iat"] == -300
+        assert claims["exp"] < time.time() - 250
+    bad = run_tool("token", "--sub", "ann", "--ttl", "soon", env=env)
+    assert bad.returncode == 2
+    assert "expected a duration such as 90s, 30m, 1h or -5m, got 'soon'" in bad.stderr
