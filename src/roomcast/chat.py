@@ -558,7 +558,8 @@ async def _send(session: Session, text: str) -> None:
         if session.options.interactive:
             session.write(f"! {refused.code}: {_clean(refused.message)} ({_clean(text)[:40]})")
         else:  # the server's event, as every other one is printed
-            session.write(refused.raw or _json({"type": "error", "error": refused.code}))
+            event = {"type": "error", "error": refused.code, "message": refused.message}
+            session.write(refused.raw or _json(event))
         return
     except RoomClosed:
         return  # the printer reports the close

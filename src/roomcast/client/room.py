@@ -350,7 +350,7 @@ class Room:
 
     def _welcome(self, welcome: Welcome) -> None:
         """A connection's first event: where its replay ends, and whether it resumes a run
-        of the room's sequence that is over (SPEC §4.3: then ``history_gap`` comes first)."""
+        of the room's sequence that is over (the server then sends ``history_gap`` first)."""
         if not self._resume:
             self.seq = welcome.seq  # nothing to replay: start at the room's latest
         new_epoch = self.epoch is not None and self.epoch != welcome.epoch
