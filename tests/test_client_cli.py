@@ -22,10 +22,12 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import Future
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import anyio
@@ -279,6 +281,14 @@ def test_events_in_human_form() -> None:
     assert format_event(welcome) == "* you joined #r (3 here: a, b and 1 more)"
     gap = HistoryGap(epoch="e", since=3, first=10)
     assert format_event(gap) == "* some messages are no longer available (missed 4-9)"
+    assert str(format_event(HistoryGap(epoch="e", since=3, first=5))).endswith("(missed 4)")
+    restarted = HistoryGap(epoch="e2", since=11, first=1, restarted=True)
+    assert format_event(restarted) == (
+        "* the room's history started over (the server restarted or lost it); "
+        "earlier messages are gone"
+    )
+    trimmed = HistoryGap(epoch="e2", since=11, first=40, restarted=True)
+    assert str(format_event(trimmed)).endswith(", and so are messages 1-39 of the new history")
     lost = Reconnecting(code=1006, reason="", attempt=1, delay=0.25)
     assert format_event(lost) == "* connection lost (1006); reconnecting in 0.2s"
 
@@ -426,6 +436,103 @@ async def test_end_closes_with_1000_and_batch_frames_are_split(batch: bool) -> N
     assert close_codes == [1000]
 
 
+def fill(server: ServerProcess, room: str, count: int) -> str:
+    """Send ``count`` messages (``m1``...) into a new ``room``; returns its epoch."""
+    lines = "".join(f"m{n}\n" for n in range(1, count + 1))
+    result = run_client(room_url(server, room), "--name", "filler", input=lines)
+    assert result.returncode == 0, result.stderr
+    epoch: str = json_lines(result.stdout)[0]["epoch"]
+    return epoch
+
+
+def test_since_in_the_url_replays_and_count_ends_it(server: ServerProcess) -> None:
+    """The issue's command: ``?since=0 --count 2 --timeout 5 </dev/null`` printed nothing
+    and never returned."""
+    room = fresh_room()
+    epoch = fill(server, room, 3)
+    for query, expected in (("since=0", ["m1", "m2"]), (f"since=1&epoch={epoch}", ["m2", "m3"])):
+        url = server.url(f"/ws/chat?{query}")
+        result = run_client(url, "--room", room, "--count", "2", "--timeout", "5")
+        assert (result.returncode, result.stderr) == (0, ""), query
+        events = json_lines(result.stdout)
+        assert events[0]["type"] == "welcome"
+        assert [m["text"] for m in of_type(events, "message")] == expected
+
+
+def test_a_wrong_epoch_prints_the_gap_then_the_replay(server: ServerProcess) -> None:
+    room = fresh_room()
+    epoch = fill(server, room, 2)
+    url = server.url(f"/ws/chat?since=7&epoch=old-{epoch}")
+    result = run_client(url, "--room", room, "--count", "2", "--timeout", "5")
+    assert (result.returncode, result.stderr) == (0, "")
+    events = json_lines(result.stdout)
+    assert [e["type"] for e in events] == ["welcome", "error", "message", "message"]
+    assert (events[1]["error"], events[1]["since"], events[1]["first"]) == ("history_gap", 7, 1)
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_timeout_holds_while_the_server_never_welcomes(terminal: bool) -> None:
+    """A server that accepts the WebSocket and then says nothing (as a resume used to
+    hang): ``--timeout`` still ends the session, with status 1 and a line saying why."""
+    with never_welcoming_server() as port:
+        url = f"ws://127.0.0.1:{port}?since=0"
+        started = time.monotonic()
+        if terminal:
+            client = Terminal(url, "--room", "r", "--timeout", "1")
+            try:
+                output = client.read_to_end()
+                code = client.wait()
+            finally:
+                client.close()
+        else:
+            result = run_client(url, "--room", "r", "--count", "2", "--timeout", "1")
+            code, output = result.returncode, result.stderr
+        assert time.monotonic() - started < DEADLINE / 2
+        assert code == 1
+        assert "timed out after 1s waiting for the server to welcome us" in output
+
+
+@contextmanager
+def never_welcoming_server() -> Iterator[int]:
+    """The port of a WebSocket server (trio, in a thread) that completes handshakes and
+    then never sends anything."""
+    from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+
+    started: Future[tuple[int, trio.lowlevel.TrioToken, trio.CancelScope]] = Future()
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        with suppress(ConnectionClosed):
+            await ws.get_message()  # until the client goes
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+            token = trio.lowlevel.current_trio_token()
+            started.set_result((server.port, token, nursery.cancel_scope))
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    port, token, scope = started.result(timeout=DEADLINE)
+    try:
+        yield port
+    finally:
+        token.run_sync_soon(scope.cancel)
+        thread.join(DEADLINE)
+
+
+def test_a_refused_line_prints_the_servers_reason_and_exits_3(server: ServerProcess) -> None:
+    url = room_url(server, fresh_room())
+    result = run_client(url, "--name", "bob", input="x" * 5000 + "\nfine\n")
+    assert (result.returncode, result.stderr) == (3, "")
+    events = json_lines(result.stdout)
+    [error] = of_type(events, "error")
+    assert error["error"] == "too_long"
+    assert error["message"] == "message is 5000 characters; the limit is 4000"
+    assert "xxxx" not in result.stdout
+    assert [m["text"] for m in of_type(events, "message")] == ["fine"]
+
+
 def test_count_with_timeout_fails_when_too_few_messages_arrive(server: ServerProcess) -> None:
     url = room_url(server, fresh_room())
     started = time.monotonic()
@@ -551,6 +658,13 @@ class Terminal:
                 self.raw += data
                 self.stream.feed(data)
 
+    def read_to_end(self) -> str:
+        """Everything the client writes until it exits, as text."""
+        output = Output(self.fd)
+        output.read_to_end()
+        self.raw += output.text.encode()
+        return output.text
+
     def wait(self) -> int:
         return self.process.wait(timeout=DEADLINE)
 
@@ -597,6 +711,31 @@ def test_interactive_session_keeps_the_typed_line_and_shows_own_lines_once(
         assert b"Traceback" not in bob.raw and b"roomcast:" not in bob.raw
     finally:
         bob.close()
+
+
+def test_a_server_restart_says_the_history_started_over() -> None:
+    """After a restart of a server without shared history, the room's sequence starts
+    again from 1 under a new epoch: the gap is told as that, never as "missed 12-0"."""
+    room = fresh_room()
+    with roomcast_server() as first:
+        port = first.port
+        bob = Terminal(room_url(first, room), "--name", "bob")
+        try:
+            bob.wait_for(showing(rf"^\* you joined #{room}"), "the welcome")
+            fill(first, room, 11)
+            bob.wait_for(showing(r"filler: m11$"), "the eleventh message")
+            first.terminate()
+            first.process.wait(timeout=DEADLINE)
+            bob.wait_for(showing(r"^\* connection lost \(1001\); reconnecting"), "the drop")
+            with spawn_server(["--graceful-timeout", "1"], port=port) as second:
+                bob.wait_for(showing(r"the room's history started over"), "the restart")
+                assert not any("missed" in line for line in bob.lines), bob.lines
+                fill(second, room, 1)
+                bob.wait_for(showing(r"filler: m1$", times=2), "the new run's first message")
+                second.terminate()
+                second.process.wait(timeout=DEADLINE)
+        finally:
+            bob.close()
 
 
 def test_json_flag_in_a_terminal(server: ServerProcess, clients: list[Client]) -> None:
@@ -653,3 +792,63 @@ def test_piped_mode_on_redis_prints_every_echo_even_when_acks_come_first(
                 f"line {n}" for n in range(20)
             ]
             assert len(of_type(events, "ack")) == 20
+
+
+# -- the companion commands: publish, history, token ----------------------------------------
+
+TOOL = [sys.executable, "-m", "roomcast"]
+
+
+def run_tool(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TOOL, *args],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_publish_to_a_server_without_the_api_says_how_to_turn_it_on(
+    server: ServerProcess,
+) -> None:
+    result = run_tool("publish", server.http_url(), "--room", "r", "--key", "k", "hello")
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"roomcast: 404 api_off: no server API at {server.http_url('/api/rooms/r/messages')}: "
+    )
+    assert "only when it was started with ROOMCAST_API_KEY set" in result.stderr
+
+
+def test_history_prints_message_events_as_the_wire_has_them() -> None:
+    room, key = fresh_room(), {"ROOMCAST_API_KEY": "k"}
+    with roomcast_server(env=key) as server:
+        published = run_tool(
+            "publish", server.http_url(), "--room", room, "--from", "ci", "built", env=key
+        )
+        assert (published.returncode, published.stdout) == (0, "1\n")
+        reader = run_client(server.url(f"/ws/chat?room={room}&since=0"), "--count", "1")
+        [on_the_wire] = of_type(json_lines(reader.stdout), "message")
+
+        history = run_tool("history", server.http_url(), "--room", room, env=key)
+
+    assert (history.returncode, history.stderr) == (0, "")
+    [event] = json_lines(history.stdout)
+    assert event == on_the_wire
+    assert event["from"] == "ci" and "sender" not in event and "raw" not in event
+
+
+def test_token_with_a_negative_ttl_is_already_expired() -> None:
+    import jwt
+
+    env = {"ROOMCAST_JWT_SECRET": "s" * 32}
+    for ttl in (["--ttl", "-5m"], ["--ttl=-5m"]):
+        result = run_tool("token", "--sub", "ann", *ttl, env=env)
+        assert (result.returncode, result.stderr) == (0, ""), ttl
+        claims = jwt.decode(result.stdout.strip(), options={"verify_signature": False})
+        assert claims["exp"] - claims["iat"] == -300
+        assert claims["exp"] < time.time() - 250
+    bad = run_tool("token", "--sub", "ann", "--ttl", "soon", env=env)
+    assert bad.returncode == 2
+    assert "expected a duration such as 90s, 30m, 1h or -5m, got 'soon'" in bad.stderr

@@ -69,6 +69,8 @@ EXIT_OK: Final = 0
 EXIT_CLOSED: Final = 1
 #: bad arguments, or the server could not be reached
 EXIT_USAGE: Final = 2
+#: scripting mode: the session ended normally, but the server refused some input lines
+EXIT_REFUSED: Final = 3
 READ_SIZE: Final = 65536
 #: close codes never sent on the wire: how a lost connection is reported
 LOST_CODES: Final = {1005: "closed without a status code", 1006: "connection lost"}
@@ -92,8 +94,11 @@ EPILOG: Final = """\
 exit status:
   0  the session ended normally (end of input, --count reached, closed with 1000)
   1  the server closed the connection with an error code (printed on stderr),
-     the connection was lost, or --timeout expired before --count was reached
+     the connection was lost, or --timeout expired before the server welcomed
+     us or before --count was reached
   2  usage error, or the server could not be reached
+  3  scripting mode: the session ended normally but the server refused some
+     lines (too long, rate limited ...; each refusal is printed as an error event)
   130/143  interrupted by Ctrl-C / SIGTERM (the connection is closed cleanly)
 
 examples:
@@ -345,6 +350,8 @@ class Session:
     printed_seq: int = 0
     sent_seq: int = 0
     messages: int = 0
+    #: lines the server refused (scripting mode then exits 3)
+    refused: int = 0
     exit_code: int | None = None
     caught_up: anyio.Event = field(default_factory=anyio.Event)
 
@@ -396,29 +403,48 @@ class Session:
 
 
 async def run(options: Options, out: TextIO) -> int:
-    """Join the room and run one session; returns the exit code."""
+    """Join the room and run one session; returns the exit code.
+
+    ``--timeout`` counts from the start, joining included: a server that accepts the
+    connection and never welcomes us cannot hold the session past it."""
     session: Session | None = None
+    timeout = options.timeout
     try:
-        async with open_room(
-            options.url,
-            options.room,
-            name=options.name,
-            token=_token_source(options) or options.token,
-            batch=options.batch,
-            since=options.since,
-            epoch=options.epoch,
-            reconnect=options.reconnect,
-        ) as room:
-            session = Session(room, options, out)
-            await _run_session(session)
+        with anyio.move_on_after(math.inf if timeout is None else timeout) as deadline:
+            async with open_room(
+                options.url,
+                options.room,
+                name=options.name,
+                token=_token_source(options) or options.token,
+                batch=options.batch,
+                since=options.since,
+                epoch=options.epoch,
+                reconnect=options.reconnect,
+            ) as room:
+                session = Session(room, options, out)
+                await _run_session(session)
     except RoomUnavailable as exc:
         if exc.code < 1000 or exc.code in LOST_CODES:  # an HTTP status, or no connection
             _complain(f"cannot connect to {options.display_url}: {_unreachable(exc)}")
             return EXIT_USAGE
         _complain(f"closed {exc.code}" + (f": {exc.reason}" if exc.reason else ""))
         return EXIT_CLOSED
-    assert session is not None
-    return EXIT_CLOSED if session.exit_code is None else session.exit_code
+    if session is None:  # the deadline passed while joining
+        _complain(f"timed out after {timeout:g}s waiting for the server to welcome us")
+        return EXIT_CLOSED
+    if deadline.cancelled_caught:
+        _timed_out(session, timeout)
+    return _exit_code(session)
+
+
+def _exit_code(session: Session) -> int:
+    """How an ended session exits: its own code (1 if it ended without one), and in
+    scripting mode 3 instead of 0 when a line was refused, so a script can tell."""
+    if session.exit_code is None:
+        return EXIT_CLOSED
+    if session.exit_code == EXIT_OK and session.refused and not session.options.interactive:
+        return EXIT_REFUSED
+    return session.exit_code
 
 
 def _token_source(options: Options) -> TokenSource | None:
@@ -450,13 +476,9 @@ def _unreachable(exc: RoomUnavailable) -> str:
 
 async def _run_session(session: Session) -> None:
     """Run the session's tasks until one of them calls :meth:`Session.finish`, the room
-    closes, or ``--timeout`` expires; the task group guarantees all three are gone when
-    this returns, whichever way it ended."""
-    timeout = session.options.timeout
-    with (
-        anyio.move_on_after(math.inf if timeout is None else timeout) as deadline,
-        _below_the_prompt(session),
-    ):
+    closes, or ``--timeout`` (in :func:`run`) expires; the task group guarantees all three
+    are gone when this returns, whichever way it ended."""
+    with _below_the_prompt(session):
         async with anyio.create_task_group() as tg:
             session.scope = tg.cancel_scope
             tg.start_soon(_watch_signals, session)
@@ -465,8 +487,6 @@ async def _run_session(session: Session) -> None:
                 tg.start_soon(_prompt, session)
             else:
                 tg.start_soon(_send_input, session, StdinLines())
-    if deadline.cancelled_caught:
-        _timed_out(session, timeout)
 
 
 @contextmanager
@@ -534,10 +554,12 @@ async def _send(session: Session, text: str) -> None:
         seq = await session.room.send(text)
     except MessageRefused as refused:
         session.unechoed.remove(text)
+        session.refused += 1
         if session.options.interactive:
             session.write(f"! {refused.code}: {_clean(refused.message)} ({_clean(text)[:40]})")
-        else:
-            session.write(_json({"type": "error", "error": refused.code, "message": text}))
+        else:  # the server's event, as every other one is printed
+            event = {"type": "error", "error": refused.code, "message": refused.message}
+            session.write(refused.raw or _json(event))
         return
     except RoomClosed:
         return  # the printer reports the close
@@ -615,13 +637,31 @@ def format_event(event: Event) -> str | None:
     if isinstance(event, Presence):
         return f"* {_clean(event.message)} ({event.count} here)"
     if isinstance(event, HistoryGap):
-        missed = f"{event.since + 1}-{event.first - 1}"
-        return f"* some messages are no longer available (missed {missed})"
+        return _format_gap(event)
     if isinstance(event, Reconnecting):
         return f"* connection lost ({event.code}); reconnecting in {event.delay:.1f}s"
     if isinstance(event, Error):
         return f"! {_clean(event.code)}: {_clean(event.message)}"
     return f"? {_clean(_json(event.raw))}"
+
+
+def _format_gap(gap: HistoryGap) -> str:
+    """A gap within the room's history names what was missed; a gap across a restart of
+    its sequence (``since`` counts in the old run) says so and names only what is gone
+    from the new run."""
+    if not gap.restarted:
+        missed = _seqs(gap.since + 1, gap.first)
+        return f"* some messages are no longer available (missed {missed})"
+    line = "* the room's history started over (the server restarted or lost it)"
+    line += "; earlier messages are gone"
+    if gap.first > 1:
+        line += f", and so are messages {_seqs(1, gap.first)} of the new history"
+    return line
+
+
+def _seqs(first: int, end: int) -> str:
+    """``first`` up to, not including, ``end``: ``4-9``, or ``4`` alone."""
+    return str(first) if end - first == 1 else f"{first}-{end - 1}"
 
 
 def _format_welcome(event: Welcome) -> str:

@@ -4,6 +4,7 @@ and scripts (``ROOMCAST_API_KEY`` in the environment, or ``--key``)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -11,7 +12,6 @@ from typing import Final
 
 import anyio
 import httpx
-import orjson
 
 from .client.api import ApiRefused, open_server_api
 
@@ -60,7 +60,7 @@ def history_main(argv: list[str]) -> int:
     async def history() -> str:
         async with open_server_api(args.url, args.key) as api:
             page = await api.history(args.room, since=args.since, limit=args.limit)
-        return "\n".join(message.raw or orjson.dumps(message).decode() for message in page.messages)
+        return "\n".join(message.raw for message in page.messages)  # as the API sent them
 
     return _run(parser, args.key, history)
 
@@ -99,8 +99,13 @@ def token_main(argv: list[str]) -> int:
     parser.add_argument(
         "--rooms", action="append", help="a room it may enter, * as wildcard (repeatable)"
     )
-    parser.add_argument("--ttl", type=_duration, default=3600.0, help="lifetime: 90s, 30m, 1h, 2d")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--ttl",
+        type=_duration,
+        default=3600.0,
+        help="lifetime: 90s, 30m, 1h, 2d; negative (-5m) mints an already expired token",
+    )
+    args = parser.parse_args(_negative_values_attached(argv, "--ttl"))
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
@@ -127,14 +132,28 @@ def token_main(argv: list[str]) -> int:
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+def _negative_values_attached(argv: list[str], option: str) -> list[str]:
+    """``argv`` with ``option VALUE`` written ``option=VALUE`` where VALUE starts with a
+    dash: argparse would take ``-5m`` for an option and say "expected one argument"."""
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] == option and arg.startswith("-"):
+            joined[-1] = f"{option}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def _duration(text: str) -> float:
+    """Seconds in ``90s``, ``30m``, ``1h``, ``2d`` or a bare number; negative is fine (a
+    token that expired that long ago, to test how clients handle one)."""
     number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
     try:
         seconds = float(number) * _UNITS[unit]
     except ValueError:
-        seconds = 0
-    if not seconds > 0:
+        seconds = math.nan
+    if not math.isfinite(seconds):
         raise argparse.ArgumentTypeError(
-            f"expected a duration such as 90s, 30m or 1h, got {text!r}"
+            f"expected a duration such as 90s, 30m, 1h or -5m, got {text!r}"
         )
     return seconds

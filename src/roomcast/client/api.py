@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
+import orjson
 
 from .events import Message, parse_event
 
@@ -69,8 +70,10 @@ class ServerAPI:
         """Up to ``limit`` retained messages after ``since``, oldest first."""
         params = {"since": since, "limit": limit}
         data = await self._request("GET", f"rooms/{quote(room)}/history", params=params)
-        messages = [
-            event for raw in data["messages"] if isinstance(event := parse_event(raw), Message)
+        messages = [  # each keeps the API's JSON in ``raw``, as events from a room do
+            event
+            for raw in data["messages"]
+            if isinstance(event := parse_event(raw, orjson.dumps(raw).decode()), Message)
         ]
         return HistoryPage(data["room"], data["epoch"], data["seq"], data["first"], messages)
 
@@ -103,8 +106,22 @@ class ServerAPI:
             error = response.json()
             code, message = error["error"], error["message"]
         except (ValueError, KeyError, TypeError):
-            code, message = "http_error", response.reason_phrase or response.text[:200]
+            code, message = _plain_refusal(response)
         raise ApiRefused(response.status_code, code, message)
+
+
+def _plain_refusal(response: httpx.Response) -> tuple[str, str]:
+    """``(code, message)`` for an answer that is not the API's JSON error. A plain 404 is
+    what a roomcast server answers under ``/api/`` while its API is off (with the API on,
+    even an unknown endpoint gets a JSON ``not_found``), or what another app answers when
+    the URL misses the mount prefix: say how to fix either rather than "Not Found"."""
+    if response.status_code == 404:
+        api = str(response.url.copy_with(query=None))
+        return "api_off", (
+            f"no server API at {api}: the server answers /api/ only when it was started with "
+            "ROOMCAST_API_KEY set (and the URL must include the prefix roomcast is mounted at)"
+        )
+    return "http_error", response.reason_phrase or response.text[:200]
 
 
 @asynccontextmanager

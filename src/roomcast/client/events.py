@@ -77,15 +77,24 @@ class Presence:
 
 @dataclass(frozen=True, slots=True)
 class HistoryGap:
-    """Messages were missed and are gone: those after ``since`` and before ``first`` (the
-    first the server still had). ``epoch`` is the room's; if it is not the one you knew,
-    the room's sequence restarted (a server without shared history restarted)."""
+    """Messages were missed and are gone. Within one run of the room's sequence, those
+    after ``since`` and before ``first`` (the first the server still had).
+
+    If ``restarted``, the room's sequence started over since ``since`` was seen (a new
+    ``epoch``: a server without shared history restarted): what came after ``since`` in
+    the old run is gone, the new run counts from 1, and ``first`` is the first message of
+    the new run still kept (the replay that follows starts there).
+    """
 
     epoch: str
     since: int
     first: int
     #: the event as the server sent it (one JSON object)
     raw: str = field(default="", repr=False, compare=False)
+    #: set by :class:`~roomcast.client.Room` when the epoch it resumed is not the room's;
+    #: :func:`parse_event` alone sees it only when ``first <= since + 1`` (within one
+    #: run, a gap always starts after ``since + 1``)
+    restarted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,11 +175,13 @@ def _parse(raw: dict[str, Any], line: str) -> Event | Ack:
     if kind == "system":
         return _presence(raw, line)
     if kind == "error" and raw.get("error") == "history_gap":
+        since, first = _int(raw["since"]), _int(raw["first"])
         return HistoryGap(
             epoch=_str(raw["epoch"]),
-            since=_int(raw["since"]),
-            first=_int(raw["first"]),
+            since=since,
+            first=first,
             raw=line,
+            restarted=first <= since + 1,
         )
     if kind == "error":
         return Error(

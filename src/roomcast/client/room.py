@@ -29,7 +29,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -104,10 +104,12 @@ class MessageRefused(Exception):
     """The server refused a message (``code``: ``rate_limited``, ``too_long``,
     ``unavailable`` ...); it was not sent to anyone."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, raw: str = "") -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        #: the server's ``error`` event as it sent it (one JSON object)
+        self.raw = raw
 
 
 @dataclass(eq=False)
@@ -177,10 +179,18 @@ class Room:
         self._ids = itertools.count(1)
         self._ws: AsyncWebSocketSession | None = None
         self._replay_until: int | None = None  # set by a welcome, cleared once caught up
+        #: whether this connection resumes a run of the room's sequence that is over (a
+        #: new epoch, or ``since`` past the room's seq): the server says so with a
+        #: ``history_gap`` before the replay, and the replay is not read until it came
+        self._restarted = False
+        self._gap_expected = False
         self._welcomed_at: float | None = None
         self._connected = anyio.Event()
         #: whether connections ask for a replay (``since``): after the first welcome, always
         self._resume = since is not None
+        #: whether the first welcome came (``open_room`` returns then; until then a failed
+        #: connection is :class:`RoomUnavailable`, not a drop to recover from)
+        self._started = False
         self._closed: RoomClosed | None = None
 
     # -- the caller's side ----------------------------------------------------------------
@@ -251,7 +261,7 @@ class Room:
             while True:
                 self._welcomed_at = None
                 code, reason = await self._connect(http, task_status)
-                if self._welcomed_at is None and not self._resume:
+                if not self._started:
                     self._finish(RoomUnavailable(code, reason))
                     raise RoomUnavailable(code, reason)
                 if code not in RETRYABLE or not self._reconnect:
@@ -307,8 +317,8 @@ class Room:
             frame = await ws.receive_text()
             for line in frame.split("\n") if split else (frame,):
                 event = parse_event(orjson.loads(line), line)
-                if await self._handle(ws, event) and not self._resume:
-                    self._resume = True  # from now on every connection resumes
+                if await self._handle(ws, event) and not self._started:
+                    self._started = self._resume = True  # from now on every connection resumes
                     task_status.started()
 
     async def _handle(self, ws: AsyncWebSocketSession, event: Event | Ack) -> bool:
@@ -317,13 +327,11 @@ class Room:
             self._settle(event.id, seq=event.seq)
             return False
         if isinstance(event, Welcome):
-            if not self._resume:
-                self.seq = event.seq  # nothing to replay: start at the room's latest
-            self.epoch = event.epoch
-            self._replay_until = event.seq
-            self._welcomed_at = anyio.current_time()
+            self._welcome(event)
         elif isinstance(event, HistoryGap):
+            event = replace(event, restarted=event.restarted or self._restarted)
             self.seq = event.first - 1  # the replay starts at the first message kept
+            self._gap_expected = False
         elif isinstance(event, Message):
             if event.seq <= self.seq:
                 self.duplicates += 1
@@ -332,12 +340,25 @@ class Room:
             if event.id is not None:
                 self._settle(event.id, seq=event.seq)
         elif isinstance(event, Error) and event.id in self._pending:
-            self._settle(event.id, error=MessageRefused(event.code, event.message))
+            self._settle(event.id, error=MessageRefused(event.code, event.message, event.raw))
             return False
         await self._events_in.send(event)
-        if self._replay_until is not None and self.seq >= self._replay_until:
+        until = self._replay_until
+        if until is not None and not self._gap_expected and self.seq >= until:
             await self._caught_up(ws)
         return isinstance(event, Welcome)
+
+    def _welcome(self, welcome: Welcome) -> None:
+        """A connection's first event: where its replay ends, and whether it resumes a run
+        of the room's sequence that is over (the server then sends ``history_gap`` first)."""
+        if not self._resume:
+            self.seq = welcome.seq  # nothing to replay: start at the room's latest
+        new_epoch = self.epoch is not None and self.epoch != welcome.epoch
+        self._restarted = self._resume and (new_epoch or self.seq > welcome.seq)
+        self._gap_expected = self._restarted
+        self.epoch = welcome.epoch
+        self._replay_until = welcome.seq
+        self._welcomed_at = anyio.current_time()
 
     async def _keep_token_fresh(self, ws: AsyncWebSocketSession) -> None:
         """Before the token expires, fetch a new one and send it in-band (``refresh``,
