@@ -39,7 +39,10 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
+from wsproto.events import CloseConnection
 from wsproto.extensions import PerMessageDeflate
+
+from roomcast.launcher.hardening import CLOSE_TIMEOUT
 
 from chatters import Chatter, reset
 from rawws import deflated, open_raw_websocket
@@ -65,8 +68,10 @@ def client_frame(
     first = 0x80 | (0x40 if compressed else 0) | opcode
     if length < 126:
         header = struct.pack("!BB", first, (0x80 if masked else 0) | length)
-    else:
+    elif length < 65536:
         header = struct.pack("!BBH", first, (0x80 if masked else 0) | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, (0x80 if masked else 0) | 127, length)
     if not masked:
         return header + payload
     mask = os.urandom(4)
@@ -167,11 +172,13 @@ SERVING = [
 
 
 @contextmanager
-def serve(serving: Serving, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+def serve(
+    serving: Serving, request: pytest.FixtureRequest, **settings: str
+) -> Iterator[ServerProcess]:
     """Start ``serving`` (more than one worker share rooms through a real Redis) and wait
     until every worker has hardened Hypercorn, so every connection meets the mended
-    classes."""
-    env = {"ROOMCAST_RATE_LIMIT": "0"}
+    classes. ``settings``: more ``ROOMCAST_*`` variables."""
+    env = {"ROOMCAST_RATE_LIMIT": "0", **settings}
     if serving.workers > 1:
         env["ROOMCAST_REDIS_URL"] = request.getfixturevalue("redis_server").url
     args = [*serving.args, "--workers", str(serving.workers)]
@@ -275,6 +282,49 @@ def test_ten_deflate_bombs_at_once_stay_within_64_mb(
         assert rise < BOMB_RSS_BUDGET, f"peak RSS rose {rise / 2**20:.1f} MiB"
         assert len(said) >= 1 and said == list(range(said[0], said[0] + len(said)))
         alive(server, bystanders, [worker])
+
+
+# -- a peer that ignores the server's close --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "serving",
+    [
+        pytest.param(LAUNCHER_1, id="python-m-roomcast-1"),
+        pytest.param(Serving("hypercorn"), id="hypercorn-config-1"),
+        pytest.param(HYPERCORN_ASYNCIO_1, id="hypercorn-asyncio-1"),
+    ],
+)
+def test_a_peer_that_ignores_the_servers_close_leaves_its_room(
+    serving: Serving, bystanders: list[Chatter], request: pytest.FixtureRequest
+) -> None:
+    """A message over the size limit gets 1009 from Hypercorn, which then waits for the
+    peer's answer. This peer never answers and keeps its socket: within the close timeout
+    it is dropped, and the room hears it leave (the app learnt of it)."""
+    with serve(serving, request, ROOMCAST_PRESENCE_GRACE="0") as server:
+        watcher = Chatter.join(server.port, "ignored", "watcher")
+        bystanders.append(watcher)
+        zombie = open_raw_websocket(server.port, "/ws/chat?room=ignored&name=zombie")
+        try:
+            assert json.loads(zombie.next_message())["type"] == "welcome"
+            while watcher.next_event().get("count") != 2:
+                pass
+            zombie.sock.sendall(client_frame(0x1, b"x" * 70_000))
+            while not isinstance(event := zombie.next_event(), CloseConnection):
+                pass  # a ping, perhaps: never answered
+            assert event.code == 1009
+            closed = time.monotonic()
+            watcher.ws.sock.settimeout(CLOSE_TIMEOUT + 10)
+            while (notice := watcher.next_event()).get("event") != "leave":
+                pass
+            took = time.monotonic() - closed
+            assert notice["name"] == "zombie" and notice["count"] == 1
+            assert CLOSE_TIMEOUT - 0.5 <= took <= CLOSE_TIMEOUT + 3, took
+            zombie.sock.settimeout(5)
+            assert zombie.sock.recv(1) == b""  # the server closed the socket too
+        finally:
+            zombie.sock.close()
+        alive(server, bystanders, server.workers())
 
 
 # -- a seeded handshake fuzz -------------------------------------------------------------

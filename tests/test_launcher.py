@@ -278,6 +278,75 @@ class TestHypercornInternals:
         assert "self.protocol_send," in source  # the protocol sends through the bound method
         assert list(inspect.signature(TaskGroup.spawn).parameters) == ["self", "func", "args"]
 
+    # -- what roomcast.launcher.hardening replaces, under plain Hypercorn too --------------
+
+    def test_worker_serve_builds_its_handler_from_the_module_after_the_lifespan_started(
+        self,
+    ) -> None:
+        """``install`` runs in lifespan startup and replaces ``hypercorn.trio.run.TCPServer``
+        and ``hypercorn.asyncio.run.TCPServer``: each worker loop must look the name up
+        after ``wait_for_startup``, and call it with the arguments the replacements take."""
+        from hypercorn.asyncio.run import worker_serve as asyncio_serve
+        from hypercorn.trio.run import worker_serve as trio_serve
+
+        source = inspect.getsource(trio_serve)
+        handler = re.search(r"partial\(\s*TCPServer,\s*app,\s*config,\s*context,", source)
+        assert handler is not None
+        assert source.index("await lifespan.wait_for_startup()") < handler.start()
+        source = inspect.getsource(asyncio_serve)
+        assert source.index("await lifespan.wait_for_startup()") < source.index("TCPServer(")
+        assert "TCPServer(app, loop, config, context, lifespan_state, reader, writer)" in source
+
+    def test_the_protocols_make_websocket_streams_by_module_global(self) -> None:
+        from hypercorn.protocol.h2 import H2Protocol
+        from hypercorn.protocol.h11 import H11Protocol
+        from hypercorn.protocol.ws_stream import Handshake
+
+        assert "self.stream = WSStream(" in inspect.getsource(H11Protocol._create_stream)
+        assert "= WSStream(" in inspect.getsource(H2Protocol._create_stream)
+        assert "[PerMessageDeflate()]" in inspect.getsource(Handshake.accept)
+
+    def test_the_websocket_stream_has_what_closing_ws_stream_extends(self) -> None:
+        """``ClosingWSStream`` hooks ``_send_wsproto_event`` (every frame the server sends,
+        close frames included), ``_accept`` (where the negotiated extensions appear), and
+        ends a stream by sending ``StreamClosed``, which tells the app and closes."""
+        from hypercorn.protocol.h11 import H11Protocol
+        from hypercorn.protocol.ws_stream import WSStream
+        from wsproto.connection import Connection
+
+        assert "self.connection.send(event)" in inspect.getsource(WSStream._send_wsproto_event)
+        accept = inspect.getsource(WSStream._accept)
+        assert "self.connection = self.handshake.accept(" in accept
+        handle = inspect.getsource(WSStream.handle)
+        assert '"websocket.disconnect"' in handle and "StreamClosed" in handle
+        assert "_close_stream()" in inspect.getsource(H11Protocol._maybe_recycle)
+        assert "self._proto = FrameProtocol(" in inspect.getsource(Connection.__init__)
+        # Hypercorn's own size check, which a bounded inflation leaves to answer 1009
+        handle_events = inspect.getsource(WSStream._handle_events)
+        assert "self.buffer.extend(event)" in handle_events
+        assert "CloseReason.MESSAGE_TOO_BIG" in handle_events
+
+    def test_per_message_deflate_has_what_the_bounded_one_overrides(self) -> None:
+        from wsproto.extensions import PerMessageDeflate
+
+        source = inspect.getsource(PerMessageDeflate)
+        for name in ("_inbound_compressed", "_inbound_is_compressible", "_decompressor"):
+            assert f"self.{name}" in source
+        payload = inspect.getsource(PerMessageDeflate.frame_inbound_payload_data)
+        assert "self._decompressor.decompress(bytes(data))" in payload
+
+    def test_the_hardening_is_installed_for_the_installed_hypercorn(self) -> None:
+        import hypercorn.protocol.h11
+        import hypercorn.trio.run
+
+        from roomcast.launcher import hardening
+
+        assert hardening.install(30.0)
+        assert hypercorn.protocol.h11.WSStream is hardening.ClosingWSStream  # type: ignore[attr-defined]
+        from roomcast.launcher.trio_server import ServedTCPServer
+
+        assert hypercorn.trio.run.TCPServer.func is ServedTCPServer  # type: ignore[attr-defined]
+
     def test_the_direct_write_path_is_on_for_the_installed_hypercorn(self) -> None:
         """Otherwise the worker quietly keeps Hypercorn's path (with a warning), and these
         checks no longer describe what runs."""

@@ -64,7 +64,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 from wsproto.events import Event as WSProtoEvent
 from wsproto.extensions import PerMessageDeflate
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
 from . import trio_write
 from .logs import configure_logging
@@ -89,7 +89,7 @@ log = logging.getLogger("roomcast.hardening")
 
 
 class BoundedPerMessageDeflate(PerMessageDeflate):
-    """wsproto's permessage-deflate, inflating each message at most
+    """wsproto's permessage-deflate, inflating each message at most about
     ``INFLATE_FACTOR * max_message_size`` bytes.
 
     Once a message reaches that bound the rest of it is not inflated at all: its frames'
@@ -102,10 +102,20 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
         super().__init__(*args, **kwargs)
         self.max_message_size = DEFAULT_MAX_MESSAGE_SIZE
         self._inflated = 0  # bytes of the current message so far
+        self._inbound_text = False
 
     @property
     def _budget(self) -> int:
-        return INFLATE_FACTOR * self.max_message_size
+        # n bytes of UTF-8 hold at least (n - 3) / 4 whole characters (at most 3 bytes of a
+        # character can wait for the rest): this many always exceed the limit, text or not
+        return INFLATE_FACTOR * (self.max_message_size + 1) + 3
+
+    def frame_inbound_header(
+        self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, payload_length: int
+    ) -> CloseReason | RsvBits:
+        if opcode in (Opcode.TEXT, Opcode.BINARY):  # a message's first frame
+            self._inbound_text = opcode is Opcode.TEXT
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
 
     def frame_inbound_payload_data(
         self, proto: FrameDecoder | FrameProtocol, data: bytes
@@ -121,6 +131,10 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
         except zlib.error:
             return CloseReason.INVALID_FRAME_PAYLOAD_DATA
         self._inflated += len(inflated)
+        if self._inflated >= self._budget and self._inbound_text:
+            # cut on a character: a dangling part would fail the message as invalid UTF-8
+            # (1007, and no close frame) before Hypercorn's size check could answer 1009
+            return _whole_characters(inflated)
         return inflated
 
     def frame_inbound_complete(
@@ -134,6 +148,16 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
             self._inbound_compressed = None  # its rest was dropped: nothing to flush
             return None
         return super().frame_inbound_complete(proto, fin)
+
+
+def _whole_characters(utf8: bytes) -> bytes:
+    """``utf8`` less a character cut short at its end (up to 3 bytes of one)."""
+    for back in range(1, min(4, len(utf8)) + 1):
+        byte = utf8[-back]
+        if byte & 0xC0 != 0x80:  # not a continuation byte: where the last character starts
+            length = 1 if byte < 0x80 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return utf8 if length <= back else utf8[:-back]
+    return utf8
 
 
 class ClosingWSStream(WSStream):
