@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import os
 import signal
 import ssl
 import sys
@@ -31,12 +32,39 @@ from ..asgi import ASGIApp, Message, Receive, Scope, Send
 from . import trio_server
 from .logs import configure_logging
 
-__all__ = ["FAILED", "READY", "STARTUP_FAILED", "StartupReporter", "run_worker", "wait_for_stop"]
+__all__ = [
+    "FAILED",
+    "READY",
+    "STARTUP_FAILED",
+    "StartupReporter",
+    "load_app",
+    "run_worker",
+    "wait_for_stop",
+]
 
 READY: Final = b"ready"
 FAILED: Final = b"failed:"
 #: a worker's exit status when the app's lifespan startup failed (reported on the lifeline)
 STARTUP_FAILED: Final = 3
+
+
+def load_app(path: str) -> Any:
+    """The object ``MODULE:ATTR`` names, importable from the working directory as under
+    Hypercorn and uvicorn: ``roomcast --app myproject.asgi:app`` run from the folder that
+    holds ``myproject/`` (the console script, unlike ``python -m``, does not put it on
+    ``sys.path``). The master checks the app with it; each worker imports it with it.
+
+    :raises ValueError: if ``path`` is not ``MODULE:ATTR``
+    :raises ImportError: if the module cannot be imported
+    :raises AttributeError: if the module has no such attribute
+    """
+    module, _, attribute = path.partition(":")
+    if not module or not attribute:
+        raise ValueError("expected MODULE:ATTR, e.g. myproject.asgi:app")
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return getattr(importlib.import_module(module), attribute)
 
 
 class StartupReporter:
@@ -98,8 +126,7 @@ def run_worker(config: Config, sockets: Sockets, lifeline: Connection) -> None:
     # stops the workers through their lifelines.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging()
-    module, _, attribute = config.application_path.partition(":")
-    reporter = StartupReporter(getattr(importlib.import_module(module), attribute), lifeline)
+    reporter = StartupReporter(load_app(config.application_path), lifeline)
     app = wrap_app(reporter, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     shutdown_trigger = partial(wait_for_stop, lifeline)
     try:
