@@ -287,13 +287,15 @@ def spawn_server(
     config: str | None = None,
     nofile: int | None = None,
     timeout: float = 30.0,
+    cwd: str = ROOT,
 ) -> Iterator[ServerProcess]:
     """Run a serving command of :data:`COMMANDS` (``hypercorn=True`` for plain Hypercorn)
     on ``host:port`` with the repository's hypercorn.toml (or ``config``; ``""``: none, so
     Hypercorn's defaults) and wait until
     every worker serves; the whole process group is killed on exit if still running.
 
-    ``nofile`` sets the command's soft and hard open-file limit (``ulimit -n``).
+    ``nofile`` sets the command's soft and hard open-file limit (``ulimit -n``); ``cwd``
+    is its working directory.
     """
     bind = f"{host}:{port}"
     config = os.path.join(ROOT, "hypercorn.toml") if config is None else config
@@ -310,7 +312,7 @@ def spawn_server(
 
     process = subprocess.Popen(
         argv,
-        cwd=ROOT,
+        cwd=cwd,
         env=full_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

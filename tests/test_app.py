@@ -64,12 +64,28 @@ class TestHTTP:
         ):
             assert line in text
 
-    @pytest.mark.parametrize("path", ["/nope", "/static/../app.py", "/ws/chat", "/healthz/x"])
+    @pytest.mark.parametrize("path", ["/nope", "/static/../app.py", "/ws/chatx", "/healthz/x"])
     async def test_anything_else_is_404(self, client: ASGIClient, path: str) -> None:
         response = await client.get(path)
         assert (response.status, response.body) == (404, b"Not Found")
         assert response.headers["content-type"].startswith("text/plain")
         assert response.headers["content-length"] == "9"
+
+    @pytest.mark.parametrize("path", ["/ws/chat", "/ws/echo", "/ws/binary"])
+    async def test_a_websocket_endpoint_over_plain_http_is_426(
+        self, client: ASGIClient, path: str
+    ) -> None:
+        response = await client.get(f"{path}?room=lobby")
+        assert response.status == 426
+        assert response.headers["upgrade"] == "websocket"
+        assert response.headers["content-type"] == "text/plain; charset=utf-8"
+        assert int(response.headers["content-length"]) == len(response.body)
+        assert response.body.decode() == (
+            f"Upgrade Required: {path} is a WebSocket endpoint; connect with ws://\n"
+        )
+        head = await client.get(path, method="HEAD")
+        assert (head.status, head.body) == (426, b"")
+        assert head.headers["content-length"] == response.headers["content-length"]
 
     async def test_head_and_wrong_method(self, client: ASGIClient) -> None:
         head = await client.get("/healthz", method="HEAD")

@@ -2,7 +2,9 @@
 
 A worker that dies is replaced while the others serve on; the master's death ends its
 workers; SIGTERM/SIGINT end everything with 1001 and status 0; a server that cannot start
-says why in one line and exits non-zero; one ``/metrics`` scrape counts every worker.
+says why in one line and exits non-zero (a bad flag or setting, or several workers without
+Redis: 2); one ``/metrics`` scrape counts every worker. Several workers share rooms only
+through Redis, so the tests with two run with a ``redis-server`` of their own.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pytest
 
 from chatters import Chatter, owner_of
-from servers import ROOT, ServerProcess, spawn_server
+from redis_server import RedisServer
+from servers import COMMANDS, ROOT, ServerProcess, spawn_server
 
 GRACEFUL = "1"
 
@@ -48,22 +52,29 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str) -> fl
 
 
 def spread(server: ServerProcess, chatters: list[Chatter], room: str) -> dict[int, list[Chatter]]:
-    """Join chatters until every worker has at least two; returns them by worker pid."""
+    """Join chatters until every worker has at least two; returns them by worker pid.
+
+    They join four at a time: one after the other, each waiting for its welcome, the
+    kernel can hand every connection to the same idle worker."""
     workers = server.workers()
     by_worker: dict[int, list[Chatter]] = {pid: [] for pid in workers}
-    for i in range(60):
-        chatter = Chatter.join(server.port, room, f"c{i}")
-        chatters.append(chatter)
-        owner = owner_of(workers, chatter.local_address())
-        assert owner is not None
-        by_worker[owner].append(chatter)
-        if all(len(group) >= 2 for group in by_worker.values()):
-            return by_worker
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for batch in range(15):
+            names = [f"c{batch}-{i}" for i in range(4)]
+            for chatter in pool.map(lambda name: Chatter.join(server.port, room, name), names):
+                chatters.append(chatter)
+                owner = owner_of(workers, chatter.local_address())
+                assert owner is not None
+                by_worker[owner].append(chatter)
+            if all(len(group) >= 2 for group in by_worker.values()):
+                return by_worker
     raise AssertionError(f"60 clients never reached every worker: {by_worker}")
 
 
-def test_a_killed_worker_is_replaced_while_the_other_serves_on(chatters: list[Chatter]) -> None:
-    env = {"ROOMCAST_RATE_LIMIT": "0"}
+def test_a_killed_worker_is_replaced_while_the_other_serves_on(
+    chatters: list[Chatter], redis_server: RedisServer
+) -> None:
+    env = {"ROOMCAST_RATE_LIMIT": "0", "ROOMCAST_REDIS_URL": redis_server.url}
     with spawn_server(["--workers", "2"], env=env) as server:
         by_worker = spread(server, chatters, "r")
         victim, survivor = list(by_worker)
@@ -95,8 +106,11 @@ def test_a_killed_worker_is_replaced_while_the_other_serves_on(chatters: list[Ch
         assert server.process.poll() is None
 
 
-def test_the_masters_death_ends_its_workers_and_frees_the_port(chatters: list[Chatter]) -> None:
-    with spawn_server(["--workers", "2", "--graceful-timeout", GRACEFUL]) as server:
+def test_the_masters_death_ends_its_workers_and_frees_the_port(
+    chatters: list[Chatter], redis_server: RedisServer
+) -> None:
+    env = {"ROOMCAST_REDIS_URL": redis_server.url}
+    with spawn_server(["--workers", "2", "--graceful-timeout", GRACEFUL], env=env) as server:
         spread(server, chatters, "r")
         workers = server.workers()
         os.kill(server.process.pid, signal.SIGKILL)
@@ -114,9 +128,10 @@ def test_the_masters_death_ends_its_workers_and_frees_the_port(chatters: list[Ch
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_gives_every_client_1001_and_status_0(
-    sig: int, chatters: list[Chatter]
+    sig: int, chatters: list[Chatter], redis_server: RedisServer
 ) -> None:
-    with spawn_server(["--workers", "2", "--graceful-timeout", GRACEFUL]) as server:
+    env = {"ROOMCAST_REDIS_URL": redis_server.url}
+    with spawn_server(["--workers", "2", "--graceful-timeout", GRACEFUL], env=env) as server:
         spread(server, chatters, "r")
         workers = server.workers()
         server.terminate(sig)
@@ -126,8 +141,10 @@ def test_a_stop_signal_gives_every_client_1001_and_status_0(
         assert not any(psutil.pid_exists(pid) for pid in workers)
 
 
-def test_one_metrics_scrape_counts_every_workers_connections(chatters: list[Chatter]) -> None:
-    with spawn_server(["--workers", "2"]) as server:
+def test_one_metrics_scrape_counts_every_workers_connections(
+    chatters: list[Chatter], redis_server: RedisServer
+) -> None:
+    with spawn_server(["--workers", "2"], env={"ROOMCAST_REDIS_URL": redis_server.url}) as server:
         by_worker = spread(server, chatters, "r")
         assert all(len(group) < len(chatters) for group in by_worker.values())
 
@@ -211,6 +228,120 @@ def test_uvloop_missing_fails_startup_in_one_line(tmp_path: Path) -> None:
     )
     assert status == 2
     assert lines == ["roomcast: --worker-class uvloop needs uvloop: pip install 'roomcast[uvloop]'"]
+
+
+def run_command(
+    command: str, args: list[str], env: dict[str, str] | None = None, cwd: str = ROOT
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMANDS[command], *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+SPLIT_ROOMS = (
+    "needs ROOMCAST_REDIS_URL: with the in-process broker each worker would hold its own rooms"
+)
+
+
+@pytest.mark.parametrize(
+    ("command", "args"),
+    [
+        ("roomcast", ["--workers", "2"]),
+        ("python -m roomcast", ["-w", "3"]),
+        ("roomcast", ["--app", "mounted:app", "--workers", "2"]),
+        ("scripts/run", ["--workers", "2"]),
+    ],
+    ids=["roomcast", "python-m-roomcast", "app", "scripts-run"],
+)
+def test_several_workers_without_redis_are_refused_in_one_line(
+    command: str, args: list[str]
+) -> None:
+    """Each worker would keep rooms of its own, and the kernel spreads a room's members
+    over them: refused at startup, saying what to set, instead of a silently split room."""
+    env = {"ROOMCAST_REDIS_URL": "", "PYTHONPATH": str(Path(__file__).parent)}
+    result = run_command(command, ["--bind", f"127.0.0.1:{free_port()}", *args], env)
+    workers = args[args.index("--workers" if "--workers" in args else "-w") + 1]
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"roomcast: cannot start: --workers {workers} {SPLIT_ROOMS}"
+    ]
+
+
+def test_several_workers_from_the_config_file_without_redis_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "hypercorn.toml"
+    config.write_text('bind = ["127.0.0.1:0"]\nworkers = 2\n')
+    result = run_command("roomcast", ["--config", str(config)], {"ROOMCAST_REDIS_URL": ""})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"roomcast: cannot start: workers = 2 (config file) {SPLIT_ROOMS}"
+    ]
+
+
+def _config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    return str(path)
+
+
+#: (id, arguments, the start of the one line on stderr); ``{tmp}`` is the test's tmp_path
+BAD_INVOCATIONS = [
+    ("port-too-big", ["--bind", "127.0.0.1:80800"], "roomcast: bind '127.0.0.1:80800': port"),
+    ("port-negative", ["--bind", "127.0.0.1:-1"], "roomcast: bind '127.0.0.1:-1': expected"),
+    ("no-port", ["--bind", "127.0.0.1"], "roomcast: bind '127.0.0.1': expected HOST:PORT"),
+    ("bad-host", ["--bind", "256.0.0.1:8000"], "roomcast: cannot listen on 256.0.0.1:8000: "),
+    ("bad-fd", ["--bind", "fd://x"], "roomcast: bind 'fd://x': expected HOST:PORT or fd://N"),
+    ("closed-fd", ["--bind", "fd://987"], "roomcast: cannot listen on fd://987: "),
+    ("workers-0", ["--workers", "0"], "roomcast: --workers 0: at least 1 worker is needed"),
+    ("workers-x", ["--workers", "x"], "roomcast: argument -w/--workers: invalid int value"),
+    ("timeout-negative", ["--graceful-timeout", "-1"], "roomcast: --graceful-timeout -1: "),
+    ("timeout-nan", ["--graceful-timeout", "nan"], "roomcast: --graceful-timeout nan: "),
+    ("timeout-x", ["--graceful-timeout", "x"], "roomcast: argument --graceful-timeout: "),
+    ("worker-class", ["-k", "gevent"], "roomcast: argument -k/--worker-class: invalid choice"),
+    ("unknown-flag", ["--frobnicate"], "roomcast: unrecognized arguments: --frobnicate"),
+    ("flag-without-value", ["--bind"], "roomcast: argument -b/--bind: expected one argument"),
+    ("app-module", ["--app", "nowhere:app"], "roomcast: --app nowhere:app: No module named"),
+    ("app-attribute", ["--app", "roomcast.app:nope"], "roomcast: --app roomcast.app:nope: "),
+    ("app-no-colon", ["--app", "roomcast.app"], "roomcast: --app roomcast.app: expected MODULE"),
+    ("config-missing", ["--config", "{tmp}/nope.toml"], "roomcast: --config {tmp}/nope.toml: No"),
+    ("config-not-toml", ["--config", "{tmp}/bad.toml"], "roomcast: --config {tmp}/bad.toml: not"),
+    ("config-workers-text", ["--config", "{tmp}/workers.toml"], "roomcast: workers = 'two'"),
+    ("config-worker-class", ["--config", "{tmp}/class.toml"], "roomcast: worker_class 'gevent'"),
+    ("config-bind-number", ["--config", "{tmp}/bind.toml"], "roomcast: bind 8000: expected"),
+    ("config-timeout-text", ["--config", "{tmp}/timeout.toml"], "roomcast: graceful_timeout = "),
+    ("config-certfile", ["--config", "{tmp}/tls.toml"], "roomcast: certfile/keyfile: "),
+    ("config-half-tls", ["--config", "{tmp}/half-tls.toml"], "roomcast: certfile and keyfile"),
+    ("setting", ["--bind", "127.0.0.1:0"], "roomcast: ROOMCAST_RATE_LIMIT='fast'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "line"), [case[1:] for case in BAD_INVOCATIONS], ids=[c[0] for c in BAD_INVOCATIONS]
+)
+def test_a_bad_flag_or_setting_is_one_line_and_status_2(
+    args: list[str], line: str, tmp_path: Path
+) -> None:
+    (tmp_path / "bad.toml").write_text("workers = \n")
+    (tmp_path / "workers.toml").write_text('workers = "two"\n')
+    (tmp_path / "class.toml").write_text('worker_class = "gevent"\n')
+    (tmp_path / "bind.toml").write_text("bind = 8000\n")
+    (tmp_path / "timeout.toml").write_text('graceful_timeout = "soon"\n')
+    (tmp_path / "tls.toml").write_text(f'certfile = "{tmp_path}/no.pem"\nkeyfile = "k.pem"\n')
+    (tmp_path / "half-tls.toml").write_text(f'certfile = "{tmp_path}/no.pem"\n')
+    env = {"ROOMCAST_RATE_LIMIT": "fast"} if line.startswith("roomcast: ROOMCAST_") else {}
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    if not any("bind" in arg for arg in args):  # (bind.toml's bind is the case)
+        args.append("--bind=127.0.0.1:0")  # never the default port, should a case serve
+    result = run_command("roomcast", args, env)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(line.replace("{tmp}", str(tmp_path))), lines[0]
 
 
 # -- the Hypercorn internals roomcast.launcher builds on -------------------------------------

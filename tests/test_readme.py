@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
+import pytest
+
+from roomcast.client import Message, open_room
+
 from servers import ROOT, spawn_server
 
 KEY = "change-me"  # the key the README's examples use
@@ -56,3 +61,27 @@ def test_the_backend_examples_work_as_written() -> None:
             )
             assert result.returncode == 0, f"{line}\n{result.stderr}"
             assert result.stdout.strip(), line
+
+
+@pytest.mark.anyio
+async def test_the_launcher_serves_the_mounting_example_from_the_project_folder(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """The mounting example ("Inside an existing app") saved as ``myproject/asgi.py``,
+    served with ``roomcast --app myproject.asgi:app`` from the folder holding
+    ``myproject/``, with nothing on PYTHONPATH, as Hypercorn and uvicorn would serve it."""
+    (mounting,) = [code for code in examples("python") if 'Mount("/chat"' in code]
+    package = tmp_path / "myproject"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "asgi.py").write_text(mounting)
+    env = {"PYTHONPATH": ""}
+    args = ["--app", "myproject.asgi:app"]
+    with spawn_server(args, command="roomcast", cwd=str(tmp_path), env=env) as server:
+        with anyio.fail_after(20):
+            async with open_room(server.url("/chat"), "lobby", name="ada") as room:
+                seq = await room.send("hello from myproject")
+                async for event in room:
+                    if isinstance(event, Message) and event.seq == seq:
+                        assert event.text == "hello from myproject"
+                        break

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
 import pytest
 from wsproto.events import CloseConnection, Ping, TextMessage
 
-from rawws import open_raw_websocket
-from servers import spawn_server
+from roomcast.identity import mint_token
+
+from rawws import RawWebSocket, open_raw_websocket
+from servers import ServerProcess, spawn_server
 
 GRACEFUL = 1
+SECRET = "a-secret-for-the-shutdown-tests-32b"
 
 
 @pytest.mark.parametrize("hypercorn", [False, True], ids=["python-m-roomcast", "hypercorn"])
@@ -65,3 +69,69 @@ def test_a_client_away_at_shutdown_gets_its_backlog_whole_then_1001(hypercorn: b
         assert seqs == list(range(1, len(seqs) + 1))
         assert seqs, "nothing reached the client before the close frame"
         assert server.process.wait(timeout=GRACEFUL + 5) == 0
+
+
+def _open_clients(server: ServerProcess, signed: bool) -> list[RawWebSocket]:
+    """Chat members in two rooms (with signed tokens: two of one user, all having
+    refreshed their token once), plus an echo client; each has had its welcome."""
+    chat = []
+    for i in range(4):
+        query = f"/ws/chat?room=r{i % 2}"
+        token = mint_token(SECRET, sub=f"u{i // 2}", ttl=600) if signed else None
+        ws = open_raw_websocket(server.port, query + (f"&token={token}" if token else ""))
+        assert json.loads(ws.next_message())["type"] == "welcome"
+        if token is not None:
+            fresh = mint_token(SECRET, sub=f"u{i // 2}", ttl=900)
+            ws.send_text(json.dumps({"type": "refresh", "token": fresh}))
+        ws.send_text(json.dumps({"text": f"hello {i}", "id": f"m{i}"}))
+        chat.append(ws)
+    echo_query = f"/ws/echo?token={mint_token(SECRET, sub='e', ttl=600)}" if signed else "/ws/echo"
+    echo = open_raw_websocket(server.port, echo_query)
+    echo.send_text("ping")
+    assert echo.next_message() == "Echo: ping"
+    return [*chat, echo]
+
+
+STOPS = [
+    pytest.param(worker_class, sig, target, signed, clients, id="-".join(parts))
+    for worker_class in ("trio", "asyncio")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for target in ("master", "group")
+    for signed, clients in ((True, True), (False, True), (True, False))
+    for parts in [
+        [
+            worker_class,
+            f"{sig.name}-to-{target}",
+            "signed" if signed else "anonymous",
+            "clients" if clients else "idle",
+        ]
+    ]
+]
+
+
+@pytest.mark.parametrize(("worker_class", "sig", "target", "signed", "clients"), STOPS)
+def test_every_stop_path_ends_cleanly(
+    worker_class: str, sig: signal.Signals, target: str, signed: bool, clients: bool
+) -> None:
+    """SIGTERM, SIGINT or SIGHUP, to the master (``kill``) or its whole process group (a
+    terminal's Ctrl-C or hang-up, ``kill %1``, a service manager), with or without
+    connected clients, with or without signed tokens: every client gets 1001, the
+    command exits 0 within the graceful period (and a margin), and the log has no error,
+    no traceback and no worker that had to be killed."""
+    env = {"ROOMCAST_JWT_SECRET": SECRET} if signed else {}
+    args = ["--graceful-timeout", str(GRACEFUL), "-k", worker_class]
+    with spawn_server(args, env=env) as server:
+        connected = _open_clients(server, signed) if clients else []
+        started = time.monotonic()
+        if target == "group":
+            os.killpg(server.process.pid, sig)
+        else:
+            server.terminate(sig)
+        for ws in connected:
+            code, reason, _ = ws.read_until_close()
+            assert (code, reason) == (1001, "server shutting down")
+        assert server.process.wait(timeout=GRACEFUL + 8) == 0, server.text
+        assert time.monotonic() - started < GRACEFUL + 5
+        log = server.text
+        assert "has not stopped" not in log and "Traceback" not in log, log
+        assert "[ERROR]" not in log, log

@@ -262,6 +262,9 @@ async def _http(runtime: Runtime, scope: Scope, receive: Receive, send: Send) ->
         location = (scope.get("root_path", "") + "/").encode()
         await respond(send, 308, b"", "text/plain", headers=[(b"location", location)])
         return
+    if path in WEBSOCKET_ROUTES:
+        await _upgrade_required(scope, send, head=method == "HEAD")
+        return
     if path == "/":
         path = "/static/index.html"
     known = path in ("/healthz", "/metrics") or path.removeprefix("/static/") in runtime.static
@@ -278,6 +281,21 @@ async def _http(runtime: Runtime, scope: Scope, receive: Receive, send: Send) ->
     else:
         body, content_type, status = _get(runtime, path)
         await respond(send, status, body, content_type, head=method == "HEAD")
+
+
+async def _upgrade_required(scope: Scope, send: Send, *, head: bool) -> None:
+    """A WebSocket endpoint asked for over plain HTTP (a browser's address bar, curl):
+    426 with ``Upgrade: websocket`` (RFC 9110 §15.5.22) and a line saying so, where a
+    bare 404 would suggest a wrong path."""
+    body = f"Upgrade Required: {scope['path']} is a WebSocket endpoint; connect with ws://\n"
+    await respond(
+        send,
+        426,
+        body.encode(),
+        "text/plain; charset=utf-8",
+        head=head,
+        headers=[(b"upgrade", b"websocket")],
+    )
 
 
 def _get(runtime: Runtime, path: str) -> tuple[bytes, str, int]:

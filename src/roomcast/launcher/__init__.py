@@ -13,11 +13,13 @@ and hands them to every worker. See each module for why it exists.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
+import math
 import os
 import socket
 import sys
+import tomllib
+from typing import NoReturn
 
 from hypercorn.config import Config, Sockets
 
@@ -25,8 +27,9 @@ from ..settings import Settings, SettingsError
 from .logs import configure_logging
 from .sockets import bind_socket, raise_open_file_limit
 from .supervisor import StartupFailed, Supervisor
+from .worker import load_app
 
-__all__ = ["build_config", "main"]
+__all__ = ["UsageError", "build_config", "main"]
 
 DEFAULT_CONFIG = "hypercorn.toml"
 DEFAULT_APP = "roomcast.app:app"
@@ -36,8 +39,21 @@ USAGE_ERROR = 2
 log = logging.getLogger("roomcast.launcher")
 
 
+class UsageError(ValueError):
+    """A command line or configuration the launcher cannot serve; the message says why."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad command line is a :class:`UsageError` (one line from
+    :func:`main`) instead of a usage block and an exit from inside the parser."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see roomcast --help)")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    """:raises UsageError: for an unknown flag or a value of the wrong kind"""
+    parser = _Parser(
         prog="roomcast",
         description="Serve roomcast with Hypercorn (settings: ROOMCAST_* environment variables).",
         epilog="other commands (each with --help):\n"
@@ -68,9 +84,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> Config:
+    """Hypercorn's config: the TOML file (or built-in defaults), then the flags on top.
+
+    :raises UsageError: if the config file cannot be read or parsed
+    """
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
     if path is not None:
-        config = Config.from_toml(path)
+        try:
+            config = Config.from_toml(path)
+        except OSError as exc:
+            raise UsageError(f"--config {path}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"--config {path}: not valid TOML: {exc}") from None
     else:
         config = Config()
         config.bind = ["127.0.0.1:8000"]
@@ -95,20 +120,21 @@ def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (0); 1 if the server cannot start, 2 for a bad command
     line or setting. Every failure to start is one line on stderr naming the cause."""
     configure_logging()
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
         settings = Settings.from_env()
         config = build_config(args)
-        _check(config)
+        _check(config, args)
+        _check_broker(config, args, settings)
     except (SettingsError, ValueError, OSError) as exc:
         return _fail(str(exc), USAGE_ERROR)
-    before, after = raise_open_file_limit()
-    if after != before:
-        log.info("raised the open-file limit from %d to %d", before, after)
     try:
         sockets = open_sockets(config, settings.send_timeout)
     except (OSError, ValueError) as exc:
         return _fail((exc.strerror if isinstance(exc, OSError) else None) or str(exc), USAGE_ERROR)
+    before, after = raise_open_file_limit()  # after any usage error: its line is the only one
+    if after != before:
+        log.info("raised the open-file limit from %d to %d", before, after)
     try:
         return Supervisor(config, sockets, workers=config.workers).run()
     except StartupFailed as exc:
@@ -136,31 +162,75 @@ def open_sockets(config: Config, send_timeout: float) -> Sockets:
         for sock in opened:
             sock.close()
         raise
+    if (config.certfile is None) != (config.keyfile is None):
+        raise UsageError("certfile and keyfile: set both for TLS, or neither")
     if config.ssl_enabled:
         return Sockets(opened[: len(config.bind)], opened[len(config.bind) :], [])
     return Sockets([], opened, [])
 
 
-def _check(config: Config) -> None:
-    """:raises ValueError: for a configuration the launcher cannot serve"""
-    if config.workers < 1:
-        raise ValueError(f"--workers {config.workers}: at least 1 worker is needed")
-    module, _, attribute = config.application_path.partition(":")
+def _check(config: Config, args: argparse.Namespace) -> None:
+    """:raises UsageError: for a configuration the launcher cannot serve (a value from
+    the config file is named by its key, one from a flag by the flag)"""
+    workers = config.workers
+    if type(workers) is not int or workers < 1:
+        raise UsageError(f"{_named(args, 'workers', workers)}: at least 1 worker is needed")
+    timeout = config.graceful_timeout
+    if type(timeout) not in (int, float) or not math.isfinite(timeout) or timeout < 0:
+        raise UsageError(
+            f"{_named(args, 'graceful_timeout', timeout)}: expected seconds (0 or more)"
+        )
+    if not isinstance(config.bind, list) or not all(isinstance(b, str) for b in config.bind):
+        raise UsageError(f"bind {config.bind!r}: expected a list of HOST:PORT")
     try:
-        getattr(importlib.import_module(module), attribute)
+        load_app(config.application_path)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"--app {config.application_path}: {exc}") from None
+        raise UsageError(f"--app {config.application_path}: {exc}") from None
     if config.worker_class not in ("trio", "asyncio", "uvloop"):
-        raise ValueError(f"worker_class {config.worker_class!r}: expected trio, asyncio or uvloop")
+        raise UsageError(f"worker_class {config.worker_class!r}: expected trio, asyncio or uvloop")
     if config.worker_class == "uvloop":
         try:
             import uvloop  # noqa: F401
         except ImportError:
-            raise ValueError(
+            raise UsageError(
                 "--worker-class uvloop needs uvloop: pip install 'roomcast[uvloop]'"
             ) from None
     if config.quic_bind:
-        raise ValueError("quic_bind: roomcast serves HTTP/1.1 and HTTP/2 over TCP only")
+        raise UsageError("quic_bind: roomcast serves HTTP/1.1 and HTTP/2 over TCP only")
+    if (config.certfile is None) != (config.keyfile is None):
+        raise UsageError("certfile and keyfile: set both for TLS, or neither")
+    if config.ssl_enabled:
+        try:
+            config.create_ssl_context()
+        except OSError as exc:  # ssl.SSLError included
+            raise UsageError(f"certfile/keyfile: {exc.strerror or exc}") from None
+
+
+def _check_broker(config: Config, args: argparse.Namespace, settings: Settings) -> None:
+    """Several workers share rooms only through Redis: with the in-process broker each
+    would keep rooms of its own, and the kernel would spread one room's members over
+    them, each seeing part of the room. Refused rather than served split.
+
+    The settings are roomcast's from the environment, also when ``--app`` serves a host
+    app that mounts it.
+
+    :raises UsageError: for more than one worker without ``ROOMCAST_REDIS_URL``
+    """
+    if config.workers > 1 and settings.redis_url is None:
+        raise UsageError(
+            f"cannot start: {_named(args, 'workers', config.workers)} needs "
+            "ROOMCAST_REDIS_URL: with the in-process broker each worker would hold its "
+            "own rooms"
+        )
+
+
+def _named(args: argparse.Namespace, key: str, value: object) -> str:
+    """``--flag VALUE`` if the value came from the command line, else ``key = VALUE``
+    (from the config file)."""
+    if getattr(args, key) is not None:
+        shown = f"{value:g}" if isinstance(value, float) else value
+        return f"--{key.replace('_', '-')} {shown}"
+    return f"{key} = {value!r} (config file)"
 
 
 def _fail(message: str, status: int) -> int:

@@ -16,6 +16,7 @@ __all__ = ["bind_socket", "raise_open_file_limit", "set_send_timeout"]
 
 #: what to raise the soft limit to when the hard limit is "unlimited" (Linux's nr_open)
 UNLIMITED_FALLBACK = 1 << 20
+MAX_PORT = 65535
 
 
 def bind_socket(address: str, send_timeout: float, backlog: int) -> socket.socket:
@@ -30,13 +31,13 @@ def bind_socket(address: str, send_timeout: float, backlog: int) -> socket.socke
     :raises OSError: if the address cannot be bound (in use, not local, no permission)
     """
     if address.startswith("fd://"):
-        sock = socket.socket(fileno=int(address.removeprefix("fd://")))
+        fd = address.removeprefix("fd://")
+        if not fd.isdigit():
+            raise ValueError(f"bind {address!r}: expected HOST:PORT or fd://N")
+        sock = socket.socket(fileno=int(fd))
         host, port = "", 0
     else:
-        host, sep, port_text = address.rpartition(":")
-        if not sep or not port_text.isdigit():
-            raise ValueError(f"bind {address!r}: expected HOST:PORT or fd://N")
-        host, port = host.strip("[]") or "0.0.0.0", int(port_text)
+        host, port = _host_and_port(address)
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
         set_send_timeout(sock, send_timeout)
@@ -57,6 +58,20 @@ def set_send_timeout(sock: socket.socket | TransportSocket | SocketType, seconds
     listening socket, its accepted sockets inherit it on Linux."""
     if hasattr(socket, "TCP_USER_TIMEOUT"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+
+
+def _host_and_port(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` split (an empty host is every IPv4 address).
+
+    :raises ValueError: if there is no port, or it is not a TCP port number
+    """
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"bind {address!r}: expected HOST:PORT or fd://N")
+    port = int(port_text)
+    if port > MAX_PORT:
+        raise ValueError(f"bind {address!r}: port {port} is not in 0-{MAX_PORT}")
+    return host.strip("[]") or "0.0.0.0", port
 
 
 def raise_open_file_limit() -> tuple[int, int]:
