@@ -88,7 +88,6 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtim
     :raises BrokerUnavailable: if the configured Redis cannot be reached
     """
     settings = Settings.from_env() if settings is None else settings
-    _harden_hypercorn(settings)
     hub = Hub(
         outbox_size=settings.outbox_size,
         history_size=settings.history_size,
@@ -103,6 +102,7 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtim
     with gc_threshold(settings.gc_threshold):
         async with open_broker(settings, hub) as broker, anyio.create_task_group() as tg:
             runtime = Runtime(settings, hub, broker)
+            _harden_hypercorn(settings)  # after the broker: a failed startup logs one line only
             if runtime.shared_metrics is not None:
                 tg.start_soon(_share_metrics, runtime, runtime.shared_metrics)
             try:
