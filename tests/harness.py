@@ -17,8 +17,8 @@ import orjson
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from roomcast.app import STATE_KEY, Runtime
 from roomcast.asgi import ASGIApp
+from roomcast.runtime import STATE_KEY, Runtime
 
 Message = MutableMapping[str, Any]
 

@@ -33,8 +33,8 @@ import psutil
 import trio
 from hypercorn.config import Config
 
-from roomcast.app import STATE_KEY, Runtime
 from roomcast.asgi import ASGIApp, Receive, Scope, Send
+from roomcast.runtime import STATE_KEY, Runtime
 
 T = TypeVar("T")
 

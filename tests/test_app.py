@@ -12,9 +12,9 @@ import orjson
 import pytest
 
 from roomcast import Settings, create_app
-from roomcast.app import open_runtime
 from roomcast.identity import mint_token
 from roomcast.protocol import BATCH_SUBPROTOCOL, CloseCode
+from roomcast.runtime import open_runtime
 
 from harness import ASGIClient, Closed, Denied, open_asgi_client
 

@@ -53,7 +53,7 @@ from .brokers import BrokerUnavailable
 from .names import BadName, normalize_name
 
 if TYPE_CHECKING:
-    from .app import Runtime
+    from .runtime import Runtime
 
 __all__ = ["ApiError", "Publish", "handle", "parse_history_query", "parse_publish", "parse_user"]
 

@@ -27,7 +27,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .app import Runtime
+    from .runtime import Runtime
 
 __all__ = [
     "CONTENT_TYPE",
