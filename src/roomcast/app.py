@@ -36,6 +36,7 @@ from .connection import (
 )
 from .hub import NameTaken, RoomFull
 from .identity import Identity, TokenRejected
+from .multiroom import serve_rooms
 from .protocol import BadQuery, CloseCode
 from .runtime import STATE_KEY, Runtime, open_runtime
 from .settings import Settings
@@ -221,6 +222,26 @@ async def _chat(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> N
     )
 
 
+async def _rooms(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> None:
+    """``/ws``: protocol v2, a connection in no room until it joins some (SPEC §9)."""
+    name = None
+    if identity is not None:
+        name = identity.name
+    else:
+        try:
+            name = protocol.parse_chat_query(ws.scope.get("query_string", b"")).name
+        except BadQuery as exc:
+            await ws.close(CloseCode.BAD_REQUEST, exc.message)
+            return
+    credentials = None
+    if identity is not None and runtime.verifier is not None:
+        credentials = Credentials(runtime.verifier, identity)
+    batch = ws.subprotocol == protocol.BATCH_SUBPROTOCOL
+    await serve_rooms(
+        ws, runtime.broker, runtime.settings, name=name, batch=batch, credentials=credentials
+    )
+
+
 async def _echo(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> None:
     await serve_echo(ws)
 
@@ -230,6 +251,7 @@ async def _binary(runtime: Runtime, ws: WebSocket, identity: Identity | None) ->
 
 
 WEBSOCKET_ROUTES: Final[dict[str, Endpoint]] = {
+    "/ws": _rooms,
     "/ws/chat": _chat,
     "/ws/echo": _echo,
     "/ws/binary": _binary,
@@ -263,7 +285,8 @@ async def _admit(runtime: Runtime, ws: WebSocket) -> None:
         return
     endpoint = WEBSOCKET_ROUTES.get(path)
     offered = protocol.BATCH_SUBPROTOCOL in ws.subprotocols
-    await ws.accept(protocol.BATCH_SUBPROTOCOL if offered and endpoint is _chat else None)
+    batching = endpoint is _chat or endpoint is _rooms
+    await ws.accept(protocol.BATCH_SUBPROTOCOL if offered and batching else None)
     if endpoint is None:
         unknown = ws.scope["path"]
         await ws.close(CloseCode.UNKNOWN_PATH, f"no WebSocket endpoint at {unknown[:80]}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import time
 from contextlib import nullcontext
+from typing import Final
 
 import anyio
 import anyio.lowlevel
@@ -29,7 +30,7 @@ from . import protocol
 from .admission import TokenBucket
 from .asgi import ConnectionClosed, WebSocket
 from .brokers import UNAVAILABLE_NOTICE, Broker, BrokerUnavailable
-from .hub import PRESENCE_WAKE, Hub, Member, NameTaken
+from .hub import PRESENCE_WAKE, Client, Hub, Member, NameTaken
 from .identity import LEEWAY, Identity, TokenRejected, TokenVerifier
 from .protocol import BadMessage, CloseCode, ErrorCode, Refresh
 from .settings import Settings
@@ -97,12 +98,14 @@ async def serve_member(
     expiry = credentials.expiry if credentials is not None else nullcontext()
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_send_outbox, ws, member, tg.cancel_scope, batch, settings.batch_max)
+            tg.start_soon(
+                send_outbox, ws, member.client, tg.cancel_scope, batch, settings.batch_max
+            )
             with expiry:
                 if await _receive_chat(ws, broker, member, settings, credentials):
                     tg.cancel_scope.cancel()  # the peer is gone: nobody left to write to
             if credentials is not None and credentials.expiry.cancelled_caught:
-                broker.hub.end(member, CloseCode.UNAUTHORIZED, "token expired")
+                broker.hub.end_client(member.client, CloseCode.UNAUTHORIZED, "token expired")
             # else (or now) the hub ended the membership: the sender drains the outbox,
             # then sends the close code (4008, 4001, 4403, 1001) and ends the task group
     finally:
@@ -197,62 +200,75 @@ def _refuse(hub: Hub, member: Member, code: ErrorCode, message: str, id: str | N
     hub.send_to(member, protocol.encode_error(code, message, id=id))
 
 
-async def _send_outbox(
-    ws: WebSocket, member: Member, scope: CancelScope, batch: bool, batch_max: int
+async def send_outbox(
+    ws: WebSocket, client: Client, scope: CancelScope, batch: bool, batch_max: int
 ) -> None:
     """Write the greeting, then outbox events, to the socket; close when the outbox ends.
 
     With ``batch``, whatever is already queued (up to ``batch_max`` events) goes out as
     one frame: a lone event is never delayed, a backlog costs one write instead of many.
-    A presence notice waiting in the member's slot goes out whenever the outbox is empty
-    (or its wake-up comes through it), after the events queued before it.
+    A presence notice waiting in a member's slot goes out whenever the outbox is empty
+    (or its wake-up comes through it), after the events queued before it. A join's
+    greeting (v2: a join while connected) goes out before anything queued after it.
     """
+    per_frame = batch_max if batch else 1
     try:
-        await _send_greeting(ws, member, batch_max if batch else 1)
-        with member.outbox:
+        with client.outbox:
             if batch:
-                while (event := await _next_event(member, checkpoint=True)) is not None:
+                while (event := await _next_event(client, checkpoint=True)) is not None:
+                    if event is GREETING_DUE:
+                        await _send_greeting(ws, client, per_frame)
+                        continue
                     # More passes of the event loop before gathering let the other
                     # fan-outs of those passes land too: a quiet room loses microseconds,
                     # a busy one gets fuller frames (GATHER_PASSES).
                     for _ in range(GATHER_PASSES):
                         await anyio.lowlevel.checkpoint()
-                    await ws.send_text(_with_backlog(member, event, batch_max))
+                    await ws.send_text(_with_backlog(client, event, batch_max))
             else:
                 for count in itertools.count(1):
-                    event = await _next_event(member, checkpoint=count % FAIR_SHARE == 0)
+                    event = await _next_event(client, checkpoint=count % FAIR_SHARE == 0)
                     if event is None:
                         break
-                    await ws.send_text(event)
-        # The hub ended this membership (eviction or shutdown): tell the client why.
-        await ws.close(member.close_code or CloseCode.NORMAL, member.close_reason)
+                    if event is GREETING_DUE:
+                        await _send_greeting(ws, client, per_frame)
+                    else:
+                        await ws.send_text(event)
+        # The hub ended this connection (eviction or shutdown): tell the client why.
+        await ws.close(client.close_code or CloseCode.NORMAL, client.close_reason)
     except ConnectionClosed:
         pass
     finally:
         scope.cancel()
 
 
-async def _send_greeting(ws: WebSocket, member: Member, per_frame: int) -> None:
-    """Send the welcome and any replay, then let them go: an idle connection should not
-    keep its greeting alive (its own frame ends here)."""
-    greeting = member.greeting
+async def _send_greeting(ws: WebSocket, client: Client, per_frame: int) -> None:
+    """Send the welcome and any replay of the joins so far, then let them go: an idle
+    connection should not keep its greeting alive (its own frame ends here)."""
+    greeting, client.greeting = client.greeting, []
     for start in range(0, len(greeting), per_frame):
         await ws.send_text(protocol.join_batch(greeting[start : start + per_frame]))
-    greeting.clear()
 
 
-async def _next_event(member: Member, *, checkpoint: bool) -> str | None:
-    """The next event to send, or ``None`` once the outbox is closed and drained.
+#: what :func:`_next_event` returns when a join's greeting waits (it goes first)
+GREETING_DUE: Final = "greeting"
+
+
+async def _next_event(client: Client, *, checkpoint: bool) -> str | None:
+    """The next event to send (:data:`GREETING_DUE` if a greeting waits), or ``None``
+    once the outbox is closed and drained.
 
     Unless ``checkpoint`` is asked for, an event already queued is taken without
     ``receive``'s checkpoint and waiter objects: the send that follows is a checkpoint on
     trio, and under load those allocations were a large share of a delivery's cost. Before
-    waiting on an empty outbox, a presence notice waiting in the member's slot is taken.
+    waiting on an empty outbox, a presence notice waiting in a member's slot is taken.
     """
-    outbox = member.outbox
+    outbox = client.outbox
     while True:
         if checkpoint:
             await anyio.lowlevel.checkpoint()
+        if client.greeting:
+            return GREETING_DUE
         try:
             event: str | None = outbox.receive_nowait()
         except anyio.WouldBlock:
@@ -260,26 +276,28 @@ async def _next_event(member: Member, *, checkpoint: bool) -> str | None:
         except anyio.EndOfStream:
             return None
         if event is None:
-            if (notice := member.take_presence()) is not None:
+            if (notice := client.take_presence()) is not None:
                 return notice
-            await member.wait_for_events()
+            await client.wait_for_events()
             checkpoint = False  # that was one
         elif event is not PRESENCE_WAKE:
             return event
-        elif (notice := member.take_presence()) is not None:
+        elif (notice := client.take_presence()) is not None:
             return notice
 
 
-def _with_backlog(member: Member, first: str, batch_max: int) -> str:
+def _with_backlog(client: Client, first: str, batch_max: int) -> str:
     """``first`` and whatever else is queued (up to ``batch_max`` events) as one batch,
-    with a waiting presence notice last if the outbox is drained."""
+    with a waiting presence notice last if the outbox is drained. A greeting that came
+    meanwhile (a join during the gathering passes) stops it: the join's events queued
+    after it must follow its welcome."""
     events = [first]
-    outbox = member.outbox
-    while len(events) < batch_max:
+    outbox = client.outbox
+    while len(events) < batch_max and not client.greeting:
         try:
             event = outbox.receive_nowait()
         except anyio.WouldBlock:
-            notice = member.take_presence()
+            notice = client.take_presence()
             if notice is not None:
                 events.append(notice)
             break
@@ -287,7 +305,7 @@ def _with_backlog(member: Member, first: str, batch_max: int) -> str:
             break
         if event is not PRESENCE_WAKE:
             events.append(event)
-        elif (notice := member.take_presence()) is not None:
+        elif (notice := client.take_presence()) is not None:
             events.append(notice)
     return protocol.join_batch(events)
 

@@ -47,6 +47,7 @@ __all__ = [
     "PRESENCE_RATE",
     "PRESENCE_WAKE",
     "Announce",
+    "Client",
     "Hub",
     "HubStats",
     "Member",
@@ -75,46 +76,48 @@ class NameTaken(Exception):
     """Another member of the room has this name, or one that looks the same."""
 
 
-@dataclass(eq=False, slots=True, weakref_slot=True)  # a broker may keep weak references
-class Member:
-    """One connection's place in one room.
+@dataclass(eq=False, slots=True, weakref_slot=True)
+class Client:
+    """One connection: its outbox, and the rooms it is in (its :class:`Member` entries).
 
-    The hub holds the send end of the outbox; the connection's sender task reads
-    :attr:`greeting` first, then :attr:`outbox` until it ends. When the hub removes the
-    member (eviction or shutdown) it closes the send end and records :attr:`close_code`,
-    so the sender drains what is already queued and then closes the WebSocket with it.
+    The hub holds the send end of the outbox; the connection's sender task sends
+    :attr:`greeting` first (each join's ``welcome`` and replay, in join order), then the
+    outbox, until it ends. A v1 connection (``single_room``) is in exactly one room and
+    ends with it: when the hub removes that membership (eviction, shutdown, an expired
+    token) it closes the send end and records :attr:`close_code`, so the sender drains
+    what is queued and then closes the WebSocket with it. A v2 connection outlives its
+    rooms: a membership the hub ends is told with a ``left`` event; only a
+    whole-connection condition (eviction, shutdown, token expiry) closes its outbox.
 
-    Presence notices do not go through the outbox: the latest one waits in
-    :attr:`presence` until the sender takes it (:meth:`take_presence`), which it does
-    whenever it finds the outbox empty or finds :data:`PRESENCE_WAKE` in it.
+    Presence notices do not go through the outbox: the latest one of each room waits in
+    the member's slot (:attr:`Member.presence`) until the sender takes it
+    (:meth:`take_presence`), which it does whenever it finds the outbox empty or finds
+    :data:`PRESENCE_WAKE` in it.
     """
 
-    room: Room
-    name: str | None
     id: str
-    greeting: list[str]
     outbox: MemoryObjectReceiveStream[str]
     _outbox_send: MemoryObjectSendStream[str] = field(repr=False)
-    close_code: CloseCode | None = None
-    close_reason: str = ""
-    #: sequenced messages up to this seq are already in the greeting (resume), so live
-    #: delivery skips them; only a broker whose snapshot is not atomic with joining needs it
-    skip_through: int = 0
-    #: the presence notice waiting to be sent, if any (a newer one replaces it)
-    presence: str | None = None
-    #: the room's :attr:`Room.presence_version` this member's view already reflects
-    presence_seen: int = 0
-    #: set while the sender waits for an empty outbox (see :meth:`wait_for_events`)
-    _wakeup: anyio.Event | None = field(default=None, repr=False)
     #: the verified user (SPEC §8.1), ``None`` when anonymous
     user: str | None = None
-
-    @property
-    def joined(self) -> bool:
-        return self in self.room.members
+    #: a v1 connection: one room, and the connection ends with it
+    single_room: bool = True
+    #: each join's welcome and replay, sent before anything in the outbox
+    greeting: list[str] = field(default_factory=list)
+    #: the rooms it is in, by name
+    members: dict[str, Member] = field(default_factory=dict)
+    #: members whose presence slot holds a notice, oldest first
+    presence_pending: dict[Member, None] = field(default_factory=dict)
+    close_code: CloseCode | None = None
+    close_reason: str = ""
+    #: the hub has closed its outbox: nothing more can be queued
+    ended: bool = False
+    #: set while the sender waits for an empty outbox (see :meth:`wait_for_events`)
+    _wakeup: anyio.Event | None = field(default=None, repr=False)
 
     async def wait_for_events(self) -> None:
-        """Wait until the hub queues an event, or a presence notice, or ends the outbox.
+        """Wait until the hub queues an event, a greeting or a presence notice, or ends
+        the outbox.
 
         Cheaper than waiting in the outbox's ``receive()``, which an idle connection
         would sit in for its whole life: one event instead of anyio's waiter objects
@@ -133,14 +136,77 @@ class Member:
             self._wakeup = None
 
     def take_presence(self) -> str | None:
-        """The waiting presence notice, if any; the slot is empty afterwards."""
-        notice, self.presence = self.presence, None
-        return notice
+        """The oldest waiting presence notice, if any; its slot is empty afterwards."""
+        for member in self.presence_pending:
+            del self.presence_pending[member]
+            notice, member.presence = member.presence, None
+            return notice
+        return None
 
     @property
     def queued(self) -> int:
         """Events waiting in the outbox."""
         return self.outbox.statistics().current_buffer_used
+
+
+@dataclass(eq=False, slots=True, weakref_slot=True)  # a broker may keep weak references
+class Member:
+    """One connection's place in one room.
+
+    Events go to its :class:`Client`'s outbox, which it shares with the client's other
+    rooms (v2); ``outbox``, ``greeting``, ``close_code`` and the rest are the client's.
+    """
+
+    room: Room
+    name: str | None
+    id: str
+    client: Client
+    #: sequenced messages up to this seq are already in the greeting (resume), so live
+    #: delivery skips them; only a broker whose snapshot is not atomic with joining needs it
+    skip_through: int = 0
+    #: the presence notice waiting to be sent, if any (a newer one replaces it)
+    presence: str | None = None
+    #: the room's :attr:`Room.presence_version` this member's view already reflects
+    presence_seen: int = 0
+    #: the verified user (SPEC §8.1), ``None`` when anonymous (the client's)
+    user: str | None = None
+    #: while a broker's snapshot travels (``skip_through`` skips everything): what was
+    #: fanned out meanwhile, for the broker to keep what follows the snapshot
+    backlog: list[str] | None = None
+
+    @property
+    def joined(self) -> bool:
+        return self in self.room.members
+
+    @property
+    def outbox(self) -> MemoryObjectReceiveStream[str]:
+        return self.client.outbox
+
+    @property
+    def greeting(self) -> list[str]:
+        return self.client.greeting
+
+    @greeting.setter
+    def greeting(self, events: list[str]) -> None:
+        self.client.greeting = events
+
+    @property
+    def close_code(self) -> CloseCode | None:
+        return self.client.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self.client.close_reason
+
+    @property
+    def queued(self) -> int:
+        return self.client.queued
+
+    async def wait_for_events(self) -> None:
+        await self.client.wait_for_events()
+
+    def take_presence(self) -> str | None:
+        return self.client.take_presence()
 
 
 @dataclass(eq=False, slots=True, weakref_slot=True)  # a broker may keep weak references
@@ -276,11 +342,26 @@ class Hub:
         self.announce: Announce = self.announce_locally
         self.node = secrets.token_hex(4)
         self._ids = itertools.count(1)
-        #: members found unable to take an event, waiting to be dropped (see _drop_all)
-        self._unreachable: deque[Member] = deque()
+        #: open v2 connections (a v1 connection is found through its one room)
+        self.clients: dict[Client, None] = {}
+        #: connections found unable to take an event, waiting to be dropped (_drop_all)
+        self._unreachable: deque[Client] = deque()
         self._dropping = False
 
     # -- membership -------------------------------------------------------------------------
+
+    def open_client(self, user: str | None = None, *, single_room: bool = True) -> Client:
+        """A connection's outbox, for :meth:`join` (v2: ``single_room=False``, a
+        connection that joins and leaves rooms and outlives them)."""
+        send, receive = anyio.create_memory_object_stream[str](self.outbox_size)
+        client = Client(f"{self.node}-{next(self._ids)}", receive, send, user, single_room)
+        if not single_room:
+            self.clients[client] = None
+        return client
+
+    def forget_client(self, client: Client) -> None:
+        """A v2 connection has ended: it no longer receives notices or shutdown's 1001."""
+        self.clients.pop(client, None)
 
     def join(
         self,
@@ -290,13 +371,15 @@ class Hub:
         since: int | None = None,
         epoch: str | None = None,
         user: str | None = None,
+        client: Client | None = None,
     ) -> Member:
-        """Add a member; its greeting holds ``welcome`` and any resume replay.
+        """Add a member (of ``client``, or of a new v1 client); the client's greeting gets
+        its ``welcome`` and any resume replay.
 
         :raises RoomFull: if the room is at capacity
         :raises NameTaken: if another member's name looks like ``name``
         """
-        member = self.attach(room_name, name, user)
+        member = self.attach(room_name, name, user, client=client)
         room = member.room
         member.greeting.append(
             protocol.encode_welcome(
@@ -309,14 +392,24 @@ class Hub:
             )
         )
         if since is not None:
-            member.greeting.extend(replay(room.history.entries, room.seq, room.epoch, since, epoch))
+            member.greeting.extend(
+                replay(room.history.entries, room.seq, room.epoch, since, epoch, room=room.name)
+            )
+        member.client._wake()
         self.announce(room, "join", member)
         member.presence_seen = room.presence_version  # its welcome shows its own join
         return member
 
-    def attach(self, room_name: str, name: str | None = None, user: str | None = None) -> Member:
-        """Add a local member with an empty greeting and tell nobody (a broker that keeps
-        rooms elsewhere fills in the greeting and announces the join itself).
+    def attach(
+        self,
+        room_name: str,
+        name: str | None = None,
+        user: str | None = None,
+        *,
+        client: Client | None = None,
+    ) -> Member:
+        """Add a local member and tell nobody (a broker that keeps rooms elsewhere fills in
+        the greeting and announces the join itself).
 
         A name that looks like another member's (:func:`roomcast.names.skeleton`) is
         refused, unless that member is the same verified user (another tab).
@@ -328,16 +421,17 @@ class Hub:
         if self.room_capacity and len(room.members) >= self.room_capacity:
             self._forget_if_unused(room)
             raise RoomFull(room_name)
-        send, receive = anyio.create_memory_object_stream[str](self.outbox_size)
-        member = Member(room, name, f"{self.node}-{next(self._ids)}", [], receive, send)
-        member.user = user
-        if name is not None and not _claim_name(room, name, user or member.id):
+        if client is None:
+            client = self.open_client(user)
+        member = Member(room, name, client.id, client, user=client.user)
+        if name is not None and not _claim_name(room, name, client.user or member.id):
             self._forget_if_unused(room)
             raise NameTaken(name)
         room.members[member] = None
-        if user is not None:
-            room.users[user] += 1
-            room.extra_tabs += room.users[user] > 1
+        client.members[room_name] = member
+        if member.user is not None:
+            room.users[member.user] += 1
+            room.extra_tabs += room.users[member.user] > 1
         self.stats.joins += 1
         return member
 
@@ -373,24 +467,35 @@ class Hub:
         _release_name(member.room, name)
 
     def end(self, member: Member, code: CloseCode, reason: str) -> None:
-        """End one membership with ``code`` (an expired token, a room no longer granted):
-        the member's sender drains its outbox and closes with it; the room is told."""
+        """End one membership with ``code`` (a room no longer granted, the server API):
+        a v1 connection's sender drains its outbox and closes with it, a v2 connection is
+        told with a ``left`` event; the room is told."""
         if self._remove(member, code, reason):
             self.announce(member.room, "leave", member)
+
+    def end_client(self, client: Client, code: CloseCode, reason: str) -> None:
+        """End a whole connection with ``code`` (an expired token, eviction, shutdown):
+        it leaves every room it is in, each told, and its sender closes with ``code``."""
+        if client.close_code is None:
+            client.close_code, client.close_reason = code, reason
+        for member in list(client.members.values()):
+            if self._remove(member, code, reason):
+                self.announce(member.room, "leave", member)
+        self._close(client, code, reason)
 
     def end_user(self, user: str, code: CloseCode, reason: str) -> int:
         """End every membership of the verified ``user`` here (each room, each tab), as
         :meth:`end` does; returns how many were ended. Its rooms hear one leave each, with
         its last connection (see :meth:`announce_locally`)."""
-        ending = [
-            member
+        ending = {
+            member.client: None
             for room in self.rooms.values()
             if user in room.users
             for member in room.members
             if member.user == user
-        ]
-        for member in ending:
-            self.end(member, code, reason)
+        }
+        for client in ending:
+            self.end_client(client, code, reason)
         return len(ending)
 
     def leave(self, member: Member) -> None:
@@ -403,10 +508,13 @@ class Hub:
         return self._remove(member, None, "")
 
     def close_all(self, code: CloseCode, reason: str) -> None:
-        """End every membership with ``code``: each sender drains its outbox, then closes."""
-        for room in list(self.rooms.values()):
-            for member in list(room.members):
+        """End every connection with ``code``: each sender drains its outbox, then closes."""
+        clients = {member.client: None for room in self.rooms.values() for member in room.members}
+        clients.update(self.clients)  # v2 connections in no room too
+        for client in clients:
+            for member in list(client.members.values()):
                 self._remove(member, code, reason)
+            self._close(client, code, reason)
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -417,7 +525,8 @@ class Hub:
             return None
         seq = self._sequence(member.room, message, member.name, member.user)
         if message.id is not None and member.joined:
-            self.send_to(member, protocol.encode_ack(id=message.id, seq=seq))
+            room = None if member.client.single_room else member.room.name
+            self.send_to(member, protocol.encode_ack(id=message.id, seq=seq, room=room))
         return seq
 
     def post(self, room_name: str, message: protocol.ChatMessage, sender: str | None) -> int:
@@ -672,16 +781,18 @@ class Hub:
             if member.presence_seen >= version:
                 continue  # its welcome or an earlier notice already shows these changes
             member.presence_seen = version
-            if member.presence is None and not member.queued:
+            client = member.client
+            if not client.presence_pending and not client.queued:
                 try:
-                    member._outbox_send.send_nowait(PRESENCE_WAKE)
-                    member._wake()
+                    client._outbox_send.send_nowait(PRESENCE_WAKE)
+                    client._wake()
                 except anyio.WouldBlock:  # not into an empty outbox; a busy sender finds the slot
                     pass
                 except anyio.BrokenResourceError:  # its sender has stopped reading
-                    unreachable.append(member)
+                    unreachable.append(client)
                     continue
             member.presence = notice
+            client.presence_pending[member] = None
             handed += 1
         self.stats.presence_notices += handed
         if unreachable:
@@ -694,14 +805,19 @@ class Hub:
         for member in room.members:
             if member.skip_through >= seq > 0:
                 skipped += 1
+                if member.backlog is not None:  # joining: kept until its snapshot is in
+                    member.backlog.append(encoded)
+                    if len(member.backlog) > self.outbox_size:
+                        failed.append(member.client)
             else:
+                client = member.client
                 try:
-                    member._outbox_send.send_nowait(encoded)
+                    client._outbox_send.send_nowait(encoded)
                 except (anyio.WouldBlock, anyio.BrokenResourceError):
-                    failed.append(member)
+                    failed.append(client)
                 else:
-                    if member._wakeup is not None:
-                        member._wake()
+                    if client._wakeup is not None:
+                        client._wake()
         self.stats.deliveries += len(room.members) - len(failed) - skipped
         if failed:
             self._drop_all(failed)
@@ -710,18 +826,50 @@ class Hub:
         """Queue one event for one member (an ack or an error); evicts it on overflow.
         Nothing for a member that has left: its outbox is closed (an expired token, the
         server API, shutdown) while its receive loop may still answer a last frame."""
-        if not member.joined:
-            return
+        if member.joined:
+            self.send_to_client(member.client, encoded)
+
+    def send_to_client(self, client: Client, encoded: str) -> None:
+        """Queue one event for one connection (v2: an error about no room, ``left``);
+        evicts it on overflow, nothing once its outbox is closed."""
         try:
-            member._outbox_send.send_nowait(encoded)
-        except (anyio.WouldBlock, anyio.BrokenResourceError):
-            self._drop_all([member])
+            client._outbox_send.send_nowait(encoded)
+        except anyio.WouldBlock:
+            self._drop_all([client])
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # its sender has stopped, or the hub has ended it
         else:
-            member._wake()
+            client._wake()
             self.stats.deliveries += 1
 
-    def _drop_all(self, members: list[Member]) -> None:
-        """Drop members that could not take an event, one after another.
+    def relay_typing(self, member: Member) -> None:
+        """Tell the room's other v2 connections that ``member`` is typing. Never queued
+        where it could cost anything: an outbox more than half full skips it (and a v1
+        connection, whose protocol has no such event), so typing can never evict."""
+        encoded = protocol.encode_typing(room=member.room.name, user=member.user, name=member.name)
+        half = self.outbox_size // 2
+        for other in member.room.members:
+            client = other.client
+            if client is member.client or client.single_room or client.queued > half:
+                continue
+            try:
+                client._outbox_send.send_nowait(encoded)
+            except (anyio.WouldBlock, anyio.BrokenResourceError):
+                continue
+            client._wake()
+
+    def notify(self, user: str, encoded: str) -> int:
+        """Queue ``encoded`` (a ``notice``) for every v2 connection of ``user``; returns
+        how many took it (one whose outbox is full is evicted, as for any event)."""
+        reached = 0
+        for client in list(self.clients):
+            if client.user == user and not client.ended:
+                self.send_to_client(client, encoded)
+                reached += not client.ended
+        return reached
+
+    def _drop_all(self, clients: list[Client]) -> None:
+        """Drop connections that could not take an event, one after another.
 
         Dropping one can make a broker tell the room at once (Redis, when Redis is out of
         reach), and that fan-out can find more such members: when 1,000 peers disconnect
@@ -729,7 +877,7 @@ class Hub:
         queue instead of a nested call, so a mass disconnect costs a loop, not a call stack
         1,000 drops deep (RecursionError).
         """
-        self._unreachable.extend(members)
+        self._unreachable.extend(clients)
         if self._dropping:
             return  # an outer call is already working through the queue
         self._dropping = True
@@ -739,22 +887,34 @@ class Hub:
         finally:
             self._dropping = False
 
-    def _drop(self, member: Member) -> None:
-        """Remove a member that cannot take another event: evicted (4008) if its outbox is
-        full, or simply gone if its sender task has already stopped reading the outbox."""
-        if not member._outbox_send.statistics().open_receive_streams:
-            self.leave(member)
-        elif self._remove(member, CloseCode.TOO_SLOW, "too slow: outbox overflowed"):
-            self.stats.evictions += 1
-            self.announce(member.room, "leave", member)
+    def _drop(self, client: Client) -> None:
+        """Remove a connection that cannot take another event from every room it is in:
+        evicted (4008) if its outbox is full, or simply gone if its sender task has
+        already stopped reading the outbox."""
+        if not client._outbox_send.statistics().open_receive_streams:
+            for member in list(client.members.values()):
+                self.leave(member)
+            return
+        if client.close_code is not None or client.ended:
+            return  # already ending
+        self.stats.evictions += 1
+        self.end_client(client, CloseCode.TOO_SLOW, "too slow: outbox overflowed")
 
     # -- room lifecycle ---------------------------------------------------------------------
 
     def _remove(self, member: Member, code: CloseCode | None, reason: str) -> bool:
+        """Take a member out of its room. A v1 connection ends with its room (its outbox
+        closes with ``code``); a v2 connection hears ``left`` when ``code`` says the
+        server ended the membership (not when the whole connection is ending)."""
         room = member.room
         if member not in room.members:
             return False
         del room.members[member]
+        client = member.client
+        if client.members.get(room.name) is member:
+            del client.members[room.name]
+        if not client.single_room and client.close_code is None:
+            client.presence_pending.pop(member, None)  # it goes on, without this room
         if member.user is not None:
             room.users[member.user] -= 1
             if room.users[member.user]:
@@ -763,14 +923,24 @@ class Hub:
                 del room.users[member.user]
         if member.name is not None:
             _release_name(room, member.name)
-        member.close_code, member.close_reason = code, reason
-        member._outbox_send.close()
-        member._wake()
+        if client.single_room:
+            self._close(client, code, reason)
+        elif code is not None and client.close_code is None:
+            self.send_to_client(client, protocol.encode_left(room.name, code, reason))
         self.stats.leaves += 1
         if not room.members:
             room.held_leaves.clear()  # nobody is left to tell
         self._forget_if_unused(room)
         return True
+
+    @staticmethod
+    def _close(client: Client, code: CloseCode | None, reason: str) -> None:
+        """Close a connection's outbox: its sender drains it, then closes with ``code``."""
+        if client.close_code is None:
+            client.close_code, client.close_reason = code, reason
+        client.ended = True
+        client._outbox_send.close()
+        client._wake()
 
     def _open_room(self, name: str) -> Room:
         room = self.rooms.get(name)
@@ -833,7 +1003,13 @@ def _release_name(room: Room, name: str) -> None:
 
 
 def replay(
-    history: Sequence[tuple[int, str]], seq: int, room_epoch: str, since: int, epoch: str | None
+    history: Sequence[tuple[int, str]],
+    seq: int,
+    room_epoch: str,
+    since: int,
+    epoch: str | None,
+    *,
+    room: str,
 ) -> list[str]:
     """Events for a client resuming after ``since`` in a room whose latest seq is ``seq``:
     ``history_gap`` if it missed messages that are gone (or its epoch is not the room's),
@@ -846,6 +1022,7 @@ def replay(
             protocol.encode_error(
                 ErrorCode.HISTORY_GAP,
                 "some messages since your last seq are no longer available",
+                room=room,
                 epoch=room_epoch,
                 since=since,
                 first=first_kept,

@@ -25,18 +25,28 @@ __all__ = [
     "ChatMessage",
     "ChatQuery",
     "CloseCode",
+    "Command",
     "ErrorCode",
+    "Join",
+    "Leave",
     "ProtocolError",
     "Refresh",
+    "RoomMessage",
+    "Typing",
+    "dm_users",
     "encode_ack",
     "encode_error",
+    "encode_left",
     "encode_message",
     "encode_message_parts",
+    "encode_notice",
     "encode_presence",
+    "encode_typing",
     "encode_welcome",
     "join_batch",
     "parse_chat_query",
     "parse_client_frame",
+    "parse_command",
     "valid_room",
 ]
 
@@ -48,6 +58,8 @@ MAX_WELCOME_MEMBERS: Final = 100
 MAX_PRESENCE_NAMES: Final = 10
 
 _ROOM_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+#: a direct-message room: ``dm:`` and two user ids (no ``:`` nor control characters)
+_DM_RE: Final = re.compile(r"dm:([^:\x00-\x1f\x7f]{1,256}):([^:\x00-\x1f\x7f]{1,256})")
 _EPOCH_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
@@ -78,6 +90,15 @@ class ErrorCode(StrEnum):
     UNAVAILABLE = "unavailable"
     UNKNOWN_TYPE = "unknown_type"
     BAD_TOKEN = "bad_token"
+    # protocol v2 (/ws): about one room, never closing the connection
+    NOT_MEMBER = "not_member"
+    ALREADY_MEMBER = "already_member"
+    FORBIDDEN = "forbidden"
+    ROOM_FULL = "room_full"
+    TOO_MANY_ROOMS = "too_many_rooms"
+    BAD_ROOM = "bad_room"
+    NAME_TAKEN = "name_taken"
+    BAD_REQUEST = "bad_request"
 
 
 class ProtocolError(ValueError):
@@ -98,10 +119,13 @@ class BadMessage(ProtocolError):
     """A chat frame is refused: the client gets an ``error`` event with ``code`` (and the
     message's ``id``, when it had a usable one, so the client knows which was refused)."""
 
-    def __init__(self, code: ErrorCode, message: str, id: str | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, id: str | None = None, *, room: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.id = id
+        self.room = room
 
 
 # -- client to server ---------------------------------------------------------------------
@@ -162,6 +186,15 @@ def valid_room(room: str) -> bool:
     return _ROOM_RE.fullmatch(room) is not None
 
 
+def dm_users(room: str) -> tuple[str, str] | None:
+    """The two users of a direct-message room ``dm:A:B`` (``A`` < ``B``), else ``None``:
+    only they may join it (v2)."""
+    match = _DM_RE.fullmatch(room)
+    if match is None or not match[1] < match[2]:
+        return None
+    return match[1], match[2]
+
+
 def _bad_query(message: str) -> BadQuery:
     return BadQuery(message)
 
@@ -202,14 +235,17 @@ def parse_client_frame(frame: str, *, max_text: int) -> ChatMessage | Refresh | 
         if data is not None and isinstance(kind, str) and kind != "message":
             return _command(kind, data)
         if data is not None and isinstance(data.get("text"), str):
-            text = data["text"]
-            message_id = data.get("id")
-            if message_id is not None and not (
-                isinstance(message_id, str) and len(message_id) <= MAX_ID_LENGTH
-            ):
-                raise BadMessage(
-                    ErrorCode.BAD_ID, f"id must be a string of at most {MAX_ID_LENGTH} characters"
-                )
+            text, message_id = data["text"], data.get("id")
+    return _chat_message(text, message_id, max_text)
+
+
+def _chat_message(text: str, message_id: object, max_text: int) -> ChatMessage | None:
+    if message_id is not None and not (
+        isinstance(message_id, str) and len(message_id) <= MAX_ID_LENGTH
+    ):
+        raise BadMessage(
+            ErrorCode.BAD_ID, f"id must be a string of at most {MAX_ID_LENGTH} characters"
+        )
     if not text.strip():
         return None
     if len(text) > max_text:
@@ -230,6 +266,101 @@ def _command(kind: str, data: dict[str, Any]) -> Refresh:
     raise BadMessage(
         ErrorCode.UNKNOWN_TYPE, f"unknown command type {kind[:40]!r}; expected refresh"
     )
+
+
+# -- protocol v2: many rooms over one connection (/ws) -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """``{"type": "join", "room", "since"?, "epoch"?}``: join a room, resuming after
+    ``since`` in run ``epoch`` as ``/ws/chat?since=&epoch=`` does."""
+
+    room: str
+    since: int | None = None
+    epoch: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """``{"type": "leave", "room"}``"""
+
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMessage:
+    """``{"type": "message", "room", "text", "id"?}``: a chat message into a room."""
+
+    room: str
+    message: ChatMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    """``{"type": "typing", "room"}``: relayed to the room's others, never stored."""
+
+    room: str
+
+
+Command = Join | Leave | RoomMessage | Typing | Refresh
+
+_V2_TYPES = "join, leave, message, typing or refresh"
+
+
+def parse_command(frame: str, *, max_text: int) -> Command | None:
+    """Turn a ``/ws`` text frame into a command: a JSON object with a string ``type``.
+    Returns ``None`` for a message whose text is empty (or whitespace), which is ignored.
+
+    :raises BadMessage: :attr:`ErrorCode.UNKNOWN_TYPE` for a frame that is not such an
+        object or a type this server does not know; :attr:`ErrorCode.BAD_ROOM` for a
+        missing or malformed ``room``; :attr:`ErrorCode.BAD_REQUEST` for a ``since`` or
+        ``epoch`` that is not one; what :func:`parse_client_frame` raises for a message's
+        text and id, and for ``refresh``. Each carries the room it was about, if any.
+    """
+    data = _loads_object(frame) if frame[:1] == "{" else None
+    kind = None if data is None else data.get("type")
+    if data is None or not isinstance(kind, str):
+        raise BadMessage(ErrorCode.UNKNOWN_TYPE, f"send JSON objects with a type: {_V2_TYPES}")
+    if kind == "refresh":
+        return _command(kind, data)
+    if kind not in ("join", "leave", "message", "typing"):
+        raise BadMessage(
+            ErrorCode.UNKNOWN_TYPE, f"unknown command type {kind[:40]!r}; expected {_V2_TYPES}"
+        )
+    room = data.get("room")
+    if not isinstance(room, str) or not (valid_room(room) or dm_users(room)):
+        raise BadMessage(
+            ErrorCode.BAD_ROOM,
+            "room must be 1-64 characters of A-Z a-z 0-9 _ - ., or dm:A:B for users A < B",
+            room=room if isinstance(room, str) and len(room) <= 600 else None,
+        )
+    if kind == "join":
+        return _join(room, data)
+    if kind == "leave":
+        return Leave(room)
+    if kind == "typing":
+        return Typing(room)
+    text = data.get("text")
+    if not isinstance(text, str):
+        raise BadMessage(ErrorCode.BAD_REQUEST, "a message needs a string text", room=room)
+    try:
+        message = _chat_message(text, data.get("id"), max_text)
+    except BadMessage as exc:
+        exc.room = room
+        raise
+    return None if message is None else RoomMessage(room, message)
+
+
+def _join(room: str, data: dict[str, Any]) -> Join:
+    since, epoch = data.get("since"), data.get("epoch")
+    if since is not None and not (isinstance(since, int) and 0 <= since < 10**18):
+        raise BadMessage(ErrorCode.BAD_REQUEST, "since must be a non-negative integer", room=room)
+    if epoch is not None and not (isinstance(epoch, str) and _EPOCH_RE.fullmatch(epoch)):
+        raise BadMessage(
+            ErrorCode.BAD_REQUEST, "epoch must be 1-64 characters of A-Z a-z 0-9 _ - .", room=room
+        )
+    return Join(room, since, epoch)
 
 
 def _loads_object(frame: str) -> dict[str, Any] | None:
@@ -336,6 +467,7 @@ def encode_presence(
     single = joined if joins == 1 and not leaves else left if leaves == 1 and not joins else []
     notice: dict[str, Any] = {
         "type": "system",
+        "room": room,
         "message": text,
         "event": event,
         "name": single[0] if single else None,
@@ -364,8 +496,27 @@ def _who(names: list[str], total: int) -> str:
     return f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-def encode_ack(*, id: str | None, seq: int) -> str:
-    return _dumps({"type": "ack", "id": id, "seq": seq})
+def encode_ack(*, id: str | None, seq: int, room: str | None = None) -> str:
+    """An ``ack``; v2 names its ``room`` (v1's connection is in one)."""
+    if room is None:
+        return _dumps({"type": "ack", "id": id, "seq": seq})
+    return _dumps({"type": "ack", "room": room, "id": id, "seq": seq})
+
+
+def encode_left(room: str, code: int, reason: str) -> str:
+    """v2: a membership ended: the client's own ``leave`` (1000), or the server's doing
+    with the close code a v1 connection would have had (4403 a grant withdrawn, ...)."""
+    return _dumps({"type": "left", "room": room, "code": int(code), "reason": reason})
+
+
+def encode_typing(*, room: str, user: str | None, name: str | None) -> str:
+    """v2: someone in the room is typing (relayed, never stored)."""
+    return _dumps({"type": "typing", "room": room, "user": user, "name": name})
+
+
+def encode_notice(data: Any) -> str:
+    """v2: the application's message to one user (``POST /api/users/{user}/notify``)."""
+    return _dumps({"type": "notice", "data": data})
 
 
 def encode_error(code: ErrorCode, message: str, *, id: str | None = None, **extra: Any) -> str:

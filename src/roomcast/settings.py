@@ -106,6 +106,10 @@ class Settings:
     room_capacity: int = field(
         default=1000, metadata=_env(_int(0), "members per room; 0 = unlimited")
     )
+    max_rooms_per_connection: int = field(
+        default=128,
+        metadata=_env(_int(1), "rooms one /ws connection may be in at once (too_many_rooms)"),
+    )
     outbox_size: int = field(
         default=1024, metadata=_env(_int(1), "events buffered per member before eviction (4008)")
     )

@@ -17,7 +17,7 @@ from typing import NamedTuple, Protocol
 
 import anyio
 
-from ..hub import Hub, Member
+from ..hub import Client, Hub, Member
 from ..protocol import ChatMessage
 from ..settings import Settings
 
@@ -85,8 +85,10 @@ class Broker(Protocol):
         since: int | None,
         epoch: str | None,
         user: str | None = None,
+        client: Client | None = None,
     ) -> Member:
-        """Add a member; its greeting holds ``welcome`` and any resume replay.
+        """Add a member (of ``client``, a v2 connection, or of a new v1 one); the client's
+        greeting gets its ``welcome`` and any resume replay.
 
         :raises RoomFull: if the room is at capacity
         :raises NameTaken: if another member's name looks like ``name``

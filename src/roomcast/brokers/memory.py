@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
-from ..hub import Hub, Member
+from ..hub import Client, Hub, Member
 from ..protocol import ChatMessage, CloseCode
 from . import DISCONNECTED, Claim, History, Person
 
@@ -34,8 +34,9 @@ class MemoryBroker:
         since: int | None,
         epoch: str | None,
         user: str | None = None,
+        client: Client | None = None,
     ) -> Member:
-        return self.hub.join(room, name, since=since, epoch=epoch, user=user)
+        return self.hub.join(room, name, since=since, epoch=epoch, user=user, client=client)
 
     async def leave(self, member: Member) -> None:
         self.hub.leave(member)

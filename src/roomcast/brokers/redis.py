@@ -176,6 +176,7 @@ import contextlib
 import logging
 import os
 import secrets
+import sys
 import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
@@ -191,7 +192,7 @@ from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
 from .. import protocol
-from ..hub import Hub, Member, NameTaken, Room, RoomFull, replay
+from ..hub import Client, Hub, Member, NameTaken, Room, RoomFull, replay
 from ..names import skeleton
 from ..presence import PresenceEvent
 from ..protocol import MAX_WELCOME_MEMBERS, ChatMessage, CloseCode, ErrorCode
@@ -438,8 +439,10 @@ class RedisBroker:
         since: int | None,
         epoch: str | None,
         user: str | None = None,
+        client: Client | None = None,
     ) -> Member:
-        member = self.hub.attach(room, name, user)
+        member = self.hub.attach(room, name, user, client=client)
+        member.skip_through, member.backlog = sys.maxsize, []  # until the snapshot is in
         self._joining[member.id] = member
         jumps = self._jumps(member.room)
         try:
@@ -591,16 +594,12 @@ class RedisBroker:
         member.greeting.append(welcome)
         if since is not None:
             entries = [_split_entry(entry) for entry in history]
-            member.greeting.extend(replay(entries, seq, run, since, epoch))
+            member.greeting.extend(replay(entries, seq, run, since, epoch, room=member.room.name))
         # Fanned out while the snapshot travelled: keep the messages after it, in order.
-        while True:
-            try:
-                event = member.outbox.receive_nowait()
-            except (anyio.WouldBlock, anyio.EndOfStream):  # drained, or removed (shutdown)
-                break
-            if _seq_of(event) > seq:
-                member.greeting.append(event)
+        backlog, member.backlog = member.backlog or [], None
+        member.greeting.extend(event for event in backlog if _seq_of(event) > seq)
         member.skip_through = seq
+        member.client._wake()
         self._runs[member] = run
 
     # -- delivery (the subscriber task) -----------------------------------------------------
@@ -769,6 +768,7 @@ class RedisBroker:
             gap = protocol.encode_error(
                 ErrorCode.HISTORY_GAP,
                 "messages were lost while the server was cut off from Redis",
+                room=room.name,
                 epoch=run,
                 since=told_since,
                 first=first,

@@ -1,0 +1,263 @@
+"""Protocol v2 (``/ws``): one connection, many rooms, as the same task tree as v1.
+
+::
+
+    serve_rooms
+    └── task group
+        ├── receive loop   (commands: join, leave, message, typing, refresh), within
+        │                  the token's expiry scope when tokens are signed
+        └── sender task    (the connection's one outbox -> WebSocket frames; then the close)
+
+The connection is one :class:`~roomcast.hub.Client`: one bounded outbox and one sender
+task whatever its number of rooms; each room it joins adds a
+:class:`~roomcast.hub.Member` whose fan-out goes into that outbox. A v1 connection
+(:mod:`.connection`) is the one-room case of the same hub code. Problems with one room are
+``error`` events carrying ``room``; only whole-connection conditions (eviction 4008, an
+expired token 4001, shutdown 1001) close the connection.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import anyio
+
+from . import protocol
+from .admission import TokenBucket
+from .asgi import ConnectionClosed, WebSocket
+from .brokers import UNAVAILABLE_NOTICE, Broker, BrokerUnavailable
+from .connection import (
+    CLOSE_TIMEOUT,
+    RATE_NOTICE,
+    REFRESH_NOTICE,
+    REFRESH_RATE,
+    RENAME_UNAVAILABLE,
+    Credentials,
+    send_outbox,
+)
+from .hub import Client, Member, NameTaken, RoomFull
+from .identity import TokenRejected
+from .protocol import BadMessage, CloseCode, ErrorCode, Join, Leave, Refresh, RoomMessage, Typing
+from .settings import Settings
+
+__all__ = ["TYPING_INTERVAL", "serve_rooms"]
+
+#: a member's typing events in one room are relayed at most once per this many seconds
+TYPING_INTERVAL = 1.0
+
+
+class Session:
+    """What the receive loop of one ``/ws`` connection keeps: its client, its display name,
+    its token (signed tokens), its rate limits."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        client: Client,
+        settings: Settings,
+        name: str | None,
+        credentials: Credentials | None,
+    ) -> None:
+        self.broker = broker
+        self.hub = broker.hub
+        self.client = client
+        self.settings = settings
+        self.name = name
+        self.credentials = credentials
+        now = anyio.current_time()
+        rate = settings.rate_limit
+        self.messages = TokenBucket(rate, 2 * rate, now) if rate else None
+        self.refreshes = TokenBucket(REFRESH_RATE, 3 * REFRESH_RATE, now)
+        #: when each room's last typing event was relayed
+        self.typed: dict[str, float] = {}
+
+    def refuse(
+        self, code: ErrorCode, message: str, *, room: str | None = None, id: str | None = None
+    ) -> None:
+        """An ``error`` event (about ``room``, if any). Each costs a slot of the
+        connection's own outbox, so a flood it does not read ends in its eviction."""
+        self.hub.stats.drops += 1
+        extra = {} if room is None else {"room": room}
+        self.hub.send_to_client(self.client, protocol.encode_error(code, message, id=id, **extra))
+
+    def member(self, room: str, *, id: str | None = None) -> Member | None:
+        """The connection's membership of ``room``; ``not_member`` if it has none."""
+        member = self.client.members.get(room)
+        if member is None:
+            self.refuse(ErrorCode.NOT_MEMBER, f"join #{room} first", room=room, id=id)
+        return member
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def join(self, command: Join) -> None:
+        room = command.room
+        if room in self.client.members:
+            self.refuse(ErrorCode.ALREADY_MEMBER, f"already in #{room}", room=room)
+            return
+        if len(self.client.members) >= self.settings.max_rooms_per_connection:
+            limit = self.settings.max_rooms_per_connection
+            self.refuse(ErrorCode.TOO_MANY_ROOMS, f"at most {limit} rooms", room=room)
+            return
+        refusal = self._refusal(room)
+        if refusal is not None:
+            self.refuse(ErrorCode.FORBIDDEN, refusal, room=room)
+            return
+        user = None if self.credentials is None else self.credentials.identity.user
+        try:
+            await self.broker.join(
+                room,
+                self.name,
+                since=command.since,
+                epoch=command.epoch,
+                user=user,
+                client=self.client,
+            )
+        except NameTaken:
+            self.refuse(
+                ErrorCode.NAME_TAKEN, f"the name {self.name} is taken in #{room}", room=room
+            )
+        except RoomFull:
+            self.refuse(ErrorCode.ROOM_FULL, "room full", room=room)
+        except BrokerUnavailable:
+            self.refuse(ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, room=room)
+
+    def _refusal(self, room: str) -> str | None:
+        """Why the connection may not join ``room``, or ``None``: a direct-message room is
+        for its two users only; other rooms need the token's grant."""
+        identity = None if self.credentials is None else self.credentials.identity
+        pair = protocol.dm_users(room)
+        if pair is not None:
+            if identity is None or identity.user not in pair:
+                return f"#{room} is a direct conversation of two other users"
+            return None
+        if identity is not None and not identity.may_enter(room):
+            return f"not allowed in #{room}"
+        return None
+
+    async def leave(self, command: Leave) -> None:
+        member = self.member(command.room)
+        if member is not None:
+            await self.broker.leave(member)
+            self.hub.send_to_client(self.client, protocol.encode_left(command.room, 1000, "left"))
+
+    async def message(self, command: RoomMessage) -> None:
+        id = command.message.id
+        member = self.member(command.room, id=id)
+        if member is None:
+            return
+        if self.messages is not None and not self.messages.take(anyio.current_time()):
+            self.refuse(ErrorCode.RATE_LIMITED, RATE_NOTICE, room=command.room, id=id)
+            return
+        try:
+            await self.broker.publish(member, command.message)
+        except BrokerUnavailable:
+            self.refuse(ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, room=command.room, id=id)
+
+    def typing(self, command: Typing) -> None:
+        member = self.member(command.room)
+        if member is None:
+            return
+        now = anyio.current_time()
+        if now - self.typed.get(command.room, -TYPING_INTERVAL) < TYPING_INTERVAL:
+            return  # at most one a second: the others' view does not change faster
+        self.typed[command.room] = now
+        self.hub.relay_typing(member)
+
+    async def refresh(self, command: Refresh) -> None:
+        """A new token for the whole connection (as v1's refresh): the same user moves the
+        deadline and brings its ``name`` (to every room) and ``rooms`` (a room no longer
+        granted is left: ``left`` 4403)."""
+        if not self.refreshes.take(anyio.current_time()):
+            self.refuse(ErrorCode.RATE_LIMITED, REFRESH_NOTICE)
+            return
+        credentials = self.credentials
+        if credentials is None:
+            self.refuse(ErrorCode.BAD_TOKEN, "this server does not use signed tokens")
+            return
+        try:
+            identity = credentials.verifier.verify(command.token)
+        except TokenRejected as rejected:
+            self.refuse(ErrorCode.BAD_TOKEN, rejected.reason)
+            return
+        if identity.user != credentials.identity.user:
+            self.refuse(ErrorCode.BAD_TOKEN, "the token is for another user")
+            return
+        for member in list(self.client.members.values()):
+            try:
+                await self.broker.rename(member, identity.name)
+            except NameTaken:
+                room = member.room.name
+                self.refuse(
+                    ErrorCode.BAD_TOKEN, f"the name {identity.name} is taken in #{room}", room=room
+                )
+                return
+            except BrokerUnavailable:
+                self.refuse(ErrorCode.BAD_TOKEN, RENAME_UNAVAILABLE)
+                return
+        credentials.renew(identity)
+        self.name = identity.name
+        for member in list(self.client.members.values()):
+            room = member.room.name
+            if protocol.dm_users(room) is None and not identity.may_enter(room):
+                self.hub.end(member, CloseCode.FORBIDDEN, f"not allowed in #{room}")
+
+
+async def serve_rooms(
+    ws: WebSocket,
+    broker: Broker,
+    settings: Settings,
+    *,
+    name: str | None,
+    batch: bool,
+    credentials: Credentials | None = None,
+) -> None:
+    """Run a ``/ws`` connection until either side ends it (or its token expires); it has
+    left every room when this returns (or raises)."""
+    user = None if credentials is None else credentials.identity.user
+    client = broker.hub.open_client(user, single_room=False)
+    session = Session(broker, client, settings, name, credentials)
+    expiry = credentials.expiry if credentials is not None else nullcontext()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send_outbox, ws, client, tg.cancel_scope, batch, settings.batch_max)
+            with expiry:
+                if await _receive_commands(ws, session):
+                    tg.cancel_scope.cancel()  # the peer is gone: nobody left to write to
+            if credentials is not None and credentials.expiry.cancelled_caught:
+                broker.hub.end_client(client, CloseCode.UNAUTHORIZED, "token expired")
+    finally:
+        broker.hub.forget_client(client)
+        with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            for member in list(client.members.values()):
+                await broker.leave(member)
+
+
+async def _receive_commands(ws: WebSocket, session: Session) -> bool:
+    """Carry out the client's commands until it disconnects (``True``) or the hub ends
+    the connection (``False``)."""
+    client = session.client
+    max_text = session.settings.max_text
+    while not client.ended:
+        try:
+            frame = await ws.receive()
+        except ConnectionClosed:
+            return True
+        if isinstance(frame, bytes):
+            session.refuse(ErrorCode.BINARY_UNSUPPORTED, "send JSON text frames, not binary")
+            continue
+        try:
+            command = protocol.parse_command(frame, max_text=max_text)
+        except BadMessage as exc:
+            session.refuse(exc.code, exc.message, room=exc.room, id=exc.id)
+            continue
+        if isinstance(command, RoomMessage):
+            await session.message(command)
+        elif isinstance(command, Typing):
+            session.typing(command)
+        elif isinstance(command, Join):
+            await session.join(command)
+        elif isinstance(command, Leave):
+            await session.leave(command)
+        elif isinstance(command, Refresh):
+            await session.refresh(command)
+    return False

@@ -1,0 +1,177 @@
+"""Protocol v2 (``/ws``): one connection in many rooms, on real Hypercorn (Trio and asyncio
+workers) with trio-websocket clients. What one room's members see (order, exactly once,
+presence) holds per room as in v1; problems with one room are ``error`` events with its
+name, never a close; one outbox per connection, so a stalled client is evicted once."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from roomcast import Settings, create_app
+
+from servers import ThreadedServer, serve_in_thread
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
+
+SETTINGS = Settings(rate_limit=0, tokens=None, presence_grace=0, max_rooms_per_connection=8)
+
+
+@pytest.fixture(scope="module", params=["trio", "asyncio"])
+def server(request: pytest.FixtureRequest) -> Iterator[ThreadedServer]:
+    with serve_in_thread(create_app(SETTINGS), worker_class=request.param) as server:
+        yield server
+
+
+class V2:
+    """A ``/ws`` client that keeps every event it reads, by room."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.events: list[dict[str, Any]] = []
+        self.seqs: dict[str, list[int]] = defaultdict(list)
+
+    async def send(self, **command: Any) -> None:
+        await self.ws.send_message(json.dumps(command))
+
+    async def next(self) -> dict[str, Any]:
+        event: dict[str, Any] = json.loads(await self.ws.get_message())
+        self.events.append(event)
+        if event["type"] == "message":
+            self.seqs[event["room"]].append(event["seq"])
+        return event
+
+    async def until(self, **match: Any) -> dict[str, Any]:
+        """Read until an event with all of ``match``'s fields."""
+        while True:
+            event = await self.next()
+            if all(event.get(key) == value for key, value in match.items()):
+                return event
+
+    async def join(self, room: str, **extra: Any) -> dict[str, Any]:
+        await self.send(type="join", room=room, **extra)
+        return await self.until(type="welcome", room=room)
+
+
+@asynccontextmanager
+async def connect(server: ThreadedServer, query: str = "") -> AsyncIterator[V2]:
+    async with open_websocket_url(server.url(f"/ws{query}")) as ws:
+        yield V2(ws)
+
+
+async def test_one_connection_in_three_rooms_gets_each_rooms_messages_in_order(
+    server: ThreadedServer,
+) -> None:
+    with trio.fail_after(20):
+        async with connect(server, "?name=ann") as ann, connect(server, "?name=bo") as bo:
+            for room in ("a", "b", "c"):
+                welcome = await ann.join(room)
+                assert (welcome["count"], welcome["members"]) == (1, ["ann"])
+            await bo.join("b")
+            for i in range(20):
+                for room in ("a", "b", "c"):
+                    await ann.send(type="message", room=room, text=f"{room}{i}", id=f"{room}{i}")
+            while sum(len(seqs) for seqs in ann.seqs.values()) < 60:
+                await ann.next()
+            assert dict(ann.seqs) == {room: list(range(1, 21)) for room in "abc"}
+            acks = [e for e in ann.events if e["type"] == "ack"]
+            assert {a["room"] for a in acks} <= {"a", "b", "c"}
+            while len(bo.seqs["b"]) < 20:
+                await bo.next()
+            assert dict(bo.seqs) == {"b": list(range(1, 21))}  # only the room it is in
+
+
+async def test_leaving_one_room_touches_no_other(server: ThreadedServer) -> None:
+    with trio.fail_after(20):
+        async with connect(server, "?name=cy") as cy, connect(server, "?name=di") as di:
+            await cy.join("l1")
+            await cy.join("l2")
+            await di.join("l1")
+            await di.join("l2")
+            await cy.send(type="leave", room="l1")
+            left = await cy.until(type="left")
+            assert (left["room"], left["code"]) == ("l1", 1000)
+            notice = await di.until(type="system", room="l1")
+            assert (notice["event"], notice["name"], notice["count"]) == ("leave", "cy", 1)
+            await cy.send(type="message", room="l2", text="still here")
+            message = await di.until(type="message", room="l2")
+            assert message["from"] == "cy"
+            await cy.send(type="message", room="l1", text="gone", id="x")
+            error = await cy.until(type="error")
+            assert (error["error"], error["room"], error["id"]) == ("not_member", "l1", "x")
+
+
+async def test_problems_with_one_room_are_errors_not_closes(server: ThreadedServer) -> None:
+    with trio.fail_after(20):
+        async with connect(server, "?name=ed") as ed:
+            await ed.join("e1")
+            cases: list[tuple[dict[str, Any], str]] = [
+                ({"type": "join", "room": "e1"}, "already_member"),
+                ({"type": "join", "room": "bad room!"}, "bad_room"),
+                ({"type": "join", "room": "dm:ann:bo"}, "forbidden"),
+                ({"type": "leave", "room": "e9"}, "not_member"),
+                ({"type": "typing", "room": "e9"}, "not_member"),
+                ({"type": "jump", "room": "e1"}, "unknown_type"),
+                ({"type": "join", "room": "e2", "since": -1}, "bad_request"),
+                ({"type": "message", "room": "e1", "text": "x" * 4001}, "too_long"),
+            ]
+            for command, code in cases:
+                await ed.send(**command)
+                assert (await ed.until(type="error"))["error"] == code, command
+            await ed.ws.send_message("plain text")
+            assert (await ed.until(type="error"))["error"] == "unknown_type"
+            await ed.ws.send_message(b"\x00")
+            assert (await ed.until(type="error"))["error"] == "binary_unsupported"
+            for i in range(2, 9):
+                await ed.join(f"e{i}")
+            await ed.send(type="join", room="e9")
+            error = await ed.until(type="error")
+            assert (error["error"], error["room"]) == ("too_many_rooms", "e9")
+            await ed.send(type="message", room="e8", text="the connection is fine")
+            assert (await ed.until(type="message"))["text"] == "the connection is fine"
+
+
+async def test_resume_per_room(server: ThreadedServer) -> None:
+    with trio.fail_after(20):
+        async with connect(server, "?name=fe") as fe:
+            welcome = await fe.join("r1")
+            for i in range(5):
+                await fe.send(type="message", room="r1", text=f"m{i}")
+            while len(fe.seqs["r1"]) < 5:
+                await fe.next()
+        async with connect(server, "?name=fe") as again:
+            resumed = await again.join("r1", since=2, epoch=welcome["epoch"])
+            assert resumed["seq"] == 5
+            while len(again.seqs["r1"]) < 3:
+                await again.next()
+            assert again.seqs["r1"] == [3, 4, 5]
+            await again.send(type="join", room="r2", since=7, epoch="other")
+            gap = await again.until(type="error", room="r2")
+            assert gap["error"] == "history_gap"
+
+
+async def test_typing_goes_to_the_others_of_the_room_only(server: ThreadedServer) -> None:
+    with trio.fail_after(20):
+        async with (
+            connect(server, "?name=gu") as gu,
+            connect(server, "?name=ha") as ha,
+            open_websocket_url(server.url("/ws/chat?room=t1&name=v1")) as v1,
+        ):
+            await gu.join("t1")
+            await ha.join("t1")
+            for _ in range(5):
+                await gu.send(type="typing", room="t1")
+            await gu.send(type="message", room="t1", text="done typing")
+            await ha.until(type="message", room="t1")
+            typing = [e for e in ha.events if e["type"] == "typing"]
+            assert typing == [{"type": "typing", "room": "t1", "user": None, "name": "gu"}]
+            assert not [e for e in gu.events if e["type"] == "typing"]
+            while json.loads(await v1.get_message())["type"] != "message":
+                pass  # a v1 member gets no typing events (its protocol has none)
