@@ -16,7 +16,9 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from roomcast import Settings, create_app
+from roomcast.identity import mint_token
 
+from rawws import open_raw_websocket
 from servers import ThreadedServer, serve_in_thread
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
@@ -175,3 +177,105 @@ async def test_typing_goes_to_the_others_of_the_room_only(server: ThreadedServer
             assert not [e for e in gu.events if e["type"] == "typing"]
             while json.loads(await v1.get_message())["type"] != "message":
                 pass  # a v1 member gets no typing events (its protocol has none)
+
+
+# -- signed tokens: grants, direct messages, refresh -------------------------------------------
+
+SECRET = "multiroom-secret-for-the-tests-only"
+SIGNED = Settings(rate_limit=0, jwt_secret=SECRET, presence_grace=0)
+
+
+@pytest.fixture(scope="module")
+def signed_server() -> Iterator[ThreadedServer]:
+    with serve_in_thread(create_app(SIGNED), worker_class="trio") as server:
+        yield server
+
+
+def token(sub: str, *, rooms: list[str] | None = None, ttl: float = 600) -> str:
+    return mint_token(SECRET, sub=sub, ttl=ttl, rooms=rooms)
+
+
+async def test_a_direct_room_is_for_its_two_users_only(signed_server: ThreadedServer) -> None:
+    room = "dm:ann:bob"
+    with trio.fail_after(20):
+        async with (
+            connect(signed_server, f"?token={token('ann')}") as ann,
+            connect(signed_server, f"?token={token('bob', rooms=['lobby'])}") as bob,
+            connect(signed_server, f"?token={token('cat')}") as cat,
+        ):
+            await ann.join(room)
+            await bob.join(room)  # no grant needed: it is his
+            await cat.send(type="join", room=room)
+            refused = await cat.until(type="error")
+            assert (refused["error"], refused["room"]) == ("forbidden", room)
+            await cat.send(type="join", room="dm:bob:ann")  # not sorted: no such room
+            assert (await cat.until(type="error"))["error"] == "bad_room"
+            await ann.send(type="message", room=room, text="just us")
+            message = await bob.until(type="message", room=room)
+            assert (message["user"], message["text"]) == ("ann", "just us")
+
+
+async def test_anonymous_connections_cannot_enter_direct_rooms(server: ThreadedServer) -> None:
+    with trio.fail_after(10):
+        async with connect(server, "?name=ann") as anonymous:
+            await anonymous.send(type="join", room="dm:ann:bob")
+            assert (await anonymous.until(type="error"))["error"] == "forbidden"
+
+
+async def test_a_refresh_that_drops_a_grant_leaves_only_that_room(
+    signed_server: ThreadedServer,
+) -> None:
+    with trio.fail_after(20):
+        granted = token("eve", rooms=["g1", "g2", "g3"])
+        async with connect(signed_server, f"?token={granted}") as eve:
+            for room in ("g1", "g2", "g3"):
+                await eve.join(room)
+            await eve.send(type="join", room="g4")
+            assert (await eve.until(type="error"))["error"] == "forbidden"
+            await eve.send(type="refresh", token=token("eve", rooms=["g1", "g3"]))
+            left = await eve.until(type="left")
+            assert (left["room"], left["code"]) == ("g2", 4403)
+            for room in ("g1", "g3"):
+                await eve.send(type="message", room=room, text=f"in {room}")
+                assert (await eve.until(type="message"))["room"] == room
+            await eve.send(type="message", room="g2", text="no")
+            assert (await eve.until(type="error"))["error"] == "not_member"
+
+
+# -- one outbox per connection: a stalled client in 50 rooms -----------------------------------
+
+
+async def test_a_stalled_client_in_50_rooms_is_evicted_once_and_the_rooms_go_on() -> None:
+    settings = Settings(rate_limit=0, tokens=None, presence_grace=0, outbox_size=32)
+    rooms = [f"s{i}" for i in range(50)]
+    with serve_in_thread(create_app(settings), worker_class="trio") as server, trio.fail_after(60):
+        stalled = await trio.to_thread.run_sync(
+            lambda: open_raw_websocket(server.port, "/ws?name=stalled", receive_buffer=4096)
+        )
+        for room in rooms:
+            stalled.send_text(json.dumps({"type": "join", "room": room}))
+        async with connect(server, "?name=talker") as talker:
+            for room in rooms:
+                await talker.join(room)
+            text = "x" * 3000
+            for _ in range(60):
+                for room in rooms:
+                    await talker.send(type="message", room=room, text=text)
+                if server.run_sync(lambda: stalled_gone(server)):
+                    break
+            leaves: dict[str, int] = defaultdict(int)
+            while len(leaves) < len(rooms):
+                event = await talker.next()
+                if event["type"] == "system" and event.get("event") == "leave":
+                    leaves[event["room"]] += 1
+            assert leaves == {room: 1 for room in rooms}
+            assert server.run_sync(lambda: server.runtime.hub.stats.evictions) == 1
+            await talker.send(type="message", room="s7", text="the room goes on")
+            assert (await talker.until(type="message", text="the room goes on"))["room"] == "s7"
+        code, _, _ = await trio.to_thread.run_sync(stalled.read_until_close)
+        assert code == 4008
+        stalled.sock.close()
+
+
+def stalled_gone(server: ThreadedServer) -> bool:
+    return server.runtime.hub.stats.evictions > 0
