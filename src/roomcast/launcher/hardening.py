@@ -3,7 +3,8 @@
 ``python -m roomcast`` runs its own Trio serving loop (:mod:`.trio_server`), but people
 serve ``roomcast.app:app`` the documented Hypercorn way too: ``hypercorn --worker-class
 trio roomcast.app:app``. Hypercorn 0.18 breaks three of roomcast's guarantees there, each
-for bytes any anonymous client can send:
+for bytes any anonymous client can send (the last two found by a hostile pass on this
+module's first version):
 
 - **One connection ends its worker.** An upgrade request followed, in the same TCP write,
   by anything at all makes the Trio worker's h11 layer raise, and ``worker_serve`` lets
@@ -13,14 +14,17 @@ for bytes any anonymous client can send:
   permessage-deflate on the wire made the server allocate ~180 MB before it answered 1009.
 - **A close is forgotten.** After Hypercorn sends 1009 it tells the app nothing until the
   peer answers the close frame; a peer that never answers stays a member of its room for
-  as long as it keeps its socket.
+  as long as it keeps its socket (and everything it sends is appended to the refused
+  message). A stream Hypercorn refuses with 400 after starting the app (data before the
+  accept) is never reported to the app at all.
+- **HTTP/2 flow control does not hold back a writer** whose peer's window is shut.
 
 :func:`install` mends all three from inside the worker process, once, when the app's
 lifespan starts (which Hypercorn runs before it builds its connection handler, so every
 connection gets the mended classes). It replaces module attributes Hypercorn looks up when
 it serves (``hypercorn.trio.run.TCPServer``, the ``WSStream`` of the h11 and h2 protocols,
-``PerMessageDeflate`` of the WebSocket handshake), with subclasses that change one thing
-each:
+``PerMessageDeflate`` of the WebSocket handshake, HTTP/2's ``StreamBuffer`` and
+``H2Protocol``), with subclasses that change one thing each:
 
 - :class:`ServedTCPServer` is the launcher's :class:`~.trio_server.ContainedTCPServer`
   (containment, prompt release, direct writes) for ``worker_serve``'s per-connection
@@ -33,7 +37,10 @@ each:
   the limit, so Hypercorn's own size check answers 1009 as for an uncompressed message.
 - :class:`ClosingWSStream` drops a connection whose peer has not answered a close frame
   the server sent within :data:`CLOSE_TIMEOUT` seconds: the app hears
-  ``websocket.disconnect`` (so the member leaves its room) and the socket closes.
+  ``websocket.disconnect`` (so the member leaves its room) and the socket closes; and it
+  tells the app of a stream refused before the accept.
+- :class:`FlowControlledStreamBuffer` and :class:`ClosingH2Protocol`: an HTTP/2 stream's
+  writer waits while the peer's window is shut, and is released when the stream ends.
 - Each accepted socket gets ``TCP_USER_TIMEOUT`` (``ROOMCAST_SEND_TIMEOUT``), which the
   launcher sets on the listening sockets it binds: a peer that never reads what it is
   sent is ended by the kernel, the only end for a write Hypercorn's Trio worker shields.
