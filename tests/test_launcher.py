@@ -466,6 +466,32 @@ class TestHypercornInternals:
         payload = inspect.getsource(PerMessageDeflate.frame_inbound_payload_data)
         assert "self._decompressor.decompress(bytes(data))" in payload
 
+    def test_a_stream_refused_before_the_accept_is_closed_after_the_app_started(
+        self,
+    ) -> None:
+        """``ClosingWSStream.handle`` tells the app when Hypercorn refused the stream (400)
+        for data before the accept, after it spawned the app: these are the lines."""
+        from hypercorn.protocol.ws_stream import WSStream
+
+        handle = inspect.getsource(WSStream.handle)
+        assert handle.index("self.app_put = await") < handle.index(
+            "elif isinstance(event, (Body, Data)) and not self.handshake.accepted:"
+        )
+        assert "if self.closed:\n            return" in handle
+
+    def test_the_http2_stream_buffer_is_what_the_flow_controlled_one_corrects(self) -> None:
+        from hypercorn.protocol import ProtocolWrapper
+        from hypercorn.protocol.h2 import H2Protocol, StreamBuffer
+
+        pop = inspect.getsource(StreamBuffer.pop)
+        assert "if len(data) < BUFFER_LOW_WATER:" in pop  # the bug: any short pop resumes
+        assert "await self._paused.wait()" in inspect.getsource(StreamBuffer.push)
+        assert "StreamBuffer(self.context.event_class)" in inspect.getsource(
+            H2Protocol._create_stream
+        )
+        assert "self.stream_buffers" in inspect.getsource(H2Protocol._send_data)
+        assert "H2Protocol(" in inspect.getsource(ProtocolWrapper)
+
     def test_the_hardening_is_installed_for_the_installed_hypercorn(self) -> None:
         import hypercorn.protocol.h11
         import hypercorn.trio.run

@@ -3,7 +3,8 @@
 ``python -m roomcast`` runs its own Trio serving loop (:mod:`.trio_server`), but people
 serve ``roomcast.app:app`` the documented Hypercorn way too: ``hypercorn --worker-class
 trio roomcast.app:app``. Hypercorn 0.18 breaks three of roomcast's guarantees there, each
-for bytes any anonymous client can send:
+for bytes any anonymous client can send (the last two found by a hostile pass on this
+module's first version):
 
 - **One connection ends its worker.** An upgrade request followed, in the same TCP write,
   by anything at all makes the Trio worker's h11 layer raise, and ``worker_serve`` lets
@@ -13,14 +14,17 @@ for bytes any anonymous client can send:
   permessage-deflate on the wire made the server allocate ~180 MB before it answered 1009.
 - **A close is forgotten.** After Hypercorn sends 1009 it tells the app nothing until the
   peer answers the close frame; a peer that never answers stays a member of its room for
-  as long as it keeps its socket.
+  as long as it keeps its socket (and everything it sends is appended to the refused
+  message). A stream Hypercorn refuses with 400 after starting the app (data before the
+  accept) is never reported to the app at all.
+- **HTTP/2 flow control does not hold back a writer** whose peer's window is shut.
 
 :func:`install` mends all three from inside the worker process, once, when the app's
 lifespan starts (which Hypercorn runs before it builds its connection handler, so every
 connection gets the mended classes). It replaces module attributes Hypercorn looks up when
 it serves (``hypercorn.trio.run.TCPServer``, the ``WSStream`` of the h11 and h2 protocols,
-``PerMessageDeflate`` of the WebSocket handshake), with subclasses that change one thing
-each:
+``PerMessageDeflate`` of the WebSocket handshake, HTTP/2's ``StreamBuffer`` and
+``H2Protocol``), with subclasses that change one thing each:
 
 - :class:`ServedTCPServer` is the launcher's :class:`~.trio_server.ContainedTCPServer`
   (containment, prompt release, direct writes) for ``worker_serve``'s per-connection
@@ -33,7 +37,10 @@ each:
   the limit, so Hypercorn's own size check answers 1009 as for an uncompressed message.
 - :class:`ClosingWSStream` drops a connection whose peer has not answered a close frame
   the server sent within :data:`CLOSE_TIMEOUT` seconds: the app hears
-  ``websocket.disconnect`` (so the member leaves its room) and the socket closes.
+  ``websocket.disconnect`` (so the member leaves its room) and the socket closes; and it
+  tells the app of a stream refused before the accept.
+- :class:`FlowControlledStreamBuffer` and :class:`ClosingH2Protocol`: an HTTP/2 stream's
+  writer waits while the peer's window is shut, and is released when the stream ends.
 - Each accepted socket gets ``TCP_USER_TIMEOUT`` (``ROOMCAST_SEND_TIMEOUT``), which the
   launcher sets on the listening sockets it binds: a peer that never reads what it is
   sent is ended by the kernel, the only end for a write Hypercorn's Trio worker shields.
@@ -57,7 +64,8 @@ from typing import Any
 
 import anyio
 from hypercorn.config import Config
-from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.events import Body, Data, StreamClosed
+from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.typing import WebsocketAcceptEvent
 from wsproto.connection import ConnectionState
@@ -84,6 +92,10 @@ CLOSE_TIMEOUT = 5.0
 INFLATE_FACTOR = 4
 #: until the stream sets the configured limit (before any frame of a well-behaved client)
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024
+#: a compressed message is never inflated past INFLATE_FACTOR times this, whatever
+#: ``websocket_max_message_size`` says (Hypercorn's default is 16 MiB): beyond it the
+#: connection is dropped (wsproto's 1009, without a close frame)
+INFLATE_CEILING = 256 * 1024
 
 log = logging.getLogger("roomcast.hardening")
 
@@ -108,7 +120,7 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
     def _budget(self) -> int:
         # n bytes of UTF-8 hold at least (n - 3) / 4 whole characters (at most 3 bytes of a
         # character can wait for the rest): this many always exceed the limit, text or not
-        return INFLATE_FACTOR * (self.max_message_size + 1) + 3
+        return INFLATE_FACTOR * (min(self.max_message_size, INFLATE_CEILING) + 1) + 3
 
     def frame_inbound_header(
         self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, payload_length: int
@@ -131,6 +143,8 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
         except zlib.error:
             return CloseReason.INVALID_FRAME_PAYLOAD_DATA
         self._inflated += len(inflated)
+        if self._inflated >= self._budget and self.max_message_size > INFLATE_CEILING:
+            return CloseReason.MESSAGE_TOO_BIG  # what was handed on may be within the limit
         if self._inflated >= self._budget and self._inbound_text:
             # cut on a character: a dangling part would fail the message as invalid UTF-8
             # (1007, and no close frame) before Hypercorn's size check could answer 1009
@@ -161,14 +175,20 @@ def _whole_characters(utf8: bytes) -> bytes:
 
 
 class ClosingWSStream(WSStream):
-    """Hypercorn's WebSocket stream, which drops a peer that ignores the server's close.
+    """Hypercorn's WebSocket stream, which never leaves the app or its room waiting.
 
-    Whenever a close frame the server sent leaves the connection waiting for the peer's
-    (Hypercorn's own 1009, or the app's close), the stream waits at most
-    :data:`CLOSE_TIMEOUT` seconds for the stream to end, then ends it itself: the app is
-    told ``websocket.disconnect`` (1006) and the connection closes. A stream that ends in
-    time (the peer answered, or the app returned and Hypercorn closed the connection) ends
-    the wait at once, so the wait never outlives its connection.
+    - **A close is never waited on forever.** A close frame the server sends (Hypercorn's
+      own 1009, or the app's close) gives the peer :data:`CLOSE_TIMEOUT` seconds to
+      answer; then the stream ends itself: the app is told ``websocket.disconnect`` (1006)
+      and the connection closes. The wait starts before the frame is written (over HTTP/2
+      the write itself can wait on flow control) and ends when the stream does, so it never
+      outlives its connection. Meanwhile what the peer sends is dropped, not buffered:
+      Hypercorn would append every later message to the one it refused.
+    - **A refused stream tells the app.** Data that comes before the app accepted (an
+      upgrade request with bytes pipelined after it) makes Hypercorn answer 400 and mark
+      the stream closed, after it has started the app; it then drops the app's accept and
+      sends and never tells it the stream ended, so a chat member would stay in its room,
+      holding its name and socket, forever. The stream tells the app and ends.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -177,29 +197,79 @@ class ClosingWSStream(WSStream):
         self._closing = False
 
     async def handle(self, event: Any) -> None:
+        if self._closing and not self.closed and isinstance(event, Data):
+            await self._discard_until_closed(event.data)
+            return
+        refused_now = isinstance(event, (Body, Data)) and not self.closed
         await super().handle(event)
         if isinstance(event, StreamClosed):
             self._ended.set()
+        elif refused_now and self.closed and self.app_put is not None:
+            await self.app_put({"type": "websocket.disconnect", "code": 1006})
+            await self.send(StreamClosed(stream_id=self.stream_id))
+
+    async def _discard_until_closed(self, data: bytes) -> None:
+        """After the server's close: read only the peer's close, drop everything else."""
+        self.buffer.clear()
+        self.connection.receive_data(data)
+        for event in self.connection.events():
+            if isinstance(event, CloseConnection):
+                await self.send(StreamClosed(stream_id=self.stream_id))
+                return
 
     async def _accept(self, message: WebsocketAcceptEvent) -> None:
         await super()._accept(message)
         _bound_inflation(self.connection._proto.extensions, self.config)
 
     async def _send_wsproto_event(self, event: WSProtoEvent) -> None:
-        await super()._send_wsproto_event(event)
         if (
             isinstance(event, CloseConnection)
             and not self._closing
-            and self.connection.state is ConnectionState.LOCAL_CLOSING
+            and self.connection.state is ConnectionState.OPEN
         ):
             self._closing = True
             self.task_group.spawn(self._drop_unless_answered)
+        await super()._send_wsproto_event(event)
 
     async def _drop_unless_answered(self) -> None:
         with anyio.move_on_after(CLOSE_TIMEOUT):
             await self._ended.wait()
             return
         await self.send(StreamClosed(stream_id=self.stream_id))
+
+
+class FlowControlledStreamBuffer(StreamBuffer):
+    """Hypercorn's HTTP/2 send buffer of one stream, whose writer waits while the peer's
+    flow-control window is shut.
+
+    Hypercorn's ``pop`` resumes a waiting writer whenever it hands out less than the low
+    water mark, which a zero window always does (it hands out nothing): a WebSocket peer
+    that never opens its window then made the server buffer everything its rooms said,
+    without bound and without the outbox ever filling (no 4008). Here a writer resumes
+    once what is buffered is below the low water mark.
+    """
+
+    async def pop(self, max_length: int) -> bytes:
+        length = min(len(self.buffer), max_length)
+        data = bytes(self.buffer[:length])
+        del self.buffer[:length]
+        if len(self.buffer) < BUFFER_LOW_WATER:
+            await self._paused.set()
+        if not self.buffer:
+            await self._is_empty.set()
+        return data
+
+
+class ClosingH2Protocol(H2Protocol):
+    """Hypercorn's HTTP/2 protocol, which releases a stream's writer when the stream ends
+    (reset by the peer, or dropped by :class:`ClosingWSStream`), instead of leaving it
+    waiting on a window that will never open."""
+
+    async def _close_stream(self, stream_id: int) -> None:
+        await super()._close_stream(stream_id)
+        buffer = self.stream_buffers.get(stream_id)
+        if buffer is not None and not buffer.complete:
+            await buffer.close()
 
 
 def _bound_inflation(extensions: list[Any], config: Config) -> None:
@@ -238,6 +308,8 @@ def install(send_timeout: float) -> bool:
     hypercorn.protocol.ws_stream.PerMessageDeflate = BoundedPerMessageDeflate  # type: ignore[attr-defined]
     hypercorn.protocol.h11.WSStream = ClosingWSStream  # type: ignore[attr-defined]
     hypercorn.protocol.h2.WSStream = ClosingWSStream  # type: ignore[attr-defined]
+    hypercorn.protocol.h2.StreamBuffer = FlowControlledStreamBuffer  # type: ignore[misc]
+    hypercorn.protocol.H2Protocol = ClosingH2Protocol  # type: ignore[attr-defined]
     _install_connection_handlers(send_timeout)
     log.info(
         "roomcast: Hypercorn %s hardened: each connection contained, compressed messages "
