@@ -15,6 +15,7 @@ kept in its history and reaches every member.
                                                                     [{"user", "name"}]}
     GET  /api/rooms                                             -> {"rooms": [{"name", "count"}]}
     POST /api/users/{user}/disconnect                           -> {"closed"}
+    POST /api/users/{user}/notify     {"data"}                  -> {"delivered"}
 
 *Presence* lists people: each verified user once however many tabs it has open (with the
 name one of them shows), each anonymous connection with ``"user": null``; ``count`` counts them.
@@ -30,6 +31,10 @@ it holds and reports its count on a list the request waits on (``BLPOP``) for up
 second, and ``closed`` adds up the reports that came in time. A worker that is too slow
 to report still closes the connections (they are just not counted); one that was cut off
 from Redis at that moment never hears of the request and keeps them.
+
+*Notify* gives every protocol v2 (``/ws``) connection of a verified user a ``notice``
+event carrying ``data`` (any JSON: a mention, an invitation), on every worker and server;
+``delivered`` counts the connections reached, as ``closed`` does for a disconnect.
 
 Request parsing is sans I/O (:func:`parse_publish`, :func:`parse_history_query`,
 :func:`parse_user`), so the rules are tested without a server; :func:`handle` is the thin
@@ -67,9 +72,9 @@ JSON: Final = "application/json"
 MAX_USER: Final = 256
 
 _ROOM_ROUTE: Final = re.compile(r"/api/rooms/(?P<room>[^/]+)/(?P<what>messages|history|presence)")
-_USER_ROUTE: Final = re.compile(r"/api/users/(?P<user>.*)/disconnect", re.DOTALL)
+_USER_ROUTE: Final = re.compile(r"/api/users/(?P<user>.*)/(?P<what>disconnect|notify)", re.DOTALL)
 #: the same in the undecoded path, where a ``%2F`` in a user id is not a separator yet
-_RAW_USER_ROUTE: Final = re.compile(rb"/api/users/([^/]*)/disconnect\Z")
+_RAW_USER_ROUTE: Final = re.compile(rb"/api/users/([^/]*)/(?:disconnect|notify)\Z")
 
 
 class ApiError(Exception):
@@ -206,7 +211,10 @@ async def _route(
     if (user_match := _USER_ROUTE.fullmatch(path)) is not None:
         _allow(method, "POST")
         user = _user_in(scope, user_match["user"])
-        return 200, {"closed": await broker.disconnect(user)}
+        if user_match["what"] == "disconnect":
+            return 200, {"closed": await broker.disconnect(user)}
+        data = parse_notify(await _body(receive))
+        return 200, {"delivered": await broker.notify(user, data)}
     match = _ROOM_ROUTE.fullmatch(path)
     if match is None:
         raise ApiError(404, "not_found", f"no API endpoint at {path[:80]}")
@@ -215,11 +223,7 @@ async def _route(
         raise ApiError(400, "bad_request", "room must be 1-64 characters of A-Z a-z 0-9 _ - .")
     if what == "messages":
         _allow(method, "POST")
-        try:
-            body = await read_body(receive, MAX_BODY)
-        except BodyTooLarge:
-            raise ApiError(413, "too_large", f"the body is over {MAX_BODY} bytes") from None
-        publish = parse_publish(body, max_text=runtime.settings.max_text)
+        publish = parse_publish(await _body(receive), max_text=runtime.settings.max_text)
         return 200, {"seq": await broker.post(room, publish.message, publish.sender)}
     _allow(method, "GET")
     if what == "history":
@@ -233,6 +237,27 @@ async def _route(
     people = await broker.presence(room)
     members = [{"user": person.user, "name": person.name} for person in people]
     return 200, {"room": room, "count": len(members), "members": members}
+
+
+async def _body(receive: Receive) -> bytes:
+    try:
+        return await read_body(receive, MAX_BODY)
+    except BodyTooLarge:
+        raise ApiError(413, "too_large", f"the body is over {MAX_BODY} bytes") from None
+
+
+def parse_notify(body: bytes) -> Any:
+    """The ``data`` of ``POST /api/users/{user}/notify`` ``{"data": ...}``: any JSON value.
+
+    :raises ApiError: 400 unless the body is a JSON object with a ``data`` member
+    """
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "bad_request", "the body must be a JSON object") from None
+    if not isinstance(parsed, dict) or "data" not in parsed:
+        raise ApiError(400, "bad_request", 'the body must be a JSON object with "data"')
+    return parsed["data"]
 
 
 def _allow(method: str, expected: str) -> None:

@@ -842,15 +842,15 @@ class Hub:
             client._wake()
             self.stats.deliveries += 1
 
-    def relay_typing(self, member: Member) -> None:
-        """Tell the room's other v2 connections that ``member`` is typing. Never queued
-        where it could cost anything: an outbox more than half full skips it (and a v1
-        connection, whose protocol has no such event), so typing can never evict."""
-        encoded = protocol.encode_typing(room=member.room.name, user=member.user, name=member.name)
+    def relay_typing(self, room: Room, encoded: str, *, origin: str) -> None:
+        """Give the room's v2 connections other than ``origin`` (a client id) a ``typing``
+        event. Never queued where it could cost anything: an outbox more than half full
+        skips it (and a v1 connection, whose protocol has no such event), so typing can
+        never evict."""
         half = self.outbox_size // 2
-        for other in member.room.members:
-            client = other.client
-            if client is member.client or client.single_room or client.queued > half:
+        for member in room.members:
+            client = member.client
+            if client.id == origin or client.single_room or client.queued > half:
                 continue
             try:
                 client._outbox_send.send_nowait(encoded)

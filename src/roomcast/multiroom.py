@@ -18,6 +18,7 @@ expired token 4001, shutdown 1001) close the connection.
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import nullcontext
 
 import anyio
@@ -153,7 +154,7 @@ class Session:
         except BrokerUnavailable:
             self.refuse(ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, room=command.room, id=id)
 
-    def typing(self, command: Typing) -> None:
+    async def typing(self, command: Typing) -> None:
         member = self.member(command.room)
         if member is None:
             return
@@ -161,7 +162,8 @@ class Session:
         if now - self.typed.get(command.room, -TYPING_INTERVAL) < TYPING_INTERVAL:
             return  # at most one a second: the others' view does not change faster
         self.typed[command.room] = now
-        self.hub.relay_typing(member)
+        with contextlib.suppress(BrokerUnavailable):  # advisory: not worth an error
+            await self.broker.typing(member)
 
     async def refresh(self, command: Refresh) -> None:
         """A new token for the whole connection (as v1's refresh): the same user moves the
@@ -253,7 +255,7 @@ async def _receive_commands(ws: WebSocket, session: Session) -> bool:
         if isinstance(command, RoomMessage):
             await session.message(command)
         elif isinstance(command, Typing):
-            session.typing(command)
+            await session.typing(command)
         elif isinstance(command, Join):
             await session.join(command)
         elif isinstance(command, Leave):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import anyio
 
@@ -170,6 +170,23 @@ class Broker(Protocol):
         processes counts those that reported back in time).
 
         Not a ban: the user may connect again (with a token that is still valid).
+
+        :raises BrokerUnavailable: if the broker cannot be reached
+        """
+        ...
+
+    async def notify(self, user: str, data: Any) -> int:
+        """Give every v2 connection of the verified ``user``, on every worker and server,
+        a ``notice`` carrying ``data``; returns how many took it (a broker spanning
+        processes counts those that reported back in time).
+
+        :raises BrokerUnavailable: if the broker cannot be reached
+        """
+        ...
+
+    async def typing(self, member: Member) -> None:
+        """Tell the member's room's other v2 connections, wherever they are, that it is
+        typing (never stored, never sequenced, dropped for busy readers).
 
         :raises BrokerUnavailable: if the broker cannot be reached
         """

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from typing import Any
 
+from .. import protocol
 from ..hub import Client, Hub, Member
 from ..protocol import ChatMessage, CloseCode
 from . import DISCONNECTED, Claim, History, Person
@@ -84,3 +86,11 @@ class MemoryBroker:
 
     async def disconnect(self, user: str) -> int:
         return self.hub.end_user(user, CloseCode.UNAUTHORIZED, DISCONNECTED)
+
+    async def notify(self, user: str, data: Any) -> int:
+        return self.hub.notify(user, protocol.encode_notice(data))
+
+    async def typing(self, member: Member) -> None:
+        room = member.room
+        encoded = protocol.encode_typing(room=room.name, user=member.user, name=member.name)
+        self.hub.relay_typing(room, encoded, origin=member.client.id)

@@ -681,6 +681,9 @@ class RedisBroker:
                 continue
             kind, _, rest = data.partition("|")
             run, _, rest = rest.partition("|")
+            if kind == "T":  # typing: ``T|<origin client id>|<event>``, not sequenced
+                self.hub.relay_typing(room, rest, origin=run)
+                continue
             if kind == "M":
                 entries = [_split_entry(entry) for entry in rest.split("\n")]
                 stream = self._streams.get(room)
@@ -1000,9 +1003,27 @@ class RedisBroker:
     async def disconnect(self, user: str) -> int:
         """Ask every subscribed worker to close ``user``'s connections, and add up what
         they report within :data:`DISCONNECT_WAIT` (see the module docstring)."""
-        report = f"{self.namespace}disconnected:{secrets.token_urlsafe(12)}"
+        return await self._ask_every_worker("D", user)
+
+    async def notify(self, user: str, data: Any) -> int:
+        """Ask every subscribed worker to queue a ``notice`` for ``user``'s v2
+        connections, and add up what they report within :data:`DISCONNECT_WAIT`."""
+        request = orjson.dumps([user, protocol.encode_notice(data)]).decode()
+        return await self._ask_every_worker("N", request)
+
+    async def typing(self, member: Member) -> None:
+        """Tell the room's other v2 connections on every worker (not sequenced, not
+        stored: a ``T`` event on the room's channel, relayed by each subscriber)."""
+        encoded = protocol.encode_typing(room=member.room.name, user=member.user, name=member.name)
+        channel = self.channel_prefix + member.room.name
+        await self._call_raw(self.client.publish(channel, f"T|{member.client.id}|{encoded}"))
+
+    async def _ask_every_worker(self, kind: str, request: str) -> int:
+        """Publish ``kind|<report list>|request`` on the control channel and add up the
+        counts the workers push to the report list within :data:`DISCONNECT_WAIT`."""
+        report = f"{self.namespace}reports:{secrets.token_urlsafe(12)}"
         workers = await self._call_raw(
-            self.client.publish(self.control_channel, f"D|{report}|{user}")
+            self.client.publish(self.control_channel, f"{kind}|{report}|{request}")
         )
         closed = 0
         deadline = anyio.current_time() + DISCONNECT_WAIT
@@ -1018,12 +1039,17 @@ class RedisBroker:
 
     def _on_control(self, data: str) -> None:
         """A request from the control channel: ``D|<report list>|<user>`` closes the
-        user's local connections and queues the count for the report list."""
+        user's local connections, ``N|<report list>|<JSON [user, notice]>`` queues the
+        notice for its v2 connections; either queues the count for the report list."""
         kind, _, rest = data.partition("|")
-        if kind != "D":
+        report, _, request = rest.partition("|")
+        if kind == "D":
+            closed = self.hub.end_user(request, CloseCode.UNAUTHORIZED, DISCONNECTED)
+        elif kind == "N":
+            user, notice = orjson.loads(request)
+            closed = self.hub.notify(user, notice)
+        else:
             return
-        report, _, user = rest.partition("|")
-        closed = self.hub.end_user(user, CloseCode.UNAUTHORIZED, DISCONNECTED)
         # (a full queue: the requester stops waiting without this report, and counts less)
         with contextlib.suppress(anyio.WouldBlock):
             self._reports_send.send_nowait((report, closed))
