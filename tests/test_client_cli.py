@@ -503,7 +503,8 @@ def never_welcoming_server() -> Iterator[int]:
     async def handler(request: WebSocketRequest) -> None:
         ws = await request.accept()
         with suppress(ConnectionClosed):
-            await ws.get_message()  # until the client goes
+            while True:  # until the client goes (a v2 client says "join" first)
+                await ws.get_message()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -852,3 +853,79 @@ def test_token_with_a_negative_ttl_is_already_expired() -> None:
     bad = run_tool("token", "--sub", "ann", "--ttl", "soon", env=env)
     assert bad.returncode == 2
     assert "expected a duration such as 90s, 30m, 1h or -5m, got 'soon'" in bad.stderr
+
+
+# -- interactive mode: many rooms over one connection (protocol v2) -------------------------
+
+SECRET = "chat-v2-secret-for-the-tests-only"
+
+
+def test_join_switch_leave_and_dm_in_a_terminal() -> None:
+    """One terminal session, one connection: ``/join`` adds a room and types into it,
+    lines name their room once two are joined, ``/switch`` moves where lines go,
+    ``/leave`` drops a room, ``/dm`` opens the direct room with a user."""
+    from roomcast.identity import mint_token
+
+    lobby, other = fresh_room(), fresh_room()
+    with roomcast_server(env={"ROOMCAST_JWT_SECRET": SECRET}) as server:
+        bob_token = mint_token(SECRET, sub="bob", name="bob", ttl=600)
+        alice_token = mint_token(SECRET, sub="alice", name="alice", ttl=600)
+        bob = Terminal(room_url(server, lobby), "--token", bob_token)
+        try:
+            bob.wait_for(showing(rf"^\* you joined #{lobby} \(1 here: bob\)$"), "the welcome")
+            bob.type(f"/join {other}\r".encode())
+            bob.wait_for(showing(rf"^\* you joined #{other} "), "the second welcome")
+            bob.wait_for(showing(rf"^#{other}>$"), "the prompt naming the room")
+            bob.type(b"hello other\r")
+            bob.wait_for(showing(rf"^\[\d\d:\d\d:\d\d\] #{other} bob: hello other$"), "the line")
+
+            alice = run_client(room_url(server, lobby), "--token", alice_token, input="hi lobby\n")
+            assert alice.returncode == 0, alice.stderr
+            bob.wait_for(showing(rf"^\[\d\d:\d\d:\d\d\] #{lobby} alice: hi lobby$"), "alice")
+
+            bob.type(f"/switch {lobby}\r".encode())
+            bob.wait_for(showing(rf"^\* typing into #{lobby}$"), "the switch back")
+            bob.type(b"back in the lobby\r")
+            bob.wait_for(showing(rf"#{lobby} bob: back in the lobby$"), "the lobby line")
+
+            bob.type(f"/leave {other}\r".encode())
+            bob.wait_for(showing(rf"^\* you left #{other}$"), "the leave")
+            bob.type(b"only one room now\r")
+            bob.wait_for(showing(r"^\[\d\d:\d\d:\d\d\] bob: only one room now$"), "no tag")
+
+            bob.type(b"/dm alice\r")
+            bob.wait_for(showing(r"^\* you joined #dm:alice:bob "), "the direct room")
+            bob.wait_for(showing(r"^#dm:alice:bob>$"), "typing into it")
+            bob.type(b"psst\r")
+            bob.wait_for(showing(r"#dm:alice:bob bob: psst$"), "the direct line")
+
+            bob.type(b"/leave\r")  # the room typed into: the direct one
+            bob.wait_for(showing(r"^\* you left #dm:alice:bob$"), "leaving the direct room")
+            bob.type(b"still in the lobby\r")
+            bob.wait_for(showing(r"bob: still in the lobby$"), "the lobby, still joined")
+
+            bob.type(b"\x04")
+            assert bob.wait() == 0
+            assert b"Traceback" not in bob.raw
+        finally:
+            bob.close()
+
+
+def test_dm_without_a_signed_token_says_so_and_bad_commands_explain(
+    server: ServerProcess,
+) -> None:
+    ann = Terminal(room_url(server, fresh_room()), "--name", "ann")
+    try:
+        ann.wait_for(showing(r"^\* you joined #"), "the welcome")
+        ann.type(b"/dm bob\r")
+        ann.wait_for(showing(r"^! /dm needs a signed token"), "the refusal")
+        ann.type(b"/switch nowhere\r")
+        ann.wait_for(showing(r"^! not in #nowhere: /join it first$"), "the switch refused")
+        ann.type(b"/join bad!room\r")
+        ann.wait_for(showing(r"^! cannot join #bad!room: "), "the join refused")
+        ann.type(b"/frobnicate\r")
+        ann.wait_for(showing(r"^! unknown command /frobnicate; commands: /join ROOM"), "help")
+        ann.type(b"\x04")
+        assert ann.wait() == 0
+    finally:
+        ann.close()

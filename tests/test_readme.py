@@ -26,7 +26,8 @@ def examples(language: str) -> list[str]:
 
 
 def test_the_section_has_the_examples_this_test_runs() -> None:
-    assert len(examples("python")) == 4
+    assert len(examples("python")) == 5
+    assert any("open_connection(" in code for code in examples("python"))  # protocol v2
     assert any("since=seq, epoch=epoch" in code for code in examples("python"))  # resume
     assert len(examples("sh")) == 1
 

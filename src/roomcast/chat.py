@@ -12,7 +12,10 @@ leaving the room closes the WebSocket. No task and no thread outlives the sessio
 
 Two modes share that structure. *Interactive* (stdin is a terminal, no ``--json``) edits
 the line being typed with prompt_toolkit: messages that arrive meanwhile are printed
-above it and the half-typed line stays intact below them. A line you send is shown once,
+above it and the half-typed line stays intact below them. It runs over one protocol v2
+connection (``/ws``, :func:`~roomcast.client.open_connection`), so ``/join``, ``/leave``,
+``/switch`` and ``/dm`` add and drop rooms on it; the printer then reads every room's
+events, and lines name their room once more than one is joined. A line you send is shown once,
 when the server's echo arrives; until then it waits in the status line under the prompt
 ("sending: ..."). *Scripting* (stdin is a pipe or a file, or ``--json``) prints the
 server's events verbatim, one JSON object per line (plus an ``ack`` line for each message
@@ -45,19 +48,26 @@ import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .client import (
+    Connection,
     Error,
     Event,
     HistoryGap,
+    JoinRefused,
+    Left,
     Message,
     MessageRefused,
+    Notice,
     Presence,
     Reconnecting,
     Room,
     RoomClosed,
     RoomUnavailable,
     TokenSource,
+    Typing,
     Unknown,
     Welcome,
+    dm_room,
+    open_connection,
     open_room,
 )
 from .protocol import ProtocolError, parse_chat_query
@@ -72,6 +82,8 @@ EXIT_USAGE: Final = 2
 #: scripting mode: the session ended normally, but the server refused some input lines
 EXIT_REFUSED: Final = 3
 READ_SIZE: Final = 65536
+#: how long "X typing" stays in the status line after X's last typing event
+TYPING_SHOWN: Final = 3.0
 #: close codes never sent on the wire: how a lost connection is reported
 LOST_CODES: Final = {1005: "closed without a status code", 1006: "connection lost"}
 
@@ -81,7 +93,13 @@ Join a roomcast chat room from the terminal.
 Interactive mode (stdin is a terminal): events are shown as
 "[HH:MM:SS] name: text", each typed line is sent, Ctrl-D leaves. Messages
 that arrive while you type are printed above your line; a line you send
-shows once, when the server has it. A dropped connection is resumed.
+shows once, when the server has it. A dropped connection is resumed, every
+room joined with it. Commands:
+  /join ROOM     join ROOM too, and type into it
+  /leave [ROOM]  leave ROOM (default: the one you type into)
+  /switch ROOM   type into ROOM (one you joined)
+  /dm USER       the direct room with USER (needs a signed token)
+With more than one room joined, lines show their room: "[12:00:01] #lobby ann: hi".
 
 Scripting mode (stdin is a pipe or file, or --json): each non-empty input line
 is sent as a message, every server event is printed as one JSON object per
@@ -340,9 +358,12 @@ def _decode_line(line: bytes) -> str:
 class Session:
     """State shared by the session's tasks; :meth:`finish` is the only way to end it."""
 
-    room: Room
+    #: where typed lines go (interactive: ``None`` once every room was left)
+    room: Room | None
     options: Options
     out: TextIO
+    #: interactive: the v2 connection every room is joined over
+    conn: Connection | None = None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     #: own messages sent and not yet echoed, oldest first (interactive: the status line)
     unechoed: deque[str] = field(default_factory=deque)
@@ -354,10 +375,25 @@ class Session:
     refused: int = 0
     exit_code: int | None = None
     caught_up: anyio.Event = field(default_factory=anyio.Event)
+    #: the attempt of the last "connection lost" line (each room reports the same drop)
+    reconnect_shown: int = 0
+    #: "name in #room" -> when they last typed (interactive: shown in the status line)
+    typists: dict[str, float] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
         return self.exit_code is not None
+
+    @property
+    def rooms(self) -> dict[str, Room]:
+        """The rooms joined, by name."""
+        if self.conn is not None:
+            return self.conn.rooms
+        return {} if self.room is None else {self.room.name: self.room}
+
+    def is_own(self, message: Message) -> bool:
+        room = self.rooms.get(message.room)
+        return room is not None and room.is_own(message)
 
     def finish(self, exit_code: int, complaint: str | None = None) -> None:
         """End the session with ``exit_code`` (the first caller wins), saying why on stderr."""
@@ -370,11 +406,11 @@ class Session:
     def show(self, event: Event) -> None:
         """Print one room event and update the bookkeeping it affects."""
         if isinstance(event, Message):
-            if self.room.is_own(event) and self.unechoed:
+            if self.is_own(event) and self.unechoed:
                 self.unechoed.popleft()
             self.printed_seq = event.seq
         if self.options.interactive:
-            human = format_event(event)
+            human = self._human(event)
             if human is not None:
                 self.write(human)
         elif not isinstance(event, Reconnecting):
@@ -385,6 +421,27 @@ class Session:
                 self.finish(EXIT_OK)
         if self.printed_seq >= self.sent_seq:
             self.caught_up.set()
+
+    def _human(self, event: Event) -> str | None:
+        """Interactive: the line for ``event``, naming its room when more than one is
+        joined; a drop every room reports is told once."""
+        if isinstance(event, Reconnecting):
+            if event.room is not None and event.attempt == self.reconnect_shown:
+                return None
+            self.reconnect_shown = event.attempt
+        if isinstance(event, Left):
+            self.forget(event.room)
+        elif isinstance(event, Typing):
+            who = _clean(event.name or event.user or "someone")
+            self.typists[f"{who} in #{_clean(event.room)}"] = time.monotonic()
+            return None  # shown in the status line
+        return format_event(event, room_tag=len(self.rooms) > 1)
+
+    def forget(self, room: str) -> None:
+        """``room`` is left: type into another joined room, if any."""
+        if self.room is not None and self.room.name == room:
+            others = list(self.rooms.values())
+            self.room = others[-1] if others else None
 
     def write(self, text: str) -> None:
         try:
@@ -407,34 +464,62 @@ async def run(options: Options, out: TextIO) -> int:
 
     ``--timeout`` counts from the start, joining included: a server that accepts the
     connection and never welcomes us cannot hold the session past it."""
-    session: Session | None = None
+    started: list[Session] = []
     timeout = options.timeout
     try:
         with anyio.move_on_after(math.inf if timeout is None else timeout) as deadline:
-            async with open_room(
-                options.url,
-                options.room,
-                name=options.name,
-                token=_token_source(options) or options.token,
-                batch=options.batch,
-                since=options.since,
-                epoch=options.epoch,
-                reconnect=options.reconnect,
-            ) as room:
-                session = Session(room, options, out)
-                await _run_session(session)
+            if options.interactive:
+                await _run_connection(options, out, started)
+            else:
+                await _run_room(options, out, started)
     except RoomUnavailable as exc:
         if exc.code < 1000 or exc.code in LOST_CODES:  # an HTTP status, or no connection
             _complain(f"cannot connect to {options.display_url}: {_unreachable(exc)}")
             return EXIT_USAGE
         _complain(f"closed {exc.code}" + (f": {exc.reason}" if exc.reason else ""))
         return EXIT_CLOSED
-    if session is None:  # the deadline passed while joining
+    except RoomClosed as exc:  # interactive: the first room's join was refused
+        _complain(f"closed {exc.code}" + (f": {exc.reason}" if exc.reason else ""))
+        return EXIT_CLOSED
+    if not started:  # the deadline passed while joining
         _complain(f"timed out after {timeout:g}s waiting for the server to welcome us")
         return EXIT_CLOSED
+    session = started[0]
     if deadline.cancelled_caught:
         _timed_out(session, timeout)
     return _exit_code(session)
+
+
+async def _run_room(options: Options, out: TextIO, started: list[Session]) -> None:
+    """Scripting: one room of its own (v1, ``/ws/chat``), whose server events are printed
+    verbatim. The session goes into ``started`` once the room welcomed us."""
+    async with open_room(
+        options.url,
+        options.room,
+        name=options.name,
+        token=_token_source(options) or options.token,
+        batch=options.batch,
+        since=options.since,
+        epoch=options.epoch,
+        reconnect=options.reconnect,
+    ) as room:
+        started.append(Session(room, options, out))
+        await _run_session(started[0])
+
+
+async def _run_connection(options: Options, out: TextIO, started: list[Session]) -> None:
+    """Interactive: one v2 connection (``/ws``), the first room joined over it (the
+    session goes into ``started`` once it welcomed us), more with ``/join`` and ``/dm``."""
+    async with open_connection(
+        options.url,
+        name=options.name,
+        token=_token_source(options) or options.token,
+        batch=options.batch,
+        reconnect=options.reconnect,
+    ) as conn:
+        room = await conn.join(options.room, since=options.since, epoch=options.epoch)
+        started.append(Session(room, options, out, conn=conn))
+        await _run_session(started[0])
 
 
 def _exit_code(session: Session) -> int:
@@ -516,8 +601,10 @@ def _timed_out(session: Session, timeout: float | None) -> None:
 async def _print_events(session: Session) -> None:
     """Print room events until the room closes; a close is reported, with exit code 1
     unless it was a normal (1000) close."""
+    events: Connection | Room | None = session.conn or session.room
+    assert events is not None
     try:
-        async for event in session.room:
+        async for event in events:
             session.show(event)
             if session.done:
                 return
@@ -549,9 +636,13 @@ async def _send_input(session: Session, stdin: StdinLines) -> None:
 
 
 async def _send(session: Session, text: str) -> None:
+    room = session.room
+    if room is None:
+        session.write("! you are in no room: /join ROOM")
+        return
     session.unechoed.append(text)
     try:
-        seq = await session.room.send(text)
+        seq = await room.send(text)
     except MessageRefused as refused:
         session.unechoed.remove(text)
         session.refused += 1
@@ -562,7 +653,10 @@ async def _send(session: Session, text: str) -> None:
             session.write(refused.raw or _json(event))
         return
     except RoomClosed:
-        return  # the printer reports the close
+        session.unechoed.remove(text)
+        if session.conn is not None:  # a room of the connection left meanwhile
+            session.write(f"! not sent: #{_clean(room.name)} was left ({_clean(text)[:40]})")
+        return  # a room of its own: the printer reports the close
     session.sent_seq = max(session.sent_seq, seq)
     if not session.options.interactive:
         session.write(_json({"type": "ack", "seq": seq}))
@@ -574,12 +668,22 @@ async def _prompt(session: Session) -> None:
     from prompt_toolkit import PromptSession
 
     def status() -> str:
-        if not session.unechoed:
-            return ""
-        return "sending: " + " | ".join(_clean(text)[:40] for text in session.unechoed)
+        now = time.monotonic()
+        typing = [who for who, since in session.typists.items() if now - since < TYPING_SHOWN]
+        parts = [", ".join(typing) + " typing"] if typing else []
+        if session.unechoed:
+            pending = " | ".join(_clean(text)[:40] for text in session.unechoed)
+            parts.append("sending: " + pending)
+        return "  ".join(parts)
+
+    def message() -> str:
+        room = session.room
+        if len(session.rooms) > 1 and room is not None:
+            return f"#{_clean(room.name)}> "
+        return "> "
 
     prompt: PromptSession[str] = PromptSession(
-        "> ", bottom_toolbar=status, erase_when_done=True, refresh_interval=0.5
+        message, bottom_toolbar=status, erase_when_done=True, refresh_interval=0.5
     )
     lines_in, lines_out = anyio.create_memory_object_stream[str](64)
     async with anyio.create_task_group() as sender:
@@ -600,9 +704,74 @@ async def _prompt(session: Session) -> None:
 
 
 async def _send_in_order(session: Session, lines: MemoryObjectReceiveStream[str]) -> None:
+    """Send each line, or carry out the command it is, in the order typed (a line after
+    ``/join x`` goes to ``x``)."""
     async with lines:
         async for line in lines:
-            await _send(session, line)
+            if line.startswith("/") and not line.startswith("//"):
+                await _command(session, line)
+            else:
+                await _send(session, line.removeprefix("/"))
+
+
+COMMANDS: Final = "/join ROOM, /leave [ROOM], /switch ROOM, /dm USER (//text sends /text)"
+
+
+async def _command(session: Session, line: str) -> None:
+    """``/join ROOM``, ``/leave [ROOM]``, ``/switch ROOM``, ``/dm USER``."""
+    command, *args = line.split()
+    conn = session.conn
+    if command not in ("/join", "/leave", "/switch", "/dm") or conn is None:
+        session.write(f"! unknown command {_clean(command)}; commands: {COMMANDS}")
+        return
+    if len(args) > 1 or (command != "/leave" and len(args) != 1):
+        session.write(f"! usage: {COMMANDS}")
+        return
+    if command == "/join":
+        await _join(session, conn, args[0])
+    elif command == "/dm":
+        user = conn.user
+        if user is None:
+            session.write(
+                "! /dm needs a signed token (--token): direct rooms are for verified users"
+            )
+            return
+        await _join(session, conn, dm_room(user, args[0]))
+    elif command == "/switch":
+        room = conn.rooms.get(args[0].removeprefix("#"))
+        if room is None:
+            session.write(f"! not in #{_clean(args[0])}: /join it first")
+            return
+        session.room = room
+        session.write(f"* typing into #{_clean(room.name)}")
+    else:
+        await _leave(session, conn, args)
+
+
+async def _leave(session: Session, conn: Connection, args: list[str]) -> None:
+    """``/leave ROOM``, or the room typed into; its ``left`` line follows."""
+    room = conn.rooms.get(args[0].removeprefix("#")) if args else session.room
+    if room is None:
+        session.write(f"! not in #{_clean(args[0]) if args else 'any room'}")
+        return
+    await conn.leave(room)
+    session.forget(room.name)
+
+
+async def _join(session: Session, conn: Connection, name: str) -> None:
+    """Join ``name`` (or switch to it if joined) and type into it."""
+    name = name.removeprefix("#")
+    room = conn.rooms.get(name)
+    if room is not None:
+        session.room = room
+        session.write(f"* typing into #{_clean(room.name)}")
+        return
+    try:
+        session.room = await conn.join(name)  # its welcome line says so; the prompt too
+    except JoinRefused as refused:
+        session.write(f"! cannot join #{_clean(name)}: {_clean(refused.reason)}")
+    except RoomClosed:
+        pass  # the connection ended: the printer says so
 
 
 async def _watch_signals(session: Session) -> None:
@@ -622,27 +791,44 @@ async def _watch_signals(session: Session) -> None:
 # -- human output ---------------------------------------------------------------------------
 
 
-def format_event(event: Event) -> str | None:
-    """One room event as a line for a person (``None`` for nothing to show).
+def format_event(event: Event, *, room_tag: bool = False) -> str | None:
+    """One room event as a line for a person (``None`` for nothing to show); with
+    ``room_tag`` (more than one room joined) a line names its room.
 
     Everything that came from other users is passed through :func:`_clean`, so a chat
     message cannot move the cursor, clear the screen or retitle the terminal.
     """
+    room = getattr(event, "room", None)
+    tag = f"#{_clean(room)} " if room_tag and isinstance(room, str) else ""
     if isinstance(event, Message):
         clock = time.strftime("%H:%M:%S", time.localtime(event.ts / 1000))
         who = _clean(event.sender) if event.sender is not None else "(anonymous)"
-        return f"[{clock}] {who}: {_clean(event.text)}"
+        return f"[{clock}] {tag}{who}: {_clean(event.text)}"
     if isinstance(event, Welcome):
         return _format_welcome(event)
-    if isinstance(event, Presence):
+    if isinstance(event, Presence):  # the server's notice names the room
         return f"* {_clean(event.message)} ({event.count} here)"
     if isinstance(event, HistoryGap):
-        return _format_gap(event)
+        return "* " + tag + _format_gap(event).removeprefix("* ")
     if isinstance(event, Reconnecting):
         return f"* connection lost ({event.code}); reconnecting in {event.delay:.1f}s"
+    if isinstance(event, Left):
+        return _format_left(event)
     if isinstance(event, Error):
-        return f"! {_clean(event.code)}: {_clean(event.message)}"
+        return f"! {tag}{_clean(event.code)}: {_clean(event.message)}"
+    if isinstance(event, Notice):
+        return f"* notice: {_clean(_json(event.data))}"
+    if isinstance(event, Typing):
+        return None
     return f"? {_clean(_json(event.raw))}"
+
+
+def _format_left(left: Left) -> str:
+    room = _clean(left.room)
+    if left.code == 1000:
+        return f"* you left #{room}"
+    reason = f": {_clean(left.reason)}" if left.reason else ""
+    return f"! the server ended your membership of #{room} ({left.code}{reason})"
 
 
 def _format_gap(gap: HistoryGap) -> str:

@@ -15,9 +15,12 @@ __all__ = [
     "Error",
     "Event",
     "HistoryGap",
+    "Left",
     "Message",
+    "Notice",
     "Presence",
     "Reconnecting",
+    "Typing",
     "Unknown",
     "Welcome",
     "parse_event",
@@ -73,6 +76,8 @@ class Presence:
     joins: int = 0
     leaves: int = 0
     members: tuple[str, ...] | None = None
+    #: the room it is about (``None`` from a v1 server, whose connection is one room)
+    room: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,8 @@ class HistoryGap:
     #: :func:`parse_event` alone sees it only when ``first <= since + 1`` (within one
     #: run, a gap always starts after ``since + 1``)
     restarted: bool = False
+    #: the room it is about (``None`` on v1's one-room connection)
+    room: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,9 @@ class Error:
     id: str | None = None
     #: the event as the server sent it (one JSON object)
     raw: str = field(default="", repr=False, compare=False)
+    #: the room it is about, if any (v2: ``None`` for the whole connection, e.g. a refused
+    #: token ``refresh``)
+    room: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +124,7 @@ class Ack:
 
     id: str
     seq: int
+    room: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +136,43 @@ class Reconnecting:
     reason: str
     attempt: int
     delay: float
+    #: v2: the room told (each room of a connection gets one, as a room of its own does)
+    room: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Left:
+    """v2: the membership of ``room`` ended: ``code`` 1000 for our own leave, otherwise
+    the server ended it (4403 the token no longer grants the room, 4008 ...). It is the
+    room's last event; its iteration then ends (with :class:`RoomClosed` unless 1000)."""
+
+    room: str
+    code: int
+    reason: str
+    #: the event as the server sent it (one JSON object)
+    raw: str = field(default="", repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    """v2: another member of ``room`` is typing (at most one a second per member; never
+    stored, so a reconnection does not bring it back)."""
+
+    room: str
+    user: str | None
+    name: str | None
+    #: the event as the server sent it (one JSON object)
+    raw: str = field(default="", repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """v2: the application's message to this user (``POST /api/users/{user}/notify``):
+    ``data`` is its JSON value. Not about a room; not stored, not resumed."""
+
+    data: Any
+    #: the event as the server sent it (one JSON object)
+    raw: str = field(default="", repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +182,18 @@ class Unknown:
     raw: dict[str, Any]
 
 
-Event = Welcome | Message | Presence | HistoryGap | Error | Reconnecting | Unknown
+Event = (
+    Welcome
+    | Message
+    | Presence
+    | HistoryGap
+    | Error
+    | Reconnecting
+    | Left
+    | Typing
+    | Notice
+    | Unknown
+)
 
 
 def parse_event(raw: Any, line: str = "") -> Event | Ack:
@@ -162,7 +221,7 @@ def _parse(raw: dict[str, Any], line: str) -> Event | Ack:
             raw=line,
         )
     if kind == "ack":
-        return Ack(id=_str(raw["id"]), seq=_int(raw["seq"]))
+        return Ack(id=_str(raw["id"]), seq=_int(raw["seq"]), room=_optional_str(raw.get("room")))
     if kind == "welcome":
         return Welcome(
             room=_str(raw["room"]),
@@ -182,6 +241,7 @@ def _parse(raw: dict[str, Any], line: str) -> Event | Ack:
             first=first,
             raw=line,
             restarted=first <= since + 1,
+            room=_optional_str(raw.get("room")),
         )
     if kind == "error":
         return Error(
@@ -189,7 +249,29 @@ def _parse(raw: dict[str, Any], line: str) -> Event | Ack:
             message=_str(raw.get("message", "")),
             id=_optional_str(raw.get("id")),
             raw=line,
+            room=_optional_str(raw.get("room")),
         )
+    return _parse_v2(kind, raw, line)
+
+
+def _parse_v2(kind: Any, raw: dict[str, Any], line: str) -> Event:
+    """The events only ``/ws`` (protocol v2) sends."""
+    if kind == "left":
+        return Left(
+            room=_str(raw["room"]),
+            code=_int(raw["code"]),
+            reason=_str(raw.get("reason", "")),
+            raw=line,
+        )
+    if kind == "typing":
+        return Typing(
+            room=_str(raw["room"]),
+            user=_optional_str(raw.get("user")),
+            name=_optional_str(raw.get("name")),
+            raw=line,
+        )
+    if kind == "notice":
+        return Notice(data=raw.get("data"), raw=line)
     return Unknown(raw)
 
 
@@ -212,6 +294,7 @@ def _presence(raw: dict[str, Any], line: str) -> Presence:
         joins=_int(raw.get("joins", 1 if event == "join" else 0)),
         leaves=_int(raw.get("leaves", 1 if event == "leave" else 0)),
         members=None if members is None else _names(members),
+        room=_optional_str(raw.get("room")),
     )
 
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import anyio
@@ -57,6 +57,7 @@ from .events import (
     Welcome,
     parse_event,
 )
+from .inbox import Inbox, StreamInbox
 
 __all__ = [
     "MessageRefused",
@@ -71,6 +72,9 @@ __all__ = [
 #: an async callable returning a fresh token (asked before each connection and before the
 #: current token expires)
 TokenSource = Callable[[], Awaitable[str]]
+#: sends one text frame on the room's current connection; a failure is swallowed (the
+#: connection is going, and what was not sequenced goes again after the resume)
+Link = Callable[[str], Awaitable[None]]
 
 CHAT_PATH: Final = "/ws/chat"
 #: close codes after which the room reconnects: the server went away, the network broke,
@@ -156,6 +160,7 @@ class Room:
         buffer: int,
         reconnect: bool,
         max_backoff: float,
+        inbox: Inbox | None = None,
     ) -> None:
         chat_url(url, room)  # fail early on a bad URL
         self.url = url
@@ -173,11 +178,13 @@ class Room:
         self._batch = batch
         self._reconnect = reconnect
         self._max_backoff = max_backoff
-        self._events_in, self._events_out = anyio.create_memory_object_stream[Event](buffer)
+        #: a room of a connection (v2) shares its connection's mailbox
+        self._inbox: Inbox = inbox if inbox is not None else StreamInbox(buffer)
+        self._v2 = inbox is not None
         self._pending: dict[str, _Pending] = {}
         self._prefix = secrets.token_hex(4)
         self._ids = itertools.count(1)
-        self._ws: AsyncWebSocketSession | None = None
+        self._link: Link | None = None
         self._replay_until: int | None = None  # set by a welcome, cleared once caught up
         #: whether this connection resumes a run of the room's sequence that is over (a
         #: new epoch, or ``since`` past the room's seq): the server says so with a
@@ -192,25 +199,32 @@ class Room:
         #: connection is :class:`RoomUnavailable`, not a drop to recover from)
         self._started = False
         self._closed: RoomClosed | None = None
+        #: set once the room is closed for good (a v2 ``leave`` waits for it)
+        self._ended = anyio.Event()
 
     # -- the caller's side ----------------------------------------------------------------
 
-    async def send(self, text: str) -> int:
+    async def send(self, text: str, *, id: str | None = None) -> int:
         """Send a chat message; return its ``seq`` once the server has accepted it.
 
         While the room is reconnecting the message waits, and it is sent once: a message
-        the server sequenced before a drop is recognised in the resume replay.
+        the server sequenced before a drop is recognised in the resume replay. ``id`` is
+        the message's id on the wire (one of the room's own by default; one you give must
+        be unique among the messages you send, or the resume cannot tell them apart).
 
         :raises MessageRefused: if the server refused it (rate limit, length, outage)
         :raises RoomClosed: if the room was closed for good first
         """
         if self._closed is not None:
             raise self._closed
-        id = f"{self._prefix}-{next(self._ids)}"
+        if id is None:
+            id = f"{self._prefix}-{next(self._ids)}"
+        elif id in self._pending:
+            raise ValueError(f"message {id!r} is already on its way")
         pending = self._pending[id] = _Pending(text)
         try:
-            if self._ws is not None and self._replay_until is None:
-                await self._transmit(self._ws, id, pending)
+            if self._link is not None and self._connected.is_set():
+                await self._transmit(self._link, id, pending)
             await pending.done.wait()
         finally:
             del self._pending[id]
@@ -242,8 +256,8 @@ class Room:
             before that was read
         """
         try:
-            return await self._events_out.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return await self._inbox.get()
+        except anyio.EndOfStream:
             if self._closed is not None and self._closed.code != CloseCode.NORMAL:
                 raise self._closed from None
             raise StopAsyncIteration from None
@@ -273,7 +287,7 @@ class Room:
                 attempt = 1 if stable else attempt + 1
                 delay = min(self._max_backoff, FIRST_BACKOFF * 2 ** (attempt - 1))
                 delay *= random.uniform(0.5, 1.0)  # a server's clients do not all return at once
-                await self._events_in.send(Reconnecting(code, reason, attempt, delay))
+                await self._inbox.put(Reconnecting(code, reason, attempt, delay))
                 await anyio.sleep(delay)
 
     async def _connect(
@@ -296,17 +310,14 @@ class Room:
                 headers=headers,
                 session_class=AsyncWebSocketSession,
             ) as ws:
-                self._ws = ws
+                self._link = _link(ws)
                 try:
                     async with anyio.create_task_group() as tg:
                         if self._token_source is not None:
                             tg.start_soon(self._keep_token_fresh, ws)
                         await self._read(ws, task_status)
                 finally:
-                    self._ws = None
-                    self._replay_until = None
-                    if self._connected.is_set():
-                        self._connected = anyio.Event()
+                    self._unlink()
         except Exception as exc:  # httpx-ws raises from its task group: look inside
             return _why_it_ended(exc)
         raise AssertionError("unreachable: reading only ends with an exception")
@@ -317,11 +328,18 @@ class Room:
             frame = await ws.receive_text()
             for line in frame.split("\n") if split else (frame,):
                 event = parse_event(orjson.loads(line), line)
-                if await self._handle(ws, event) and not self._started:
+                if await self._handle(event) and not self._started:
                     self._started = self._resume = True  # from now on every connection resumes
                     task_status.started()
 
-    async def _handle(self, ws: AsyncWebSocketSession, event: Event | Ack) -> bool:
+    def _unlink(self) -> None:
+        """The connection is gone: nothing is sent until the next one has caught up."""
+        self._link = None
+        self._replay_until = None
+        if self._connected.is_set():
+            self._connected = anyio.Event()
+
+    async def _handle(self, event: Event | Ack) -> bool:
         """Deliver or settle one server event; ``True`` for a welcome."""
         if isinstance(event, Ack):
             self._settle(event.id, seq=event.seq)
@@ -342,10 +360,10 @@ class Room:
         elif isinstance(event, Error) and event.id in self._pending:
             self._settle(event.id, error=MessageRefused(event.code, event.message, event.raw))
             return False
-        await self._events_in.send(event)
+        await self._inbox.put(event)
         until = self._replay_until
         if until is not None and not self._gap_expected and self.seq >= until:
-            await self._caught_up(ws)
+            await self._caught_up()
         return isinstance(event, Welcome)
 
     def _welcome(self, welcome: Welcome) -> None:
@@ -373,18 +391,22 @@ class Room:
             with suppress(HTTPXWSException, LocalProtocolError, httpx.TransportError, OSError):
                 await ws.send_text(orjson.dumps({"type": "refresh", "token": self.token}).decode())
 
-    async def _caught_up(self, ws: AsyncWebSocketSession) -> None:
+    async def _caught_up(self) -> None:
         """The resume replay is over: send what it did not show as sequenced."""
         self._replay_until = None
         self._connected.set()
+        link = self._link
+        if link is None:
+            return
         for id, pending in list(self._pending.items()):
             if not pending.done.is_set():
-                await self._transmit(ws, id, pending)
+                await self._transmit(link, id, pending)
 
-    async def _transmit(self, ws: AsyncWebSocketSession, id: str, pending: _Pending) -> None:
-        # a failure means the connection is going: the message goes again after the resume
-        with suppress(HTTPXWSException, LocalProtocolError, httpx.TransportError, OSError):
-            await ws.send_text(orjson.dumps({"text": pending.text, "id": id}).decode())
+    async def _transmit(self, link: Link, id: str, pending: _Pending) -> None:
+        frame = {"text": pending.text, "id": id}
+        if self._v2:
+            frame = {"type": "message", "room": self.name, **frame}
+        await link(orjson.dumps(frame).decode())
 
     def _settle(self, id: str, *, seq: int | None = None, error: Exception | None = None) -> None:
         pending = self._pending.get(id)
@@ -395,7 +417,8 @@ class Room:
         self._closed = closed
         for pending in self._pending.values():
             pending.settle(error=closed)
-        self._events_in.close()
+        self._inbox.close()
+        self._ended.set()
 
 
 @asynccontextmanager
@@ -454,17 +477,34 @@ async def open_room(
         raise group.exceptions[0] from group.exceptions[0].__cause__
 
 
+def _link(ws: AsyncWebSocketSession) -> Link:
+    async def send_text(text: str) -> None:
+        # a failure means the connection is going: the message goes again after the resume
+        with suppress(HTTPXWSException, LocalProtocolError, httpx.TransportError, OSError):
+            await ws.send_text(text)
+
+    return send_text
+
+
 def _expiry(token: str | None) -> float | None:
     """The ``exp`` claim of a JWT, read without verifying it (the server does that): only
     to know when to fetch the next one."""
-    if not token:
+    try:
+        return float(_claims(token)["exp"])
+    except (ValueError, KeyError, TypeError):
         return None
+
+
+def _claims(token: str | None) -> dict[str, Any]:
+    """A JWT's claims, read without verifying them (``{}`` if it is not a JWT)."""
+    if not token:
+        return {}
     try:
         payload = token.split(".")[1]
         claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return float(claims["exp"])
-    except (IndexError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
-        return None
+    except (IndexError, ValueError, orjson.JSONDecodeError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
 
 
 def _why_it_ended(exc: BaseException) -> tuple[int, str]:
