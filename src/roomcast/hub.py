@@ -524,10 +524,15 @@ class Hub:
         if not member.joined:
             return None
         seq = self._sequence(member.room, message, member.name, member.user)
-        if message.id is not None and member.joined:
-            room = None if member.client.single_room else member.room.name
-            self.send_to(member, protocol.encode_ack(id=message.id, seq=seq, room=room))
+        if message.id is not None:
+            self.ack(member, message.id, seq)
         return seq
+
+    def ack(self, member: Member, id: str, seq: int) -> None:
+        """Confirm a message the member sent (its ``ack`` names the room on a v2
+        connection, which is in several)."""
+        room = None if member.client.single_room else member.room.name
+        self.send_to(member, protocol.encode_ack(id=id, seq=seq, room=room))
 
     def post(self, room_name: str, message: protocol.ChatMessage, sender: str | None) -> int:
         """Publish into a room from outside it (the server API): the room's next ``seq``,

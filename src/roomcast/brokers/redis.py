@@ -849,9 +849,8 @@ class RedisBroker:
         for messages, first in zip(rooms.values(), firsts, strict=True):
             for offset, outgoing in enumerate(messages):
                 outgoing.slots.release()
-                if outgoing.id is not None and outgoing.member.joined:
-                    ack = protocol.encode_ack(id=outgoing.id, seq=int(first) + offset)
-                    self.hub.send_to(outgoing.member, ack)
+                if outgoing.id is not None:
+                    self.hub.ack(outgoing.member, outgoing.id, int(first) + offset)
 
     def _publish_args(self) -> list[str | int]:
         """:data:`~.redis_scripts.PUBLISH`'s leading arguments: the history bounds
@@ -868,8 +867,12 @@ class RedisBroker:
     def _refuse(self, outgoing: _Outgoing) -> None:
         if outgoing.member.joined:
             self.hub.stats.drops += 1
-            error = protocol.encode_error(ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, id=outgoing.id)
-            self.hub.send_to(outgoing.member, error)
+            member = outgoing.member
+            room = {} if member.client.single_room else {"room": member.room.name}
+            error = protocol.encode_error(
+                ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, id=outgoing.id, **room
+            )
+            self.hub.send_to(member, error)
 
     # -- presence ---------------------------------------------------------------------------
 
