@@ -502,12 +502,14 @@ def test_browser_errors_and_close_reasons() -> None:
         dana.page.locator("#text").fill("")
 
         # the room holds one member: the next one is told it is full and may retry by hand
+        # (the connection stays up: only that room's join was refused)
         eve = Person(browser, expect, "Eve", viewport={"width": 900, "height": 600})
         stack.callback(eve.close)
         eve.page.goto(f"{base}?room=ops&name=Eve&token=sesame")
-        expect(eve.status).to_have_attribute("data-state", "closed")
-        expect(eve.status).to_contain_text("room is full")
+        expect(eve.status).to_have_attribute("data-state", "connected")
+        expect(eve.page.locator("#banner")).to_contain_text("the room is full")
         expect(eve.page.locator("#retry")).to_be_visible()
+        expect(eve.page.locator("#send")).to_be_disabled()
         eve.screenshot("closed-4003")
 
         # Dana leaves: Eve's retry now gets in
@@ -635,7 +637,7 @@ def test_the_page_works_mounted_under_a_prefix() -> None:
         person.send("hello from a mounted page")
         sync_api.expect(person.message("hello from a mounted page")).to_have_count(1)
         url = person.page.evaluate("() => window.roomcast.session.ws.url")
-        assert url.startswith(f"ws://127.0.0.1:{server.port}/chat/ws/chat?")
+        assert url.startswith(f"ws://127.0.0.1:{server.port}/chat/ws?")
         _assert_clean(person)
 
 
