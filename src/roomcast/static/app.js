@@ -44,7 +44,10 @@
   const SETTLE_TIMEOUT_MS = 5000; // most a resume's replay may take to show what arrived
   const URL_RE = /\bhttps?:\/\/[^\s<>"'`]+/gi;
   const GROUP_WINDOW_MS = 5 * 60 * 1000;
-  const TYPING_EVERY_MS = 1000; // the server relays at most one typing event a second
+  // The server relays at most one typing event a second per member and room, and drops
+  // (does not delay) one that comes sooner: a little more than a second apart, so that
+  // network jitter does not make one look early.
+  const TYPING_EVERY_MS = 1100;
   const TYPING_SHOWN_MS = 3000; // "X is typing" lasts this long after their last event
   const ROOMS_KEY = "roomcast.rooms";
   const TOKEN_KEY = "roomcast.token";
@@ -161,8 +164,7 @@
 
   const rooms = new Map(); // name -> room state, in the order joined
   const userNames = new Map(); // verified user id -> display name last seen
-  let lastTypingSent = 0;
-  let lastTypingRoom = null;
+  const typingSent = new Map(); // room name -> when this page last sent `typing` there
 
   function newRoom(name) {
     const dm = dmPeer(name);
@@ -1431,7 +1433,6 @@
     if (session.myIds.size > 2000) session.myIds.delete(session.myIds.values().next().value);
     session.pending.set(id, { room: room.name, text, bytes: UTF8.encode(frame).length });
     ws.send(frame);
-    lastTypingSent = 0; // the next keystroke is news again
     el.text.value = "";
     autosize();
     updateSend();
@@ -1445,11 +1446,8 @@
     const room = session.current;
     if (!room || room.state !== "joined" || !el.text.value.trim()) return;
     const now = Date.now();
-    if (room.name === lastTypingRoom && now - lastTypingSent < TYPING_EVERY_MS) return;
-    if (sendCommand({ type: "typing", room: room.name })) {
-      lastTypingSent = now;
-      lastTypingRoom = room.name;
-    }
+    if (now - (typingSent.get(room.name) || 0) < TYPING_EVERY_MS) return;
+    if (sendCommand({ type: "typing", room: room.name })) typingSent.set(room.name, now);
   }
 
   // -- wiring ------------------------------------------------------------------------------
