@@ -1212,14 +1212,17 @@ def test_direct_messages_from_the_member_list_and_who_is_typing() -> None:
         ben = signed_in("ben", "Ben", **PHONE)
         for person in (ann, ben):
             expect(person.page.locator("#count")).to_have_text("2")
-        # the member list names people; their user ids come with what they write
-        expect(ann.page.locator("#dm-hint")).to_contain_text("once they have written here")
+        # the member list names people; their user ids come with a join notice (Ann sees
+        # Ben's) or what they write (Ben, who found Ann there, learns hers from her message)
+        expect(ann.member("Ben").locator(".dm-button")).to_have_count(1)
+        expect(ben.member("Ann").locator(".dm-button")).to_have_count(0)
+        expect(ben.page.locator("#dm-hint")).to_contain_text("once they have written here")
         ann.send("Ben, got a minute?")
         ben.send("Sure")
         expect(ann.member("Ben").locator(".dm-button")).to_have_count(1)
         expect(ben.member("Ann").locator(".dm-button")).to_have_count(1)
         expect(ann.member("Ann").locator(".dm-button")).to_have_count(0)  # not with oneself
-        expect(ann.page.locator("#dm-hint")).to_be_hidden()
+        expect(ben.page.locator("#dm-hint")).to_be_hidden()
 
         # Ann opens the conversation from the member list: dm:ann:ben, shown as "Ben"
         ann.member("Ben").locator(".dm-button").click()

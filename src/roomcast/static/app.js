@@ -722,6 +722,7 @@
       }
     }
     if (typeof ev.count === "number") room.count = ev.count;
+    if (ev.event === "join") learnUser(room, name, ev.user); // a single join names its user
     for (const n of left) {
       const user = room.users.get(n);
       room.typing.delete(user || n);
