@@ -1,7 +1,8 @@
 """End-to-end: the browser client in headless Chromium against a real ``python -m roomcast``.
 
-One test walks through a chat session with three people (Alice on a desktop viewport, Bob
-on a phone viewport, Carol dropping in) and checks what a user would see:
+The page is one ``/ws`` connection (protocol v2) with a room list. One test walks through a
+chat session with three people in one room (Alice on a desktop viewport, Bob on a phone
+viewport, Carol dropping in) and checks what a user would see:
 
 * a message typed in one page appears in every page of the room, exactly once;
 * the member list and count follow joins and leaves (an unnamed member only counts);
@@ -10,9 +11,13 @@ on a phone viewport, Carol dropping in) and checks what a user would see:
   the room's history restarted, and displays every message sent afterwards;
 * chat text is rendered as text (no markup is created, no script runs).
 
+Others cover many rooms in one tab (unread counts, a drop, a reload and a server restart
+resuming every room with nothing twice), direct messages opened from the member list
+between signed-in users, and "X is typing".
+
 Chromium comes from ``ROOMCAST_CHROMIUM`` or ``chromium`` on ``PATH``. Without it the test
 is skipped, except under ``CI=true`` where it fails. Screenshots go to
-``tests/artifacts/browser/``; the one of the chat on a desktop is also written to
+``tests/artifacts/browser/``; the one of three rooms on a desktop is also written to
 ``docs/screenshot.png`` (the README's) when that file is missing or
 ``ROOMCAST_UPDATE_SCREENSHOT=1``, so ordinary runs leave the committed image alone.
 """
@@ -310,8 +315,6 @@ def test_browser_chat_end_to_end() -> None:
             expect(person.message(sent[-1])).to_have_count(1)
         alice.page.locator("#text").fill("Rolling out to eu-west now")
         alice.screenshot("chat-desktop")
-        if not DOCS_SCREENSHOT.exists() or os.environ.get("ROOMCAST_UPDATE_SCREENSHOT") == "1":
-            alice.page.screenshot(path=str(DOCS_SCREENSHOT), animations="disabled")
         alice.page.locator("#text").fill("")
         bob.screenshot("chat-phone")
         bob.page.locator("#members-toggle").click()
@@ -502,12 +505,14 @@ def test_browser_errors_and_close_reasons() -> None:
         dana.page.locator("#text").fill("")
 
         # the room holds one member: the next one is told it is full and may retry by hand
+        # (the connection stays up: only that room's join was refused)
         eve = Person(browser, expect, "Eve", viewport={"width": 900, "height": 600})
         stack.callback(eve.close)
         eve.page.goto(f"{base}?room=ops&name=Eve&token=sesame")
-        expect(eve.status).to_have_attribute("data-state", "closed")
-        expect(eve.status).to_contain_text("room is full")
+        expect(eve.status).to_have_attribute("data-state", "connected")
+        expect(eve.page.locator("#banner")).to_contain_text("the room is full")
         expect(eve.page.locator("#retry")).to_be_visible()
+        expect(eve.page.locator("#send")).to_be_disabled()
         eve.screenshot("closed-4003")
 
         # Dana leaves: Eve's retry now gets in
@@ -635,7 +640,7 @@ def test_the_page_works_mounted_under_a_prefix() -> None:
         person.send("hello from a mounted page")
         sync_api.expect(person.message("hello from a mounted page")).to_have_count(1)
         url = person.page.evaluate("() => window.roomcast.session.ws.url")
-        assert url.startswith(f"ws://127.0.0.1:{server.port}/chat/ws/chat?")
+        assert url.startswith(f"ws://127.0.0.1:{server.port}/chat/ws?")
         _assert_clean(person)
 
 
@@ -687,11 +692,20 @@ def test_sign_in_with_a_token_that_never_reaches_the_address_bar_or_the_log() ->
 
 
 def _person_in(
-    stack: contextlib.ExitStack, browser: Any, expect: Any, url: str, name: str, **options: Any
+    stack: contextlib.ExitStack,
+    browser: Any,
+    expect: Any,
+    url: str,
+    name: str,
+    *,
+    init_script: str | None = None,
+    **options: Any,
 ) -> Person:
     """A page that has joined the room at ``url`` (connected)."""
     person = Person(browser, expect, name, **options)
     stack.callback(person.close)
+    if init_script:
+        person.page.add_init_script(init_script)
     person.page.goto(url)
     expect(person.status).to_have_attribute("data-state", "connected")
     return person
@@ -843,7 +857,7 @@ def test_signed_in_the_page_shows_who_you_are_and_keeps_the_token_truthfully() -
         _assert_clean(dee)
 
 
-PHONE = {
+PHONE: dict[str, Any] = {
     "viewport": {"width": 390, "height": 844},
     "device_scale_factor": 2,
     "is_mobile": True,
@@ -948,3 +962,331 @@ def test_links_in_messages_are_clickable_and_nothing_else_is() -> None:
         assert tab.evaluate("() => window.opener") is None
         tab.close()
         _assert_clean(ann, bob)
+
+
+# -- many rooms over one connection (protocol v2) --------------------------------------------
+
+
+COUNT_SOCKETS = """
+window.socketsOpened = 0;
+window.WebSocket = class extends WebSocket {
+  constructor(...args) { super(...args); window.socketsOpened++; }
+};
+"""
+
+
+def _room_item(person: Person, room: str) -> Any:
+    return person.page.locator(f'#rooms-pane li.room-item[data-room="{room}"]')
+
+
+def _switch(person: Person, room: str) -> None:
+    """Show ``room`` from the room list (opening the drawer first on a phone)."""
+    if person.page.locator("#rooms-toggle").is_visible():
+        person.page.locator("#rooms-toggle").click()
+    _room_item(person, room).locator("button").click()
+    person.expect(person.page.locator("#rooms-pane li.room-item.current")).to_have_attribute(
+        "data-room", room
+    )
+
+
+def _wait_joined(person: Person, *rooms: str) -> None:
+    for room in rooms:
+        person.page.wait_for_function(
+            "name => { const r = window.roomcast.room(name); return r && r.state === 'joined'; }",
+            arg=room,
+        )
+
+
+def _room_shown(person: Person, room: str) -> list[tuple[str, int, str]]:
+    """(epoch, seq, text) of every message in ``room``'s list, whether in view or not."""
+    rows: list[tuple[str, int, str]] = person.page.evaluate(
+        """name => Array.from(window.roomcast.room(name).list.querySelectorAll('li.message'))
+                    .map(li => [li.dataset.epoch, Number(li.dataset.seq),
+                                li.querySelector('.text').textContent])""",
+        room,
+    )
+    return [(epoch, seq, text) for epoch, seq, text in rows]
+
+
+def _wait_room_texts(person: Person, room: str, sent: list[str]) -> None:
+    """``room`` shows exactly ``sent``, each once, in order within each epoch."""
+    deadline = time.monotonic() + RESTART_WAIT / 1000
+    while Counter(t for _, _, t in _room_shown(person, room)) != Counter(sent):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    shown = _room_shown(person, room)
+    keys = [(epoch, seq) for epoch, seq, _ in shown]
+    assert len(keys) == len(set(keys)), f"{person.name} #{room}: duplicates in {keys}"
+    assert Counter(t for _, _, t in shown) == Counter(sent), (person.name, room, shown, sent)
+    by_epoch: dict[str, list[int]] = {}
+    for epoch, seq, _ in shown:
+        by_epoch.setdefault(epoch, []).append(seq)
+    for seqs in by_epoch.values():
+        assert seqs == sorted(seqs), f"{person.name} #{room}: out of order {seqs}"
+
+
+def test_three_rooms_in_one_tab_unread_counts_resumed_after_drop_reload_and_restart() -> None:
+    rooms = ("lobby", "ops", "random")
+    sent: dict[str, list[str]] = {room: [] for room in rooms}
+    with contextlib.ExitStack() as stack:
+        expect, browser, servers = _launch(stack, SERVER_ENV)
+        server = servers.current
+        assert server is not None
+        base = server.http_url("/")
+
+        # -- Alice (desktop) joins one room through the URL, two more from the room list --
+        alice = _person_in(
+            stack,
+            browser,
+            expect,
+            f"{base}?room=lobby&name=Alice",
+            "Alice",
+            init_script=COUNT_SOCKETS,
+            viewport={"width": 1180, "height": 760},
+            device_scale_factor=2,
+        )
+        for room in ("ops", "random"):
+            alice.page.locator("#add-room-input").fill(room)
+            alice.page.locator("#add-room-input").press("Enter")
+            expect(alice.page.locator("#room-name")).to_have_text(room)
+        _wait_joined(alice, *rooms)
+        expect(alice.page.locator("#rooms-pane li.room-item")).to_have_count(3)
+        assert alice.page.evaluate("() => window.roomcast.session.ws.protocol") == "roomcast.batch"
+        assert alice.page.evaluate("() => window.socketsOpened") == 1  # one for three rooms
+        url = alice.page.url
+        assert "room=random" in url and "rooms=lobby%2Cops%2Crandom" in url
+        _switch(alice, "lobby")
+        # anonymous: no direct messages, and the member list says why
+        expect(alice.page.locator("#dm-hint")).to_contain_text("Sign in")
+        expect(alice.page.locator(".dm-button")).to_have_count(0)
+
+        # -- Bob (phone) is in the same three rooms through the address bar ----------------
+        bob = _person_in(
+            stack,
+            browser,
+            expect,
+            f"{base}?room=ops&rooms=lobby,ops,random&name=Bob",
+            "Bob",
+            **PHONE,
+        )
+        _wait_joined(bob, *rooms)
+        expect(bob.page.locator("#room-name")).to_have_text("ops")
+        for text in ("deploy is green", "rolling back nothing today"):
+            bob.send(text)
+            sent["ops"].append(text)
+        _switch(bob, "random")
+        bob.send("lunch?")
+        sent["random"].append("lunch?")
+
+        # -- Alice, looking at #lobby, sees unread counts for the others -------------------
+        expect(_room_item(alice, "ops").locator(".unread")).to_have_text("2")
+        expect(_room_item(alice, "random").locator(".unread")).to_have_text("1")
+        expect(_room_item(alice, "lobby").locator(".unread")).to_have_count(0)
+        expect(alice.messages).to_have_count(0)  # #lobby's list: nothing was said there
+        assert alice.page.title().startswith("(3) ")
+        alice.page.locator("#text").fill("Morning all")
+        alice.screenshot("rooms-unread-desktop")
+
+        # switching shows that room's messages and members; the draft stays with #lobby
+        _switch(alice, "ops")
+        expect(alice.page.locator("#text")).to_have_value("")
+        for text in sent["ops"]:
+            expect(alice.message(text)).to_have_count(1)
+        expect(alice.message("lunch?")).to_have_count(0)
+        expect(_room_item(alice, "ops").locator(".unread")).to_have_count(0)
+        expect(alice.member("Bob")).to_have_count(1)
+        expect(alice.page.locator("#count")).to_have_text("2")
+        alice.page.locator("#text").fill("On it")
+        alice.screenshot("rooms-desktop")
+        if not DOCS_SCREENSHOT.exists() or os.environ.get("ROOMCAST_UPDATE_SCREENSHOT") == "1":
+            alice.page.screenshot(path=str(DOCS_SCREENSHOT), animations="disabled")
+        alice.page.locator("#text").fill("")
+        _switch(alice, "lobby")
+        expect(alice.page.locator("#text")).to_have_value("Morning all")
+        alice.page.locator("#text").press("Enter")
+        sent["lobby"].append("Morning all")
+        expect(alice.message("Morning all")).to_have_count(1)
+        expect(_room_item(bob, "lobby").locator(".unread")).to_have_text("1")
+        bob.page.locator("#rooms-toggle").click()
+        expect(bob.page.locator("#rooms-pane")).to_be_in_viewport()
+        bob.screenshot("rooms-phone")
+        bob.page.locator("#scrim").click(position={"x": 370, "y": 400})
+        expect(bob.page.locator("#rooms-pane")).not_to_be_in_viewport()
+        bob.screenshot("chat-phone-rooms")
+
+        # -- Alice's connection drops; Bob writes in every room; Alice resumes all three --
+        alice.page.evaluate(
+            "() => { const s = window.roomcast.session; s.attempt = 12; s.ws.close(); }"
+        )
+        expect(alice.status).to_have_attribute("data-state", "reconnecting")
+        expect(bob.member("Alice")).to_have_count(0)  # the server has seen her go
+        for room in rooms:
+            _switch(bob, room)
+            text = f"while Alice was away, in #{room}"
+            bob.send(text)
+            sent[room].append(text)
+        alice.page.locator("#retry").click()
+        expect(alice.status).to_have_attribute("data-state", "connected")
+        _wait_joined(alice, *rooms)
+        for room in rooms:
+            _wait_room_texts(alice, room, sent[room])
+        expect(_room_item(alice, "ops").locator(".unread")).to_have_text("1")
+        expect(_room_item(alice, "random").locator(".unread")).to_have_text("2")  # + "lunch?"
+        expect(alice.page.locator("#messages li.notice.gap")).to_have_count(0)
+
+        # -- a reload restores the three rooms (their history, once) ----------------------
+        alice.page.reload()
+        expect(alice.status).to_have_attribute("data-state", "connected")
+        _wait_joined(alice, *rooms)
+        expect(alice.page.locator("#rooms-pane li.room-item")).to_have_count(3)
+        expect(alice.page.locator("#room-name")).to_have_text("lobby")
+        for room in rooms:
+            _wait_room_texts(alice, room, sent[room])
+        # history is not unread
+        expect(alice.page.locator("#rooms-pane .unread")).to_have_count(0)
+
+        # -- the server restarts: every room is resumed, nothing shown twice ---------------
+        epochs = {
+            room: alice.page.evaluate("n => window.roomcast.room(n).epoch", room) for room in rooms
+        }
+        port = server.port
+        servers.stop()
+        for person in (alice, bob):
+            expect(person.status).to_have_attribute(
+                "data-state", "reconnecting", timeout=RESTART_WAIT
+            )
+        servers.start(port=port)
+        for person in (alice, bob):
+            expect(person.status).to_have_attribute("data-state", "connected", timeout=RESTART_WAIT)
+            _wait_joined(person, *rooms)
+        for room in rooms:
+            assert alice.page.evaluate("n => window.roomcast.room(n).epoch", room) != epochs[room]
+            restart_notices = alice.page.evaluate(
+                "n => window.roomcast.room(n).list.querySelectorAll('li.notice.restart').length",
+                room,
+            )
+            assert restart_notices == 1, (room, restart_notices)
+        for room in rooms:
+            _switch(bob, room)
+            text = f"after the restart, in #{room}"
+            bob.send(text)
+            sent[room].append(text)
+        for room in rooms:
+            _wait_room_texts(alice, room, sent[room])
+            _wait_room_texts(bob, room, sent[room])
+        _switch(alice, "random")
+        alice.screenshot("rooms-after-restart-desktop")
+
+        # leaving one room touches no other; leaving the last shows the join form
+        alice.page.locator("#leave").click()
+        expect(alice.page.locator("#rooms-pane li.room-item")).to_have_count(2)
+        expect(bob.page.locator("#count")).to_have_text("2")  # Bob is in #random
+        expect(alice.status).to_have_attribute("data-state", "connected")
+        assert "random" not in alice.page.url
+        for _ in range(2):
+            alice.page.locator("#leave").click()
+        expect(alice.page.locator("#join-form")).to_be_visible()
+        _assert_clean(alice, bob)
+
+
+def test_direct_messages_from_the_member_list_and_who_is_typing() -> None:
+    from roomcast.identity import mint_token
+
+    secret = "a-secret-of-at-least-thirty-two-bytes!"
+    dm = "dm:ann:ben"
+    with contextlib.ExitStack() as stack:
+        expect, browser, servers = _launch(stack, {**SERVER_ENV, "ROOMCAST_JWT_SECRET": secret})
+        assert servers.current is not None
+        base = servers.current.http_url("/")
+
+        def signed_in(sub: str, name: str, **options: Any) -> Person:
+            token = mint_token(secret, sub=sub, name=name, ttl=600)
+            return _person_in(
+                stack, browser, expect, f"{base}?room=lobby#token={token}", name, **options
+            )
+
+        ann = signed_in(
+            "ann", "Ann", viewport={"width": 1180, "height": 760}, device_scale_factor=2
+        )
+        ben = signed_in("ben", "Ben", **PHONE)
+        for person in (ann, ben):
+            expect(person.page.locator("#count")).to_have_text("2")
+        # the member list names people; their user ids come with a join notice (Ann sees
+        # Ben's) or what they write (Ben, who found Ann there, learns hers from her message)
+        expect(ann.member("Ben").locator(".dm-button")).to_have_count(1)
+        expect(ben.member("Ann").locator(".dm-button")).to_have_count(0)
+        expect(ben.page.locator("#dm-hint")).to_contain_text("once they have written here")
+        ann.send("Ben, got a minute?")
+        ben.send("Sure")
+        expect(ann.member("Ben").locator(".dm-button")).to_have_count(1)
+        expect(ben.member("Ann").locator(".dm-button")).to_have_count(1)
+        expect(ann.member("Ann").locator(".dm-button")).to_have_count(0)  # not with oneself
+        expect(ben.page.locator("#dm-hint")).to_be_hidden()
+
+        # Ann opens the conversation from the member list: dm:ann:ben, shown as "Ben"
+        ann.member("Ben").locator(".dm-button").click()
+        expect(ann.page.locator("#room-name")).to_have_text("Ben")
+        expect(ann.page.locator("#room-sigil")).to_have_text("@")
+        expect(_room_item(ann, dm)).to_have_count(1)
+        expect(_room_item(ann, dm).locator(".room-label")).to_have_text("Ben")
+        expect(ann.page.locator("#dms-head")).to_be_visible()
+        _wait_joined(ann, dm)
+        ann.send("Just between us: the release slips a day.")
+        expect(ann.message("Just between us: the release slips a day.")).to_have_count(1)
+
+        # Ben opens it from his side (phone: the member drawer) and sees the history
+        ben.page.locator("#members-toggle").click()
+        ben.member("Ann").locator(".dm-button").click()
+        expect(ben.page.locator("#room-name")).to_have_text("Ann")
+        _wait_joined(ben, dm)
+        expect(ben.message("Just between us: the release slips a day.")).to_have_count(1)
+        expect(ben.page.locator("#count")).to_have_text("2")
+
+        # typing: shown to the other page, for the room in view, for about 3 s
+        # (slowly enough to last over a second: Ann's page sent one while writing above)
+        ann.page.locator("#text").press_sequentially("Also, the", delay=150)
+        expect(ben.page.locator("#typing")).to_have_text("Ann is typing…")
+        expect(ann.page.locator("#typing")).to_have_text("")  # never oneself
+        ben.screenshot("dm-typing-phone")
+        expect(ben.page.locator("#typing")).to_have_text("", timeout=WAIT)
+        ann.page.locator("#text").press("Enter")
+        expect(ben.message("Also, the")).to_have_count(1)
+        # at most one typing event a second, whatever the typing speed
+        typed = ann.page.evaluate(
+            """async () => {
+                 const ws = window.roomcast.session.ws, send = ws.send.bind(ws);
+                 let typing = 0;
+                 ws.send = (frame) => {
+                   if (JSON.parse(frame).type === 'typing') typing++;
+                   send(frame);
+                 };
+                 const box = document.getElementById('text');
+                 for (let i = 0; i < 40; i++) {
+                   box.value += 'x';
+                   box.dispatchEvent(new Event('input'));
+                   await new Promise(r => setTimeout(r, 50));
+                 }
+                 ws.send = send;
+                 return typing;
+               }"""
+        )
+        assert 1 <= typed <= 3, typed
+        ann.page.locator("#text").fill("")
+
+        # a DM message while Ben looks at #lobby: unread on the conversation
+        _switch(ben, "lobby")
+        ann.send("ping")
+        expect(_room_item(ben, dm).locator(".unread")).to_have_text("1")
+        expect(ben.page.locator("#rooms-toggle-unread")).to_have_text("1")
+        ben.screenshot("dm-unread-phone")
+        ann.screenshot("dm-desktop")
+
+        # someone else cannot get into their conversation
+        cy_token = mint_token(secret, sub="cy", name="Cy", ttl=600)
+        cy = Person(browser, expect, "Cy", viewport={"width": 900, "height": 600})
+        stack.callback(cy.close)
+        cy.page.goto(f"{base}?room={dm}#token={cy_token}")
+        expect(cy.page.locator("#join-form")).to_be_visible()
+        expect(cy.page.locator("#join-error")).to_contain_text("direct conversation")
+        _assert_clean(ann, ben, cy)

@@ -1,20 +1,28 @@
 // roomcast browser client: no build step, no dependencies.
 //
-// Protocol (SPEC.md §4): connect to <prefix>/ws/chat?room=&name=[&since=&epoch=], offering the
+// Protocol v2 (SPEC.md §9): ONE WebSocket to <prefix>/ws?name=[&token=], offering the
 // "roomcast.batch" subprotocol (one or more newline-separated JSON events per frame when
-// the server agrees, one event per frame otherwise). Messages are deduplicated by seq
-// within an epoch; a welcome with a new epoch means the room's sequence restarted.
-// Presence notices are coalesced by the server (README, "Presence"): one `system` event
-// can report several joins and leaves, and its `count` and `members` are the room as it
-// is now, so the member list is replaced with them rather than patched.
+// the server agrees, one event per frame otherwise). The page joins rooms over it with
+// {"type":"join","room":R[,"since","epoch"]}; every server event names its room. Each room
+// keeps its own resume state: messages are deduplicated by seq within the room's epoch, and
+// a reconnect joins every room again with its own since/epoch, so nothing is shown twice
+// and nothing missed is lost. A welcome with a new epoch means the room's sequence
+// restarted. Presence notices are coalesced by the server (README, "Presence"): one
+// `system` event can report several joins and leaves, and its `count` and `members` are
+// the room as it is now, so the member list is replaced with them rather than patched.
+//
+// Direct messages are the room dm:A:B (A < B, the two verified user ids): the page learns
+// a member's user id from what they send (message.user) or their typing events, since the
+// member list carries names only.
 //
 // Everything user-supplied is rendered with textContent, never as HTML (links in messages
 // are <a> elements built from the text, their href only ever http: or https:).
 //
-// A draft is never dropped: the page refuses one the server would refuse (welcome.limits
-// says the longest text; FRAME_LIMIT the largest frame) and keeps it in the box; a message
-// the server refuses, or that was not confirmed when the connection dropped and is not in
-// the resumed history, is put back into the box.
+// A draft is never dropped: each room keeps its own draft while another is in view; the
+// page refuses one the server would refuse (welcome.limits says the longest text;
+// FRAME_LIMIT the largest frame) and keeps it in the box; a message the server refuses, or
+// that was not confirmed when the connection dropped and is not in the resumed history, is
+// put back into its room's box.
 
 "use strict";
 
@@ -23,11 +31,12 @@
   const BASE = new URL("../", document.currentScript.src);
   const BATCH = "roomcast.batch";
   const ROOM_RE = /^[A-Za-z0-9_.\-]{1,64}$/;
+  const DM_RE = /^dm:([^:]+):([^:]+)$/;
   const MAX_NAME = 32;
   const BACKOFF_BASE_MS = 500;
   const BACKOFF_CAP_MS = 10000;
   const CONNECT_TIMEOUT_MS = 10000;
-  const MAX_RENDERED = 500; // messages kept in the DOM
+  const MAX_RENDERED = 500; // messages kept in the DOM, per room
   // Hypercorn's websocket_max_message_size as roomcast runs it (hypercorn.toml): a bigger
   // frame is closed with 1009. The app cannot know the server's real value when mounted
   // elsewhere; a 1009 lowers the page's idea of it.
@@ -35,6 +44,13 @@
   const SETTLE_TIMEOUT_MS = 5000; // most a resume's replay may take to show what arrived
   const URL_RE = /\bhttps?:\/\/[^\s<>"'`]+/gi;
   const GROUP_WINDOW_MS = 5 * 60 * 1000;
+  // The server relays at most one typing event a second per member and room, and drops
+  // (does not delay) one that comes sooner: a little more than a second apart, so that
+  // network jitter does not make one look early.
+  const TYPING_EVERY_MS = 1100;
+  const TYPING_SHOWN_MS = 3000; // "X is typing" lasts this long after their last event
+  const ROOMS_KEY = "roomcast.rooms";
+  const TOKEN_KEY = "roomcast.token";
 
   // code -> [human text, reconnect automatically?]
   const CLOSE_CODES = {
@@ -61,7 +77,13 @@
     binary_unsupported: "The server only accepts text messages.",
     bad_id: "The server rejected a message id.",
     unavailable: "The chat service is temporarily unavailable.",
+    not_member: "You are not in this room any more.",
   };
+
+  // a join refused for a reason that waiting will not change: the room is dropped
+  const JOIN_REFUSED = new Set(["forbidden", "bad_room", "name_taken", "too_many_rooms"]);
+  // a join refused for now: the room stays, with a banner and "Retry now"
+  const JOIN_LATER = new Set(["room_full", "unavailable"]);
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -77,6 +99,7 @@
     tokenInput: $("token-input"),
     chat: $("chat"),
     roomTitle: $("room-title"),
+    roomSigil: $("room-sigil"),
     roomName: $("room-name"),
     status: $("status"),
     statusText: $("status-text"),
@@ -84,16 +107,28 @@
     bannerText: $("banner-text"),
     retry: $("retry"),
     changeRoom: $("change-room"),
-    messages: $("messages"),
+    conversation: document.querySelector(".conversation"),
+    messages: $("messages"), // the list of the room in view (each room has its own)
+    typing: $("typing"),
     composer: $("composer"),
     text: $("text"),
     draftHint: $("draft-hint"),
     send: $("send"),
     members: $("members"),
     membersMore: $("members-more"),
+    dmHint: $("dm-hint"),
     count: $("count"),
     membersToggle: $("members-toggle"),
     membersToggleCount: $("members-toggle-count"),
+    roomsToggle: $("rooms-toggle"),
+    roomsToggleUnread: $("rooms-toggle-unread"),
+    roomsPane: $("rooms-pane"),
+    roomList: $("rooms"),
+    dmList: $("dms"),
+    dmsHead: $("dms-head"),
+    addRoomForm: $("add-room-form"),
+    addRoomInput: $("add-room-input"),
+    addRoomError: $("add-room-error"),
     sidebar: $("sidebar"),
     scrim: $("scrim"),
     leave: $("leave"),
@@ -101,39 +136,74 @@
 
   // -- state -------------------------------------------------------------------------------
 
+  // The connection, shared by every room.
   const session = {
-    room: null,
     name: null, // the name asked for with ?name= (null with a signed token: its name wins)
-    self: null, // the name this page appears as in the room
+    self: null, // the name this page appears as
+    user: null, // the verified user id of a signed token (sub), null when anonymous
     token: null,
     ws: null,
-    active: false, // the user wants to be in the room
-    wasOpen: false, // the current socket reached welcome
-    wasEverOpen: false, // some socket in this room visit reached welcome
-    attempt: 0, // reconnect attempts since the last welcome
+    active: false, // the user wants to be connected (in some room)
+    wasOpen: false, // the current socket opened
+    wasEverOpen: false, // some socket of this visit opened
+    attempt: 0, // reconnect attempts since the last open
     retryTimer: null,
     countdownTimer: null,
     connectTimer: null,
     retryAt: 0,
     dropReason: "",
-    // resume state: the room's sequence run and what we have shown of it
-    epoch: null,
-    lastSeq: 0,
-    seen: new Set(),
-    resuming: false, // the current socket asked for since/epoch of a previous run
-    restartedNow: false, // this socket's welcome showed a new epoch
-    members: new Map(), // display name -> how many members use it
-    count: 0,
     myIds: new Set(),
-    pending: new Map(), // id -> {text, bytes} of sent messages not yet acked or seen
-    // sent before the connection dropped and not confirmed: shown when the resume replays
-    // them, put back into the box if the replay ends without them
-    unconfirmed: new Map(), // id -> text
-    replayTo: null, // the welcome's seq: the replay is over once a message reaches it
-    settleTimer: null,
-    maxText: null, // welcome.limits.text: the longest text the server takes, in characters
+    pending: new Map(), // id -> {room, text, bytes} of sent messages not yet acked or seen
     frameLimit: FRAME_LIMIT,
+    current: null, // the room in view
+    // the current room's resume state and limit, under the names one-room tests know
+    get epoch() { return session.current ? session.current.epoch : null; },
+    get maxText() { return session.current ? session.current.maxText : null; },
+    set maxText(value) { if (session.current) session.current.maxText = value; },
   };
+
+  const rooms = new Map(); // name -> room state, in the order joined
+  const userNames = new Map(); // verified user id -> display name last seen
+  const typingSent = new Map(); // room name -> when this page last sent `typing` there
+
+  function newRoom(name) {
+    const dm = dmPeer(name);
+    const list = node("ol", "messages");
+    list.setAttribute("aria-live", "polite");
+    list.setAttribute("aria-relevant", "additions");
+    const room = {
+      name,
+      dm, // the other user's id in a direct-message room
+      state: "idle", // idle | joining | joined | waiting (refused for now) | left
+      everJoined: false, // some welcome reached this page in this visit
+      epoch: null,
+      lastSeq: 0,
+      seen: new Set(),
+      resuming: false, // the current join asked for since/epoch of a previous run
+      restartedNow: false, // this join's welcome showed a new epoch
+      historyTo: 0, // seqs up to this one were history when first joined: not unread
+      members: new Map(), // display name -> how many members use it
+      count: 0,
+      users: new Map(), // display name -> verified user id, as learned from events
+      unconfirmed: new Map(), // id -> text: sent before a drop, not confirmed
+      replayTo: null,
+      settleTimer: null,
+      maxText: null,
+      unread: 0,
+      draft: "",
+      typing: new Map(), // user id or name -> {name, until}
+      problem: null, // {text, retry} while refused
+      list,
+      following: true,
+    };
+    // Whether the list follows new messages: true until the reader scrolls up, and again
+    // once they scroll back down. Decided by the reader's scrolling, not re-measured when
+    // a message arrives: a growing message box shrinks the list and would otherwise look
+    // like "scrolled up".
+    list.addEventListener("scroll", () => { room.following = nearBottom(list); });
+    new ResizeObserver(() => { if (room.following) scrollToBottom(list); }).observe(list);
+    return room;
+  }
 
   // -- small helpers -----------------------------------------------------------------------
 
@@ -218,51 +288,72 @@
     return sameDay ? time : date.toLocaleDateString([], { month: "short", day: "numeric" }) + " " + time;
   }
 
-  function nearBottom() {
-    const m = el.messages;
-    return m.scrollHeight - m.scrollTop - m.clientHeight < 80;
+  function nearBottom(list) {
+    return list.scrollHeight - list.scrollTop - list.clientHeight < 80;
   }
 
-  // Whether the list follows new messages: true until the reader scrolls up, and again
-  // once they scroll back down. Decided by the reader's scrolling, not re-measured when a
-  // message arrives: a growing message box shrinks the list and would otherwise look like
-  // "scrolled up".
-  let following = true;
-  el.messages.addEventListener("scroll", () => { following = nearBottom(); });
-  new ResizeObserver(() => { if (following) scrollToBottom(); }).observe(el.messages);
-
-  function scrollToBottom() {
-    el.messages.scrollTop = el.messages.scrollHeight;
+  function scrollToBottom(list) {
+    list.scrollTop = list.scrollHeight;
   }
 
-  function append(item) {
-    el.messages.appendChild(item);
-    while (el.messages.childElementCount > MAX_RENDERED) el.messages.firstElementChild.remove();
-    if (following) scrollToBottom();
+  function append(room, item) {
+    const list = room.list;
+    list.appendChild(item);
+    while (list.childElementCount > MAX_RENDERED) list.firstElementChild.remove();
+    if (room.following) scrollToBottom(list);
+  }
+
+  function capitalise(s) {
+    return s ? s[0].toUpperCase() + s.slice(1) : s;
+  }
+
+  // The other user of a direct-message room this page's user is in, else null.
+  function dmPeer(name) {
+    const match = DM_RE.exec(name);
+    if (!match || !(match[1] < match[2])) return null;
+    if (session.user === match[1]) return match[2];
+    if (session.user === match[2]) return match[1];
+    return match[1] === match[2] ? null : match[2];
+  }
+
+  function dmRoom(a, b) {
+    return a < b ? "dm:" + a + ":" + b : "dm:" + b + ":" + a;
+  }
+
+  function validRoom(name) {
+    return ROOM_RE.test(name) || DM_RE.test(name);
+  }
+
+  // What the room is called on the page: "#lobby", or the other person's name for a DM.
+  function title(room) {
+    if (!room.dm) return room.name;
+    for (const name of room.members.keys()) if (name !== session.self) return name;
+    return userNames.get(room.dm) || storedDmName(room.name) || room.dm;
   }
 
   // -- rendering ---------------------------------------------------------------------------
 
-  function notice(kind, text, extra) {
+  function notice(room, kind, text, extra) {
+    if (!room) return null;
     const li = node("li", "notice " + kind);
     li.dataset.kind = kind;
     if (extra) for (const [k, v] of Object.entries(extra)) li.dataset[k] = v;
     li.appendChild(node("span", "notice-text", text));
-    append(li);
+    append(room, li);
     return li;
   }
 
-  function renderMessage(ev) {
+  function renderMessage(room, ev) {
     const sender = typeof ev.from === "string" && ev.from ? ev.from : null;
     const mine = typeof ev.id === "string" && session.myIds.has(ev.id);
     const li = node("li", "message" + (mine ? " mine" : ""));
     li.dataset.seq = String(ev.seq);
-    li.dataset.epoch = session.epoch || "";
+    li.dataset.epoch = room.epoch || "";
     li.dataset.from = sender || "";
     li.dataset.ts = String(ev.ts || "");
     if (typeof ev.id === "string") li.dataset.id = ev.id;
 
-    const prev = el.messages.lastElementChild;
+    const prev = room.list.lastElementChild;
     if (
       prev && prev.classList.contains("message") && prev.dataset.from === li.dataset.from &&
       prev.classList.contains("mine") === mine &&
@@ -287,16 +378,19 @@
     text.appendChild(linkified(typeof ev.text === "string" ? ev.text : ""));
     bubble.appendChild(text);
     li.appendChild(bubble);
-    append(li);
+    append(room, li);
   }
 
   function renderMembers() {
+    const room = session.current;
     el.members.replaceChildren();
+    if (!room) return;
     let named = 0;
     const me = session.self;
-    const entries = Array.from(session.members.entries());
+    const entries = Array.from(room.members.entries());
     // me first, then everyone else in join order
     entries.sort((a, b) => (b[0] === me) - (a[0] === me));
+    let unknownUsers = 0;
     for (const [name, n] of entries) {
       named += n;
       const li = node("li", "member");
@@ -305,38 +399,134 @@
       li.appendChild(node("span", "member-name", name));
       if (name === me) li.appendChild(node("span", "you", "you"));
       if (n > 1) li.appendChild(node("span", "multi", "×" + n));
+      const user = room.users.get(name);
+      if (name !== me && !room.dm && session.user) {
+        if (user && user !== session.user) {
+          const button = node("button", "dm-button", "Message");
+          button.type = "button";
+          button.dataset.user = user;
+          button.title = "Direct message " + name;
+          button.addEventListener("click", () => openDm(user, name));
+          li.appendChild(button);
+        } else if (!user) {
+          unknownUsers++;
+        }
+      }
       el.members.appendChild(li);
     }
-    const others = Math.max(0, session.count - named);
+    const others = Math.max(0, room.count - named);
     el.membersMore.hidden = others === 0;
     // the server names at most 100 members; the rest, and anyone without a name, are counted
     el.membersMore.textContent = others === 0 ? "" : "+ " + others + (others === 1 ? " other" : " others");
-    el.count.textContent = String(session.count);
-    el.membersToggleCount.textContent = String(session.count);
+    el.count.textContent = String(room.count);
+    el.membersToggleCount.textContent = String(room.count);
+    // direct messages are between verified users: say why there is no "Message" button
+    let hint = "";
+    if (room.dm) hint = "";
+    else if (!session.user) hint = "Sign in with a token to send direct messages.";
+    else if (unknownUsers) hint = "“Message” appears beside signed-in members once they have written here.";
+    el.dmHint.hidden = !hint;
+    el.dmHint.textContent = hint;
   }
+
+  function renderRoomList() {
+    const lists = { rooms: [], dms: [] };
+    for (const room of rooms.values()) {
+      const li = node("li", "room-item" + (room === session.current ? " current" : ""));
+      li.dataset.room = room.name;
+      li.dataset.state = room.state;
+      const button = node("button", "room-link");
+      button.type = "button";
+      if (room === session.current) button.setAttribute("aria-current", "page");
+      if (room.dm) button.appendChild(avatar(title(room)));
+      else button.appendChild(node("span", "hash", "#"));
+      button.appendChild(node("span", "room-label", title(room)));
+      if (room.unread) {
+        const badge = node("span", "unread", room.unread > 99 ? "99+" : room.unread);
+        badge.title = room.unread + " unread";
+        button.appendChild(badge);
+      }
+      button.addEventListener("click", () => { showRoom(room); closeDrawer(); });
+      li.appendChild(button);
+      (room.dm ? lists.dms : lists.rooms).push(li);
+    }
+    el.roomList.replaceChildren(...lists.rooms);
+    el.dmList.replaceChildren(...lists.dms);
+    el.dmsHead.hidden = lists.dms.length === 0;
+    const unread = Array.from(rooms.values()).reduce((sum, room) => sum + room.unread, 0);
+    el.roomsToggleUnread.hidden = unread === 0;
+    el.roomsToggleUnread.textContent = unread > 99 ? "99+" : String(unread);
+    const here = session.current;
+    document.title = (unread ? "(" + unread + ") " : "") +
+      (here ? (here.dm ? title(here) : "#" + here.name) + " · " : "") + "roomcast";
+  }
+
+  function renderTitle() {
+    const room = session.current;
+    if (!room) return;
+    el.roomSigil.textContent = room.dm ? "@" : "#";
+    el.roomName.textContent = title(room);
+  }
+
+  function renderTyping() {
+    const room = session.current;
+    const now = Date.now();
+    const names = [];
+    if (room) {
+      for (const [key, typing] of room.typing) {
+        if (typing.until <= now) room.typing.delete(key); else names.push(typing.name || "Someone");
+      }
+    }
+    let text = "";
+    if (names.length === 1) text = names[0] + " is typing…";
+    else if (names.length === 2) text = names[0] + " and " + names[1] + " are typing…";
+    else if (names.length > 2) text = "Several people are typing…";
+    if (el.typing.textContent !== text) el.typing.textContent = text;
+  }
+  setInterval(renderTyping, 500);
 
   function setStatus(state, text) {
     el.status.dataset.state = state;
     el.statusText.textContent = text;
     el.status.title = text;
     el.app.dataset.connection = state;
-    const canSend = state === "connected";
-    updateSend();
-    el.text.placeholder = canSend ? "Message #" + session.room
-      : state === "closed" ? "Not connected" : "Waiting for the connection…";
+    updateComposer();
   }
 
-  function setBanner(kind, text, showRetry) {
+  function updateComposer() {
+    const room = session.current;
+    updateSend();
+    const connected = el.status.dataset.state === "connected";
+    el.text.placeholder = connected && room && room.state === "joined"
+      ? "Message " + (room.dm ? title(room) : "#" + room.name)
+      : el.status.dataset.state === "closed" ? "Not connected" : "Waiting for the connection…";
+  }
+
+  // The banner says what is wrong with the connection, or else with the room in view.
+  function renderBanner() {
+    const room = session.current;
+    if (el.banner.dataset.kind === "reconnecting" || el.banner.dataset.kind === "connection") return;
+    if (room && room.problem) setBanner("closed", room.problem.text, room.problem.retry, "room");
+    else setBanner(null);
+  }
+
+  function setBanner(kind, text, showRetry, owner) {
     if (!kind) {
       el.banner.hidden = true;
       el.banner.dataset.kind = "";
       return;
     }
     el.banner.hidden = false;
-    el.banner.dataset.kind = kind;
+    el.banner.dataset.kind = owner === "room" ? "room" : kind === "closed" ? "connection" : kind;
+    el.banner.dataset.style = kind;
     el.bannerText.textContent = text;
     el.retry.hidden = !showRetry;
     el.changeRoom.hidden = kind !== "closed";
+  }
+
+  function clearConnectionBanner() {
+    if (el.banner.dataset.kind !== "room") el.banner.dataset.kind = "";
+    renderBanner();
   }
 
   // -- protocol ----------------------------------------------------------------------------
@@ -344,118 +534,162 @@
   function chatUrl() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const params = new URLSearchParams();
-    params.set("room", session.room);
     if (session.name) params.set("name", session.name); // never with a signed token
     if (session.token) params.set("token", session.token);
-    if (session.epoch) {
-      params.set("since", String(session.lastSeq));
-      params.set("epoch", session.epoch);
-    } else {
-      params.set("since", "0"); // first join: show the room's recent history
-    }
-    const url = new URL("ws/chat?" + params.toString(), BASE);
+    const query = params.toString();
+    const url = new URL("ws" + (query ? "?" + query : ""), BASE);
     url.protocol = scheme;
     return url.toString();
   }
 
+  function sendCommand(command) {
+    const ws = session.ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+    ws.send(JSON.stringify(command));
+    return true;
+  }
+
+  // Join (or, after a drop, rejoin) a room: since/epoch resume its own run; a first
+  // join asks for since=0 to show the room's recent history.
+  function sendJoin(room) {
+    room.resuming = room.epoch !== null;
+    const command = { type: "join", room: room.name, since: room.epoch ? room.lastSeq : 0 };
+    if (room.epoch) command.epoch = room.epoch;
+    if (sendCommand(command)) room.state = "joining";
+  }
+
   function handleEvent(ev) {
     if (!ev || typeof ev !== "object") return;
+    const room = typeof ev.room === "string" ? rooms.get(ev.room) : undefined;
     switch (ev.type) {
-      case "welcome": return onWelcome(ev);
-      case "message": return onMessage(ev);
-      case "system": return onSystem(ev);
+      case "welcome": return room && onWelcome(room, ev);
+      case "message": return room && onMessage(room, ev);
+      case "system": return room && onSystem(room, ev);
+      case "typing": return room && onTyping(room, ev);
       case "ack": return onAck(ev);
-      case "error": return onError(ev);
+      case "left": return onLeft(ev);
+      case "error": return onError(room, ev);
       default: return undefined;
     }
   }
 
-  function onWelcome(ev) {
-    const reconnect = session.wasEverOpen;
-    session.restartedNow = false;
-    if (session.epoch !== null && ev.epoch !== session.epoch) {
+  function onWelcome(room, ev) {
+    const reconnect = room.everJoined;
+    room.restartedNow = false;
+    room.state = "joined";
+    room.problem = null;
+    if (room.epoch !== null && ev.epoch !== room.epoch) {
       // The room's sequence started again (e.g. the server restarted): old seqs mean
       // nothing now, so forget them or new messages would look like duplicates.
-      session.seen.clear();
-      session.lastSeq = 0;
-      session.restartedNow = true;
-      notice("restart", "The room's history restarted (the server was restarted). Messages sent while you were away may be missing.");
+      room.seen.clear();
+      room.lastSeq = 0;
+      room.restartedNow = true;
+      notice(room, "restart", "The room's history restarted (the server was restarted). Messages sent while you were away may be missing.");
     }
-    session.epoch = typeof ev.epoch === "string" ? ev.epoch : null;
+    if (!room.everJoined) room.historyTo = Number(ev.seq) || 0;
+    room.epoch = typeof ev.epoch === "string" ? ev.epoch : null;
     const limits = ev.limits && typeof ev.limits === "object" ? ev.limits : {};
-    session.maxText = Number.isInteger(limits.text) && limits.text > 0 ? limits.text : null;
-    session.members = new Map();
-    for (const name of Array.isArray(ev.members) ? ev.members : []) {
-      if (typeof name === "string") session.members.set(name, (session.members.get(name) || 0) + 1);
-    }
-    session.count = Number(ev.count) || 0;
-    renderMembers();
-    session.wasOpen = true;
-    session.wasEverOpen = true;
-    session.attempt = 0;
-    clearTimeout(session.connectTimer);
-    setStatus("connected", "Connected");
-    setBanner(null);
-    if (reconnect) notice("info", "Reconnected to #" + session.room + ".");
-    awaitReplay(Number(ev.seq));
+    room.maxText = Number.isInteger(limits.text) && limits.text > 0 ? limits.text : null;
+    setMembers(room, ev.members);
+    room.count = Number(ev.count) || 0;
+    room.everJoined = true;
+    session.attempt = 0; // a drop from here on starts the backoff afresh
+    if (reconnect) notice(room, "info", "Reconnected to " + (room.dm ? title(room) : "#" + room.name) + ".");
+    if (room.dm) rememberDmName(room);
+    awaitReplay(room, Number(ev.seq));
+    markConnected();
+    roomChanged(room);
+  }
+
+  function setMembers(room, list) {
+    room.members = new Map();
+    for (const n of names(list)) room.members.set(n, (room.members.get(n) || 0) + 1);
   }
 
   // What was sent but not confirmed before a drop is known once the resume's replay has
   // caught up with the welcome's seq: what it did not hold never reached the room.
-  function awaitReplay(seq) {
-    if (!session.unconfirmed.size) return;
-    if (session.restartedNow || !session.resuming || !Number.isInteger(seq) || session.lastSeq >= seq) {
-      settleUnconfirmed();
+  function awaitReplay(room, seq) {
+    if (!room.unconfirmed.size) return;
+    if (room.restartedNow || !room.resuming || !Number.isInteger(seq) || room.lastSeq >= seq) {
+      settleUnconfirmed(room);
       return;
     }
-    session.replayTo = seq;
-    clearTimeout(session.settleTimer);
-    session.settleTimer = setTimeout(settleUnconfirmed, SETTLE_TIMEOUT_MS);
+    room.replayTo = seq;
+    clearTimeout(room.settleTimer);
+    room.settleTimer = setTimeout(() => settleUnconfirmed(room), SETTLE_TIMEOUT_MS);
   }
 
-  function settleUnconfirmed() {
-    clearTimeout(session.settleTimer);
-    session.settleTimer = null;
-    session.replayTo = null;
-    const texts = Array.from(session.unconfirmed.values());
-    session.unconfirmed.clear();
+  function settleUnconfirmed(room) {
+    clearTimeout(room.settleTimer);
+    room.settleTimer = null;
+    room.replayTo = null;
+    const texts = Array.from(room.unconfirmed.values());
+    room.unconfirmed.clear();
     if (!texts.length) return;
-    giveBack(texts);
-    notice("error", (texts.length === 1 ? "A message you sent was" : texts.length + " messages you sent were") +
+    giveBack(room, texts);
+    notice(room, "error", (texts.length === 1 ? "A message you sent was" : texts.length + " messages you sent were") +
       " not confirmed before the connection dropped and " + (texts.length === 1 ? "is" : "are") +
       " not in the room's history: back in the message box, to send again.", { error: "unsent" });
   }
 
-  // Put refused or undelivered text back into the box, after whatever is being typed.
-  function giveBack(texts) {
+  // Put refused or undelivered text back into its room's box, after whatever is there.
+  function giveBack(room, texts) {
     const back = texts.filter((t) => typeof t === "string" && t.trim());
-    if (!back.length) return;
-    el.text.value = [el.text.value, ...back].filter((t) => t.trim()).join("\n");
-    autosize();
-    updateSend();
+    if (!back.length || !room) return;
+    if (room === session.current) {
+      el.text.value = [el.text.value, ...back].filter((t) => t.trim()).join("\n");
+      autosize();
+      updateSend();
+    } else {
+      room.draft = [room.draft, ...back].filter((t) => t.trim()).join("\n");
+    }
   }
 
-  function onMessage(ev) {
+  function learnUser(room, name, user) {
+    if (typeof name !== "string" || !name || typeof user !== "string" || !user) return false;
+    userNames.set(user, name);
+    if (room.users.get(name) === user) return false;
+    room.users.set(name, user);
+    return true;
+  }
+
+  function onMessage(room, ev) {
     const seq = Number(ev.seq);
     if (!Number.isInteger(seq)) return;
+    let changed = learnUser(room, ev.from, ev.user);
     if (typeof ev.id === "string" && session.myIds.has(ev.id)) {
-      session.unconfirmed.delete(ev.id); // it did arrive
+      room.unconfirmed.delete(ev.id); // it did arrive
       if (typeof ev.from === "string" && ev.from && ev.from !== session.self) {
         session.self = ev.from; // the server's word on who this page is
-        renderMembers();
+        changed = true;
       }
     }
-    if (session.replayTo !== null && seq >= session.replayTo) settleUnconfirmed();
-    if (session.seen.has(seq)) return; // already shown in this epoch (resume overlap)
-    session.seen.add(seq);
-    if (session.seen.size > 4 * MAX_RENDERED) {
-      // seqs only grow; forget the oldest ones
-      const it = session.seen.values();
-      for (let i = 0; i < MAX_RENDERED; i++) session.seen.delete(it.next().value);
-    }
-    if (seq > session.lastSeq) session.lastSeq = seq;
+    if (room.replayTo !== null && seq >= room.replayTo) settleUnconfirmed(room);
     if (typeof ev.id === "string") session.pending.delete(ev.id);
-    renderMessage(ev);
+    if (room.seen.has(seq)) {
+      if (changed && room === session.current) renderMembers();
+      return; // already shown in this epoch (resume overlap)
+    }
+    room.seen.add(seq);
+    if (room.seen.size > 4 * MAX_RENDERED) {
+      // seqs only grow; forget the oldest ones
+      const it = room.seen.values();
+      for (let i = 0; i < MAX_RENDERED; i++) room.seen.delete(it.next().value);
+    }
+    if (seq > room.lastSeq) room.lastSeq = seq;
+    // whoever wrote has stopped typing
+    room.typing.delete(typeof ev.user === "string" && ev.user ? ev.user : ev.from);
+    renderMessage(room, ev);
+    const mine = typeof ev.id === "string" && session.myIds.has(ev.id);
+    const history = room.restartedNow ? false : room.epoch && seq <= room.historyTo && !room.resuming;
+    if (!mine && !history && room !== session.current) {
+      room.unread++;
+      renderRoomList();
+    }
+    if (room === session.current) {
+      if (changed) renderMembers();
+      renderTyping();
+    }
   }
 
   function names(value) {
@@ -470,7 +704,7 @@
     return named.length === 1 ? named[0] : named.slice(0, -1).join(", ") + " and " + named[named.length - 1];
   }
 
-  function onSystem(ev) {
+  function onSystem(room, ev) {
     const name = typeof ev.name === "string" && ev.name ? ev.name : null;
     // what changed: a coalesced notice lists names and totals; a single-change one (older
     // servers) has only `event` and `name`
@@ -479,24 +713,41 @@
     const joins = typeof ev.joins === "number" ? ev.joins : ev.event === "join" ? 1 : 0;
     const leaves = typeof ev.leaves === "number" ? ev.leaves : ev.event === "leave" ? 1 : 0;
     if (Array.isArray(ev.members)) {
-      session.members = new Map();
-      for (const n of names(ev.members)) session.members.set(n, (session.members.get(n) || 0) + 1);
+      setMembers(room, ev.members);
     } else {
-      for (const n of joined) session.members.set(n, (session.members.get(n) || 0) + 1);
+      for (const n of joined) room.members.set(n, (room.members.get(n) || 0) + 1);
       for (const n of left) {
-        const k = session.members.get(n) || 0;
-        if (k <= 1) session.members.delete(n); else session.members.set(n, k - 1);
+        const k = room.members.get(n) || 0;
+        if (k <= 1) room.members.delete(n); else room.members.set(n, k - 1);
       }
     }
-    if (typeof ev.count === "number") session.count = ev.count;
-    renderMembers();
+    if (typeof ev.count === "number") room.count = ev.count;
+    if (ev.event === "join") learnUser(room, name, ev.user); // a single join names its user
+    for (const n of left) {
+      const user = room.users.get(n);
+      room.typing.delete(user || n);
+    }
     const parts = [];
     if (joins > 0) parts.push(who(joined, joins) + " joined");
     if (leaves > 0) parts.push(who(left, leaves) + " left");
     if (parts.length) {
-      notice("system", parts.join(", "), { event: String(ev.event || "") });
+      notice(room, "system", parts.join(", "), { event: String(ev.event || "") });
     } else if (typeof ev.message === "string") {
-      notice("system", ev.message);
+      notice(room, "system", ev.message);
+    }
+    if (room.dm) rememberDmName(room);
+    roomChanged(room);
+  }
+
+  function onTyping(room, ev) {
+    const name = typeof ev.name === "string" && ev.name ? ev.name : null;
+    const user = typeof ev.user === "string" && ev.user ? ev.user : null;
+    if ((user && user === session.user) || (!user && name && name === session.self)) return;
+    const changed = learnUser(room, name, user);
+    room.typing.set(user || name || "?", { name, until: Date.now() + TYPING_SHOWN_MS });
+    if (room === session.current) {
+      renderTyping();
+      if (changed) renderMembers();
     }
   }
 
@@ -508,46 +759,107 @@
       for (const [id, sent] of session.pending) {
         session.pending.delete(id);
         if (id === ev.id) break;
-        refused.push(sent.text);
+        refused.push(sent);
       }
-      if (refused.length) {
-        giveBack(refused);
-        notice("error", "The server did not take a message you sent: it is back in the message box.", { error: "unsent" });
+      for (const sent of refused) {
+        const room = rooms.get(sent.room);
+        giveBack(room, [sent.text]);
+        notice(room, "error", "The server did not take a message you sent: it is back in the message box.", { error: "unsent" });
       }
     }
   }
 
-  function onError(ev) {
-    if (ev.error === "history_gap") {
+  // The server ended a membership: our own leave (1000, already gone from the list), or a
+  // grant withdrawn (4403), or another reason a one-room connection would have closed for.
+  function onLeft(ev) {
+    const room = typeof ev.room === "string" ? rooms.get(ev.room) : undefined;
+    const code = Number(ev.code);
+    if (!room || code === 1000) return;
+    const known = CLOSE_CODES[code];
+    const reason = typeof ev.reason === "string" && ev.reason ? ev.reason : known ? known[0] : "code " + code;
+    giveBackPending(room);
+    if (code === 4403 || code === 4400 || code === 4001) {
+      dropRoom(room, "You left " + label(room) + ": " + reason + ".");
+      return;
+    }
+    room.state = "waiting";
+    room.problem = { text: "Not in " + label(room) + ": " + reason + ".", retry: true };
+    notice(room, "disconnect", "Left by the server: " + reason + ".", { code: String(code) });
+    roomChanged(room);
+  }
+
+  function label(room) {
+    return room.dm ? "the conversation with " + title(room) : "#" + room.name;
+  }
+
+  function onError(room, ev) {
+    const code = String(ev.error || "");
+    if (code === "history_gap") {
       // A fresh join asks for since=0 only to show recent history: a trimmed history is
       // not news then; after a restart the restart notice already says so.
-      if (session.resuming && !session.restartedNow) {
-        notice("gap", "Some messages may be missing: the room no longer has everything sent while you were disconnected.");
+      if (room && room.resuming && !room.restartedNow) {
+        notice(room, "gap", "Some messages may be missing: the room no longer has everything sent while you were disconnected.");
       }
       return;
     }
-    if (["too_long", "rate_limited", "bad_id"].includes(ev.error)) {
+    if (room && room.state === "joining" && typeof ev.id !== "string") {
+      onJoinRefused(room, code, typeof ev.message === "string" ? ev.message : code);
+      return;
+    }
+    const target = typeof ev.id === "string" && session.pending.has(ev.id)
+      ? session.pending.get(ev.id) : null;
+    let where = room || (target && rooms.get(target.room)) || session.current;
+    if (["too_long", "rate_limited", "bad_id", "not_member", "unavailable"].includes(code)) {
       // a refusal names the message it answers; without an id, the oldest one waiting;
       // its text goes back into the box to be shortened or sent again
-      const id = typeof ev.id === "string" && session.pending.has(ev.id)
-        ? ev.id : session.pending.keys().next().value;
+      const id = target ? ev.id : ["too_long", "rate_limited", "bad_id"].includes(code)
+        ? session.pending.keys().next().value : undefined;
       if (id !== undefined) {
-        giveBack([session.pending.get(id).text]);
+        const sent = session.pending.get(id);
+        where = rooms.get(sent.room) || where;
+        giveBack(where, [sent.text]);
         session.pending.delete(id);
       }
     }
-    const last = el.messages.lastElementChild;
-    if (ev.error === "rate_limited" && last && last.dataset.error === "rate_limited") {
+    if (!where) return;
+    const last = where.list.lastElementChild;
+    if (code === "rate_limited" && last && last.dataset.error === "rate_limited") {
       return; // one notice for a burst of refusals, not one per message
     }
-    const known = ERROR_TEXT[ev.error];
+    const known = ERROR_TEXT[code];
     const text = known || "The server refused that";
     // the server's own words add the specifics (e.g. "message is 4200 characters; the limit
     // is 4000"); a rate-limit notice needs none
-    const detail = ev.error !== "rate_limited" && typeof ev.message === "string" && ev.message
+    const detail = code !== "rate_limited" && typeof ev.message === "string" && ev.message
       ? (known ? " (" + ev.message + ")" : ": " + ev.message) : "";
-    const back = ["too_long", "rate_limited"].includes(ev.error) ? " What was refused is back in the message box." : "";
-    notice("error", text + detail + back, { error: String(ev.error || "") });
+    const back = ["too_long", "rate_limited"].includes(code) ? " What was refused is back in the message box." : "";
+    notice(where, "error", text + detail + back, { error: code });
+  }
+
+  // A join the server refused: a room this page was never in is dropped, saying why; one
+  // it was in (a resume) or that may have room later waits, with "Retry now".
+  function onJoinRefused(room, code, message) {
+    markConnected();
+    if (code === "already_member") {
+      room.state = "joined";
+      return;
+    }
+    if (code === "bad_request" && room.epoch) {
+      // the server does not take this resume point: start the room afresh
+      room.epoch = null;
+      room.lastSeq = 0;
+      room.seen.clear();
+      sendJoin(room);
+      return;
+    }
+    const reason = code === "room_full" ? "the room is full" : message;
+    if (JOIN_REFUSED.has(code) || (!room.everJoined && !JOIN_LATER.has(code))) {
+      dropRoom(room, "Can't join " + label(room) + ": " + reason + ".");
+      return;
+    }
+    room.state = "waiting";
+    room.problem = { text: "Can't join " + label(room) + ": " + reason + ".", retry: true };
+    roomChanged(room);
   }
 
   // -- connection lifecycle ----------------------------------------------------------------
@@ -556,7 +868,6 @@
     clearTimers();
     if (!session.active) return;
     session.wasOpen = false;
-    session.resuming = session.epoch !== null;
     setStatus(session.wasEverOpen ? "reconnecting" : "connecting",
       session.wasEverOpen ? "Reconnecting…" : "Connecting…");
     let ws;
@@ -571,6 +882,14 @@
       if (session.ws === ws && !session.wasOpen) ws.close(); // handshake stalled
     }, CONNECT_TIMEOUT_MS);
 
+    ws.onopen = () => {
+      if (session.ws !== ws) return;
+      clearTimeout(session.connectTimer);
+      session.wasOpen = true;
+      session.wasEverOpen = true;
+      for (const room of rooms.values()) sendJoin(room);
+      if (!rooms.size) markConnected();
+    };
     ws.onmessage = (e) => {
       if (session.ws !== ws || typeof e.data !== "string") return;
       const lines = ws.protocol === BATCH ? e.data.split("\n") : [e.data];
@@ -593,6 +912,14 @@
     };
   }
 
+  // "Connected" once the server has answered a join on this socket: until then nothing
+  // can be sent anywhere.
+  function markConnected() {
+    if (el.status.dataset.state === "connected" || !session.wasOpen) return;
+    setStatus("connected", "Connected");
+    clearConnectionBanner();
+  }
+
   function describeClose(code, reason) {
     const known = CLOSE_CODES[code];
     let text = known ? known[0] : "the connection closed (code " + code + ")";
@@ -606,36 +933,40 @@
     const hadSession = session.wasOpen;
     session.wasOpen = false;
     if (!session.active) return;
-    if (hadSession) {
-      notice("disconnect", "Disconnected: " + text + ".", { code: String(code) });
-    }
-    // a replay cut short says nothing: the next welcome starts the wait again
-    clearTimeout(session.settleTimer);
-    session.settleTimer = null;
-    session.replayTo = null;
     if (code === 1009) refusedAsTooLarge();
-    if (session.pending.size) {
-      // sent, but neither acked nor seen: the server may or may not have it. A resume
-      // tells which (awaitReplay); without one, the text goes back into the box now.
-      for (const [id, sent] of session.pending) session.unconfirmed.set(id, sent.text);
-      session.pending.clear();
-      const n = session.unconfirmed.size;
-      if (reconnect && session.epoch !== null) {
-        notice("error", (n === 1 ? "A message you sent was" : n + " messages you sent were") +
+    // sent, but neither acked nor seen: the server may or may not have it. A resume
+    // tells which (awaitReplay); without one, the text goes back into the box now.
+    for (const [id, sent] of session.pending) {
+      const room = rooms.get(sent.room);
+      if (room) room.unconfirmed.set(id, sent.text);
+    }
+    session.pending.clear();
+    for (const room of rooms.values()) {
+      if (room.state !== "waiting") room.state = "idle";
+      room.typing.clear();
+      if (hadSession) notice(room, "disconnect", "Disconnected: " + text + ".", { code: String(code) });
+      // a replay cut short says nothing: the next welcome starts the wait again
+      clearTimeout(room.settleTimer);
+      room.settleTimer = null;
+      room.replayTo = null;
+      const n = room.unconfirmed.size;
+      if (!n) continue;
+      if (reconnect && room.epoch !== null) {
+        notice(room, "error", (n === 1 ? "A message you sent was" : n + " messages you sent were") +
           " not confirmed before the connection dropped: once reconnected, " +
           (n === 1 ? "it is shown if it arrived, or put back in the message box." :
             "those that arrived are shown, the others put back in the message box."),
           { error: "unconfirmed" });
+      } else {
+        const givenBack = giveBackUnconfirmed(room);
+        notice(room, "error", (givenBack === 1 ? "A message you sent was" : givenBack + " messages you sent were") +
+          " not confirmed before the connection closed: back in the message box (" +
+          (givenBack === 1 ? "it" : "they") + " may have reached the room).", { error: "unsent" });
       }
     }
-    const givenBack = !reconnect || session.epoch === null ? giveBackUnconfirmed() : 0;
-    if (givenBack) {
-      notice("error", (givenBack === 1 ? "A message you sent was" : givenBack + " messages you sent were") +
-        " not confirmed before the connection closed: back in the message box (" +
-        (givenBack === 1 ? "it" : "they") + " may have reached the room).", { error: "unsent" });
-    }
+    renderTyping();
     if (code === 4400 || code === 4403) {
-      // bad room or name, or a room the token does not grant: let the user choose again
+      // a name the server refuses: let the user choose again
       stop();
       showJoin("Can't join: " + (reason || text) + ".");
       return;
@@ -650,7 +981,7 @@
     if (!reconnect) {
       session.active = false;
       setStatus("closed", "Closed: " + text);
-      setBanner("closed", "Closed: " + text + ".", code === 4003);
+      setBanner("closed", "Closed: " + text + ".", true);
       return;
     }
     scheduleReconnect(text);
@@ -665,23 +996,32 @@
     if (!biggest) return;
     session.pending.delete(biggest[0]);
     session.frameLimit = Math.min(session.frameLimit, biggest[1].bytes - 1);
-    giveBack([biggest[1].text]);
-    notice("error", "The server refused a message as too large (" + NUMBER.format(biggest[1].bytes) +
+    const room = rooms.get(biggest[1].room);
+    giveBack(room, [biggest[1].text]);
+    notice(room, "error", "The server refused a message as too large (" + NUMBER.format(biggest[1].bytes) +
       " bytes): it is back in the message box.", { error: "too_large" });
   }
 
-  // Unconfirmed text when no resume will tell whether it arrived (the page leaves the
-  // room, or will not reconnect): back into the box, since it may not have arrived.
-  function giveBackUnconfirmed() {
-    clearTimeout(session.settleTimer);
-    session.settleTimer = null;
-    session.replayTo = null;
-    for (const [id, sent] of session.pending) session.unconfirmed.set(id, sent.text);
-    session.pending.clear();
-    const texts = Array.from(session.unconfirmed.values());
-    session.unconfirmed.clear();
-    giveBack(texts);
+  // Unconfirmed text of a room when no resume will tell whether it arrived (the page
+  // leaves, or will not reconnect): back into the box, since it may not have arrived.
+  function giveBackUnconfirmed(room) {
+    clearTimeout(room.settleTimer);
+    room.settleTimer = null;
+    room.replayTo = null;
+    const texts = Array.from(room.unconfirmed.values());
+    room.unconfirmed.clear();
+    giveBack(room, texts);
     return texts.length;
+  }
+
+  // What a room still waits to hear about, when it will hear no more (it was left).
+  function giveBackPending(room) {
+    for (const [id, sent] of session.pending) {
+      if (sent.room !== room.name) continue;
+      session.pending.delete(id);
+      room.unconfirmed.set(id, sent.text);
+    }
+    return giveBackUnconfirmed(room);
   }
 
   function scheduleReconnect(reason) {
@@ -700,10 +1040,6 @@
     session.countdownTimer = setInterval(tick, 250);
   }
 
-  function capitalise(s) {
-    return s ? s[0].toUpperCase() + s.slice(1) : s;
-  }
-
   function clearTimers() {
     clearTimeout(session.retryTimer);
     clearInterval(session.countdownTimer);
@@ -711,10 +1047,20 @@
     session.retryTimer = session.countdownTimer = session.connectTimer = null;
   }
 
+  // "Retry now": the connection if it is down, else the room in view if it waits.
   function retryNow() {
-    if (session.ws) return;
+    if (session.ws) {
+      const room = session.current;
+      if (room && room.state === "waiting" && session.wasOpen) {
+        room.problem = null;
+        sendJoin(room);
+        roomChanged(room);
+      }
+      return;
+    }
     session.active = true;
     session.attempt = 0;
+    el.banner.dataset.kind = "";
     setBanner(null);
     connect();
   }
@@ -722,60 +1068,198 @@
   function stop() {
     session.active = false;
     clearTimers();
-    giveBackUnconfirmed();
+    for (const room of rooms.values()) giveBackPending(room);
     const ws = session.ws;
     session.ws = null;
     if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000, "left");
   }
 
-  // -- views -------------------------------------------------------------------------------
+  // -- rooms -------------------------------------------------------------------------------
 
-  function enterRoom(room, name, token) {
-    // a signed token's name is the one the server uses: ?name= would be ignored
-    const signedAs = tokenName(token);
-    if (signedAs) name = null;
-    session.room = room;
-    session.name = name;
-    session.self = signedAs || name;
-    session.token = token;
-    session.epoch = null;
-    session.lastSeq = 0;
-    session.seen = new Set();
-    session.members = new Map();
-    session.count = 0;
-    giveBackUnconfirmed();
-    session.wasEverOpen = false;
-    session.attempt = 0;
-    session.active = true;
-    el.messages.replaceChildren();
-    el.roomName.textContent = room;
+  // Join a room (or show it, if already joined).
+  function joinRoom(name, options) {
+    let room = rooms.get(name);
+    if (!room) {
+      room = newRoom(name);
+      rooms.set(name, room);
+      if (session.wasOpen) sendJoin(room);
+    }
+    if (!options || options.show !== false) showRoom(room);
+    saveRooms();
+    renderRoomList();
+    return room;
+  }
+
+  function showRoom(room) {
+    const previous = session.current;
+    if (previous && previous !== room) previous.draft = el.text.value;
+    session.current = room;
+    room.unread = 0;
+    if (el.messages !== room.list) {
+      el.messages.removeAttribute("id");
+      room.list.id = "messages";
+      el.messages.replaceWith(room.list);
+      el.messages = room.list;
+    }
+    if (previous !== room) {
+      el.text.value = room.draft;
+      room.draft = "";
+      autosize();
+    }
     el.roomTitle.hidden = false;
     el.join.hidden = true;
     el.chat.hidden = false;
     el.membersToggle.hidden = false;
+    el.roomsToggle.hidden = false;
     el.app.dataset.view = "chat";
-    document.title = "#" + room + " · roomcast";
+    renderTitle();
     renderMembers();
-    setBanner(null);
+    renderRoomList();
+    renderTyping();
+    renderBanner();
+    updateComposer();
+    saveRooms();
+    if (room.following) scrollToBottom(room.list);
+    // on a phone, focusing would throw the keyboard over the conversation
+    if (!window.matchMedia("(pointer: coarse)").matches) el.text.focus();
+  }
 
+  // Something about a room changed: redraw what shows it.
+  function roomChanged(room) {
+    if (room === session.current) {
+      renderTitle();
+      renderMembers();
+      renderBanner();
+      updateComposer();
+    }
+    renderRoomList();
+  }
+
+  // The user leaves a room: the server is told, the page shows the next one (or the join
+  // form, and the connection closes, when it was the last).
+  function leaveRoom(room) {
+    if (!room) return;
+    sendCommand({ type: "leave", room: room.name });
+    giveBackPending(room);
+    removeRoom(room);
+    if (!rooms.size) {
+      stop();
+      showJoin(null);
+    }
+  }
+
+  // A room the server will not have us in: dropped, the reason shown where the user is.
+  function dropRoom(room, why) {
+    removeRoom(room);
+    if (!rooms.size) {
+      stop();
+      showJoin(why);
+      return;
+    }
+    el.addRoomError.textContent = why;
+    el.addRoomError.hidden = false;
+    notice(session.current, "error", why, { error: "left" });
+  }
+
+  function removeRoom(room) {
+    rooms.delete(room.name);
+    clearTimeout(room.settleTimer);
+    if (session.current === room) {
+      session.current = null;
+      const next = Array.from(rooms.values()).pop();
+      if (next) showRoom(next);
+    }
+    saveRooms();
+    renderRoomList();
+  }
+
+  function openDm(user, name) {
+    if (!session.user || user === session.user) return;
+    userNames.set(user, name);
+    const roomName = dmRoom(session.user, user);
+    rememberDmName({ name: roomName, dm: user, members: new Map() }, name);
+    joinRoom(roomName);
+    closeDrawer();
+  }
+
+  // -- what survives a reload: the joined rooms (address bar and sessionStorage), the
+  // names of DM partners (sessionStorage)
+
+  function saveRooms() {
+    const names = Array.from(rooms.keys());
+    const current = session.current ? session.current.name : null;
     const params = new URLSearchParams(location.search);
-    params.set("room", room);
-    if (name) params.set("name", name); else params.delete("name");
-    history.replaceState(null, "", location.pathname + "?" + params.toString());
+    if (current) params.set("room", current); else params.delete("room");
+    if (names.length > 1) params.set("rooms", names.join(",")); else params.delete("rooms");
+    if (session.name) params.set("name", session.name); else params.delete("name");
+    const query = params.toString();
+    history.replaceState(null, "", location.pathname + (query ? "?" + query : "") + location.hash);
+    try {
+      sessionStorage.setItem(ROOMS_KEY, JSON.stringify({ rooms: names, current }));
+    } catch (err) { /* storage may be disabled: the address bar still has them */ }
+  }
+
+  function storedRooms() {
+    try {
+      const saved = JSON.parse(sessionStorage.getItem(ROOMS_KEY) || "null");
+      if (saved && Array.isArray(saved.rooms)) return saved;
+    } catch (err) { /* ignore */ }
+    return null;
+  }
+
+  function dmNames() {
+    try {
+      return JSON.parse(sessionStorage.getItem("roomcast.dmNames") || "{}") || {};
+    } catch (err) {
+      return {};
+    }
+  }
+
+  function storedDmName(roomName) {
+    const name = dmNames()[roomName];
+    return typeof name === "string" ? name : null;
+  }
+
+  function rememberDmName(room, name) {
+    const known = name || title(room);
+    if (!known || known === room.dm) return;
+    const all = dmNames();
+    if (all[room.name] === known) return;
+    all[room.name] = known;
+    try {
+      sessionStorage.setItem("roomcast.dmNames", JSON.stringify(all));
+    } catch (err) { /* ignore */ }
+  }
+
+  // -- views -------------------------------------------------------------------------------
+
+  // Connect as this name/token and join these rooms, showing `current`.
+  function enterRooms(roomNames, current, name, token) {
+    // a signed token's name is the one the server uses: ?name= would be ignored
+    const signedAs = tokenName(token);
+    if (signedAs) name = null;
+    session.name = name;
+    session.self = signedAs || name;
+    session.user = tokenUser(token);
+    session.token = token;
+    session.wasEverOpen = false;
+    session.attempt = 0;
+    session.active = true;
+    session.current = null;
+    rooms.clear();
+    el.addRoomError.hidden = true;
+    setBanner(null);
+    for (const room of roomNames) if (!rooms.has(room)) rooms.set(room, newRoom(room));
     try {
       if (name) localStorage.setItem("roomcast.name", name);
     } catch (err) { /* storage may be disabled */ }
-
+    showRoom(rooms.get(current) || rooms.values().next().value);
     connect();
-    // on a phone, focusing would throw the keyboard over the conversation
-    if (!window.matchMedia("(pointer: coarse)").matches) el.text.focus();
   }
 
   // -- tokens: from the URL fragment (never sent to a server) or the sign-in step, kept in
   // sessionStorage (this tab only), sent as ?token= on the WebSocket URL, never shown in
   // the address bar.
-
-  const TOKEN_KEY = "roomcast.token";
 
   function storedToken() {
     try {
@@ -796,22 +1280,34 @@
     keepToken(null);
   }
 
-  // The display name a signed token (a JWT) gives, as the server derives it (its "name"
-  // claim, else "sub"; NFKC, whitespace collapsed); null for any other token. Read for
-  // display only: the server verifies the token.
-  function tokenName(token) {
+  // The claims of a signed token (a JWT), or null. Read for display only: the server
+  // verifies the token.
+  function tokenClaims(token) {
     const parts = typeof token === "string" ? token.split(".") : [];
     if (parts.length !== 3) return null;
     try {
       const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
       const bytes = Uint8Array.from(atob(b64 + "===".slice((b64.length + 3) % 4)), (c) => c.charCodeAt(0));
       const claims = JSON.parse(new TextDecoder().decode(bytes));
-      if (!claims || typeof claims.sub !== "string") return null;
-      const raw = typeof claims.name === "string" ? claims.name : Array.from(claims.sub).slice(0, MAX_NAME).join("");
-      return raw.normalize("NFKC").split(/\s+/).filter(Boolean).join(" ") || null;
+      return claims && typeof claims.sub === "string" ? claims : null;
     } catch (err) {
       return null;
     }
+  }
+
+  // The display name a signed token gives, as the server derives it (its "name" claim,
+  // else "sub"; NFKC, whitespace collapsed); null for any other token.
+  function tokenName(token) {
+    const claims = tokenClaims(token);
+    if (!claims) return null;
+    const raw = typeof claims.name === "string" ? claims.name : Array.from(claims.sub).slice(0, MAX_NAME).join("");
+    return raw.normalize("NFKC").split(/\s+/).filter(Boolean).join(" ") || null;
+  }
+
+  // The verified user id a signed token gives (its "sub"): the id in DM room names.
+  function tokenUser(token) {
+    const claims = tokenClaims(token);
+    return claims ? claims.sub : null;
   }
 
   // The join form with a signed token: its name replaces the "Display name" field.
@@ -831,15 +1327,21 @@
   }
 
   function showJoin(error, options) {
+    const lastRoom = session.current ? session.current.name : null;
+    for (const room of rooms.values()) clearTimeout(room.settleTimer);
+    rooms.clear();
+    session.current = null;
+    saveRooms();
     el.app.dataset.view = "join";
     el.join.hidden = false;
     el.chat.hidden = true;
     el.roomTitle.hidden = true;
     el.membersToggle.hidden = true;
+    el.roomsToggle.hidden = true;
     closeDrawer();
     document.title = "roomcast";
     setStatus("idle", "Not connected");
-    if (session.room) el.roomInput.value = session.room;
+    if (lastRoom && !lastRoom.startsWith("dm:")) el.roomInput.value = lastRoom;
     if (session.name) el.nameInput.value = session.name;
     el.joinError.hidden = !error;
     el.joinError.textContent = error || "";
@@ -853,23 +1355,25 @@
   }
 
   function validate(room, name) {
-    if (!ROOM_RE.test(room)) return "Room names are 1–64 letters, digits, “_”, “-” or “.”.";
+    if (!validRoom(room)) return "Room names are 1–64 letters, digits, “_”, “-” or “.”.";
     if (name && (Array.from(name).length > MAX_NAME || /[\u0000-\u001f\u007f]/.test(name))) {
       return "Names are at most " + MAX_NAME + " printable characters.";
     }
     return null;
   }
 
-  function openDrawer() {
-    el.app.classList.add("drawer-open");
+  function openDrawer(which) {
+    closeDrawer();
+    el.app.classList.add(which === "rooms" ? "rooms-open" : "drawer-open");
     el.scrim.hidden = false;
-    el.membersToggle.setAttribute("aria-expanded", "true");
+    (which === "rooms" ? el.roomsToggle : el.membersToggle).setAttribute("aria-expanded", "true");
   }
 
   function closeDrawer() {
-    el.app.classList.remove("drawer-open");
+    el.app.classList.remove("drawer-open", "rooms-open");
     el.scrim.hidden = true;
     el.membersToggle.setAttribute("aria-expanded", "false");
+    el.roomsToggle.setAttribute("aria-expanded", "false");
   }
 
   // -- composer ----------------------------------------------------------------------------
@@ -877,19 +1381,23 @@
   function autosize() {
     el.text.style.height = "auto";
     el.text.style.height = Math.min(el.text.scrollHeight, 160) + "px";
-    if (following) scrollToBottom();
+    if (session.current && session.current.following) scrollToBottom(session.current.list);
+  }
+
+  function messageFrame(room, text, id) {
+    return JSON.stringify({ type: "message", room: room.name, text, id });
   }
 
   // Why the server would refuse this draft, or null. The frame is measured as it would be
   // sent (JSON, UTF-8); a draft being typed is measured with an id of the usual length.
-  function draftProblem(text, frame) {
-    if (session.maxText !== null) {
+  function draftProblem(room, text, frame) {
+    if (room.maxText !== null) {
       const chars = characters(text);
-      if (chars > session.maxText) {
-        return "too long: " + NUMBER.format(chars) + " of " + NUMBER.format(session.maxText) + " characters";
+      if (chars > room.maxText) {
+        return "too long: " + NUMBER.format(chars) + " of " + NUMBER.format(room.maxText) + " characters";
       }
     }
-    const bytes = UTF8.encode(frame || JSON.stringify({ text, id: newId() })).length;
+    const bytes = UTF8.encode(frame || messageFrame(room, text, newId())).length;
     if (bytes > session.frameLimit) {
       return "too long: " + NUMBER.format(bytes) + " of " + NUMBER.format(session.frameLimit) + " bytes";
     }
@@ -903,30 +1411,44 @@
   }
 
   function updateSend() {
-    const problem = el.text.value.trim() ? draftProblem(el.text.value) : null;
+    const room = session.current;
+    const problem = room && el.text.value.trim() ? draftProblem(room, el.text.value) : null;
     showDraftProblem(problem);
-    el.send.disabled = el.status.dataset.state !== "connected" || !el.text.value.trim() || Boolean(problem);
+    el.send.disabled = el.status.dataset.state !== "connected" || !room || room.state !== "joined" ||
+      !el.text.value.trim() || Boolean(problem);
   }
 
   function sendMessage() {
     const text = el.text.value;
+    const room = session.current;
     const ws = session.ws;
-    if (!text.trim() || !ws || ws.readyState !== WebSocket.OPEN || !session.wasOpen) return;
+    if (!room || room.state !== "joined" || !text.trim() || !ws || ws.readyState !== WebSocket.OPEN) return;
     const id = newId();
-    const frame = JSON.stringify({ text, id });
-    const problem = draftProblem(text, frame);
+    const frame = messageFrame(room, text, id);
+    const problem = draftProblem(room, text, frame);
     if (problem) {
       showDraftProblem(problem); // and the draft stays in the box
       return;
     }
     session.myIds.add(id);
     if (session.myIds.size > 2000) session.myIds.delete(session.myIds.values().next().value);
-    session.pending.set(id, { text, bytes: UTF8.encode(frame).length });
+    session.pending.set(id, { room: room.name, text, bytes: UTF8.encode(frame).length });
     ws.send(frame);
     el.text.value = "";
     autosize();
     updateSend();
-    scrollToBottom();
+    room.following = true;
+    scrollToBottom(room.list);
+  }
+
+  // The others see "X is typing" for a few seconds after each typing event; one a second
+  // keeps it up while the user types (the server relays no more than that anyway).
+  function sendTyping() {
+    const room = session.current;
+    if (!room || room.state !== "joined" || !el.text.value.trim()) return;
+    const now = Date.now();
+    if (now - (typingSent.get(room.name) || 0) < TYPING_EVERY_MS) return;
+    if (sendCommand({ type: "typing", room: room.name })) typingSent.set(room.name, now);
   }
 
   // -- wiring ------------------------------------------------------------------------------
@@ -943,7 +1465,19 @@
       return;
     }
     keepToken(token);
-    enterRoom(room, name, session.token);
+    enterRooms([room], room, name, session.token);
+  });
+
+  el.addRoomForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const room = el.addRoomInput.value.trim().replace(/^#/, "");
+    const problem = room ? validate(room, null) : "Type a room name to join it.";
+    el.addRoomError.hidden = !problem;
+    el.addRoomError.textContent = problem || "";
+    if (problem) return;
+    el.addRoomInput.value = "";
+    joinRoom(room);
+    closeDrawer();
   });
 
   el.composer.addEventListener("submit", (e) => {
@@ -963,20 +1497,28 @@
   el.text.addEventListener("input", () => {
     autosize();
     updateSend();
+    sendTyping();
   });
 
   el.retry.addEventListener("click", retryNow);
-  const leave = () => {
-    stop();
-    showJoin(null);
-    const params = new URLSearchParams(location.search);
-    params.delete("room");
-    history.replaceState(null, "", location.pathname + (params.toString() ? "?" + params : ""));
-  };
-  el.leave.addEventListener("click", leave);
-  el.changeRoom.addEventListener("click", leave);
+  el.leave.addEventListener("click", () => {
+    closeDrawer();
+    leaveRoom(session.current);
+  });
+  el.changeRoom.addEventListener("click", () => {
+    const room = session.current;
+    if (room && room.problem) {
+      leaveRoom(room); // the room that refused us
+    } else {
+      stop();
+      showJoin(null);
+    }
+  });
   el.membersToggle.addEventListener("click", () => {
-    if (el.app.classList.contains("drawer-open")) closeDrawer(); else openDrawer();
+    if (el.app.classList.contains("drawer-open")) closeDrawer(); else openDrawer("members");
+  });
+  el.roomsToggle.addEventListener("click", () => {
+    if (el.app.classList.contains("rooms-open")) closeDrawer(); else openDrawer("rooms");
   });
   el.scrim.addEventListener("click", closeDrawer);
   document.addEventListener("keydown", (e) => {
@@ -1015,15 +1557,31 @@
   el.roomInput.value = query.get("room") || "general";
   el.nameInput.value = query.get("name") || storedName || "";
 
-  if (query.has("room") || query.has("name")) {
-    const room = (query.get("room") || "general").trim() || "general";
+  // the rooms to be in: the address bar's, else (the same tab, a bare address) the ones kept
+  const saved = storedRooms();
+  let wanted = (query.get("rooms") || "").split(",").map((r) => r.trim()).filter(Boolean);
+  let current = (query.get("room") || "").trim();
+  if (!wanted.length && !current && saved && saved.rooms.length && !query.has("name")) {
+    wanted = saved.rooms;
+    current = saved.current || "";
+  }
+  if (wanted.length || query.has("room") || query.has("name")) {
+    current = current || wanted[0] || "general";
+    if (!wanted.includes(current)) wanted.push(current);
     const name = tokenName(session.token) ? null : (query.get("name") || "").trim() || null;
-    const problem = validate(room, name);
-    if (problem) showJoin(problem); else enterRoom(room, name, session.token);
+    const problem = wanted.map((room) => validate(room, name)).find(Boolean);
+    if (problem) showJoin(problem); else enterRooms(wanted, current, name, session.token);
   } else {
     showJoin(null);
   }
 
   // for tests and debugging
-  window.roomcast = { session, stop, retryNow, get following() { return following; } };
+  window.roomcast = {
+    session,
+    rooms,
+    room: (name) => rooms.get(name) || null,
+    stop,
+    retryNow,
+    get following() { return session.current ? session.current.following : true; },
+  };
 })();
