@@ -23,7 +23,7 @@ from roomcast.identity import mint_token
 
 from rawws import open_raw_websocket
 from redis_server import RedisServer
-from servers import ThreadedServer, serve_in_thread
+from servers import ThreadedServer, serve_in_thread, spawn_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
 
@@ -383,3 +383,24 @@ async def test_a_thousand_typing_events_into_100_slow_readers_evict_nobody() -> 
             assert queued <= settings.outbox_size // 2 + 1  # typing filled half, then stopped
         for reader in readers:
             reader.sock.close()
+
+
+async def test_sigterm_closes_a_connection_in_many_rooms_once_with_1001() -> None:
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(_sigterm_closes_once)
+
+
+def _sigterm_closes_once() -> None:
+    with spawn_server(env={"ROOMCAST_RATE_LIMIT": "0"}) as server:
+        ws = open_raw_websocket(server.port, "/ws?name=stays")
+        for room in ("x1", "x2", "x3"):
+            ws.send_text(json.dumps({"type": "join", "room": room}))
+        welcomes = 0
+        while welcomes < 3:
+            welcomes += json.loads(ws.next_message())["type"] == "welcome"
+        server.terminate()
+        code, reason, messages = ws.read_until_close()
+        assert (code, reason, messages) == (1001, "server shutting down", 0)
+        ws.sock.settimeout(5)
+        assert ws.sock.recv(65536) == b""  # one close, then the end of the connection
+        assert server.process.wait(timeout=15) == 0
