@@ -481,8 +481,12 @@ class TestHypercornInternals:
 
     def test_the_http2_stream_buffer_is_what_the_flow_controlled_one_corrects(self) -> None:
         from hypercorn.protocol import ProtocolWrapper
-        from hypercorn.protocol.h2 import H2Protocol, StreamBuffer
 
+        from roomcast.launcher import hardening
+
+        # Hypercorn's own (once installed, the modules name roomcast's subclasses)
+        StreamBuffer = hardening.FlowControlledStreamBuffer.__bases__[0]
+        H2Protocol = hardening.ClosingH2Protocol.__bases__[0]
         pop = inspect.getsource(StreamBuffer.pop)
         assert "if len(data) < BUFFER_LOW_WATER:" in pop  # the bug: any short pop resumes
         assert "await self._paused.wait()" in inspect.getsource(StreamBuffer.push)

@@ -56,6 +56,7 @@ their own behaviour, with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import zlib
@@ -228,7 +229,10 @@ class ClosingWSStream(WSStream):
             and self.connection.state is ConnectionState.OPEN
         ):
             self._closing = True
-            self.task_group.spawn(self._drop_unless_answered)
+            # (asyncio's task group refuses new tasks once it is shutting down: the
+            # connection is ending then anyway, and the close frame must still go out)
+            with contextlib.suppress(RuntimeError):
+                self.task_group.spawn(self._drop_unless_answered)
         await super()._send_wsproto_event(event)
 
     async def _drop_unless_answered(self) -> None:
