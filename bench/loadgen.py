@@ -803,6 +803,7 @@ async def multi_round(a: argparse.Namespace, n: int, slots) -> dict:  # type: ig
 
 async def run_multiroom(a: argparse.Namespace) -> dict:
     specs = multiroom_specs(a)
+    wall_start = time.time()
     t0 = time.perf_counter()
     clients, failures = await connect_all_multi(a, specs)
     connect_s = time.perf_counter() - t0
@@ -822,6 +823,7 @@ async def run_multiroom(a: argparse.Namespace) -> dict:
                 "first_failures": failures[:3],
                 "connect_s": round(connect_s, 3),
                 "settle_s": round(settle_s, 3),
+                "wall": [round(wall_start, 3), round(time.time(), 3)],
                 "events_while_joining": STATS.other_events,
             }
         ),

@@ -605,6 +605,12 @@ class Runner:
             r.update(sampler.window(*r["wall"]))
             if r.get("server_cpu_s") and r.get("delivered"):
                 r["server_cpu_us_per_delivery"] = round(1e6 * r["server_cpu_s"] / r["delivered"], 1)
+        if "wall" in joined:  # connecting and joining, until presence settled
+            window = sampler.window(*joined["wall"])
+            result.update(
+                join_server_cpu_s=window.get("server_cpu_s"),
+                join_other_cpu_pct=window.get("other_cpu_pct"),
+            )
         result.update(
             joined=joined,
             peak_rss_mb=_mb(sampler.peak),
@@ -866,6 +872,8 @@ def pool_multiroom(raws: list[dict[str, Any]]) -> dict[str, Any]:
     pooled = pool_passes(raws)
     ok = [r for r in raws if "error" not in r]
     for key in (
+        "connect_s",
+        "join_server_cpu_s",
         "rss_before_mb",
         "rss_joined_mb",
         "rss_growth_mb",
@@ -888,6 +896,8 @@ def summarize_multiroom(run: dict[str, Any]) -> dict[str, Any]:
         "memberships",
         "connect_failures",
         "connect_s",
+        "join_server_cpu_s",
+        "join_other_cpu_pct",
         "rss_before_mb",
         "rss_joined_mb",
         "rss_growth_mb",
@@ -1339,30 +1349,34 @@ def multiroom_table(report: dict[str, Any], entry: dict[str, Any]) -> list[str]:
         f"({p.get('people', 0) * k // max(1, p.get('rooms', 1))} members per room): `v1` one "
         f"connection per (person, room), `v2` one connection per person joining its {k} "
         "rooms, `v2-1room` one connection per person in one room (memory only). Each on a "
-        "fresh server; no permessage-deflate (picows offers none). RSS: the server's, "
+        "fresh server; no permessage-deflate (picows offers none). join s: from the first "
+        f"handshake until every welcome arrived ({p.get('concurrency')} connections in flight, "
+        "a v2 one sending its joins at once), with the server's CPU in that time. RSS: the "
+        "server's (launcher and worker), "
         "median of 5 samples 1 s after every welcome arrived and presence settled; growth: "
         f"over the same server before any connection. Then {p.get('senders')} members of "
         f"each room send into it ({p.get('window')} messages in flight each): "
         f"{_passes(report)}{p.get('rounds', 1)} round(s) of {p.get('duration')} s; median "
         "round shown. dup / gaps: per receiver and room, over the whole run.",
         "",
-        "| server | layout | connections | subscriptions | RSS MB | vs v1 | growth MB | vs v1 "
-        "| KB/connection | KB/subscription | deliveries/s | vs v1 | best round/s "
-        "| server CPU µs/delivery | p99 ms | events/frame | dup / gaps | notes |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| server | layout | connections | subscriptions | join s | server CPU s | RSS MB "
+        "| vs v1 | growth MB | vs v1 | KB/connection | KB/subscription | deliveries/s | vs v1 "
+        "| best round/s | server CPU µs/delivery | p99 ms | events/frame | dup / gaps | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     by_server = _layouts(S)
     for server, rows in by_server.items():
         v1 = rows.get("v1", {})
         for layout, r in rows.items():
             if "error" in r:
-                lines.append(f"| {server} | {layout} |" + " - |" * 15 + f" {notes(r)} |")
+                lines.append(f"| {server} | {layout} |" + " - |" * 17 + f" {notes(r)} |")
                 continue
             d = r.get("deliveries_per_s")
             order = r.get("order") or {}
             faults = f"{order.get('duplicates', '-')} / {order.get('gaps', '-')}" if d else "-"
             lines.append(
                 f"| {server} | {layout} | {fmt(r.get('connected'))} | {fmt(r.get('memberships'))} "
+                f"| {fmt(r.get('connect_s'), 1)} | {fmt(r.get('join_server_cpu_s'), 1)} "
                 f"| {fmt(r.get('rss_joined_mb'), 1)} "
                 f"| {ratio(r.get('rss_joined_mb'), v1.get('rss_joined_mb'))} "
                 f"| {fmt(r.get('rss_growth_mb'), 1)} "
