@@ -26,6 +26,18 @@ Two modes, each printing JSON lines on stdout:
     every handshake completed (the fill), and until the presence traffic it set off has
     been delivered (no frame for ``--quiet`` seconds: the settle).
 
+``multiroom``
+    ``--people`` people, each in ``--rooms-per-person`` of ``--rooms`` rooms (every room
+    the same size), connected either with one v1 connection per room (``--layout v1``:
+    ``/ws/chat?room=``) or with one v2 connection each that joins all of its rooms
+    (``--layout v2``: ``/ws``, ``join`` commands, all sent at once). Every connection
+    carries its person's name. Prints ``{"phase": "joined", ...}`` once every welcome has
+    arrived and presence has settled, waits for a line on stdin (the runner measures the
+    server's memory meanwhile), then runs ``--rounds`` rounds in which ``--senders``
+    members of each room send into it, ``--window`` messages in flight each (one closed
+    loop per sending membership, on its v1 connection or on its person's v2 connection).
+    Every receiver checks each of its rooms' seqs (duplicates, gaps).
+
 Every loop is bounded in count and time (``--deadline``, ``--connect-timeout``, ``--hold``).
 """
 
@@ -523,11 +535,345 @@ async def run_crowd(a: argparse.Namespace) -> dict:
     return out
 
 
+# -- multiroom: v1 (a connection per room) against v2 (one connection, many rooms) ------------
+
+
+def person_rooms(a: argparse.Namespace, person: int) -> list[int]:
+    """The rooms ``person`` is in: ``--rooms-per-person`` rooms spaced ``rooms // k``
+    apart, so that with ``people`` a multiple of ``rooms`` every room has
+    ``people * k / rooms`` members."""
+    k = a.rooms_per_person
+    step = max(1, a.rooms // k)
+    return [(person + step * j) % a.rooms for j in range(k)]
+
+
+class MultiClient(WSListener):
+    """One connection (v1: in one room; v2: in several), checking every room's seqs and
+    handing each of its sending memberships its own messages back (the closed loop)."""
+
+    def __init__(self, rooms: list[str]) -> None:
+        self.rooms = rooms
+        self.welcomes = 0
+        self.last_seq: dict[str, int] = {}
+        #: sender id -> that sending membership's returns (seq of each own message)
+        self.own: dict[int, asyncio.Queue[int]] = {}
+        self.closing = False
+        self.close_code: int | None = None
+        self.joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.errors: list[str] = []
+
+    def on_ws_frame(self, transport, frame) -> None:  # type: ignore[no-untyped-def]
+        st = STATS
+        now = perf_ns()
+        st.last_frame = now
+        if frame.msg_type != WSMsgType.TEXT:
+            if frame.msg_type == WSMsgType.CLOSE:
+                code = int(frame.get_close_code())
+                self.close_code = code
+                st.close_codes[code] = st.close_codes.get(code, 0) + 1
+                if not self.closing:
+                    st.unexpected_closes += 1
+                transport.disconnect()
+            return
+        st.frames += 1
+        payload = frame.get_payload_as_bytes()
+        for line in payload.split(b"\n") if b"\n" in payload else (payload,):
+            if line:
+                self.on_event(line, now)
+
+    def on_event(self, line: bytes, now: int) -> None:
+        st = STATS
+        try:
+            data = loads(line)
+            kind = data.get("type")
+        except (orjson.JSONDecodeError, AttributeError):
+            st.other_events += 1
+            return
+        if kind != "message":
+            st.other_events += 1
+            st.notices += kind == "system"
+            if kind == "welcome":
+                self.last_seq[data.get("room")] = data.get("seq") or 0
+                self.welcomes += 1
+                if self.welcomes == len(self.rooms) and not self.joined.done():
+                    self.joined.set_result(None)
+            elif kind == "error":
+                st.gap_notices += data.get("error") == "history_gap"
+                if len(self.errors) < 3:
+                    self.errors.append(f"{data.get('error')}: {data.get('message')}")
+            return
+        room, seq = data.get("room"), data.get("seq")
+        last = self.last_seq.get(room)
+        if isinstance(seq, int) and last is not None:
+            if seq <= last:
+                st.duplicates += 1  # or out of order: either way, seen before its turn
+            else:
+                st.gaps += seq - last - 1
+                self.last_seq[room] = seq
+        parts = data.get("text", "").split(":", 3)
+        if len(parts) < 3:
+            st.other_events += 1
+            return
+        sender, own_seq, ts = parts[0], parts[1], parts[2]
+        st.lat.append(now - int(ts))
+        st.deliveries += 1
+        st.last_recv = now
+        returns = self.own.get(int(sender))
+        if returns is not None:
+            returns.put_nowait(int(own_seq))
+
+    def on_ws_disconnected(self, transport) -> None:  # type: ignore[no-untyped-def]
+        if not self.closing and self.close_code is None:
+            STATS.unexpected_closes += 1
+
+
+async def connect_multi(a: argparse.Namespace, url: str, rooms: list[str]):  # type: ignore[no-untyped-def]
+    """A picows connection for ``rooms`` (retried like :func:`connect`); v2 sends its
+    joins at once, then waits (bounded) for every welcome."""
+    headers = {"Sec-WebSocket-Protocol": a.subprotocol} if a.subprotocol else None
+    last: Exception | None = None
+    for attempt in range(a.connect_attempts):
+        try:
+            transport, listener = await ws_connect(
+                lambda: MultiClient(rooms),
+                url,
+                websocket_handshake_timeout=a.connect_timeout,
+                extra_headers=headers,
+            )
+            break
+        except Exception as exc:  # refused, reset, handshake timeout: back off and retry
+            last = exc
+            await asyncio.sleep(min(0.05 * (attempt + 1), 1.0))
+    else:
+        raise RuntimeError(f"connect failed after {a.connect_attempts} attempts: {last!r}")
+    if a.layout == "v2":
+        for room in rooms:
+            transport.send(WSMsgType.TEXT, orjson.dumps({"type": "join", "room": room}))
+    try:
+        await asyncio.wait_for(asyncio.shield(listener.joined), a.connect_timeout)
+    except TimeoutError:
+        close(transport)
+        raise RuntimeError(
+            f"{listener.welcomes} of {len(rooms)} welcomes; close {listener.close_code}; "
+            f"errors {listener.errors}"
+        ) from None
+    return transport, listener
+
+
+def multiroom_specs(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(url, rooms) for every connection: one per (person, room) for v1, one per person
+    for v2. Each carries the person's name, so that rooms hold the same people."""
+    specs = []
+    for person in range(a.people):
+        rooms = [f"{a.room_prefix}{r}" for r in person_rooms(a, person)]
+        if a.layout == "v2":
+            specs.append((f"{a.url}?name=p{person}", rooms))
+        else:
+            specs.extend((f"{a.url}?room={room}&name=p{person}", [room]) for room in rooms)
+    return specs
+
+
+async def connect_all_multi(a: argparse.Namespace, specs):  # type: ignore[no-untyped-def]
+    results: list = [None] * len(specs)
+    it = iter(enumerate(specs))
+    failures: list[str] = []
+
+    async def worker() -> None:
+        for i, (url, rooms) in it:
+            try:
+                results[i] = await connect_multi(a, url, rooms)
+            except RuntimeError as exc:
+                failures.append(str(exc))
+
+    await asyncio.gather(*(worker() for _ in range(max(1, a.concurrency))))
+    return results, failures
+
+
+def sending_memberships(a: argparse.Namespace, clients) -> list[tuple]:  # type: ignore[no-untyped-def]
+    """(sender id, transport, room, room size, returns) for ``--senders`` members of each
+    room, spread over its member list; each is a closed loop of its own (its returns are
+    queued by the listener of the connection it sends on)."""
+    members: dict[str, list[tuple[object, MultiClient]]] = {}
+    for c in clients:
+        if c is not None:
+            for room in c[1].rooms:
+                members.setdefault(room, []).append(c)
+    out = []
+    for room, lst in sorted(members.items()):
+        n = min(a.senders, len(lst))
+        for i in range(n):
+            transport, listener = lst[i * len(lst) // n]
+            sid = len(out)
+            listener.own[sid] = returns = asyncio.Queue()
+            out.append((sid, transport, room, len(lst), returns))
+    return out
+
+
+async def multi_sender(
+    a: argparse.Namespace,
+    sid: int,
+    transport,
+    room: str,
+    queue,
+    pad: str,
+    stop_at: int,
+    sent: list[int],
+) -> None:  # type: ignore[no-untyped-def]
+    """Like :func:`sender`, for one sending membership: v1 sends ``{"text"}`` on the
+    room's connection, v2 ``{"type": "message", "room", "text"}`` on the person's."""
+    st = STATS
+    outstanding = 0
+    v2 = a.layout == "v2"
+    while sent[sid] < a.messages:
+        while outstanding >= a.window:
+            await queue.get()
+            outstanding -= 1
+        t = perf_ns()
+        if t >= stop_at:
+            break
+        if st.first_send is None:
+            st.first_send = t
+        text = f"{sid}:{sent[sid]}:{t}:{pad}"
+        msg = {"type": "message", "room": room, "text": text} if v2 else {"text": text}
+        transport.send(WSMsgType.TEXT, orjson.dumps(msg))
+        sent[sid] += 1
+        outstanding += 1
+    while outstanding:
+        await queue.get()
+        outstanding -= 1
+
+
+async def multi_round(a: argparse.Namespace, n: int, slots) -> dict:  # type: ignore[no-untyped-def]
+    st = STATS
+    st.reset()
+    for *_, returns in slots:
+        while not returns.empty():
+            returns.get_nowait()
+    st.measuring = True
+    pad = "x" * a.pad
+    sent = [0] * len(slots)
+    wall_start = time.time()
+    t_start = perf_ns()
+    stop_at = t_start + int(a.duration * 1e9)
+    tasks = [
+        asyncio.ensure_future(multi_sender(a, sid, t, room, returns, pad, stop_at, sent))
+        for sid, t, room, _, returns in slots
+    ]
+    done = False
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks), a.duration + a.deadline)
+        done = True
+    except TimeoutError:
+        pass
+    expected = sum(sent[sid] * size for sid, _, _, size, _ in slots)
+    drain_until = time.perf_counter() + (a.drain if done else min(a.drain, 1.0))
+    while st.deliveries < expected and time.perf_counter() < drain_until:  # noqa: ASYNC110
+        await asyncio.sleep(0.005)  # deliveries are counted in protocol callbacks: poll
+    t_stop = perf_ns()
+    st.measuring = False
+    complete = done and st.deliveries >= expected
+    first = st.first_send or t_start
+    end = (st.last_recv or t_stop) if complete else t_stop
+    span = (end - first) / 1e9
+    lat = st.lat
+    lat.sort()
+    for t in tasks:
+        t.cancel()
+    await asyncio.sleep(0)
+    return {
+        "phase": "run",
+        "round": n,
+        "wall": [round(wall_start, 3), round(time.time(), 3)],
+        "sent": sum(sent),
+        "expected": expected,
+        "delivered": st.deliveries,
+        "complete": complete,
+        "seconds": round(span, 3),
+        "deliveries_per_s": round(st.deliveries / span) if span > 0 else 0,
+        "frames": st.frames,
+        "events_per_frame": round(st.deliveries / st.frames, 2) if st.frames else None,
+        "other_events": st.other_events,
+        "unexpected_closes": st.unexpected_closes,
+        "p50_ms": pct(lat, 0.5),
+        "p90_ms": pct(lat, 0.9),
+        "p99_ms": pct(lat, 0.99),
+        "max_ms": pct(lat, 1.0),
+    }
+
+
+async def run_multiroom(a: argparse.Namespace) -> dict:
+    specs = multiroom_specs(a)
+    wall_start = time.time()
+    t0 = time.perf_counter()
+    clients, failures = await connect_all_multi(a, specs)
+    connect_s = time.perf_counter() - t0
+    settle_s = await wait_quiet(a.quiet, a.settle_limit)
+    ok = [c for c in clients if c is not None]
+    memberships = sum(len(c[1].rooms) for c in ok)
+    print(
+        json.dumps(
+            {
+                "mode": "multiroom",
+                "phase": "joined",
+                "layout": a.layout,
+                "connections": len(specs),
+                "connected": len(ok),
+                "memberships": memberships,
+                "connect_failures": len(failures),
+                "first_failures": failures[:3],
+                "connect_s": round(connect_s, 3),
+                "settle_s": round(settle_s, 3),
+                "wall": [round(wall_start, 3), round(time.time(), 3)],
+                "events_while_joining": STATS.other_events,
+            }
+        ),
+        flush=True,
+    )
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), a.hold)
+    slots = sending_memberships(a, ok)
+    rounds = []
+    for n in range(a.rounds):
+        rounds.append(await multi_round(a, n, slots))
+        await wait_quiet(a.quiet, a.settle_limit)
+    out = {
+        "mode": "multiroom",
+        "layout": a.layout,
+        "people": a.people,
+        "rooms": a.rooms,
+        "rooms_per_person": a.rooms_per_person,
+        "senders_per_room": a.senders,
+        "sending_memberships": len(slots),
+        "window": a.window,
+        "duration": a.duration,
+        "pad": a.pad,
+        "subprotocol": a.subprotocol,
+        "negotiated": sorted(
+            {t.response.headers.get("sec-websocket-protocol", "") for t, _ in ok[:50]}
+        ),
+        "connected": len(ok),
+        "alive_at_end": sum(1 for t, _ in ok if not t.is_disconnected),
+        "close_codes": {str(k): v for k, v in STATS.close_codes.items()},
+        "order": {
+            "duplicates": STATS.duplicates,
+            "gaps": STATS.gaps,
+            "gap_notices": STATS.gap_notices,
+        },
+        "rounds": rounds,
+    }
+    for t, lst in ok:
+        lst.closing = True
+        close(t)
+    await asyncio.sleep(0.2)
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("mode", choices=["fanout", "idle", "crowd"])
+    p.add_argument("mode", choices=["fanout", "idle", "crowd", "multiroom"])
     p.add_argument("--url", default="ws://127.0.0.1:8000/ws/chat", help="without the query string")
     p.add_argument("--room-prefix", default="bench")
     p.add_argument("--rooms", type=int, default=1)
@@ -557,6 +903,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hold", type=float, default=60.0, help="idle mode: most seconds to hold")
     p.add_argument("--rooms-of", type=int, default=0, help="crowd mode: room size (0: one room)")
     p.add_argument("--limit", type=float, default=120.0, help="crowd mode: most seconds to fill")
+    p.add_argument("--layout", choices=["v1", "v2"], default="v2", help="multiroom mode")
+    p.add_argument("--people", type=int, default=500, help="multiroom mode")
+    p.add_argument("--rooms-per-person", type=int, default=20, help="multiroom mode")
     return p.parse_args(argv)
 
 
@@ -567,6 +916,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(uvloop.run(run_fanout(a))), flush=True)
     elif a.mode == "crowd":
         print(json.dumps(uvloop.run(run_crowd(a))), flush=True)
+    elif a.mode == "multiroom":
+        print(json.dumps(uvloop.run(run_multiroom(a))), flush=True)
     else:
         uvloop.run(run_idle(a))
 

@@ -59,6 +59,14 @@ class Workload:
 
 
 STALLED = dict(rooms=1, members=100, senders=4, window=4, pad=2048, stalled=10, rounds=1)
+MULTIROOM = dict(rooms_per_person=20, senders=2, window=2, pad=64, concurrency=50)
+#: the rooms-v2 workload's configurations, each on a fresh server: the same people (and
+#: rooms) over v1 and over v2, then v2 with one room per connection (memory only)
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "v1": dict(layout="v1"),
+    "v2": dict(layout="v2"),
+    "v2-1room": dict(layout="v2", rooms_per_person=1, rounds=0),
+}
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -99,6 +107,17 @@ WORKLOADS: dict[str, Workload] = {
             "roomcast.batch, at fanout100 and rooms (bench/brokers.py; its own redis-server)",
             full=dict(duration=4, rounds=2),
             quick=dict(duration=2, rounds=1),
+        ),
+        Workload(
+            "rooms-v2",
+            "multiroom",
+            "people each in 20 of 100 rooms of 100: one v1 connection per room against one v2 "
+            "connection each (and one v2 connection in one room each, to split a connection's "
+            "memory from a subscription's); server RSS once joined, then 2 senders per room "
+            "(2 messages in flight each), 64-byte pad",
+            full=dict(MULTIROOM, people=500, rooms=100, duration=4, rounds=2),
+            quick=dict(MULTIROOM, people=200, rooms=40, duration=2, rounds=1),
+            servers=("roomcast-trio-batch", "roomcast-trio"),
         ),
         Workload(
             "idle",
@@ -532,6 +551,92 @@ class Runner:
         )
         return result
 
+    def multiroom(self, server: Server, params: dict[str, Any], tag: str) -> dict[str, Any]:
+        """One layout of ``rooms-v2`` on a fresh server: the server's RSS before and once
+        every connection has joined (median of 5 samples, like ``idle``), then the
+        rounds, with their CPU windows (like ``fanout``)."""
+        sp = self.start(server, tag)
+        path = "/ws" if params.get("layout") == "v2" else "/ws/chat"
+        url = f"ws://127.0.0.1:{sp.port}{path}"
+        sampler = Sampler(sp.proc.pid)
+        result: dict[str, Any] = {}
+        joined: dict[str, Any] = {}
+        lg = None
+        try:
+            time.sleep(0.5)
+            before = statistics.median(sampler.sample() or 0 for _ in range(3))
+            sampler.start()
+            lg = subprocess.Popen(
+                loadgen_args("multiroom", url, params, server.subprotocol),
+                cwd=REPO,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            with contextlib.suppress(psutil.NoSuchProcess):
+                sampler.loadgen = psutil.Process(lg.pid)
+            line = _readline(lg, timeout=300)
+            joined = json.loads(line) if line else {"error": "multiroom loadgen printed nothing"}
+            time.sleep(1.0)
+            samples = []
+            for _ in range(5):
+                samples.append(tree_rss(sp.proc.pid))
+                time.sleep(0.2)
+            joined_rss = statistics.median(samples)
+            assert lg.stdin is not None
+            lg.stdin.write("go\n")
+            lg.stdin.flush()
+            budget = 120 + params.get("rounds", 1) * 2 * (params.get("duration", 5) + 15)
+            out, err = lg.communicate(timeout=budget)
+            result = _last_json(out) or {"error": f"loadgen exit {lg.returncode}: {err[-2000:]}"}
+            if result.get("phase") == "joined":  # it printed nothing after the first line
+                result = {"error": f"loadgen exit {lg.returncode}: {err[-2000:]}"}
+            result.update(_memory(before, joined_rss, joined))
+        except Exception as exc:  # keep the rest of the run going
+            result["error"] = repr(exc)
+            if lg is not None and lg.poll() is None:
+                lg.kill()
+                lg.communicate()
+        finally:
+            sampler.stop()
+            sp.stop()
+        for r in result.get("rounds", []):
+            r.update(sampler.window(*r["wall"]))
+            if r.get("server_cpu_s") and r.get("delivered"):
+                r["server_cpu_us_per_delivery"] = round(1e6 * r["server_cpu_s"] / r["delivered"], 1)
+        if "wall" in joined:  # connecting and joining, until presence settled
+            window = sampler.window(*joined["wall"])
+            result.update(
+                join_server_cpu_s=window.get("server_cpu_s"),
+                join_other_cpu_pct=window.get("other_cpu_pct"),
+            )
+        result.update(
+            joined=joined,
+            peak_rss_mb=_mb(sampler.peak),
+            server_tracebacks=sp.log_errors(),
+            log=str(sp.log_path.relative_to(REPO)),
+        )
+        return result
+
+
+def _memory(before: float, joined_rss: float, joined: dict[str, Any]) -> dict[str, Any]:
+    """What the server holds once everyone has joined, in all and per connection and
+    per membership (subscription)."""
+    growth = joined_rss - before
+    n, m = joined.get("connected") or 0, joined.get("memberships") or 0
+    return {
+        "connected": n,
+        "memberships": m,
+        "connect_failures": joined.get("connect_failures"),
+        "connect_s": joined.get("connect_s"),
+        "rss_before_mb": _mb(before),
+        "rss_joined_mb": _mb(joined_rss),
+        "rss_growth_mb": _mb(growth),
+        "kb_per_connection": round(growth / n / 1024, 1) if n else None,
+        "kb_per_membership": round(growth / m / 1024, 2) if m else None,
+    }
+
 
 def _crowd_phase(
     runner: Runner, server: Server, params: dict[str, Any], tag: str
@@ -725,6 +830,94 @@ def run_brokers(
         entry["servers"][key] = summarize("fanout", raw)
 
 
+def run_multiroom(
+    runner: Runner,
+    args: argparse.Namespace,
+    params: dict[str, Any],
+    entry: dict[str, Any],
+    servers: list[Server],
+) -> None:
+    """The ``rooms-v2`` workload: every layout on every server, ``--passes`` times, each
+    on a fresh server process. Rows are keyed ``server@layout``."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    entry["layouts"] = {name: dict(params, **layout) for name, layout in LAYOUTS.items()}
+    for n in range(args.passes):
+        for server in servers:
+            for layout, layout_params in entry["layouts"].items():
+                t0 = time.monotonic()
+                tag = f"rooms-v2-{layout}" + (f"-pass{n + 1}" if args.passes > 1 else "")
+                try:
+                    raw = runner.multiroom(server, layout_params, tag)
+                except Exception as exc:
+                    raw = {"error": repr(exc)}
+                key = f"{server.name}@{layout}"
+                runs.setdefault(key, []).append(raw)
+                row = summarize_multiroom(raw)
+                log(
+                    f"rooms-v2/{layout:<9} {server.name:<20} {time.monotonic() - t0:5.1f}s  "
+                    f"{row.get('connected')} conns, {row.get('memberships')} memberships, "
+                    f"RSS {row.get('rss_joined_mb')} MB ({row.get('kb_per_connection')} KB/conn); "
+                    + (brief("fanout", row) if row.get("deliveries_per_s") is not None else "")
+                    + f" order {raw.get('order')}"
+                )
+    for key, raws in runs.items():
+        raw = raws[0] if len(raws) == 1 else pool_multiroom(raws)
+        entry["raw"][key] = raws if len(raws) > 1 else raw
+        entry["servers"][key] = summarize_multiroom(raw)
+
+
+def pool_multiroom(raws: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several passes of one layout as one: the rounds pooled (as :func:`pool_passes`),
+    the memory figures the median of the passes'."""
+    pooled = pool_passes(raws)
+    ok = [r for r in raws if "error" not in r]
+    for key in (
+        "connect_s",
+        "join_server_cpu_s",
+        "rss_before_mb",
+        "rss_joined_mb",
+        "rss_growth_mb",
+        "kb_per_connection",
+        "kb_per_membership",
+    ):
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if values:
+            pooled[key] = round(statistics.median(values), 2)
+            pooled[f"{key}_passes"] = values
+    return pooled
+
+
+def summarize_multiroom(run: dict[str, Any]) -> dict[str, Any]:
+    """A layout's row: its memory, its median round (if it had rounds), run-wide facts."""
+    if "error" in run:
+        return {"error": run["error"]}
+    keep = (
+        "connected",
+        "memberships",
+        "connect_failures",
+        "connect_s",
+        "join_server_cpu_s",
+        "join_other_cpu_pct",
+        "rss_before_mb",
+        "rss_joined_mb",
+        "rss_growth_mb",
+        "kb_per_connection",
+        "kb_per_membership",
+        "peak_rss_mb",
+        "negotiated",
+        "close_codes",
+        "alive_at_end",
+        "order",
+        "server_tracebacks",
+        "log",
+    )
+    row = {k: run.get(k) for k in keep}
+    rounds = run.get("rounds") or []
+    if rounds:
+        row.update(median_round(rounds))
+    return row
+
+
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     runner = Runner(args, stamp)
@@ -761,6 +954,10 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             except RuntimeError as exc:  # no redis-server here: the rest of the run goes on
                 entry["error"] = str(exc)
                 log(f"{wname}: {exc}")
+            continue
+        if w.mode == "multiroom":
+            chosen = [s for s in servers if w.servers is None or s.name in w.servers]
+            run_multiroom(runner, args, params, entry, chosen)
             continue
         passes = 1 if w.mode in ("idle", "crowd") else args.passes
         runs: dict[str, list[dict[str, Any]]] = {}
@@ -957,6 +1154,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 )
     if "redis" in W:
         out.extend(broker_targets(W["redis"]["servers"]))
+    if "rooms-v2" in W:
+        out.extend(multiroom_targets(W["rooms-v2"]["servers"]))
     if "stalled" in W:
         S = {n: r for n, r in W["stalled"]["servers"].items() if "error" not in r}
         for name in ("roomcast-trio-batch", "roomcast-trio"):
@@ -1051,6 +1250,157 @@ def broker_targets(S: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
     return out
+
+
+def _layouts(S: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``server@layout`` rows as {server: {layout: row}}."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, row in S.items():
+        server, _, layout = key.partition("@")
+        out.setdefault(server, {})[layout] = row
+    return out
+
+
+def multiroom_memory(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Memory per connection and per extra subscription, from one server's layouts: a v2
+    connection in one room is a connection and its first subscription; the 19 more rooms
+    each of the same connections joins in the ``v2`` layout cost the difference."""
+    v1, v2, one = rows.get("v1", {}), rows.get("v2", {}), rows.get("v2-1room", {})
+    out: dict[str, float | None] = {
+        "kb_per_v1_connection": v1.get("kb_per_connection"),
+        "kb_per_v2_connection_one_room": one.get("kb_per_connection"),
+        "kb_per_extra_subscription": None,
+        "rss_ratio": None,
+        "growth_ratio": None,
+    }
+    extra = (v2.get("memberships") or 0) - (one.get("memberships") or 0)
+    if extra > 0 and v2.get("rss_growth_mb") is not None and one.get("rss_growth_mb") is not None:
+        out["kb_per_extra_subscription"] = round(
+            (v2["rss_growth_mb"] - one["rss_growth_mb"]) * 1024 / extra, 2
+        )
+    if v1.get("rss_joined_mb") and v2.get("rss_joined_mb") is not None:
+        out["rss_ratio"] = round(v2["rss_joined_mb"] / v1["rss_joined_mb"], 3)
+    if v1.get("rss_growth_mb") and v2.get("rss_growth_mb") is not None:
+        out["growth_ratio"] = round(v2["rss_growth_mb"] / v1["rss_growth_mb"], 3)
+    return out
+
+
+def multiroom_targets(S: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets for protocol v2, per server (batching or not): RSS at most
+    1/5 of v1's for the same people, deliveries/s at least v1's, nothing twice or lost."""
+    out: list[dict[str, Any]] = []
+    for server, rows in _layouts(S).items():
+        v1, v2 = rows.get("v1", {}), rows.get("v2", {})
+        if "error" in v1 or "error" in v2 or not v1 or not v2:
+            continue
+        mem = multiroom_memory(rows)
+        if mem["growth_ratio"] is not None and mem["rss_ratio"] is not None:
+            # What the people cost the server: its RSS over the same server with nobody
+            # connected (a fixed ~100 MB for the launcher's two interpreters)
+            out.append(
+                dict(
+                    target=f"rooms-v2: {server}: server memory for the same people with v2 "
+                    "at most 1/5 of v1's (RSS growth over the empty server)",
+                    met=mem["growth_ratio"] <= 0.2,
+                    detail=f"{v2['rss_growth_mb']} MB vs {v1['rss_growth_mb']} MB "
+                    f"({mem['growth_ratio']:.3f}x); whole server RSS {v2['rss_joined_mb']} vs "
+                    f"{v1['rss_joined_mb']} MB ({mem['rss_ratio']:.2f}x), empty "
+                    f"{v2['rss_before_mb']} / {v1['rss_before_mb']} MB",
+                )
+            )
+        d1, d2 = v1.get("deliveries_per_s"), v2.get("deliveries_per_s")
+        if d1 and d2:
+            b1, b2 = _best_round(v1), _best_round(v2)
+            best = f"; best rounds {b2 / b1:.2f}x" if b1 and b2 else ""
+            out.append(
+                dict(
+                    target=f"rooms-v2: {server}: deliveries/s with v2 at least v1's",
+                    met=d2 >= d1,
+                    detail=f"{d2:,}/s vs {d1:,}/s ({d2 / d1:.2f}x{best})",
+                )
+            )
+    faults = {
+        key: r["order"]
+        for key, r in S.items()
+        if r.get("order") and (r["order"].get("duplicates") or r["order"].get("gaps"))
+    }
+    incomplete = [key for key, r in S.items() if r.get("complete") is False]
+    failures = {key: r["connect_failures"] for key, r in S.items() if r.get("connect_failures")}
+    out.append(
+        dict(
+            target="rooms-v2: every receiver got each of its rooms' messages once, in order",
+            met=not faults and not incomplete and not failures,
+            detail=(", ".join(f"{k}: {v}" for k, v in faults.items()) or "0 duplicates, 0 gaps")
+            + (f"; incomplete rounds: {', '.join(incomplete)}" if incomplete else "")
+            + (f"; connect failures: {failures}" if failures else ""),
+        )
+    )
+    return out
+
+
+def multiroom_table(report: dict[str, Any], entry: dict[str, Any]) -> list[str]:
+    """One row per server and layout (ratios against v1 on the same server in this
+    run), then what a connection and a subscription cost."""
+    S = entry["servers"]
+    p = entry["params"]
+    k = p.get("rooms_per_person")
+    lines = [
+        f"{p.get('people'):,} people, each in {k} of {p.get('rooms')} rooms "
+        f"({p.get('people', 0) * k // max(1, p.get('rooms', 1))} members per room): `v1` one "
+        f"connection per (person, room), `v2` one connection per person joining its {k} "
+        "rooms, `v2-1room` one connection per person in one room (memory only). Each on a "
+        "fresh server; no permessage-deflate (picows offers none). join s: from the first "
+        f"handshake until every welcome arrived ({p.get('concurrency')} connections in flight, "
+        "a v2 one sending its joins at once), with the server's CPU in that time. RSS: the "
+        "server's (launcher and worker), "
+        "median of 5 samples 1 s after every welcome arrived and presence settled; growth: "
+        f"over the same server before any connection. Then {p.get('senders')} members of "
+        f"each room send into it ({p.get('window')} messages in flight each): "
+        f"{_passes(report)}{p.get('rounds', 1)} round(s) of {p.get('duration')} s; median "
+        "round shown. dup / gaps: per receiver and room, over the whole run.",
+        "",
+        "| server | layout | connections | subscriptions | join s | server CPU s | RSS MB "
+        "| vs v1 | growth MB | vs v1 | KB/connection | KB/subscription | deliveries/s | vs v1 "
+        "| best round/s | server CPU µs/delivery | p99 ms | events/frame | dup / gaps | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    by_server = _layouts(S)
+    for server, rows in by_server.items():
+        v1 = rows.get("v1", {})
+        for layout, r in rows.items():
+            if "error" in r:
+                lines.append(f"| {server} | {layout} |" + " - |" * 17 + f" {notes(r)} |")
+                continue
+            d = r.get("deliveries_per_s")
+            order = r.get("order") or {}
+            faults = f"{order.get('duplicates', '-')} / {order.get('gaps', '-')}" if d else "-"
+            lines.append(
+                f"| {server} | {layout} | {fmt(r.get('connected'))} | {fmt(r.get('memberships'))} "
+                f"| {fmt(r.get('connect_s'), 1)} | {fmt(r.get('join_server_cpu_s'), 1)} "
+                f"| {fmt(r.get('rss_joined_mb'), 1)} "
+                f"| {ratio(r.get('rss_joined_mb'), v1.get('rss_joined_mb'))} "
+                f"| {fmt(r.get('rss_growth_mb'), 1)} "
+                f"| {ratio(r.get('rss_growth_mb'), v1.get('rss_growth_mb'))} "
+                f"| {fmt(r.get('kb_per_connection'), 1)} | {fmt(r.get('kb_per_membership'), 2)} "
+                f"| {fmt(d)} | {ratio(d, v1.get('deliveries_per_s'))} | {fmt(_best_round(r))} "
+                f"| {fmt(r.get('server_cpu_us_per_delivery'), 1)} | {fmt(r.get('p99_ms'), 1)} "
+                f"| {fmt(r.get('events_per_frame'), 1)} | {faults} | {notes(r)} |"
+            )
+    lines += [
+        "",
+        "| server | KB per v1 connection (1 room) | KB per v2 connection (1 room) "
+        "| KB per extra subscription (v2) | v2 RSS / v1 RSS | v2 growth / v1 growth |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for server, rows in by_server.items():
+        mem = multiroom_memory(rows)
+        lines.append(
+            f"| {server} | {fmt(mem['kb_per_v1_connection'], 1)} "
+            f"| {fmt(mem['kb_per_v2_connection_one_room'], 1)} "
+            f"| {fmt(mem['kb_per_extra_subscription'], 2)} | {fmt(mem['rss_ratio'], 3)} "
+            f"| {fmt(mem['growth_ratio'], 3)} |"
+        )
+    return lines
 
 
 # -- tables ----------------------------------------------------------------------------------
@@ -1263,6 +1613,8 @@ def tables(report: dict[str, Any]) -> str:
                 )
         elif entry["mode"] == "crowd":
             lines.extend(crowd_table(S, p))
+        elif entry["mode"] == "multiroom":
+            lines.extend(multiroom_table(report, entry))
         else:
             ref = S.get(REFERENCE, {}).get("connects_per_s")
             lines.append(
