@@ -201,9 +201,13 @@ SECRET = "multiroom-secret-for-the-tests-only"
 SIGNED = Settings(rate_limit=0, jwt_secret=SECRET, presence_grace=0)
 
 
-@pytest.fixture(scope="module")
-def signed_server() -> Iterator[ThreadedServer]:
-    with serve_in_thread(create_app(SIGNED), worker_class="trio") as server:
+@pytest.fixture(params=["memory", "redis"])
+def signed_server(request: pytest.FixtureRequest) -> Iterator[ThreadedServer]:
+    settings = SIGNED
+    if request.param == "redis":
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        settings = dataclasses.replace(SIGNED, redis_url=redis.url)
+    with serve_in_thread(create_app(settings), worker_class="trio") as server:
         yield server
 
 
@@ -261,8 +265,14 @@ async def test_a_refresh_that_drops_a_grant_leaves_only_that_room(
 # -- one outbox per connection: a stalled client in 50 rooms -----------------------------------
 
 
-async def test_a_stalled_client_in_50_rooms_is_evicted_once_and_the_rooms_go_on() -> None:
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_a_stalled_client_in_50_rooms_is_evicted_once_and_the_rooms_go_on(
+    broker: str, request: pytest.FixtureRequest
+) -> None:
     settings = Settings(rate_limit=0, tokens=None, presence_grace=0, outbox_size=32)
+    if broker == "redis":
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        settings = dataclasses.replace(settings, redis_url=redis.url)
     rooms = [f"s{i}" for i in range(50)]
     with serve_in_thread(create_app(settings), worker_class="trio") as server, trio.fail_after(60):
         stalled = await trio.to_thread.run_sync(
@@ -404,3 +414,19 @@ def _sigterm_closes_once() -> None:
         ws.sock.settimeout(5)
         assert ws.sock.recv(65536) == b""  # one close, then the end of the connection
         assert server.process.wait(timeout=15) == 0
+
+
+async def test_the_129th_join_is_refused_by_default() -> None:
+    settings = dataclasses.replace(SETTINGS, max_rooms_per_connection=128)
+    with serve_in_thread(create_app(settings), worker_class="trio") as server, trio.fail_after(30):
+        async with connect(server, "?name=many") as many:
+            for i in range(128):
+                await many.send(type="join", room=f"m{i}")
+            while sum(e["type"] == "welcome" for e in many.events) < 128:
+                await many.next()
+            await many.send(type="join", room="m128")
+            refused = await many.until(type="error")
+            assert (refused["error"], refused["room"]) == ("too_many_rooms", "m128")
+            await many.send(type="leave", room="m0")
+            await many.until(type="left")
+            await many.join("m128")  # a place came free

@@ -412,7 +412,9 @@ class RedisBroker:
             REPORT_QUEUE
         )
         #: local members whose own join has not come back through pub/sub yet, by id
-        self._joining: dict[str, Member] = {}
+        self._joining: dict[
+            tuple[str, str], Member
+        ] = {}  # (room, member id): a v2 connection is in several
         hub.announce = self._announce
         hub.presence_source = self._presence_state
 
@@ -443,7 +445,7 @@ class RedisBroker:
     ) -> Member:
         member = self.hub.attach(room, name, user, client=client)
         member.skip_through, member.backlog = sys.maxsize, []  # until the snapshot is in
-        self._joining[member.id] = member
+        self._joining[member.room.name, member.id] = member
         jumps = self._jumps(member.room)
         try:
             snapshot = await self._call(
@@ -462,11 +464,11 @@ class RedisBroker:
             )
         except BaseException:
             self.hub.detach(member)
-            self._joining.pop(member.id, None)
+            self._joining.pop((member.room.name, member.id), None)
             raise
         if snapshot is None or snapshot == redis_scripts.TAKEN:
             self.hub.detach(member)
-            self._joining.pop(member.id, None)
+            self._joining.pop((member.room.name, member.id), None)
             if snapshot is None:
                 raise RoomFull(room)
             raise NameTaken(name)
@@ -481,7 +483,7 @@ class RedisBroker:
         return member
 
     async def leave(self, member: Member) -> None:
-        self._joining.pop(member.id, None)
+        self._joining.pop((member.room.name, member.id), None)
         if self.hub.detach(member):
             await self._remove_presence(member)
 
@@ -580,7 +582,7 @@ class RedisBroker:
     ) -> None:
         run, seq, count, present, history, new = snapshot
         if not new:  # another tab of a user already there: no join to come back
-            self._joining.pop(member.id, None)
+            self._joining.pop((member.room.name, member.id), None)
         seq = int(seq)
         names = [person.name for person in _people(present) if person.name]
         welcome = protocol.encode_welcome(
@@ -786,7 +788,7 @@ class RedisBroker:
         for index, entry in enumerate(entries):
             member_id, person = _parse_entry(entry)
             later = len(entries) - 1 - index
-            origin = self._joining.pop(member_id, None) if kind == "J" else None
+            origin = self._joining.pop((room.name, member_id), None) if kind == "J" else None
             after = count - later if kind == "J" else count + later
             self.hub.note_presence(
                 room, change, person.name, after, origin=origin, user=person.user
