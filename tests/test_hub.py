@@ -72,6 +72,7 @@ async def test_join_and_leave_are_announced_to_the_others_only() -> None:
     [joined] = drain(ann)
     assert joined == {
         "type": "system",
+        "room": "r",
         "message": "bob joined #r",
         "event": "join",
         "name": "bob",

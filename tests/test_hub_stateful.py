@@ -115,7 +115,7 @@ class ModelRoom:
         for t in self.members:
             t.stale = True
 
-    def notice(self) -> dict[str, Any]:
+    def notice(self, room: str) -> dict[str, Any]:
         """The notice the hub must send for ``changes``, with the room as it is now."""
         joined = [n for e, n in self.changes if e == "join"]
         left = [n for e, n in self.changes if e == "leave"]
@@ -124,6 +124,7 @@ class ModelRoom:
         single = self.changes[0][1] if len(self.changes) == 1 else None
         return {
             "type": "system",
+            "room": room,
             "event": event,
             "name": single,
             "user": None,
@@ -396,7 +397,7 @@ class HubMachine(RuleBasedStateMachine):
             if not mr.changes:
                 continue
             flushed.append(name)
-            notice = mr.notice()
+            notice = mr.notice(name)
             mr.changes = []
             for t in mr.members:
                 if not t.stale:

@@ -345,6 +345,7 @@ def test_the_client_library_reads_a_coalesced_notice() -> None:
         joins=3,
         leaves=1,
         members=("ann", "bob", "dee"),
+        room="r",
     )
 
 
