@@ -484,9 +484,10 @@ class Hub:
         self._close(client, code, reason)
 
     def end_user(self, user: str, code: CloseCode, reason: str) -> int:
-        """End every membership of the verified ``user`` here (each room, each tab), as
-        :meth:`end` does; returns how many were ended. Its rooms hear one leave each, with
-        its last connection (see :meth:`announce_locally`)."""
+        """End every connection of the verified ``user`` here (each tab, each room it is
+        in, and its v2 connections in no room), as :meth:`end_client` does; returns how many
+        were ended. Its rooms hear one leave each, with its last connection (see
+        :meth:`announce_locally`)."""
         ending = {
             member.client: None
             for room in self.rooms.values()
@@ -494,6 +495,7 @@ class Hub:
             for member in room.members
             if member.user == user
         }
+        ending.update((client, None) for client in self.clients if client.user == user)
         for client in ending:
             self.end_client(client, code, reason)
         return len(ending)

@@ -61,7 +61,9 @@ def _members(runtime: Runtime) -> int:
 
 
 def _outbox_depth(runtime: Runtime) -> dict[str, float]:
-    queued = [member.queued for room in runtime.hub.rooms.values() for member in room.members]
+    rooms = runtime.hub.rooms.values()
+    clients = {member.client for room in rooms for member in room.members}  # a v2 one: once
+    queued = [client.queued for client in clients]
     return {"sum": sum(queued), "max": max(queued, default=0)}
 
 
