@@ -49,6 +49,7 @@ from .room import (
     _claims,
     _expiry,
     _why_it_ended,
+    running,
 )
 
 __all__ = [
@@ -454,17 +455,8 @@ async def open_connection(
         max_backoff=max_backoff,
     )
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(connection.run)
-            try:
-                yield connection
-            finally:
-                tg.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # The task group wraps whatever ends it; a caller expects what was raised.
-        if len(group.exceptions) != 1:
-            raise
-        raise group.exceptions[0] from group.exceptions[0].__cause__
+        async with running(connection.run):
+            yield connection
     finally:
         if connection._closed is None:
             connection._finish(ConnectionClosed(CloseCode.NORMAL, "closed"))

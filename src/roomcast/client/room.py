@@ -27,7 +27,7 @@ import itertools
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
@@ -463,15 +463,24 @@ async def open_room(
         reconnect=reconnect,
         max_backoff=max_backoff,
     )
+    async with running(instance.run):
+        yield instance
+
+
+@asynccontextmanager
+async def running(run: Callable[..., Coroutine[Any, Any, None]]) -> AsyncIterator[None]:
+    """Run ``run`` (it reports started through ``task_status``) in a task group for as
+    long as the block runs, then cancel it. The task group wraps whatever ends it in an
+    exception group; a caller of ``open_room`` or ``open_connection`` expects what was
+    raised, so a single exception comes out unwrapped."""
     try:
         async with anyio.create_task_group() as tg:
-            await tg.start(instance.run)
+            await tg.start(run)
             try:
-                yield instance
+                yield
             finally:
                 tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # The room's task group wraps whatever ends it; a caller expects what was raised.
         if len(group.exceptions) != 1:
             raise
         raise group.exceptions[0] from group.exceptions[0].__cause__
