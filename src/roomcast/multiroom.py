@@ -229,9 +229,17 @@ async def serve_rooms(
                 broker.hub.end_client(client, CloseCode.UNAUTHORIZED, "token expired")
     finally:
         broker.hub.forget_client(client)
-        with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+        await leave_every_room(broker, client)
+
+
+async def leave_every_room(broker: Broker, client: Client) -> None:
+    """Leave the connection's rooms at once, not one after another: telling other
+    processes may wait (Redis: each leave bounds its own call), and a connection in 128
+    rooms must not take 128 of those waits to go."""
+    with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+        async with anyio.create_task_group() as tg:
             for member in list(client.members.values()):
-                await broker.leave(member)
+                tg.start_soon(broker.leave, member)
 
 
 async def _receive_commands(ws: WebSocket, session: Session) -> bool:
