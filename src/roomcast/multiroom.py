@@ -103,14 +103,13 @@ class Session:
         if refusal is not None:
             self.refuse(ErrorCode.FORBIDDEN, refusal, room=room)
             return
-        user = None if self.credentials is None else self.credentials.identity.user
         try:
             await self.broker.join(
                 room,
                 self.name,
                 since=command.since,
                 epoch=command.epoch,
-                user=user,
+                user=self.client.user,
                 client=self.client,
             )
         except NameTaken:
@@ -138,6 +137,7 @@ class Session:
     async def leave(self, command: Leave) -> None:
         member = self.member(command.room)
         if member is not None:
+            self.typed.pop(command.room, None)
             await self.broker.leave(member)
             self.hub.send_to_client(self.client, protocol.encode_left(command.room, 1000, "left"))
 
