@@ -102,15 +102,12 @@ class Stats:
 STATS = Stats()
 
 
-class Client(WSListener):
-    def __init__(self, idx: int) -> None:
-        self.idx = idx
-        self.own: asyncio.Queue[int] = asyncio.Queue()
-        self.closing = False
-        self.got = 0
-        self.sent = 0
-        self.close_code: int | None = None
-        self.last_seq: int | None = None  # from the welcome, then each message's
+class Receiver(WSListener):
+    """What every load-generator connection does with a frame: counts it, accounts for a
+    close, and hands each event of a (batched) text frame to :meth:`on_event`."""
+
+    closing = False
+    close_code: int | None = None
 
     def on_ws_frame(self, transport, frame) -> None:  # type: ignore[no-untyped-def]
         st = STATS
@@ -127,42 +124,58 @@ class Client(WSListener):
             return
         st.frames += 1
         payload = frame.get_payload_as_bytes()
-        lines = payload.split(b"\n") if b"\n" in payload else (payload,)
-        for line in lines:
-            if not line:
-                continue
-            try:
-                data = loads(line)
-                kind = data.get("type")
-                text = data["text"] if kind == "message" else None
-            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
-                kind = text = None
-            if text is None:
-                st.other_events += 1
-                st.notices += kind == "system"
-                if kind == "welcome":
-                    self.last_seq = data.get("seq")
-                elif kind == "error" and data.get("error") == "history_gap":
-                    st.gap_notices += 1
-                continue
-            seq = data.get("seq")
-            if isinstance(seq, int) and self.last_seq is not None:
-                if seq <= self.last_seq:
-                    st.duplicates += 1  # or out of order: either way, seen before its turn
-                elif seq > self.last_seq + 1:
-                    st.gaps += seq - self.last_seq - 1
-                self.last_seq = max(seq, self.last_seq)
-            parts = text.split(":", 3)
-            if len(parts) < 3:
-                st.other_events += 1
-                continue
-            sender, seq, ts = parts[0], parts[1], parts[2]
-            st.lat.append(now - int(ts))
-            st.deliveries += 1
-            self.got += 1
-            st.last_recv = now
-            if int(sender) == self.idx:
-                self.own.put_nowait(int(seq))
+        for line in payload.split(b"\n") if b"\n" in payload else (payload,):
+            if line:
+                self.on_event(line, now)
+
+    def on_event(self, line: bytes, now: int) -> None:
+        raise NotImplementedError
+
+
+class Client(Receiver):
+    def __init__(self, idx: int) -> None:
+        self.idx = idx
+        self.own: asyncio.Queue[int] = asyncio.Queue()
+        self.closing = False
+        self.got = 0
+        self.sent = 0
+        self.close_code: int | None = None
+        self.last_seq: int | None = None  # from the welcome, then each message's
+
+    def on_event(self, line: bytes, now: int) -> None:
+        st = STATS
+        try:
+            data = loads(line)
+            kind = data.get("type")
+            text = data["text"] if kind == "message" else None
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+            kind = text = None
+        if text is None:
+            st.other_events += 1
+            st.notices += kind == "system"
+            if kind == "welcome":
+                self.last_seq = data.get("seq")
+            elif kind == "error" and data.get("error") == "history_gap":
+                st.gap_notices += 1
+            return
+        seq = data.get("seq")
+        if isinstance(seq, int) and self.last_seq is not None:
+            if seq <= self.last_seq:
+                st.duplicates += 1  # or out of order: either way, seen before its turn
+            elif seq > self.last_seq + 1:
+                st.gaps += seq - self.last_seq - 1
+            self.last_seq = max(seq, self.last_seq)
+        parts = text.split(":", 3)
+        if len(parts) < 3:
+            st.other_events += 1
+            return
+        sender, seq, ts = parts[0], parts[1], parts[2]
+        st.lat.append(now - int(ts))
+        st.deliveries += 1
+        self.got += 1
+        st.last_recv = now
+        if int(sender) == self.idx:
+            self.own.put_nowait(int(seq))
 
     def on_ws_disconnected(self, transport) -> None:  # type: ignore[no-untyped-def]
         if not self.closing and STATS.measuring:
@@ -547,7 +560,7 @@ def person_rooms(a: argparse.Namespace, person: int) -> list[int]:
     return [(person + step * j) % a.rooms for j in range(k)]
 
 
-class MultiClient(WSListener):
+class MultiClient(Receiver):
     """One connection (v1: in one room; v2: in several), checking every room's seqs and
     handing each of its sending memberships its own messages back (the closed loop)."""
 
@@ -561,25 +574,6 @@ class MultiClient(WSListener):
         self.close_code: int | None = None
         self.joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.errors: list[str] = []
-
-    def on_ws_frame(self, transport, frame) -> None:  # type: ignore[no-untyped-def]
-        st = STATS
-        now = perf_ns()
-        st.last_frame = now
-        if frame.msg_type != WSMsgType.TEXT:
-            if frame.msg_type == WSMsgType.CLOSE:
-                code = int(frame.get_close_code())
-                self.close_code = code
-                st.close_codes[code] = st.close_codes.get(code, 0) + 1
-                if not self.closing:
-                    st.unexpected_closes += 1
-                transport.disconnect()
-            return
-        st.frames += 1
-        payload = frame.get_payload_as_bytes()
-        for line in payload.split(b"\n") if b"\n" in payload else (payload,):
-            if line:
-                self.on_event(line, now)
 
     def on_event(self, line: bytes, now: int) -> None:
         st = STATS

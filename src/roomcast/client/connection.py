@@ -30,7 +30,7 @@ import anyio
 import httpx
 import orjson
 from anyio.abc import TaskStatus
-from httpx_ws import AsyncWebSocketSession, HTTPXWSException, aconnect_ws
+from httpx_ws import AsyncWebSocketSession, HTTPXWSException
 from wsproto.utilities import LocalProtocolError
 
 from ..protocol import BATCH_SUBPROTOCOL, CloseCode
@@ -49,6 +49,7 @@ from .room import (
     _claims,
     _expiry,
     _why_it_ended,
+    open_socket,
     running,
 )
 
@@ -288,17 +289,9 @@ class Connection:
         """One connection, until it ends: ``(close code, reason)``."""
         if self._token_source is not None:
             self.token = await self._token_source()
-        url = connection_url(self.url, name=self.display_name).replace("ws", "http", 1)
-        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
-        protocols = [BATCH_SUBPROTOCOL] if self._batch else None
+        url = connection_url(self.url, name=self.display_name)
         try:
-            async with aconnect_ws(
-                url,
-                http,
-                subprotocols=protocols,
-                headers=headers,
-                session_class=AsyncWebSocketSession,
-            ) as ws:
+            async with open_socket(http, url, self.token, batch=self._batch) as ws:
                 try:
                     async with anyio.create_task_group() as tg:
                         await self._opened(ws)

@@ -28,7 +28,7 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -297,19 +297,11 @@ class Room:
         params: dict[str, str | int | None] = {"name": self.display_name}
         if self._resume:
             params |= {"since": self.seq, "epoch": self.epoch}
-        url = chat_url(self.url, self.name, **params).replace("ws", "http", 1)
+        url = chat_url(self.url, self.name, **params)
         if self._token_source is not None:
             self.token = await self._token_source()
-        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
-        protocols = [BATCH_SUBPROTOCOL] if self._batch else None
         try:
-            async with aconnect_ws(
-                url,
-                http,
-                subprotocols=protocols,
-                headers=headers,
-                session_class=AsyncWebSocketSession,
-            ) as ws:
+            async with open_socket(http, url, self.token, batch=self._batch) as ws:
                 self._link = _link(ws)
                 try:
                     async with anyio.create_task_group() as tg:
@@ -465,6 +457,20 @@ async def open_room(
     )
     async with running(instance.run):
         yield instance
+
+
+def open_socket(
+    http: httpx.AsyncClient, url: str, token: str | None, *, batch: bool
+) -> AbstractAsyncContextManager[AsyncWebSocketSession]:
+    """One connection attempt's WebSocket (``url``: ``ws://`` or ``wss://``), the token as
+    a bearer header, ``roomcast.batch`` offered when ``batch``."""
+    return aconnect_ws(
+        url.replace("ws", "http", 1),
+        http,
+        subprotocols=[BATCH_SUBPROTOCOL] if batch else None,
+        headers={"authorization": f"Bearer {token}"} if token else {},
+        session_class=AsyncWebSocketSession,
+    )
 
 
 @asynccontextmanager
