@@ -335,18 +335,7 @@ async def run_round(
         "wall": [round(wall_start, 3), round(time.time(), 3)],
         "sent": sent,
         "expected": expected,
-        "delivered": st.deliveries,
-        "complete": complete,
-        "seconds": round(span, 3),
-        "deliveries_per_s": round(st.deliveries / span) if span > 0 else 0,
-        "frames": st.frames,
-        "events_per_frame": round(st.deliveries / st.frames, 2) if st.frames else None,
-        "other_events": st.other_events,
-        "unexpected_closes": st.unexpected_closes,
-        "p50_ms": pct(lat, 0.5),
-        "p90_ms": pct(lat, 0.9),
-        "p99_ms": pct(lat, 0.99),
-        "max_ms": pct(lat, 1.0),
+        **delivery_summary(st, complete, span, lat),
     }
     if a.rooms == 1:
         out["short_receivers"] = len(short)
@@ -780,6 +769,13 @@ async def multi_round(a: argparse.Namespace, n: int, slots) -> dict:  # type: ig
         "wall": [round(wall_start, 3), round(time.time(), 3)],
         "sent": sum(sent),
         "expected": expected,
+        **delivery_summary(st, complete, span, lat),
+    }
+
+
+def delivery_summary(st: Stats, complete: bool, span: float, lat: list[int]) -> dict:
+    """What a measured round reports about deliveries, whatever the workload."""
+    return {
         "delivered": st.deliveries,
         "complete": complete,
         "seconds": round(span, 3),

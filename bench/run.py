@@ -175,6 +175,17 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def settled_rss(pid: int) -> float:
+    """The tree's RSS once it has settled: a second after the load generator reported,
+    the median of five samples 0.2 s apart."""
+    time.sleep(1.0)
+    samples = []
+    for _ in range(5):
+        samples.append(tree_rss(pid))
+        time.sleep(0.2)
+    return statistics.median(samples)
+
+
 def vm_hwm(pid: int) -> dict[int, int]:
     """Peak RSS (VmHWM, bytes) of every process in the tree, from /proc."""
     out = {}
@@ -511,12 +522,7 @@ class Runner:
             )
             line = _readline(lg, timeout=240)
             result = json.loads(line) if line else {"error": "idle loadgen printed nothing"}
-            time.sleep(1.0)
-            samples = []
-            for _ in range(5):
-                samples.append(tree_rss(sp.proc.pid))
-                time.sleep(0.2)
-            connected_rss = statistics.median(samples)
+            connected_rss = settled_rss(sp.proc.pid)
             assert lg.stdin is not None
             lg.stdin.write("close\n")
             lg.stdin.flush()
@@ -578,12 +584,7 @@ class Runner:
                 sampler.loadgen = psutil.Process(lg.pid)
             line = _readline(lg, timeout=300)
             joined = json.loads(line) if line else {"error": "multiroom loadgen printed nothing"}
-            time.sleep(1.0)
-            samples = []
-            for _ in range(5):
-                samples.append(tree_rss(sp.proc.pid))
-                time.sleep(0.2)
-            joined_rss = statistics.median(samples)
+            joined_rss = settled_rss(sp.proc.pid)
             assert lg.stdin is not None
             lg.stdin.write("go\n")
             lg.stdin.flush()

@@ -20,7 +20,6 @@ no room); each event is read once, through its room or through the connection.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any, Final
@@ -39,7 +38,6 @@ from .inbox import ANY, Mailbox, RoomInbox
 from .room import (
     CONNECT_TIMEOUT,
     FIRST_BACKOFF,
-    REFRESH_AT,
     RETRYABLE,
     STABLE_AFTER,
     Room,
@@ -47,10 +45,10 @@ from .room import (
     RoomUnavailable,
     TokenSource,
     _claims,
-    _expiry,
     _why_it_ended,
     open_socket,
     running,
+    wait_to_refresh,
 )
 
 __all__ = [
@@ -377,11 +375,7 @@ class Connection:
         the whole connection. A refresh that drops a room's grant makes the server leave
         that room (``left`` 4403), which ends that room only."""
         assert self._token_source is not None
-        while True:
-            expires = _expiry(self.token)
-            if expires is None:
-                return
-            await anyio.sleep(max(1.0, (expires - time.time()) * REFRESH_AT))
+        while await wait_to_refresh(self.token):
             self.token = await self._token_source()
             await self._send({"type": "refresh", "token": self.token})
 

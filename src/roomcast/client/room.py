@@ -374,11 +374,7 @@ class Room:
         """Before the token expires, fetch a new one and send it in-band (``refresh``,
         SPEC §8.3), so the connection is not closed 4001 "token expired"."""
         assert self._token_source is not None
-        while True:
-            expires = _expiry(self.token)
-            if expires is None:
-                return
-            await anyio.sleep(max(1.0, (expires - time.time()) * REFRESH_AT))
+        while await wait_to_refresh(self.token):
             self.token = await self._token_source()
             with suppress(HTTPXWSException, LocalProtocolError, httpx.TransportError, OSError):
                 await ws.send_text(orjson.dumps({"type": "refresh", "token": self.token}).decode())
@@ -499,6 +495,16 @@ def _link(ws: AsyncWebSocketSession) -> Link:
             await ws.send_text(text)
 
     return send_text
+
+
+async def wait_to_refresh(token: str | None) -> bool:
+    """Sleep until it is time to fetch the next token (:data:`REFRESH_AT` of the way to
+    its ``exp``); ``False`` at once for a token that has no ``exp`` (nothing to renew)."""
+    expires = _expiry(token)
+    if expires is None:
+        return False
+    await anyio.sleep(max(1.0, (expires - time.time()) * REFRESH_AT))
+    return True
 
 
 def _expiry(token: str | None) -> float | None:
