@@ -285,6 +285,10 @@ Announce = Callable[["Room", PresenceEvent, Member], None]
 #: ``welcome``) for a notice; ``None`` if it cannot now (the notice then has no names)
 PresenceSource = Callable[["Room"], Awaitable[tuple[int, list[str]] | None]]
 
+#: called when a room's last local member has left (a broker that subscribes per room
+#: lets the room's channel go)
+RoomEmptied = Callable[["Room"], None]
+
 
 class Hub:
     """All rooms of one process.
@@ -340,6 +344,8 @@ class Hub:
         self.presence_source: PresenceSource | None = None
         self.stats: HubStats = HubStats()
         self.announce: Announce = self.announce_locally
+        #: set by a broker that subscribes per room; called synchronously from the removal
+        self.room_emptied: RoomEmptied | None = None
         self.node = secrets.token_hex(4)
         self._ids = itertools.count(1)
         #: open v2 connections (a v1 connection is found through its one room)
@@ -937,6 +943,8 @@ class Hub:
         self.stats.leaves += 1
         if not room.members:
             room.held_leaves.clear()  # nobody is left to tell
+            if self.room_emptied is not None:
+                self.room_emptied(room)
         self._forget_if_unused(room)
         return True
 
