@@ -22,11 +22,14 @@ connection waits for its own messages and not the others for it. Each batch is o
 ``PUBLISH`` per room, so subscribers receive it as one burst. (The server API's
 :meth:`RedisBroker.post` makes a call of its own: its caller waits for the seq.)
 
-*Delivery.* Each worker holds one pattern subscription on its own connection
-(:mod:`.subscriber`), which returns everything one socket read brought as a burst; the
-burst is fanned out in one synchronous step, so a batching sender wakes once for all of
-it. For each room with local members, the worker keeps a *stream position*: the run
-(``epoch``) and the last ``seq`` it has fanned out. One task, the subscriber, is the only
+*Delivery.* Each worker holds one subscription connection (:mod:`.subscriber`) with its
+control channel and the channel of every room it has local members in, and no other: a
+worker hears only the rooms it serves (:mod:`.channels`: subscribed when a room's first
+local member joins, let go when the last leaves, many at once in one command). The
+subscriber returns everything one socket read brought as a burst; the burst is fanned out
+in one synchronous step, so a batching sender wakes once for all of it. For each room
+with local members, the worker keeps a *stream position*: the run (``epoch``) and the
+last ``seq`` it has fanned out. One task, the subscriber, is the only
 writer of stream positions, and it advances a position only by fanning out exactly the
 next seq, or by a *jump* that tells the members concerned ``history_gap``.
 
@@ -41,8 +44,9 @@ subscriber to history first. Entries already trimmed from history are announced 
 (SIGSTOP, a long GC) finds its backlog intact in the socket and in Redis's output buffer
 and simply works through it.
 
-*Joining.* The member is attached locally (it receives every fan-out from then on) before
-its join script runs; the script registers presence and returns a snapshot (run, seq,
+*Joining.* The member is attached locally (it receives every fan-out from then on) and its
+room's subscription is confirmed (every message published from then on reaches this
+worker) before its join script runs; the script registers presence and returns a snapshot (run, seq,
 members, history) atomically. Events fanned out while the snapshot travelled sit in the
 member's outbox: the greeting keeps the messages after the snapshot's seq and drops the
 rest, and from then on the member skips any seq up to it (``Member.skip_through``), which
@@ -206,7 +210,8 @@ from . import (
     Person,
     redis_scripts,
 )
-from .subscriber import SubscriptionLost, open_subscription
+from .channels import RoomChannels
+from .subscriber import Subscription, SubscriptionLost, open_subscription
 
 __all__ = ["PRESENCE_TTL", "Backlog", "RedisBroker", "open_redis_broker"]
 
@@ -367,7 +372,7 @@ class RedisBroker:
         self.hub = hub
         self.client = client
         pool = client.connection_pool
-        #: every channel this broker uses starts with it (the subscriber's pattern)
+        #: every channel and report list this broker uses starts with it
         self.namespace = f"roomcast:{pool.connection_kwargs.get('db') or 0}:"
         self.channel_prefix = self.namespace + "room:"
         #: requests for every worker (the server API's disconnect)
@@ -386,6 +391,8 @@ class RedisBroker:
         self._claims: dict[str, str] = {}
         self._healthy = True
         self._subscribed = False
+        #: the room channels this worker's subscriber holds
+        self._channels = RoomChannels()
         self._streams: weakref.WeakKeyDictionary[Room, _Stream] = weakref.WeakKeyDictionary()
         #: greeted members and the run their snapshot belongs to
         self._runs: weakref.WeakKeyDictionary[Member, str] = weakref.WeakKeyDictionary()
@@ -417,6 +424,7 @@ class RedisBroker:
         ] = {}  # (room, member id): a v2 connection is in several
         hub.announce = self._announce
         hub.presence_source = self._presence_state
+        hub.room_emptied = self._let_go
 
     @property
     def healthy(self) -> bool:
@@ -446,8 +454,11 @@ class RedisBroker:
         member = self.hub.attach(room, name, user, client=client)
         member.skip_through, member.backlog = sys.maxsize, []  # until the snapshot is in
         self._joining[member.room.name, member.id] = member
-        jumps = self._jumps(member.room)
+        subscribed = self._channels.want(self.channel_prefix + room)
         try:
+            if not subscribed.is_set():
+                await self._subscribed_to(subscribed)
+            jumps = self._jumps(member.room)
             snapshot = await self._call(
                 self._join,
                 _keys(room),
@@ -567,6 +578,22 @@ class RedisBroker:
 
     # -- joining ----------------------------------------------------------------------------
 
+    @staticmethod
+    async def _subscribed_to(room_channel: anyio.Event) -> None:
+        """Wait for a room's subscription to be confirmed.
+
+        :raises BrokerUnavailable: if it is not within :data:`REQUEST_TIMEOUT` (the
+            subscriber is reconnecting)
+        """
+        with anyio.move_on_after(REQUEST_TIMEOUT):
+            await room_channel.wait()
+            return
+        raise BrokerUnavailable("not subscribed to the room's channel")
+
+    def _let_go(self, room: Room) -> None:
+        """The hub's ``room_emptied``: the room's last local member has left."""
+        self._channels.release(self.channel_prefix + room.name)
+
     def _entry(self, member: Member) -> str:
         entry = self._entries.get(member)
         if entry is None:
@@ -617,13 +644,19 @@ class RedisBroker:
         started = False
         while True:
             try:
-                async with open_subscription(
-                    pool.location,
-                    dict(pool.connection_kwargs),
-                    self.namespace + "*",
-                    name=f"roomcast-subscriber-{os.getpid()}",
-                    reply_timeout=REQUEST_TIMEOUT,
-                ) as subscription:
+                async with (
+                    open_subscription(
+                        pool.location,
+                        dict(pool.connection_kwargs),
+                        self.control_channel,
+                        name=f"roomcast-subscriber-{os.getpid()}",
+                        reply_timeout=REQUEST_TIMEOUT,
+                    ) as subscription,
+                    anyio.create_task_group() as tg,
+                ):
+                    self._channels.restart()
+                    tg.start_soon(self._channels.keep_subscribed, subscription)
+                    early = await self._resubscribe(subscription)
                     await self._resync()
                     if started:
                         log.warning("Redis subscription restored")
@@ -632,14 +665,32 @@ class RedisBroker:
                         task_status.started()
                         started = True
                     retry = RETRY_FIRST
+                    await self._on_burst(early)
                     while True:
                         await self._on_burst(await subscription.receive())
-            except (SubscriptionLost, BrokerUnavailable) as exc:
+            except* (SubscriptionLost, BrokerUnavailable) as group:
                 if self._subscribed:
-                    log.warning("Redis subscription lost: %s", exc)
+                    log.warning("Redis subscription lost: %s", group.exceptions[0])
                 self._subscribed = False
             await anyio.sleep(retry)
             retry = min(retry * 2, RETRY_MAX)
+
+    async def _resubscribe(self, subscription: Subscription) -> list[tuple[str, str | None]]:
+        """Wait until a new connection holds every room channel this worker wants; returns
+        the messages that arrived meanwhile (handled after :meth:`_resync`).
+
+        :raises SubscriptionLost: if that takes longer than :data:`REQUEST_TIMEOUT` * 5
+        """
+        early: list[tuple[str, str | None]] = []
+        with anyio.move_on_after(REQUEST_TIMEOUT * 5):
+            while not self._channels.ready:
+                for channel, data in await subscription.receive():
+                    if data is None:
+                        self._channels.confirmed(channel)
+                    else:
+                        early.append((channel, data))
+            return early
+        raise SubscriptionLost(f"{len(self._channels)} room channels not confirmed in time")
 
     async def _resync(self) -> None:
         """After (re)subscribing, before any new event: bring every room with local
@@ -669,13 +720,18 @@ class RedisBroker:
         stream = self._streams[room] = _Stream(run or "", seq, jumps=1)
         return stream
 
-    async def _on_burst(self, burst: list[tuple[str, str]]) -> None:
+    async def _on_burst(self, burst: list[tuple[str, str | None]]) -> None:
         prefix = len(self.channel_prefix)
         for channel, data in burst:
+            if data is None:
+                self._channels.confirmed(channel)
+                continue
             if not channel.startswith(self.channel_prefix):
                 if channel == self.control_channel:
                     self._on_control(data)
                 continue
+            if not self._channels.holds(channel):
+                continue  # an earlier subscription's (see .channels)
             room = self.hub.rooms.get(channel[prefix:])
             if room is None or not room.members:
                 if room is not None:

@@ -13,9 +13,16 @@ socket buffers and Redis's own output buffer (``client-output-buffer-limit pubsu
 Redis gives up on us and closes the connection, the broker catches up from history;
 memory here stays bounded.
 
+The connection subscribes to one channel of its own at once (the worker's control
+channel); the broker adds and drops the room channels on it while it runs
+(:meth:`Subscription.subscribe`, :mod:`.channels`). A burst carries each confirmation of
+a subscription where Redis sent it among the messages (``(channel, None)``): a message
+of a channel before the confirmation of its latest ``SUBSCRIBE`` belongs to an earlier
+subscription of it, possibly undone since, so the broker must know which side it is on.
+
 The connection uses the command client's parsed URL (host or Unix socket, credentials,
 TLS context), so both always reach the same server the same way. RESP2 is enough: a
-subscribed connection only ever receives ``pmessage`` pushes and a few command replies.
+subscribed connection only ever receives ``message`` pushes and command replies.
 """
 
 from __future__ import annotations
@@ -51,33 +58,41 @@ class SubscriptionLost(Exception):
 
 
 class Subscription:
-    """One pattern subscription on its own connection; see :func:`open_subscription`."""
+    """Subscriptions on a connection of their own; see :func:`open_subscription`."""
 
     def __init__(self, stream: ByteStream, timeout: float) -> None:
         self._stream = stream
         self._timeout = timeout
+        #: the reader's pings and the broker's (un)subscriptions share the socket
+        self._send_lock = anyio.Lock()
         self._parser = ReplyParser()
         self._replies: list[Reply] = []
         self._last_burst = float("-inf")
 
-    async def receive(self) -> list[tuple[str, str]]:
+    async def receive(self) -> list[tuple[str, str | None]]:
         """The next burst: ``(channel, data)`` of every message that arrived, in the order
-        Redis published them; waits for at least one. A burst is what one socket read
-        completed, or, while messages keep coming, what arrived within :data:`LINGER`.
+        Redis published them, and ``(channel, None)`` where Redis confirmed a
+        subscription; waits for at least one. A burst is what one socket read completed,
+        or, while messages keep coming, what arrived within :data:`LINGER`.
 
         :raises SubscriptionLost: if the connection ends or stops answering
         """
         pinged = lingered = False
-        burst: list[tuple[str, str]] = []
+        burst: list[tuple[str, str | None]] = []
         while True:
             for reply in self._take_replies():
-                if isinstance(reply, list) and len(reply) == 4 and reply[0] == b"pmessage":
-                    channel, data = reply[2], reply[3]
-                    assert isinstance(channel, bytes) and isinstance(data, bytes)
+                if not isinstance(reply, list) or len(reply) != 3:
+                    if isinstance(reply, ReplyError):
+                        raise SubscriptionLost(f"Redis answered the subscriber with {reply}")
+                    continue  # (RESP2 has no other push; a PING's answer is a list of 2)
+                kind, channel, data = reply
+                assert isinstance(channel, bytes)
+                if kind == b"message":
+                    assert isinstance(data, bytes)
                     burst.append((channel.decode(), data.decode()))
-                elif isinstance(reply, ReplyError):
-                    raise SubscriptionLost(f"Redis answered the subscriber with {reply}")
-                # else the answer to a keepalive PING
+                elif kind == b"subscribe":
+                    burst.append((channel.decode(), None))
+                # else an unsubscribe's answer: nothing waits for it
             if burst:
                 now = anyio.current_time()
                 if not lingered and now - self._last_burst < BUSY:
@@ -96,8 +111,22 @@ class Subscription:
             await self._send("PING")
             pinged = True
 
+    async def subscribe(self, channels: list[str]) -> None:
+        """Ask for ``channels``; each confirmation reaches the ``confirmed`` callback.
+
+        :raises SubscriptionLost: if the command cannot be written
+        """
+        await self._send("SUBSCRIBE", *channels)
+
+    async def unsubscribe(self, channels: list[str]) -> None:
+        """Let ``channels`` go (their messages may still arrive until Redis has read this).
+
+        :raises SubscriptionLost: if the command cannot be written
+        """
+        await self._send("UNSUBSCRIBE", *channels)
+
     async def _handshake(
-        self, pattern: str, name: str, username: str | None, password: str | None
+        self, channel: str, name: str, username: str | None, password: str | None
     ) -> None:
         if password is not None:
             credentials = (username, password) if username else (password,)
@@ -105,9 +134,9 @@ class Subscription:
             await self._expect(lambda reply: reply == b"OK", "AUTH")
         await self._send("CLIENT", "SETNAME", name)
         await self._expect(lambda reply: reply == b"OK", "CLIENT SETNAME")
-        await self._send("PSUBSCRIBE", pattern)
+        await self._send("SUBSCRIBE", channel)
         await self._expect(
-            lambda reply: isinstance(reply, list) and reply[:1] == [b"psubscribe"], "PSUBSCRIBE"
+            lambda reply: isinstance(reply, list) and reply[:1] == [b"subscribe"], "SUBSCRIBE"
         )
 
     async def _expect(self, check: Callable[[Reply], bool], what: str) -> None:
@@ -137,7 +166,8 @@ class Subscription:
     async def _send(self, *args: str) -> None:
         try:
             with anyio.fail_after(self._timeout):
-                await self._stream.send(encode_command(*args))
+                async with self._send_lock:
+                    await self._stream.send(encode_command(*args))
         except (anyio.BrokenResourceError, OSError, TimeoutError) as exc:
             raise SubscriptionLost(f"cannot write to Redis: {exc!r}") from exc
 
@@ -146,14 +176,14 @@ class Subscription:
 async def open_subscription(
     location: Location,
     options: dict[str, Any],
-    pattern: str,
+    channel: str,
     *,
     name: str,
     reply_timeout: float,
 ) -> AsyncIterator[Subscription]:
     """Connect to Redis at ``location`` (with the coredis connection ``options``:
     ``username``, ``password``, ``ssl_context``), name the connection ``name`` (``CLIENT
-    LIST`` shows it) and subscribe to ``pattern``. Every step, and later every keepalive
+    LIST`` shows it) and subscribe to ``channel``. Every step, and later every keepalive
     ping, must be answered within ``reply_timeout`` seconds.
 
     :raises SubscriptionLost: if Redis cannot be reached or refuses the subscription
@@ -167,7 +197,7 @@ async def open_subscription(
         subscription = Subscription(stream, reply_timeout)
         try:
             await subscription._handshake(
-                pattern, name, options.get("username"), options.get("password")
+                channel, name, options.get("username"), options.get("password")
             )
         except TimeoutError as exc:
             raise SubscriptionLost(f"subscribing failed: {exc!r}") from exc
