@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import anyio
@@ -321,3 +322,30 @@ async def test_a_users_tabs_count_once_as_they_come_and_go() -> None:
     for member in [bob, *anonymous]:
         hub.leave(member)
     assert (room.count, room.extra_tabs, dict(room.users)) == (0, 0, {})
+
+
+def test_membership_fanout_and_presence_each_live_in_a_module_of_their_own() -> None:
+    """Issue 21 ("keep the house readable"): the hub is a package whose parts each own one
+    concern and say which in their docstring, none of them the 1,000-line module it was;
+    everything the rest of roomcast imports from ``roomcast.hub`` is still there."""
+    import roomcast.hub
+    from roomcast.hub import fanout, flusher, membership, model
+
+    exported = {"PRESENCE_RATE", "PRESENCE_WAKE", "Announce", "Client", "Hub", "HubStats"}
+    exported |= {"Member", "NameTaken", "PresenceSource", "Room", "RoomFull", "replay"}
+    assert exported <= set(roomcast.hub.__all__)
+    assert all(hasattr(roomcast.hub, name) for name in exported)
+    owners: list[tuple[ModuleType, list[Any]]] = [
+        (membership, [Hub.join, Hub.attach, Hub.end_client, Hub.leave, Hub.close_all]),
+        (fanout, [Hub.publish, Hub.deliver, Hub.relay_typing, Hub.notify]),
+        (flusher, [flusher.PresenceFlusher.run_presence, flusher.PresenceFlusher.note_presence]),
+        (model, [Member, roomcast.hub.Client, roomcast.hub.Room]),
+    ]
+    for module, parts in owners:
+        assert {part.__module__ for part in parts} == {module.__name__}
+        assert module.__doc__ and module.__file__ is not None
+        with open(module.__file__, encoding="utf-8") as source:
+            assert sum(1 for _ in source) < 500
+    hub = Hub()
+    assert hub.run_presence == hub.flusher.run_presence
+    assert hub.announce == hub.flusher.announce_locally
