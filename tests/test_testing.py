@@ -6,6 +6,10 @@ client from ``open_test_client``, v1 and v2 connections, the server API.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,6 +33,7 @@ from roomcast.testing import (
 )
 
 import mounted
+from servers import ROOT
 
 pytestmark = pytest.mark.anyio
 
@@ -317,3 +322,23 @@ class TestFailures:
         with anyio.fail_after(10), pytest.raises(ZeroDivisionError):
             async with open_test_client(settings=FAST) as client, client.connect("/ws"):
                 _ = 1 / 0
+
+
+class TestReadme:
+    @staticmethod
+    def example() -> str:
+        readme = (Path(ROOT) / "README.md").read_text()
+        title = "## Testing your application with roomcast.testing"
+        section = readme.split(title, 1)[1].split("\n## ", 1)[0]
+        (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+        return code
+
+    def test_the_readme_example_passes_as_written(self, tmp_path: Path) -> None:
+        """Run by pytest as a user's test module would be: on its own, in a folder of
+        its own (no conftest of ours), both backends from the example's fixture."""
+        module = tmp_path / "test_example.py"
+        module.write_text(self.example())
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(module)]
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "6 passed" in result.stdout
