@@ -42,6 +42,7 @@ from .history import History
 from .names import skeleton
 from .presence import HeldLeaves, PresenceChanges, PresenceEvent
 from .protocol import CloseCode, ErrorCode
+from .stored import StoredFeed, StoredMessage
 
 __all__ = [
     "PRESENCE_RATE",
@@ -346,6 +347,9 @@ class Hub:
         self.announce: Announce = self.announce_locally
         #: set by a broker that subscribes per room; called synchronously from the removal
         self.room_emptied: RoomEmptied | None = None
+        #: where the messages this hub sequences go once fanned out (hooks, the archive);
+        #: ``None`` while nobody consumes them. A cross-process broker feeds it itself
+        self.stored: StoredFeed | None = None
         self.node = secrets.token_hex(4)
         self._ids = itertools.count(1)
         #: open v2 connections (a v1 connection is found through its one room)
@@ -559,19 +563,23 @@ class Hub:
     ) -> int:
         room.seq += 1
         seq = room.seq
+        ts = time.time_ns() // 1_000_000
         encoded = protocol.encode_message(
             room=room.name,
             seq=seq,
             text=message.text,
             sender=sender,
-            ts=time.time_ns() // 1_000_000,
+            ts=ts,
             id=message.id,
             user=user,
+            data=message.data,
         )
         if self.history_size:
             room.history.append(seq, encoded)
         self.stats.messages_in += 1
         self._fanout(room, encoded)
+        if self.stored is not None:
+            self.stored.put(StoredMessage.of(room.name, seq, room.epoch, message, sender, user, ts))
         return seq
 
     def deliver(self, room_name: str, seq: int, encoded: str) -> None:
