@@ -173,6 +173,16 @@ SERVERS: dict[str, Server] = {
             env={"PYTHONPATH": "bench/experiments/hypercorn_write"},
         ),
         Server(
+            "roomcast-trio-batch-hooked",
+            (*_roomcast("trio"), "--app", "bench.hooked:app"),
+            "roomcast-trio-batch with a pass-through message hook (bench/hooked.py)",
+            "roomcast",
+            subprotocol=BATCH,
+            roomcast_env=True,
+            idle=False,
+            bounded=True,
+        ),
+        Server(
             "outbox-trio",
             _hypercorn_trio("bench.experiments.outbox_app:application"),
             "roomcast's task-per-member design alone (bench/experiments/outbox_app.py), trio",
@@ -190,6 +200,7 @@ SERVERS: dict[str, Server] = {
 }
 
 EXPERIMENTS = {
+    "roomcast-trio-batch-hooked",
     "outbox-trio",
     "websockets-broadcast-uvloop",
     "roomcast-trio-gc",

@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from typing import Final
+from urllib.parse import parse_qsl
 
 import anyio
 import orjson
@@ -34,10 +35,20 @@ from .connection import (
     serve_echo,
     serve_member,
 )
+from .hooks import (
+    HOOK_UNAVAILABLE,
+    ConnectRequest,
+    HookCalls,
+    HookFailed,
+    Hooks,
+    JoinRequest,
+    PythonHooks,
+    Refuse,
+)
 from .hub import NameTaken, RoomFull
 from .identity import Identity, TokenRejected
 from .multiroom import serve_rooms
-from .protocol import BadQuery, CloseCode
+from .protocol import BadQuery, CloseCode, ErrorCode
 from .runtime import STATE_KEY, Runtime, open_runtime
 from .settings import Settings
 
@@ -51,8 +62,9 @@ BUSY: Final = b"Service Unavailable: too many connections; try again shortly"
 class RoomcastApp:
     """The roomcast ASGI application. Use :func:`create_app` to build one."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, hooks: HookCalls | None = None) -> None:
         self._settings = settings
+        self._hooks = hooks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -81,7 +93,7 @@ class RoomcastApp:
         Frameworks do not run a mounted app's own lifespan; this runs it in the host's,
         and the state it yields reaches every request to the mount.
         """
-        async with open_runtime(self._settings) as runtime:
+        async with open_runtime(self._settings, self._hooks) as runtime:
             yield {STATE_KEY: runtime}
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,7 +102,7 @@ class RoomcastApp:
             try:
                 if "state" not in scope:
                     raise RuntimeError("the ASGI server does not support lifespan state")
-                runtime = await stack.enter_async_context(open_runtime(self._settings))
+                runtime = await stack.enter_async_context(open_runtime(self._settings, self._hooks))
             except Exception as exc:
                 await send({"type": "lifespan.startup.failed", "message": _reason(exc)})
                 return
@@ -108,9 +120,13 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def create_app(settings: Settings | None = None) -> RoomcastApp:
-    """An app with explicit settings; ``None`` reads ``ROOMCAST_*`` at startup."""
-    return RoomcastApp(settings)
+def create_app(
+    settings: Settings | None = None, *, hooks: Hooks | HookCalls | None = None
+) -> RoomcastApp:
+    """An app with explicit settings (``None`` reads ``ROOMCAST_*`` at startup) and the
+    application's ``hooks`` (SPEC §10), if any."""
+    calls = PythonHooks(hooks) if isinstance(hooks, Hooks) else hooks
+    return RoomcastApp(settings, calls)
 
 
 app: Final = create_app()
@@ -199,6 +215,8 @@ async def _chat(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> N
     if identity is not None and not identity.may_enter(query.room):
         await ws.close(CloseCode.FORBIDDEN, f"not allowed in #{query.room}")
         return
+    if not await _join_allowed(runtime, ws, identity, query.room, name):
+        return
     user = None if identity is None else identity.user
     try:
         member = await runtime.broker.join(
@@ -214,12 +232,43 @@ async def _chat(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> N
         await ws.close(CloseCode.INTERNAL_ERROR, "chat service unavailable; try again shortly")
         return
     batch = ws.subprotocol == protocol.BATCH_SUBPROTOCOL
-    credentials = None
-    if identity is not None and runtime.verifier is not None:
-        credentials = Credentials(runtime.verifier, identity)
+    credentials = None if identity is None else Credentials(runtime.verifier, identity)
     await serve_member(
-        ws, runtime.broker, member, runtime.settings, batch=batch, credentials=credentials
+        ws,
+        runtime.broker,
+        member,
+        runtime.settings,
+        batch=batch,
+        credentials=credentials,
+        hooks=runtime.hooks,
     )
+
+
+async def _join_allowed(
+    runtime: Runtime, ws: WebSocket, identity: Identity | None, room: str, name: str | None
+) -> bool:
+    """The ``join`` hook's word on a v1 connection's one room: a refusal closes 4403 with
+    its reason; a hook that failed closes it as an unreachable broker would (1011)."""
+    hooks = runtime.hooks
+    if hooks is None or "join" not in hooks.present:
+        return True
+    user = None if identity is None else identity.user
+    try:
+        refusal = await hooks.join(JoinRequest(user, name, room))
+    except HookFailed:
+        await _unavailable(ws)
+        return False
+    if refusal is not None:
+        await ws.close(CloseCode.FORBIDDEN, refusal.reason or f"not allowed in #{room}")
+        return False
+    return True
+
+
+async def _unavailable(ws: WebSocket) -> None:
+    """Fail closed before a connection is served: an ``unavailable`` error saying why,
+    then 1011, as when the broker cannot be reached."""
+    await ws.send_text(protocol.encode_error(ErrorCode.UNAVAILABLE, HOOK_UNAVAILABLE))
+    await ws.close(CloseCode.INTERNAL_ERROR, "chat service unavailable; try again shortly")
 
 
 async def _rooms(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> None:
@@ -233,12 +282,16 @@ async def _rooms(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> 
         except BadQuery as exc:
             await ws.close(CloseCode.BAD_REQUEST, exc.message)
             return
-    credentials = None
-    if identity is not None and runtime.verifier is not None:
-        credentials = Credentials(runtime.verifier, identity)
+    credentials = None if identity is None else Credentials(runtime.verifier, identity)
     batch = ws.subprotocol == protocol.BATCH_SUBPROTOCOL
     await serve_rooms(
-        ws, runtime.broker, runtime.settings, name=name, batch=batch, credentials=credentials
+        ws,
+        runtime.broker,
+        runtime.settings,
+        name=name,
+        batch=batch,
+        credentials=credentials,
+        hooks=runtime.hooks,
     )
 
 
@@ -292,9 +345,15 @@ async def _admit(runtime: Runtime, ws: WebSocket) -> None:
         await ws.close(CloseCode.UNKNOWN_PATH, f"no WebSocket endpoint at {unknown[:80]}")
         return
     try:
-        identity = _identify(runtime, ws)
+        identity = await _identify(runtime, ws)
     except TokenRejected as rejected:
         await ws.close(CloseCode.UNAUTHORIZED, rejected.reason)
+        return
+    except ConnectRefused as refused:
+        await ws.close(refused.code, refused.reason)
+        return
+    except HookFailed:
+        await _unavailable(ws)
         return
     if identity is None:
         await endpoint(runtime, ws, None)
@@ -315,17 +374,68 @@ async def _admit(runtime: Runtime, ws: WebSocket) -> None:
             await broker.release_connection(claim)
 
 
-def _identify(runtime: Runtime, ws: WebSocket) -> Identity | None:
-    """Who the client is: a verified identity with signed tokens, ``None`` otherwise.
+class ConnectRefused(Exception):
+    """The ``connect`` hook refused the client: close with its ``code`` and ``reason``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+async def _identify(runtime: Runtime, ws: WebSocket) -> Identity | None:
+    """Who the client is: what the ``connect`` hook says, else a verified identity with
+    signed tokens, else ``None``.
 
     :raises TokenRejected: for a token that is refused (with the reason for the 4001)
+    :raises ConnectRefused: if the ``connect`` hook refused the client
+    :raises HookFailed: if the ``connect`` hook failed (fail closed)
     """
+    hooks = runtime.hooks
+    if hooks is not None and "connect" in hooks.present:
+        answer = await hooks.connect(connect_request(ws.scope))
+        if isinstance(answer, Refuse):
+            assert isinstance(answer.code, int)  # (the runner checked it)
+            raise ConnectRefused(answer.code, answer.reason)
+        if answer is not None:
+            return answer
     token = presented_token(ws.headers, query_param(ws.scope.get("query_string", b""), "token"))
     if runtime.verifier is not None:
         return runtime.verifier.verify(token)
     if not token_valid(runtime.settings, token):
         raise TokenRejected("missing or invalid token")
     return None
+
+
+def connect_request(scope: Scope) -> ConnectRequest:
+    """What the ``connect`` hook is shown of a handshake."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope.get("headers", []):
+        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+        joiner = "; " if name == "cookie" else ", "  # (HTTP/2 sends cookies one a header)
+        headers[name] = f"{headers[name]}{joiner}{value}" if name in headers else value
+    query: dict[str, str] = {}
+    for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
+        query.setdefault(key, value)
+    client = scope.get("client")
+    return ConnectRequest(
+        headers=headers,
+        cookies=_cookies(headers.get("cookie", "")),
+        query=query,
+        client=None if client is None else (str(client[0]), int(client[1])),
+        path=route_path(scope),
+    )
+
+
+def _cookies(header: str) -> dict[str, str]:
+    """``a=1; b=2`` as a dict, leniently (RFC 6265 §5.4: what browsers send); a cookie
+    without ``=`` or with an empty name is skipped, the first of a name wins."""
+    cookies: dict[str, str] = {}
+    for part in header.split(";"):
+        name, equals, value = part.strip().partition("=")
+        if equals and name:
+            cookies.setdefault(name, value.strip().strip('"'))
+    return cookies
 
 
 async def _refuse_busy(runtime: Runtime, ws: WebSocket) -> None:

@@ -30,9 +30,10 @@ from . import protocol
 from .admission import TokenBucket
 from .asgi import ConnectionClosed, WebSocket
 from .brokers import UNAVAILABLE_NOTICE, Broker, BrokerUnavailable
+from .hooks import HookRunner, LeaveEvent, MessageRequest, Refuse
 from .hub import PRESENCE_WAKE, Client, Hub, Member, NameTaken
 from .identity import LEEWAY, Identity, TokenRejected, TokenVerifier
-from .protocol import BadMessage, CloseCode, ErrorCode, Refresh
+from .protocol import BadMessage, ChatMessage, CloseCode, ErrorCode, Refresh
 from .settings import Settings
 
 __all__ = ["Credentials", "serve_binary_echo", "serve_echo", "serve_member"]
@@ -61,7 +62,9 @@ RENAME_UNAVAILABLE = (
 
 
 class Credentials:
-    """A member's signed token (SPEC §8.1, §8.3): who it is, and until when.
+    """A member's verified identity (SPEC §8.1, §8.3, or the ``connect`` hook's, §10):
+    who it is, and until when; ``verifier`` checks refreshed tokens (``None``: this
+    server does not use signed tokens).
 
     ``expiry`` is the cancel scope the receive loop runs in; its deadline is the token's
     ``exp`` (plus the verifier's clock :data:`~roomcast.identity.LEEWAY`, as at connect
@@ -69,7 +72,7 @@ class Credentials:
     scope's new deadline takes effect at once.
     """
 
-    def __init__(self, verifier: TokenVerifier, identity: Identity) -> None:
+    def __init__(self, verifier: TokenVerifier | None, identity: Identity) -> None:
         self.verifier = verifier
         self.identity = identity
         self.expiry = CancelScope(deadline=_deadline(identity))
@@ -92,9 +95,11 @@ async def serve_member(
     *,
     batch: bool,
     credentials: Credentials | None = None,
+    hooks: HookRunner | None = None,
 ) -> None:
     """Run a joined member's connection until either side ends it (or its token expires);
-    the member has left its room when this returns (or raises)."""
+    the member has left its room when this returns (or raises), and the ``leave`` hook
+    has been told."""
     expiry = credentials.expiry if credentials is not None else nullcontext()
     try:
         async with anyio.create_task_group() as tg:
@@ -102,7 +107,7 @@ async def serve_member(
                 send_outbox, ws, member.client, tg.cancel_scope, batch, settings.batch_max
             )
             with expiry:
-                if await _receive_chat(ws, broker, member, settings, credentials):
+                if await _receive_chat(ws, broker, member, settings, credentials, hooks):
                     tg.cancel_scope.cancel()  # the peer is gone: nobody left to write to
             if credentials is not None and credentials.expiry.cancelled_caught:
                 broker.hub.end_client(member.client, CloseCode.UNAUTHORIZED, "token expired")
@@ -113,6 +118,17 @@ async def serve_member(
         # processes may wait, and not for long.
         with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
             await broker.leave(member)
+        if hooks is not None and "leave" in hooks.present:
+            with anyio.move_on_after(hooks.timeout + CLOSE_TIMEOUT, shield=True):
+                await hooks.leave(left(member))
+
+
+def left(member: Member) -> LeaveEvent:
+    """The ``leave`` hook's event for a membership that has ended: ``left`` unless the
+    server ended it (then its close reason: ``too slow``, ``token expired``, ...)."""
+    client = member.client
+    reason = client.close_reason if client.close_code is not None else "left"
+    return LeaveEvent(member.user, member.name, member.room.name, reason or "left")
 
 
 async def _receive_chat(
@@ -121,6 +137,7 @@ async def _receive_chat(
     member: Member,
     settings: Settings,
     credentials: Credentials | None,
+    hooks: HookRunner | None,
 ) -> bool:
     """Publish the client's messages until it disconnects (``True``) or the hub ends the
     membership (``False``)."""
@@ -153,6 +170,12 @@ async def _receive_chat(
         if bucket is not None and not bucket.take(anyio.current_time()):
             _refuse(hub, member, ErrorCode.RATE_LIMITED, RATE_NOTICE, message.id)
             continue
+        if hooks is not None and "message" in hooks.present:
+            screened = await hooks.screen(request_of(member, message), message)
+            if isinstance(screened, Refuse):
+                _refuse(hub, member, str(screened.code), screened.reason, message.id)
+                continue
+            message = screened
         try:
             await broker.publish(member, message)
         except BrokerUnavailable:
@@ -168,7 +191,7 @@ async def _refresh(
     other token, or a name taken in the room or that the broker cannot check now, gets
     ``bad_token`` and changes nothing."""
     hub = broker.hub
-    if credentials is None:
+    if credentials is None or credentials.verifier is None:
         _refuse(hub, member, ErrorCode.BAD_TOKEN, "this server does not use signed tokens")
         return
     try:
@@ -193,9 +216,17 @@ async def _refresh(
         hub.end(member, CloseCode.FORBIDDEN, f"not allowed in #{member.room.name}")
 
 
-def _refuse(hub: Hub, member: Member, code: ErrorCode, message: str, id: str | None = None) -> None:
-    """Answer a refused frame with an ``error`` event. Each costs the sender a slot in its
-    own outbox, so a flood it does not read ends in its eviction, not in unbounded work."""
+def request_of(member: Member, message: ChatMessage) -> MessageRequest:
+    """What the ``message`` hook is shown of a member's message."""
+    return MessageRequest(member.user, member.name, member.room.name, message.text, message.id)
+
+
+def _refuse(
+    hub: Hub, member: Member, code: ErrorCode | str, message: str, id: str | None = None
+) -> None:
+    """Answer a refused frame with an ``error`` event (``code``: roomcast's, or the one a
+    ``message`` hook gave). Each costs the sender a slot in its own outbox, so a flood it
+    does not read ends in its eviction, not in unbounded work."""
     hub.stats.drops += 1
     hub.send_to(member, protocol.encode_error(code, message, id=id))
 

@@ -34,8 +34,11 @@ from .connection import (
     REFRESH_RATE,
     RENAME_UNAVAILABLE,
     Credentials,
+    left,
+    request_of,
     send_outbox,
 )
+from .hooks import HOOK_UNAVAILABLE, HookFailed, HookRunner, JoinRequest, Refuse
 from .hub import Client, Member, NameTaken, RoomFull
 from .identity import TokenRejected
 from .protocol import BadMessage, CloseCode, ErrorCode, Join, Leave, Refresh, RoomMessage, Typing
@@ -58,8 +61,10 @@ class Session:
         settings: Settings,
         name: str | None,
         credentials: Credentials | None,
+        hooks: HookRunner | None = None,
     ) -> None:
         self.broker = broker
+        self.hooks = hooks
         self.hub = broker.hub
         self.client = client
         self.settings = settings
@@ -73,10 +78,16 @@ class Session:
         self.typed: dict[str, float] = {}
 
     def refuse(
-        self, code: ErrorCode, message: str, *, room: str | None = None, id: str | None = None
+        self,
+        code: ErrorCode | str,
+        message: str,
+        *,
+        room: str | None = None,
+        id: str | None = None,
     ) -> None:
-        """An ``error`` event (about ``room``, if any). Each costs a slot of the
-        connection's own outbox, so a flood it does not read ends in its eviction."""
+        """An ``error`` event (about ``room``, if any; ``code`` is roomcast's or a
+        ``message`` hook's). Each costs a slot of the connection's own outbox, so a flood
+        it does not read ends in its eviction."""
         self.hub.stats.drops += 1
         extra = {} if room is None else {"room": room}
         self.hub.send_to_client(self.client, protocol.encode_error(code, message, id=id, **extra))
@@ -103,6 +114,8 @@ class Session:
         if refusal is not None:
             self.refuse(ErrorCode.FORBIDDEN, refusal, room=room)
             return
+        if not await self._hook_allows(room):
+            return
         try:
             await self.broker.join(
                 room,
@@ -120,6 +133,23 @@ class Session:
             self.refuse(ErrorCode.ROOM_FULL, "room full", room=room)
         except BrokerUnavailable:
             self.refuse(ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, room=room)
+
+    async def _hook_allows(self, room: str) -> bool:
+        """The ``join`` hook's word: a refusal is ``forbidden`` with its reason, a hook
+        that failed ``unavailable``; either way the connection stays."""
+        hooks = self.hooks
+        if hooks is None or "join" not in hooks.present:
+            return True
+        try:
+            refusal = await hooks.join(JoinRequest(self.client.user, self.name, room))
+        except HookFailed:
+            self.refuse(ErrorCode.UNAVAILABLE, HOOK_UNAVAILABLE, room=room)
+            return False
+        if refusal is not None:
+            reason = refusal.reason or f"not allowed in #{room}"
+            self.refuse(ErrorCode.FORBIDDEN, reason, room=room)
+            return False
+        return True
 
     def _refusal(self, room: str) -> str | None:
         """Why the connection may not join ``room``, or ``None``: a direct-message room is
@@ -140,6 +170,8 @@ class Session:
             self.typed.pop(command.room, None)
             await self.broker.leave(member)
             self.hub.send_to_client(self.client, protocol.encode_left(command.room, 1000, "left"))
+            if self.hooks is not None:
+                await self.hooks.leave(left(member))
 
     async def message(self, command: RoomMessage) -> None:
         id = command.message.id
@@ -149,8 +181,15 @@ class Session:
         if self.messages is not None and not self.messages.take(anyio.current_time()):
             self.refuse(ErrorCode.RATE_LIMITED, RATE_NOTICE, room=command.room, id=id)
             return
+        message = command.message
+        if self.hooks is not None and "message" in self.hooks.present:
+            screened = await self.hooks.screen(request_of(member, message), message)
+            if isinstance(screened, Refuse):
+                self.refuse(str(screened.code), screened.reason, room=command.room, id=id)
+                return
+            message = screened
         try:
-            await self.broker.publish(member, command.message)
+            await self.broker.publish(member, message)
         except BrokerUnavailable:
             self.refuse(ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, room=command.room, id=id)
 
@@ -173,7 +212,7 @@ class Session:
             self.refuse(ErrorCode.RATE_LIMITED, REFRESH_NOTICE)
             return
         credentials = self.credentials
-        if credentials is None:
+        if credentials is None or credentials.verifier is None:
             self.refuse(ErrorCode.BAD_TOKEN, "this server does not use signed tokens")
             return
         try:
@@ -212,12 +251,13 @@ async def serve_rooms(
     name: str | None,
     batch: bool,
     credentials: Credentials | None = None,
+    hooks: HookRunner | None = None,
 ) -> None:
     """Run a ``/ws`` connection until either side ends it (or its token expires); it has
-    left every room when this returns (or raises)."""
+    left every room when this returns (or raises), and the ``leave`` hook has been told."""
     user = None if credentials is None else credentials.identity.user
     client = broker.hub.open_client(user, single_room=False)
-    session = Session(broker, client, settings, name, credentials)
+    session = Session(broker, client, settings, name, credentials, hooks)
     expiry = credentials.expiry if credentials is not None else nullcontext()
     try:
         async with anyio.create_task_group() as tg:
@@ -229,7 +269,19 @@ async def serve_rooms(
                 broker.hub.end_client(client, CloseCode.UNAUTHORIZED, "token expired")
     finally:
         broker.hub.forget_client(client)
+        members = list(client.members.values())
         await leave_every_room(broker, client)
+        if hooks is not None and "leave" in hooks.present:
+            await _tell_leaves(hooks, members)
+
+
+async def _tell_leaves(hooks: HookRunner, members: list[Member]) -> None:
+    """The ``leave`` hook for each room an ending connection was in, at once: one bounded
+    wait however many rooms, as for the leaves themselves."""
+    with anyio.move_on_after(hooks.timeout + CLOSE_TIMEOUT, shield=True):
+        async with anyio.create_task_group() as tg:
+            for member in members:
+                tg.start_soon(hooks.leave, left(member))
 
 
 async def leave_every_room(broker: Broker, client: Client) -> None:

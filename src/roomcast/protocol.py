@@ -99,6 +99,9 @@ class ErrorCode(StrEnum):
     BAD_ROOM = "bad_room"
     NAME_TAKEN = "name_taken"
     BAD_REQUEST = "bad_request"
+    # hooks (SPEC §10): a message refused by the application's ``message`` hook carries the
+    # hook's own code instead
+    REFUSED = "refused"
 
 
 class ProtocolError(ValueError):
@@ -201,10 +204,12 @@ def _bad_query(message: str) -> BadQuery:
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """A chat message a client asked to send."""
+    """A chat message a client asked to send; ``data`` is what a ``message`` hook added to
+    travel with it (SPEC §10: never taken from a client)."""
 
     text: str
     id: str | None = None
+    data: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,8 +392,11 @@ def encode_message(
     ts: int,
     id: str | None = None,
     user: str | None = None,
+    data: dict[str, Any] | None = None,
 ) -> str:
-    head, tail = encode_message_parts(room=room, text=text, sender=sender, ts=ts, id=id, user=user)
+    head, tail = encode_message_parts(
+        room=room, text=text, sender=sender, ts=ts, id=id, user=user, data=data
+    )
     return f"{head}{seq}{tail}"
 
 
@@ -400,16 +408,19 @@ def encode_message_parts(
     ts: int,
     id: str | None = None,
     user: str | None = None,
+    data: dict[str, Any] | None = None,
 ) -> tuple[str, str]:
     """A ``message`` event split around its ``seq``: ``head + str(seq) + tail`` is the
     event. A broker that assigns the seq elsewhere (a Redis script) splices it in, so the
     event is still serialised once. ``user`` is the sender's verified user id (SPEC §8.1),
-    ``None`` when anonymous."""
+    ``None`` when anonymous; ``data`` is a ``message`` hook's object (SPEC §10), left out
+    when there is none."""
     head = f'{{"type":"message","text":{_string(text)},"room":{_string(room)},"seq":'
     sender_json = "null" if sender is None else _string(sender)
     user_json = "null" if user is None else _string(user)
     id_json = "" if id is None else f',"id":{_string(id)}'
-    return head, f',"from":{sender_json},"user":{user_json},"ts":{ts}{id_json}}}'
+    data_json = "" if data is None else f',"data":{orjson.dumps(data).decode()}'
+    return head, f',"from":{sender_json},"user":{user_json},"ts":{ts}{id_json}{data_json}}}'
 
 
 def _string(value: str) -> str:
@@ -519,9 +530,12 @@ def encode_notice(data: Any) -> str:
     return _dumps({"type": "notice", "data": data})
 
 
-def encode_error(code: ErrorCode, message: str, *, id: str | None = None, **extra: Any) -> str:
-    """An ``error`` event; ``id`` names the client message it answers, if it had one."""
-    event = {"type": "error", "error": code.value, "message": message, **extra}
+def encode_error(
+    code: ErrorCode | str, message: str, *, id: str | None = None, **extra: Any
+) -> str:
+    """An ``error`` event; ``id`` names the client message it answers, if it had one.
+    ``code`` is one of roomcast's, or the one a ``message`` hook refused with."""
+    event = {"type": "error", "error": str(code), "message": message, **extra}
     if id is not None:
         event["id"] = id
     return _dumps(event)

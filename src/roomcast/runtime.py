@@ -20,10 +20,12 @@ from prometheus_client import CollectorRegistry
 from . import metrics
 from .admission import default_max_connections
 from .brokers import Broker, open_broker
+from .hooks import HookCalls, HookRunner
 from .hub import Hub
 from .identity import TokenVerifier
 from .protocol import CloseCode
 from .settings import Settings
+from .stored import StoredFeed
 
 __all__ = ["STATE_KEY", "Runtime", "gc_threshold", "open_runtime"]
 
@@ -38,6 +40,8 @@ class Runtime:
     settings: Settings
     hub: Hub
     broker: Broker
+    #: the application's hooks with SPEC §10's rules around them (``None``: no hooks)
+    hooks: HookRunner | None = None
     shared_metrics: metrics.SharedMetrics | None = field(init=False)
     registry: CollectorRegistry = field(init=False)
     static: dict[str, tuple[bytes, str]] = field(init=False)
@@ -58,9 +62,12 @@ class Runtime:
 
 
 @asynccontextmanager
-async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtime]:
-    """Create the runtime (reading the environment if no settings are given); on exit,
-    end every membership with :attr:`CloseCode.GOING_AWAY`.
+async def open_runtime(
+    settings: Settings | None = None, hooks: HookCalls | None = None
+) -> AsyncIterator[Runtime]:
+    """Create the runtime (reading the environment if no settings are given) with the
+    application's ``hooks``, if any; on exit, end every membership with
+    :attr:`CloseCode.GOING_AWAY`.
 
     :raises SettingsError: if a ``ROOMCAST_*`` variable holds an unusable value
     :raises BrokerUnavailable: if the configured Redis cannot be reached
@@ -77,12 +84,21 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Runtim
         presence_grace=settings.presence_grace,
         max_text=settings.max_text,
     )
+    runner = None
+    if hooks is not None:
+        runner = HookRunner(hooks, timeout=settings.hook_timeout, max_text=settings.max_text)
+    feed = StoredFeed()
+    if runner is not None and "stored" in runner.present:
+        feed.subscribe("stored hook", runner.stored)
+    hub.stored = feed if feed.wanted else None
     with gc_threshold(settings.gc_threshold):
         async with open_broker(settings, hub) as broker, anyio.create_task_group() as tg:
-            runtime = Runtime(settings, hub, broker)
+            runtime = Runtime(settings, hub, broker, runner)
             _harden_hypercorn(settings)  # after the broker: a failed startup logs one line only
             if runtime.shared_metrics is not None:
                 tg.start_soon(_share_metrics, runtime, runtime.shared_metrics)
+            if feed.wanted:
+                tg.start_soon(feed.run)
             try:
                 yield runtime
             finally:

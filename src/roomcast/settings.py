@@ -142,6 +142,13 @@ class Settings:
             str, "enables the server API (/api/...): requests need Authorization: Bearer KEY"
         ),
     )
+    hook_timeout: float = field(
+        default=1.0,
+        metadata=_env(
+            _float(0, allow_equal=False),
+            "seconds a hook may take before it fails closed (unavailable)",
+        ),
+    )
     batch_max: int = field(
         default=64, metadata=_env(_int(1), "most events in one roomcast.batch frame")
     )

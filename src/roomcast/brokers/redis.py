@@ -201,6 +201,7 @@ from ..names import skeleton
 from ..presence import PresenceEvent
 from ..protocol import MAX_WELCOME_MEMBERS, ChatMessage, CloseCode, ErrorCode
 from ..settings import Settings
+from ..stored import StoredMessage
 from . import (
     DISCONNECTED,
     UNAVAILABLE_NOTICE,
@@ -362,6 +363,17 @@ class _Outgoing:
     tail: str
     #: the member's queue slots, one of which this message holds until it is answered
     slots: anyio.Semaphore
+    #: what the stored feed gets once sequenced (``None`` while nobody consumes it)
+    stored: _Unsequenced | None = None
+
+
+class _Unsequenced(NamedTuple):
+    """A queued message's parts the stored feed needs once Redis has given it a seq."""
+
+    message: ChatMessage
+    name: str | None
+    user: str | None
+    ts: int
 
 
 class RedisBroker:
@@ -551,13 +563,15 @@ class RedisBroker:
         follows in the member's outbox."""
         if not member.joined:
             return
+        ts = _now_ms()
         head, tail = protocol.encode_message_parts(
             room=member.room.name,
             text=message.text,
             sender=member.name,
             user=member.user,
-            ts=_now_ms(),
+            ts=ts,
             id=message.id,
+            data=message.data,
         )
         slots = self._slots.get(member)
         if slots is None:
@@ -566,7 +580,10 @@ class RedisBroker:
             slots.acquire_nowait()
         except anyio.WouldBlock:
             await slots.acquire()
-        outgoing = _Outgoing(member, message.id, head, tail, slots)
+        stored = None
+        if self.hub.stored is not None:
+            stored = _Unsequenced(message, member.name, member.user, ts)
+        outgoing = _Outgoing(member, message.id, head, tail, slots, stored)
         try:
             self._outgoing_send.send_nowait(outgoing)
         except anyio.WouldBlock:
@@ -904,11 +921,25 @@ class RedisBroker:
                 self._refuse(outgoing)
             return
         self.hub.stats.messages_in += len(batch)
-        for messages, first in zip(rooms.values(), firsts, strict=True):
+        for (room, messages), (first, epoch) in zip(rooms.items(), firsts, strict=True):
             for offset, outgoing in enumerate(messages):
                 outgoing.slots.release()
                 if outgoing.id is not None:
                     self.hub.ack(outgoing.member, outgoing.id, int(first) + offset)
+            self._store(room, epoch, int(first), [outgoing.stored for outgoing in messages])
+
+    def _store(
+        self, room: str, epoch: str, first: int, messages: Sequence[_Unsequenced | None]
+    ) -> None:
+        """Hand messages Redis has just sequenced (``first`` on) to the stored feed: this
+        worker published them, so it is the one worker that does (SPEC §10)."""
+        feed = self.hub.stored
+        if feed is None:
+            return
+        for seq, unsequenced in enumerate(messages, first):
+            if unsequenced is not None:  # (queued before anyone consumed the feed: none)
+                message, name, user, ts = unsequenced
+                feed.put(StoredMessage.of(room, seq, epoch, message, name, user, ts))
 
     def _publish_args(self) -> list[str | int]:
         """:data:`~.redis_scripts.PUBLISH`'s leading arguments: the history bounds
@@ -1134,8 +1165,9 @@ class RedisBroker:
 
     async def post(self, room: str, message: ChatMessage, sender: str | None) -> int:
         """The API's publish: one script call of its own (the caller waits for the seq)."""
+        ts = _now_ms()
         head, tail = protocol.encode_message_parts(
-            room=room, text=message.text, sender=sender, ts=_now_ms(), id=message.id
+            room=room, text=message.text, sender=sender, ts=ts, id=message.id, data=message.data
         )
         firsts = await self._call(
             self._publish,
@@ -1143,7 +1175,9 @@ class RedisBroker:
             [*self._publish_args(), self.channel_prefix + room, 1, head, tail],
         )
         self.hub.stats.messages_in += 1
-        return int(firsts[0])
+        (first, epoch), *_ = firsts
+        self._store(room, epoch, int(first), [_Unsequenced(message, sender, None, ts)])
+        return int(first)
 
     async def history(self, room: str, since: int, limit: int) -> History:
         seq_key, epoch_key, history_key, *_ = _keys(room)

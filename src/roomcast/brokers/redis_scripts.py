@@ -306,7 +306,7 @@ return 1
 
 #: KEYS per room: seq, epoch, history, history bytes; ARGV history size, token, history
 #: bytes, idle rooms, idle history bytes, then per room: channel, n, then n pairs (head,
-#: tail) of events split around their seq -> first seq per room. History keeps the newest
+#: tail) of events split around their seq -> {first seq, epoch} per room. History keeps the newest
 #: entries within both bounds; its bytes key counts their UTF-8 length (a history from
 #: before that key is counted from its next message on, and trimmed by count meanwhile).
 #: A room without presence (the server API posts into any room) is idle: its growth
@@ -356,7 +356,7 @@ for r = 1, #KEYS / 4 do
   elseif redis.call('EXISTS', key_of(room, 'presence')) == 0 then
     settle(room, ARGV[4], ARGV[5])  -- (a room with presence is not idle: nothing to settle)
   end
-  firsts[r] = first
+  firsts[r] = {first, epoch}
 end
 if grown then evict(ARGV[4], ARGV[5]) end
 return firsts

@@ -20,6 +20,7 @@ import time
 import anyio
 
 from .. import protocol
+from ..stored import StoredMessage
 from .membership import Membership
 from .model import Member, Room
 
@@ -63,19 +64,23 @@ class Fanout(Membership):
     ) -> int:
         room.seq += 1
         seq = room.seq
+        ts = time.time_ns() // 1_000_000
         encoded = protocol.encode_message(
             room=room.name,
             seq=seq,
             text=message.text,
             sender=sender,
-            ts=time.time_ns() // 1_000_000,
+            ts=ts,
             id=message.id,
             user=user,
+            data=message.data,
         )
         if self.history_size:
             room.history.append(seq, encoded)
         self.stats.messages_in += 1
         self._fanout(room, encoded)
+        if self.stored is not None:
+            self.stored.put(StoredMessage.of(room.name, seq, room.epoch, message, sender, user, ts))
         return seq
 
     def deliver(self, room_name: str, seq: int, encoded: str) -> None:

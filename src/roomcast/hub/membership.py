@@ -30,6 +30,7 @@ from .. import protocol
 from ..history import History
 from ..names import skeleton
 from ..protocol import CloseCode, ErrorCode
+from ..stored import StoredFeed
 from .model import Announce, Client, HubStats, Member, NameTaken, Room, RoomFull
 
 __all__ = ["Membership", "RoomEmptied", "replay"]
@@ -72,6 +73,9 @@ class Membership:
         self.stats: HubStats = HubStats()
         #: set by a broker that subscribes per room; called synchronously from the removal
         self.room_emptied: RoomEmptied | None = None
+        #: where the messages this hub sequences go once fanned out (hooks, the archive);
+        #: ``None`` while nobody consumes them. A cross-process broker feeds it itself
+        self.stored: StoredFeed | None = None
         self.node = secrets.token_hex(4)
         self._ids = itertools.count(1)
         #: open v2 connections (a v1 connection is found through its one room)
