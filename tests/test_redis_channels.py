@@ -187,6 +187,7 @@ async def test_a_crowd_joining_many_rooms_at_once_subscribes_in_one_command(
     rooms = [f"crowd-{i}" for i in range(500)]
     with anyio.fail_after(30):
         async with broker_on(redis_server.url) as broker:
+            await wait_all_tasks_blocked()  # the subscriber's writer has settled in
             before = subscribe_calls(redis_server.port)
             members = await join_all(broker, rooms)
             assert subscribe_calls(redis_server.port) - before == 1
