@@ -21,15 +21,17 @@ part of the design it implements:
 - :mod:`.joining`: a joiner's snapshot and greeting, and why no seq is delivered twice
   or out of order;
 - :mod:`.publishing`: order and seq, the bounded queue and each member's share of it,
-  one script call per batch, acks in order.
+  one script call per batch, acks in order;
+- :mod:`.scripts`: the Lua scripts, in which every write to a room happens, and what
+  they publish.
 
 Each part is a class built on the parts it needs (control on calls, delivery on control,
 presence on delivery, joining on presence; publishing on calls alone), and
-:class:`RedisBroker` is joining and publishing together, hooked into the hub. The Lua
-scripts are :mod:`~roomcast.brokers.redis_scripts`, the subscription connection
-:mod:`~roomcast.brokers.subscriber` and the room channels it holds
-:mod:`~roomcast.brokers.channels`. The rest of roomcast imports :class:`RedisBroker`,
-:func:`open_redis_broker` and the names exported here, not the modules.
+:class:`RedisBroker` is joining and publishing together, hooked into the hub. The
+subscription connection is :mod:`~roomcast.brokers.subscriber`, the room channels it
+holds :mod:`~roomcast.brokers.channels`. The rest of roomcast imports
+:class:`RedisBroker`, :func:`open_redis_broker` and the names exported here, not the
+modules.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ lost must not run again.
 :class:`Calls` is the base of every part of the broker: it holds what they all use (the
 settings, the hub, the client, the namespace of this broker's channels and report lists,
 the idle budgets every script that changes presence or history enforces). Each part
-registers the scripts it calls (:mod:`~roomcast.brokers.redis_scripts`) itself.
+registers the scripts it calls (:mod:`.scripts`) itself.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ control channel, typing, and each verified user's connection claims.
 *Disconnect* (the server API). A request on ``<prefix>control`` reaches every subscribed
 worker; each ends the user's local memberships (:meth:`~roomcast.hub.Hub.end_user`) and
 reports how many on the request's own list, all its queued reports in one script call
-(:data:`~.redis_scripts.REPORT`). The requester knows from ``PUBLISH`` how many workers
+(:data:`~.scripts.REPORT`). The requester knows from ``PUBLISH`` how many workers
 heard it and waits (``BLPOP``) up to :data:`DISCONNECT_WAIT` for their reports. A notice
 to a user (:meth:`Control.notify`) goes the same way: each worker queues it for the user's
 v2 connections and reports how many took it.
@@ -15,7 +15,7 @@ touching the room's stream position.
 
 *Connections per user* (``ROOMCAST_MAX_CONNECTIONS_PER_USER``). Each connection of a
 verified user claims a place in the user's sorted set (claim id -> expiry) with one script
-that first drops lapsed claims and then checks the cap (:data:`~.redis_scripts.CLAIM`).
+that first drops lapsed claims and then checks the cap (:data:`~.scripts.CLAIM`).
 Claims are refreshed with presence and lapse as presence entries do, so the slots of a
 dead server's connections come back within the same bound; a closing connection removes
 its claim at once.
@@ -35,7 +35,8 @@ from ... import protocol
 from ...hub import Hub, Member
 from ...protocol import CloseCode
 from ...settings import Settings
-from .. import DISCONNECTED, BrokerUnavailable, Claim, redis_scripts
+from .. import DISCONNECTED, BrokerUnavailable, Claim
+from . import scripts
 from .calls import Calls
 from .keys import PRESENCE_TTL, _now_ms, _user_key
 
@@ -57,9 +58,9 @@ class Control(Calls):
 
     def __init__(self, settings: Settings, hub: Hub, client: coredis.Redis[str]) -> None:
         super().__init__(settings, hub, client)
-        self._report = client.register_script(redis_scripts.REPORT)
-        self._claim = client.register_script(redis_scripts.CLAIM)
-        self._refresh_claims_script = client.register_script(redis_scripts.REFRESH_CLAIMS)
+        self._report = client.register_script(scripts.REPORT)
+        self._claim = client.register_script(scripts.CLAIM)
+        self._refresh_claims_script = client.register_script(scripts.REFRESH_CLAIMS)
         #: this worker's connection claims (id -> user), refreshed with presence
         self._claims: dict[str, str] = {}
         #: (report list, connections closed) for :meth:`disconnect` requests from any worker

@@ -45,10 +45,10 @@ from ...hub import Hub, Member, Room
 from ...presence import PresenceEvent
 from ...protocol import ErrorCode
 from ...settings import Settings
-from .. import BrokerUnavailable, History, redis_scripts
+from .. import BrokerUnavailable, History
 from ..channels import RoomChannels
 from ..subscriber import Subscription, SubscriptionLost, open_subscription
-from . import calls
+from . import calls, scripts
 from .calls import log
 from .control import Control
 from .keys import _keys, _parse_entry, _split_entry
@@ -78,7 +78,7 @@ class Delivery(Control):
 
     def __init__(self, settings: Settings, hub: Hub, client: coredis.Redis[str]) -> None:
         super().__init__(settings, hub, client)
-        self._read = client.register_script(redis_scripts.READ)
+        self._read = client.register_script(scripts.READ)
         self._subscribed = False
         #: the room channels this worker's subscriber holds
         self._channels = RoomChannels()

@@ -50,8 +50,8 @@ from ... import protocol
 from ...hub import Client, Hub, Member, NameTaken, Room, RoomFull, replay
 from ...protocol import MAX_WELCOME_MEMBERS
 from ...settings import Settings
-from .. import BrokerUnavailable, redis_scripts
-from . import calls
+from .. import BrokerUnavailable
+from . import calls, scripts
 from .keys import PRESENCE_TTL, _keys, _now_ms, _people, _seq_of, _split_entry
 from .presence import Presence
 
@@ -63,7 +63,7 @@ class Joining(Presence):
 
     def __init__(self, settings: Settings, hub: Hub, client: coredis.Redis[str]) -> None:
         super().__init__(settings, hub, client)
-        self._join = client.register_script(redis_scripts.JOIN)
+        self._join = client.register_script(scripts.JOIN)
 
     async def join(
         self,
@@ -101,7 +101,7 @@ class Joining(Presence):
             self.hub.detach(member)
             self._joining.pop((member.room.name, member.id), None)
             raise
-        if snapshot is None or snapshot == redis_scripts.TAKEN:
+        if snapshot is None or snapshot == scripts.TAKEN:
             self.hub.detach(member)
             self._joining.pop((member.room.name, member.id), None)
             if snapshot is None:

@@ -97,7 +97,7 @@ def _presence_keys(room: str) -> list[str]:
 
 
 def _publish_keys(room: str) -> list[str]:
-    """A room's keys for :data:`~.redis_scripts.PUBLISH`: seq, epoch, history, and the UTF-8
+    """A room's keys for :data:`~.scripts.PUBLISH`: seq, epoch, history, and the UTF-8
     bytes its history holds."""
     keys = _keys(room)
     return [keys.seq, keys.epoch, keys.history, f"{keys.history}-bytes"]

@@ -33,7 +33,7 @@ name skeleton to ``<count>|<owner>``: the owner is the verified user (``u<user>`
 user's tabs on any worker share its name) or the anonymous connection (``m<member id>``),
 the count how many entries hold it. The entry carries its name's two skeletons, so every
 script that adds or removes entries holds or lets go of their names in the same atomic
-step, expiry included: the join refuses (:data:`~.redis_scripts.TAKEN`, close 4400) if
+step, expiry included: the join refuses (:data:`~.scripts.TAKEN`, close 4400) if
 another owner holds either skeleton, and a dead server's names come back with its presence,
 within the same bound. The hub's own check runs first (it costs nothing and settles races
 between one worker's members); its owners are the same, so it refuses nothing Redis would
@@ -68,8 +68,8 @@ from ...hub import Hub, Member, NameTaken, Room
 from ...presence import PresenceEvent
 from ...protocol import MAX_WELCOME_MEMBERS, CloseCode
 from ...settings import Settings
-from .. import BrokerUnavailable, Person, redis_scripts
-from . import calls
+from .. import BrokerUnavailable, Person
+from . import calls, scripts
 from .delivery import Delivery
 from .keys import PRESENCE_TTL, _now_ms, _people, _presence_entry, _presence_keys
 
@@ -90,10 +90,10 @@ class Presence(Delivery):
 
     def __init__(self, settings: Settings, hub: Hub, client: coredis.Redis[str]) -> None:
         super().__init__(settings, hub, client)
-        self._leave = client.register_script(redis_scripts.LEAVE)
-        self._rename = client.register_script(redis_scripts.RENAME)
-        self._upkeep_script = client.register_script(redis_scripts.UPKEEP)
-        self._presence_now = client.register_script(redis_scripts.PRESENCE)
+        self._leave = client.register_script(scripts.LEAVE)
+        self._rename = client.register_script(scripts.RENAME)
+        self._upkeep_script = client.register_script(scripts.UPKEEP)
+        self._presence_now = client.register_script(scripts.PRESENCE)
         #: each member's presence entry, as written when it joined or was last renamed
         self._entries: weakref.WeakKeyDictionary[Member, str] = weakref.WeakKeyDictionary()
         #: an entry Redis may hold for a member beside its own: a rename's, while it is in

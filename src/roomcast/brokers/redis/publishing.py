@@ -1,6 +1,6 @@
 """Publishing: a worker's messages to Redis, a batch per script call, acks in order.
 
-*Order and seq.* Every message goes through a Lua script (:mod:`~.redis_scripts`) that
+*Order and seq.* Every message goes through a Lua script (:mod:`.scripts`) that
 advances the room's counter, appends ``"<seq>|<event>"`` to the room's capped history list
 and publishes it on the room's channel. Redis runs scripts one at a time, so counter,
 history and publish order are one total order per room, and every subscriber receives a
@@ -39,7 +39,8 @@ from ... import protocol
 from ...hub import Hub, Member
 from ...protocol import ChatMessage, ErrorCode
 from ...settings import Settings
-from .. import UNAVAILABLE_NOTICE, BrokerUnavailable, redis_scripts
+from .. import UNAVAILABLE_NOTICE, BrokerUnavailable
+from . import scripts
 from .calls import Calls
 from .keys import _now_ms, _publish_keys
 
@@ -80,7 +81,7 @@ class Publishing(Calls):
 
     def __init__(self, settings: Settings, hub: Hub, client: coredis.Redis[str]) -> None:
         super().__init__(settings, hub, client)
-        self._publish = client.register_script(redis_scripts.PUBLISH)
+        self._publish = client.register_script(scripts.PUBLISH)
         self._slots: weakref.WeakKeyDictionary[Member, anyio.Semaphore] = (
             weakref.WeakKeyDictionary()
         )
@@ -167,7 +168,7 @@ class Publishing(Calls):
                     self.hub.ack(outgoing.member, outgoing.id, int(first) + offset)
 
     def _publish_args(self) -> list[str | int]:
-        """:data:`~.redis_scripts.PUBLISH`'s leading arguments: the history bounds
+        """:data:`~.scripts.PUBLISH`'s leading arguments: the history bounds
         (``ROOMCAST_HISTORY_SIZE``, ``ROOMCAST_HISTORY_BYTES``), a new room's epoch and the
         idle budgets."""
         size, budget = self.settings.history_size, self.settings.history_bytes
