@@ -16,11 +16,11 @@ moment cost a couple of commands, not a thousand round trips.
 (seq, history) only once the room's subscription is confirmed. Redis answers
 ``SUBSCRIBE`` on the subscriber's connection when it has processed it, so every message
 published after that answer reaches the subscriber; the snapshot is read after it, so
-every seq after the snapshot is received (the joining argument of :mod:`.redis`). Each
-subscription is confirmed by a reply of its own, in the order the commands went out; a
-channel unsubscribed and subscribed again before the first answers came back is ready
-only after the answer to the last ``SUBSCRIBE`` (a count per channel), never on an
-earlier one that an ``UNSUBSCRIBE`` has since undone.
+every seq after the snapshot is received (the joining argument of
+:mod:`.redis.joining`). Each subscription is confirmed by a reply of its own, in the
+order the commands went out; a channel unsubscribed and subscribed again before the
+first answers came back is ready only after the answer to the last ``SUBSCRIBE`` (a
+count per channel), never on an earlier one that an ``UNSUBSCRIBE`` has since undone.
 
 *A new connection* (the subscriber reconnected) holds nothing: :meth:`RoomChannels.restart`
 forgets what was sent and wishes every wanted channel again; joins waiting meanwhile wait

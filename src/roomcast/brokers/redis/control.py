@@ -1,0 +1,182 @@
+"""What goes to every worker outside a room's stream: the server API's requests on the
+control channel, typing, and each verified user's connection claims.
+
+*Disconnect* (the server API). A request on ``<prefix>control`` reaches every subscribed
+worker; each ends the user's local memberships (:meth:`~roomcast.hub.Hub.end_user`) and
+reports how many on the request's own list, all its queued reports in one script call
+(:data:`~.scripts.REPORT`). The requester knows from ``PUBLISH`` how many workers
+heard it and waits (``BLPOP``) up to :data:`DISCONNECT_WAIT` for their reports. A notice
+to a user (:meth:`Control.notify`) goes the same way: each worker queues it for the user's
+v2 connections and reports how many took it.
+
+*Typing* is a ``T`` event on the room's own channel, neither sequenced nor stored: each
+worker's subscriber relays it to its members in the room (:mod:`.delivery`) without
+touching the room's stream position.
+
+*Connections per user* (``ROOMCAST_MAX_CONNECTIONS_PER_USER``). Each connection of a
+verified user claims a place in the user's sorted set (claim id -> expiry) with one script
+that first drops lapsed claims and then checks the cap (:data:`~.scripts.CLAIM`).
+Claims are refreshed with presence and lapse as presence entries do, so the slots of a
+dead server's connections come back within the same bound; a closing connection removes
+its claim at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from typing import Any, Final
+
+import anyio
+import coredis
+import orjson
+
+from ... import protocol
+from ...hub import Hub, Member
+from ...protocol import CloseCode
+from ...settings import Settings
+from .. import DISCONNECTED, BrokerUnavailable, Claim
+from . import scripts
+from .calls import Calls
+from .keys import PRESENCE_TTL, _now_ms, _user_key
+
+__all__ = ["DISCONNECT_WAIT", "Control"]
+
+#: connection claims per refresh call
+REFRESH_CLAIMS: Final = 500
+#: seconds the server API's disconnect waits for the workers' reports of what they closed
+DISCONNECT_WAIT: Final = 1.0
+#: reports of closed connections a worker queues for Redis (beyond: not reported)
+REPORT_QUEUE: Final = 256
+#: milliseconds a disconnect's report list lives (its requester has stopped waiting)
+REPORT_TTL_MS: Final = 30_000
+
+
+class Control(Calls):
+    """Requests for every worker (disconnect, notify) and their reports, typing, and the
+    connection claims of verified users."""
+
+    def __init__(self, settings: Settings, hub: Hub, client: coredis.Redis[str]) -> None:
+        super().__init__(settings, hub, client)
+        self._report = client.register_script(scripts.REPORT)
+        self._claim = client.register_script(scripts.CLAIM)
+        self._refresh_claims_script = client.register_script(scripts.REFRESH_CLAIMS)
+        #: this worker's connection claims (id -> user), refreshed with presence
+        self._claims: dict[str, str] = {}
+        #: (report list, connections closed) for :meth:`disconnect` requests from any worker
+        self._reports_send, self._reports = anyio.create_memory_object_stream[tuple[str, int]](
+            REPORT_QUEUE
+        )
+
+    # -- connections per user (ROOMCAST_MAX_CONNECTIONS_PER_USER) ---------------------------
+
+    async def claim_connection(self, user: str, limit: int) -> Claim | None:
+        """One more connection of ``user``, counted in Redis across every worker and server.
+
+        A claim lives :data:`PRESENCE_TTL` and is refreshed with presence, so the claims of
+        a worker that died lapse as its members' presence does, and the user's slots come
+        back within that bound.
+        """
+        claim = Claim(user, secrets.token_urlsafe(9))
+        now = _now_ms()
+        self._claims[claim.id] = user  # refreshed from now on, even if this is cancelled
+        try:
+            added = await self._call(
+                self._claim,
+                [_user_key(user)],
+                [now, now + int(PRESENCE_TTL * 1000), limit, claim.id],
+            )
+        except BaseException:
+            del self._claims[claim.id]  # (a claim made anyway lapses unrefreshed)
+            raise
+        if not added:
+            del self._claims[claim.id]
+            return None
+        return claim
+
+    async def release_connection(self, claim: Claim) -> None:
+        if self._claims.pop(claim.id, None) is None:
+            return
+        with contextlib.suppress(BrokerUnavailable):
+            await self._call_raw(self.client.zrem(_user_key(claim.user), [claim.id]))
+
+    async def _refresh_claims(self) -> None:
+        claims = list(self._claims.items())
+        expiry = _now_ms() + int(PRESENCE_TTL * 1000)
+        for start in range(0, len(claims), REFRESH_CLAIMS):
+            chunk = claims[start : start + REFRESH_CLAIMS]
+            keys = [_user_key(user) for _, user in chunk]
+            await self._call(self._refresh_claims_script, keys, [expiry, *(id for id, _ in chunk)])
+
+    # -- the server API (SPEC §8.2) ---------------------------------------------------------
+
+    async def disconnect(self, user: str) -> int:
+        """Ask every subscribed worker to close ``user``'s connections, and add up what
+        they report within :data:`DISCONNECT_WAIT` (see the module docstring)."""
+        return await self._ask_every_worker("D", user)
+
+    async def notify(self, user: str, data: Any) -> int:
+        """Ask every subscribed worker to queue a ``notice`` for ``user``'s v2
+        connections, and add up what they report within :data:`DISCONNECT_WAIT`."""
+        request = orjson.dumps([user, protocol.encode_notice(data)]).decode()
+        return await self._ask_every_worker("N", request)
+
+    async def typing(self, member: Member) -> None:
+        """Tell the room's other v2 connections on every worker (not sequenced, not
+        stored: a ``T`` event on the room's channel, relayed by each subscriber)."""
+        encoded = protocol.encode_typing(room=member.room.name, user=member.user, name=member.name)
+        channel = self.channel_prefix + member.room.name
+        await self._call_raw(self.client.publish(channel, f"T|{member.client.id}|{encoded}"))
+
+    async def _ask_every_worker(self, kind: str, request: str) -> int:
+        """Publish ``kind|<report list>|request`` on the control channel and add up the
+        counts the workers push to the report list within :data:`DISCONNECT_WAIT`."""
+        report = f"{self.namespace}reports:{secrets.token_urlsafe(12)}"
+        workers = await self._call_raw(
+            self.client.publish(self.control_channel, f"{kind}|{report}|{request}")
+        )
+        closed = 0
+        deadline = anyio.current_time() + DISCONNECT_WAIT
+        for _ in range(int(workers)):
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:  # (BLPOP's timeout 0 would wait forever)
+                break
+            popped = await self._call_raw(self.client.blpop([report], remaining))
+            if popped is None:
+                break
+            closed += int(popped[1])
+        return closed
+
+    def _on_control(self, data: str) -> None:
+        """A request from the control channel: ``D|<report list>|<user>`` closes the
+        user's local connections, ``N|<report list>|<JSON [user, notice]>`` queues the
+        notice for its v2 connections; either queues the count for the report list."""
+        kind, _, rest = data.partition("|")
+        report, _, request = rest.partition("|")
+        if kind == "D":
+            closed = self.hub.end_user(request, CloseCode.UNAUTHORIZED, DISCONNECTED)
+        elif kind == "N":
+            user, notice = orjson.loads(request)
+            closed = self.hub.notify(user, notice)
+        else:
+            return
+        # (a full queue: the requester stops waiting without this report, and counts less)
+        with contextlib.suppress(anyio.WouldBlock):
+            self._reports_send.send_nowait((report, closed))
+
+    async def _send_reports(self) -> None:
+        """Push queued disconnect reports, everything queued in one script call."""
+        async with self._reports:
+            async for first in self._reports:
+                batch = [first]
+                while True:
+                    try:
+                        batch.append(self._reports.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                keys = [report for report, _ in batch]
+                args = [REPORT_TTL_MS, *(closed for _, closed in batch)]
+                try:
+                    await self._call(self._report, keys, args)
+                except BrokerUnavailable:
+                    continue
