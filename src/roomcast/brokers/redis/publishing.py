@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import secrets
 import weakref
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 import anyio
