@@ -110,7 +110,7 @@ def verify(
 
     A missing header is ``None``: not roomcast's. The comparison takes the same time
     however much of the signature matches, so it tells an attacker nothing."""
-    if timestamp is None or signature is None or not timestamp.isdigit():
+    if timestamp is None or signature is None or not (timestamp.isascii() and timestamp.isdigit()):
         return False
     now = time.time() if now is None else now
     if abs(now - int(timestamp)) > tolerance:
