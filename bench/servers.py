@@ -183,6 +183,16 @@ SERVERS: dict[str, Server] = {
             bounded=True,
         ),
         Server(
+            "roomcast-trio-batch-webhook",
+            (PY, "-m", "bench.webhooked", "--port", "{port}"),
+            "roomcast-trio-batch posting a message webhook to a local receiver (bench/webhooked.py)",
+            "roomcast",
+            subprotocol=BATCH,
+            roomcast_env=True,
+            idle=False,
+            bounded=True,
+        ),
+        Server(
             "outbox-trio",
             _hypercorn_trio("bench.experiments.outbox_app:application"),
             "roomcast's task-per-member design alone (bench/experiments/outbox_app.py), trio",
@@ -201,6 +211,7 @@ SERVERS: dict[str, Server] = {
 
 EXPERIMENTS = {
     "roomcast-trio-batch-hooked",
+    "roomcast-trio-batch-webhook",
     "outbox-trio",
     "websockets-broadcast-uvloop",
     "roomcast-trio-gc",

@@ -24,8 +24,9 @@ from .hooks import HookCalls, HookRunner
 from .hub import Hub
 from .identity import TokenVerifier
 from .protocol import CloseCode
-from .settings import Settings
-from .stored import StoredFeed
+from .settings import Settings, SettingsError
+from .stored import Consumer, StoredFeed
+from .webhooks import StoredDelivery, WebhookCalls, open_webhooks
 
 __all__ = ["STATE_KEY", "Runtime", "gc_threshold", "open_runtime"]
 
@@ -66,13 +67,40 @@ async def open_runtime(
     settings: Settings | None = None, hooks: HookCalls | None = None
 ) -> AsyncIterator[Runtime]:
     """Create the runtime (reading the environment if no settings are given) with the
-    application's ``hooks``, if any; on exit, end every membership with
-    :attr:`CloseCode.GOING_AWAY`.
+    application's ``hooks``, if any, or the webhooks the settings name; on exit, end every
+    membership with :attr:`CloseCode.GOING_AWAY`.
 
     :raises SettingsError: if a ``ROOMCAST_*`` variable holds an unusable value
     :raises BrokerUnavailable: if the configured Redis cannot be reached
     """
     settings = Settings.from_env() if settings is None else settings
+    async with _hook_calls(settings, hooks) as calls, _open_runtime(settings, calls) as runtime:
+        yield runtime
+
+
+@asynccontextmanager
+async def _hook_calls(
+    settings: Settings, hooks: HookCalls | None
+) -> AsyncIterator[HookCalls | None]:
+    """The application's hooks or, with ``ROOMCAST_WEBHOOK_URL``, the webhooks (their
+    HTTP client lives as long as the runtime). Not both: two sets of rules for one event
+    would need an order and a way to combine answers, and an app with Python hooks has
+    no use for HTTP ones, so the combination is refused rather than guessed at."""
+    if settings.webhook_url is None:
+        yield hooks
+        return
+    settings.check()  # (settings given in Python are not checked by from_env)
+    if hooks is not None:
+        raise SettingsError(
+            "ROOMCAST_WEBHOOK_URL: this app has Python hooks (create_app(hooks=...)); "
+            "use those or webhooks, not both"
+        )
+    async with open_webhooks(settings) as webhooks:
+        yield webhooks
+
+
+@asynccontextmanager
+async def _open_runtime(settings: Settings, hooks: HookCalls | None) -> AsyncIterator[Runtime]:
     hub = Hub(
         outbox_size=settings.outbox_size,
         history_size=settings.history_size,
@@ -89,7 +117,7 @@ async def open_runtime(
         runner = HookRunner(hooks, timeout=settings.hook_timeout, max_text=settings.max_text)
     feed = StoredFeed()
     if runner is not None and "stored" in runner.present:
-        feed.subscribe("stored hook", runner.stored)
+        feed.subscribe("stored hook", _stored_consumer(runner))
     hub.stored = feed if feed.wanted else None
     with gc_threshold(settings.gc_threshold):
         async with open_broker(settings, hub) as broker, anyio.create_task_group() as tg:
@@ -104,6 +132,15 @@ async def open_runtime(
             finally:
                 hub.close_all(CloseCode.GOING_AWAY, "server shutting down")
                 tg.cancel_scope.cancel()
+
+
+def _stored_consumer(runner: HookRunner) -> Consumer:
+    """What drains the ``stored`` hook's queue: a webhook's posts are retried until the
+    receiver takes them (a receiver restarting must not lose messages); a Python hook's
+    failure is the application's bug, logged and skipped."""
+    if isinstance(runner.calls, WebhookCalls):
+        return StoredDelivery(runner.calls, timeout=runner.timeout)
+    return runner.stored
 
 
 def _harden_hypercorn(settings: Settings) -> None:

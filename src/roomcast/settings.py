@@ -52,6 +52,25 @@ def _redis_url(raw: str) -> str:
     return raw
 
 
+def _http_url(raw: str) -> str:
+    if not raw.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return raw
+
+
+#: the hooks a webhook can be posted for (SPEC §10)
+WEBHOOK_EVENTS: frozenset[str] = frozenset({"connect", "join", "message", "stored", "leave"})
+_EVENT_NAMES = "connect, join, message, stored, leave"
+
+
+def _webhook_events(raw: str) -> frozenset[str]:
+    events = _csv(raw)
+    unknown = sorted(events - WEBHOOK_EVENTS)
+    if unknown or not events:
+        raise ValueError(f"not events: {', '.join(unknown)}; name some of {_EVENT_NAMES}")
+    return events
+
+
 def _public_key(raw: str) -> str:
     """The PEM text of the public key file ``raw`` names (checked when the verifier is
     built at startup)."""
@@ -149,6 +168,22 @@ class Settings:
             "seconds a hook may take before it fails closed (unavailable)",
         ),
     )
+    webhook_url: str | None = field(
+        default=None,
+        metadata=_env(
+            _http_url, "http(s) URL the hooks are posted to (webhooks); needs the secret"
+        ),
+    )
+    webhook_secret: str | None = field(
+        default=None,
+        metadata=_env(str, "HMAC-SHA256 key of the webhooks' roomcast-signature header"),
+    )
+    webhook_events: frozenset[str] = field(
+        default=WEBHOOK_EVENTS,
+        metadata=_env(
+            _webhook_events, "the hooks posted, comma-separated (connect,join,message,stored,leave)"
+        ),
+    )
     batch_max: int = field(
         default=64, metadata=_env(_int(1), "most events in one roomcast.batch frame")
     )
@@ -227,6 +262,7 @@ class Settings:
         if len(chosen) > 1:
             names = " and ".join(env_name(f) for f in chosen)
             raise SettingsError(f"{names}: set one way of checking tokens, not several")
+        self._check_webhooks()
         if self.jwt_public_key is not None:
             from .identity import TokenVerifier
 
@@ -234,6 +270,18 @@ class Settings:
                 TokenVerifier(public_key=self.jwt_public_key)
             except ValueError as exc:
                 raise SettingsError(f"ROOMCAST_JWT_PUBLIC_KEY: {exc}") from None
+
+    def _check_webhooks(self) -> None:
+        """The secret goes with the URL: an unsigned webhook could be forged by anyone who
+        can reach the receiver, and a secret or event list without a URL is a mistyped
+        configuration that would otherwise run without the application's rules."""
+        if self.webhook_url is not None and not self.webhook_secret:
+            raise SettingsError("ROOMCAST_WEBHOOK_SECRET: required with ROOMCAST_WEBHOOK_URL")
+        if self.webhook_url is None:
+            defaults = {f.name: f.default for f in fields(self)}
+            for name in ("webhook_secret", "webhook_events"):
+                if getattr(self, name) != defaults[name]:
+                    raise SettingsError(f"{env_name(name)}: set without ROOMCAST_WEBHOOK_URL")
 
 
 def env_name(field_name: str) -> str:
@@ -245,6 +293,11 @@ def describe() -> list[tuple[str, str, str]]:
     rows = []
     for f in fields(Settings):
         default = f.default
-        shown = "unset" if default is None or default == frozenset() else str(default)
+        if default is None or default == frozenset():
+            shown = "unset"
+        elif isinstance(default, frozenset):
+            shown = ",".join(sorted(default))
+        else:
+            shown = str(default)
         rows.append((env_name(f.name), f.metadata["help"], shown))
     return rows
