@@ -5,7 +5,8 @@ backends) and on Redis; the request rules without a server."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,11 +15,13 @@ import pytest
 
 from roomcast import Settings, create_app
 from roomcast.api import ApiError, parse_scrollback_query
+from roomcast.client import HistoryRefused, Message, open_connection, open_room
 from roomcast.multiroom import HISTORY_BURST
 from roomcast.protocol import MAX_PAGE, BadMessage, HistoryRequest, parse_command
 from roomcast.testing import TestClient, TestWebSocket, open_test_client
 
 from redis_server import RedisServer
+from servers import ServerProcess, spawn_server
 
 KEY = "scrollback-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -198,3 +201,43 @@ async def test_history_of_a_room_not_granted_is_forbidden_and_pages_have_a_budge
     # the refused one counted too: pages asked for, answered or not, spend the budget
     assert kinds[: HISTORY_BURST - 1] == ["history"] * (HISTORY_BURST - 1)
     assert "rate_limited" in kinds
+
+
+# -- the Python library: Room.history over a real server -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_server() -> Iterator[ServerProcess]:
+    env = {"ROOMCAST_RATE_LIMIT": "0", "ROOMCAST_HISTORY_SIZE": "1000"}
+    with spawn_server(env=env) as server:
+        yield server
+
+
+@pytest.mark.anyio
+async def test_the_librarys_room_history_pages_back_to_seq_1(chat_server: ServerProcess) -> None:
+    url, room = f"ws://127.0.0.1:{chat_server.port}", f"lib-{uuid.uuid4().hex[:10]}"
+    with anyio.fail_after(60):
+        async with open_connection(url, name="writer") as writer:
+            joined = await writer.join(room)
+            for n in range(1, 131):
+                await joined.send(f"t{n}")
+        async with open_connection(url, name="reader") as reader:
+            lobby = await reader.join(room)  # no since: nothing replayed, the past is paged
+            pages = [await lobby.history()]
+            while pages[-1].more:
+                pages.append(await lobby.history(before=pages[-1].messages[0].seq, limit=60))
+            newest_two = await lobby.history(limit=2)
+            with pytest.raises(HistoryRefused) as refused:
+                await lobby.history(before=0)
+        async with open_room(url, room) as v1:
+            with pytest.raises(HistoryRefused) as unsupported:
+                await v1.history()
+    assert [len(page.messages) for page in pages] == [50, 60, 20]
+    assert [page.more for page in pages] == [True, True, False]
+    messages = [message for page in reversed(pages) for message in page.messages]
+    assert [m.seq for m in messages] == list(range(1, 131))
+    assert [m.text for m in messages] == [f"t{n}" for n in range(1, 131)]
+    assert all(isinstance(m, Message) and m.room == room and m.raw for m in messages)
+    assert {page.epoch for page in pages} == {lobby.epoch}
+    assert [m.seq for m in newest_two.messages] == [129, 130]
+    assert (refused.value.code, unsupported.value.code) == ("bad_request", "unsupported")
