@@ -5,12 +5,17 @@ backends) and on Redis; the request rules without a server."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from roomcast import Settings, create_app
@@ -208,7 +213,7 @@ async def test_history_of_a_room_not_granted_is_forbidden_and_pages_have_a_budge
 
 @pytest.fixture(scope="module")
 def chat_server() -> Iterator[ServerProcess]:
-    env = {"ROOMCAST_RATE_LIMIT": "0", "ROOMCAST_HISTORY_SIZE": "1000"}
+    env = {"ROOMCAST_RATE_LIMIT": "0", "ROOMCAST_HISTORY_SIZE": "1000", "ROOMCAST_API_KEY": KEY}
     with spawn_server(env=env) as server:
         yield server
 
@@ -241,3 +246,38 @@ async def test_the_librarys_room_history_pages_back_to_seq_1(chat_server: Server
     assert {page.epoch for page in pages} == {lobby.epoch}
     assert [m.seq for m in newest_two.messages] == [129, 130]
     assert (refused.value.code, unsupported.value.code) == ("bad_request", "unsupported")
+
+
+# -- roomcast history --before ------------------------------------------------------------------
+
+
+def roomcast_history(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "roomcast", "history", server.http_url(), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "ROOMCAST_API_KEY": KEY},
+    )
+
+
+def test_the_history_command_pages_back_with_before(chat_server: ServerProcess) -> None:
+    room = f"cli-{uuid.uuid4().hex[:10]}"
+    with httpx.Client(base_url=chat_server.http_url(), headers=AUTH, timeout=10) as http:
+        for n in range(1, 121):
+            http.post(f"/api/rooms/{room}/messages", json={"text": f"c{n}"}).raise_for_status()
+    newest = roomcast_history(chat_server, "--room", room, "--before")
+    middle = roomcast_history(chat_server, "--room", room, "--before", "71", "--limit", "60")
+    oldest = roomcast_history(chat_server, "--room", room, "--before", "11")
+    both = roomcast_history(chat_server, "--room", room, "--before", "5", "--since", "1")
+    pages = []
+    for result in (newest, middle, oldest):
+        assert result.returncode == 0, result.stderr
+        pages.append([json.loads(line)["seq"] for line in result.stdout.splitlines()])
+    assert pages == [list(range(71, 121)), list(range(11, 71)), list(range(1, 11))]
+    assert [r.stderr for r in (newest, middle, oldest)] == [
+        "more: --before 71\n",
+        "more: --before 11\n",
+        "the beginning of the room's history\n",
+    ]
+    assert both.returncode == 2 and "not both" in both.stderr
