@@ -123,6 +123,7 @@ EVENTS = [
     ),
     protocol.encode_ack(id="i", seq=1),
     protocol.encode_error(ErrorCode.HISTORY_GAP, "m", id="i", epoch="e", since=0, first=1),
+    protocol.encode_history(room="r", epoch="e", before=2, messages=[], more=False, id="i"),
 ]
 
 

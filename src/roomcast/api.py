@@ -11,11 +11,18 @@ kept in its history and reaches every member.
     POST /api/rooms/{room}/messages   {"text", "from"?, "id"?}  -> {"seq"}
     GET  /api/rooms/{room}/history?since=S&limit=N             -> {"room", "epoch", "seq",
                                                                     "first", "messages"}
+    GET  /api/rooms/{room}/history?before=S&limit=N            -> {"room", "epoch", "before",
+                                                                    "more", "messages"}
     GET  /api/rooms/{room}/presence                             -> {"room", "count", "members":
                                                                     [{"user", "name"}]}
     GET  /api/rooms                                             -> {"rooms": [{"name", "count"}]}
     POST /api/users/{user}/disconnect                           -> {"closed"}
     POST /api/users/{user}/notify     {"data"}                  -> {"delivered"}
+
+*History* has two directions: ``since`` reads forwards from a seq (what a backend filling a
+gap wants), ``before`` pages backwards from one (scrollback, :mod:`.scrollback`: ``limit``
+at most 200, messages in seq order, ``more`` while earlier ones exist; a ``before`` past
+the room's latest seq gives the newest page).
 
 *Presence* lists people: each verified user once however many tabs it has open (with the
 name one of them shows), each anonymous connection with ``"user": null``; ``count`` counts them.
@@ -56,11 +63,20 @@ from .admission import Headers, header
 from .asgi import BodyTooLarge, Receive, Scope, Send, read_body, respond
 from .brokers import BrokerUnavailable
 from .names import BadName, normalize_name
+from .scrollback import scrollback
 
 if TYPE_CHECKING:
     from .runtime import Runtime
 
-__all__ = ["ApiError", "Publish", "handle", "parse_history_query", "parse_publish", "parse_user"]
+__all__ = [
+    "ApiError",
+    "Publish",
+    "handle",
+    "parse_history_query",
+    "parse_publish",
+    "parse_scrollback_query",
+    "parse_user",
+]
 
 PREFIX: Final = "/api/"
 #: largest request body accepted: a message at ROOMCAST_MAX_TEXT of 4-byte characters fits
@@ -138,6 +154,28 @@ def parse_history_query(query_string: bytes) -> tuple[int, int]:
     if not (_digits(limit) and len(limit) <= 4 and 1 <= int(limit) <= MAX_LIMIT):
         raise ApiError(400, "bad_request", f"limit must be an integer from 1 to {MAX_LIMIT}")
     return int(since), int(limit)
+
+
+def parse_scrollback_query(query_string: bytes) -> tuple[int, int] | None:
+    """``(before, limit)`` from ``?before=S&limit=N`` (``limit`` defaults to
+    :data:`~.protocol.DEFAULT_PAGE`), or ``None`` for a query without ``before`` (a
+    ``since`` one).
+
+    :raises ApiError: 400 unless ``before`` is a positive integer, ``1 <= limit <=
+        MAX_PAGE``, and ``since`` is not given too
+    """
+    params = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
+    if "before" not in params:
+        return None
+    if "since" in params:
+        raise ApiError(400, "bad_request", "give since (forwards) or before (backwards), not both")
+    before, limit = params["before"], params.get("limit", str(protocol.DEFAULT_PAGE))
+    if not (_digits(before) and len(before) <= 18 and int(before) >= 1):
+        raise ApiError(400, "bad_request", "before must be a positive integer (a seq)")
+    if not (_digits(limit) and len(limit) <= 4 and 1 <= int(limit) <= protocol.MAX_PAGE):
+        message = f"limit must be an integer from 1 to {protocol.MAX_PAGE} with before"
+        raise ApiError(400, "bad_request", message)
+    return int(before), int(limit)
 
 
 def _digits(text: str) -> bool:
@@ -227,7 +265,11 @@ async def _route(
         return 200, {"seq": await broker.post(room, publish.message, publish.sender)}
     _allow(method, "GET")
     if what == "history":
-        since, limit = parse_history_query(scope.get("query_string", b""))
+        query = scope.get("query_string", b"")
+        backwards = parse_scrollback_query(query)
+        if backwards is not None:
+            return 200, await _scrollback_page(runtime, room, *backwards)
+        since, limit = parse_history_query(query)
         history = await broker.history(room, since, limit)
         head = orjson.dumps(
             {"room": room, "epoch": history.epoch, "seq": history.seq, "first": history.first}
@@ -237,6 +279,13 @@ async def _route(
     people = await broker.presence(room)
     members = [{"user": person.user, "name": person.name} for person in people]
     return 200, {"room": room, "count": len(members), "members": members}
+
+
+async def _scrollback_page(runtime: Runtime, room: str, before: int, limit: int) -> bytes:
+    page = await scrollback(runtime, room, before, limit)
+    head = orjson.dumps({"room": room, "epoch": page.epoch, "before": before, "more": page.more})
+    # the events are already JSON: splice them in rather than re-encode them
+    return head[:-1] + b',"messages":[' + ",".join(page.messages).encode() + b"]}"
 
 
 async def _body(receive: Receive) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from functools import partial
 from typing import Final
 from urllib.parse import parse_qsl
 
@@ -50,6 +51,7 @@ from .identity import Identity, TokenRejected
 from .multiroom import serve_rooms
 from .protocol import BadQuery, CloseCode, ErrorCode
 from .runtime import STATE_KEY, Runtime, open_runtime
+from .scrollback import scrollback
 from .settings import Settings
 
 __all__ = ["RoomcastApp", "app", "create_app"]
@@ -292,6 +294,7 @@ async def _rooms(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> 
         batch=batch,
         credentials=credentials,
         hooks=runtime.hooks,
+        pages=partial(scrollback, runtime),
     )
 
 

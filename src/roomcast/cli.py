@@ -5,7 +5,7 @@
     roomcast [serve options]                 the server (roomcast --help)
     roomcast chat URL ...                    the terminal client
     roomcast publish URL --room R TEXT       publish through the server API
-    roomcast history URL --room R            a room's retained messages, as JSON lines
+    roomcast history URL --room R [--before [S]]  a room's messages, as JSON lines (paging back)
     roomcast token --sub U [--rooms P]       mint a signed token (ROOMCAST_JWT_SECRET)
 """
 

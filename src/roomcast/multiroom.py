@@ -4,7 +4,7 @@
 
     serve_rooms
     └── task group
-        ├── receive loop   (commands: join, leave, message, typing, refresh), within
+        ├── receive loop   (commands: join, leave, message, typing, history, refresh), within
         │                  the token's expiry scope when tokens are signed
         └── sender task    (the connection's one outbox -> WebSocket frames; then the close)
 
@@ -19,7 +19,9 @@ expired token 4001, shutdown 1001) close the connection.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
+from typing import Final
 
 import anyio
 
@@ -41,13 +43,44 @@ from .connection import (
 from .hooks import HOOK_UNAVAILABLE, HookFailed, HookRunner, JoinRequest, Refuse
 from .hub import Client, Member, NameTaken, RoomFull
 from .identity import TokenRejected
-from .protocol import BadMessage, CloseCode, ErrorCode, Join, Leave, Refresh, RoomMessage, Typing
+from .protocol import (
+    BadMessage,
+    CloseCode,
+    ErrorCode,
+    HistoryRequest,
+    Join,
+    Leave,
+    Refresh,
+    RoomMessage,
+    Typing,
+)
+from .scrollback import Page
 from .settings import Settings
 
-__all__ = ["TYPING_INTERVAL", "serve_rooms"]
+__all__ = [
+    "HISTORY_BURST",
+    "HISTORY_RATE",
+    "MAX_QUEUED_FOR_HISTORY",
+    "TYPING_INTERVAL",
+    "PageSource",
+    "serve_rooms",
+]
 
 #: a member's typing events in one room are relayed at most once per this many seconds
 TYPING_INTERVAL = 1.0
+#: ``history`` pages a connection may ask for per second (and in a burst): a budget of its
+#: own, apart from chat messages, so that scrolling never costs a message its slot and a
+#: client cannot make the server read its history (or archive) as fast as it can send
+HISTORY_RATE: Final = 2.0
+HISTORY_BURST: Final = 10
+#: a ``history`` request is refused while more events than this wait in the connection's
+#: outbox: a client that asks for pages without reading them holds at most a few
+MAX_QUEUED_FOR_HISTORY: Final = 8
+HISTORY_BACKLOG_NOTICE: Final = "read what was sent before asking for more history"
+
+#: where a ``history`` command's page comes from: ``(room, before, limit)`` -> page
+#: (:func:`~roomcast.scrollback.scrollback` with the app's runtime)
+PageSource = Callable[[str, int | None, int], Awaitable[Page]]
 
 
 class Session:
@@ -61,9 +94,11 @@ class Session:
         settings: Settings,
         name: str | None,
         credentials: Credentials | None,
-        hooks: HookRunner | None = None,
+        hooks: HookRunner | None,
+        pages: PageSource,
     ) -> None:
         self.broker = broker
+        self.pages = pages
         self.hooks = hooks
         self.hub = broker.hub
         self.client = client
@@ -74,6 +109,7 @@ class Session:
         rate = settings.rate_limit
         self.messages = TokenBucket(rate, 2 * rate, now) if rate else None
         self.refreshes = TokenBucket(REFRESH_RATE, 3 * REFRESH_RATE, now)
+        self.pages_asked = TokenBucket(HISTORY_RATE, HISTORY_BURST, now)
         #: when each room's last typing event was relayed
         self.typed: dict[str, float] = {}
 
@@ -134,7 +170,7 @@ class Session:
         except BrokerUnavailable:
             self.refuse(ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, room=room)
 
-    async def _hook_allows(self, room: str) -> bool:
+    async def _hook_allows(self, room: str, *, id: str | None = None) -> bool:
         """The ``join`` hook's word: a refusal is ``forbidden`` with its reason, a hook
         that failed ``unavailable``; either way the connection stays."""
         hooks = self.hooks
@@ -143,11 +179,11 @@ class Session:
         try:
             refusal = await hooks.join(JoinRequest(self.client.user, self.name, room))
         except HookFailed:
-            self.refuse(ErrorCode.UNAVAILABLE, HOOK_UNAVAILABLE, room=room)
+            self.refuse(ErrorCode.UNAVAILABLE, HOOK_UNAVAILABLE, room=room, id=id)
             return False
         if refusal is not None:
             reason = refusal.reason or f"not allowed in #{room}"
-            self.refuse(ErrorCode.FORBIDDEN, reason, room=room)
+            self.refuse(ErrorCode.FORBIDDEN, reason, room=room, id=id)
             return False
         return True
 
@@ -204,6 +240,43 @@ class Session:
         with contextlib.suppress(BrokerUnavailable):  # advisory: not worth an error
             await self.broker.typing(member)
 
+    async def history(self, command: HistoryRequest) -> None:
+        """A scrollback page, to this connection only. Reading a room is allowed to whoever
+        may join it: a member, or a connection the room's grant (and the ``join`` hook)
+        would let in; being a member is not required, so a client can show a room's past
+        before (or without) announcing itself there. Refusals carry the request's ``id``."""
+        room, id = command.room, command.id
+        if not self.pages_asked.take(anyio.current_time()):
+            self.refuse(ErrorCode.RATE_LIMITED, RATE_NOTICE, room=room, id=id)
+            return
+        if self.client.queued > MAX_QUEUED_FOR_HISTORY:
+            self.refuse(ErrorCode.RATE_LIMITED, HISTORY_BACKLOG_NOTICE, room=room, id=id)
+            return
+        if room not in self.client.members and not await self._may_read(room, id):
+            return
+        try:
+            page = await self.pages(room, command.before, command.limit)
+        except BrokerUnavailable:
+            self.refuse(ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, room=room, id=id)
+            return
+        encoded = protocol.encode_history(
+            room=room,
+            epoch=page.epoch,
+            before=command.before,
+            messages=page.messages,
+            more=page.more,
+            id=id,
+        )
+        self.hub.send_to_client(self.client, encoded)
+
+    async def _may_read(self, room: str, id: str | None) -> bool:
+        """Whether a connection that is not in ``room`` may read it: what it may join."""
+        refusal = self._refusal(room)
+        if refusal is not None:
+            self.refuse(ErrorCode.FORBIDDEN, refusal, room=room, id=id)
+            return False
+        return await self._hook_allows(room, id=id)
+
     async def refresh(self, command: Refresh) -> None:
         """A new token for the whole connection (as v1's refresh): the same user moves the
         deadline and brings its ``name`` (to every room) and ``rooms`` (a room no longer
@@ -250,14 +323,16 @@ async def serve_rooms(
     *,
     name: str | None,
     batch: bool,
+    pages: PageSource,
     credentials: Credentials | None = None,
     hooks: HookRunner | None = None,
 ) -> None:
     """Run a ``/ws`` connection until either side ends it (or its token expires); it has
-    left every room when this returns (or raises), and the ``leave`` hook has been told."""
+    left every room when this returns (or raises), and the ``leave`` hook has been told.
+    ``history`` commands are answered from ``pages``."""
     user = None if credentials is None else credentials.identity.user
     client = broker.hub.open_client(user, single_room=False)
-    session = Session(broker, client, settings, name, credentials, hooks)
+    session = Session(broker, client, settings, name, credentials, hooks, pages)
     expiry = credentials.expiry if credentials is not None else nullcontext()
     try:
         async with anyio.create_task_group() as tg:
@@ -320,6 +395,8 @@ async def _receive_commands(ws: WebSocket, session: Session) -> bool:
             await session.join(command)
         elif isinstance(command, Leave):
             await session.leave(command)
+        elif isinstance(command, HistoryRequest):
+            await session.history(command)
         elif isinstance(command, Refresh):
             await session.refresh(command)
     return False

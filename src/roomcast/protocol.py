@@ -27,6 +27,7 @@ __all__ = [
     "CloseCode",
     "Command",
     "ErrorCode",
+    "HistoryRequest",
     "Join",
     "Leave",
     "ProtocolError",
@@ -36,6 +37,7 @@ __all__ = [
     "dm_users",
     "encode_ack",
     "encode_error",
+    "encode_history",
     "encode_left",
     "encode_message",
     "encode_message_parts",
@@ -54,6 +56,11 @@ BATCH_SUBPROTOCOL: Final = "roomcast.batch"
 DEFAULT_ROOM: Final = "general"
 MAX_ID_LENGTH: Final = 64
 MAX_WELCOME_MEMBERS: Final = 100
+#: messages in one scrollback page (SPEC §11): at most, and when the client does not say
+MAX_PAGE: Final = 200
+DEFAULT_PAGE: Final = 50
+#: the largest ``seq`` a client may name (``since``, ``before``): 18 digits
+MAX_SEQ: Final = 10**18
 #: names listed per direction (joined, left) in one presence notice; the rest are counted
 MAX_PRESENCE_NAMES: Final = 10
 
@@ -308,9 +315,21 @@ class Typing:
     room: str
 
 
-Command = Join | Leave | RoomMessage | Typing | Refresh
+@dataclass(frozen=True, slots=True)
+class HistoryRequest:
+    """``{"type": "history", "room", "before"?, "limit"?, "id"?}``: a page of the room's
+    messages before seq ``before`` (the newest when ``None``), answered with one
+    ``history`` event to this connection only (``id`` echoed, to match the answer)."""
 
-_V2_TYPES = "join, leave, message, typing or refresh"
+    room: str
+    before: int | None = None
+    limit: int = DEFAULT_PAGE
+    id: str | None = None
+
+
+Command = Join | Leave | RoomMessage | Typing | Refresh | HistoryRequest
+
+_V2_TYPES = "join, leave, message, typing, history or refresh"
 
 
 def parse_command(frame: str, *, max_text: int) -> Command | None:
@@ -329,7 +348,7 @@ def parse_command(frame: str, *, max_text: int) -> Command | None:
         raise BadMessage(ErrorCode.UNKNOWN_TYPE, f"send JSON objects with a type: {_V2_TYPES}")
     if kind == "refresh":
         return _command(kind, data)
-    if kind not in ("join", "leave", "message", "typing"):
+    if kind not in ("join", "leave", "message", "typing", "history"):
         raise BadMessage(
             ErrorCode.UNKNOWN_TYPE, f"unknown command type {kind[:40]!r}; expected {_V2_TYPES}"
         )
@@ -346,6 +365,8 @@ def parse_command(frame: str, *, max_text: int) -> Command | None:
         return Leave(room)
     if kind == "typing":
         return Typing(room)
+    if kind == "history":
+        return _history(room, data)
     text = data.get("text")
     if not isinstance(text, str):
         raise BadMessage(ErrorCode.BAD_REQUEST, "a message needs a string text", room=room)
@@ -366,6 +387,27 @@ def _join(room: str, data: dict[str, Any]) -> Join:
             ErrorCode.BAD_REQUEST, "epoch must be 1-64 characters of A-Z a-z 0-9 _ - .", room=room
         )
     return Join(room, since, epoch)
+
+
+def _history(room: str, data: dict[str, Any]) -> HistoryRequest:
+    before, limit, id = data.get("before"), data.get("limit", DEFAULT_PAGE), data.get("id")
+    if id is not None and not (isinstance(id, str) and len(id) <= MAX_ID_LENGTH):
+        message = f"id must be a string of at most {MAX_ID_LENGTH} characters"
+        raise BadMessage(ErrorCode.BAD_ID, message, room=room)
+    if before is not None and not (_whole(before) and 1 <= before < MAX_SEQ):
+        raise BadMessage(
+            ErrorCode.BAD_REQUEST, "before must be a positive integer (a seq)", id, room=room
+        )
+    if not (_whole(limit) and 1 <= limit <= MAX_PAGE):
+        raise BadMessage(
+            ErrorCode.BAD_REQUEST, f"limit must be an integer from 1 to {MAX_PAGE}", id, room=room
+        )
+    return HistoryRequest(room, before, limit, id)
+
+
+def _whole(value: object) -> bool:
+    """An integer, not a bool (JSON ``true`` must not read as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _loads_object(frame: str) -> dict[str, Any] | None:
@@ -528,6 +570,25 @@ def encode_typing(*, room: str, user: str | None, name: str | None) -> str:
 def encode_notice(data: Any) -> str:
     """v2: the application's message to one user (``POST /api/users/{user}/notify``)."""
     return _dumps({"type": "notice", "data": data})
+
+
+def encode_history(
+    *,
+    room: str,
+    epoch: str | None,
+    before: int | None,
+    messages: list[str],
+    more: bool,
+    id: str | None = None,
+) -> str:
+    """v2: a scrollback page (SPEC §11): ``messages`` are encoded ``message`` events in seq
+    order, spliced in as they are rather than decoded and encoded again; ``more`` says
+    whether earlier ones exist; ``before`` and ``id`` are the request's, to match it."""
+    head = {"type": "history", "room": room, "epoch": epoch, "before": before}
+    if id is not None:
+        head["id"] = id
+    more_json = "true" if more else "false"
+    return f'{_dumps(head)[:-1]},"more":{more_json},"messages":[{",".join(messages)}]}}'
 
 
 def encode_error(

@@ -13,13 +13,15 @@ from typing import Final
 import anyio
 import httpx
 
-from .client.api import ApiRefused, open_server_api
+from .client.api import ApiRefused, ServerAPI, open_server_api
 
 __all__ = ["history_main", "publish_main"]
 
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1
 EXIT_USAGE: Final = 2
+#: ``--before`` given alone: past any room's latest seq, so the newest page
+NEWEST: Final = 10**18 - 1
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -51,18 +53,44 @@ def publish_main(argv: list[str]) -> int:
 
 
 def history_main(argv: list[str]) -> int:
-    """``roomcast history URL --room R``: prints retained messages as JSON lines."""
-    parser = _parser("roomcast history", "Print a room's retained messages, one JSON per line.")
-    parser.add_argument("--since", type=int, default=0, help="only messages after this seq")
-    parser.add_argument("--limit", type=int, default=100, help="at most this many (<= 1000)")
+    """``roomcast history URL --room R``: prints messages as JSON lines, oldest first: after
+    ``--since`` (forwards), or the page before ``--before`` (backwards; ``--before`` alone:
+    the newest page), telling on stderr the ``--before`` of the page before it."""
+    parser = _parser("roomcast history", "Print a room's messages, one JSON per line.")
+    parser.add_argument("--since", type=int, help="messages after this seq (default: 0)")
+    parser.add_argument(
+        "--before",
+        type=int,
+        nargs="?",
+        const=NEWEST,
+        help="page backwards: the messages before this seq (alone: the newest)",
+    )
+    parser.add_argument(
+        "--limit", type=int, help="at most this many (default 100, <= 1000; --before: 50, <= 200)"
+    )
     args = parser.parse_args(argv)
+    if args.since is not None and args.before is not None:
+        parser.error("give --since (forwards) or --before (backwards), not both")
 
     async def history() -> str:
         async with open_server_api(args.url, args.key) as api:
-            page = await api.history(args.room, since=args.since, limit=args.limit)
+            if args.before is not None:
+                return await _page_before(api, args.room, args.before, args.limit or 50)
+            page = await api.history(args.room, since=args.since or 0, limit=args.limit or 100)
         return "\n".join(message.raw for message in page.messages)  # as the API sent them
 
     return _run(parser, args.key, history)
+
+
+async def _page_before(api: ServerAPI, room: str, before: int, limit: int) -> str:
+    """One page backwards as JSON lines; where the page before it starts goes to stderr
+    (stdout stays JSON lines), or that this is the room's beginning."""
+    page = await api.scrollback(room, before=before, limit=limit)
+    if page.more:
+        print(f"more: --before {page.messages[0].seq}", file=sys.stderr)
+    else:
+        print("the beginning of the room's history", file=sys.stderr)
+    return "\n".join(message.raw for message in page.messages)
 
 
 def _run(

@@ -6,6 +6,7 @@ background job, read history, presence and rooms, disconnect a user.
     async with open_server_api("http://127.0.0.1:8000", key) as api:
         seq = await api.publish("lobby", "deploy finished", sender="ci")
         page = await api.history("lobby", since=seq - 10)
+        earlier = await api.scrollback("lobby", before=page.messages[0].seq)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import httpx
 import orjson
 
-from .events import Message, parse_event
+from .events import Message, Scrollback, parse_event
 
 __all__ = ["ApiRefused", "HistoryPage", "ServerAPI", "open_server_api"]
 
@@ -76,6 +77,17 @@ class ServerAPI:
             if isinstance(event := parse_event(raw, orjson.dumps(raw).decode()), Message)
         ]
         return HistoryPage(data["room"], data["epoch"], data["seq"], data["first"], messages)
+
+    async def scrollback(self, room: str, *, before: int, limit: int = 50) -> Scrollback:
+        """Up to ``limit`` (1-200) messages before seq ``before``, in seq order (a
+        ``before`` past the room's latest seq gives the newest); ``more`` says whether
+        earlier ones exist: page on with ``before=page.messages[0].seq``."""
+        params = {"before": before, "limit": limit}
+        data = await self._request("GET", f"rooms/{quote(room)}/history", params=params)
+        page = parse_event({"type": "history", **data}, orjson.dumps(data).decode())
+        if not isinstance(page, Scrollback):
+            raise ApiRefused(200, "bad_response", f"not a page of history: {data!r:.200}")
+        return page
 
     async def presence(self, room: str) -> list[dict[str, str | None]]:
         """The room's members: ``{"user", "name"}`` each."""

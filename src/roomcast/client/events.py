@@ -7,8 +7,10 @@ a new field) costs an :class:`Unknown` event, not a crashed client.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import orjson
 
 __all__ = [
     "Ack",
@@ -20,6 +22,7 @@ __all__ = [
     "Notice",
     "Presence",
     "Reconnecting",
+    "Scrollback",
     "Typing",
     "Unknown",
     "Welcome",
@@ -176,6 +179,25 @@ class Notice:
 
 
 @dataclass(frozen=True, slots=True)
+class Scrollback:
+    """v2: a page of ``room``'s past (SPEC §11), what :meth:`Room.history` returns:
+    ``messages`` in seq order, all before the ``before`` asked for (the newest when it was
+    ``None``); ``more`` says whether earlier ones exist (ask again with ``before`` the
+    first one's seq); ``epoch`` is the run of the room's sequence their seqs belong to.
+    The answer to a request, consumed by the library (as :class:`Ack`): never read from a
+    room's events."""
+
+    room: str
+    epoch: str | None
+    before: int | None
+    messages: tuple[Message, ...]
+    more: bool
+    id: str | None = None
+    #: the event as the server sent it (one JSON object)
+    raw: str = field(default="", repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Unknown:
     """A server event this library does not know; ``raw`` is all of it."""
 
@@ -192,6 +214,7 @@ Event = (
     | Left
     | Typing
     | Notice
+    | Scrollback
     | Unknown
 )
 
@@ -272,7 +295,32 @@ def _parse_v2(kind: Any, raw: dict[str, Any], line: str) -> Event:
         )
     if kind == "notice":
         return Notice(data=raw.get("data"), raw=line)
+    if kind == "history":
+        return _scrollback(raw, line)
     return Unknown(raw)
+
+
+def _scrollback(raw: dict[str, Any], line: str) -> Scrollback:
+    messages = []
+    for event in raw["messages"]:
+        message = _parse(event, "") if isinstance(event, dict) else None
+        if not isinstance(message, Message):
+            raise TypeError(f"expected message events, got {event!r}")
+        # each keeps its own JSON in ``raw``, as a message read from a room does
+        messages.append(replace(message, raw=orjson.dumps(event).decode()))
+    before = raw.get("before")
+    more = raw["more"]
+    if not isinstance(more, bool):
+        raise TypeError(f"expected a bool, got {more!r}")
+    return Scrollback(
+        room=_str(raw["room"]),
+        epoch=_optional_str(raw.get("epoch")),
+        before=None if before is None else _int(before),
+        messages=tuple(messages),
+        more=more,
+        id=_optional_str(raw.get("id")),
+        raw=line,
+    )
 
 
 def _presence(raw: dict[str, Any], line: str) -> Presence:

@@ -9,7 +9,8 @@
                                sequenced)
 
 The caller's side is :meth:`Room.send` (returns the message's ``seq`` once the server
-accepted it) and ``async for event in room``. Both work on trio and asyncio (anyio), over
+accepted it), ``async for event in room``, and :meth:`Room.history` (a page of the room's
+past, over a ``/ws`` connection). Both work on trio and asyncio (anyio), over
 httpx-ws.
 
 Exactly once, across reconnections: every message carries an ``id`` of this room's own.
@@ -54,12 +55,15 @@ from .events import (
     HistoryGap,
     Message,
     Reconnecting,
+    Scrollback,
     Welcome,
     parse_event,
 )
 from .inbox import Inbox, StreamInbox
 
 __all__ = [
+    "DEFAULT_PAGE",
+    "HistoryRefused",
     "MessageRefused",
     "Room",
     "RoomClosed",
@@ -86,6 +90,8 @@ CONNECT_TIMEOUT: Final = 10.0
 REFRESH_AT: Final = 0.8
 #: a drop this long after the welcome starts the backoff over
 STABLE_AFTER: Final = 10.0
+#: messages in a :meth:`Room.history` page unless the caller says (the server allows 200)
+DEFAULT_PAGE: Final = 50
 
 
 class RoomClosed(Exception):
@@ -114,6 +120,33 @@ class MessageRefused(Exception):
         self.message = message
         #: the server's ``error`` event as it sent it (one JSON object)
         self.raw = raw
+
+
+class HistoryRefused(Exception):
+    """The server refused a :meth:`Room.history` request (``code``: ``rate_limited``,
+    ``forbidden``, ``bad_request``, ``unavailable``; ``unsupported`` for a room of
+    :func:`open_room`, whose protocol has no scrollback)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(eq=False)
+class _PageRequest:
+    """A :meth:`Room.history` request: its frame (sent again on the next connection if
+    this one drops before the answer), and the answer."""
+
+    frame: str
+    done: anyio.Event = field(default_factory=anyio.Event)
+    page: Scrollback | None = None
+    error: Exception | None = None
+
+    def settle(self, page: Scrollback | None = None, error: Exception | None = None) -> None:
+        if not self.done.is_set():
+            self.page, self.error = page, error
+            self.done.set()
 
 
 @dataclass(eq=False)
@@ -182,6 +215,7 @@ class Room:
         self._inbox: Inbox = inbox if inbox is not None else StreamInbox(buffer)
         self._v2 = inbox is not None
         self._pending: dict[str, _Pending] = {}
+        self._pages: dict[str, _PageRequest] = {}
         self._prefix = secrets.token_hex(4)
         self._ids = itertools.count(1)
         self._link: Link | None = None
@@ -232,6 +266,46 @@ class Room:
             raise pending.error
         assert pending.seq is not None
         return pending.seq
+
+    async def history(self, *, before: int | None = None, limit: int = DEFAULT_PAGE) -> Scrollback:
+        """A page of the room's past: up to ``limit`` (1-200) messages before seq
+        ``before`` (the newest when ``None``), in seq order, with ``more`` telling whether
+        earlier ones exist; page on with ``before=page.messages[0].seq``. The page comes
+        to this call only (the room's events are untouched, so a message can be both in a
+        page and read live: tell them apart by ``seq``). While the room is reconnecting
+        the request waits, and it is asked again if a drop cuts it short.
+
+        Needs a room of :func:`~roomcast.client.open_connection` (protocol v2): the
+        one-room protocol of :func:`open_room` has no such command (the server API's
+        ``before=`` serves a backend: :mod:`roomcast.client.api`).
+
+        :raises HistoryRefused: if the server refused (rate limit: at most 2 pages a
+            second, 10 at once; a room not granted; a bad ``before``/``limit``), or for
+            a room of :func:`open_room`
+        :raises RoomClosed: if the room was closed for good first
+        """
+        if self._closed is not None:
+            raise self._closed
+        if not self._v2:
+            raise HistoryRefused(
+                "unsupported",
+                "scrollback needs a /ws connection: join the room with open_connection",
+            )
+        id = f"{self._prefix}-page{next(self._ids)}"
+        frame: dict[str, Any] = {"type": "history", "room": self.name, "limit": limit, "id": id}
+        if before is not None:
+            frame["before"] = before
+        request = self._pages[id] = _PageRequest(orjson.dumps(frame).decode())
+        try:
+            if self._link is not None and self._connected.is_set():
+                await self._link(request.frame)
+            await request.done.wait()
+        finally:
+            del self._pages[id]
+        if request.error is not None:
+            raise request.error
+        assert request.page is not None
+        return request.page
 
     def __aiter__(self) -> Room:
         return self
@@ -336,6 +410,13 @@ class Room:
         if isinstance(event, Ack):
             self._settle(event.id, seq=event.seq)
             return False
+        if isinstance(event, Scrollback):
+            if (request := self._pages.get(event.id or "")) is not None:
+                request.settle(page=event)
+            return False
+        if isinstance(event, Error) and (request := self._pages.get(event.id or "")) is not None:
+            request.settle(error=HistoryRefused(event.code, event.message))
+            return False
         if isinstance(event, Welcome):
             self._welcome(event)
         elif isinstance(event, HistoryGap):
@@ -389,6 +470,9 @@ class Room:
         for id, pending in list(self._pending.items()):
             if not pending.done.is_set():
                 await self._transmit(link, id, pending)
+        for request in list(self._pages.values()):  # cut short by the drop: ask again
+            if not request.done.is_set():
+                await link(request.frame)
 
     async def _transmit(self, link: Link, id: str, pending: _Pending) -> None:
         frame = {"text": pending.text, "id": id}
@@ -405,6 +489,8 @@ class Room:
         self._closed = closed
         for pending in self._pending.values():
             pending.settle(error=closed)
+        for request in self._pages.values():
+            request.settle(error=closed)
         self._inbox.close()
         self._ended.set()
 

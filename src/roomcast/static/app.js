@@ -3,8 +3,12 @@
 // Protocol v2 (SPEC.md §9): ONE WebSocket to <prefix>/ws?name=[&token=], offering the
 // "roomcast.batch" subprotocol (one or more newline-separated JSON events per frame when
 // the server agrees, one event per frame otherwise). The page joins rooms over it with
-// {"type":"join","room":R[,"since","epoch"]}; every server event names its room. Each room
-// keeps its own resume state: messages are deduplicated by seq within the room's epoch, and
+// {"type":"join","room":R[,"since","epoch"]}; every server event names its room. A room's
+// past is read in pages ({"type":"history","room","before","limit","id"}, SPEC §11): the
+// newest page after the first welcome, earlier ones as the reader scrolls to the top (the
+// scroll position kept, each page's messages put above the oldest one shown, so nothing
+// is shown twice), until the server says there is no more ("the beginning of #room").
+// Each room keeps its own resume state: messages are deduplicated by seq within the room's epoch, and
 // a reconnect joins every room again with its own since/epoch, so nothing is shown twice
 // and nothing missed is lost. A welcome with a new epoch means the room's sequence
 // restarted. Presence notices are coalesced by the server (README, "Presence"): one
@@ -36,7 +40,10 @@
   const BACKOFF_BASE_MS = 500;
   const BACKOFF_CAP_MS = 10000;
   const CONNECT_TIMEOUT_MS = 10000;
-  const MAX_RENDERED = 500; // messages kept in the DOM, per room
+  const MAX_RENDERED = 500; // messages kept in the DOM, per room, while following the end
+  const PAGE_SIZE = 50; // messages per scrollback page
+  const LOAD_EARLIER_PX = 120; // this close to the top of a room's list, load earlier messages
+  const PAGE_RETRY_MS = 1000; // after a page was refused (its rate limit) or lost
   // Hypercorn's websocket_max_message_size as roomcast runs it (hypercorn.toml): a bigger
   // frame is closed with 1009. The app cannot know the server's real value when mounted
   // elsewhere; a 1009 lowers the page's idea of it.
@@ -195,12 +202,18 @@
       problem: null, // {text, retry} while refused
       list,
       following: true,
+      pageId: null, // the history request waiting for its page, if any
+      pageRetry: null, // timer: ask again after a refusal
+      beginning: false, // the list shows the room's first message (no more to load)
     };
     // Whether the list follows new messages: true until the reader scrolls up, and again
     // once they scroll back down. Decided by the reader's scrolling, not re-measured when
     // a message arrives: a growing message box shrinks the list and would otherwise look
     // like "scrolled up".
-    list.addEventListener("scroll", () => { room.following = nearBottom(list); });
+    list.addEventListener("scroll", () => {
+      room.following = nearBottom(list);
+      if (list.scrollTop < LOAD_EARLIER_PX) loadEarlier(room);
+    });
     new ResizeObserver(() => { if (room.following) scrollToBottom(list); }).observe(list);
     return room;
   }
@@ -296,11 +309,18 @@
     list.scrollTop = list.scrollHeight;
   }
 
+  // Add an item at the end. While the reader follows the end, the list keeps at most
+  // MAX_RENDERED items (scrolled-back pages stay while they read them; what is dropped
+  // from the top is loaded again if they scroll back up).
   function append(room, item) {
     const list = room.list;
     list.appendChild(item);
-    while (list.childElementCount > MAX_RENDERED) list.firstElementChild.remove();
-    if (room.following) scrollToBottom(list);
+    if (!room.following) return;
+    while (list.childElementCount > MAX_RENDERED) {
+      if (list.firstElementChild.dataset.kind === "beginning") room.beginning = false;
+      list.firstElementChild.remove();
+    }
+    scrollToBottom(list);
   }
 
   function capitalise(s) {
@@ -344,6 +364,11 @@
   }
 
   function renderMessage(room, ev) {
+    append(room, messageItem(room, ev, room.list.lastElementChild));
+  }
+
+  // A message's list item; `prev` is the item it will follow (for grouping).
+  function messageItem(room, ev, prev) {
     const sender = typeof ev.from === "string" && ev.from ? ev.from : null;
     const mine = typeof ev.id === "string" && session.myIds.has(ev.id);
     const li = node("li", "message" + (mine ? " mine" : ""));
@@ -353,7 +378,6 @@
     li.dataset.ts = String(ev.ts || "");
     if (typeof ev.id === "string") li.dataset.id = ev.id;
 
-    const prev = room.list.lastElementChild;
     if (
       prev && prev.classList.contains("message") && prev.dataset.from === li.dataset.from &&
       prev.classList.contains("mine") === mine &&
@@ -378,7 +402,95 @@
     text.appendChild(linkified(typeof ev.text === "string" ? ev.text : ""));
     bubble.appendChild(text);
     li.appendChild(bubble);
-    append(room, li);
+    return li;
+  }
+
+  // -- scrollback ----------------------------------------------------------------------------
+
+  // The oldest message shown of the room's current run, or null.
+  function earliestShown(room) {
+    const first = room.list.querySelector("li.message");
+    return first && first.dataset.epoch === (room.epoch || "") ? Number(first.dataset.seq) : null;
+  }
+
+  // Ask for the page before the oldest message shown (the newest page when none is), unless
+  // one is on its way, the beginning is shown, or the top of the list is an earlier run.
+  function loadEarlier(room) {
+    if (room.pageId !== null || room.beginning || room.state !== "joined" || !room.epoch) return;
+    const first = room.list.querySelector("li.message");
+    if (first && first.dataset.epoch !== room.epoch) return;
+    clearTimeout(room.pageRetry);
+    room.pageRetry = null;
+    const before = first ? Number(first.dataset.seq) : room.lastSeq + 1;
+    if (before <= 1) return showBeginning(room);
+    const id = "page-" + newId();
+    if (sendCommand({ type: "history", room: room.name, before, limit: PAGE_SIZE, id })) room.pageId = id;
+  }
+
+  function onHistory(room, ev) {
+    if (ev.id !== room.pageId) return; // an answer to a request given up (a drop, a restart)
+    room.pageId = null;
+    if (ev.epoch !== room.epoch) return; // another run of the room: its seqs are not ours
+    const shown = earliestShown(room);
+    const earlier = (Array.isArray(ev.messages) ? ev.messages : []).filter((m) =>
+      m && Number.isInteger(m.seq) && (shown === null ? m.seq <= room.lastSeq : m.seq < shown));
+    prependMessages(room, earlier);
+    if (!ev.more) showBeginning(room);
+    else if (wantsEarlier(room)) loadEarlier(room); // the view is not full yet
+  }
+
+  // Whether the room in view shows the top of its list (a list not in view has no layout:
+  // it is filled when shown).
+  function wantsEarlier(room) {
+    return room === session.current && room.list.scrollTop < LOAD_EARLIER_PX;
+  }
+
+  // Put a page (seq order) above what is shown, keeping what the reader looks at in place.
+  function prependMessages(room, messages) {
+    if (!messages.length) return;
+    const list = room.list;
+    const fromBottom = list.scrollHeight - list.scrollTop;
+    const fragment = document.createDocumentFragment();
+    let prev = null;
+    for (const ev of messages) {
+      learnUser(room, ev.from, ev.user);
+      prev = messageItem(room, ev, prev);
+      fragment.appendChild(prev);
+    }
+    const next = list.firstElementChild;
+    list.insertBefore(fragment, next);
+    // (measured before: a message that now continues the page's last one loses its header
+    // line, and its text stays where the reader saw it)
+    if (next && next.classList.contains("message") && next.dataset.from === prev.dataset.from &&
+        next.classList.contains("mine") === prev.classList.contains("mine") &&
+        Math.abs(Number(next.dataset.ts) - Number(prev.dataset.ts)) < GROUP_WINDOW_MS) {
+      next.classList.add("cont");
+    }
+    if (room.following) scrollToBottom(list);
+    else list.scrollTop = list.scrollHeight - fromBottom;
+  }
+
+  function showBeginning(room) {
+    room.beginning = true;
+    if (room.list.firstElementChild && room.list.firstElementChild.dataset.kind === "beginning") return;
+    const li = node("li", "notice beginning");
+    li.dataset.kind = "beginning";
+    li.appendChild(node("span", "notice-text", "This is the beginning of " + (room.dm ? "your conversation with " + title(room) : "#" + room.name) + "."));
+    const list = room.list;
+    const fromBottom = list.scrollHeight - list.scrollTop;
+    list.insertBefore(li, list.firstElementChild);
+    if (room.following) scrollToBottom(list);
+    else list.scrollTop = list.scrollHeight - fromBottom;
+  }
+
+  // A page refused (its rate limit, an outage) or lost with the connection: ask again later.
+  function retryEarlier(room) {
+    room.pageId = null;
+    clearTimeout(room.pageRetry);
+    room.pageRetry = setTimeout(() => {
+      room.pageRetry = null;
+      if (wantsEarlier(room)) loadEarlier(room);
+    }, PAGE_RETRY_MS);
   }
 
   function renderMembers() {
@@ -550,11 +662,12 @@
   }
 
   // Join (or, after a drop, rejoin) a room: since/epoch resume its own run; a first
-  // join asks for since=0 to show the room's recent history.
+  // join asks for no replay: the room's recent history comes as its newest page.
   function sendJoin(room) {
     room.resuming = room.epoch !== null;
-    const command = { type: "join", room: room.name, since: room.epoch ? room.lastSeq : 0 };
-    if (room.epoch) command.epoch = room.epoch;
+    room.pageId = null; // a page asked for on an earlier connection is not coming
+    const command = { type: "join", room: room.name };
+    if (room.epoch) Object.assign(command, { since: room.lastSeq, epoch: room.epoch });
     if (sendCommand(command)) room.state = "joining";
   }
 
@@ -568,6 +681,7 @@
       case "typing": return room && onTyping(room, ev);
       case "ack": return onAck(ev);
       case "left": return onLeft(ev);
+      case "history": return room && onHistory(room, ev);
       case "error": return onError(room, ev);
       default: return undefined;
     }
@@ -584,9 +698,12 @@
       room.seen.clear();
       room.lastSeq = 0;
       room.restartedNow = true;
+      room.beginning = false;
       notice(room, "restart", "The room's history restarted (the server was restarted). Messages sent while you were away may be missing.");
     }
     if (!room.everJoined) room.historyTo = Number(ev.seq) || 0;
+    const firstPage = !room.resuming; // joined without a replay: show the newest page
+    if (firstPage) room.lastSeq = Math.max(room.lastSeq, Number(ev.seq) || 0);
     room.epoch = typeof ev.epoch === "string" ? ev.epoch : null;
     const limits = ev.limits && typeof ev.limits === "object" ? ev.limits : {};
     room.maxText = Number.isInteger(limits.text) && limits.text > 0 ? limits.text : null;
@@ -599,6 +716,7 @@
     awaitReplay(room, Number(ev.seq));
     markConnected();
     roomChanged(room);
+    if (firstPage || wantsEarlier(room)) loadEarlier(room);
   }
 
   function setMembers(room, list) {
@@ -794,6 +912,7 @@
 
   function onError(room, ev) {
     const code = String(ev.error || "");
+    if (room && typeof ev.id === "string" && ev.id === room.pageId) return retryEarlier(room);
     if (code === "history_gap") {
       // A fresh join asks for since=0 only to show recent history: a trimmed history is
       // not news then; after a restart the restart notice already says so.
@@ -1120,6 +1239,7 @@
     updateComposer();
     saveRooms();
     if (room.following) scrollToBottom(room.list);
+    if (wantsEarlier(room)) loadEarlier(room);
     // on a phone, focusing would throw the keyboard over the conversation
     if (!window.matchMedia("(pointer: coarse)").matches) el.text.focus();
   }
