@@ -9,6 +9,7 @@ kept in its history and reaches every member.
 ::
 
     POST /api/rooms/{room}/messages   {"text", "from"?, "id"?}  -> {"seq"}
+    DELETE /api/rooms/{room}/messages                           -> {"room", "epoch", "seq"}
     GET  /api/rooms/{room}/history?since=S&limit=N             -> {"room", "epoch", "seq",
                                                                     "first", "messages"}
     GET  /api/rooms/{room}/presence                             -> {"room", "count", "members":
@@ -53,6 +54,7 @@ import orjson
 
 from . import protocol
 from .admission import Headers, header
+from .archive import ArchiveUnavailable
 from .asgi import BodyTooLarge, Receive, Scope, Send, read_body, respond
 from .brokers import BrokerUnavailable
 from .names import BadName, normalize_name
@@ -221,6 +223,8 @@ async def _route(
     room, what = match["room"], match["what"]
     if not protocol.valid_room(room):
         raise ApiError(400, "bad_request", "room must be 1-64 characters of A-Z a-z 0-9 _ - .")
+    if what == "messages" and method == "DELETE":
+        return 200, await _forget_messages(runtime, room)
     if what == "messages":
         _allow(method, "POST")
         publish = parse_publish(await _body(receive), max_text=runtime.settings.max_text)
@@ -237,6 +241,23 @@ async def _route(
     people = await broker.presence(room)
     members = [{"user": person.user, "name": person.name} for person in people]
     return 200, {"room": room, "count": len(members), "members": members}
+
+
+async def _forget_messages(runtime: Runtime, room: str) -> dict[str, Any]:
+    """``DELETE /api/rooms/{room}/messages``: the room's archived and retained messages
+    go; its epoch and seq stay (members stay too, and are not told), so a client resuming
+    from before is told ``history_gap``."""
+    position = runtime.hub.clear_history(room) if runtime.broker.name == "memory" else None
+    if position is None:
+        history = await runtime.broker.history(room, 0, 1)
+        position = None if history.epoch is None else (history.epoch, history.seq)
+    if position is not None and runtime.archive is not None:
+        try:
+            await runtime.archive.forget(room, *position)
+        except ArchiveUnavailable:
+            raise ApiError(503, "unavailable", "the archive is unavailable; try again") from None
+    epoch, seq = position or (None, 0)
+    return {"room": room, "epoch": epoch, "seq": seq}
 
 
 async def _body(receive: Receive) -> bytes:

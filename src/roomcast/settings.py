@@ -52,6 +52,18 @@ def _redis_url(raw: str) -> str:
     return raw
 
 
+#: ``ROOMCAST_ARCHIVE`` unset, on the in-process broker (with Redis: ``off``)
+DEFAULT_ARCHIVE = "sqlite:///roomcast.db"
+
+
+def _archive_url(raw: str) -> str:
+    if raw == "off" or raw.startswith(("postgresql://", "postgres://")):
+        return raw
+    if not raw.startswith("sqlite:///") or raw == "sqlite:///":
+        raise ValueError("must be sqlite:///PATH, postgresql://... or off")
+    return raw
+
+
 def _public_key(raw: str) -> str:
     """The PEM text of the public key file ``raw`` names (checked when the verifier is
     built at startup)."""
@@ -158,6 +170,20 @@ class Settings:
             _int(0), "CPython's gen-0 GC threshold while serving (Python's is 700); 0 = leave it"
         ),
     )
+    archive: str | None = field(
+        default=None,
+        metadata=_env(
+            _archive_url,
+            "where every message is kept: sqlite:///PATH, postgresql://... or off; unset = "
+            f"{DEFAULT_ARCHIVE} (off with ROOMCAST_REDIS_URL)",
+        ),
+    )
+    archive_days: float | None = field(
+        default=None,
+        metadata=_env(
+            _float(0, allow_equal=False), "days the archive keeps a message; unset = forever"
+        ),
+    )
     # -- big rooms and retained memory ------------------------------------------------------
     presence_interval: float = field(
         default=1.0,
@@ -193,6 +219,13 @@ class Settings:
     @property
     def auth_required(self) -> bool:
         return self.tokens is not None
+
+    @property
+    def archive_url(self) -> str:
+        """The archive in use: ``ROOMCAST_ARCHIVE``, or the default for the broker."""
+        if self.archive is not None:
+            return self.archive
+        return "off" if self.redis_url is not None else DEFAULT_ARCHIVE
 
     @property
     def signed_tokens(self) -> bool:
