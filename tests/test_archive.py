@@ -4,7 +4,10 @@ sequences from it across a restart of the app."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from roomcast.archive import ArchiveUnavailable, Missing, Position
 from roomcast.archive.keeper import Keeper, unarchived_bound
 from roomcast.archive.sqlite import SqliteArchive, open_sqlite_archive
 from roomcast.protocol import ChatMessage
+from roomcast.settings import SettingsError
 from roomcast.stored import StoredFeed, StoredMessage
 
 from harness import open_asgi_client
@@ -351,3 +355,38 @@ async def delete(client: Any, path: str) -> Any:
     await client.app(scope, receive, send)
     assert sent[0]["status"] == 200, sent
     return orjson.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+class TestSettings:
+    def test_the_default_is_sqlite_on_the_memory_broker_and_off_with_redis(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.undo()  # the default as shipped, not the tests' "off"
+        assert Settings.from_env({}).archive_url == "sqlite:///roomcast.db"
+        redis = {"ROOMCAST_REDIS_URL": "redis://localhost"}
+        assert Settings.from_env(redis).archive_url == "off"
+        chosen = Settings.from_env(
+            {"ROOMCAST_ARCHIVE": "sqlite:///x.db", "ROOMCAST_ARCHIVE_DAYS": "30"}
+        )
+        assert (chosen.archive_url, chosen.archive_days) == ("sqlite:///x.db", 30.0)
+        with pytest.raises(SettingsError, match="ROOMCAST_ARCHIVE"):
+            Settings.from_env({"ROOMCAST_ARCHIVE": "mysql://nope"})
+
+    def test_several_workers_with_a_sqlite_archive_are_refused_in_one_line(
+        self, tmp_path: Path
+    ) -> None:
+        env = {
+            **os.environ,
+            "ROOMCAST_REDIS_URL": "redis://127.0.0.1:1",
+            "ROOMCAST_ARCHIVE": url(tmp_path),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "roomcast", "--workers", "2", "--bind", "127.0.0.1:0"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2
+        (line,) = done.stderr.strip().splitlines()
+        assert "a SQLite archive serves one process" in line
