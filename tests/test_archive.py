@@ -358,11 +358,9 @@ async def delete(client: Any, path: str) -> Any:
 
 
 class TestSettings:
-    def test_the_default_is_sqlite_on_the_memory_broker_and_off_with_redis(
-        self, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        monkeypatch.undo()  # the default as shipped, not the tests' "off"
+    def test_the_default_is_sqlite_on_the_memory_broker_and_off_with_redis(self) -> None:
         assert Settings.from_env({}).archive_url == "sqlite:///roomcast.db"
+        assert Settings().archive_url == "off"  # built in code: none unless asked
         redis = {"ROOMCAST_REDIS_URL": "redis://localhost"}
         assert Settings.from_env(redis).archive_url == "off"
         chosen = Settings.from_env(

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,6 +19,8 @@ from ..settings import Settings
 from ..stored import QUEUE_SIZE
 from .base import Archive, ArchivedPage, ArchiveUnavailable, Missing, Position, Recovery
 from .keeper import unarchived_bound
+
+log = logging.getLogger("roomcast")
 
 __all__ = [
     "Archive",
@@ -50,4 +53,22 @@ async def open_archive(settings: Settings) -> AsyncIterator[Archive | None]:
     async with open_sqlite_archive(
         url, window=settings.history_size, unarchived_bound=unarchived_bound(QUEUE_SIZE)
     ) as archive:
+        _tell(url, archive.recovery)
         yield archive
+
+
+def _tell(url: str, recovery: Recovery) -> None:
+    """One line after an unclean stop: what the archive did about it."""
+    if recovery.clean or not recovery.rooms_moved:
+        return
+    if recovery.new_epoch:
+        done = "every room starts a new epoch"
+    else:
+        done = f"every room continues {unarchived_bound(QUEUE_SIZE)} seqs on"
+    log.warning(
+        "roomcast: %s was not closed cleanly (a crash?): %s (%d rooms), and clients "
+        "resuming in them are told history_gap",
+        url,
+        done,
+        recovery.rooms_moved,
+    )
