@@ -14,6 +14,14 @@ if TYPE_CHECKING:
 sys.path.insert(0, os.path.dirname(__file__))  # the helpers next to the tests
 
 
+@pytest.fixture(autouse=True)
+def no_default_archive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apps that read the environment in tests keep no archive unless a test names one
+    (the embedded default, ``sqlite:///roomcast.db``, would carry rooms' sequences from
+    test to test)."""
+    monkeypatch.setenv("ROOMCAST_ARCHIVE", "off")
+
+
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Every async test runs on both backends unless it asks for one."""

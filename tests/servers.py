@@ -304,7 +304,8 @@ def spawn_server(
     argv += args or []
     if command == "hypercorn":
         argv.append("roomcast.app:app")
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # no archive unless the test names one (the default file would outlive the test)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "ROOMCAST_ARCHIVE": "off", **(env or {})}
 
     def limit_files() -> None:
         if nofile is not None:

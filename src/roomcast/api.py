@@ -9,6 +9,7 @@ kept in its history and reaches every member.
 ::
 
     POST /api/rooms/{room}/messages   {"text", "from"?, "id"?}  -> {"seq"}
+    DELETE /api/rooms/{room}/messages                           -> {"room", "epoch", "seq"}
     GET  /api/rooms/{room}/history?since=S&limit=N             -> {"room", "epoch", "seq",
                                                                     "first", "messages"}
     GET  /api/rooms/{room}/history?before=S&limit=N            -> {"room", "epoch", "before",
@@ -60,6 +61,7 @@ import orjson
 
 from . import protocol
 from .admission import Headers, header
+from .archive import ArchiveUnavailable
 from .asgi import BodyTooLarge, Receive, Scope, Send, read_body, respond
 from .brokers import BrokerUnavailable
 from .names import BadName, normalize_name
@@ -259,6 +261,8 @@ async def _route(
     room, what = match["room"], match["what"]
     if not protocol.valid_room(room):
         raise ApiError(400, "bad_request", "room must be 1-64 characters of A-Z a-z 0-9 _ - .")
+    if what == "messages" and method == "DELETE":
+        return 200, await _forget_messages(runtime, room)
     if what == "messages":
         _allow(method, "POST")
         publish = parse_publish(await _body(receive), max_text=runtime.settings.max_text)
@@ -286,6 +290,23 @@ async def _scrollback_page(runtime: Runtime, room: str, before: int, limit: int)
     head = orjson.dumps({"room": room, "epoch": page.epoch, "before": before, "more": page.more})
     # the events are already JSON: splice them in rather than re-encode them
     return head[:-1] + b',"messages":[' + ",".join(page.messages).encode() + b"]}"
+
+
+async def _forget_messages(runtime: Runtime, room: str) -> dict[str, Any]:
+    """``DELETE /api/rooms/{room}/messages``: the room's archived and retained messages
+    go; its epoch and seq stay (members stay too, and are not told), so a client resuming
+    from before is told ``history_gap``."""
+    position = runtime.hub.clear_history(room) if runtime.broker.name == "memory" else None
+    if position is None:
+        history = await runtime.broker.history(room, 0, 1)
+        position = None if history.epoch is None else (history.epoch, history.seq)
+    if position is not None and runtime.archive is not None:
+        try:
+            await runtime.archive.forget(room, *position)
+        except ArchiveUnavailable:
+            raise ApiError(503, "unavailable", "the archive is unavailable; try again") from None
+    epoch, seq = position or (None, 0)
+    return {"room": room, "epoch": epoch, "seq": seq}
 
 
 async def _body(receive: Receive) -> bytes:

@@ -132,6 +132,43 @@ FAMILIES: Final = (
         "gauge",
         lambda r: sum(room.history.bytes for room in r.hub.rooms.values()),
     ),
+    # -- the archive (0 when ROOMCAST_ARCHIVE=off)
+    Family(
+        "roomcast_archive_lag",
+        "Messages sequenced and not yet committed to the archive (queued or being written).",
+        "gauge",
+        lambda r: 0 if r.keeper is None else r.keeper.lag,
+    ),
+    Family(
+        "roomcast_archive_written",
+        "Messages committed to the archive.",
+        "counter",
+        lambda r: 0 if r.keeper is None else r.keeper.written,
+    ),
+    Family(
+        "roomcast_archive_commits",
+        "Archive transactions committed (one per batch).",
+        "counter",
+        lambda r: 0 if r.keeper is None else r.keeper.commits,
+    ),
+    Family(
+        "roomcast_archive_commit_seconds",
+        "Seconds spent in committed archive transactions.",
+        "counter",
+        lambda r: 0 if r.keeper is None else r.keeper.commit_seconds,
+    ),
+    Family(
+        "roomcast_archive_failures",
+        "Archive commits that failed (each is retried).",
+        "counter",
+        lambda r: 0 if r.keeper is None else r.keeper.failures,
+    ),
+    Family(
+        "roomcast_archive_missed",
+        "Messages the archive never received (its queue was full); recorded as missing.",
+        "counter",
+        lambda r: 0 if r.keeper is None else r.keeper.missed,
+    ),
     Family(
         "roomcast_idle_history_bytes",
         "Bytes of history retained in rooms without members (ROOMCAST_IDLE_HISTORY_BYTES).",

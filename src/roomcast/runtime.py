@@ -6,8 +6,10 @@ metrics (:mod:`.metrics`) all take it from the lifespan state."""
 from __future__ import annotations
 
 import gc
+import logging
 import mimetypes
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ from prometheus_client import CollectorRegistry
 
 from . import metrics
 from .admission import default_max_connections
+from .archive import Archive, ArchiveUnavailable, open_archive
+from .archive.keeper import Keeper
 from .brokers import Broker, open_broker
 from .hooks import HookCalls, HookRunner
 from .hub import Hub
@@ -30,8 +34,15 @@ from .webhooks import StoredDelivery, WebhookCalls, open_webhooks
 
 __all__ = ["STATE_KEY", "Runtime", "gc_threshold", "open_runtime"]
 
+log = logging.getLogger("roomcast")
+
 #: where the runtime waits in the ASGI lifespan state for every request
 STATE_KEY: Final = "roomcast"
+#: seconds a clean shutdown gives the archive to commit what is queued
+#: (within the launcher's STOP_MARGIN: a full queue takes well under a second)
+ARCHIVE_DRAIN_TIMEOUT: Final = 4.0
+#: seconds between two passes of ``ROOMCAST_ARCHIVE_DAYS``'s retention
+PRUNE_INTERVAL: Final = 3600.0
 
 
 @dataclass(eq=False)
@@ -43,6 +54,9 @@ class Runtime:
     broker: Broker
     #: the application's hooks with SPEC §10's rules around them (``None``: no hooks)
     hooks: HookRunner | None = None
+    #: the archive (SPEC §11; ``None``: ``ROOMCAST_ARCHIVE=off``), and what feeds it
+    archive: Archive | None = None
+    keeper: Keeper | None = None
     shared_metrics: metrics.SharedMetrics | None = field(init=False)
     registry: CollectorRegistry = field(init=False)
     static: dict[str, tuple[bytes, str]] = field(init=False)
@@ -72,6 +86,7 @@ async def open_runtime(
 
     :raises SettingsError: if a ``ROOMCAST_*`` variable holds an unusable value
     :raises BrokerUnavailable: if the configured Redis cannot be reached
+    :raises ArchiveUnavailable: if the configured archive cannot be opened
     """
     settings = Settings.from_env() if settings is None else settings
     async with _hook_calls(settings, hooks) as calls, _open_runtime(settings, calls) as runtime:
@@ -118,20 +133,47 @@ async def _open_runtime(settings: Settings, hooks: HookCalls | None) -> AsyncIte
     feed = StoredFeed()
     if runner is not None and "stored" in runner.present:
         feed.subscribe("stored hook", _stored_consumer(runner))
-    hub.stored = feed if feed.wanted else None
     with gc_threshold(settings.gc_threshold):
-        async with open_broker(settings, hub) as broker, anyio.create_task_group() as tg:
-            runtime = Runtime(settings, hub, broker, runner)
-            _harden_hypercorn(settings)  # after the broker: a failed startup logs one line only
-            if runtime.shared_metrics is not None:
-                tg.start_soon(_share_metrics, runtime, runtime.shared_metrics)
-            if feed.wanted:
-                tg.start_soon(feed.run)
-            try:
-                yield runtime
-            finally:
-                hub.close_all(CloseCode.GOING_AWAY, "server shutting down")
-                tg.cancel_scope.cancel()
+        async with open_archive(settings) as archive:
+            keeper = None if archive is None else Keeper(archive, feed)
+            hub.stored = feed if feed.wanted else None
+            async with (
+                open_broker(settings, hub, keeper) as broker,
+                anyio.create_task_group() as tg,
+            ):
+                runtime = Runtime(settings, hub, broker, runner, archive, keeper)
+                _harden_hypercorn(settings)  # after the broker: a failed startup logs one line
+                if runtime.shared_metrics is not None:
+                    tg.start_soon(_share_metrics, runtime, runtime.shared_metrics)
+                if feed.wanted:
+                    tg.start_soon(feed.run)
+                if archive is not None and settings.archive_days is not None:
+                    tg.start_soon(_prune, archive, settings.archive_days)
+                try:
+                    yield runtime
+                finally:
+                    hub.close_all(CloseCode.GOING_AWAY, "server shutting down")
+                    if keeper is not None:
+                        with anyio.move_on_after(ARCHIVE_DRAIN_TIMEOUT, shield=True):
+                            await keeper.finish()
+                    tg.cancel_scope.cancel()
+
+
+async def _prune(archive: Archive, days: float) -> None:
+    """``ROOMCAST_ARCHIVE_DAYS``: delete older messages now and every
+    :data:`PRUNE_INTERVAL` (a failed pass waits for the next)."""
+    while True:
+        older_than = int((time.time() - days * 86400) * 1000)
+        try:
+            pruned = await archive.prune(older_than)
+        except ArchiveUnavailable as exc:
+            log.warning("roomcast: the archive's retention pass failed (%s)", exc)
+        else:
+            if pruned:
+                log.info(
+                    "roomcast: the archive deleted %d messages older than %g days", pruned, days
+                )
+        await anyio.sleep(PRUNE_INTERVAL)
 
 
 def _stored_consumer(runner: HookRunner) -> Consumer:

@@ -71,6 +71,18 @@ def _webhook_events(raw: str) -> frozenset[str]:
     return events
 
 
+#: ``ROOMCAST_ARCHIVE`` unset, on the in-process broker (with Redis: ``off``)
+DEFAULT_ARCHIVE = "sqlite:///roomcast.db"
+
+
+def _archive_url(raw: str) -> str:
+    if raw == "off" or raw.startswith(("postgresql://", "postgres://")):
+        return raw
+    if not raw.startswith("sqlite:///") or raw == "sqlite:///":
+        raise ValueError("must be sqlite:///PATH, postgresql://... or off")
+    return raw
+
+
 def _public_key(raw: str) -> str:
     """The PEM text of the public key file ``raw`` names (checked when the verifier is
     built at startup)."""
@@ -193,6 +205,23 @@ class Settings:
             _int(0), "CPython's gen-0 GC threshold while serving (Python's is 700); 0 = leave it"
         ),
     )
+    #: ``None``: no archive. Read from the environment, unset means :data:`DEFAULT_ARCHIVE`
+    #: (``off`` with Redis): a server keeps history by default, an app built in code (a
+    #: test's) keeps none unless it asks
+    archive: str | None = field(
+        default=None,
+        metadata=_env(
+            _archive_url,
+            "where every message is kept: sqlite:///PATH, postgresql://... or off; unset = "
+            f"{DEFAULT_ARCHIVE} (off with ROOMCAST_REDIS_URL)",
+        ),
+    )
+    archive_days: float | None = field(
+        default=None,
+        metadata=_env(
+            _float(0, allow_equal=False), "days the archive keeps a message; unset = forever"
+        ),
+    )
     # -- big rooms and retained memory ------------------------------------------------------
     presence_interval: float = field(
         default=1.0,
@@ -230,6 +259,11 @@ class Settings:
         return self.tokens is not None
 
     @property
+    def archive_url(self) -> str:
+        """The archive in use (``off``: none)."""
+        return self.archive or "off"
+
+    @property
     def signed_tokens(self) -> bool:
         return self.jwt_secret is not None or self.jwt_public_key is not None
 
@@ -252,6 +286,8 @@ class Settings:
                 values[f.name] = f.metadata["parse"](raw)
             except ValueError as exc:
                 raise SettingsError(f"{name}={raw!r}: {exc}") from None
+        if "archive" not in values and "redis_url" not in values:
+            values["archive"] = DEFAULT_ARCHIVE  # the embedded default keeps history
         settings = cls(**values)
         settings.check()
         return settings

@@ -32,7 +32,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .protocol import ChatMessage
 
-__all__ = ["QUEUE_SIZE", "Consumer", "StoredFeed", "StoredMessage", "Subscription"]
+__all__ = ["BATCH_MAX", "QUEUE_SIZE", "Consumer", "StoredFeed", "StoredMessage", "Subscription"]
 
 log = logging.getLogger("roomcast")
 
@@ -89,7 +89,10 @@ class Subscription:
     name: str
     consumer: Consumer
     size: int
-    #: messages dropped because the queue was full
+    #: told of every message offered and whether the queue took it (the archive keeps
+    #: track of what it has not stored yet, and of exactly which seqs it missed)
+    observer: Callable[[StoredMessage, bool], None] | None = None
+    #: messages dropped because the queue was full (or closed)
     dropped: int = 0
     _send: MemoryObjectSendStream[StoredMessage] = field(init=False, repr=False)
     _receive: MemoryObjectReceiveStream[StoredMessage] = field(init=False, repr=False)
@@ -97,12 +100,30 @@ class Subscription:
 
     def __post_init__(self) -> None:
         self._send, self._receive = anyio.create_memory_object_stream[StoredMessage](self.size)
+        #: set once :meth:`drain` has handed over everything queued before :meth:`close`
+        self.drained = anyio.Event()
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for the consumer (not counting the batch it is working on)."""
+        return self._receive.statistics().current_buffer_used
+
+    def close(self) -> None:
+        """Take no more messages: :meth:`drain` hands over what is queued, then ends
+        (a clean shutdown); later ones are dropped."""
+        self._send.close()
 
     def offer(self, message: StoredMessage) -> None:
         try:
             self._send.send_nowait(message)
+        except anyio.ClosedResourceError:
+            self.dropped += 1  # shutting down: nobody will take it
+            if self.observer is not None:
+                self.observer(message, False)
         except anyio.WouldBlock:
             self.dropped += 1
+            if self.observer is not None:
+                self.observer(message, False)
             if not self._overflowing:  # once per overflow, not once per message
                 self._overflowing = True
                 log.warning(
@@ -115,6 +136,8 @@ class Subscription:
                 )
         else:
             self._overflowing = False
+            if self.observer is not None:
+                self.observer(message, True)
 
     async def drain(self) -> None:
         """Hand what is queued to the consumer, a batch at a time, until cancelled."""
@@ -124,9 +147,10 @@ class Subscription:
                 while len(batch) < BATCH_MAX:
                     try:
                         batch.append(self._receive.receive_nowait())
-                    except anyio.WouldBlock:
+                    except (anyio.WouldBlock, anyio.EndOfStream):  # (closed: the last batch)
                         break
                 await self.consumer(batch)
+        self.drained.set()
 
 
 class StoredFeed:
@@ -140,9 +164,17 @@ class StoredFeed:
         """Whether anyone consumes the feed (else nobody needs to build its messages)."""
         return bool(self.subscriptions)
 
-    def subscribe(self, name: str, consumer: Consumer, *, size: int = QUEUE_SIZE) -> Subscription:
-        """Give ``consumer`` every message put from now on, through a queue of ``size``."""
-        subscription = Subscription(name, consumer, size)
+    def subscribe(
+        self,
+        name: str,
+        consumer: Consumer,
+        *,
+        size: int = QUEUE_SIZE,
+        observer: Callable[[StoredMessage, bool], None] | None = None,
+    ) -> Subscription:
+        """Give ``consumer`` every message put from now on, through a queue of ``size``
+        (``observer``: see :attr:`Subscription.observer`)."""
+        subscription = Subscription(name, consumer, size, observer)
         self.subscriptions.append(subscription)
         return subscription
 

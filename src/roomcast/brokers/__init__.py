@@ -13,13 +13,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import anyio
 
 from ..hub import Client, Hub, Member
 from ..protocol import ChatMessage
 from ..settings import Settings
+
+if TYPE_CHECKING:
+    from ..archive.keeper import Keeper
 
 __all__ = [
     "DISCONNECTED",
@@ -194,9 +197,12 @@ class Broker(Protocol):
 
 
 @asynccontextmanager
-async def open_broker(settings: Settings, hub: Hub) -> AsyncIterator[Broker]:
+async def open_broker(
+    settings: Settings, hub: Hub, keeper: Keeper | None = None
+) -> AsyncIterator[Broker]:
     """The broker the settings ask for, and the hub's presence notices
-    (:meth:`Hub.run_presence`), running until the block exits.
+    (:meth:`Hub.run_presence`), running until the block exits. With Redis, sequences live
+    in Redis; the in-process broker takes its rooms' positions from ``keeper``'s archive.
 
     :raises BrokerUnavailable: if the configured Redis cannot be reached
     """
@@ -205,7 +211,7 @@ async def open_broker(settings: Settings, hub: Hub) -> AsyncIterator[Broker]:
         if settings.redis_url is None:
             from .memory import MemoryBroker
 
-            broker = MemoryBroker(hub)
+            broker = MemoryBroker(hub, keeper)
         else:
             from .redis import open_redis_broker
 

@@ -1,15 +1,19 @@
-"""The embedded default: rooms, order and history live in the process's own hub."""
+"""The embedded default: rooms, order and history live in the process's own hub (and,
+with an archive, each room's position survives the process: :mod:`roomcast.archive.positions`)."""
 
 from __future__ import annotations
 
 import itertools
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import protocol
 from ..hub import Client, Hub, Member
 from ..protocol import ChatMessage, CloseCode
 from . import DISCONNECTED, Claim, History, Person
+
+if TYPE_CHECKING:
+    from ..archive.keeper import Keeper
 
 __all__ = ["MemoryBroker"]
 
@@ -21,8 +25,13 @@ class MemoryBroker:
     name = "memory"
     healthy = True
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, keeper: Keeper | None = None) -> None:
         self.hub = hub
+        self.positions = None
+        if keeper is not None:
+            from ..archive.positions import Positions
+
+            self.positions = Positions(hub, keeper)
         #: open connections per verified user, and the claims counted in it
         self._connections: Counter[str] = Counter()
         self._claims: set[Claim] = set()
@@ -38,7 +47,13 @@ class MemoryBroker:
         user: str | None = None,
         client: Client | None = None,
     ) -> Member:
-        return self.hub.join(room, name, since=since, epoch=epoch, user=user, client=client)
+        if self.positions is None:
+            return self.hub.join(room, name, since=since, epoch=epoch, user=user, client=client)
+        await self.positions.load(room)
+        try:
+            return self.hub.join(room, name, since=since, epoch=epoch, user=user, client=client)
+        finally:
+            self.positions.done(room)
 
     async def leave(self, member: Member) -> None:
         self.hub.leave(member)
@@ -50,10 +65,20 @@ class MemoryBroker:
         self.hub.publish(member, message)
 
     async def post(self, room: str, message: ChatMessage, sender: str | None) -> int:
-        return self.hub.post(room, message, sender)
+        if self.positions is None:
+            return self.hub.post(room, message, sender)
+        await self.positions.load(room)
+        try:
+            return self.hub.post(room, message, sender)
+        finally:
+            self.positions.done(room)
 
     async def history(self, room: str, since: int, limit: int) -> History:
+        if self.positions is not None:
+            await self.positions.load(room)  # a room the hub forgot: as the archive has it
         found = self.hub.rooms.get(room)
+        if found is None and self.positions is not None:
+            found = self.hub.peek_room(room, self.positions.take(room))
         if found is None:
             return History(None, 0, 1, [])
         kept = found.history.entries

@@ -23,6 +23,7 @@ import itertools
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -32,6 +33,9 @@ from ..names import skeleton
 from ..protocol import CloseCode, ErrorCode
 from ..stored import StoredFeed
 from .model import Announce, Client, HubStats, Member, NameTaken, Room, RoomFull
+
+if TYPE_CHECKING:
+    from ..archive import Position
 
 __all__ = ["Membership", "RoomEmptied", "replay"]
 
@@ -76,6 +80,10 @@ class Membership:
         #: where the messages this hub sequences go once fanned out (hooks, the archive);
         #: ``None`` while nobody consumes them. A cross-process broker feeds it itself
         self.stored: StoredFeed | None = None
+        #: set by a broker that keeps rooms' positions in the archive: called when a room
+        #: the hub does not hold is opened, it gives the room's epoch, seq and window
+        #: (``None``: a new room, with a new epoch)
+        self.restore: Callable[[str], Position | None] | None = None
         self.node = secrets.token_hex(4)
         self._ids = itertools.count(1)
         #: open v2 connections (a v1 connection is found through its one room)
@@ -352,13 +360,42 @@ class Membership:
     def _open_room(self, name: str) -> Room:
         room = self.rooms.get(name)
         if room is None:
-            history = History(self.history_size, self.history_bytes)
-            room = Room(name, secrets.token_urlsafe(6), history)
+            room = self._new_room(name, None if self.restore is None else self.restore(name))
             self.rooms[name] = room
         elif name in self._idle:
             del self._idle[name]
             self.idle_bytes -= room.history.bytes
         return room
+
+    def _new_room(self, name: str, position: Position | None) -> Room:
+        """A room as the hub first holds it: new, or where the archive left it."""
+        history = History(self.history_size, self.history_bytes)
+        if position is None:
+            return Room(name, secrets.token_urlsafe(6), history)
+        for seq, encoded in position.window if self.history_size else ():
+            history.append(seq, encoded)
+        return Room(name, position.epoch, history, seq=position.seq)
+
+    def peek_room(self, name: str, position: Position | None) -> Room | None:
+        """The room at ``position`` as it would open, not held by the hub (a history
+        request for a room nobody is in)."""
+        return None if position is None else self._new_room(name, position)
+
+    def clear_history(self, name: str) -> tuple[str, int] | None:
+        """Forget a room's retained messages (the server API's DELETE): its epoch and seq
+        stay, so a client resuming from before gets ``history_gap``. Returns the room's
+        ``(epoch, seq)``, ``None`` if the hub does not hold it."""
+        room = self.rooms.get(name)
+        if room is None:
+            return None
+        if name in self._idle:
+            self.idle_bytes -= room.history.bytes
+        room.history = History(self.history_size, self.history_bytes)
+        position = room.epoch, room.seq
+        if name in self._idle and not room.members:
+            del self._idle[name]
+            del self.rooms[name]
+        return position
 
     def _forget_if_unused(self, room: Room) -> None:
         """Forget a room without members, or keep its history for resume while it is among

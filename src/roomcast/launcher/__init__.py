@@ -214,13 +214,23 @@ def _check_broker(config: Config, args: argparse.Namespace, settings: Settings) 
     The settings are roomcast's from the environment, also when ``--app`` serves a host
     app that mounts it.
 
-    :raises UsageError: for more than one worker without ``ROOMCAST_REDIS_URL``
+    A SQLite archive is one process's (SPEC §11): with several workers, each would
+    archive only the messages it accepted, in a file the others hold locked.
+
+    :raises UsageError: for more than one worker without ``ROOMCAST_REDIS_URL``, or with
+        a SQLite ``ROOMCAST_ARCHIVE``
     """
     if config.workers > 1 and settings.redis_url is None:
         raise UsageError(
             f"cannot start: {_named(args, 'workers', config.workers)} needs "
             "ROOMCAST_REDIS_URL: with the in-process broker each worker would hold its "
             "own rooms"
+        )
+    if config.workers > 1 and settings.archive_url.startswith("sqlite:"):
+        raise UsageError(
+            f"cannot start: {_named(args, 'workers', config.workers)} with "
+            f"ROOMCAST_ARCHIVE={settings.archive_url}: a SQLite archive serves one process; "
+            "use postgresql://... or off"
         )
 
 
