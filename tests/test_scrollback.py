@@ -12,6 +12,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -281,3 +282,36 @@ def test_the_history_command_pages_back_with_before(chat_server: ServerProcess) 
         "the beginning of the room's history\n",
     ]
     assert both.returncode == 2 and "not both" in both.stderr
+
+
+# -- beyond the retained window: the archive ---------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_pages_reach_seq_1_through_the_archive_beyond_the_retained_window(
+    tmp_path: Path,
+) -> None:
+    """A window of 10 and 300 messages: pages come from the window, then the archive
+    (the oldest of them just written behind fan-out), nothing twice, nothing missing,
+    ``more`` false at seq 1; the v2 command pages the same way after a restart."""
+    archived = dataclasses.replace(
+        SETTINGS, history_size=10, archive=f"sqlite:///{tmp_path / 'archive.db'}"
+    )
+    with anyio.fail_after(60):
+        async with served(archived) as client:
+            await post_messages(client, "deep", 300)
+            pages = await api_pages(client, "deep", limit=40)
+        assert seqs_of(pages) == list(range(1, 301))
+        assert [page["more"] for page in pages] == [True] * 7 + [False]
+        assert pages[-1]["messages"][0]["text"] == "m1"
+        async with served(archived) as client, client.connect("/ws?name=ann") as ws:
+            seqs, before = [], None
+            while True:
+                fields = {"room": "deep", "limit": 64, "id": f"p{len(seqs)}"}
+                page = await ask_history(ws, **fields, **({"before": before} if before else {}))
+                assert page["type"] == "history", page
+                seqs = [m["seq"] for m in page["messages"]] + seqs
+                if not page["more"]:
+                    break
+                before = page["messages"][0]["seq"]
+        assert seqs == list(range(1, 301))

@@ -234,6 +234,9 @@ async def handle(runtime: Runtime, path: str, scope: Scope, receive: Receive, se
     except BrokerUnavailable:
         status = 503
         body = {"error": "unavailable", "message": "the chat service is unavailable"}
+    except ArchiveUnavailable:  # (a page older than the retained window)
+        status = 503
+        body = {"error": "unavailable", "message": "the archive is unavailable; try again"}
     extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
     encoded = body if isinstance(body, bytes) else orjson.dumps(body)
     await respond(send, status, encoded, JSON, headers=extra)

@@ -27,6 +27,7 @@ import anyio
 
 from . import protocol
 from .admission import TokenBucket
+from .archive import ArchiveUnavailable
 from .asgi import ConnectionClosed, WebSocket
 from .brokers import UNAVAILABLE_NOTICE, Broker, BrokerUnavailable
 from .connection import (
@@ -256,7 +257,7 @@ class Session:
             return
         try:
             page = await self.pages(room, command.before, command.limit)
-        except BrokerUnavailable:
+        except (BrokerUnavailable, ArchiveUnavailable):
             self.refuse(ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, room=room, id=id)
             return
         encoded = protocol.encode_history(

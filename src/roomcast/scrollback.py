@@ -4,10 +4,12 @@ One function, :func:`scrollback`, answers every client that scrolls back: the se
 ``GET /api/rooms/{room}/history?before=S&limit=N`` and protocol v2's ``history`` command
 (the browser page, ``roomcast chat``, ``Room.history`` in the Python library). Keeping it
 one function keeps one set of rules (the page's order, its bounds, what ``more`` means)
-and one place where the durable archive plugs in: today a page comes from what the
+and one place where the durable archive plugs in. A page comes first from what the
 broker retains for resume (§4.3: the hub's history in memory, the room's history list in
-Redis); an archive, when one is configured, will be asked first, and the retained window
-stays the answer without one.
+Redis): it holds the newest messages, including those the archive has not committed yet
+(the keeper writes behind fan-out). Where a page reaches past the window's oldest message,
+the archive (``ROOMCAST_ARCHIVE``, when configured) fills in the older ones of the same
+epoch, and says whether there are more; without an archive the window is all there is.
 
 A page holds ``message`` events in seq order (oldest first), whichever client asks:
 a client prepends a page as one block above what it shows and pages on with
@@ -19,12 +21,15 @@ exactly when it is false.
 
 from __future__ import annotations
 
+import sys
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+import anyio
 import orjson
 
+from .archive import ArchivedPage
 from .brokers import Broker
 
 if TYPE_CHECKING:
@@ -35,6 +40,8 @@ __all__ = ["PAGE_CHARS", "Page", "retained_page", "scrollback"]
 #: a page stops at this many characters of events (keeping at least one message): 200 messages
 #: at ROOMCAST_MAX_TEXT could be megabytes, and a page is one event in one outbox slot
 PAGE_CHARS: Final = 512 * 1024
+#: longest a page waits for this worker's newest messages to reach the archive
+SETTLE_TIMEOUT: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +62,39 @@ async def scrollback(runtime: Runtime, room: str, before: int | None, limit: int
     ``limit`` is the caller's to validate (1 to :data:`~.protocol.MAX_PAGE`).
 
     :raises BrokerUnavailable: if the broker cannot be reached
+    :raises ArchiveUnavailable: if the page needs the archive and it cannot answer
     """
-    return await retained_page(runtime.broker, room, before, limit, runtime.settings.history_size)
+    page = await retained_page(runtime.broker, room, before, limit, runtime.settings.history_size)
+    if runtime.archive is None or page.more or page.epoch is None or len(page.messages) >= limit:
+        return page
+    # The window ends before the page is full: older messages of this run are archived.
+    archived = await _archived_before(runtime, room, page, before, limit - len(page.messages))
+    messages = archived.messages + page.messages
+    start = _start_within_budget(messages, 0, len(messages))
+    return Page(messages[start:], archived.more or start > 0, page.epoch)
+
+
+async def _archived_before(
+    runtime: Runtime, room: str, window: Page, before: int | None, limit: int
+) -> ArchivedPage:
+    """The archive's page before the window's oldest message (or ``before``, when the
+    window holds none). The archive is written behind fan-out: a message that has just
+    left the window may not be committed yet, so while this worker still has messages on
+    their way to the archive and the answer does not reach the window, wait for the next
+    commit and ask again, for at most :data:`SETTLE_TIMEOUT`. (Another server's messages,
+    with Redis, are not waited for: the rare page that asks for them within their commit
+    window misses them.)"""
+    archive, keeper = runtime.archive, runtime.keeper
+    assert archive is not None and window.epoch is not None
+    oldest = _seq_of(window.messages[0]) if window.messages else before or sys.maxsize
+    archived = await archive.before(room, window.epoch, oldest, limit)
+    with anyio.move_on_after(SETTLE_TIMEOUT):
+        while keeper is not None and keeper.lag and window.messages:
+            if archived.messages and _seq_of(archived.messages[-1]) == oldest - 1:
+                break
+            await keeper.wait_for_commit()
+            archived = await archive.before(room, window.epoch, oldest, limit)
+    return archived
 
 
 async def retained_page(

@@ -100,9 +100,13 @@ class Keeper:
     async def caught_up(self) -> None:
         """Wait until everything offered so far is committed (or recorded as missing)."""
         while self.lag or self._missing:
-            if self._progress is None:
-                self._progress = anyio.Event()
-            await self._progress.wait()
+            await self.wait_for_commit()
+
+    async def wait_for_commit(self) -> None:
+        """Wait for the next commit (or failed attempt)."""
+        if self._progress is None:
+            self._progress = anyio.Event()
+        await self._progress.wait()
 
     def _progressed(self) -> None:
         if self._progress is not None:
