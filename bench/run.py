@@ -22,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -296,7 +297,10 @@ class ServerProcess:
         self.server = server
         self.port = free_port()
         env = dict(os.environ)
-        env.update(server.env)
+        if server.roomcast_env:
+            env["ROOMCAST_ARCHIVE"] = "off"  # unless the server says otherwise (below)
+        scratch = tempfile.mkdtemp(prefix="roomcast-bench-")  # {tmpdir}: fresh per start
+        env.update({k: v.replace("{tmpdir}", scratch) for k, v in server.env.items()})
         env["PYTHONUNBUFFERED"] = "1"
         if server.roomcast_env:
             env.update(

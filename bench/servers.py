@@ -183,6 +183,17 @@ SERVERS: dict[str, Server] = {
             bounded=True,
         ),
         Server(
+            "roomcast-trio-batch-archived",
+            _roomcast("trio"),
+            "roomcast-trio-batch with the SQLite archive (a fresh file per server start)",
+            "roomcast",
+            subprotocol=BATCH,
+            roomcast_env=True,
+            idle=False,
+            bounded=True,
+            env={"ROOMCAST_ARCHIVE": "sqlite:///{tmpdir}/archive.db"},
+        ),
+        Server(
             "outbox-trio",
             _hypercorn_trio("bench.experiments.outbox_app:application"),
             "roomcast's task-per-member design alone (bench/experiments/outbox_app.py), trio",
@@ -201,6 +212,7 @@ SERVERS: dict[str, Server] = {
 
 EXPERIMENTS = {
     "roomcast-trio-batch-hooked",
+    "roomcast-trio-batch-archived",
     "outbox-trio",
     "websockets-broadcast-uvloop",
     "roomcast-trio-gc",

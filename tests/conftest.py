@@ -17,9 +17,10 @@ sys.path.insert(0, os.path.dirname(__file__))  # the helpers next to the tests
 
 @pytest.fixture(autouse=True)
 def no_default_archive(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Apps built in tests keep no archive unless a test gives ``archive=`` (the embedded
-    default, ``sqlite:///roomcast.db``, would carry rooms' sequences from test to test)."""
-    monkeypatch.setattr("roomcast.settings.DEFAULT_ARCHIVE", "off")
+    """Apps that read the environment in tests keep no archive unless a test names one
+    (the embedded default, ``sqlite:///roomcast.db``, would carry rooms' sequences from
+    test to test)."""
+    monkeypatch.setenv("ROOMCAST_ARCHIVE", "off")
 
 
 @pytest.fixture(params=["asyncio", "trio"])

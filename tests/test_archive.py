@@ -253,6 +253,26 @@ class TestKeeper:
                 assert await keeper.position("a") == Position("E1", 3, [])
                 assert (await keeper.position("b")) is None
 
+    async def test_finish_commits_what_is_queued_and_marks_the_archive_clean(
+        self, tmp_path: Path
+    ) -> None:
+        with anyio.fail_after(10):
+            async with await reopen(tmp_path) as archive:
+                feed = StoredFeed()
+                keeper = Keeper(archive, feed)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(feed.run)
+                    feed.put(stored("a", 1))
+                    await keeper.caught_up()  # the drain now waits out the commit interval
+                    for seq in range(2, 6):
+                        feed.put(stored("a", seq))
+                    await keeper.finish()
+                    tg.cancel_scope.cancel()
+            async with await reopen(tmp_path) as archive:
+                assert archive.recovery.clean
+                position = await archive.position("a")
+                assert [seq for seq, _ in position.window] == [1, 2, 3, 4, 5]
+
     def test_the_bound_covers_a_full_queue_and_a_batch(self) -> None:
         assert unarchived_bound(10_000) == 10_512
 
@@ -358,11 +378,9 @@ async def delete(client: Any, path: str) -> Any:
 
 
 class TestSettings:
-    def test_the_default_is_sqlite_on_the_memory_broker_and_off_with_redis(
-        self, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        monkeypatch.undo()  # the default as shipped, not the tests' "off"
+    def test_the_default_is_sqlite_on_the_memory_broker_and_off_with_redis(self) -> None:
         assert Settings.from_env({}).archive_url == "sqlite:///roomcast.db"
+        assert Settings().archive_url == "off"  # built in code: none unless asked
         redis = {"ROOMCAST_REDIS_URL": "redis://localhost"}
         assert Settings.from_env(redis).archive_url == "off"
         chosen = Settings.from_env(

@@ -17,7 +17,7 @@ from roomcast.settings import Settings, SettingsError
 class TestSettings:
     def test_defaults_without_environment(self) -> None:
         settings = Settings.from_env({})
-        assert settings == Settings()
+        assert settings == Settings(archive="sqlite:///roomcast.db")  # a server keeps history
         assert settings.tokens is None and settings.redis_url is None
         assert (settings.history_size, settings.max_text) == (100, 4000)
 

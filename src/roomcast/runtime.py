@@ -38,7 +38,8 @@ log = logging.getLogger("roomcast")
 #: where the runtime waits in the ASGI lifespan state for every request
 STATE_KEY: Final = "roomcast"
 #: seconds a clean shutdown gives the archive to commit what is queued
-ARCHIVE_DRAIN_TIMEOUT: Final = 10.0
+#: (within the launcher's STOP_MARGIN: a full queue takes well under a second)
+ARCHIVE_DRAIN_TIMEOUT: Final = 4.0
 #: seconds between two passes of ``ROOMCAST_ARCHIVE_DAYS``'s retention
 PRUNE_INTERVAL: Final = 3600.0
 

@@ -170,6 +170,9 @@ class Settings:
             _int(0), "CPython's gen-0 GC threshold while serving (Python's is 700); 0 = leave it"
         ),
     )
+    #: ``None``: no archive. Read from the environment, unset means :data:`DEFAULT_ARCHIVE`
+    #: (``off`` with Redis): a server keeps history by default, an app built in code (a
+    #: test's) keeps none unless it asks
     archive: str | None = field(
         default=None,
         metadata=_env(
@@ -222,10 +225,8 @@ class Settings:
 
     @property
     def archive_url(self) -> str:
-        """The archive in use: ``ROOMCAST_ARCHIVE``, or the default for the broker."""
-        if self.archive is not None:
-            return self.archive
-        return "off" if self.redis_url is not None else DEFAULT_ARCHIVE
+        """The archive in use (``off``: none)."""
+        return self.archive or "off"
 
     @property
     def signed_tokens(self) -> bool:
@@ -250,6 +251,8 @@ class Settings:
                 values[f.name] = f.metadata["parse"](raw)
             except ValueError as exc:
                 raise SettingsError(f"{name}={raw!r}: {exc}") from None
+        if "archive" not in values and "redis_url" not in values:
+            values["archive"] = DEFAULT_ARCHIVE  # the embedded default keeps history
         settings = cls(**values)
         settings.check()
         return settings

@@ -147,7 +147,7 @@ class Subscription:
                 while len(batch) < BATCH_MAX:
                     try:
                         batch.append(self._receive.receive_nowait())
-                    except anyio.WouldBlock:
+                    except (anyio.WouldBlock, anyio.EndOfStream):  # (closed: the last batch)
                         break
                 await self.consumer(batch)
         self.drained.set()

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,6 +20,8 @@ from ..settings import Settings
 from ..stored import QUEUE_SIZE
 from .base import Archive, ArchivedPage, ArchiveUnavailable, Missing, Position, Recovery
 from .keeper import unarchived_bound
+
+log = logging.getLogger("roomcast")
 
 __all__ = [
     "Archive",
@@ -51,6 +54,7 @@ async def open_archive(settings: Settings) -> AsyncIterator[Archive | None]:
     async with open_sqlite_archive(
         url, window=settings.history_size, unarchived_bound=unarchived_bound(QUEUE_SIZE)
     ) as archive:
+        _tell(url, archive.recovery)
         yield archive
 
 
@@ -59,7 +63,7 @@ async def _open_postgres(settings: Settings) -> AsyncIterator[Archive]:
     """The PostgreSQL archive: the rooms' sequencer of record on the in-process broker,
     a shared store of messages with Redis (which keeps the sequences)."""
     try:
-        from .postgres import open_postgres_archive
+        from .postgres import open_postgres_archive, redacted
     except ImportError:
         raise ArchiveUnavailable(
             "ROOMCAST_ARCHIVE=postgresql://... needs psycopg: pip install 'roomcast[postgres]'"
@@ -69,4 +73,22 @@ async def _open_postgres(settings: Settings) -> AsyncIterator[Archive]:
         window=settings.history_size,
         sequencer=settings.redis_url is None,
     ) as archive:
+        _tell(redacted(settings.archive_url), archive.recovery)
         yield archive
+
+
+def _tell(url: str, recovery: Recovery) -> None:
+    """One line after an unclean stop: what the archive did about it."""
+    if recovery.clean or not recovery.rooms_moved:
+        return
+    if recovery.new_epoch:
+        done = "every room starts a new epoch"
+    else:
+        done = f"every room continues {unarchived_bound(QUEUE_SIZE)} seqs on"
+    log.warning(
+        "roomcast: %s was not closed cleanly (a crash?): %s (%d rooms), and clients "
+        "resuming in them are told history_gap",
+        url,
+        done,
+        recovery.rooms_moved,
+    )

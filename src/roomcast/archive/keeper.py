@@ -5,7 +5,8 @@
     hub / broker ── StoredFeed.put ──> the archive's bounded queue ──> Keeper.write ──> Archive
                                    └─> Keeper.offered (synchronous: what is not archived yet)
 
-Everything queued while a commit runs goes into the next one: one transaction per batch
+Everything queued while a commit runs, and until :data:`COMMIT_INTERVAL` after the
+previous one started, goes into the next one: one transaction per batch
 (:mod:`roomcast.stored` hands batches of up to ``BATCH_MAX``), on the worker that
 sequenced the messages, off the fan-out path. A failing commit (disk full, a locked file,
 a server restarting) is retried with the same batch, backing off up to
@@ -50,6 +51,10 @@ log = logging.getLogger("roomcast")
 
 #: the longest wait between two attempts at a failing commit, in seconds
 MAX_BACKOFF: Final = 2.0
+#: the shortest time from one commit's start to the next one's while fewer than a batch
+#: are queued: a busy server commits what arrived in that time at once (a few commits a
+#: second instead of one per message), and a crash loses at most about that much more
+COMMIT_INTERVAL: Final = 0.1
 FIRST_BACKOFF: Final = 0.05
 #: seconds a room's opening waits for its archived position before the room starts a new
 #: epoch instead (an archive that is down must not keep anyone out of a room)
@@ -139,6 +144,8 @@ class Keeper:
             self.commit_seconds += time.perf_counter() - started
             break
         self._committed(batch, missing)
+        if self.subscription.queued < BATCH_MAX:  # a full batch waiting goes at once
+            await anyio.sleep(max(0.0, COMMIT_INTERVAL - (time.perf_counter() - started)))
 
     def _take_missing(self) -> list[Missing]:
         taken = [
@@ -187,8 +194,11 @@ class Keeper:
 
         :raises ArchiveUnavailable: if the archive cannot answer
         """
+        earlier = self.unarchived.get(room)
         archived = await self.archive.position(room)
-        pending = self.unarchived.get(room)  # read after the await: the newest
+        # the newest after the await; if a commit removed it meanwhile, what was read may
+        # predate that commit, so the earlier one still bounds the room
+        pending = self.unarchived.get(room) or earlier
         if pending is None:
             return archived
         epoch, seq = pending
