@@ -5,6 +5,9 @@ and the in-process broker continuing a room across a restart on PostgreSQL."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +192,23 @@ class TestRestarts:
                 async with open_archive(Settings(archive="postgresql://host:port:what/db")):
                     pass
             assert "\n" not in str(wrong.value)
+
+
+def test_a_server_whose_postgres_is_unreachable_fails_to_start_in_one_line() -> None:
+    from redis_server import free_port
+
+    env = {**os.environ, "ROOMCAST_ARCHIVE": f"postgresql://ann:s3cret@127.0.0.1:{free_port()}/c"}
+    done = subprocess.run(
+        [sys.executable, "-m", "roomcast", "--bind", "127.0.0.1:0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("roomcast: cannot start: cannot open postgresql://ann:***@127.0.0.1:")
+    assert "Connection refused" in line and "s3cret" not in line
 
 
 class TestMemoryBrokerOnPostgres:
