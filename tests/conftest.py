@@ -9,6 +9,7 @@ import pytest
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from postgres_server import PostgresServer
     from redis_server import RedisServer
 
 sys.path.insert(0, os.path.dirname(__file__))  # the helpers next to the tests
@@ -37,3 +38,19 @@ def redis_server(tmp_path: os.PathLike[str]) -> Iterator[RedisServer]:
 
     with run_redis(Path(tmp_path) / "redis") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster for the session (it takes seconds to start;
+    installed by the README's test command). Tests that stop it start their own."""
+    from postgres_server import run_postgres
+
+    with run_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresServer) -> str:
+    """A fresh, empty database in the session's cluster."""
+    return postgres_cluster.database()

@@ -2,6 +2,7 @@
 
 - :mod:`.base`: the interface (:class:`Archive`) and its values;
 - :mod:`.sqlite`: SQLite, the embedded default (``sqlite:///roomcast.db``);
+- :mod:`.postgres`: PostgreSQL (``postgresql://...``), which several servers share;
 - :mod:`.keeper`: the consumer of the stored feed (group commit, retries, what a crash can
   lose);
 - :mod:`.positions`: rooms the in-process broker opens from the archive.
@@ -45,15 +46,34 @@ async def open_archive(settings: Settings) -> AsyncIterator[Archive | None]:
         yield None
         return
     if not url.startswith("sqlite:"):
-        raise ArchiveUnavailable(
-            "ROOMCAST_ARCHIVE: PostgreSQL archives are not available in this version yet"
-        )
+        async with _open_postgres(settings) as archive:
+            yield archive
+        return
     from .sqlite import open_sqlite_archive
 
     async with open_sqlite_archive(
         url, window=settings.history_size, unarchived_bound=unarchived_bound(QUEUE_SIZE)
     ) as archive:
         _tell(url, archive.recovery)
+        yield archive
+
+
+@asynccontextmanager
+async def _open_postgres(settings: Settings) -> AsyncIterator[Archive]:
+    """The PostgreSQL archive: the rooms' sequencer of record on the in-process broker,
+    a shared store of messages with Redis (which keeps the sequences)."""
+    try:
+        from .postgres import open_postgres_archive, redacted
+    except ImportError:
+        raise ArchiveUnavailable(
+            "ROOMCAST_ARCHIVE=postgresql://... needs psycopg: pip install 'roomcast[postgres]'"
+        ) from None
+    async with open_postgres_archive(
+        settings.archive_url,
+        window=settings.history_size,
+        sequencer=settings.redis_url is None,
+    ) as archive:
+        _tell(redacted(settings.archive_url), archive.recovery)
         yield archive
 
 
