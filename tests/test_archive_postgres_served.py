@@ -83,6 +83,16 @@ async def test_two_servers_archive_each_seq_once_and_pages_reach_seq_1(
         assert await written(servers) == total  # neither server wrote a message twice
         async with httpx.AsyncClient(headers={"authorization": f"Bearer {KEY}"}) as api:
             retained = (await api.get(servers[0].http_url("/api/rooms/busy/history"))).json()
+            # the server API's scrollback: Redis's window, then the archive, down to seq 1
+            served, before = [], clients[0].welcome["seq"] + 1 + total
+            while True:
+                query = f"/api/rooms/busy/history?before={before}&limit=200"
+                page = (await api.get(servers[1].http_url(query))).json()
+                served = [m["seq"] for m in page["messages"]] + served
+                if not page["more"]:
+                    break
+                before = page["messages"][0]["seq"]
+        assert served == list(range(1, total + 1))
     first = clients[0].welcome["seq"] + 1
     rows = await anyio.to_thread.run_sync(archived_rows, postgres_url, "busy")
     received = dict(clients[0].messages)
