@@ -1,8 +1,9 @@
 """End-to-end: scrolling back through a room in the browser client (headless Chromium against
 a real ``python -m roomcast``, as tests/test_browser.py drives it).
 
-A room holds 500 messages (the server retains 600, so all of them are there to page
-through); a page that joins it shows the newest ones, and each scroll to the top loads the
+A room holds 500 messages; the server retains its default 100 in memory and keeps every
+message in its SQLite archive, so paging back goes from the retained window into the
+archive. A page that joins the room shows the newest ones, and each scroll to the top loads the
 page before, keeping what the reader looked at in place, until "the beginning of #room" is
 shown: then every message is on the page exactly once, in order.
 """
@@ -10,6 +11,8 @@ shown: then every message is on the page exactly once, in order.
 from __future__ import annotations
 
 import contextlib
+import tempfile
+from pathlib import Path
 
 import httpx
 
@@ -18,12 +21,7 @@ from test_browser import Person, _assert_clean, _launch
 KEY = "browser-scrollback-key"
 ROOM = "scroll"
 COUNT = 500
-SERVER_ENV = {
-    "ROOMCAST_RATE_LIMIT": "0",
-    "ROOMCAST_API_KEY": KEY,
-    "ROOMCAST_HISTORY_SIZE": "600",
-    "ROOMCAST_HISTORY_BYTES": "4000000",
-}
+SERVER_ENV = {"ROOMCAST_RATE_LIMIT": "0", "ROOMCAST_API_KEY": KEY}
 #: where the text of the message with this seq is in the list's view (px from its top)
 TEXT_AT_JS = """(list, seq) => {
     const item = list.querySelector(`li.message[data-seq="${seq}"] .text`);
@@ -50,7 +48,9 @@ def _post_messages(base: str) -> list[str]:
 
 def test_scrolling_up_pages_back_to_the_beginning_with_nothing_twice_nothing_missing() -> None:
     with contextlib.ExitStack() as stack:
-        expect, browser, servers = _launch(stack, SERVER_ENV)
+        archive = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "archive.db"
+        env = {**SERVER_ENV, "ROOMCAST_ARCHIVE": f"sqlite:///{archive}"}
+        expect, browser, servers = _launch(stack, env)
         assert servers.current is not None
         base = servers.current.http_url("/")
         sent = _post_messages(base.rstrip("/"))

@@ -301,6 +301,9 @@ async def test_pages_reach_seq_1_through_the_archive_beyond_the_retained_window(
         async with served(archived) as client:
             await post_messages(client, "deep", 300)
             pages = await api_pages(client, "deep", limit=40)
+            # a page that ends exactly at the window's oldest message: more from the archive
+            exact = await api_pages(client, "deep", limit=10)
+        assert seqs_of(exact) == list(range(1, 301))
         assert seqs_of(pages) == list(range(1, 301))
         assert [page["more"] for page in pages] == [True] * 7 + [False]
         assert pages[-1]["messages"][0]["text"] == "m1"

@@ -65,10 +65,13 @@ async def scrollback(runtime: Runtime, room: str, before: int | None, limit: int
     :raises ArchiveUnavailable: if the page needs the archive and it cannot answer
     """
     page = await retained_page(runtime.broker, room, before, limit, runtime.settings.history_size)
-    if runtime.archive is None or page.more or page.epoch is None or len(page.messages) >= limit:
+    if runtime.archive is None or page.more or page.epoch is None:
         return page
-    # The window ends before the page is full: older messages of this run are archived.
-    archived = await _archived_before(runtime, room, page, before, limit - len(page.messages))
+    # The page reaches the window's oldest message: older ones of this run are archived.
+    wanted = limit - len(page.messages)
+    archived = await _archived_before(runtime, room, page, before, max(wanted, 1))
+    if not wanted:  # a full page: the archive only says whether there is more
+        return Page(page.messages, bool(archived.messages), page.epoch)
     messages = archived.messages + page.messages
     start = _start_within_budget(messages, 0, len(messages))
     return Page(messages[start:], archived.more or start > 0, page.epoch)
