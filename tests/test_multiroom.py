@@ -235,6 +235,30 @@ async def test_a_direct_room_is_for_its_two_users_only(signed_server: ThreadedSe
             assert (message["user"], message["text"]) == ("ann", "just us")
 
 
+async def test_welcome_and_notices_list_the_people_with_their_user_ids(
+    signed_server: ThreadedServer,
+) -> None:
+    """A member list gives user ids beside names (``people``), so that a client can open a
+    direct room (``dm:A:B`` names ids) from it; ``members`` stays as v1 clients read it."""
+    room = "people"
+    with trio.fail_after(20):
+        async with connect(signed_server, f"?token={token('ann')}") as ann:
+            welcome = await ann.join(room)
+            assert welcome["people"] == [{"user": "ann", "name": "ann"}]
+            async with connect(signed_server, f"?token={token('bob')}") as bob:
+                welcome = await bob.join(room)
+                assert welcome["members"] == ["ann", "bob"]
+                assert welcome["people"] == [
+                    {"user": "ann", "name": "ann"},
+                    {"user": "bob", "name": "bob"},
+                ]
+                notice = await ann.until(type="system", room=room)
+                assert (notice["members"], notice["people"]) == (
+                    welcome["members"],
+                    welcome["people"],
+                )
+
+
 async def test_anonymous_connections_cannot_enter_direct_rooms(server: ThreadedServer) -> None:
     with trio.fail_after(10):
         async with connect(server, "?name=ann") as anonymous:

@@ -122,7 +122,7 @@ class Membership:
                 room=room.name,
                 epoch=room.epoch,
                 seq=room.seq,
-                members=room.member_names(),
+                people=room.listed(),
                 count=room.count,
                 max_text=self.max_text,
             )

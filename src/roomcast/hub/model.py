@@ -221,7 +221,13 @@ class Room:
         return list(self._people())
 
     def member_names(self) -> list[str]:
-        named = (name for _, name in self._people() if name is not None)
+        return [name for _, name in self.listed()]
+
+    def listed(self) -> list[protocol.Listed]:
+        """The people a member list shows (``welcome``, notices): those with a name, at
+        most :data:`~roomcast.protocol.MAX_WELCOME_MEMBERS`, in join order, found without
+        walking the rest of a crowd."""
+        named = ((user, name) for user, name in self._people() if name is not None)
         return list(itertools.islice(named, protocol.MAX_WELCOME_MEMBERS))
 
     def _people(self) -> Iterator[tuple[str | None, str | None]]:
