@@ -179,6 +179,23 @@ class Session:
         else:
             if self.leaves is not None:
                 self.leaves.joined(member)
+            if command.since is None:  # (a resume is the same conversation going on)
+                await self._tell_the_other_user(room)
+
+    async def _tell_the_other_user(self, room: str) -> None:
+        """A direct room joined afresh while its other user is not in it: that user's
+        ``/ws`` connections, on every worker and server, get a ``notice`` saying who opened
+        it (:func:`~roomcast.protocol.dm_opened`), so that its client can show the
+        conversation before (or without) a message in it. Advisory: a broker that cannot
+        be reached costs the notice only."""
+        me, pair = self.client.user, protocol.dm_users(room)
+        if me is None or pair is None:
+            return
+        other = pair[1] if pair[0] == me else pair[0]
+        with contextlib.suppress(BrokerUnavailable):
+            if any(person.user == other for person in await self.broker.presence(room)):
+                return
+            await self.broker.notify(other, protocol.dm_opened(room, me, self.name))
 
     async def _hook_allows(self, room: str, *, id: str | None = None) -> bool:
         """The ``join`` hook's word: a refusal is ``forbidden`` with its reason, a hook

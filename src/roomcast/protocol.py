@@ -36,6 +36,7 @@ __all__ = [
     "Refresh",
     "RoomMessage",
     "Typing",
+    "dm_opened",
     "dm_users",
     "encode_ack",
     "encode_error",
@@ -66,6 +67,9 @@ MAX_SEQ: Final = 10**18
 #: a person as member lists show it (``members``, ``people``): the verified user id
 #: (``None`` when anonymous) and the display name
 Listed = tuple[str | None, str]
+#: the member of a ``notice``'s ``data`` object that marks roomcast's own notices (its
+#: value says which kind); the server API refuses application notices that carry it
+RESERVED_NOTICE_KEY: Final = "roomcast"
 #: names listed per direction (joined, left) in one presence notice; the rest are counted
 MAX_PRESENCE_NAMES: Final = 10
 
@@ -589,6 +593,13 @@ def encode_typing(*, room: str, user: str | None, name: str | None) -> str:
 def encode_notice(data: Any) -> str:
     """v2: the application's message to one user (``POST /api/users/{user}/notify``)."""
     return _dumps({"type": "notice", "data": data})
+
+
+def dm_opened(room: str, user: str, name: str | None) -> dict[str, Any]:
+    """v2: a ``notice``'s ``data`` telling a user that ``user`` (named ``name``) opened the
+    direct room ``room`` with it. Its :data:`RESERVED_NOTICE_KEY` says roomcast sent it,
+    not the application (which may not use that key: the server API refuses it)."""
+    return {RESERVED_NOTICE_KEY: "dm", "room": room, "user": user, "name": name}
 
 
 def encode_history(
