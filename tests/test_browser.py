@@ -1212,13 +1212,8 @@ def test_direct_messages_from_the_member_list_and_who_is_typing() -> None:
         ben = signed_in("ben", "Ben", **PHONE)
         for person in (ann, ben):
             expect(person.page.locator("#count")).to_have_text("2")
-        # the member list names people; their user ids come with a join notice (Ann sees
-        # Ben's) or what they write (Ben, who found Ann there, learns hers from her message)
-        expect(ann.member("Ben").locator(".dm-button")).to_have_count(1)
-        expect(ben.member("Ann").locator(".dm-button")).to_have_count(0)
-        expect(ben.page.locator("#dm-hint")).to_contain_text("once they have written here")
-        ann.send("Ben, got a minute?")
-        ben.send("Sure")
+        # the member list gives each member's user id (welcome and notices carry people):
+        # both can open a conversation at once, before either has written anything
         expect(ann.member("Ben").locator(".dm-button")).to_have_count(1)
         expect(ben.member("Ann").locator(".dm-button")).to_have_count(1)
         expect(ann.member("Ann").locator(".dm-button")).to_have_count(0)  # not with oneself
@@ -1232,16 +1227,26 @@ def test_direct_messages_from_the_member_list_and_who_is_typing() -> None:
         expect(_room_item(ann, dm).locator(".room-label")).to_have_text("Ben")
         expect(ann.page.locator("#dms-head")).to_be_visible()
         _wait_joined(ann, dm)
+        # Ben's page hears of it (roomcast's notice): the conversation joins his list,
+        # marked new, while he stays where he is
+        expect(_room_item(ben, dm).locator(".room-label")).to_have_text("Ann")
+        expect(_room_item(ben, dm).locator(".unread")).to_have_text("new")
+        expect(ben.page.locator("#rooms-toggle-unread")).to_have_text("1")
+        expect(ben.page.locator("#room-name")).to_have_text("lobby")
+        _wait_joined(ben, dm)
         ann.send("Just between us: the release slips a day.")
         expect(ann.message("Just between us: the release slips a day.")).to_have_count(1)
+        expect(_room_item(ben, dm).locator(".unread")).to_have_text("1")
 
-        # Ben opens it from his side (phone: the member drawer) and sees the history
+        # Ben opens it from his side (phone: the member drawer), reads it and answers
         ben.page.locator("#members-toggle").click()
         ben.member("Ann").locator(".dm-button").click()
         expect(ben.page.locator("#room-name")).to_have_text("Ann")
-        _wait_joined(ben, dm)
         expect(ben.message("Just between us: the release slips a day.")).to_have_count(1)
         expect(ben.page.locator("#count")).to_have_text("2")
+        expect(_room_item(ben, dm).locator(".unread")).to_have_count(0)
+        ben.send("Thanks for telling me first.")
+        expect(ann.message("Thanks for telling me first.")).to_have_count(1)
 
         # typing: shown to the other page, for the room in view, for about 3 s
         # (slowly enough to last over a second: Ann's page sent one while writing above)

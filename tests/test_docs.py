@@ -116,10 +116,12 @@ def test_every_error_code_is_in_the_protocol_error_code_table() -> None:
 
 #: one of each event the server sends, with every optional field present
 EVENTS = [
-    protocol.encode_welcome(room="r", epoch="e", seq=1, members=["a"], count=1, max_text=4000),
+    protocol.encode_welcome(
+        room="r", epoch="e", seq=1, people=[("u", "a")], count=1, max_text=4000
+    ),
     protocol.encode_message(room="r", seq=1, text="t", sender="a", ts=1, id="i", user="u"),
     protocol.encode_presence(
-        room="r", joined=["a"], left=[], joins=1, leaves=0, count=1, members=["a"], user="u"
+        room="r", joined=["a"], left=[], joins=1, leaves=0, count=1, people=[("u", "a")], user="u"
     ),
     protocol.encode_ack(id="i", seq=1),
     protocol.encode_error(ErrorCode.HISTORY_GAP, "m", id="i", epoch="e", since=0, first=1),

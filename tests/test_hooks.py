@@ -30,6 +30,7 @@ from roomcast.hooks import (
     MessageRequest,
     PythonHooks,
 )
+from roomcast.identity import mint_token
 from roomcast.protocol import ChatMessage
 from roomcast.stored import StoredFeed, StoredMessage
 from test_redis_stress import spread
@@ -365,6 +366,98 @@ async def test_connect_by_cookie_sets_the_identity(hooked: Hooked) -> None:
             assert (message["user"], message["from"]) == ("ann", "User ann")
     leaves = await _wait_for(lambda: hooked.record.leaves, 1)
     assert leaves[0] == LeaveEvent("ann", "User ann", "lobby", "left")
+
+
+SECRET = "hook-test-secret-for-the-tests-only"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def signed_hooked(request: pytest.FixtureRequest) -> Iterator[Hooked]:
+    """The hooked app with signed tokens (refresh, room grants), on both brokers."""
+    settings = dataclasses.replace(SETTINGS, jwt_secret=SECRET)
+    if request.param == "redis":
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        settings = dataclasses.replace(settings, redis_url=redis.url)
+    record = Recorder()
+    with serve_in_thread(build(record, settings), worker_class="trio") as server:
+        yield Hooked(server, record)
+
+
+def token(sub: str, *, rooms: list[str] | None = None) -> str:
+    return mint_token(SECRET, sub=sub, ttl=600, rooms=rooms)
+
+
+def leaves_of(record: Recorder, user: str) -> list[LeaveEvent]:
+    return [event for event in record.leaves if event.user == user]
+
+
+@TRIO
+@pytest.mark.anyio
+async def test_v2_every_ended_membership_calls_the_leave_hook_once(
+    signed_hooked: Hooked,
+) -> None:
+    """A membership the server ends (a refresh that no longer grants the room) is told
+    with its reason; the client's own leave and the connection's end are told once each,
+    never twice."""
+    server, record = signed_hooked.server, signed_hooked.record
+    granted = token("eve", rooms=["g1", "g2", "g3"])
+    with trio.fail_after(20):
+        async with chat(server.url(f"/ws?token={granted}")) as ws:
+            for room in ("g1", "g2", "g3"):
+                await send(ws, type="join", room=room)
+                await next_event(ws, type="welcome", room=room)
+            narrower = token("eve", rooms=["g1", "g3"])
+            await send(ws, type="refresh", token=narrower)
+            assert (await next_event(ws, type="left"))["code"] == 4403
+            told = await _wait_for(lambda: leaves_of(record, "eve"), 1)
+            assert told == [LeaveEvent("eve", "eve", "g2", "not allowed in #g2")]
+            await send(ws, type="leave", room="g1")
+            await next_event(ws, type="left", room="g1")
+            await _wait_for(lambda: leaves_of(record, "eve"), 2)
+        await _wait_for(lambda: leaves_of(record, "eve"), 3)
+        # another connection's whole life, after eve's: eve's hooks have all been called
+        async with chat(server.url(f"/ws?token={token('zed')}")) as ws:
+            await send(ws, type="join", room="g1")
+            await next_event(ws, type="welcome")
+        await _wait_for(lambda: leaves_of(record, "zed"), 1)
+    assert leaves_of(record, "eve") == [
+        LeaveEvent("eve", "eve", "g2", "not allowed in #g2"),
+        LeaveEvent("eve", "eve", "g1", "left"),
+        LeaveEvent("eve", "eve", "g3", "left"),
+    ]
+
+
+@TRIO
+@pytest.mark.anyio
+async def test_v2_a_connection_the_server_ends_calls_the_leave_hook_for_each_room(
+    signed_hooked: Hooked,
+) -> None:
+    """A disconnect by the server API ends a ``/ws`` connection in three rooms: the hook
+    hears each of the three, with the reason the connection was closed with."""
+    server, record = signed_hooked.server, signed_hooked.record
+    with trio.fail_after(20):
+        async with chat(server.url(f"/ws?token={token('kai')}")) as ws:
+            for room in ("d1", "d2", "d3"):
+                await send(ws, type="join", room=room)
+                await next_event(ws, type="welcome", room=room)
+            answer = await trio.to_thread.run_sync(api_post, server, "/api/users/kai/disconnect")
+            assert answer == {"closed": 1}
+            with pytest.raises(ConnectionClosed) as closed:
+                await next_event(ws, type="never")
+            assert closed.value.reason.code == 4001
+        told = await _wait_for(lambda: leaves_of(record, "kai"), 3)
+    assert sorted(told, key=lambda event: event.room) == [
+        LeaveEvent("kai", "kai", room, "disconnected by the server") for room in ("d1", "d2", "d3")
+    ]
+
+
+def api_post(server: Any, path: str) -> dict[str, Any]:
+    request = urllib.request.Request(
+        server.http_url(path), data=b"", headers={"authorization": f"Bearer {KEY}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        answer: dict[str, Any] = json.load(response)
+        return answer
 
 
 # -- end to end: served processes (roomcast --app hooked:app) --------------------------------

@@ -84,6 +84,7 @@ async def test_join_and_leave_are_announced_to_the_others_only() -> None:
         "joins": 1,
         "leaves": 0,
         "members": ["ann", "bob"],
+        "people": [{"user": None, "name": "ann"}, {"user": None, "name": "bob"}],
     }
     hub.leave(bob)
     hub.leave(bob)  # idempotent

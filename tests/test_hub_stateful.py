@@ -134,6 +134,9 @@ class ModelRoom:
             "joins": joins,
             "leaves": leaves,
             "members": [t.name for t in self.members if t.name is not None][:MAX_WELCOME_MEMBERS],
+            "people": [{"user": None, "name": t.name} for t in self.members if t.name is not None][
+                :MAX_WELCOME_MEMBERS
+            ],
         }
 
 
@@ -269,6 +272,7 @@ class HubMachine(RuleBasedStateMachine):
             "epoch": mr.epoch,
             "seq": mr.seq,
             "members": present,
+            "people": [{"user": None, "name": n} for n in present],
             "count": len(mr.members) + 1,
             "limits": {"text": self.hub.max_text},
         }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
@@ -235,6 +236,72 @@ async def test_a_direct_room_is_for_its_two_users_only(signed_server: ThreadedSe
             assert (message["user"], message["text"]) == ("ann", "just us")
 
 
+async def test_welcome_and_notices_list_the_people_with_their_user_ids(
+    signed_server: ThreadedServer,
+) -> None:
+    """A member list gives user ids beside names (``people``), so that a client can open a
+    direct room (``dm:A:B`` names ids) from it; ``members`` stays as v1 clients read it."""
+    room = "people"
+    with trio.fail_after(20):
+        async with connect(signed_server, f"?token={token('ann')}") as ann:
+            welcome = await ann.join(room)
+            assert welcome["people"] == [{"user": "ann", "name": "ann"}]
+            async with connect(signed_server, f"?token={token('bob')}") as bob:
+                welcome = await bob.join(room)
+                assert welcome["members"] == ["ann", "bob"]
+                assert welcome["people"] == [
+                    {"user": "ann", "name": "ann"},
+                    {"user": "bob", "name": "bob"},
+                ]
+                notice = await ann.until(type="system", room=room)
+                assert (notice["members"], notice["people"]) == (
+                    welcome["members"],
+                    welcome["people"],
+                )
+
+
+async def test_the_other_user_of_a_direct_room_hears_it_was_opened(
+    signed_server: ThreadedServer,
+) -> None:
+    """ann opens a direct room while bob is not in it: bob's connections get a notice
+    saying so (through the broker's notify: any worker, any server); bob joining it while
+    ann is there tells ann nothing, nor does a resume."""
+    room = "dm:ann:bob"
+    opened = {"roomcast": "dm", "room": room, "user": "ann", "name": "ann"}
+    with trio.fail_after(20):
+        async with (
+            connect(signed_server, f"?token={token('ann')}") as ann,
+            connect(signed_server, f"?token={token('bob')}") as bob,
+            connect(signed_server, f"?token={token('bob')}") as bob_tab,
+        ):
+            welcome = await ann.join(room)
+            assert welcome["count"] == 1
+            for connection in (bob, bob_tab):
+                assert await connection.until(type="notice") == {"type": "notice", "data": opened}
+            await bob.join(room)
+            await bob.send(type="message", room=room, text="hi ann")
+            await ann.until(type="message", text="hi ann")
+            await ann.send(type="leave", room=room)
+            await ann.until(type="left")
+            await ann.join(room, since=welcome["seq"], epoch=welcome["epoch"])  # bob is there
+            await ann.send(type="message", room=room, text="back")
+            await bob.until(type="message", text="back")
+            await bob.send(type="leave", room=room)
+            await bob.until(type="left")
+            await ann.send(type="leave", room=room)
+            await ann.until(type="left")
+            await ann.join(room, since=1, epoch=welcome["epoch"])  # a resume: nothing
+            await ann.send(type="message", room=room, text="resumed")
+            await ann.until(type="message", text="resumed")
+            await bob.join("elsewhere")  # (its echo comes after any notice queued before it)
+            await bob.send(type="message", room="elsewhere", text="flush")
+            await bob.until(type="message", text="flush")
+            assert [e for e in bob.events if e["type"] == "notice"] == [
+                {"type": "notice", "data": opened}
+            ]
+            assert not [e for e in ann.events if e["type"] == "notice"]
+
+
 async def test_anonymous_connections_cannot_enter_direct_rooms(server: ThreadedServer) -> None:
     with trio.fail_after(10):
         async with connect(server, "?name=ann") as anonymous:
@@ -340,6 +407,24 @@ async def test_a_notice_reaches_every_v2_connection_of_its_user(
             await other.send(type="join", room="n2")
             await other.until(type="welcome")
             assert not [e for e in other.events if e["type"] == "notice"]
+
+
+async def test_the_notice_key_of_roomcasts_own_notices_is_reserved(
+    signed_server_with_api: ThreadedServer,
+) -> None:
+    """An application's notice may not pass for roomcast's own (a direct room opened):
+    data with a ``roomcast`` member is refused; any other data goes through."""
+    server = signed_server_with_api
+    with trio.fail_after(20):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            body = {"data": {"roomcast": "dm", "room": "dm:ann:bob", "user": "ann"}}
+            await trio.to_thread.run_sync(post, server, "/api/users/bob/notify", body)
+        assert refused.value.code == 400
+        for data in ({"kind": "dm"}, ["roomcast"], "roomcast"):
+            answer = await trio.to_thread.run_sync(
+                post, server, "/api/users/bob/notify", {"data": data}
+            )
+            assert answer == {"delivered": 0}
 
 
 @pytest.fixture(params=["memory", "redis"])

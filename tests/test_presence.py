@@ -19,7 +19,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from roomcast import Settings, create_app
+from roomcast import Settings, create_app, protocol
 from roomcast.connection import _next_event, _with_backlog
 from roomcast.hub import PRESENCE_RATE, PRESENCE_WAKE, Hub, Member
 from roomcast.presence import HeldLeaves
@@ -235,10 +235,10 @@ async def test_run_presence_asks_a_presence_source_for_count_and_names() -> None
     hub = Hub(presence_interval=3600)
     asked: list[str] = []
 
-    async def source(room: Any) -> tuple[int, list[str]] | None:
+    async def source(room: Any) -> tuple[int, list[tuple[str | None, str]]] | None:
         asked.append(room.name)
         await anyio.lowlevel.checkpoint()
-        return (42, ["elsewhere"]) if room.name == "r" else None
+        return (42, [("far", "elsewhere")]) if room.name == "r" else None
 
     hub.presence_source = source
     ann, solo = hub.join("r", "ann"), hub.join("q", "solo")
@@ -253,6 +253,7 @@ async def test_run_presence_asks_a_presence_source_for_count_and_names() -> None
     assert sorted(asked) == ["q", "r"]
     [r] = notices(read(ann))
     assert (r["count"], r["members"]) == (42, ["elsewhere"])
+    assert r["people"] == [{"user": "far", "name": "elsewhere"}]
     [q] = notices(read(solo))  # the source could not say: the count reported with the change
     assert q["count"] == 7 and "members" not in q
 
@@ -265,10 +266,10 @@ async def test_a_change_while_the_source_is_asked_is_announced_to_the_member_it_
     hub = Hub(presence_interval=0.01)
     asked, release = anyio.Event(), anyio.Event()
 
-    async def source(room: Any) -> tuple[int, list[str]]:
+    async def source(room: Any) -> tuple[int, list[tuple[str | None, str]]]:
         asked.set()
         await release.wait()
-        return len(room.members), room.member_names()
+        return len(room.members), room.listed()
 
     hub.presence_source = source
     ann = hub.attach("r", "ann")  # as the Redis broker does: its own join comes back later
@@ -326,14 +327,14 @@ async def test_an_idle_sender_wakes_for_a_notice_and_gets_it_after_queued_events
 
 
 def test_the_client_library_reads_a_coalesced_notice() -> None:
-    from roomcast.client.events import Presence, parse_event
+    from roomcast.client.events import Person, Presence, parse_event
     from roomcast.presence import PresenceChanges
 
     changes = PresenceChanges()
     for name in ("ann", None, "bob"):
         changes.add("join", name)
     changes.add("leave", "cy")
-    line = changes.encode("r", count=4, members=["ann", "bob", "dee"])
+    line = changes.encode("r", count=4, people=[("a", "ann"), (None, "bob"), ("d", "dee")])
     event = parse_event(orjson.loads(line), line)
     assert event == Presence(
         event="presence",
@@ -346,7 +347,20 @@ def test_the_client_library_reads_a_coalesced_notice() -> None:
         leaves=1,
         members=("ann", "bob", "dee"),
         room="r",
+        people=(Person("a", "ann"), Person(None, "bob"), Person("d", "dee")),
     )
+
+
+def test_the_client_library_reads_the_people_of_a_welcome() -> None:
+    from roomcast.client.events import Person, Welcome, parse_event
+
+    line = protocol.encode_welcome(
+        room="r", epoch="e", seq=3, people=[("a", "ann"), (None, "bob")], count=2, max_text=9
+    )
+    event = parse_event(orjson.loads(line), line)
+    assert isinstance(event, Welcome)
+    assert event.members == ("ann", "bob")
+    assert event.people == (Person("a", "ann"), Person(None, "bob"))
 
 
 def test_the_client_library_still_reads_a_single_change_notice() -> None:

@@ -141,12 +141,15 @@ class TestEncode:
 
     def test_welcome_lists_at_most_100_members(self) -> None:
         names = [f"n{i}" for i in range(150)]
+        people = [(f"u{i}" if i % 2 else None, name) for i, name in enumerate(names)]
         event = orjson.loads(
             protocol.encode_welcome(
-                room="r", epoch="e", seq=4, members=names, count=150, max_text=4000
+                room="r", epoch="e", seq=4, people=people, count=150, max_text=4000
             )
         )
         assert event["members"] == names[:100]
+        # the same people with their ids (a direct room names ids), for v2 clients
+        assert event["people"] == [{"user": u, "name": n} for u, n in people[:100]]
         assert (event["type"], event["count"], event["seq"], event["epoch"]) == (
             "welcome",
             150,
@@ -158,7 +161,7 @@ class TestEncode:
         # a client that knows the limit keeps an over-long draft rather than sending it
         # into a refusal (issue 20, item 4)
         event = orjson.loads(
-            protocol.encode_welcome(room="r", epoch="e", seq=0, members=[], count=1, max_text=20)
+            protocol.encode_welcome(room="r", epoch="e", seq=0, people=[], count=1, max_text=20)
         )
         assert event["limits"] == {"text": 20}
 
@@ -176,7 +179,7 @@ class TestEncode:
     ) -> None:
         changes = PresenceChanges()
         changes.add("join" if event == "join" else "leave", name)
-        decoded = orjson.loads(changes.encode("r", count=2, members=["x", "y"]))
+        decoded = orjson.loads(changes.encode("r", count=2, people=[("u", "x"), (None, "y")]))
         assert {k: decoded[k] for k in ("type", "message", "event", "name", "count")} == {
             "type": "system",
             "message": message,
@@ -185,6 +188,7 @@ class TestEncode:
             "count": 2,
         }
         assert decoded["members"] == ["x", "y"]
+        assert decoded["people"] == [{"user": "u", "name": "x"}, {"user": None, "name": "y"}]
 
     @pytest.mark.parametrize(
         ("joins", "leaves", "message", "event"),
@@ -205,7 +209,7 @@ class TestEncode:
             changes.add("join", name)
         for name in leaves:
             changes.add("leave", name)
-        decoded = orjson.loads(changes.encode("r", count=7, members=None))
+        decoded = orjson.loads(changes.encode("r", count=7, people=None))
         assert (decoded["event"], decoded["name"], decoded["count"]) == (event, None, 7)
         if message is not None:
             assert decoded["message"] == message
@@ -214,6 +218,7 @@ class TestEncode:
         assert decoded["left"] == [n for n in leaves if n is not None]
         assert (decoded["joins"], decoded["leaves"]) == (len(joins), len(leaves))
         assert "members" not in decoded  # not known where the notice was encoded
+        assert "people" not in decoded
 
     def test_a_crowd_costs_a_bounded_notice(self) -> None:
         changes = PresenceChanges()
@@ -221,7 +226,8 @@ class TestEncode:
             changes.add("join", f"member-{i}")
             changes.add("leave", f"member-{i}")
         assert len(changes.joined) == len(changes.left) == protocol.MAX_PRESENCE_NAMES
-        notice = changes.encode("r", count=1, members=[f"n{i}" for i in range(500)])
+        people = [(f"user-{i}", f"n{i}") for i in range(500)]
+        notice = changes.encode("r", count=1, people=people)
         decoded = orjson.loads(notice)
         assert decoded["message"] == (
             "member-0, member-1, member-2, member-3, member-4, member-5, member-6, member-7, "
@@ -229,8 +235,8 @@ class TestEncode:
             "member-3, member-4, member-5, member-6, member-7, member-8, member-9 and 4990 "
             "others left #r"
         )
-        assert len(decoded["members"]) == protocol.MAX_WELCOME_MEMBERS
-        assert len(notice) < 2000
+        assert len(decoded["members"]) == len(decoded["people"]) == protocol.MAX_WELCOME_MEMBERS
+        assert len(notice) < 6000
 
     def test_ack_and_error(self) -> None:
         assert orjson.loads(protocol.encode_ack(id="x", seq=9)) == {

@@ -322,7 +322,8 @@ async def _body(receive: Receive) -> bytes:
 def parse_notify(body: bytes) -> Any:
     """The ``data`` of ``POST /api/users/{user}/notify`` ``{"data": ...}``: any JSON value.
 
-    :raises ApiError: 400 unless the body is a JSON object with a ``data`` member
+    :raises ApiError: 400 unless the body is a JSON object with a ``data`` member, or if
+        ``data`` is an object with the member reserved for roomcast's own notices
     """
     try:
         parsed = orjson.loads(body)
@@ -330,7 +331,12 @@ def parse_notify(body: bytes) -> Any:
         raise ApiError(400, "bad_request", "the body must be a JSON object") from None
     if not isinstance(parsed, dict) or "data" not in parsed:
         raise ApiError(400, "bad_request", 'the body must be a JSON object with "data"')
-    return parsed["data"]
+    data = parsed["data"]
+    if isinstance(data, dict) and protocol.RESERVED_NOTICE_KEY in data:
+        # so that a client can trust a notice that carries it to be roomcast's own
+        key = protocol.RESERVED_NOTICE_KEY
+        raise ApiError(400, "bad_request", f'"{key}" in data is reserved for roomcast\'s notices')
+    return data
 
 
 def _allow(method: str, expected: str) -> None:

@@ -6,7 +6,8 @@
     └── task group
         ├── receive loop   (commands: join, leave, message, typing, history, refresh), within
         │                  the token's expiry scope when tokens are signed
-        └── sender task    (the connection's one outbox -> WebSocket frames; then the close)
+        ├── sender task    (the connection's one outbox -> WebSocket frames; then the close)
+        └── leave teller   (only with a ``leave`` hook: the hook for each ended membership)
 
 The connection is one :class:`~roomcast.hub.Client`: one bounded outbox and one sender
 task whatever its number of rooms; each room it joins adds a
@@ -19,11 +20,13 @@ expired token 4001, shutdown 1001) close the connection.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from typing import Final
 
 import anyio
+import anyio.lowlevel
 
 from . import protocol
 from .admission import TokenBucket
@@ -41,7 +44,7 @@ from .connection import (
     request_of,
     send_outbox,
 )
-from .hooks import HOOK_UNAVAILABLE, HookFailed, HookRunner, JoinRequest, Refuse
+from .hooks import HOOK_UNAVAILABLE, HookFailed, HookRunner, JoinRequest, LeaveEvent, Refuse
 from .hub import Client, Member, NameTaken, RoomFull
 from .identity import TokenRejected
 from .protocol import (
@@ -106,6 +109,10 @@ class Session:
         self.settings = settings
         self.name = name
         self.credentials = credentials
+        #: the ``leave`` hook's bookkeeping, when there is such a hook
+        self.leaves = None if hooks is None or "leave" not in hooks.present else Leaves(hooks)
+        if self.leaves is not None:
+            client.on_removed = self.leaves.removed
         now = anyio.current_time()
         rate = settings.rate_limit
         self.messages = TokenBucket(rate, 2 * rate, now) if rate else None
@@ -154,7 +161,7 @@ class Session:
         if not await self._hook_allows(room):
             return
         try:
-            await self.broker.join(
+            member = await self.broker.join(
                 room,
                 self.name,
                 since=command.since,
@@ -170,6 +177,26 @@ class Session:
             self.refuse(ErrorCode.ROOM_FULL, "room full", room=room)
         except BrokerUnavailable:
             self.refuse(ErrorCode.UNAVAILABLE, UNAVAILABLE_NOTICE, room=room)
+        else:
+            if self.leaves is not None:
+                self.leaves.joined(member)
+            if command.since is None:  # (a resume is the same conversation going on)
+                await self._tell_the_other_user(room)
+
+    async def _tell_the_other_user(self, room: str) -> None:
+        """A direct room joined afresh while its other user is not in it: that user's
+        ``/ws`` connections, on every worker and server, get a ``notice`` saying who opened
+        it (:func:`~roomcast.protocol.dm_opened`), so that its client can show the
+        conversation before (or without) a message in it. Advisory: a broker that cannot
+        be reached costs the notice only."""
+        me, pair = self.client.user, protocol.dm_users(room)
+        if me is None or pair is None:
+            return
+        other = pair[1] if pair[0] == me else pair[0]
+        with contextlib.suppress(BrokerUnavailable):
+            if any(person.user == other for person in await self.broker.presence(room)):
+                return
+            await self.broker.notify(other, protocol.dm_opened(room, me, self.name))
 
     async def _hook_allows(self, room: str, *, id: str | None = None) -> bool:
         """The ``join`` hook's word: a refusal is ``forbidden`` with its reason, a hook
@@ -202,13 +229,13 @@ class Session:
         return None
 
     async def leave(self, command: Leave) -> None:
+        """The client's own leave: ``left`` 1000 (the ``leave`` hook hears it through
+        :class:`Leaves`, as every ended membership)."""
         member = self.member(command.room)
         if member is not None:
             self.typed.pop(command.room, None)
             await self.broker.leave(member)
             self.hub.send_to_client(self.client, protocol.encode_left(command.room, 1000, "left"))
-            if self.hooks is not None:
-                await self.hooks.leave(left(member))
 
     async def message(self, command: RoomMessage) -> None:
         id = command.message.id
@@ -334,10 +361,13 @@ async def serve_rooms(
     user = None if credentials is None else credentials.identity.user
     client = broker.hub.open_client(user, single_room=False)
     session = Session(broker, client, settings, name, credentials, hooks, pages)
+    leaves = session.leaves
     expiry = credentials.expiry if credentials is not None else nullcontext()
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(send_outbox, ws, client, tg.cancel_scope, batch, settings.batch_max)
+            if leaves is not None:
+                tg.start_soon(leaves.tell_as_they_end)
             with expiry:
                 if await _receive_commands(ws, session):
                     tg.cancel_scope.cancel()  # the peer is gone: nobody left to write to
@@ -345,19 +375,72 @@ async def serve_rooms(
                 broker.hub.end_client(client, CloseCode.UNAUTHORIZED, "token expired")
     finally:
         broker.hub.forget_client(client)
-        members = list(client.members.values())
         await leave_every_room(broker, client)
-        if hooks is not None and "leave" in hooks.present:
-            await _tell_leaves(hooks, members)
+        if leaves is not None:
+            await leaves.tell_the_rest()
 
 
-async def _tell_leaves(hooks: HookRunner, members: list[Member]) -> None:
-    """The ``leave`` hook for each room an ending connection was in, at once: one bounded
-    wait however many rooms, as for the leaves themselves."""
-    with anyio.move_on_after(hooks.timeout + CLOSE_TIMEOUT, shield=True):
-        async with anyio.create_task_group() as tg:
-            for member in members:
-                tg.start_soon(hooks.leave, left(member))
+class Leaves:
+    """The ``leave`` hook for every membership of one connection, once each, whatever
+    ends it: the client's ``leave``, the server (a refresh that no longer grants the room,
+    a name lost while a worker was paused: ``left`` with its code), or the connection's
+    end (the client going, eviction, an expired token, a disconnect, shutdown).
+
+    The hub tells it of each membership it takes away (:attr:`Client.on_removed`, from
+    the one place memberships end), whichever task ends it; the hook then runs in this
+    connection's own task (:meth:`tell_as_they_end`), never in the task that ended it (a
+    room's fan-out, Redis upkeep). Only memberships whose join succeeded are owed one: a
+    join refused after the hub attached the member (Redis: a name taken elsewhere) is no
+    membership to its hook.
+    """
+
+    def __init__(self, hooks: HookRunner) -> None:
+        self.hooks = hooks
+        #: memberships whose join succeeded and whose end the hook has not heard of yet
+        self._owed: dict[Member, None] = {}
+        #: ended memberships, as the hook will see them, not told yet
+        self._due: deque[LeaveEvent] = deque()
+        self._wakeup = anyio.Event()
+
+    def joined(self, member: Member) -> None:
+        """A join succeeded: its end is owed to the hook (at once, if it has already
+        ended: a connection evicted while its join travelled)."""
+        if member.joined:
+            self._owed[member] = None
+        else:
+            self._tell(left(member))
+
+    def removed(self, member: Member, reason: str) -> None:
+        """The hub has ended ``member`` (:attr:`Client.on_removed`): tell the hook, once."""
+        if member in self._owed:
+            del self._owed[member]
+            self._tell(LeaveEvent(member.user, member.name, member.room.name, reason))
+
+    def _tell(self, event: LeaveEvent) -> None:
+        self._due.append(event)
+        self._wakeup.set()
+
+    async def tell_as_they_end(self) -> None:
+        """Call the hook for each membership as it ends, one at a time, until cancelled
+        (the connection's end: :meth:`tell_the_rest` takes what is left). A call that has
+        begun finishes (the hook bounds itself): cancelling it would lose it."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = anyio.Event()
+            while self._due:
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                event = self._due.popleft()
+                with anyio.move_on_after(self.hooks.timeout + CLOSE_TIMEOUT, shield=True):
+                    await self.hooks.leave(event)
+
+    async def tell_the_rest(self) -> None:
+        """The hook for every membership not told yet, at once, when the connection ends:
+        one bounded wait however many rooms, as for the leaves themselves."""
+        due, self._due = self._due, deque()
+        with anyio.move_on_after(self.hooks.timeout + CLOSE_TIMEOUT, shield=True):
+            async with anyio.create_task_group() as tg:
+                for event in due:
+                    tg.start_soon(self.hooks.leave, event)
 
 
 async def leave_every_room(broker: Broker, client: Client) -> None:

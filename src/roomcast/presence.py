@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from . import protocol
-from .protocol import MAX_PRESENCE_NAMES
+from .protocol import MAX_PRESENCE_NAMES, Listed
 
 __all__ = ["HeldLeave", "HeldLeaves", "PresenceChanges", "PresenceEvent"]
 
@@ -59,9 +60,9 @@ class PresenceChanges:
             self.count = count
         self.user = user
 
-    def encode(self, room: str, *, count: int, members: list[str] | None) -> str:
-        """The ``system`` notice for these changes, with the room's ``count`` and
-        ``members`` as they are now (``members=None`` when they are not known here)."""
+    def encode(self, room: str, *, count: int, people: Sequence[Listed] | None) -> str:
+        """The ``system`` notice for these changes, with the room's ``count`` and named
+        ``people`` as they are now (``people=None`` when they are not known here)."""
         return protocol.encode_presence(
             room=room,
             joined=self.joined,
@@ -69,7 +70,7 @@ class PresenceChanges:
             joins=self.joins,
             leaves=self.leaves,
             count=count,
-            members=members,
+            people=people,
             user=self.user,
         )
 

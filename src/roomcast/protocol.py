@@ -9,6 +9,7 @@ matter how many members receive it.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any, Final
@@ -30,10 +31,12 @@ __all__ = [
     "HistoryRequest",
     "Join",
     "Leave",
+    "Listed",
     "ProtocolError",
     "Refresh",
     "RoomMessage",
     "Typing",
+    "dm_opened",
     "dm_users",
     "encode_ack",
     "encode_error",
@@ -61,6 +64,12 @@ MAX_PAGE: Final = 200
 DEFAULT_PAGE: Final = 50
 #: the largest ``seq`` a client may name (``since``, ``before``): 18 digits
 MAX_SEQ: Final = 10**18
+#: a person as member lists show it (``members``, ``people``): the verified user id
+#: (``None`` when anonymous) and the display name
+Listed = tuple[str | None, str]
+#: the member of a ``notice``'s ``data`` object that marks roomcast's own notices (its
+#: value says which kind); the server API refuses application notices that carry it
+RESERVED_NOTICE_KEY: Final = "roomcast"
 #: names listed per direction (joined, left) in one presence notice; the rest are counted
 MAX_PRESENCE_NAMES: Final = 10
 
@@ -470,22 +479,35 @@ def _string(value: str) -> str:
 
 
 def encode_welcome(
-    *, room: str, epoch: str, seq: int, members: list[str], count: int, max_text: int
+    *, room: str, epoch: str, seq: int, people: Sequence[Listed], count: int, max_text: int
 ) -> str:
     """The first event of a connection. ``limits`` tells a client what the server will
     refuse (``text``: the longest chat text in characters), so that it can keep an
-    over-long draft instead of sending it only to have it refused."""
+    over-long draft instead of sending it only to have it refused. ``people`` (the named
+    members, in join order) become ``members`` and ``people``: see :func:`_listing`."""
     return _dumps(
         {
             "type": "welcome",
             "room": room,
             "epoch": epoch,
             "seq": seq,
-            "members": members[:MAX_WELCOME_MEMBERS],
+            **_listing(people),
             "count": count,
             "limits": {"text": max_text},
         }
     )
+
+
+def _listing(people: Sequence[Listed]) -> dict[str, Any]:
+    """A room's member list, at most :data:`MAX_WELCOME_MEMBERS`, twice: ``members``, the
+    names (what v1 clients read), and ``people``, the same people in the same order with
+    their user ids (``{"user", "name"}``), which a client needs to open a direct room
+    (``dm:A:B`` names user ids, not display names)."""
+    listed = people[:MAX_WELCOME_MEMBERS]
+    return {
+        "members": [name for _, name in listed],
+        "people": [{"user": user, "name": name} for user, name in listed],
+    }
 
 
 def encode_presence(
@@ -496,7 +518,7 @@ def encode_presence(
     joins: int,
     leaves: int,
     count: int,
-    members: list[str] | None,
+    people: Sequence[Listed] | None,
     user: str | None = None,
 ) -> str:
     """A ``system`` notice for the joins and leaves of one room since its last notice.
@@ -504,7 +526,8 @@ def encode_presence(
     It keeps the single-change shape (``message``, ``event``, ``name``, ``count``) and adds
     what a coalesced notice needs: ``joined``/``left`` (names, at most
     :data:`MAX_PRESENCE_NAMES` each; anonymous members are only counted), ``joins``/``leaves``
-    (how many in all) and ``members`` (the room's names now, as in ``welcome``). ``count`` and
+    (how many in all) and ``members`` and ``people`` (the room's names now, and the same
+    with user ids, as in ``welcome``; both absent with ``people=None``). ``count`` and
     ``members`` are absolute, so a client that replaces its member list with them is right
     whichever notices it saw before. ``event`` is ``join`` or ``leave`` when only one kind
     of change happened, else ``presence``; ``name`` is set only for a single named change,
@@ -531,8 +554,8 @@ def encode_presence(
         "joins": joins,
         "leaves": leaves,
     }
-    if members is not None:
-        notice["members"] = members[:MAX_WELCOME_MEMBERS]
+    if people is not None:
+        notice.update(_listing(people))
     return _dumps(notice)
 
 
@@ -570,6 +593,13 @@ def encode_typing(*, room: str, user: str | None, name: str | None) -> str:
 def encode_notice(data: Any) -> str:
     """v2: the application's message to one user (``POST /api/users/{user}/notify``)."""
     return _dumps({"type": "notice", "data": data})
+
+
+def dm_opened(room: str, user: str, name: str | None) -> dict[str, Any]:
+    """v2: a ``notice``'s ``data`` telling a user that ``user`` (named ``name``) opened the
+    direct room ``room`` with it. Its :data:`RESERVED_NOTICE_KEY` says roomcast sent it,
+    not the application (which may not use that key: the server API refuses it)."""
+    return {RESERVED_NOTICE_KEY: "dm", "room": room, "user": user, "name": name}
 
 
 def encode_history(

@@ -20,6 +20,7 @@ __all__ = [
     "Left",
     "Message",
     "Notice",
+    "Person",
     "Presence",
     "Reconnecting",
     "Scrollback",
@@ -31,9 +32,21 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True)
+class Person:
+    """A member as a room's member list shows it: its display ``name`` and its verified
+    ``user`` id (``None`` when anonymous), which names its direct room with you
+    (:func:`~roomcast.client.dm_room`)."""
+
+    user: str | None
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class Welcome:
     """The room as it was when this connection joined (one per connection, reconnections
-    included): its ``epoch``, latest ``seq``, and who is there."""
+    included): its ``epoch``, latest ``seq``, and who is there (``members``, their names;
+    ``people``, the same with their user ids; empty from a server that does not send
+    them)."""
 
     room: str
     epoch: str
@@ -42,6 +55,7 @@ class Welcome:
     count: int
     #: the event as the server sent it (one JSON object)
     raw: str = field(default="", repr=False, compare=False)
+    people: tuple[Person, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +79,9 @@ class Presence:
     ``event`` is ``"join"``, ``"leave"``, or ``"presence"`` for both). ``names`` are the
     ones the notice names (``joined`` then ``left``, at most ten each; anonymous members
     are only counted in ``joins`` and ``leaves``). ``count`` is the room's size now and
-    ``members`` its names now (as in :class:`Welcome`; ``None`` from a server that does
-    not send them): replace a member list with them rather than patching it."""
+    ``members`` its names now, ``people`` the same with user ids (as in :class:`Welcome`;
+    ``None`` from a server that does not send them): replace a member list with them
+    rather than patching it."""
 
     event: str
     names: tuple[str, ...]
@@ -81,6 +96,7 @@ class Presence:
     members: tuple[str, ...] | None = None
     #: the room it is about (``None`` from a v1 server, whose connection is one room)
     room: str | None = None
+    people: tuple[Person, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +269,7 @@ def _parse(raw: dict[str, Any], line: str) -> Event | Ack:
             members=tuple(_str(name) for name in raw.get("members") or ()),
             count=_int(raw.get("count", 0)),
             raw=line,
+            people=_people(raw.get("people") or []),
         )
     if kind == "system":
         return _presence(raw, line)
@@ -330,7 +347,7 @@ def _presence(raw: dict[str, Any], line: str) -> Presence:
     # a server that sends one notice per change names it in "name" only
     joined = _names(raw["joined"]) if "joined" in raw else single if event == "join" else ()
     left = _names(raw["left"]) if "left" in raw else single if event == "leave" else ()
-    members = raw.get("members")
+    members, people = raw.get("members"), raw.get("people")
     return Presence(
         event=event,
         names=joined + left,
@@ -343,6 +360,7 @@ def _presence(raw: dict[str, Any], line: str) -> Presence:
         leaves=_int(raw.get("leaves", 1 if event == "leave" else 0)),
         members=None if members is None else _names(members),
         room=_optional_str(raw.get("room")),
+        people=None if people is None else _people(people),
     )
 
 
@@ -350,6 +368,12 @@ def _names(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise TypeError(f"expected a list of names, got {value!r}")
     return tuple(_str(name) for name in value)
+
+
+def _people(value: Any) -> tuple[Person, ...]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list of people, got {value!r}")
+    return tuple(Person(_optional_str(p["user"]), _str(p["name"])) for p in value)
 
 
 def _str(value: Any) -> str:

@@ -31,6 +31,7 @@ from typing import Final
 import anyio
 
 from ..presence import PresenceChanges, PresenceEvent
+from ..protocol import Listed
 from .model import PRESENCE_WAKE, Client, HubStats, Member, Room
 
 __all__ = ["PRESENCE_RATE", "PresenceFlusher", "PresenceSource"]
@@ -40,9 +41,9 @@ __all__ = ["PRESENCE_RATE", "PresenceFlusher", "PresenceSource"]
 #: ``presence_interval``, so presence costs a room a bounded rate however big it grows
 PRESENCE_RATE: Final = 1000
 
-#: how a broker that keeps presence elsewhere gives the room's count and names (as in
-#: ``welcome``) for a notice; ``None`` if it cannot now (the notice then has no names)
-PresenceSource = Callable[[Room], Awaitable[tuple[int, list[str]] | None]]
+#: how a broker that keeps presence elsewhere gives the room's count and named people (as
+#: in ``welcome``) for a notice; ``None`` if it cannot now (the notice then has no names)
+PresenceSource = Callable[[Room], Awaitable[tuple[int, list[Listed]] | None]]
 
 
 class PresenceFlusher:
@@ -304,14 +305,15 @@ class PresenceFlusher:
         return handed
 
 
-def _notice(room: Room, changes: PresenceChanges, state: tuple[int, list[str]] | None) -> str:
-    """The room's notice for ``changes``, with the count and names a presence source gave
+def _notice(room: Room, changes: PresenceChanges, state: tuple[int, list[Listed]] | None) -> str:
+    """The room's notice for ``changes``, with the count and people a presence source gave
     (``state``), else the count a broker reported with the changes (names unknown here),
     else this hub's own."""
+    people: list[Listed] | None
     if state is not None:
-        count, members = state
+        count, people = state
     elif changes.count is not None:
-        count, members = changes.count, None
+        count, people = changes.count, None
     else:
-        count, members = room.count, room.member_names()
-    return changes.encode(room.name, count=count, members=members)
+        count, people = room.count, room.listed()
+    return changes.encode(room.name, count=count, people=people)

@@ -130,7 +130,7 @@ class Membership:
                 room=room.name,
                 epoch=room.epoch,
                 seq=room.seq,
-                members=room.member_names(),
+                people=room.listed(),
                 count=room.count,
                 max_text=self.max_text,
             )
@@ -269,7 +269,9 @@ class Membership:
     def _remove(self, member: Member, code: CloseCode | None, reason: str) -> bool:
         """Take a member out of its room. A v1 connection ends with its room (its outbox
         closes with ``code``); a v2 connection hears ``left`` when ``code`` says the
-        server ended the membership (not when the whole connection is ending)."""
+        server ended the membership (not when the whole connection is ending), and its
+        :attr:`~.model.Client.on_removed` is told in every case: this is the one place
+        every membership ends, once."""
         room = member.room
         if member not in room.members:
             return False
@@ -291,6 +293,8 @@ class Membership:
             self._close(client, code, reason)
         elif code is not None and client.close_code is None:
             self.send_to_client(client, protocol.encode_left(room.name, code, reason))
+        if client.on_removed is not None:
+            client.on_removed(member, reason if code is not None else "left")
         self.stats.leaves += 1
         if not room.members:
             room.held_leaves.clear()  # nobody is left to tell

@@ -34,6 +34,9 @@ __all__ = [
     "RoomFull",
 ]
 
+#: called with a membership the hub has just ended and why (see :attr:`Client.on_removed`)
+Removed = Callable[["Member", str], None]
+
 #: what the hub puts in an idle member's outbox to wake its sender for a presence notice
 #: (no real event is empty); the notice itself waits in :attr:`Member.presence`
 PRESENCE_WAKE: Final = ""
@@ -85,6 +88,10 @@ class Client:
     ended: bool = False
     #: set while the sender waits for an empty outbox (see :meth:`wait_for_events`)
     _wakeup: anyio.Event | None = field(default=None, repr=False)
+    #: told of each membership the hub takes away, however it ends, with why (``left``
+    #: when nobody ended it: the connection's own leave or its end); a v2 connection
+    #: with a ``leave`` hook sets it, so that the hook hears every ended membership once
+    on_removed: Removed | None = field(default=None, repr=False)
 
     async def wait_for_events(self) -> None:
         """Wait until the hub queues an event, a greeting or a presence notice, or ends
@@ -221,7 +228,13 @@ class Room:
         return list(self._people())
 
     def member_names(self) -> list[str]:
-        named = (name for _, name in self._people() if name is not None)
+        return [name for _, name in self.listed()]
+
+    def listed(self) -> list[protocol.Listed]:
+        """The people a member list shows (``welcome``, notices): those with a name, at
+        most :data:`~roomcast.protocol.MAX_WELCOME_MEMBERS`, in join order, found without
+        walking the rest of a crowd."""
+        named = ((user, name) for user, name in self._people() if name is not None)
         return list(itertools.islice(named, protocol.MAX_WELCOME_MEMBERS))
 
     def _people(self) -> Iterator[tuple[str | None, str | None]]:

@@ -15,9 +15,11 @@
 // `system` event can report several joins and leaves, and its `count` and `members` are
 // the room as it is now, so the member list is replaced with them rather than patched.
 //
-// Direct messages are the room dm:A:B (A < B, the two verified user ids): the page learns
-// a member's user id from what they send (message.user) or their typing events, since the
-// member list carries names only.
+// Direct messages are the room dm:A:B (A < B, the two verified user ids): the member list
+// gives each member's user id (`people` in welcome and presence notices), so a signed-in
+// member has a "Message" button beside every other signed-in member. Opening one tells the
+// other user's pages (a `notice` whose data is {"roomcast": "dm", room, user, name}): they
+// join the conversation and mark it new in their room list, without switching to it.
 //
 // Everything user-supplied is rendered with textContent, never as HTML (links in messages
 // are <a> elements built from the text, their href only ever http: or https:).
@@ -197,6 +199,7 @@
       settleTimer: null,
       maxText: null,
       unread: 0,
+      opened: false, // the other user opened this conversation and it was not looked at yet
       draft: "",
       typing: new Map(), // user id or name -> {name, until}
       problem: null, // {text, retry} while refused
@@ -536,7 +539,7 @@
     let hint = "";
     if (room.dm) hint = "";
     else if (!session.user) hint = "Sign in with a token to send direct messages.";
-    else if (unknownUsers) hint = "“Message” appears beside signed-in members once they have written here.";
+    else if (unknownUsers) hint = "Members who are not signed in cannot get direct messages.";
     el.dmHint.hidden = !hint;
     el.dmHint.textContent = hint;
   }
@@ -557,6 +560,10 @@
         const badge = node("span", "unread", room.unread > 99 ? "99+" : room.unread);
         badge.title = room.unread + " unread";
         button.appendChild(badge);
+      } else if (room.opened) {
+        const badge = node("span", "unread", "new");
+        badge.title = title(room) + " started this conversation";
+        button.appendChild(badge);
       }
       button.addEventListener("click", () => { showRoom(room); closeDrawer(); });
       li.appendChild(button);
@@ -565,7 +572,8 @@
     el.roomList.replaceChildren(...lists.rooms);
     el.dmList.replaceChildren(...lists.dms);
     el.dmsHead.hidden = lists.dms.length === 0;
-    const unread = Array.from(rooms.values()).reduce((sum, room) => sum + room.unread, 0);
+    // (a conversation someone opened, with nothing in it yet, counts as one)
+    const unread = Array.from(rooms.values()).reduce((sum, room) => sum + (room.unread || (room.opened ? 1 : 0)), 0);
     el.roomsToggleUnread.hidden = unread === 0;
     el.roomsToggleUnread.textContent = unread > 99 ? "99+" : String(unread);
     const here = session.current;
@@ -683,6 +691,7 @@
       case "left": return onLeft(ev);
       case "history": return room && onHistory(room, ev);
       case "error": return onError(room, ev);
+      case "notice": return onNotice(ev.data);
       default: return undefined;
     }
   }
@@ -707,7 +716,7 @@
     room.epoch = typeof ev.epoch === "string" ? ev.epoch : null;
     const limits = ev.limits && typeof ev.limits === "object" ? ev.limits : {};
     room.maxText = Number.isInteger(limits.text) && limits.text > 0 ? limits.text : null;
-    setMembers(room, ev.members);
+    setMembers(room, ev.members, ev.people);
     room.count = Number(ev.count) || 0;
     room.everJoined = true;
     session.attempt = 0; // a drop from here on starts the backoff afresh
@@ -719,9 +728,32 @@
     if (firstPage || wantsEarlier(room)) loadEarlier(room);
   }
 
-  function setMembers(room, list) {
+  // The room's member list as the server gives it: names, and the same people with their
+  // user ids (anonymous members have none, and no "Message" button).
+  function setMembers(room, list, people) {
     room.members = new Map();
     for (const n of names(list)) room.members.set(n, (room.members.get(n) || 0) + 1);
+    if (!Array.isArray(people)) return;
+    for (const person of people) {
+      if (person && typeof person === "object") learnUser(room, person.name, person.user);
+    }
+  }
+
+  // Another user opened a direct conversation with us (roomcast's own notice, told apart
+  // from the application's by its "roomcast" member, which the server reserves): join it,
+  // in the background, and mark it new until it is looked at.
+  function onNotice(data) {
+    if (!data || typeof data !== "object" || data.roomcast !== "dm") return;
+    const peer = data.user;
+    if (!session.user || typeof peer !== "string" || data.room !== dmRoom(session.user, peer)) return;
+    if (typeof data.name === "string" && data.name) {
+      userNames.set(peer, data.name);
+      rememberDmName({ name: data.room, dm: peer, members: new Map() }, data.name);
+    }
+    if (rooms.has(data.room)) return; // already in the list: nothing is new
+    const room = joinRoom(data.room, { show: false });
+    room.opened = true;
+    renderRoomList();
   }
 
   // What was sent but not confirmed before a drop is known once the resume's replay has
@@ -831,7 +863,7 @@
     const joins = typeof ev.joins === "number" ? ev.joins : ev.event === "join" ? 1 : 0;
     const leaves = typeof ev.leaves === "number" ? ev.leaves : ev.event === "leave" ? 1 : 0;
     if (Array.isArray(ev.members)) {
-      setMembers(room, ev.members);
+      setMembers(room, ev.members, ev.people);
     } else {
       for (const n of joined) room.members.set(n, (room.members.get(n) || 0) + 1);
       for (const n of left) {
@@ -1214,6 +1246,7 @@
     if (previous && previous !== room) previous.draft = el.text.value;
     session.current = room;
     room.unread = 0;
+    room.opened = false;
     if (el.messages !== room.list) {
       el.messages.removeAttribute("id");
       room.list.id = "messages";

@@ -48,11 +48,10 @@ import coredis
 
 from ... import protocol
 from ...hub import Client, Hub, Member, NameTaken, Room, RoomFull, replay
-from ...protocol import MAX_WELCOME_MEMBERS
 from ...settings import Settings
 from .. import BrokerUnavailable
 from . import calls, scripts
-from .keys import PRESENCE_TTL, _keys, _now_ms, _people, _seq_of, _split_entry
+from .keys import PRESENCE_TTL, _keys, _listed, _now_ms, _seq_of, _split_entry
 from .presence import Presence
 
 __all__ = ["Joining"]
@@ -145,12 +144,11 @@ class Joining(Presence):
         if not new:  # another tab of a user already there: no join to come back
             self._joining.pop((member.room.name, member.id), None)
         seq = int(seq)
-        names = [person.name for person in _people(present) if person.name]
         welcome = protocol.encode_welcome(
             room=member.room.name,
             epoch=run,
             seq=seq,
-            members=names[:MAX_WELCOME_MEMBERS],
+            people=_listed(present),
             count=int(count),
             max_text=self.settings.max_text,
         )

@@ -55,6 +55,7 @@ import orjson
 
 from ...hub import Member
 from ...names import skeleton
+from ...protocol import MAX_WELCOME_MEMBERS, Listed
 from .. import Person
 
 __all__ = ["PRESENCE_TTL"]
@@ -146,6 +147,13 @@ def _people(entries: Sequence[str]) -> list[Person]:
             users.add(person.user)
         people.append(person)
     return people
+
+
+def _listed(entries: Sequence[str]) -> list[Listed]:
+    """The people a member list shows, from presence entries: each named person once (a
+    verified user by its first entry), at most :data:`MAX_WELCOME_MEMBERS`."""
+    named = [(person.user, person.name) for person in _people(entries) if person.name]
+    return named[:MAX_WELCOME_MEMBERS]
 
 
 def _now_ms() -> int:

@@ -66,12 +66,12 @@ from coredis.exceptions import RedisError
 
 from ...hub import Hub, Member, NameTaken, Room
 from ...presence import PresenceEvent
-from ...protocol import MAX_WELCOME_MEMBERS, CloseCode
+from ...protocol import MAX_WELCOME_MEMBERS, CloseCode, Listed
 from ...settings import Settings
 from .. import BrokerUnavailable, Person
 from . import calls, scripts
 from .delivery import Delivery
-from .keys import PRESENCE_TTL, _now_ms, _people, _presence_entry, _presence_keys
+from .keys import PRESENCE_TTL, _listed, _now_ms, _people, _presence_entry, _presence_keys
 
 __all__ = ["PRESENCE_REFRESH", "TICK", "Presence"]
 
@@ -160,15 +160,14 @@ class Presence(Delivery):
             entry = self._entries[member] = _presence_entry(member)
         return entry
 
-    async def _presence_state(self, room: Room) -> tuple[int, list[str]] | None:
-        """The room's count and names across workers, for a presence notice (the hub's
-        ``presence_source``); ``None`` while Redis is out of reach."""
+    async def _presence_state(self, room: Room) -> tuple[int, list[Listed]] | None:
+        """The room's count and named people across workers, for a presence notice (the
+        hub's ``presence_source``); ``None`` while Redis is out of reach."""
         try:
             count, entries = await self._presence_of(room.name, 2 * MAX_WELCOME_MEMBERS)
         except BrokerUnavailable:
             return None
-        names = [person.name for person in _people(entries) if person.name]
-        return count, names[:MAX_WELCOME_MEMBERS]
+        return count, _listed(entries)
 
     async def _presence_of(self, room: str, entries: int) -> tuple[int, list[str]]:
         """The room's count (people) and its first ``entries`` presence entries (-1: all),
