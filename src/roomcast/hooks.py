@@ -68,6 +68,10 @@ T = TypeVar("T")
 MAX_CODE: Final = 64
 #: longest reason of a refusal: it goes into a close frame, whose reason has 123 bytes
 MAX_REASON: Final = 120
+#: longest ``data`` a rewrite may add, as JSON bytes (the server API's body limit): every
+#: member, every joiner's replay and the history get it, and a client library with a frame
+#: limit (``websockets``: 1 MiB) would close on a bigger message, in every member at once
+MAX_DATA_BYTES: Final = 65536
 #: the ``error`` text when a hook failed and roomcast failed closed
 HOOK_UNAVAILABLE: Final = "not done: the application's check is unavailable; try again shortly"
 
@@ -348,9 +352,13 @@ class HookRunner:
             if not isinstance(answer.data, dict):
                 raise _unusable("message", "a rewrite's data must be a dict (a JSON object)")
             try:
-                orjson.dumps(answer.data)
+                size = len(orjson.dumps(answer.data))
             except TypeError as exc:
                 raise _unusable("message", f"a rewrite's data is not JSON: {exc}") from None
+            if size > MAX_DATA_BYTES:
+                raise _unusable(
+                    "message", f"a rewrite's data of {size} bytes is over {MAX_DATA_BYTES}"
+                )
         return answer
 
 
