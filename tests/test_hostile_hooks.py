@@ -8,19 +8,27 @@ cases run a real roomcast server and a real HTTP receiver (Hypercorn, in threads
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
+import tracemalloc
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
 import pytest
+import trio
+from trio_websocket import open_websocket_url
 
 from roomcast import Hooks, Identity, Rewrite, Settings, create_app
 from roomcast import hooks as roomcast_hooks
+from roomcast.asgi import Receive, Scope, Send
 from roomcast.client import Message, Welcome
 from roomcast.hooks import ConnectRequest, MessageRequest
 from roomcast.testing import MessageRefused, TestWebSocket, WebSocketClosed, open_test_client
+
+from servers import serve_in_thread
 
 pytestmark = pytest.mark.anyio
 
@@ -133,3 +141,82 @@ async def test_a_connect_identity_expiring_in_a_far_future_is_served() -> None:
         ):
             assert isinstance(await ws.receive_event(), Welcome)
             assert (await ws.send_message("still here")).seq == 1
+
+
+# -- a webhook receiver that answers too much, on real servers -------------------------------
+
+
+@dataclasses.dataclass
+class FloodingReceiver:
+    """An ASGI receiver answering every POST with ``size`` bytes: JSON whitespace, then
+    ``{}`` (valid JSON: read to the end, it accepts)."""
+
+    size: int
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        chunk = b" " * 65536
+        for _ in range(self.size // len(chunk)):  # sent on after the client left: ignored
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+async def _send_and_answer(url: str) -> dict[str, Any]:
+    async with open_websocket_url(url) as ws:
+        while json.loads(await ws.get_message())["type"] != "welcome":
+            pass
+        await ws.send_message(json.dumps({"text": "hello", "id": "h"}))
+        while True:
+            event: dict[str, Any] = json.loads(await ws.get_message())
+            if event.get("id") == "h":
+                return event
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+@pytest.mark.parametrize("worker_class", ["trio", "asyncio"])
+async def test_a_webhook_answer_of_100_mb_is_not_read_into_memory(worker_class: str) -> None:
+    """The answer is read up to 1 MiB and then given up (the hook fails closed); before,
+    the whole body was read into memory, per waiting connection (up to the pool's 200)."""
+    receiver = FloodingReceiver(100 * 1024 * 1024)
+    with serve_in_thread(receiver, worker_class="trio") as hooks_server:
+        settings = dataclasses.replace(
+            SETTINGS,
+            hook_timeout=20.0,  # time enough to read it all: the cap, not the clock, stops it
+            webhook_url=hooks_server.http_url("/hooks"),
+            webhook_secret="s",
+            webhook_events=frozenset({"message"}),
+        )
+        with (
+            serve_in_thread(create_app(settings), worker_class=worker_class) as server,
+            traced_peak() as peak,
+            trio.fail_after(40),
+        ):
+            answer = await _send_and_answer(server.url("/ws/chat?room=r&name=a"))
+    print(f"peak {peak() / 2**20:.1f} MiB")
+    assert (answer["type"], answer.get("error")) == ("error", "unavailable")
+    assert peak() < 20 * 1024 * 1024  # the cap, and nothing near the 100 MB
+
+
+@contextlib.contextmanager
+def traced_peak() -> Iterator[Callable[[], int]]:
+    """The most memory the process (servers' threads included) held at once within the
+    block, above what it held when the block began, read with ``tracemalloc``."""
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    baseline = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    peaks: list[int] = []
+    try:
+        yield lambda: peaks[0]
+    finally:
+        peaks.append(tracemalloc.get_traced_memory()[1] - baseline)
+        if started:
+            tracemalloc.stop()
