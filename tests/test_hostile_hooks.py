@@ -220,3 +220,21 @@ def traced_peak() -> Iterator[Callable[[], int]]:
         peaks.append(tracemalloc.get_traced_memory()[1] - baseline)
         if started:
             tracemalloc.stop()
+
+
+# -- roomcast.testing misused ----------------------------------------------------------------
+
+
+async def test_a_read_after_the_connect_block_blames_the_test_not_the_app() -> None:
+    """A read after the ``connect`` block said ``1011 the app ended without closing``:
+    a test author would hunt for a bug in an app that did nothing wrong."""
+    with anyio.fail_after(20):
+        async with open_test_client(create_app(SETTINGS)) as client:
+            async with client.connect("/ws/chat?room=r") as ws:
+                await ws.receive_event()
+            with pytest.raises(WebSocketClosed) as closed:
+                await ws.receive_json()
+            assert (closed.value.code, closed.value.reason) == (1000, "closed by the client")
+            assert (ws.close_code, ws.close_reason) == (1000, "closed by the client")
+            async with client.connect("/ws/chat?room=r") as again:  # the app is fine
+                assert isinstance(await again.receive_event(), Welcome)
