@@ -306,6 +306,8 @@ async def _next_event(client: Client, *, checkpoint: bool) -> str | None:
             event = None  # (no await in here: the exception would live as long as the wait)
         except anyio.EndOfStream:
             return None
+        else:
+            client.taken += 1
         if event is None:
             if (notice := client.take_presence()) is not None:
                 return notice
@@ -334,6 +336,7 @@ def _with_backlog(client: Client, first: str, batch_max: int) -> str:
             break
         except anyio.EndOfStream:
             break
+        client.taken += 1
         if event is not PRESENCE_WAKE:
             events.append(event)
         elif (notice := client.take_presence()) is not None:

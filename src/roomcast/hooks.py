@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,9 +40,9 @@ from typing import Any, Final, Protocol, TypeVar
 import anyio
 import orjson
 
-from .identity import Identity
+from .identity import LEEWAY, MAX_ROOM_GRANTS, Identity
 from .names import BadName, normalize_name
-from .protocol import ChatMessage, ErrorCode
+from .protocol import ChatMessage, CloseCode, ErrorCode
 from .stored import StoredMessage
 
 __all__ = [
@@ -68,6 +70,10 @@ T = TypeVar("T")
 MAX_CODE: Final = 64
 #: longest reason of a refusal: it goes into a close frame, whose reason has 123 bytes
 MAX_REASON: Final = 120
+#: longest ``data`` a rewrite may add, as JSON bytes (the server API's body limit): every
+#: member, every joiner's replay and the history get it, and a client library with a frame
+#: limit (``websockets``: 1 MiB) would close on a bigger message, in every member at once
+MAX_DATA_BYTES: Final = 65536
 #: the ``error`` text when a hook failed and roomcast failed closed
 HOOK_UNAVAILABLE: Final = "not done: the application's check is unavailable; try again shortly"
 
@@ -272,7 +278,7 @@ class HookRunner:
                 return Refuse(answer.code, answer.reason[:MAX_REASON])
             raise _unusable("connect", f"a refusal's code must be 4000-4499, not {answer.code!r}")
         if isinstance(answer, Identity):
-            return _checked_identity(answer)
+            return _unexpired(_checked_identity(answer))
         raise _unusable("connect", f"expected an Identity, a Refuse or None, not {answer!r}")
 
     async def join(self, request: JoinRequest) -> Refuse | None:
@@ -348,9 +354,13 @@ class HookRunner:
             if not isinstance(answer.data, dict):
                 raise _unusable("message", "a rewrite's data must be a dict (a JSON object)")
             try:
-                orjson.dumps(answer.data)
+                size = len(orjson.dumps(answer.data))
             except TypeError as exc:
                 raise _unusable("message", f"a rewrite's data is not JSON: {exc}") from None
+            if size > MAX_DATA_BYTES:
+                raise _unusable(
+                    "message", f"a rewrite's data of {size} bytes is over {MAX_DATA_BYTES}"
+                )
         return answer
 
 
@@ -363,9 +373,24 @@ def _checked_identity(identity: Identity) -> Identity:
     except (BadName, TypeError, AttributeError):
         raise _unusable("connect", f"{identity.name!r} is not a usable display name") from None
     rooms = identity.rooms
-    if rooms is not None and not all(isinstance(room, str) for room in rooms):
-        raise _unusable("connect", "an identity's rooms must be room names (or None)")
-    return Identity(identity.user, name, None if rooms is None else tuple(rooms), identity.expires)
+    if rooms is not None and not (
+        len(rooms) <= MAX_ROOM_GRANTS and all(isinstance(room, str) for room in rooms)
+    ):
+        raise _unusable(
+            "connect", f"an identity's rooms must be at most {MAX_ROOM_GRANTS} room names (or None)"
+        )
+    expires = identity.expires
+    if isinstance(expires, bool) or not isinstance(expires, int | float) or math.isnan(expires):
+        raise _unusable("connect", f"an identity's expires must be Unix seconds, not {expires!r}")
+    return Identity(identity.user, name, None if rooms is None else tuple(rooms), expires)
+
+
+def _unexpired(identity: Identity) -> Identity | Refuse:
+    """An identity already past its expiry is refused at the handshake (4001), as an expired
+    token is: admitted, it would join, read the room's replay and only then be closed."""
+    if identity.expires + LEEWAY <= time.time():
+        return Refuse(int(CloseCode.UNAUTHORIZED), "token expired")
+    return identity
 
 
 def _unusable(name: str, problem: str) -> HookFailed:

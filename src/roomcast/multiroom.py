@@ -64,6 +64,7 @@ from .settings import Settings
 __all__ = [
     "HISTORY_BURST",
     "HISTORY_RATE",
+    "MAX_PAGES_WAITING",
     "MAX_QUEUED_FOR_HISTORY",
     "TYPING_INTERVAL",
     "PageSource",
@@ -80,6 +81,11 @@ HISTORY_BURST: Final = 10
 #: a ``history`` request is refused while more events than this wait in the connection's
 #: outbox: a client that asks for pages without reading them holds at most a few
 MAX_QUEUED_FOR_HISTORY: Final = 8
+#: ... or while this many of its pages wait there: a page is a copy made for one
+#: connection (up to the room's whole retained window, not an event the room shares), so
+#: a client that asks for pages and reads none holds three (one being written), not a
+#: burst's ten; two leave room for a client asking for two rooms' pages at once
+MAX_PAGES_WAITING: Final = 2
 HISTORY_BACKLOG_NOTICE: Final = "read what was sent before asking for more history"
 
 #: where a ``history`` command's page comes from: ``(room, before, limit)`` -> page
@@ -118,6 +124,9 @@ class Session:
         self.messages = TokenBucket(rate, 2 * rate, now) if rate else None
         self.refreshes = TokenBucket(REFRESH_RATE, 3 * REFRESH_RATE, now)
         self.pages_asked = TokenBucket(HISTORY_RATE, HISTORY_BURST, now)
+        #: where the last pages queued stand among all the events of the outbox: one has
+        #: left it once the sender has taken that many (``client.taken``)
+        self.pages_at: deque[int] = deque(maxlen=MAX_PAGES_WAITING)
         #: when each room's last typing event was relayed
         self.typed: dict[str, float] = {}
 
@@ -277,7 +286,8 @@ class Session:
         if not self.pages_asked.take(anyio.current_time()):
             self.refuse(ErrorCode.RATE_LIMITED, RATE_NOTICE, room=room, id=id)
             return
-        if self.client.queued > MAX_QUEUED_FOR_HISTORY:
+        client = self.client
+        if client.queued > MAX_QUEUED_FOR_HISTORY or self._pages_waiting() >= MAX_PAGES_WAITING:
             self.refuse(ErrorCode.RATE_LIMITED, HISTORY_BACKLOG_NOTICE, room=room, id=id)
             return
         if room not in self.client.members and not await self._may_read(room, id):
@@ -295,7 +305,11 @@ class Session:
             more=page.more,
             id=id,
         )
-        self.hub.send_to_client(self.client, encoded)
+        self.hub.send_to_client(client, encoded)
+        self.pages_at.append(client.taken + client.queued)
+
+    def _pages_waiting(self) -> int:
+        return sum(1 for at in self.pages_at if self.client.taken < at)
 
     async def _may_read(self, room: str, id: str | None) -> bool:
         """Whether a connection that is not in ``room`` may read it: what it may join."""

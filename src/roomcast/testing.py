@@ -573,6 +573,12 @@ class TestWebSocket:
         self._record_close(code, "closed by the client")
         await self._transport.disconnect(code)
 
+    def closed_by_test(self) -> None:
+        """The test's ``connect`` block has ended: a read from now on raises
+        :class:`WebSocketClosed` 1000 ``closed by the client`` (unless the app's close was
+        read first), not the 1011 of an app that ended its handler without closing."""
+        self._record_close(CloseCode.NORMAL, "closed by the client")
+
     def _check_app_error(self) -> None:
         """Raise what the app's handler raised, if no read has raised it yet."""
         self._raise_app_error()
@@ -733,6 +739,7 @@ class TestClient:
             raise
         finally:
             self._connections.discard(transport)
+        ws.closed_by_test()
         await transport.disconnect(CloseCode.NORMAL)
         ws._check_app_error()
 

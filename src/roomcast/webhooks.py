@@ -74,6 +74,10 @@ POOL_KEEPALIVE: Final = 50
 #: connections open to the receiver at once; further posts wait for one (within their time limit)
 POOL_MAX: Final = 200
 
+#: the longest answer read from the receiver: an identity with a token's 1,000 room grants,
+#: or a rewrite at ROOMCAST_MAX_TEXT with its data, fits many times; more is a failure
+MAX_ANSWER_BYTES: Final = 1024 * 1024
+
 #: the keys each event's answer may have (any other key is a failure: a typo such as
 #: ``{"refused": ...}`` must not pass as ``{}``)
 _ANSWER_KEYS: Final = {
@@ -186,15 +190,37 @@ class WebhookCalls:
         timestamp = str(int(time.time()))
         headers = {
             "content-type": "application/json",
+            "accept-encoding": "identity",  # a compressed answer could inflate past the cap
             TIMESTAMP_HEADER: timestamp,
             SIGNATURE_HEADER: sign(self.secret, timestamp, body),
         }
-        response = await self.client.post(self.url, content=body, headers=headers)
-        if not response.is_success:
-            raise WebhookFailed(f"HTTP {response.status_code} from {self.url}")
-        if event not in _ANSWER_KEYS:
-            return {}
-        return _answer(event, response.content)
+        request = self.client.build_request("POST", self.url, content=body, headers=headers)
+        response = await self.client.send(request, stream=True)
+        try:
+            if not response.is_success:
+                raise WebhookFailed(f"HTTP {response.status_code} from {self.url}")
+            if event not in _ANSWER_KEYS:
+                return {}
+            return _answer(event, await _read_answer(response))
+        finally:
+            with anyio.move_on_after(1.0, shield=True):
+                await response.aclose()
+
+
+async def _read_answer(response: httpx.Response) -> bytes:
+    """The body of ``response``, read up to :data:`MAX_ANSWER_BYTES`: a receiver that
+    answers 100 MB must not make each waiting connection hold 100 MB."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+        raise WebhookFailed(f"an answer of {declared} bytes is over {MAX_ANSWER_BYTES}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise WebhookFailed(f"an answer over {MAX_ANSWER_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _answer(event: str, content: bytes) -> dict[str, Any]:

@@ -86,6 +86,9 @@ class Client:
     close_reason: str = ""
     #: the hub has closed its outbox: nothing more can be queued
     ended: bool = False
+    #: events the sender has taken out of the outbox so far: with :attr:`queued`, it
+    #: tells whether an event queued earlier has left the outbox (it is first in, first out)
+    taken: int = 0
     #: set while the sender waits for an empty outbox (see :meth:`wait_for_events`)
     _wakeup: anyio.Event | None = field(default=None, repr=False)
     #: told of each membership the hub takes away, however it ends, with why (``left``
