@@ -368,12 +368,14 @@ class ServerProcess:
             return 0
 
 
-def loadgen_args(mode: str, url: str, params: dict[str, Any], subprotocol: str | None) -> list[str]:
+def loadgen_args(mode: str, url: str, params: dict[str, Any], server: Server) -> list[str]:
     argv = [PY, str(LOADGEN), mode, "--url", url]
     for key, value in params.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    if subprotocol:
-        argv += ["--subprotocol", subprotocol]
+    if server.subprotocol:
+        argv += ["--subprotocol", server.subprotocol]
+    if server.deflate:
+        argv.append("--deflate")
     return argv
 
 
@@ -454,7 +456,7 @@ class Runner:
             prof = self._profile(sp, tag)
             budget = 180 + params.get("rounds", 1) * 2 * (params.get("duration", 5) + 15)
             lg = subprocess.Popen(
-                loadgen_args("fanout", sp.url, params, server.subprotocol),
+                loadgen_args("fanout", sp.url, params, server),
                 cwd=REPO,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -513,7 +515,7 @@ class Runner:
             before = statistics.median(sampler.sample() or 0 for _ in range(3))
             sampler.start()
             lg = subprocess.Popen(
-                loadgen_args("idle", sp.url, params, server.subprotocol),
+                loadgen_args("idle", sp.url, params, server),
                 cwd=REPO,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -573,7 +575,7 @@ class Runner:
             before = statistics.median(sampler.sample() or 0 for _ in range(3))
             sampler.start()
             lg = subprocess.Popen(
-                loadgen_args("multiroom", url, params, server.subprotocol),
+                loadgen_args("multiroom", url, params, server),
                 cwd=REPO,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -649,7 +651,7 @@ def _crowd_phase(
     result: dict[str, Any] = {}
     try:
         sampler.start()
-        argv = loadgen_args("crowd", sp.url, params, server.subprotocol)
+        argv = loadgen_args("crowd", sp.url, params, server)
         lg = subprocess.run(
             argv, cwd=REPO, capture_output=True, text=True, timeout=params["limit"] + 120
         )
