@@ -21,7 +21,7 @@ from wsproto.extensions import Extension, PerMessageDeflate
 
 from roomcast import Settings, create_app
 
-from servers import ThreadedServer, serve_in_thread
+from servers import ThreadedServer, serve_in_thread, spawn_server
 
 #: what Chromium (and Firefox) send in every WebSocket handshake
 BROWSER_OFFER = "permessage-deflate; client_max_window_bits"
@@ -158,3 +158,46 @@ async def test_a_compressing_client_library_chats_through_the_hardened_server(
                     while (event := json.loads(await ws.recv()))["type"] != "message":
                         pass
                     assert event["text"] == f"hello {i} " * 10
+
+
+#: in a page of the server: open ``url``, echo ``texts`` one after another, and say what
+#: the browser negotiated
+ECHO_IN_PAGE = """async ([url, texts]) => {
+    const ws = new WebSocket(url);
+    const incoming = [];
+    let wake = null;
+    ws.onmessage = (event) => { incoming.push(event.data); if (wake) wake(); };
+    const bounded = (settle) => new Promise((resolve, reject) => {
+        settle(resolve, reject);
+        setTimeout(() => reject(new Error("nothing within 10 s")), 10000);
+    });
+    await bounded((resolve, reject) => { ws.onopen = resolve; ws.onerror = reject; });
+    const echoes = [];
+    for (const text of texts) {
+        ws.send(text);
+        while (incoming.length === 0) await bounded((resolve) => { wake = resolve; });
+        echoes.push(incoming.shift());
+    }
+    ws.close();
+    return {extensions: ws.extensions, echoes};
+}"""
+
+
+def test_chromium_negotiates_the_default_and_its_messages_round_trip() -> None:
+    """Chromium itself, against ``python -m roomcast``: it accepts the default answer
+    (small windows, its context reset per message) and every echo comes back whole."""
+    from test_browser import CHROMIUM_ARGS, _requirements
+
+    sync_api, executable = _requirements()
+    texts = [f"{i}: the quick brown fox jumps over the lazy dog " * (1 + 40 * i) for i in range(6)]
+    with spawn_server(env={"ROOMCAST_RATE_LIMIT": "0"}) as server, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, timeout=30_000)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(10_000)
+            page.goto(server.http_url("/healthz"))
+            result = page.evaluate(ECHO_IN_PAGE, [server.url("/ws/echo"), texts])
+        finally:
+            browser.close()
+    assert result["extensions"] == ANSWERS["low-memory"]
+    assert result["echoes"] == [f"Echo: {text}" for text in texts]
