@@ -525,6 +525,8 @@ class Runner:
             line = _readline(lg, timeout=240)
             result = json.loads(line) if line else {"error": "idle loadgen printed nothing"}
             connected_rss = settled_rss(sp.proc.pid)
+            if sp.server.kind == "roomcast":  # python -m roomcast: the process is its master
+                result["master_rss_mb"] = _mb(psutil.Process(sp.proc.pid).memory_info().rss)
             assert lg.stdin is not None
             lg.stdin.write("close\n")
             lg.stdin.flush()
@@ -1000,7 +1002,8 @@ def brief(mode: str, r: dict[str, Any]) -> str:
     if "error" in r:
         return "ERROR " + str(r["error"])[:300]
     if mode == "idle":
-        return f"{r.get('connects_per_s')} conn/s, {r.get('kb_per_connection')} KB/conn"
+        master = f", master {r['master_rss_mb']} MB" if r.get("master_rss_mb") else ""
+        return f"{r.get('connects_per_s')} conn/s, {r.get('kb_per_connection')} KB/conn{master}"
     if mode == "crowd":
         return "; ".join(
             f"{n}: one room {_fill(x['one'])}, rooms of 10 {_fill(x['tens'])}, "
@@ -1626,14 +1629,15 @@ def tables(report: dict[str, Any]) -> str:
             )
             lines.append("")
             lines.append(
-                f"| server | connected | connects/s | vs {REFERENCE} | RSS before MB | RSS with N MB | KB per idle connection | notes |"
+                f"| server | connected | connects/s | vs {REFERENCE} | RSS before MB | RSS with N MB | KB per idle connection | master RSS MB | notes |"
             )
-            lines.append("|---|---:|---:|---:|---:|---:|---:|---|")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
             for name, r in S.items():
                 lines.append(
                     f"| {name} | {fmt(r.get('connected'))} | {fmt(r.get('connects_per_s'))} "
                     f"| {ratio(r.get('connects_per_s'), ref)} | {fmt(r.get('rss_before_mb'), 1)} "
-                    f"| {fmt(r.get('rss_connected_mb'), 1)} | {fmt(r.get('kb_per_connection'), 1)} | {notes(r)} |"
+                    f"| {fmt(r.get('rss_connected_mb'), 1)} | {fmt(r.get('kb_per_connection'), 1)} "
+                    f"| {fmt(r.get('master_rss_mb'), 1)} | {notes(r)} |"
                 )
         lines.append("")
     if report.get("targets"):
