@@ -20,6 +20,7 @@ from wsproto.events import CloseConnection, TextMessage
 from wsproto.extensions import Extension, PerMessageDeflate
 
 from roomcast import Settings, create_app
+from roomcast.launcher.hardening import BoundedPerMessageDeflate
 
 from servers import ThreadedServer, serve_in_thread, spawn_server
 
@@ -111,6 +112,16 @@ async def open_browser_like(port: int, path: str) -> BrowserLikeClient:
     return client
 
 
+@pytest.fixture
+def restored_compression() -> Iterator[None]:
+    """The process's compression as it was before a test's app installed its own (it is
+    one per process: Hypercorn builds the extension without knowing the app)."""
+    before = BoundedPerMessageDeflate.compression
+    yield
+    BoundedPerMessageDeflate.compression = before
+
+
+@pytest.mark.usefixtures("restored_compression")
 @pytest.mark.parametrize("compression", list(ANSWERS))
 async def test_a_browser_offer_gets_what_the_setting_negotiates(compression: str) -> None:
     with serve_in_thread(create_app(Settings(compression=compression))) as server:

@@ -411,7 +411,8 @@ def install(send_timeout: float, compression: str = "low-memory") -> bool:
     """Install the classes above into the Hypercorn serving this process, once, with
     ``TCP_USER_TIMEOUT`` of ``send_timeout`` seconds on each accepted socket, and
     permessage-deflate negotiated as ``compression`` (a key of :data:`COMPRESSION`) from
-    then on.
+    then on: one setting per process (Hypercorn builds the extension knowing nothing of
+    the app), the last app started deciding for tests that serve several in one process.
 
     Returns whether they are installed: not when the process is not served by Hypercorn
     (another ASGI server, a test's own loop) nor on an untested Hypercorn release, which
