@@ -51,6 +51,7 @@ import resource
 import socket
 import sys
 import time
+import zlib
 
 import orjson
 import uvloop
@@ -58,6 +59,66 @@ from picows import WSCloseCode, WSListener, WSMsgType, ws_connect
 
 perf_ns = time.perf_counter_ns
 loads = orjson.loads
+
+#: what Chromium (and Firefox) offer in every WebSocket handshake (``--deflate``)
+BROWSER_DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+#: whether connections offer it: set from ``--deflate``
+OFFER_DEFLATE = False
+
+
+class Deflate:
+    """One connection's permessage-deflate (RFC 7692), as the server answered the browser
+    offer: what a browser's compressor and decompressor keep is what the response says."""
+
+    def __init__(self, response: str) -> None:
+        params = {}
+        for part in response.split(";")[1:]:
+            name, _, value = (piece.strip() for piece in part.partition("="))
+            params[name] = int(value) if value else None
+        self.server_context = "server_no_context_takeover" not in params
+        self.client_context = "client_no_context_takeover" not in params
+        self.client_bits = params.get("client_max_window_bits") or 15
+        self.server_bits = params.get("server_max_window_bits") or 15
+        self._inflater = zlib.decompressobj(-self.server_bits)
+        self._deflater = self._new_deflater()
+
+    def _new_deflater(self):  # type: ignore[no-untyped-def]
+        return zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -self.client_bits)
+
+    def inflate(self, payload: bytes) -> bytes:
+        data = self._inflater.decompress(payload + b"\x00\x00\xff\xff")
+        if not self.server_context:
+            self._inflater = zlib.decompressobj(-self.server_bits)
+        return data
+
+    def deflate(self, data: bytes) -> bytes:
+        out = self._deflater.compress(data) + self._deflater.flush(zlib.Z_SYNC_FLUSH)
+        if not self.client_context:
+            self._deflater = self._new_deflater()
+        return out[:-4]
+
+
+def handshake_headers(subprotocol: str | None) -> dict[str, str] | None:
+    headers = {}
+    if subprotocol:
+        headers["Sec-WebSocket-Protocol"] = subprotocol
+    if OFFER_DEFLATE:
+        headers["Sec-WebSocket-Extensions"] = BROWSER_DEFLATE_OFFER
+    return headers or None
+
+
+def send_text(transport, listener, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    """One text message, compressed when the connection negotiated permessage-deflate."""
+    st = STATS
+    st.payload_out += len(data)
+    deflate = listener.deflate
+    if deflate is None:
+        st.wire_out += len(data)
+        transport.send(WSMsgType.TEXT, data)
+    else:
+        wire = deflate.deflate(data)
+        st.wire_out += len(wire)
+        transport.send(WSMsgType.TEXT, wire, rsv1=True)
 
 
 def raise_nofile(want: int = 1 << 16) -> int:
@@ -88,6 +149,14 @@ class Stats:
         self.duplicates = 0
         self.gaps = 0
         self.gap_notices = 0
+        self.reset_bytes()
+
+    def reset_bytes(self) -> None:
+        # text payloads received and sent: as on the wire (compressed or not), and as read
+        self.wire_in = 0
+        self.payload_in = 0
+        self.wire_out = 0
+        self.payload_out = 0
 
     def reset(self) -> None:
         self.lat = []
@@ -97,6 +166,7 @@ class Stats:
         self.notices = 0
         self.first_send = None
         self.last_recv = None
+        self.reset_bytes()
 
 
 STATS = Stats()
@@ -108,6 +178,12 @@ class Receiver(WSListener):
 
     closing = False
     close_code: int | None = None
+    deflate: Deflate | None = None
+
+    def on_ws_connected(self, transport) -> None:  # type: ignore[no-untyped-def]
+        accepted = transport.response.headers.get("sec-websocket-extensions")
+        if OFFER_DEFLATE and accepted:
+            self.deflate = Deflate(accepted)
 
     def on_ws_frame(self, transport, frame) -> None:  # type: ignore[no-untyped-def]
         st = STATS
@@ -124,6 +200,10 @@ class Receiver(WSListener):
             return
         st.frames += 1
         payload = frame.get_payload_as_bytes()
+        st.wire_in += len(payload)
+        if frame.rsv1 and self.deflate is not None:
+            payload = self.deflate.inflate(payload)
+        st.payload_in += len(payload)
         for line in payload.split(b"\n") if b"\n" in payload else (payload,):
             if line:
                 self.on_event(line, now)
@@ -193,7 +273,7 @@ def _stalled_socket(rcvbuf: int):  # type: ignore[no-untyped-def]
 
 
 async def connect(a: argparse.Namespace, url: str, idx: int, *, stalled: bool = False):  # type: ignore[no-untyped-def]
-    headers = {"Sec-WebSocket-Protocol": a.subprotocol} if a.subprotocol else None
+    headers = handshake_headers(a.subprotocol)
     last: Exception | None = None
     for attempt in range(a.connect_attempts):
         try:
@@ -264,7 +344,7 @@ async def sender(a: argparse.Namespace, transport, listener: Client, pad: str, s
             break
         if st.first_send is None:
             st.first_send = t
-        transport.send(WSMsgType.TEXT, orjson.dumps({"text": f"{listener.idx}:{sent}:{t}:{pad}"}))
+        send_text(transport, listener, orjson.dumps({"text": f"{listener.idx}:{sent}:{t}:{pad}"}))
         sent += 1
         outstanding += 1
         listener.sent = sent
@@ -613,7 +693,7 @@ class MultiClient(Receiver):
 async def connect_multi(a: argparse.Namespace, url: str, rooms: list[str]):  # type: ignore[no-untyped-def]
     """A picows connection for ``rooms`` (retried like :func:`connect`); v2 sends its
     joins at once, then waits (bounded) for every welcome."""
-    headers = {"Sec-WebSocket-Protocol": a.subprotocol} if a.subprotocol else None
+    headers = handshake_headers(a.subprotocol)
     last: Exception | None = None
     for attempt in range(a.connect_attempts):
         try:
@@ -788,6 +868,13 @@ def delivery_summary(st: Stats, complete: bool, span: float, lat: list[int]) -> 
         "p90_ms": pct(lat, 0.9),
         "p99_ms": pct(lat, 0.99),
         "max_ms": pct(lat, 1.0),
+        # bytes of text payload received per delivery: on the wire, and once inflated
+        "wire_bytes_per_delivery": round(st.wire_in / st.deliveries, 1) if st.deliveries else None,
+        "payload_bytes_per_delivery": (
+            round(st.payload_in / st.deliveries, 1) if st.deliveries else None
+        ),
+        "wire_bytes_sent": st.wire_out,
+        "payload_bytes_sent": st.payload_out,
     }
 
 
@@ -878,6 +965,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pad", type=int, default=64, help="payload padding characters")
     p.add_argument("--subprotocol", default=None, help="offer this subprotocol (roomcast.batch)")
     p.add_argument(
+        "--deflate",
+        action="store_true",
+        help=f"offer permessage-deflate as browsers do ({BROWSER_DEFLATE_OFFER!r})",
+    )
+    p.add_argument(
         "--deadline", type=float, default=3.0, help="seconds past --duration to wait for senders"
     )
     p.add_argument("--drain", type=float, default=3.0, help="seconds to wait for the tail")
@@ -900,7 +992,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global OFFER_DEFLATE
     a = parse_args(argv)
+    OFFER_DEFLATE = a.deflate
     raise_nofile()
     if a.mode == "fanout":
         print(json.dumps(uvloop.run(run_fanout(a))), flush=True)

@@ -372,12 +372,14 @@ class ServerProcess:
             return 0
 
 
-def loadgen_args(mode: str, url: str, params: dict[str, Any], subprotocol: str | None) -> list[str]:
+def loadgen_args(mode: str, url: str, params: dict[str, Any], server: Server) -> list[str]:
     argv = [PY, str(LOADGEN), mode, "--url", url]
     for key, value in params.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    if subprotocol:
-        argv += ["--subprotocol", subprotocol]
+    if server.subprotocol:
+        argv += ["--subprotocol", server.subprotocol]
+    if server.deflate:
+        argv.append("--deflate")
     return argv
 
 
@@ -458,7 +460,7 @@ class Runner:
             prof = self._profile(sp, tag)
             budget = 180 + params.get("rounds", 1) * 2 * (params.get("duration", 5) + 15)
             lg = subprocess.Popen(
-                loadgen_args("fanout", sp.url, params, server.subprotocol),
+                loadgen_args("fanout", sp.url, params, server),
                 cwd=REPO,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -517,7 +519,7 @@ class Runner:
             before = statistics.median(sampler.sample() or 0 for _ in range(3))
             sampler.start()
             lg = subprocess.Popen(
-                loadgen_args("idle", sp.url, params, server.subprotocol),
+                loadgen_args("idle", sp.url, params, server),
                 cwd=REPO,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -527,6 +529,8 @@ class Runner:
             line = _readline(lg, timeout=240)
             result = json.loads(line) if line else {"error": "idle loadgen printed nothing"}
             connected_rss = settled_rss(sp.proc.pid)
+            if sp.server.kind == "roomcast":  # python -m roomcast: the process is its master
+                result["master_rss_mb"] = _mb(psutil.Process(sp.proc.pid).memory_info().rss)
             assert lg.stdin is not None
             lg.stdin.write("close\n")
             lg.stdin.flush()
@@ -577,7 +581,7 @@ class Runner:
             before = statistics.median(sampler.sample() or 0 for _ in range(3))
             sampler.start()
             lg = subprocess.Popen(
-                loadgen_args("multiroom", url, params, server.subprotocol),
+                loadgen_args("multiroom", url, params, server),
                 cwd=REPO,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -653,7 +657,7 @@ def _crowd_phase(
     result: dict[str, Any] = {}
     try:
         sampler.start()
-        argv = loadgen_args("crowd", sp.url, params, server.subprotocol)
+        argv = loadgen_args("crowd", sp.url, params, server)
         lg = subprocess.run(
             argv, cwd=REPO, capture_output=True, text=True, timeout=params["limit"] + 120
         )
@@ -1002,7 +1006,8 @@ def brief(mode: str, r: dict[str, Any]) -> str:
     if "error" in r:
         return "ERROR " + str(r["error"])[:300]
     if mode == "idle":
-        return f"{r.get('connects_per_s')} conn/s, {r.get('kb_per_connection')} KB/conn"
+        master = f", master {r['master_rss_mb']} MB" if r.get("master_rss_mb") else ""
+        return f"{r.get('connects_per_s')} conn/s, {r.get('kb_per_connection')} KB/conn{master}"
     if mode == "crowd":
         return "; ".join(
             f"{n}: one room {_fill(x['one'])}, rooms of 10 {_fill(x['tens'])}, "
@@ -1628,14 +1633,15 @@ def tables(report: dict[str, Any]) -> str:
             )
             lines.append("")
             lines.append(
-                f"| server | connected | connects/s | vs {REFERENCE} | RSS before MB | RSS with N MB | KB per idle connection | notes |"
+                f"| server | connected | connects/s | vs {REFERENCE} | RSS before MB | RSS with N MB | KB per idle connection | master RSS MB | notes |"
             )
-            lines.append("|---|---:|---:|---:|---:|---:|---:|---|")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
             for name, r in S.items():
                 lines.append(
                     f"| {name} | {fmt(r.get('connected'))} | {fmt(r.get('connects_per_s'))} "
                     f"| {ratio(r.get('connects_per_s'), ref)} | {fmt(r.get('rss_before_mb'), 1)} "
-                    f"| {fmt(r.get('rss_connected_mb'), 1)} | {fmt(r.get('kb_per_connection'), 1)} | {notes(r)} |"
+                    f"| {fmt(r.get('rss_connected_mb'), 1)} | {fmt(r.get('kb_per_connection'), 1)} "
+                    f"| {fmt(r.get('master_rss_mb'), 1)} | {notes(r)} |"
                 )
         lines.append("")
     if report.get("targets"):

@@ -21,6 +21,8 @@ class Server:
     description: str
     kind: str  # "roomcast" or "baseline"
     subprotocol: str | None = None  # offered by the load generator's clients
+    #: the load generator's clients offer permessage-deflate as browsers do
+    deflate: bool = False
     env: dict[str, str] = field(default_factory=dict)
     roomcast_env: bool = False  # gets ROOMCAST_* settings from the runner
     #: the idle workload runs once per server process kind: batch variants share it
@@ -34,6 +36,10 @@ class Server:
 
     def command(self, port: int) -> list[str]:
         return [arg.replace("{port}", str(port)) for arg in self.argv]
+
+
+#: ROOMCAST_COMPRESSION's values, each an experiment server of its own
+DEFLATE_MODES = ("low-memory", "no-context", "full", "off")
 
 
 def _roomcast(worker: str) -> tuple[str, ...]:
@@ -210,6 +216,29 @@ SERVERS: dict[str, Server] = {
             "baseline",
             bounded=True,
         ),
+        *(
+            Server(
+                f"roomcast-trio-batch-deflate-{mode}",
+                _roomcast("trio"),
+                f"roomcast-trio-batch, clients offering permessage-deflate as browsers do, "
+                f"ROOMCAST_COMPRESSION={mode}",
+                "roomcast",
+                subprotocol=BATCH,
+                deflate=True,
+                roomcast_env=True,
+                bounded=True,
+                env={"ROOMCAST_COMPRESSION": mode},
+            )
+            for mode in DEFLATE_MODES
+        ),
+        Server(
+            "websockets-broadcast-deflate",
+            (PY, "-m", "bench.baselines.websockets_broadcast", "--port", "{port}"),
+            "websockets-broadcast, clients offering permessage-deflate as browsers do",
+            "baseline",
+            deflate=True,
+            bounded=False,
+        ),
         Server(
             "websockets-broadcast-uvloop",
             (PY, "-m", "bench.baselines.websockets_broadcast", "--port", "{port}", "--uvloop"),
@@ -224,6 +253,8 @@ EXPERIMENTS = {
     "roomcast-trio-batch-hooked",
     "roomcast-trio-batch-webhook",
     "roomcast-trio-batch-archived",
+    *(f"roomcast-trio-batch-deflate-{mode}" for mode in DEFLATE_MODES),
+    "websockets-broadcast-deflate",
     "outbox-trio",
     "websockets-broadcast-uvloop",
     "roomcast-trio-gc",

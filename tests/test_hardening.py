@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 import tracemalloc
 import zlib
+from collections.abc import Iterator
 
 import pytest
 from hypercorn.protocol.ws_stream import FrameTooLargeError, WebsocketBuffer
@@ -19,21 +20,104 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import Message, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
-from roomcast.launcher.hardening import INFLATE_FACTOR, BoundedPerMessageDeflate
+from roomcast.launcher.hardening import (
+    COMPRESSION,
+    INFLATE_FACTOR,
+    BoundedPerMessageDeflate,
+    Compression,
+)
+from roomcast.settings import COMPRESSION_CHOICES
 
 LIMIT = 64 * 1024
+#: what Chromium and Firefox offer in every WebSocket handshake
+BROWSER_OFFER = "permessage-deflate; client_max_window_bits"
 
 
-def pair(limit: int = LIMIT) -> tuple[Connection, Connection]:
+def pair(limit: int = LIMIT, offer: str = "permessage-deflate") -> tuple[Connection, Connection]:
     """A client and a server that negotiated permessage-deflate (the server bounded)."""
     bounded = BoundedPerMessageDeflate()
-    assert bounded.accept("permessage-deflate") is not None
+    answer = bounded.accept(offer)
+    assert answer is not None
     bounded.max_message_size = limit
     offered = PerMessageDeflate()
-    offered.finalize("permessage-deflate")
+    offered.finalize(f"permessage-deflate; {answer}")
     return Connection(ConnectionType.CLIENT, [offered]), Connection(
         ConnectionType.SERVER, [bounded]
     )
+
+
+@pytest.fixture
+def compression(request: pytest.FixtureRequest) -> Iterator[Compression]:
+    """The class's profile set for one test (as ``install`` sets it), then restored."""
+    before = BoundedPerMessageDeflate.compression
+    BoundedPerMessageDeflate.compression = COMPRESSION[request.param]
+    yield BoundedPerMessageDeflate.compression
+    BoundedPerMessageDeflate.compression = before
+
+
+def test_every_compression_setting_has_a_profile() -> None:
+    assert set(COMPRESSION) == set(COMPRESSION_CHOICES)
+
+
+@pytest.mark.parametrize(
+    ("compression", "offer", "answer"),
+    [
+        ("low-memory", BROWSER_OFFER, "client_max_window_bits=10; client_no_context_takeover"),
+        (
+            "low-memory",
+            "permessage-deflate; server_max_window_bits=12; client_max_window_bits=9",
+            "server_max_window_bits=10; client_max_window_bits=9; client_no_context_takeover",
+        ),
+        ("low-memory", "permessage-deflate", "client_no_context_takeover"),
+        (
+            "low-memory",
+            "permessage-deflate; server_no_context_takeover",
+            "server_no_context_takeover; client_no_context_takeover",
+        ),
+        (
+            "no-context",
+            BROWSER_OFFER,
+            "client_max_window_bits=10; server_no_context_takeover; client_no_context_takeover",
+        ),
+        ("full", BROWSER_OFFER, "client_max_window_bits=15"),
+        ("off", BROWSER_OFFER, None),
+        ("low-memory", "permessage-deflate; client_max_window_bits=8", None),
+        ("low-memory", "permessage-deflate; server_max_window_bits=16", None),
+        ("low-memory", "permessage-deflate; client_no_context_takeover=1", None),
+        ("low-memory", "permessage-deflate; x-unknown", None),
+    ],
+    indirect=["compression"],
+)
+def test_an_offer_is_answered_as_the_setting_says(
+    compression: Compression, offer: str, answer: str | None
+) -> None:
+    assert BoundedPerMessageDeflate().accept(offer) == answer
+
+
+@pytest.mark.parametrize("compression", ["low-memory"], indirect=True)
+def test_the_first_acceptable_offer_is_the_one_answered(compression: Compression) -> None:
+    extension = BoundedPerMessageDeflate()
+    assert extension.accept("permessage-deflate; client_max_window_bits=9") is not None
+    assert extension.accept(BROWSER_OFFER) is None
+    assert extension.client_max_window_bits == 9
+
+
+@pytest.mark.parametrize("compression", ["low-memory", "no-context"], indirect=True)
+def test_a_low_memory_connection_keeps_no_inflater_between_messages(
+    compression: Compression,
+) -> None:
+    """The client resets its context, so the server's zlib inflate state (7 KB and its
+    window) exists only while a message is inflated; what the server sends still
+    round-trips, its deflater kept only if the profile keeps the server's context."""
+    client, server = pair(offer=BROWSER_OFFER)
+    for text in ("hello, roomcast", "hello again, roomcast", "and once more"):
+        assert [str(e.data) for e in deliver(client, server, TextMessage(text))] == [text]
+        (extension,) = server._proto.extensions
+        assert isinstance(extension, BoundedPerMessageDeflate)
+        assert extension._decompressor is None
+        client.receive_data(server.send(TextMessage(text.upper())))
+        assert [str(e.data) for e in client.events() if isinstance(e, Message)] == [text.upper()]
+        assert (extension._compressor is not None) is compression.server_context_takeover
 
 
 def deliver(client: Connection, server: Connection, *messages: TextMessage) -> list[Message]:

@@ -191,7 +191,7 @@ def _harden_hypercorn(settings: Settings) -> None:
     if "hypercorn.protocol" in sys.modules:
         from .launcher import hardening
 
-        hardening.install(settings.send_timeout)
+        hardening.install(settings.send_timeout, settings.compression)
 
 
 async def _share_metrics(runtime: Runtime, shared: metrics.SharedMetrics) -> None:

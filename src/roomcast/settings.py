@@ -93,6 +93,19 @@ def _public_key(raw: str) -> str:
         raise ValueError(f"cannot read the key file: {exc}") from None
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return raw
+
+    return parse
+
+
+#: ``ROOMCAST_COMPRESSION``'s values (what each negotiates: ``launcher.hardening.COMPRESSION``)
+COMPRESSION_CHOICES = ("off", "low-memory", "no-context", "full")
+
+
 def _env(parse: Callable[[str], Any], help: str) -> dict[str, Any]:
     return {"parse": parse, "help": help}
 
@@ -194,6 +207,14 @@ class Settings:
         default=WEBHOOK_EVENTS,
         metadata=_env(
             _webhook_events, "the hooks posted, comma-separated (connect,join,message,stored,leave)"
+        ),
+    )
+    compression: str = field(
+        default="low-memory",
+        metadata=_env(
+            _choice(*COMPRESSION_CHOICES),
+            "permessage-deflate: low-memory (small windows, the client resets its context), "
+            "no-context, full (zlib's defaults, ~100 KB per connection) or off",
         ),
     )
     batch_max: int = field(

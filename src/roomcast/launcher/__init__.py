@@ -8,6 +8,10 @@
 
 The master binds the listening sockets itself, with ``TCP_USER_TIMEOUT`` (sockets.py),
 and hands them to every worker. See each module for why it exists.
+
+This module is the master's, and imports only what the master needs: it reads the
+Hypercorn config file itself (:class:`MasterConfig`), and each worker builds Hypercorn's
+``Config`` from the same file and flags (:func:`build_config`).
 """
 
 from __future__ import annotations
@@ -19,20 +23,30 @@ import os
 import socket
 import sys
 import tomllib
-from typing import NoReturn
-
-from hypercorn.config import Config, Sockets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..settings import Settings, SettingsError
 from .logs import configure_logging
 from .sockets import bind_socket, raise_open_file_limit
-from .supervisor import StartupFailed, Supervisor
-from .worker import load_app
+from .supervisor import Listeners, StartupFailed, Supervisor
 
-__all__ = ["UsageError", "build_config", "main"]
+if TYPE_CHECKING:
+    from hypercorn.config import Config
+
+__all__ = ["MasterConfig", "UsageError", "build_config", "main", "read_master_config"]
 
 DEFAULT_CONFIG = "hypercorn.toml"
 DEFAULT_APP = "roomcast.app:app"
+#: Hypercorn's config without a config file (its own defaults otherwise)
+BUILT_IN: dict[str, Any] = {
+    "bind": ["127.0.0.1:8000"],
+    "worker_class": "trio",
+    "websocket_max_message_size": 65536,
+    "websocket_ping_interval": 20.0,
+    "graceful_timeout": 5.0,
+    "errorlog": "-",
+}
 #: exit status for a command line or configuration that cannot work
 USAGE_ERROR = 2
 
@@ -85,25 +99,78 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> Config:
     """Hypercorn's config: the TOML file (or built-in defaults), then the flags on top.
+    Each worker builds it (the master reads what it needs without Hypercorn:
+    :func:`read_master_config`).
+
+    :raises UsageError: if the config file cannot be read or parsed
+    """
+    from hypercorn.config import Config
+
+    config = Config.from_mapping(_config_values(args))
+    _apply_flags(config, args)
+    return config
+
+
+@dataclass
+class MasterConfig:
+    """What the master needs of Hypercorn's configuration, read as Hypercorn reads it
+    (every key of the file set as an attribute, a bind's string made a list), without
+    Hypercorn: its config module brings ``ssl`` and ``logging.config``, megabytes the
+    master would keep for nothing. Values are as the file gives them until :func:`_check`."""
+
+    bind: Any = field(default_factory=lambda: ["127.0.0.1:8000"])
+    insecure_bind: Any = field(default_factory=list)
+    quic_bind: Any = field(default_factory=list)
+    backlog: Any = 100
+    workers: Any = 1
+    worker_class: Any = "asyncio"
+    graceful_timeout: Any = 3.0
+    certfile: Any = None
+    keyfile: Any = None
+    application_path: str = DEFAULT_APP
+
+    @property
+    def ssl_enabled(self) -> bool:
+        return self.certfile is not None and self.keyfile is not None
+
+
+#: Hypercorn's bind settings: a string is one address
+_BINDS = ("bind", "insecure_bind", "quic_bind")
+
+
+def read_master_config(args: argparse.Namespace) -> MasterConfig:
+    """The master's :class:`MasterConfig`: the TOML file (or built-in defaults), then the
+    flags on top, as :func:`build_config` reads them.
+
+    :raises UsageError: if the config file cannot be read or parsed
+    """
+    config = MasterConfig()
+    for key, value in _config_values(args).items():
+        if hasattr(config, key):
+            setattr(config, key, [value] if key in _BINDS and isinstance(value, str) else value)
+    _apply_flags(config, args)
+    return config
+
+
+def _config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The keys of ``--config`` (default ``./hypercorn.toml`` if present), or
+    :data:`BUILT_IN` without a file.
 
     :raises UsageError: if the config file cannot be read or parsed
     """
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-    if path is not None:
-        try:
-            config = Config.from_toml(path)
-        except OSError as exc:
-            raise UsageError(f"--config {path}: {exc.strerror or exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"--config {path}: not valid TOML: {exc}") from None
-    else:
-        config = Config()
-        config.bind = ["127.0.0.1:8000"]
-        config.worker_class = "trio"
-        config.websocket_max_message_size = 65536
-        config.websocket_ping_interval = 20.0
-        config.graceful_timeout = 5.0
-        config.errorlog = "-"
+    if path is None:
+        return dict(BUILT_IN)
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise UsageError(f"--config {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config {path}: not valid TOML: {exc}") from None
+
+
+def _apply_flags(config: Config | MasterConfig, args: argparse.Namespace) -> None:
     if args.bind:
         config.bind = args.bind
     if args.workers is not None:
@@ -113,7 +180,6 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.graceful_timeout is not None:
         config.graceful_timeout = args.graceful_timeout
     config.application_path = args.app
-    return config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         settings = Settings.from_env()
-        config = build_config(args)
+        config = read_master_config(args)
         _check(config, args)
         _check_broker(config, args, settings)
     except (SettingsError, ValueError, OSError) as exc:
@@ -132,19 +198,31 @@ def main(argv: list[str] | None = None) -> int:
         sockets = open_sockets(config, settings.send_timeout)
     except (OSError, ValueError) as exc:
         return _fail((exc.strerror if isinstance(exc, OSError) else None) or str(exc), USAGE_ERROR)
-    before, after = raise_open_file_limit()  # after any usage error: its line is the only one
-    if after != before:
-        log.info("raised the open-file limit from %d to %d", before, after)
+    limits = raise_open_file_limit()
+    supervisor = Supervisor(
+        args,
+        sockets,
+        workers=config.workers,
+        graceful_timeout=config.graceful_timeout,
+        # once serving: a bad --app, found by the workers, must be the only line
+        on_serving=lambda: _log_file_limit(*limits),
+    )
     try:
-        return Supervisor(config, sockets, workers=config.workers).run()
+        return supervisor.run()
     except StartupFailed as exc:
+        if exc.usage:
+            return _fail(str(exc), USAGE_ERROR)
         return _fail(f"cannot start: {exc}", 1)
     finally:
-        for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
-            sock.close()
+        sockets.close()
 
 
-def open_sockets(config: Config, send_timeout: float) -> Sockets:
+def _log_file_limit(before: int, after: int) -> None:
+    if after != before:
+        log.info("raised the open-file limit from %d to %d", before, after)
+
+
+def open_sockets(config: MasterConfig, send_timeout: float) -> Listeners:
     """The listening sockets for ``config``'s binds: TLS ones for ``bind`` when a
     certificate is configured (plain ones for ``insecure_bind``), as Hypercorn does.
 
@@ -165,11 +243,11 @@ def open_sockets(config: Config, send_timeout: float) -> Sockets:
     if (config.certfile is None) != (config.keyfile is None):
         raise UsageError("certfile and keyfile: set both for TLS, or neither")
     if config.ssl_enabled:
-        return Sockets(opened[: len(config.bind)], opened[len(config.bind) :], [])
-    return Sockets([], opened, [])
+        return Listeners(opened[: len(config.bind)], opened[len(config.bind) :])
+    return Listeners([], opened)
 
 
-def _check(config: Config, args: argparse.Namespace) -> None:
+def _check(config: MasterConfig, args: argparse.Namespace) -> None:
     """:raises UsageError: for a configuration the launcher cannot serve (a value from
     the config file is named by its key, one from a flag by the flag)"""
     workers = config.workers
@@ -182,10 +260,11 @@ def _check(config: Config, args: argparse.Namespace) -> None:
         )
     if not isinstance(config.bind, list) or not all(isinstance(b, str) for b in config.bind):
         raise UsageError(f"bind {config.bind!r}: expected a list of HOST:PORT")
-    try:
-        load_app(config.application_path)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise UsageError(f"--app {config.application_path}: {exc}") from None
+    module, _, attribute = config.application_path.partition(":")
+    if not module or not attribute:  # (the workers import it: a bad module is theirs to say)
+        raise UsageError(
+            f"--app {config.application_path}: expected MODULE:ATTR, e.g. myproject.asgi:app"
+        )
     if config.worker_class not in ("trio", "asyncio", "uvloop"):
         raise UsageError(f"worker_class {config.worker_class!r}: expected trio, asyncio or uvloop")
     if config.worker_class == "uvloop":
@@ -200,13 +279,13 @@ def _check(config: Config, args: argparse.Namespace) -> None:
     if (config.certfile is None) != (config.keyfile is None):
         raise UsageError("certfile and keyfile: set both for TLS, or neither")
     if config.ssl_enabled:
-        try:
-            config.create_ssl_context()
+        try:  # (only a TLS master imports Hypercorn's config, and ssl with it)
+            build_config(args).create_ssl_context()
         except OSError as exc:  # ssl.SSLError included
             raise UsageError(f"certfile/keyfile: {exc.strerror or exc}") from None
 
 
-def _check_broker(config: Config, args: argparse.Namespace, settings: Settings) -> None:
+def _check_broker(config: MasterConfig, args: argparse.Namespace, settings: Settings) -> None:
     """Several workers share rooms only through Redis: with the in-process broker each
     would keep rooms of its own, and the kernel would spread one room's members over
     them, each seeing part of the room. Refused rather than served split.

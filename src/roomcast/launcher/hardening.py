@@ -60,6 +60,7 @@ import contextlib
 import logging
 import sys
 import zlib
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -101,6 +102,41 @@ INFLATE_CEILING = 256 * 1024
 log = logging.getLogger("roomcast.hardening")
 
 
+@dataclass(frozen=True, slots=True)
+class Compression:
+    """How the server negotiates permessage-deflate (``ROOMCAST_COMPRESSION``).
+
+    What an idle connection holds is the zlib state of each direction that keeps its
+    context between messages: deflate's is about ``2 ** (window_bits + 2) + 2 **
+    (mem_level + 9)`` bytes (262 KB at wsproto's 15 and 8), inflate's 7 KB plus its
+    window. A direction without context takeover has zlib state only while it
+    (de)compresses a message.
+    """
+
+    #: whether the extension is accepted at all
+    accept: bool = True
+    #: the largest LZ77 window the server compresses with and the client may use (9-15)
+    window_bits: int = 15
+    #: zlib's memLevel of the server's compressor (1-9): its hash table and buffers
+    mem_level: int = 8
+    #: whether the server keeps its compressor (and its window) between messages
+    server_context_takeover: bool = True
+    #: whether the client may keep its compressor between messages (then the server keeps
+    #: a decompressor for the connection's life)
+    client_context_takeover: bool = True
+
+
+#: ``ROOMCAST_COMPRESSION``'s values
+COMPRESSION: dict[str, Compression] = {
+    "off": Compression(accept=False),
+    "low-memory": Compression(window_bits=10, mem_level=3, client_context_takeover=False),
+    "no-context": Compression(
+        window_bits=10, mem_level=3, server_context_takeover=False, client_context_takeover=False
+    ),
+    "full": Compression(),
+}
+
+
 class BoundedPerMessageDeflate(PerMessageDeflate):
     """wsproto's permessage-deflate, inflating each message at most about
     ``INFLATE_FACTOR * max_message_size`` bytes.
@@ -111,11 +147,69 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
     The connection's zlib stream is then unusable, which does not matter: it is closing.
     """
 
+    #: what the server accepts: :func:`install` sets it from ``ROOMCAST_COMPRESSION``
+    compression = COMPRESSION["low-memory"]
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_message_size = DEFAULT_MAX_MESSAGE_SIZE
         self._inflated = 0  # bytes of the current message so far
         self._inbound_text = False
+
+    def accept(self, offer: str) -> str | None:
+        """The response to one offer of the extension, as :attr:`compression` says, or
+        None to decline it.
+
+        wsproto's own answer echoes the client's window sizes and keeps both contexts:
+        a deflate state of 262 KB for each connection's life (RFC 7692 lets the server
+        shrink both windows it is offered and ask for ``client_no_context_takeover``,
+        offered or not). The first offer accepted is the one answered.
+        """
+        profile = self.compression
+        if not profile.accept or self._enabled:
+            return None
+        try:
+            offered = _offer_parameters(offer)
+        except ValueError:
+            return None
+        answer = []
+        server_bits = profile.window_bits
+        if "server_max_window_bits" in offered:
+            server_bits = min(server_bits, offered["server_max_window_bits"] or 15)
+            answer.append(f"server_max_window_bits={server_bits}")
+        client_bits = 15  # a client not offering the parameter may use the largest window
+        if "client_max_window_bits" in offered:
+            client_bits = min(profile.window_bits, offered["client_max_window_bits"] or 15)
+            answer.append(f"client_max_window_bits={client_bits}")
+        if "server_no_context_takeover" in offered or not profile.server_context_takeover:
+            self.server_no_context_takeover = True
+            answer.append("server_no_context_takeover")
+        if "client_no_context_takeover" in offered or not profile.client_context_takeover:
+            self.client_no_context_takeover = True
+            answer.append("client_no_context_takeover")
+        self.server_max_window_bits = server_bits
+        self.client_max_window_bits = client_bits
+        self._enabled = True
+        return "; ".join(answer)
+
+    def frame_outbound(
+        self,
+        proto: FrameDecoder | FrameProtocol,
+        opcode: Opcode,
+        rsv: RsvBits,
+        data: bytes,
+        fin: bool,
+    ) -> tuple[RsvBits, bytes]:
+        if self._compressor is None and opcode in (Opcode.TEXT, Opcode.BINARY):
+            # wsproto would build it with zlib's default memLevel (8: 256 KB of hash
+            # table and buffers, whatever the window)
+            self._compressor = zlib.compressobj(
+                zlib.Z_DEFAULT_COMPRESSION,
+                zlib.DEFLATED,
+                -self.server_max_window_bits,
+                self.compression.mem_level,
+            )
+        return super().frame_outbound(proto, opcode, rsv, data, fin)
 
     @property
     def _budget(self) -> int:
@@ -163,6 +257,37 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
             self._inbound_compressed = None  # its rest was dropped: nothing to flush
             return None
         return super().frame_inbound_complete(proto, fin)
+
+
+def _offer_parameters(offer: str) -> dict[str, int | None]:
+    """The parameters of one ``permessage-deflate`` offer: a window size's value (None
+    when given without one), None for the others.
+
+    :raises ValueError: for a window size outside 9-15 (zlib cannot inflate a raw stream
+        with an 8-bit window) or a parameter RFC 7692 does not define
+    """
+    parameters: dict[str, int | None] = {}
+    for part in offer.split(";")[1:]:
+        name, _, value = (piece.strip() for piece in part.partition("="))
+        if name not in _DEFLATE_PARAMETERS or name in parameters:
+            raise ValueError(f"bad permessage-deflate parameter {part!r}")
+        if value and name.endswith("no_context_takeover"):
+            raise ValueError(f"{name} takes no value")
+        bits = int(value.strip('"')) if value else None
+        if bits is not None and not 9 <= bits <= 15:
+            raise ValueError(f"window bits {bits} out of 9-15")
+        parameters[name] = bits
+    return parameters
+
+
+_DEFLATE_PARAMETERS = frozenset(
+    {
+        "server_no_context_takeover",
+        "client_no_context_takeover",
+        "server_max_window_bits",
+        "client_max_window_bits",
+    }
+)
 
 
 def _whole_characters(utf8: bytes) -> bytes:
@@ -282,9 +407,12 @@ def _bound_inflation(extensions: list[Any], config: Config) -> None:
             extension.max_message_size = config.websocket_max_message_size
 
 
-def install(send_timeout: float) -> bool:
+def install(send_timeout: float, compression: str = "low-memory") -> bool:
     """Install the classes above into the Hypercorn serving this process, once, with
-    ``TCP_USER_TIMEOUT`` of ``send_timeout`` seconds on each accepted socket.
+    ``TCP_USER_TIMEOUT`` of ``send_timeout`` seconds on each accepted socket, and
+    permessage-deflate negotiated as ``compression`` (a key of :data:`COMPRESSION`) from
+    then on: one setting per process (Hypercorn builds the extension knowing nothing of
+    the app), the last app started deciding for tests that serve several in one process.
 
     Returns whether they are installed: not when the process is not served by Hypercorn
     (another ASGI server, a test's own loop) nor on an untested Hypercorn release, which
@@ -307,6 +435,7 @@ def install(send_timeout: float) -> bool:
     import hypercorn.protocol.h11
     import hypercorn.protocol.ws_stream
 
+    BoundedPerMessageDeflate.compression = COMPRESSION[compression]
     if hypercorn.protocol.h11.WSStream is ClosingWSStream:  # type: ignore[attr-defined]
         return True
     hypercorn.protocol.ws_stream.PerMessageDeflate = BoundedPerMessageDeflate  # type: ignore[attr-defined]
@@ -317,10 +446,11 @@ def install(send_timeout: float) -> bool:
     _install_connection_handlers(send_timeout)
     log.info(
         "roomcast: Hypercorn %s hardened: each connection contained, compressed messages "
-        "inflated within %dx websocket_max_message_size, unanswered closes dropped after "
-        "%g s, unread data ends a connection after %g s",
+        "inflated within %dx websocket_max_message_size (compression %s), unanswered "
+        "closes dropped after %g s, unread data ends a connection after %g s",
         trio_write.hypercorn_version(),
         INFLATE_FACTOR,
+        compression,
         CLOSE_TIMEOUT,
         send_timeout,
     )

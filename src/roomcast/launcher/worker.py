@@ -33,6 +33,7 @@ from hypercorn.utils import LifespanFailureError, LifespanTimeoutError, wrap_app
 from ..asgi import ASGIApp, Message, Receive, Scope, Send
 from . import trio_server
 from .logs import configure_logging
+from .spawned import BAD_APP, FAILED, READY, STARTUP_FAILED
 
 __all__ = [
     "FAILED",
@@ -46,17 +47,12 @@ __all__ = [
     "wait_for_stop",
 ]
 
-READY: Final = b"ready"
-FAILED: Final = b"failed:"
-#: a worker's exit status when the app's lifespan startup failed (reported on the lifeline)
-STARTUP_FAILED: Final = 3
-
 
 def load_app(path: str) -> Any:
     """The object ``MODULE:ATTR`` names, importable from the working directory as under
     Hypercorn and uvicorn: ``roomcast --app myproject.asgi:app`` run from the folder that
     holds ``myproject/`` (the console script, unlike ``python -m``, does not put it on
-    ``sys.path``). The master checks the app with it; each worker imports it with it.
+    ``sys.path``). Each worker imports it with it (the master only checks its form).
 
     :raises ValueError: if ``path`` is not ``MODULE:ATTR``
     :raises ImportError: if the module cannot be imported
@@ -164,7 +160,7 @@ def run_worker(config: Config, sockets: Sockets, lifeline: Connection) -> None:
     early = EarlyStop()
     early.install()
     configure_logging()
-    reporter = StartupReporter(load_app(config.application_path), lifeline)
+    reporter = StartupReporter(_load_app_or_exit(config.application_path, lifeline), lifeline)
     app = wrap_app(reporter, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     shutdown_trigger = partial(wait_for_stop, lifeline, early)
     try:
@@ -182,6 +178,17 @@ def run_worker(config: Config, sockets: Sockets, lifeline: Connection) -> None:
             _run_asyncio(app, config, sockets, shutdown_trigger)
     except* (LifespanFailureError, LifespanTimeoutError) as group:
         reporter.report(FAILED + str(group.exceptions[0]).encode())
+        sys.exit(STARTUP_FAILED)
+
+
+def _load_app_or_exit(path: str, lifeline: Connection) -> Any:
+    """The app ``--app`` names; if it names nothing importable, the reason goes to the
+    master as a usage error (its one line on stderr) and the worker exits."""
+    try:
+        return load_app(path)
+    except (ImportError, AttributeError, ValueError) as exc:
+        with contextlib.suppress(OSError):
+            lifeline.send_bytes(BAD_APP + f"--app {path}: {exc}".encode())
         sys.exit(STARTUP_FAILED)
 
 
