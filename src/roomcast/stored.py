@@ -92,6 +92,8 @@ class Subscription:
     #: told of every message offered and whether the queue took it (the archive keeps
     #: track of what it has not stored yet, and of exactly which seqs it missed)
     observer: Callable[[StoredMessage, bool], None] | None = None
+    #: the most messages handed to the consumer at once
+    batch: int = BATCH_MAX
     #: messages dropped because the queue was full (or closed)
     dropped: int = 0
     _send: MemoryObjectSendStream[StoredMessage] = field(init=False, repr=False)
@@ -144,7 +146,7 @@ class Subscription:
         async with self._receive:
             async for first in self._receive:
                 batch = [first]
-                while len(batch) < BATCH_MAX:
+                while len(batch) < self.batch:
                     try:
                         batch.append(self._receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):  # (closed: the last batch)
@@ -171,10 +173,11 @@ class StoredFeed:
         *,
         size: int = QUEUE_SIZE,
         observer: Callable[[StoredMessage, bool], None] | None = None,
+        batch: int = BATCH_MAX,
     ) -> Subscription:
-        """Give ``consumer`` every message put from now on, through a queue of ``size``
-        (``observer``: see :attr:`Subscription.observer`)."""
-        subscription = Subscription(name, consumer, size, observer)
+        """Give ``consumer`` every message put from now on, through a queue of ``size``,
+        at most ``batch`` at once (``observer``: see :attr:`Subscription.observer`)."""
+        subscription = Subscription(name, consumer, size, observer, batch)
         self.subscriptions.append(subscription)
         return subscription
 
