@@ -2,9 +2,11 @@
 
 One process, one room of 100 members whose outboxes are drained, one sender publishing
 as fast as the hub takes it (a checkpoint every 10 messages): messages/s and CPU per
-message with the SQLite archive consuming the stored feed and without, in alternating
-rounds, and what the archive's keeper managed (committed, commits, seconds committing,
-lag, dropped). It shows whether the archive keeps up with a saturated worker::
+message without an archive, with the SQLite archive at CPython's default switch interval
+(5 ms), and with it at the one roomcast's runtime sets while an archive is open
+(``runtime.SWITCH_INTERVAL``), in alternating rounds, with what the archive's keeper
+managed (committed, commits, seconds committing, lag, dropped). It shows whether the
+archive keeps up with a saturated worker::
 
     .venv/bin/python -m bench.experiments.archive.saturated_loop [seconds] [rounds]
 """
@@ -24,6 +26,7 @@ from roomcast.archive.keeper import Keeper, unarchived_bound
 from roomcast.archive.sqlite import open_sqlite_archive
 from roomcast.hub import Client, Hub
 from roomcast.protocol import ChatMessage
+from roomcast.runtime import SWITCH_INTERVAL
 from roomcast.stored import StoredFeed
 
 MEMBERS = 100
@@ -73,11 +76,16 @@ async def one_round(archived: bool, seconds: float, directory: Path) -> str:
 
 
 async def main(seconds: float, rounds: int) -> None:
+    default = sys.getswitchinterval()
+    variants = [("no archive", False, default), ("archive, 5 ms", True, default)]
+    variants.append((f"archive, {SWITCH_INTERVAL * 1000:g} ms", True, SWITCH_INTERVAL))
     with tempfile.TemporaryDirectory() as directory:
         for _ in range(rounds):
-            for archived in (False, True):
+            for label, archived, interval in variants:
+                sys.setswitchinterval(interval)
                 result = await one_round(archived, seconds, Path(directory))
-                print(f"{'archive' if archived else 'none   '}: {result}", flush=True)
+                print(f"{label:>16}: {result}", flush=True)
+        sys.setswitchinterval(default)
 
 
 if __name__ == "__main__":
