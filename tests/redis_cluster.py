@@ -81,12 +81,11 @@ class ClusterNode(RedisServer):
         assert isinstance(reply, list)
         return [key.decode() for key in reply if isinstance(key, bytes)]
 
-    def pubsub_messages(self) -> int:
-        """Pub/sub messages this node has handled (``INFO stats``: classic and sharded)."""
-        stats = self.info("stats")
-        return int(stats.get("total_pubsub_messages", 0)) + int(
-            stats.get("total_sharded_pubsub_messages", 0)  # (not in every version)
-        )
+    def published(self, command: str = "spublish") -> int:
+        """How many ``command`` (``spublish`` or ``publish``) this node ran, scripts'
+        included (``INFO commandstats``: Redis 7.0 counts no pub/sub messages as such)."""
+        stats = self.info("commandstats").get(f"cmdstat_{command}", "calls=0")
+        return int(stats.split(",")[0].partition("=")[2])
 
 
 class RedisCluster:
@@ -105,24 +104,6 @@ class RedisCluster:
 
     def masters(self) -> list[ClusterNode]:
         return [node for node in self.nodes if node.process is not None and node.is_master]
-
-    def node_of_slot(self, slot: int) -> ClusterNode:
-        """The live node that serves ``slot`` now (as the cluster says)."""
-        for node in self.nodes:
-            if node.process is None:
-                continue
-            reply = node.command("CLUSTER", "SLOTS")
-            assert isinstance(reply, list)
-            for start, end, master, *_ in reply:  # type: ignore[misc]
-                if start <= slot <= end:
-                    port = master[1]
-                    return next(n for n in self.nodes if n.port == port)
-        raise LookupError(f"no live node serves slot {slot}")
-
-    def slot_of(self, key: str) -> int:
-        reply = self.live()[0].command("CLUSTER", "KEYSLOT", key)
-        assert isinstance(reply, int)
-        return reply
 
     def live(self) -> list[ClusterNode]:
         return [node for node in self.nodes if node.process is not None]

@@ -80,29 +80,59 @@ confirmation or are refused 1011 "try again shortly".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Final, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
 
 from coredis._utils import hash_slot
 from coredis.connection import TCPLocation
 
+from ..channels import RoomChannels
 from . import scripts
 
 __all__ = [
     "CLUSTER_SCHEME",
     "IDLE_PARTITIONS",
+    "SLOTS",
+    "Shard",
     "by_slot",
     "cluster_script",
     "seed_nodes",
+    "slot_masters",
     "slot_of",
 ]
 
+#: hash slots in a Redis Cluster
+SLOTS: Final = 16384
 #: the URL scheme that selects cluster mode; its netloc is a comma-separated list of seeds
 CLUSTER_SCHEME: Final = "redis+cluster://"
 #: hash-tagged partitions of the (future) idle-room index, see *Idle rooms*
 IDLE_PARTITIONS: Final = 16
 
 T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class Shard:
+    """A cluster master's sharded subscriber (:mod:`.delivery`): the room channels it
+    should hold, and whether it holds them now."""
+
+    location: TCPLocation
+    channels: RoomChannels = field(default_factory=RoomChannels)
+    subscribed: bool = False
+
+
+def slot_masters(
+    ranges: Mapping[tuple[int, int], Sequence[Mapping[str, Any]]],
+) -> list[TCPLocation] | None:
+    """The master of every hash slot, from ``CLUSTER SLOTS`` as coredis returns it;
+    ``None`` if some slot has none (the cluster is not whole)."""
+    slots: list[TCPLocation | None] = [None] * SLOTS
+    for (first, last), nodes in ranges.items():
+        location = TCPLocation(nodes[0]["host"], int(nodes[0]["port"]))
+        slots[first : last + 1] = [location] * (last - first + 1)
+    served = [location for location in slots if location is not None]
+    return served if len(served) == SLOTS else None
 
 
 def seed_nodes(url: str) -> list[TCPLocation]:
@@ -140,13 +170,10 @@ def cluster_script(script: str) -> str:
     rooms*): ``settle`` and ``evict`` redefined after the helpers (a later ``local
     function`` of the same name is the one the script's body calls), and the publish
     script's check of the idle set answered "not there"."""
-    sharded = script.replace("redis.call('PUBLISH', ", "redis.call('SPUBLISH', ")
-    if not sharded.startswith(scripts.HELPERS):
-        return sharded
-    body = sharded[len(scripts.HELPERS) :].replace("redis.call('ZSCORE', IDLE, room)", "false")
-    return scripts.HELPERS.replace("redis.call('PUBLISH', ", "redis.call('SPUBLISH', ") + (
-        _SETTLE_LOCALLY + body
-    )
+    if script.startswith(scripts.HELPERS):
+        body = script[len(scripts.HELPERS) :].replace("redis.call('ZSCORE', IDLE, room)", "false")
+        script = scripts.HELPERS + _SETTLE_LOCALLY + body
+    return script.replace("redis.call('PUBLISH', ", "redis.call('SPUBLISH', ")
 
 
 #: settle without the idle budgets: a room left without presence and without history is

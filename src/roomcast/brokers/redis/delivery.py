@@ -36,7 +36,7 @@ import secrets
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -52,7 +52,8 @@ from ..channels import RoomChannels
 from ..subscriber import Subscription, SubscriptionLost, open_subscription
 from . import calls, scripts
 from .calls import RedisClient, log
-from .cluster import slot_of
+from .cluster import Shard as _Shard
+from .cluster import slot_masters, slot_of
 from .control import Control
 from .keys import _keys, _parse_entry, _split_entry
 
@@ -60,8 +61,6 @@ __all__ = ["Delivery"]
 
 #: subscriber reconnection backoff, seconds
 RETRY_FIRST, RETRY_MAX = 0.1, 2.0
-#: hash slots in a Redis Cluster
-SLOTS: Final = 16384
 
 
 @dataclass(eq=False)
@@ -75,15 +74,6 @@ class _Stream:
     jumps: int = 0
     #: runs that ended (Redis lost the room's data): their late events are dropped
     retired: set[str] = field(default_factory=set)
-
-
-@dataclass(eq=False)
-class _Shard:
-    """A cluster master's sharded subscriber: the room channels it should hold."""
-
-    location: TCPLocation
-    channels: RoomChannels = field(default_factory=RoomChannels)
-    subscribed: bool = False
 
 
 class Delivery(Control):
@@ -234,7 +224,7 @@ class Delivery(Control):
         Redis (what was published while unsubscribed)."""
         rooms = [room for room in self.hub.rooms.values() if room.members]
         if self.cluster:
-            rooms = [room for room in rooms if self.room_channel(room.name) in channels]
+            rooms = [room for room in rooms if self._resyncs(room, channels)]
         if not rooms:
             return
         values = await self._call_raw(
@@ -249,6 +239,15 @@ class Delivery(Control):
                 await self._catch_up(room)
 
     # -- Redis Cluster: a sharded subscriber per master (see .cluster) ------------------------
+
+    def _resyncs(self, room: Room, channels: RoomChannels) -> bool:
+        """Whether a cluster master's new subscription must bring ``room`` up to date:
+        its channel is held there and some member may have missed something (a room
+        whose members are all still joining has missed nothing: each snapshot is read
+        after this confirmation; a master's first subscription is mostly such rooms)."""
+        if self.room_channel(room.name) not in channels:
+            return False
+        return room in self._streams or any(member in self._runs for member in room.members)
 
     async def _shards_forever(
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -310,15 +309,10 @@ class Delivery(Control):
 
         :raises BrokerUnavailable: if the map cannot be read, or leaves slots unserved
         """
-        ranges = await self._call_raw(self.client.cluster_slots())
-        slots: list[TCPLocation | None] = [None] * SLOTS
-        for (first, last), nodes in ranges.items():
-            location = TCPLocation(nodes[0]["host"], int(nodes[0]["port"]))
-            slots[first : last + 1] = [location] * (last - first + 1)
-        served = [location for location in slots if location is not None]
-        if len(served) != SLOTS:
+        masters = slot_masters(await self._call_raw(self.client.cluster_slots()))
+        if masters is None:
             raise BrokerUnavailable("the cluster does not serve every hash slot")
-        self._slot_masters = served
+        self._slot_masters = masters
         for channel, shard in list(self._homes.items()):
             if self._slot_masters[slot_of(channel)] != shard.location:
                 shard.channels.release(channel)

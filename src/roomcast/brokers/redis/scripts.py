@@ -25,9 +25,11 @@ forgotten beyond the budgets has all its keys deleted.
 
 A room's keys share the hash tag ``{room}``. The scripts that serve several rooms at once
 (publishing a batch, presence upkeep) take several rooms' keys, which a single Redis
-accepts; on Redis Cluster they would be called once per hash slot. Evicting an idle room
-touches keys no script was given (built in Lua from the room's name, which every room key
-carries) and the two global idle keys: a single Redis allows it, Redis Cluster would not.
+accepts; on Redis Cluster they are called once per hash slot, with ``SPUBLISH`` and
+without the global idle keys (:func:`.cluster.cluster_script`, which reads
+:data:`HELPERS`). Evicting an idle room touches keys no script was given (built in Lua
+from the room's name, which every room key carries) and the two global idle keys: a
+single Redis allows it, Redis Cluster does not.
 """
 
 from __future__ import annotations
