@@ -9,6 +9,8 @@ import pytest
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from redis_cluster import RedisCluster
+
     from postgres_server import PostgresServer
     from redis_server import RedisServer
 
@@ -54,3 +56,25 @@ def postgres_cluster() -> Iterator[PostgresServer]:
 def postgres_url(postgres_cluster: PostgresServer) -> str:
     """A fresh, empty database in the session's cluster."""
     return postgres_cluster.database()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RedisCluster]:
+    """One local Redis Cluster (3 masters, no replicas) for the session: it takes seconds
+    to form (installed by the README's test command). Tests that kill or reshard nodes
+    start their own."""
+    from redis_cluster import run_cluster
+
+    with run_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_session: RedisCluster) -> RedisCluster:
+    """The session's cluster, emptied for this test."""
+    from redis_cluster import flush
+
+    flush(redis_cluster_session)
+    return redis_cluster_session

@@ -47,8 +47,8 @@ def _float(minimum: float, *, allow_equal: bool = True) -> Callable[[str], float
 
 
 def _redis_url(raw: str) -> str:
-    if not raw.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("must start with redis://, rediss:// or unix://")
+    if not raw.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
+        raise ValueError("must start with redis://, rediss://, unix:// or redis+cluster://")
     return raw
 
 

@@ -76,6 +76,10 @@ class RoomChannels:
     def __len__(self) -> int:
         return len(self._wanted)
 
+    def __contains__(self, channel: str) -> bool:
+        """``channel`` is wanted here (confirmed or not)."""
+        return channel in self._wanted
+
     @property
     def ready(self) -> bool:
         """Every wanted channel is confirmed on the current connection."""

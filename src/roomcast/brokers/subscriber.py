@@ -23,11 +23,21 @@ subscription of it, possibly undone since, so the broker must know which side it
 The connection uses the command client's parsed URL (host or Unix socket, credentials,
 TLS context), so both always reach the same server the same way. RESP2 is enough: a
 subscribed connection only ever receives ``message`` pushes and command replies.
+
+*Sharded* (Redis Cluster, :mod:`.redis.cluster`): the same connection to one cluster
+node, with ``SSUBSCRIBE``/``SUNSUBSCRIBE`` and their ``smessage`` pushes. A node that stops
+owning a slot (resharding) sends ``sunsubscribe`` for that slot's channels unasked; one
+that is asked for a channel of a slot it does not own answers ``MOVED``. Either way the
+subscription no longer holds what it was asked for: it ends with :class:`SubscriptionLost`
+(:class:`SlotMoved`), and the broker subscribes again where each room now lives and
+catches up from history. ``sunsubscribe`` answers to the broker's own ``SUNSUBSCRIBE`` are
+told apart by counting them.
 """
 
 from __future__ import annotations
 
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -38,7 +48,7 @@ from coredis.connection import Location, TCPLocation, UnixDomainSocketLocation
 
 from .resp import ProtocolError, Reply, ReplyError, ReplyParser, encode_command
 
-__all__ = ["Subscription", "SubscriptionLost", "open_subscription"]
+__all__ = ["SlotMoved", "Subscription", "SubscriptionLost", "open_subscription"]
 
 #: most bytes taken from the socket per burst
 READ_SIZE: Final = 256 * 1024
@@ -57,12 +67,23 @@ class SubscriptionLost(Exception):
     confirmed are not received."""
 
 
+class SlotMoved(SubscriptionLost):
+    """A sharded subscription lost channels it holds (their slot moved to another node)
+    or was refused one (``MOVED``): the broker must look up where they live now."""
+
+
 class Subscription:
     """Subscriptions on a connection of their own; see :func:`open_subscription`."""
 
-    def __init__(self, stream: ByteStream, timeout: float) -> None:
+    def __init__(self, stream: ByteStream, timeout: float, *, sharded: bool = False) -> None:
         self._stream = stream
         self._timeout = timeout
+        self._sharded = sharded
+        self._subscribe, self._unsubscribe = (
+            ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
+        )
+        #: sharded: SUNSUBSCRIBE answers still due per channel (any other is a slot move)
+        self._unsubscribing: Counter[str] = Counter()
         #: the reader's pings and the broker's (un)subscriptions share the socket
         self._send_lock = anyio.Lock()
         self._parser = ReplyParser()
@@ -83,15 +104,19 @@ class Subscription:
             for reply in self._take_replies():
                 if not isinstance(reply, list) or len(reply) != 3:
                     if isinstance(reply, ReplyError):
+                        if str(reply).startswith("MOVED"):
+                            raise SlotMoved(f"Redis answered the subscriber with {reply}")
                         raise SubscriptionLost(f"Redis answered the subscriber with {reply}")
                     continue  # (RESP2 has no other push; a PING's answer is a list of 2)
                 kind, channel, data = reply
                 assert isinstance(channel, bytes)
-                if kind == b"message":
+                if kind in (b"message", b"smessage"):
                     assert isinstance(data, bytes)
                     burst.append((channel.decode(), data.decode()))
-                elif kind == b"subscribe":
+                elif kind in (b"subscribe", b"ssubscribe"):
                     burst.append((channel.decode(), None))
+                elif kind == b"sunsubscribe":
+                    self._unsubscribed(channel.decode())
                 # else an unsubscribe's answer: nothing waits for it
             if burst:
                 now = anyio.current_time()
@@ -116,17 +141,29 @@ class Subscription:
 
         :raises SubscriptionLost: if the command cannot be written
         """
-        await self._send("SUBSCRIBE", *channels)
+        await self._send(self._subscribe, *channels)
 
     async def unsubscribe(self, channels: list[str]) -> None:
         """Let ``channels`` go (their messages may still arrive until Redis has read this).
 
         :raises SubscriptionLost: if the command cannot be written
         """
-        await self._send("UNSUBSCRIBE", *channels)
+        if self._sharded:
+            self._unsubscribing.update(channels)
+        await self._send(self._unsubscribe, *channels)
+
+    def _unsubscribed(self, channel: str) -> None:
+        """A sharded ``sunsubscribe``: the answer to our own, or a slot that moved away."""
+        due = self._unsubscribing[channel]
+        if due <= 0:
+            raise SlotMoved(f"{channel}: its slot moved to another node")
+        if due == 1:
+            del self._unsubscribing[channel]
+        else:
+            self._unsubscribing[channel] = due - 1
 
     async def _handshake(
-        self, channel: str, name: str, username: str | None, password: str | None
+        self, channel: str | None, name: str, username: str | None, password: str | None
     ) -> None:
         if password is not None:
             credentials = (username, password) if username else (password,)
@@ -134,6 +171,8 @@ class Subscription:
             await self._expect(lambda reply: reply == b"OK", "AUTH")
         await self._send("CLIENT", "SETNAME", name)
         await self._expect(lambda reply: reply == b"OK", "CLIENT SETNAME")
+        if channel is None:
+            return
         await self._send("SUBSCRIBE", channel)
         await self._expect(
             lambda reply: isinstance(reply, list) and reply[:1] == [b"subscribe"], "SUBSCRIBE"
@@ -176,15 +215,17 @@ class Subscription:
 async def open_subscription(
     location: Location,
     options: dict[str, Any],
-    channel: str,
+    channel: str | None,
     *,
     name: str,
     reply_timeout: float,
+    sharded: bool = False,
 ) -> AsyncIterator[Subscription]:
     """Connect to Redis at ``location`` (with the coredis connection ``options``:
     ``username``, ``password``, ``ssl_context``), name the connection ``name`` (``CLIENT
-    LIST`` shows it) and subscribe to ``channel``. Every step, and later every keepalive
-    ping, must be answered within ``reply_timeout`` seconds.
+    LIST`` shows it) and subscribe to ``channel`` (if given). Every step, and later every
+    keepalive ping, must be answered within ``reply_timeout`` seconds. ``sharded``: the
+    subscriptions the broker adds are sharded ones (a cluster node's).
 
     :raises SubscriptionLost: if Redis cannot be reached or refuses the subscription
     """
@@ -194,7 +235,7 @@ async def open_subscription(
     except (OSError, TimeoutError) as exc:
         raise SubscriptionLost(f"cannot connect to Redis at {location}: {exc!r}") from exc
     async with stream:
-        subscription = Subscription(stream, reply_timeout)
+        subscription = Subscription(stream, reply_timeout, sharded=sharded)
         try:
             await subscription._handshake(
                 channel, name, options.get("username"), options.get("password")

@@ -23,7 +23,9 @@ part of the design it implements:
 - :mod:`.publishing`: order and seq, the bounded queue and each member's share of it,
   one script call per batch, acks in order;
 - :mod:`.scripts`: the Lua scripts, in which every write to a room happens, and what
-  they publish.
+  they publish;
+- :mod:`.cluster`: Redis Cluster (``redis+cluster://``): a room's slot, sharded pub/sub,
+  calls grouped by slot, what is global on one Redis.
 
 Each part is a class built on the parts it needs (control on calls, delivery on control,
 presence on delivery, joining on presence; publishing on calls alone), and
@@ -39,6 +41,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import coredis
@@ -49,6 +52,8 @@ from ...hub import Hub
 from ...settings import Settings
 from .. import BrokerUnavailable
 from . import calls
+from .calls import RedisClient
+from .cluster import CLUSTER_SCHEME, seed_nodes
 from .joining import Joining
 from .keys import PRESENCE_TTL
 from .keys import _parse_entry as _parse_entry
@@ -79,7 +84,7 @@ class RedisBroker(Joining, Publishing):
 
     name = "redis"
 
-    def __init__(self, settings: Settings, hub: Hub, client: coredis.Redis[str]) -> None:
+    def __init__(self, settings: Settings, hub: Hub, client: RedisClient) -> None:
         super().__init__(settings, hub, client)
         hub.announce = self._announce
         hub.presence_source = self._presence_state
@@ -91,6 +96,32 @@ class RedisBroker(Joining, Publishing):
         return self._healthy and self._subscribed
 
 
+def _client(url: str) -> RedisClient:
+    """The command client for ``url``: a cluster's for ``redis+cluster://`` seeds (see
+    :mod:`.cluster`), else one Redis's."""
+    # A script that ran but whose reply was lost must not run again: a retried publish
+    # would be a second copy of the message under a new seq. So neither client retries.
+    if url.startswith(CLUSTER_SCHEME):
+        parsed = urlsplit(url.replace(",", "%2C"))  # (only the credentials are read here)
+        return coredis.RedisCluster(
+            startup_nodes=seed_nodes(url),
+            username=unquote(parsed.username) if parsed.username else None,
+            password=unquote(parsed.password) if parsed.password else None,
+            decode_responses=True,
+            connect_timeout=calls.REQUEST_TIMEOUT,
+            stream_timeout=calls.REQUEST_TIMEOUT * 5,
+            retry_policy=NoRetryPolicy(),
+        )
+    return coredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        connect_timeout=calls.REQUEST_TIMEOUT,
+        stream_timeout=calls.REQUEST_TIMEOUT * 5,
+        client_name=f"roomcast-{os.getpid()}",
+        retry_policy=NoRetryPolicy(),
+    )
+
+
 @asynccontextmanager
 async def open_redis_broker(settings: Settings, hub: Hub) -> AsyncIterator[RedisBroker]:
     """Connect, subscribe, and keep the broker's tasks (subscriber, publisher, presence
@@ -99,16 +130,7 @@ async def open_redis_broker(settings: Settings, hub: Hub) -> AsyncIterator[Redis
     :raises BrokerUnavailable: if Redis cannot be reached at startup
     """
     assert settings.redis_url is not None
-    client: coredis.Redis[str] = coredis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        connect_timeout=calls.REQUEST_TIMEOUT,
-        stream_timeout=calls.REQUEST_TIMEOUT * 5,
-        client_name=f"roomcast-{os.getpid()}",
-        # A script that ran but whose reply was lost must not run again: a retried
-        # publish would be a second copy of the message under a new seq.
-        retry_policy=NoRetryPolicy(),
-    )
+    client = _client(settings.redis_url)
     async with client:
         broker = RedisBroker(settings, hub, client)
         try:  # not _call_raw: this failure is the startup's one line, not a health change

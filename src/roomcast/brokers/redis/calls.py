@@ -29,8 +29,12 @@ from coredis.exceptions import RedisError
 from ...hub import Hub
 from ...settings import Settings
 from .. import BrokerUnavailable
+from .cluster import cluster_script
 
-__all__ = ["REQUEST_TIMEOUT", "Calls"]
+__all__ = ["REQUEST_TIMEOUT", "Calls", "RedisClient"]
+
+#: the command client: one Redis, or a Redis Cluster (:mod:`.cluster`)
+RedisClient = coredis.Redis[str] | coredis.RedisCluster[str]
 
 log = logging.getLogger("roomcast.redis")
 
@@ -42,17 +46,36 @@ REQUEST_TIMEOUT: Final = 2.0
 class Calls:
     """The client and the one way every part of the broker calls Redis."""
 
-    def __init__(self, settings: Settings, hub: Hub, client: coredis.Redis[str]) -> None:
+    def __init__(self, settings: Settings, hub: Hub, client: RedisClient) -> None:
         self.settings = settings
         self.hub = hub
         self.client = client
+        #: Redis Cluster: sharded pub/sub, calls grouped by hash slot (:mod:`.cluster`)
+        self.cluster = isinstance(client, coredis.RedisCluster)
         pool = client.connection_pool
         #: every channel and report list this broker uses starts with it
         self.namespace = f"roomcast:{pool.connection_kwargs.get('db') or 0}:"
         self.channel_prefix = self.namespace + "room:"
-        #: requests for every worker (the server API's disconnect)
-        self.control_channel = self.namespace + "control"
+        #: requests for every worker (the server API's disconnect); in a cluster, one
+        #: sharded channel in a fixed slot
+        self.control_channel = self.namespace + ("{control}" if self.cluster else "control")
         self._healthy = True
+
+    def room_channel(self, room: str) -> str:
+        """A room's channel; in a cluster it carries the room's hash tag, so it lives on
+        the shard that holds the room's keys."""
+        return self.channel_prefix + (f"{{{room}}}" if self.cluster else room)
+
+    def room_of_channel(self, channel: str) -> str | None:
+        """The room of a room channel (:meth:`room_channel`), ``None`` for another one."""
+        if not channel.startswith(self.channel_prefix):
+            return None
+        room = channel[len(self.channel_prefix) :]
+        return room[1:-1] if self.cluster else room
+
+    def _register(self, script: str) -> Any:
+        """A script as this broker runs it (sharded publishing in a cluster)."""
+        return self.client.register_script(cluster_script(script) if self.cluster else script)
 
     def _idle_args(self) -> list[str | int]:
         """The idle budgets every script that changes presence or history enforces

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
 
 import anyio
-import coredis
 import orjson
 
 from ... import protocol
@@ -37,7 +37,8 @@ from ...protocol import CloseCode
 from ...settings import Settings
 from .. import DISCONNECTED, BrokerUnavailable, Claim
 from . import scripts
-from .calls import Calls
+from .calls import Calls, RedisClient
+from .cluster import by_slot
 from .keys import PRESENCE_TTL, _now_ms, _user_key
 
 __all__ = ["DISCONNECT_WAIT", "Control"]
@@ -51,16 +52,18 @@ REPORT_QUEUE: Final = 256
 #: milliseconds a disconnect's report list lives (its requester has stopped waiting)
 REPORT_TTL_MS: Final = 30_000
 
+T = TypeVar("T")
+
 
 class Control(Calls):
     """Requests for every worker (disconnect, notify) and their reports, typing, and the
     connection claims of verified users."""
 
-    def __init__(self, settings: Settings, hub: Hub, client: coredis.Redis[str]) -> None:
+    def __init__(self, settings: Settings, hub: Hub, client: RedisClient) -> None:
         super().__init__(settings, hub, client)
-        self._report = client.register_script(scripts.REPORT)
-        self._claim = client.register_script(scripts.CLAIM)
-        self._refresh_claims_script = client.register_script(scripts.REFRESH_CLAIMS)
+        self._report = self._register(scripts.REPORT)
+        self._claim = self._register(scripts.CLAIM)
+        self._refresh_claims_script = self._register(scripts.REFRESH_CLAIMS)
         #: this worker's connection claims (id -> user), refreshed with presence
         self._claims: dict[str, str] = {}
         #: (report list, connections closed) for :meth:`disconnect` requests from any worker
@@ -103,10 +106,17 @@ class Control(Calls):
     async def _refresh_claims(self) -> None:
         claims = list(self._claims.items())
         expiry = _now_ms() + int(PRESENCE_TTL * 1000)
-        for start in range(0, len(claims), REFRESH_CLAIMS):
-            chunk = claims[start : start + REFRESH_CLAIMS]
-            keys = [_user_key(user) for _, user in chunk]
-            await self._call(self._refresh_claims_script, keys, [expiry, *(id for id, _ in chunk)])
+        for group in self._by_slot(claims, key=lambda claim: _user_key(claim[1])):
+            for start in range(0, len(group), REFRESH_CLAIMS):
+                chunk = group[start : start + REFRESH_CLAIMS]
+                keys = [_user_key(user) for _, user in chunk]
+                args = [expiry, *(id for id, _ in chunk)]
+                await self._call(self._refresh_claims_script, keys, args)
+
+    def _by_slot(self, items: list[T], key: Callable[[T], str]) -> list[list[T]]:
+        """Items for one multi-key script: all in one call on one Redis, a call per hash
+        slot in a cluster (a script's keys must share one)."""
+        return by_slot(items, key) if self.cluster else [items] if items else []
 
     # -- the server API (SPEC §8.2) ---------------------------------------------------------
 
@@ -125,16 +135,22 @@ class Control(Calls):
         """Tell the room's other v2 connections on every worker (not sequenced, not
         stored: a ``T`` event on the room's channel, relayed by each subscriber)."""
         encoded = protocol.encode_typing(room=member.room.name, user=member.user, name=member.name)
-        channel = self.channel_prefix + member.room.name
-        await self._call_raw(self.client.publish(channel, f"T|{member.client.id}|{encoded}"))
+        channel = self.room_channel(member.room.name)
+        message = f"T|{member.client.id}|{encoded}"
+        if self.cluster:
+            await self._call_raw(self.client.spublish(channel, message))
+        else:
+            await self._call_raw(self.client.publish(channel, message))
 
     async def _ask_every_worker(self, kind: str, request: str) -> int:
         """Publish ``kind|<report list>|request`` on the control channel and add up the
         counts the workers push to the report list within :data:`DISCONNECT_WAIT`."""
         report = f"{self.namespace}reports:{secrets.token_urlsafe(12)}"
-        workers = await self._call_raw(
-            self.client.publish(self.control_channel, f"{kind}|{report}|{request}")
-        )
+        message = f"{kind}|{report}|{request}"
+        if self.cluster:  # every worker subscribes it on the shard that owns its slot
+            workers = await self._call_raw(self.client.spublish(self.control_channel, message))
+        else:
+            workers = await self._call_raw(self.client.publish(self.control_channel, message))
         closed = 0
         deadline = anyio.current_time() + DISCONNECT_WAIT
         for _ in range(int(workers)):
@@ -174,9 +190,10 @@ class Control(Calls):
                         batch.append(self._reports.receive_nowait())
                     except anyio.WouldBlock:
                         break
-                keys = [report for report, _ in batch]
-                args = [REPORT_TTL_MS, *(closed for _, closed in batch)]
-                try:
-                    await self._call(self._report, keys, args)
-                except BrokerUnavailable:
-                    continue
+                for group in self._by_slot(batch, key=lambda report: report[0]):
+                    keys = [report for report, _ in group]
+                    args = [REPORT_TTL_MS, *(closed for _, closed in group)]
+                    try:
+                        await self._call(self._report, keys, args)
+                    except BrokerUnavailable:
+                        continue

@@ -34,11 +34,13 @@ from __future__ import annotations
 import os
 import secrets
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
-import coredis
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
+from coredis.connection import Location, TCPLocation
 
 from ... import protocol
 from ...hub import Hub, Member, Room
@@ -49,7 +51,9 @@ from .. import BrokerUnavailable, History
 from ..channels import RoomChannels
 from ..subscriber import Subscription, SubscriptionLost, open_subscription
 from . import calls, scripts
-from .calls import log
+from .calls import RedisClient, log
+from .cluster import Shard as _Shard
+from .cluster import slot_masters, slot_of
 from .control import Control
 from .keys import _keys, _parse_entry, _split_entry
 
@@ -76,12 +80,22 @@ class Delivery(Control):
     """The subscriber task and the stream positions it alone writes (built on
     :class:`~.control.Control`, whose requests arrive on the same subscription)."""
 
-    def __init__(self, settings: Settings, hub: Hub, client: coredis.Redis[str]) -> None:
+    def __init__(self, settings: Settings, hub: Hub, client: RedisClient) -> None:
         super().__init__(settings, hub, client)
-        self._read = client.register_script(scripts.READ)
+        self._read = self._register(scripts.READ)
         self._subscribed = False
-        #: the room channels this worker's subscriber holds
+        #: the subscription was lost at least once (its restoration is logged)
+        self._lost_once = False
+        self._retry = RETRY_FIRST
+        #: the room channels this worker's subscriber holds (one Redis)
         self._channels = RoomChannels()
+        #: in a cluster: each master's subscriber, the master of each slot, the shard each
+        #: wanted channel is held on, channels moved and not yet caught up on their new one
+        self._shards: dict[TCPLocation, _Shard] = {}
+        self._slot_masters: list[TCPLocation] = []
+        self._homes: dict[str, _Shard] = {}
+        self._moved: set[str] = set()
+        self._shard_group: TaskGroup | None = None
         self._streams: weakref.WeakKeyDictionary[Room, _Stream] = weakref.WeakKeyDictionary()
         #: greeted members and the run their snapshot belongs to
         self._runs: weakref.WeakKeyDictionary[Member, str] = weakref.WeakKeyDictionary()
@@ -92,71 +106,125 @@ class Delivery(Control):
 
     def _let_go(self, room: Room) -> None:
         """The hub's ``room_emptied``: the room's last local member has left."""
-        self._channels.release(self.channel_prefix + room.name)
+        self._release(self.room_channel(room.name))
+
+    def _want(self, channel: str) -> anyio.Event:
+        """Hold a room's channel (on its shard's subscriber, in a cluster); the event is
+        set once its subscription is confirmed."""
+        if not self.cluster:
+            return self._channels.want(channel)
+        shard = self._homes.get(channel)
+        if shard is None:
+            shard = self._homes[channel] = self._shard_for(channel)
+        return shard.channels.want(channel)
+
+    def _release(self, channel: str) -> None:
+        if not self.cluster:
+            self._channels.release(channel)
+        elif (shard := self._homes.pop(channel, None)) is not None:
+            shard.channels.release(channel)
 
     async def _subscribe_forever(
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Hold the subscription, reconnecting with backoff; report started once the first
-        subscription is confirmed."""
+        subscription is confirmed. (In a cluster: one per master, :meth:`_shards_forever`.)"""
+        if self.cluster:
+            await self._shards_forever(task_status=task_status)
+            return
         pool = self.client.connection_pool
-        assert pool.location is not None
-        retry = RETRY_FIRST
+        assert isinstance(pool.location, Location)
+        location, options = pool.location, dict(pool.connection_kwargs)
         started = False
+
+        def subscribed() -> None:
+            nonlocal started
+            self._subscribed = True
+            if not started:
+                task_status.started()
+                started = True
+
         while True:
             try:
-                async with (
-                    open_subscription(
-                        pool.location,
-                        dict(pool.connection_kwargs),
-                        self.control_channel,
-                        name=f"roomcast-subscriber-{os.getpid()}",
-                        reply_timeout=calls.REQUEST_TIMEOUT,
-                    ) as subscription,
-                    anyio.create_task_group() as tg,
-                ):
-                    self._channels.restart()
-                    tg.start_soon(self._channels.keep_subscribed, subscription)
-                    early = await self._resubscribe(subscription)
-                    await self._resync()
-                    if started:
-                        log.warning("Redis subscription restored")
-                    self._subscribed = True
-                    if not started:
-                        task_status.started()
-                        started = True
-                    retry = RETRY_FIRST
-                    await self._on_burst(early)
-                    while True:
-                        await self._on_burst(await subscription.receive())
+                await self._hold(
+                    location, options, self._channels, self.control_channel, subscribed
+                )
             except* (SubscriptionLost, BrokerUnavailable) as group:
                 if self._subscribed:
                     log.warning("Redis subscription lost: %s", group.exceptions[0])
                 self._subscribed = False
-            await anyio.sleep(retry)
-            retry = min(retry * 2, RETRY_MAX)
+                self._lost_once = True
+            await self._backoff()
 
-    async def _resubscribe(self, subscription: Subscription) -> list[tuple[str, str | None]]:
-        """Wait until a new connection holds every room channel this worker wants; returns
-        the messages that arrived meanwhile (handled after :meth:`_resync`).
+    async def _backoff(self) -> None:
+        await anyio.sleep(self._retry)
+        self._retry = min(self._retry * 2, RETRY_MAX)
+
+    async def _hold(
+        self,
+        location: Location,
+        options: dict[str, Any],
+        channels: RoomChannels,
+        control: str | None,
+        subscribed: Callable[[], None],
+    ) -> None:
+        """One subscription connection, from its handshake until it is lost: every channel
+        in ``channels`` confirmed, their rooms caught up, then every burst handed on.
+
+        :raises SubscriptionLost: when the connection ends (a sharded one: also when a
+            slot it holds moves away)
+        """
+        async with (
+            open_subscription(
+                location,
+                options,
+                control,
+                name=f"roomcast-subscriber-{os.getpid()}",
+                reply_timeout=calls.REQUEST_TIMEOUT,
+                sharded=self.cluster,
+            ) as subscription,
+            anyio.create_task_group() as tg,
+        ):
+            channels.restart()
+            tg.start_soon(channels.keep_subscribed, subscription)
+            early = await self._resubscribe(subscription, channels)
+            await self._resync(channels)
+            if self._lost_once:
+                log.warning("Redis subscription restored")
+                self._lost_once = False
+            subscribed()
+            self._retry = RETRY_FIRST
+            await self._on_burst(early, channels)
+            while True:
+                await self._on_burst(await subscription.receive(), channels)
+
+    async def _resubscribe(
+        self, subscription: Subscription, channels: RoomChannels
+    ) -> list[tuple[str, str | None]]:
+        """Wait until a new connection holds every room channel this worker wants there;
+        returns the messages that arrived meanwhile (handled after :meth:`_resync`).
 
         :raises SubscriptionLost: if that takes longer than :data:`~.calls.REQUEST_TIMEOUT` * 5
         """
         early: list[tuple[str, str | None]] = []
         with anyio.move_on_after(calls.REQUEST_TIMEOUT * 5):
-            while not self._channels.ready:
+            while not channels.ready:
                 for channel, data in await subscription.receive():
                     if data is None:
-                        self._channels.confirmed(channel)
+                        channels.confirmed(channel)
+                        self._moved.discard(channel)  # (the resync that follows covers it)
                     else:
                         early.append((channel, data))
             return early
-        raise SubscriptionLost(f"{len(self._channels)} room channels not confirmed in time")
+        raise SubscriptionLost(f"{len(channels)} room channels not confirmed in time")
 
-    async def _resync(self) -> None:
+    async def _resync(self, channels: RoomChannels) -> None:
         """After (re)subscribing, before any new event: bring every room with local
-        members up to its counter in Redis (what was published while unsubscribed)."""
+        members (in a cluster: whose channel this connection holds) up to its counter in
+        Redis (what was published while unsubscribed)."""
         rooms = [room for room in self.hub.rooms.values() if room.members]
+        if self.cluster:
+            rooms = [room for room in rooms if self._resyncs(room, channels)]
         if not rooms:
             return
         values = await self._call_raw(
@@ -170,6 +238,88 @@ class Delivery(Control):
             if stream.epoch != run or stream.seq != int(counter or 0):
                 await self._catch_up(room)
 
+    # -- Redis Cluster: a sharded subscriber per master (see .cluster) ------------------------
+
+    def _resyncs(self, room: Room, channels: RoomChannels) -> bool:
+        """Whether a cluster master's new subscription must bring ``room`` up to date:
+        its channel is held there and some member may have missed something (a room
+        whose members are all still joining has missed nothing: each snapshot is read
+        after this confirmation; a master's first subscription is mostly such rooms)."""
+        if self.room_channel(room.name) not in channels:
+            return False
+        return room in self._streams or any(member in self._runs for member in room.members)
+
+    async def _shards_forever(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Learn the slot map, hold the control channel on its master (and each room's
+        channel on its own, as rooms come), report started once the control channel is
+        confirmed; the masters' subscribers run in this task's group until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._shard_group = tg
+            while not self._slot_masters:
+                try:
+                    await self._refresh_slots()
+                except BrokerUnavailable:
+                    await self._backoff()
+            await self._want(self.control_channel).wait()
+            task_status.started()
+
+    def _shard_for(self, channel: str) -> _Shard:
+        """The subscriber of the master that owns ``channel``'s slot (started if new)."""
+        location = self._slot_masters[slot_of(channel)]
+        shard = self._shards.get(location)
+        if shard is None:
+            shard = self._shards[location] = _Shard(location)
+            assert self._shard_group is not None
+            self._shard_group.start_soon(self._shard_forever, shard)
+        return shard
+
+    async def _shard_forever(self, shard: _Shard) -> None:
+        """Hold one master's sharded subscription; after it is lost (the node failed, or
+        a slot moved), look the slots up again, move each room to where it lives now,
+        and end once this node serves nothing this worker wants."""
+        options = dict(self.client.connection_pool.connection_kwargs)
+
+        def subscribed() -> None:
+            shard.subscribed = True
+            self._subscribed = all(s.subscribed for s in self._shards.values())
+
+        while True:
+            try:
+                await self._hold(shard.location, options, shard.channels, None, subscribed)
+            except* (SubscriptionLost, BrokerUnavailable) as group:
+                if shard.subscribed:
+                    log.warning("Redis subscription lost: %s", group.exceptions[0])
+                shard.subscribed = self._subscribed = False
+                self._lost_once = True
+            await self._backoff()
+            try:
+                await self._refresh_slots()
+            except BrokerUnavailable:
+                continue
+            if not len(shard.channels) and shard.location not in self._slot_masters:
+                del self._shards[shard.location]
+                self._subscribed = all(s.subscribed for s in self._shards.values())
+                return
+
+    async def _refresh_slots(self) -> None:
+        """Read the slot map, then move every wanted channel whose slot another master
+        owns now to that master's subscriber (caught up once confirmed there).
+
+        :raises BrokerUnavailable: if the map cannot be read, or leaves slots unserved
+        """
+        masters = slot_masters(await self._call_raw(self.client.cluster_slots()))
+        if masters is None:
+            raise BrokerUnavailable("the cluster does not serve every hash slot")
+        self._slot_masters = masters
+        for channel, shard in list(self._homes.items()):
+            if self._slot_masters[slot_of(channel)] != shard.location:
+                shard.channels.release(channel)
+                del self._homes[channel]
+                self._moved.add(channel)
+                self._want(channel)
+
     def _adopt(self, room: Room, run: str | None, seq: int) -> _Stream:
         """A stream position for a room that had none when its events may have been lost:
         the earliest snapshot among its greeted members (``run`` at ``seq`` if none is
@@ -181,19 +331,21 @@ class Delivery(Control):
         stream = self._streams[room] = _Stream(run or "", seq, jumps=1)
         return stream
 
-    async def _on_burst(self, burst: list[tuple[str, str | None]]) -> None:
-        prefix = len(self.channel_prefix)
+    async def _on_burst(self, burst: list[tuple[str, str | None]], channels: RoomChannels) -> None:
         for channel, data in burst:
             if data is None:
-                self._channels.confirmed(channel)
+                channels.confirmed(channel)
+                if channel in self._moved and channels.holds(channel):
+                    await self._moved_in(channel)
                 continue
-            if not channel.startswith(self.channel_prefix):
+            name = self.room_of_channel(channel)
+            if name is None:
                 if channel == self.control_channel:
                     self._on_control(data)
                 continue
-            if not self._channels.holds(channel):
+            if not channels.holds(channel):
                 continue  # an earlier subscription's (see .channels)
-            room = self.hub.rooms.get(channel[prefix:])
+            room = self.hub.rooms.get(name)
             if room is None or not room.members:
                 if room is not None:
                     self._streams.pop(room, None)  # no one to deliver to: start afresh
@@ -216,6 +368,15 @@ class Delivery(Control):
                 count, _, entries_text = rest.partition("|")
                 if await self._follow(room, run, int(seq_text)) is not None:
                     self._announce_remote(room, kind, int(count), entries_text.split("\n"))
+
+    async def _moved_in(self, channel: str) -> None:
+        """A room whose slot moved is held on its new master: deliver what was published
+        while it moved (from history, exactly once; ``history_gap`` for what is gone)."""
+        self._moved.discard(channel)
+        name = self.room_of_channel(channel)
+        room = self.hub.rooms.get(name) if name is not None else None
+        if room is not None and room.members and room in self._streams:
+            await self._catch_up(room)
 
     async def _follow(self, room: Room, run: str, seq: int) -> _Stream | None:
         """The room's stream position, caught up so that an event of ``run`` coming right

@@ -44,13 +44,13 @@ import sys
 from typing import Any
 
 import anyio
-import coredis
 
 from ... import protocol
 from ...hub import Client, Hub, Member, NameTaken, Room, RoomFull, replay
 from ...settings import Settings
 from .. import BrokerUnavailable
 from . import calls, scripts
+from .calls import RedisClient
 from .keys import PRESENCE_TTL, _keys, _listed, _now_ms, _seq_of, _split_entry
 from .presence import Presence
 
@@ -60,9 +60,9 @@ __all__ = ["Joining"]
 class Joining(Presence):
     """A member's join (attach, subscribe, snapshot, greeting) and leave."""
 
-    def __init__(self, settings: Settings, hub: Hub, client: coredis.Redis[str]) -> None:
+    def __init__(self, settings: Settings, hub: Hub, client: RedisClient) -> None:
         super().__init__(settings, hub, client)
-        self._join = client.register_script(scripts.JOIN)
+        self._join = self._register(scripts.JOIN)
 
     async def join(
         self,
@@ -77,7 +77,7 @@ class Joining(Presence):
         member = self.hub.attach(room, name, user, client=client)
         member.skip_through, member.backlog = sys.maxsize, []  # until the snapshot is in
         self._joining[member.room.name, member.id] = member
-        subscribed = self._channels.want(self.channel_prefix + room)
+        subscribed = self._want(self.room_channel(room))
         try:
             if not subscribed.is_set():
                 await self._subscribed_to(subscribed)
@@ -92,7 +92,7 @@ class Joining(Presence):
                     self.settings.room_capacity,
                     secrets.token_urlsafe(6),
                     "1" if since is not None else "0",
-                    self.channel_prefix + room,
+                    self.room_channel(room),
                     *self._idle_args(),
                 ],
             )

@@ -38,11 +38,9 @@ which reap expired entries): only then does it become idle and count against the
 Paused workers' members that come back (upkeep) take the room off the idle set again; if
 it was forgotten meanwhile, they start over in the new run with ``history_gap``.
 
-*Cluster.* A room's keys share the hash tag ``{room}``. Publishing and upkeep take several
-rooms per script call, which a single Redis (or a replicated one) accepts; Redis Cluster
-would need those calls grouped per hash slot and sharded pub/sub (``SSUBSCRIBE``), and a
-different scheme for idle rooms: evicting one deletes keys of rooms the script was not
-given (its keys are built in Lua from the room's name), and the two idle keys are global.
+*Cluster.* A room's keys share the hash tag ``{room}``, so they live in one hash slot;
+what Redis Cluster needs beyond that (calls grouped per slot, sharded pub/sub, the idle
+keys that are global here) is :mod:`.cluster`.
 """
 
 from __future__ import annotations

@@ -61,7 +61,6 @@ from collections.abc import Sequence
 from typing import Final
 
 import anyio
-import coredis
 from coredis.exceptions import RedisError
 
 from ...hub import Hub, Member, NameTaken, Room
@@ -70,8 +69,18 @@ from ...protocol import MAX_WELCOME_MEMBERS, CloseCode, Listed
 from ...settings import Settings
 from .. import BrokerUnavailable, Person
 from . import calls, scripts
+from .calls import RedisClient
+from .cluster import by_slot
 from .delivery import Delivery
-from .keys import PRESENCE_TTL, _listed, _now_ms, _people, _presence_entry, _presence_keys
+from .keys import (
+    PRESENCE_TTL,
+    _keys,
+    _listed,
+    _now_ms,
+    _people,
+    _presence_entry,
+    _presence_keys,
+)
 
 __all__ = ["PRESENCE_REFRESH", "TICK", "Presence"]
 
@@ -88,12 +97,12 @@ class Presence(Delivery):
     refreshed and added back by upkeep, removed when it leaves; the room's presence as
     every worker sees it."""
 
-    def __init__(self, settings: Settings, hub: Hub, client: coredis.Redis[str]) -> None:
+    def __init__(self, settings: Settings, hub: Hub, client: RedisClient) -> None:
         super().__init__(settings, hub, client)
-        self._leave = client.register_script(scripts.LEAVE)
-        self._rename = client.register_script(scripts.RENAME)
-        self._upkeep_script = client.register_script(scripts.UPKEEP)
-        self._presence_now = client.register_script(scripts.PRESENCE)
+        self._leave = self._register(scripts.LEAVE)
+        self._rename = self._register(scripts.RENAME)
+        self._upkeep_script = self._register(scripts.UPKEEP)
+        self._presence_now = self._register(scripts.PRESENCE)
         #: each member's presence entry, as written when it joined or was last renamed
         self._entries: weakref.WeakKeyDictionary[Member, str] = weakref.WeakKeyDictionary()
         #: an entry Redis may hold for a member beside its own: a rename's, while it is in
@@ -133,7 +142,7 @@ class Presence(Delivery):
                     self._entry(member),
                     renamed,
                     _now_ms(),
-                    self.channel_prefix + room,
+                    self.room_channel(room),
                     secrets.token_urlsafe(6),
                     *self._idle_args(),
                 ],
@@ -175,7 +184,7 @@ class Presence(Delivery):
 
         :raises BrokerUnavailable: if Redis cannot be reached
         """
-        args = [_now_ms(), entries, self.channel_prefix + room, secrets.token_urlsafe(6)]
+        args = [_now_ms(), entries, self.room_channel(room), secrets.token_urlsafe(6)]
         args += self._idle_args()
         count, live = await self._call(self._presence_now, _presence_keys(room), args)
         return int(count), live
@@ -197,7 +206,7 @@ class Presence(Delivery):
                     keys=_presence_keys(member.room.name),
                     args=[
                         _now_ms(),
-                        self.channel_prefix + member.room.name,
+                        self.room_channel(member.room.name),
                         secrets.token_urlsafe(6),
                         *self._idle_args(),
                         *entries,
@@ -223,13 +232,22 @@ class Presence(Delivery):
             try:
                 if not rooms:
                     await self._call_raw(self.client.ping())
-                for start in range(0, len(rooms), UPKEEP_ROOMS):
-                    chunk = rooms[start : start + UPKEEP_ROOMS]
+                for chunk in self._upkeep_chunks(rooms):
                     await self._upkeep(chunk, refresh=tick % refresh_every == 0)
                 if tick % refresh_every == 0:
                     await self._refresh_claims()
             except BrokerUnavailable:
                 continue
+
+    def _upkeep_chunks(self, rooms: list[Room]) -> list[list[Room]]:
+        """The rooms in calls of at most :data:`UPKEEP_ROOMS` (in a cluster, each call's
+        rooms in one hash slot)."""
+        groups = by_slot(rooms, key=lambda room: _keys(room.name).seq) if self.cluster else [rooms]
+        return [
+            group[start : start + UPKEEP_ROOMS]
+            for group in groups
+            for start in range(0, len(group), UPKEEP_ROOMS)
+        ]
 
     async def _upkeep(self, rooms: Sequence[Room], *, refresh: bool) -> None:
         now = _now_ms()
@@ -245,7 +263,7 @@ class Presence(Delivery):
             for member in back:
                 self._absent.discard(member)
             keys += _presence_keys(room.name)
-            args += [self.channel_prefix + room.name, len(still), len(back)]
+            args += [self.room_channel(room.name), len(still), len(back)]
             args += [self._entry(m) for m in still] + [self._entry(m) for m in back]
             refreshed.append(still)
             added.append(back)

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 import anyio
-import coredis
 
 from ... import protocol
 from ...hub import Hub, Member
@@ -43,8 +42,9 @@ from ...settings import Settings
 from ...stored import StoredMessage
 from .. import UNAVAILABLE_NOTICE, BrokerUnavailable
 from . import scripts
-from .calls import Calls
-from .keys import _now_ms, _publish_keys
+from .calls import Calls, RedisClient
+from .cluster import by_slot
+from .keys import _keys, _now_ms, _publish_keys
 
 __all__ = ["MAX_BATCH", "MEMBER_QUEUE", "QUEUE_SIZE", "Backlog", "Publishing"]
 
@@ -92,9 +92,9 @@ class Publishing(Calls):
     """This worker's queue for Redis, each member's share of it, and the publisher task
     that empties it."""
 
-    def __init__(self, settings: Settings, hub: Hub, client: coredis.Redis[str]) -> None:
+    def __init__(self, settings: Settings, hub: Hub, client: RedisClient) -> None:
         super().__init__(settings, hub, client)
-        self._publish = client.register_script(scripts.PUBLISH)
+        self._publish = self._register(scripts.PUBLISH)
         self._slots: weakref.WeakKeyDictionary[Member, anyio.Semaphore] = (
             weakref.WeakKeyDictionary()
         )
@@ -160,26 +160,36 @@ class Publishing(Calls):
                 await self._publish_batch(batch)
 
     async def _publish_batch(self, batch: list[_Outgoing]) -> None:
-        """One script call for the batch; then every sender's acks, in queue order."""
+        """One script call for the batch (in a cluster, one per hash slot among its
+        rooms); then every sender's acks, in queue order within each room."""
         rooms: dict[str, list[_Outgoing]] = {}
         for outgoing in batch:
             rooms.setdefault(outgoing.member.room.name, []).append(outgoing)
+        if not self.cluster:
+            await self._publish_rooms(list(rooms.items()))
+            return
+        for group in by_slot(rooms.items(), key=lambda item: _keys(item[0]).seq):
+            await self._publish_rooms(group)
+
+    async def _publish_rooms(self, rooms: list[tuple[str, list[_Outgoing]]]) -> None:
+        """One script call for these rooms' messages, then their acks (or refusals)."""
         keys: list[str] = []
         args = self._publish_args()
-        for room, messages in rooms.items():
+        for room, messages in rooms:
             keys.extend(_publish_keys(room))
-            args += [self.channel_prefix + room, len(messages)]
+            args += [self.room_channel(room), len(messages)]
             for outgoing in messages:
                 args += [outgoing.head, outgoing.tail]
         try:
             firsts = await self._call(self._publish, keys, args)
         except BrokerUnavailable:
-            for outgoing in batch:
-                outgoing.slots.release()
-                self._refuse(outgoing)
+            for _, messages in rooms:
+                for outgoing in messages:
+                    outgoing.slots.release()
+                    self._refuse(outgoing)
             return
-        self.hub.stats.messages_in += len(batch)
-        for (room, messages), (first, epoch) in zip(rooms.items(), firsts, strict=True):
+        self.hub.stats.messages_in += sum(len(messages) for _, messages in rooms)
+        for (room, messages), (first, epoch) in zip(rooms, firsts, strict=True):
             for offset, outgoing in enumerate(messages):
                 outgoing.slots.release()
                 if outgoing.id is not None:
@@ -227,7 +237,7 @@ class Publishing(Calls):
         firsts = await self._call(
             self._publish,
             _publish_keys(room),
-            [*self._publish_args(), self.channel_prefix + room, 1, head, tail],
+            [*self._publish_args(), self.room_channel(room), 1, head, tail],
         )
         self.hub.stats.messages_in += 1
         (first, epoch), *_ = firsts

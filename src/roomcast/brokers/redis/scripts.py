@@ -25,9 +25,11 @@ forgotten beyond the budgets has all its keys deleted.
 
 A room's keys share the hash tag ``{room}``. The scripts that serve several rooms at once
 (publishing a batch, presence upkeep) take several rooms' keys, which a single Redis
-accepts; on Redis Cluster they would be called once per hash slot. Evicting an idle room
-touches keys no script was given (built in Lua from the room's name, which every room key
-carries) and the two global idle keys: a single Redis allows it, Redis Cluster would not.
+accepts; on Redis Cluster they are called once per hash slot, with ``SPUBLISH`` and
+without the global idle keys (:func:`.cluster.cluster_script`, which reads
+:data:`HELPERS`). Evicting an idle room touches keys no script was given (built in Lua
+from the room's name, which every room key carries) and the two global idle keys: a
+single Redis allows it, Redis Cluster does not.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ __all__ = [
     "UPKEEP",
 ]
 
-_HELPERS: Final = (
+HELPERS: Final = (
     f"local IDLE, IDLE_BYTES = '{IDLE}', '{IDLE_BYTES}'\n"
     + """
 local function run_of(epoch_key, token)
@@ -231,7 +233,7 @@ end
 #: name that looks like the entry's.
 #: Capacity counts connections, as each worker's hub does. The room stops being idle.
 JOIN: Final = (
-    _HELPERS
+    HELPERS
     + """
 local gone = reap(KEYS[4], KEYS[5], KEYS[6], ARGV[2])
 local epoch = run_of(KEYS[2], ARGV[5])
@@ -260,7 +262,7 @@ return {epoch, seq, count, present, history, new}
 #: written) -> how many were there. A leave is announced only for its user's last
 #: connection in the room; a room left empty becomes idle (or is forgotten).
 LEAVE: Final = (
-    _HELPERS
+    HELPERS
     + """
 local removed, left = 0, {}
 for i = 6, #ARGV do
@@ -286,7 +288,7 @@ return removed
 #: looks like the new entry's, -1 if the old entry is not there (it left, or expired).
 #: Nothing is announced but what expired.
 RENAME: Final = (
-    _HELPERS
+    HELPERS
     + """
 local gone = reap(KEYS[3], KEYS[4], KEYS[5], ARGV[3])
 if #gone > 0 then
@@ -313,7 +315,7 @@ return 1
 #: A room without presence (the server API posts into any room) is idle: its growth
 #: counts against the idle budget.
 PUBLISH: Final = (
-    _HELPERS
+    HELPERS
     + """
 local keep, budget = tonumber(ARGV[1]), tonumber(ARGV[3])
 local a = 6
@@ -368,7 +370,7 @@ return firsts
 #: rooms, idle history bytes -> {count (people), the first n entries}: a room's presence
 #: now, after removing (and announcing) what expired (a room left empty becomes idle)
 PRESENCE: Final = (
-    _HELPERS
+    HELPERS
     + """
 local gone = reap(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
 local count = people(KEYS[4])
@@ -385,7 +387,7 @@ return {count, live}
 
 #: KEYS seq, epoch, history; ARGV token -> {epoch, seq, history}: one consistent snapshot
 READ: Final = (
-    _HELPERS
+    HELPERS
     + """
 local epoch = run_of(KEYS[2], ARGV[1])
 return {epoch, seq_of(KEYS[1]), redis.call('LRANGE', KEYS[3], 0, -1)}
@@ -402,7 +404,7 @@ return {epoch, seq_of(KEYS[1]), redis.call('LRANGE', KEYS[3], 0, -1)}
 #: again. A room left empty becomes idle (or is forgotten); one with entries back stops
 #: being idle.
 UPKEEP: Final = (
-    _HELPERS
+    HELPERS
     + """
 local now, expires, token = ARGV[1], ARGV[2], ARGV[3]
 local a = 6

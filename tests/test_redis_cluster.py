@@ -1,0 +1,124 @@
+"""Cluster mode (``ROOMCAST_REDIS_URL=redis+cluster://...``, issue 25) on a local 3-master
+Redis Cluster: the exactly-once stress of :mod:`test_redis_stress` across two servers,
+rooms spread over every master (each message crossing one shard), and the control
+channel's disconnect reaching every worker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, ExitStack, contextmanager
+
+import httpx
+import pytest
+import trio
+
+from redis_cluster import RedisCluster
+from test_redis_stress import LOAD_TIME, PER_SENDER, WINDOW, assert_exactly_once_in_order
+
+from chatload import Client, connect_all, run_load
+from servers import ServerProcess, spawn_server
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
+
+
+@contextmanager
+def two_servers_on_cluster(cluster: RedisCluster, **env: str) -> Iterator[list[ServerProcess]]:
+    """Two ``python -m roomcast`` processes (Trio and asyncio workers) on the cluster."""
+    env = {"ROOMCAST_REDIS_URL": cluster.url, "ROOMCAST_RATE_LIMIT": "0", **env}
+    with ExitStack() as stack:
+        yield [
+            stack.enter_context(
+                spawn_server(["--workers", "1", "--worker-class", worker_class], env=env)
+            )
+            for worker_class in ("trio", "asyncio")
+        ]
+
+
+async def test_the_local_cluster_has_three_masters_sharing_every_slot(
+    redis_cluster: RedisCluster,
+) -> None:
+    masters = redis_cluster.masters()
+    assert len(masters) == 3
+    assert all(node.info("cluster")["cluster_state"] == "ok" for node in masters)
+    assert all(node.info("cluster")["cluster_slots_assigned"] == "16384" for node in masters)
+
+
+async def test_two_servers_on_a_cluster_deliver_exactly_once_in_order(
+    redis_cluster: RedisCluster,
+) -> None:
+    with two_servers_on_cluster(redis_cluster) as servers:
+        clients = [
+            Client(servers[i % 2].url(f"/ws/chat?room=stress&name=m{i}"), batch=(i // 2) % 2 == 1)
+            for i in range(24)
+        ]
+        senders = clients[:4]
+        with trio.fail_after(LOAD_TIME + 10):
+            async with AsyncExitStack() as stack:
+                await connect_all(stack, clients)
+                with trio.move_on_after(LOAD_TIME) as load:
+                    await run_load(clients, senders, per_sender=PER_SENDER, window=WINDOW)
+    assert_exactly_once_in_order(clients, len(senders))
+    assert not load.cancelled_caught
+    for sender in senders:
+        assert [id for id, _ in sender.acks] == [str(n) for n in range(PER_SENDER)]
+
+
+async def test_rooms_spread_over_every_master_and_each_message_crosses_one_shard(
+    redis_cluster: RedisCluster,
+) -> None:
+    """30 rooms, a member on each server in each, one message each: every master holds
+    some rooms' keys (whole rooms), and each room's events (two joins, one message) are
+    published once, with SPUBLISH, by the master that holds the room: every master
+    publishes some, none publishes a classic PUBLISH (which every node would carry)."""
+    rooms = [f"r{n}" for n in range(30)]
+    masters = redis_cluster.masters()
+    with two_servers_on_cluster(redis_cluster) as servers:
+        before = [(node.published(), node.published("publish")) for node in masters]
+        with trio.fail_after(LOAD_TIME + 10):
+            for room in rooms:
+                pair = [
+                    Client(server.url(f"/ws/chat?room={room}&name={room}-{i}"), batch=False)
+                    for i, server in enumerate(servers)
+                ]
+                async with AsyncExitStack() as stack:
+                    await connect_all(stack, pair)
+                    await run_load(pair, pair[:1], per_sender=1, window=1)
+        after = [(node.published(), node.published("publish")) for node in masters]
+    per_master = [
+        {key.partition("{")[2].partition("}")[0] for key in node.keys("roomcast:{*}:seq")}
+        for node in masters
+    ]
+    assert all(per_master), f"a master holds no room: {per_master}"
+    assert sorted(room for held in per_master for room in held) == sorted(rooms)
+    sharded = [spublished - was for (spublished, _), (was, _) in zip(after, before, strict=True)]
+    classic = [published - was for (_, published), (_, was) in zip(after, before, strict=True)]
+    print(f"\nrooms per master {[len(held) for held in per_master]}, SPUBLISH per master {sharded}")
+    assert all(sharded) and not any(classic)
+    # two joins and a message per room; its leaves may or may not have run yet
+    assert 3 * len(rooms) <= sum(sharded) <= 5 * len(rooms)
+
+
+async def test_disconnect_reaches_every_worker_of_a_cluster(
+    redis_cluster: RedisCluster,
+) -> None:
+    """The server API's disconnect goes out on the sharded control channel: both servers
+    close the user's connections and both report back."""
+    from roomcast.identity import mint_token
+
+    secret = "a-secret-of-at-least-thirty-two-bytes!"
+    env = {"ROOMCAST_JWT_SECRET": secret, "ROOMCAST_API_KEY": "k" * 32}
+    with two_servers_on_cluster(redis_cluster, **env) as servers:
+        token = mint_token(secret, sub="ann", name="Ann", ttl=600)
+        tabs = [
+            Client(server.url(f"/ws/chat?room=d&token={token}"), batch=False) for server in servers
+        ]
+        with trio.fail_after(LOAD_TIME):
+            async with AsyncExitStack() as stack:
+                await connect_all(stack, tabs)
+                async with httpx.AsyncClient() as http:
+                    answer = await http.post(
+                        servers[0].url("/api/users/ann/disconnect"),
+                        headers={"Authorization": "Bearer " + "k" * 32},
+                    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["closed"] == 2
