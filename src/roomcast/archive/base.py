@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+import orjson
 
 from .. import protocol
 from ..stored import StoredMessage
@@ -22,6 +24,8 @@ __all__ = [
     "Position",
     "Recovery",
     "encode_stored",
+    "row_event",
+    "unbroken_window",
 ]
 
 
@@ -150,3 +154,27 @@ def encode_stored(
     return protocol.encode_message(
         room=room, seq=seq, text=text, sender=name, ts=ts, id=id, user=user, data=data
     )
+
+
+def row_event(room: str, row: tuple[Any, ...]) -> str:
+    """The ``message`` event of an archived row ``(seq, ts, user, name, text, data, id)``,
+    ``data`` as JSON text (both implementations select these columns)."""
+    seq, ts, user, name, text, data, id = row
+    return encode_stored(
+        room, seq, text, name, ts, id, user, None if data is None else orjson.loads(data)
+    )
+
+
+def unbroken_window(room: str, seq: int, rows: Sequence[tuple[Any, ...]]) -> list[tuple[int, str]]:
+    """A room's retained window from its archived rows ending at ``seq``, newest first:
+    the unbroken run that ends at ``seq``, oldest first (a hole, a missing range, ends
+    it: what is before it would replay with a gap nobody is told of)."""
+    window: list[tuple[int, str]] = []
+    expected = seq
+    for row in rows:
+        if row[0] != expected:
+            break
+        window.append((row[0], row_event(room, row)))
+        expected -= 1
+    window.reverse()
+    return window

@@ -52,7 +52,15 @@ import orjson
 import psycopg
 
 from ..stored import StoredMessage
-from .base import ArchivedPage, ArchiveUnavailable, Missing, Position, Recovery, encode_stored
+from .base import (
+    ArchivedPage,
+    ArchiveUnavailable,
+    Missing,
+    Position,
+    Recovery,
+    row_event,
+    unbroken_window,
+)
 
 __all__ = ["MIGRATIONS", "PostgresArchive", "open_postgres_archive", "redacted"]
 
@@ -270,15 +278,7 @@ class PostgresArchive:
             " ORDER BY seq DESC LIMIT %s",
             (room, epoch, seq, self._window),
         ).fetchall()
-        window: list[tuple[int, str]] = []
-        expected = seq
-        for row in rows:  # newest first: keep the unbroken run that ends at ``seq``
-            if row[0] != expected:
-                break
-            window.append((row[0], _event(room, row)))
-            expected -= 1
-        window.reverse()
-        return Position(epoch, seq, window)
+        return Position(epoch, seq, unbroken_window(room, seq, rows))
 
     async def before(self, room: str, epoch: str, before: int, limit: int) -> ArchivedPage:
         return await self._run(self._before, room, epoch, before, limit)
@@ -292,7 +292,7 @@ class PostgresArchive:
             " ORDER BY seq DESC LIMIT %s",
             (room, epoch, before, limit + 1),
         ).fetchall()
-        page = [_event(room, row) for row in rows[:limit]]
+        page = [row_event(room, row) for row in rows[:limit]]
         page.reverse()
         return ArchivedPage(page, more=len(rows) > limit)
 
@@ -357,13 +357,6 @@ def _message_columns(batch: Sequence[StoredMessage]) -> tuple[list[Any], ...]:
         [m.text for m in batch],
         [None if m.data is None else orjson.dumps(m.data).decode() for m in batch],
         [m.id for m in batch],
-    )
-
-
-def _event(room: str, row: tuple[Any, ...]) -> str:
-    seq, ts, user, name, text, data, id = row
-    return encode_stored(
-        room, seq, text, name, ts, id, user, None if data is None else orjson.loads(data)
     )
 
 

@@ -54,7 +54,15 @@ import anyio.lowlevel
 import orjson
 
 from ..stored import StoredMessage
-from .base import ArchivedPage, ArchiveUnavailable, Missing, Position, Recovery, encode_stored
+from .base import (
+    ArchivedPage,
+    ArchiveUnavailable,
+    Missing,
+    Position,
+    Recovery,
+    row_event,
+    unbroken_window,
+)
 
 __all__ = ["MIGRATIONS", "SqliteArchive", "open_sqlite_archive"]
 
@@ -254,15 +262,7 @@ class SqliteArchive:
             " ORDER BY seq DESC LIMIT ?",
             (room, epoch, seq, self._window),
         ).fetchall()
-        window: list[tuple[int, str]] = []
-        expected = seq
-        for row in rows:  # newest first: keep the unbroken run that ends at ``seq``
-            if row[0] != expected:
-                break
-            window.append((row[0], _event(room, row)))
-            expected -= 1
-        window.reverse()
-        return Position(epoch, seq, window)
+        return Position(epoch, seq, unbroken_window(room, seq, rows))
 
     async def before(self, room: str, epoch: str, before: int, limit: int) -> ArchivedPage:
         return await self._run(self._before, room, epoch, before, limit)
@@ -273,7 +273,7 @@ class SqliteArchive:
             " ORDER BY seq DESC LIMIT ?",
             (room, epoch, before, limit + 1),
         ).fetchall()
-        page = [_event(room, row) for row in rows[:limit]]
+        page = [row_event(room, row) for row in rows[:limit]]
         page.reverse()
         return ArchivedPage(page, more=len(rows) > limit)
 
@@ -340,13 +340,6 @@ class SqliteArchive:
 
 def _json(data: dict[str, Any] | None) -> str | None:
     return None if data is None else orjson.dumps(data).decode()
-
-
-def _event(room: str, row: tuple[Any, ...]) -> str:
-    seq, ts, user, name, text, data, id = row
-    return encode_stored(
-        room, seq, text, name, ts, id, user, None if data is None else orjson.loads(data)
-    )
 
 
 @asynccontextmanager
