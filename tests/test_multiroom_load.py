@@ -6,6 +6,7 @@ every receiver counts duplicates and gaps per room. With Redis the rooms span tw
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import defaultdict
@@ -33,11 +34,14 @@ CHURNERS = 4
 
 @pytest.fixture(params=["memory-trio", "memory-asyncio", "redis"])
 def servers(request: pytest.FixtureRequest) -> Iterator[list[ThreadedServer]]:
-    settings = Settings(rate_limit=0, tokens=None, presence_grace=0)
+    # An outbox that holds the whole run (4,000 messages and the churn's notices): the
+    # reader shares this process's cores with the servers, and this test is about order
+    # and exactly-once, not about evicting a reader that falls behind (test_stalled.py).
+    settings = Settings(rate_limit=0, tokens=None, presence_grace=0, outbox_size=16_384)
     kinds = ["trio"] if request.param == "memory-trio" else ["asyncio"]
     if request.param == "redis":
         redis: RedisServer = request.getfixturevalue("redis_server")
-        settings = Settings(rate_limit=0, tokens=None, presence_grace=0, redis_url=redis.url)
+        settings = dataclasses.replace(settings, redis_url=redis.url)
         kinds = ["trio", "asyncio"]
     with ExitStack() as stack:
         yield [

@@ -302,8 +302,8 @@ async def test_an_idle_sender_wakes_for_a_notice_and_gets_it_after_queued_events
     got: list[str] = []
 
     async def sender() -> None:
-        while (event := await _next_event(reader, checkpoint=batch)) is not None:
-            got.extend(_with_backlog(reader, event, 64).split("\n") if batch else [event])
+        while (event := await _next_event(reader.client, checkpoint=batch)) is not None:
+            got.extend(_with_backlog(reader.client, event, 64).split("\n") if batch else [event])
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
