@@ -7,15 +7,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, ExitStack, contextmanager
+from functools import partial
 
 import httpx
 import pytest
 import trio
 
-from redis_cluster import RedisCluster
+from redis_cluster import ClusterNode, RedisCluster
+from roomcast.brokers.redis.cluster import slot_of
 from test_redis_stress import LOAD_TIME, PER_SENDER, WINDOW, assert_exactly_once_in_order
 
-from chatload import Client, connect_all, run_load
+from chatload import Client, connect_all, delivery_faults, run_load
 from servers import ServerProcess, spawn_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
@@ -122,3 +124,79 @@ async def test_disconnect_reaches_every_worker_of_a_cluster(
                     )
     assert answer.status_code == 200, answer.text
     assert answer.json()["closed"] == 2
+
+
+def room_on(cluster: RedisCluster, owner: ClusterNode, prefix: str) -> str:
+    """A room name whose slot ``owner`` serves."""
+    for n in range(10_000):
+        if cluster.owner_of(slot_of("{" + f"{prefix}{n}" + "}")) is owner:
+            return f"{prefix}{n}"
+    raise LookupError("no such room name")
+
+
+def assert_no_silent_gap(client: Client, last: int) -> None:
+    """What ``client`` received is in order and never twice, and every seq it did not
+    receive (between its welcome and ``last``) falls in a ``history_gap`` it was told."""
+    seqs = [seq for seq, _ in client.messages]
+    assert seqs == sorted(set(seqs)), "duplicates or out of order"
+    gaps = [e for e in client.errors if e["error"] == "history_gap"]
+    assert len(gaps) == len(client.errors), client.errors[:3]
+    told = {seq for gap in gaps for seq in range(gap["since"] + 1, gap["first"])}
+    missing = set(range(client.welcome["seq"] + 1, last + 1)) - set(seqs)
+    assert missing <= told, f"{len(missing - told)} seqs missing without a history_gap"
+
+
+async def test_a_slot_migrated_during_traffic_costs_its_room_no_duplicate_and_no_silent_gap(
+    redis_cluster: RedisCluster,
+) -> None:
+    """A room's slot is resharded to another master (IMPORTING/MIGRATING, MIGRATE of its
+    keys, SETSLOT NODE) while members on two servers send and count: each member gets
+    every message once and in order (a ``history_gap`` allowed, silence not), and a room
+    on the third master sees nothing at all."""
+    source, target, third = redis_cluster.masters()
+    moving, still = room_on(redis_cluster, source, "mv"), room_on(redis_cluster, third, "st")
+    with two_servers_on_cluster(redis_cluster, ROOMCAST_HISTORY_SIZE="2000") as servers:
+        movers = [
+            Client(servers[i % 2].url(f"/ws/chat?room={moving}&name=m{i}"), batch=i % 4 > 1)
+            for i in range(8)
+        ]
+        stayers = [
+            Client(servers[i % 2].url(f"/ws/chat?room={still}&name=s{i}"), batch=i % 4 > 1)
+            for i in range(4)
+        ]
+        moved: list[int] = []
+
+        async def reshard() -> None:
+            await movers[0].wait_for(lambda: len(movers[0].acks) >= PER_SENDER // 3)
+            slot = slot_of("{" + moving + "}")
+            moved.append(await trio.to_thread.run_sync(redis_cluster.migrate, slot, target))
+
+        with trio.fail_after(LOAD_TIME + 10):
+            async with AsyncExitStack() as stack:
+                await connect_all(stack, movers + stayers)
+                with trio.move_on_after(LOAD_TIME) as load:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(
+                            partial(
+                                run_load, stayers, stayers[:2], per_sender=PER_SENDER, window=WINDOW
+                            )
+                        )
+                        await run_load(
+                            movers,
+                            movers[:2],
+                            per_sender=PER_SENDER,
+                            window=WINDOW,
+                            during=reshard,
+                        )
+    assert moved and moved[0] > 0, "the room's keys did not move"
+    assert redis_cluster.owner_of(slot_of("{" + moving + "}")) is target
+    assert target.keys(f"roomcast:{{{moving}}}:*")
+    assert not load.cancelled_caught, {
+        i: delivery_faults(c, c.welcome["seq"] + 1, 2 * PER_SENDER) for i, c in enumerate(movers)
+    }
+    last = max(seq for sender in movers[:2] for _, seq in sender.acks)
+    gaps = sum(len(client.errors) for client in movers)
+    print(f"\n{moved[0]} keys moved at seq ~{PER_SENDER // 3}, last seq {last}, gaps {gaps}")
+    for client in movers:
+        assert_no_silent_gap(client, last)
+    assert_exactly_once_in_order(stayers, 2)
