@@ -5,19 +5,24 @@ channel's disconnect reaching every worker."""
 
 from __future__ import annotations
 
+import itertools
+import json
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, ExitStack, contextmanager
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
 
-from redis_cluster import ClusterNode, RedisCluster
+from redis_cluster import ClusterNode, RedisCluster, run_cluster
 from roomcast.brokers.redis.cluster import slot_of
 from test_redis_stress import LOAD_TIME, PER_SENDER, WINDOW, assert_exactly_once_in_order
 
-from chatload import Client, connect_all, delivery_faults, run_load
+from chatload import Client, connect_all, delivery_faults, read_forever, run_load
 from servers import ServerProcess, spawn_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
@@ -200,3 +205,119 @@ async def test_a_slot_migrated_during_traffic_costs_its_room_no_duplicate_and_no
     for client in movers:
         assert_no_silent_gap(client, last)
     assert_exactly_once_in_order(stayers, 2)
+
+
+@dataclass(eq=False)
+class Timeline(Client):
+    """A member that also keeps every event it received in order (messages and errors
+    interleaved), so a test can check each message against the gaps announced before it."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        super().record(event)
+
+
+def silent_faults(client: Timeline) -> list[str]:
+    """Where ``client``'s stream broke without a word: each message must be the seq right
+    after the previous one of its run, unless a ``history_gap`` just moved it on (to
+    ``first`` in the gap's epoch, which may be a new run)."""
+    epoch, last = client.welcome["epoch"], client.welcome["seq"]
+    faults = []
+    for event in client.events:
+        if event["type"] == "error" and event["error"] == "history_gap":
+            if event["epoch"] == epoch and event["first"] <= last:
+                faults.append(f"gap back to {event['first']} after {last}")
+            epoch, last = event["epoch"], event["first"] - 1
+        elif event["type"] == "message":
+            if event["seq"] != last + 1:
+                faults.append(f"{event['seq']} after {last} in {epoch}")
+            last = event["seq"]
+    return faults
+
+
+def answered(client: Client, id: str) -> bool:
+    """Whether ``client``'s last ack or error answers its message ``id``."""
+    return any(a == id for a, _ in client.acks[-1:]) or any(
+        e.get("id") == id for e in client.errors[-1:]
+    )
+
+
+async def send_through(client: Client, n: int, prefix: str) -> None:
+    """Send message ``n`` (text ``<prefix>:<n>``), again under a new id while the server
+    refuses it ``unavailable``, until it is acknowledged."""
+    assert client.ws is not None
+    for attempt in itertools.count():
+        id = f"{n}.{attempt}"
+        await client.ws.send_message(json.dumps({"text": f"{prefix}:{n}", "id": id}))
+        await client.wait_for(partial(answered, client, id))
+        if client.acks and client.acks[-1][0] == id:
+            return
+        await trio.sleep(0.1)  # the client's own backoff while the cluster fails over
+
+
+async def received(members: list[Timeline], text: str) -> None:
+    for member in members:
+        await member.wait_for(lambda m=member: bool(m.messages) and m.messages[-1][1] == text)  # type: ignore[misc]
+
+
+async def test_a_master_killed_mid_traffic_its_rooms_resume_and_the_others_see_no_gap(
+    tmp_path: Path,
+) -> None:
+    """3 masters with a replica each; a room's master is killed (SIGKILL) while members
+    on two servers send and count. Its room resumes once the replica has taken over (its
+    members told ``history_gap`` for what the cluster lost, never silence, never a seq
+    twice), and a room on another master, busy throughout, sees no gap at all."""
+    with run_cluster(tmp_path, masters=3, replicas=1) as cluster:
+        doomed, healthy, _ = cluster.masters()
+        killed, still = room_on(cluster, doomed, "k"), room_on(cluster, healthy, "h")
+        with two_servers_on_cluster(cluster, ROOMCAST_HISTORY_SIZE="2000") as servers:
+            members, stayers = (
+                [
+                    Timeline(servers[i % 2].url(f"/ws/chat?room={room}&name=m{i}"), batch=i % 4 > 1)
+                    for i in range(6)
+                ]
+                for room in (killed, still)
+            )
+            count, sent, outage = 120, 0, 0.0
+            done = trio.Event()
+
+            async def kill_mid_traffic() -> None:
+                await members[0].wait_for(lambda: len(members[0].acks) >= count // 4)
+                doomed.kill()
+
+            async def talk_in_the_healthy_room() -> None:
+                nonlocal sent
+                while not done.is_set():
+                    await send_through(stayers[0], sent, "h")
+                    sent += 1
+                    await trio.sleep(0.01)  # a steady conversation, not a flood
+
+            with trio.fail_after(LOAD_TIME + 30):
+                async with AsyncExitStack() as stack:
+                    everyone: list[Client] = [*members, *stayers]
+                    await connect_all(stack, everyone)
+                    async with trio.open_nursery() as nursery:
+                        for member in members + stayers:
+                            nursery.start_soon(read_forever, member)
+                        nursery.start_soon(kill_mid_traffic)
+                        nursery.start_soon(talk_in_the_healthy_room)
+                        for n in range(count):
+                            started = trio.current_time()
+                            await send_through(members[0], n, "k")
+                            outage = max(outage, trio.current_time() - started)
+                        await received(members, f"k:{count - 1}")
+                        done.set()
+                        await received(stayers, f"h:{sent - 1}")
+                        nursery.cancel_scope.cancel()
+    assert doomed.process is None
+    faults = {i: f for i, member in enumerate(members) if (f := silent_faults(member))}
+    assert not faults, f"silent gaps or repeats per member: {faults}"
+    gaps = sum(len(member.errors) for member in members[1:])
+    print(
+        f"\nkilled room: resumed within {outage:.1f} s, history_gaps {gaps}; healthy room: {sent}"
+    )
+    for stayer in stayers:
+        assert not stayer.errors and not silent_faults(stayer)
+        assert [text for _, text in stayer.messages] == [f"h:{n}" for n in range(sent)]

@@ -80,10 +80,11 @@ confirmation or are refused 1011 "try again shortly".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+import coredis
 from coredis._utils import hash_slot
 from coredis.connection import TCPLocation
 
@@ -97,6 +98,7 @@ __all__ = [
     "Shard",
     "by_slot",
     "cluster_script",
+    "relearn_slots",
     "seed_nodes",
     "slot_masters",
     "slot_of",
@@ -133,6 +135,20 @@ def slot_masters(
         slots[first : last + 1] = [location] * (last - first + 1)
     served = [location for location in slots if location is not None]
     return served if len(served) == SLOTS else None
+
+
+def relearn_slots(client: object) -> Awaitable[None]:
+    """Have a cluster client read the slot map again, now.
+
+    The worker's subscribers notice a failover first (their master's connection ends, and
+    they poll the slot map until another master serves its slots). coredis, left to
+    itself, re-reads its map only after 15 failed calls, and then retries with a backoff
+    that grows to 30 s: with retries off (``_client`` in :mod:`roomcast.brokers.redis`),
+    every publish to the failed master's rooms was refused ``unavailable`` for a minute
+    after its replica had taken over. Asked here as soon as the map shows another set of
+    masters, coredis follows within the subscriber's own backoff (at most 2 s)."""
+    assert isinstance(client, coredis.RedisCluster)
+    return client.connection_pool.cluster_layout.initialize()
 
 
 def seed_nodes(url: str) -> list[TCPLocation]:

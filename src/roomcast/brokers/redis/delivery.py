@@ -53,7 +53,7 @@ from ..subscriber import Subscription, SubscriptionLost, open_subscription
 from . import calls, scripts
 from .calls import RedisClient, log
 from .cluster import Shard as _Shard
-from .cluster import slot_masters, slot_of
+from .cluster import relearn_slots, slot_masters, slot_of
 from .control import Control
 from .keys import _keys, _parse_entry, _split_entry
 
@@ -309,9 +309,13 @@ class Delivery(Control):
 
         :raises BrokerUnavailable: if the map cannot be read, or leaves slots unserved
         """
-        masters = slot_masters(await self._call_raw(self.client.cluster_slots()))
+        # coredis asks a random node and returns (not raises) its error if that one is down
+        reply = await self._call_raw(self.client.cluster_slots())
+        masters = None if isinstance(reply, Exception) else slot_masters(reply)
         if masters is None:
             raise BrokerUnavailable("the cluster does not serve every hash slot")
+        if self._slot_masters and set(masters) != set(self._slot_masters):
+            await self._call_raw(relearn_slots(self.client))  # a master failed over: tell coredis
         self._slot_masters = masters
         for channel, shard in list(self._homes.items()):
             if self._slot_masters[slot_of(channel)] != shard.location:
