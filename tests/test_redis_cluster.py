@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -321,3 +321,77 @@ async def test_a_master_killed_mid_traffic_its_rooms_resume_and_the_others_see_n
     for stayer in stayers:
         assert not stayer.errors and not silent_faults(stayer)
         assert [text for _, text in stayer.messages] == [f"h:{n}" for n in range(sent)]
+
+
+def rooms_kept(cluster: RedisCluster) -> set[str]:
+    """The rooms whose keys some master holds."""
+    return {
+        key.partition("{")[2].partition("}")[0]
+        for node in cluster.masters()
+        for key in node.keys("roomcast:{*}:seq")
+    }
+
+
+def history_bytes(cluster: RedisCluster, rooms: set[str]) -> int:
+    """The history bytes ``rooms`` hold together (each room's own count)."""
+    held = 0
+    for node in cluster.masters():
+        for room in rooms:
+            size = node.command("GET", f"roomcast:{{{room}}}:history-bytes")
+            held += int(size) if isinstance(size, bytes) else 0
+    return held
+
+
+def left(cluster: RedisCluster, room: str) -> bool:
+    """Whether ``room``'s last member's leave is in (its presence is gone: it is idle)."""
+    return not any(node.keys(f"roomcast:{{{room}}}:presence") for node in cluster.masters())
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll another process's state (a cluster's keys) until ``condition`` holds."""
+    while True:
+        if condition():
+            return
+        await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize("budget", ["rooms", "bytes"])
+async def test_idle_budgets_hold_across_the_cluster(
+    redis_cluster: RedisCluster, budget: str
+) -> None:
+    """Ten rooms spread over every master are each left with history, one after the
+    other: the sweep forgets the least recently emptied until the idle rooms are at most
+    3 (or hold at most 1000 bytes of history), wherever they live; a room with a member
+    in it is never forgotten."""
+    rooms = [f"idle{n}" for n in range(10)]
+    assert len({redis_cluster.owner_of(slot_of("{" + room + "}")) for room in rooms}) == 3
+    env = (
+        {"ROOMCAST_IDLE_ROOMS": "3"}
+        if budget == "rooms"
+        else {"ROOMCAST_IDLE_HISTORY_BYTES": "1000"}
+    )
+
+    def within() -> bool:
+        idle = rooms_kept(redis_cluster) - {"occupied"}
+        return len(idle) <= 3 if budget == "rooms" else history_bytes(redis_cluster, idle) <= 1000
+
+    with two_servers_on_cluster(redis_cluster, **env) as servers:
+        with trio.fail_after(LOAD_TIME):
+            async with AsyncExitStack() as stay:
+                occupant = Client(servers[0].url("/ws/chat?room=occupied&name=o"), batch=False)
+                await connect_all(stay, [occupant])
+                await run_load([occupant], [occupant], per_sender=1, window=1, pad=300)
+                for n, room in enumerate(rooms):
+                    async with AsyncExitStack() as stack:
+                        member = Client(servers[n % 2].url(f"/ws/chat?room={room}&name=m"), False)
+                        await connect_all(stack, [member])
+                        await run_load([member], [member], per_sender=1, window=1, pad=300)
+                    await until(partial(left, redis_cluster, room))
+                await until(within)
+                kept = rooms_kept(redis_cluster)
+    idle = sorted(kept - {"occupied"}, key=rooms.index)
+    print(f"\nidle rooms kept: {idle}")
+    assert "occupied" in kept
+    assert idle and idle == rooms[-len(idle) :], "not the most recently emptied rooms"
+    if budget == "rooms":
+        assert len(idle) == 3
