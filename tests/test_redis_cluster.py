@@ -395,3 +395,78 @@ async def test_idle_budgets_hold_across_the_cluster(
     assert idle and idle == rooms[-len(idle) :], "not the most recently emptied rooms"
     if budget == "rooms":
         assert len(idle) == 3
+
+
+async def test_seqs_a_failover_lost_are_never_reused_silently(
+    redis_cluster: RedisCluster,
+) -> None:
+    """What a failover to a replica that had not copied the last writes leaves behind,
+    made deterministic: the room's master forgets its last 3 messages (counter and
+    history rewound, as on the replica) and drops every subscriber. The members had those
+    messages, and the next ones would take the same seqs: the workers find the counter
+    behind what they delivered, end the run, and every member is told ``history_gap``
+    with a new epoch before the next message, which every member then gets."""
+    with two_servers_on_cluster(redis_cluster) as servers:
+        room = "rewound"
+        members = [
+            Timeline(servers[i % 2].url(f"/ws/chat?room={room}&name=m{i}"), batch=i % 4 > 1)
+            for i in range(4)
+        ]
+        master = redis_cluster.owner_of(slot_of("{" + room + "}"))
+        with trio.fail_after(LOAD_TIME):
+            async with AsyncExitStack() as stack:
+                everyone: list[Client] = [*members]
+                await connect_all(stack, everyone)
+                async with trio.open_nursery() as nursery:
+                    for member in members:
+                        nursery.start_soon(read_forever, member)
+                    for n in range(10):
+                        await send_through(members[0], n, "k")
+                    await received(members, "k:9")
+                    last = members[0].acks[-1][1]
+                    master.command("SET", f"roomcast:{{{room}}}:seq", str(last - 3))
+                    master.command("RPOP", f"roomcast:{{{room}}}:history", "3")
+                    master.command("CLIENT", "KILL", "TYPE", "pubsub")
+                    for member in members:
+                        await member.wait_for(lambda m=member: bool(m.errors))  # type: ignore[misc]
+                    await send_through(members[0], 10, "k")
+                    await received(members, "k:10")
+                    nursery.cancel_scope.cancel()
+    for member in members:
+        gaps = [e for e in member.errors if e["error"] == "history_gap"]
+        assert len(gaps) == len(member.errors) == 1
+        assert gaps[0]["epoch"] != member.welcome["epoch"]
+        assert not silent_faults(member)
+        assert [text for _, text in member.messages] == [f"k:{n}" for n in range(11)]
+
+
+async def test_a_master_whose_subscribers_drop_resubscribes_rooms_of_many_slots(
+    redis_cluster: RedisCluster,
+) -> None:
+    """Three rooms in three slots of one master, members on both servers; the master
+    drops every subscriber (as after a network blip): each worker resubscribes all its
+    rooms there (one ``SSUBSCRIBE`` per slot: one for all was refused ``CROSSSLOT``), and
+    a message in each room reaches every member."""
+    master = redis_cluster.masters()[0]
+    rooms = [room_on(redis_cluster, master, prefix) for prefix in ("a", "b", "c")]
+    with two_servers_on_cluster(redis_cluster) as servers:
+        members = [
+            Timeline(servers[i % 2].url(f"/ws/chat?room={room}&name=m{i}"), batch=False)
+            for room in rooms
+            for i in range(2)
+        ]
+        with trio.fail_after(LOAD_TIME):
+            async with AsyncExitStack() as stack:
+                everyone: list[Client] = [*members]
+                await connect_all(stack, everyone)
+                async with trio.open_nursery() as nursery:
+                    for member in members:
+                        nursery.start_soon(read_forever, member)
+                    assert master.command("CLIENT", "KILL", "TYPE", "pubsub") == 2
+                    for index, sender in enumerate(members[::2]):
+                        await send_through(sender, index, "after")
+                    for index in range(len(rooms)):
+                        await received(members[2 * index : 2 * index + 2], f"after:{index}")
+                    nursery.cancel_scope.cancel()
+    for member in members:
+        assert not member.errors and not silent_faults(member)

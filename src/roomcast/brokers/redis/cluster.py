@@ -91,6 +91,7 @@ __all__ = [
     "by_slot",
     "cluster_script",
     "relearn_slots",
+    "rewound",
     "seed_nodes",
     "slot_masters",
     "slot_of",
@@ -139,6 +140,17 @@ def relearn_slots(client: object) -> Awaitable[None]:
     masters, coredis follows within the subscriber's own backoff (at most 2 s)."""
     assert isinstance(client, coredis.RedisCluster)
     return client.connection_pool.cluster_layout.initialize()
+
+
+def rewound(seq: int, last: str, counter: int, history: Sequence[tuple[int, str]]) -> bool:
+    """Whether Redis lost seqs of a run that a worker fanned out up to ``seq`` (``last``
+    the event it fanned out as ``seq``, if known): the room's counter is behind it, or
+    history holds another event under ``seq`` (reused since). A master that fails over to
+    a replica loses what it had not yet copied there, though its subscribers had it; its
+    next messages would take those seqs again, and members who had the lost ones would
+    drop the new ones as already seen. (Possible on one Redis too, restarted from an
+    append-only file that missed the last second.)"""
+    return counter < seq or (last != "" and dict(history).get(seq, last) != last)
 
 
 def seed_nodes(url: str) -> list[TCPLocation]:

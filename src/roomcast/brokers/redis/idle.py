@@ -149,3 +149,7 @@ class IdleSweep(Calls):
                 return [key async for key in self.client.scan_iter(match=_MARKS, count=1000)]
         except (RedisError, TimeoutError, OSError) as exc:
             raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+        except ExceptionGroup as group:  # (coredis lists each master in a task group)
+            if group.split((RedisError, TimeoutError, OSError))[1] is not None:
+                raise
+            raise BrokerUnavailable(str(group.exceptions[0])) from group
