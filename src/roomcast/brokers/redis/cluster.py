@@ -66,7 +66,10 @@ the slot map, moves each of those rooms to the subscriber of the node that owns 
 (wanted there, confirmed there), then brings each up to its counter from history
 (:meth:`~.delivery.Delivery._catch_up`): what was published meanwhile is delivered
 exactly once and in order, and what the cluster lost (writes a failed master had not
-replicated) is announced with ``history_gap`` or a new epoch, as after a lost Redis.
+replicated) is announced with ``history_gap`` or a new epoch, as after a lost Redis (seqs
+the worker fanned out that the new master never got end the room's run, :func:`rewound`,
+so that they are never given to other messages). The coredis client is told to re-read
+its own slot map as soon as the masters change (:func:`relearn_slots`).
 Rooms on the other masters are not touched. Joins that arrive meanwhile wait for the new
 confirmation or are refused 1011 "try again shortly".
 """
