@@ -75,6 +75,12 @@ class ClusterNode(RedisServer):
     def is_master(self) -> bool:
         return self.info("replication").get("role") == "master"
 
+    @property
+    def node_id(self) -> str:
+        reply = self.command("CLUSTER", "MYID")
+        assert isinstance(reply, bytes)
+        return reply.decode()
+
     def keys(self, pattern: str = "*") -> list[str]:
         """The keys this node holds (only its own slots' keys live here)."""
         reply = self.command("KEYS", pattern)
@@ -107,6 +113,37 @@ class RedisCluster:
 
     def live(self) -> list[ClusterNode]:
         return [node for node in self.nodes if node.process is not None]
+
+    def owner_of(self, slot: int) -> ClusterNode:
+        """The live master that serves ``slot`` (as that master itself says)."""
+        for node in self.masters():
+            reply = node.command("CLUSTER", "SLOTS")
+            assert isinstance(reply, list)
+            for first, last, master, *_ in reply:
+                if first <= slot <= last and int(master[1]) == node.port:
+                    return node
+        raise LookupError(f"no live master serves slot {slot}")
+
+    def migrate(self, slot: int, target: ClusterNode) -> int:
+        """Move ``slot`` and its keys to ``target`` as ``redis-cli --cluster reshard``
+        does (IMPORTING on the target, MIGRATING on the source, ``MIGRATE`` the keys,
+        ``SETSLOT ... NODE`` on both and on every other master); returns how many keys
+        moved."""
+        source = self.owner_of(slot)
+        target.command("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source.node_id)
+        source.command("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target.node_id)
+        moved = 0
+        while keys := source.command("CLUSTER", "GETKEYSINSLOT", str(slot), "1000"):
+            assert isinstance(keys, list)
+            names = [key.decode() for key in keys if isinstance(key, bytes)]
+            reply = source.command(
+                "MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", *names
+            )
+            assert reply == b"OK", reply
+            moved += len(names)
+        for node in [target, source, *self.masters()]:
+            node.command("CLUSTER", "SETSLOT", str(slot), "NODE", target.node_id)
+        return moved
 
     def start(self) -> None:
         for node in self.nodes:

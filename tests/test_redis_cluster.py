@@ -5,17 +5,24 @@ channel's disconnect reaching every worker."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+import json
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
 
-from redis_cluster import RedisCluster
+from redis_cluster import ClusterNode, RedisCluster, run_cluster
+from roomcast.brokers.redis.cluster import slot_of
 from test_redis_stress import LOAD_TIME, PER_SENDER, WINDOW, assert_exactly_once_in_order
 
-from chatload import Client, connect_all, run_load
+from chatload import Client, connect_all, delivery_faults, read_forever, run_load
 from servers import ServerProcess, spawn_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
@@ -122,3 +129,344 @@ async def test_disconnect_reaches_every_worker_of_a_cluster(
                     )
     assert answer.status_code == 200, answer.text
     assert answer.json()["closed"] == 2
+
+
+def room_on(cluster: RedisCluster, owner: ClusterNode, prefix: str) -> str:
+    """A room name whose slot ``owner`` serves."""
+    for n in range(10_000):
+        if cluster.owner_of(slot_of("{" + f"{prefix}{n}" + "}")) is owner:
+            return f"{prefix}{n}"
+    raise LookupError("no such room name")
+
+
+def assert_no_silent_gap(client: Client, last: int) -> None:
+    """What ``client`` received is in order and never twice, and every seq it did not
+    receive (between its welcome and ``last``) falls in a ``history_gap`` it was told."""
+    seqs = [seq for seq, _ in client.messages]
+    assert seqs == sorted(set(seqs)), "duplicates or out of order"
+    gaps = [e for e in client.errors if e["error"] == "history_gap"]
+    assert len(gaps) == len(client.errors), client.errors[:3]
+    told = {seq for gap in gaps for seq in range(gap["since"] + 1, gap["first"])}
+    missing = set(range(client.welcome["seq"] + 1, last + 1)) - set(seqs)
+    assert missing <= told, f"{len(missing - told)} seqs missing without a history_gap"
+
+
+async def test_a_slot_migrated_during_traffic_costs_its_room_no_duplicate_and_no_silent_gap(
+    redis_cluster: RedisCluster,
+) -> None:
+    """A room's slot is resharded to another master (IMPORTING/MIGRATING, MIGRATE of its
+    keys, SETSLOT NODE) while members on two servers send and count: each member gets
+    every message once and in order (a ``history_gap`` allowed, silence not), and a room
+    on the third master sees nothing at all."""
+    source, target, third = redis_cluster.masters()
+    moving, still = room_on(redis_cluster, source, "mv"), room_on(redis_cluster, third, "st")
+    with two_servers_on_cluster(redis_cluster, ROOMCAST_HISTORY_SIZE="2000") as servers:
+        movers = [
+            Client(servers[i % 2].url(f"/ws/chat?room={moving}&name=m{i}"), batch=i % 4 > 1)
+            for i in range(8)
+        ]
+        stayers = [
+            Client(servers[i % 2].url(f"/ws/chat?room={still}&name=s{i}"), batch=i % 4 > 1)
+            for i in range(4)
+        ]
+        moved: list[int] = []
+
+        async def reshard() -> None:
+            await movers[0].wait_for(lambda: len(movers[0].acks) >= PER_SENDER // 3)
+            slot = slot_of("{" + moving + "}")
+            moved.append(await trio.to_thread.run_sync(redis_cluster.migrate, slot, target))
+
+        with trio.fail_after(LOAD_TIME + 10):
+            async with AsyncExitStack() as stack:
+                await connect_all(stack, movers + stayers)
+                with trio.move_on_after(LOAD_TIME) as load:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(
+                            partial(
+                                run_load, stayers, stayers[:2], per_sender=PER_SENDER, window=WINDOW
+                            )
+                        )
+                        await run_load(
+                            movers,
+                            movers[:2],
+                            per_sender=PER_SENDER,
+                            window=WINDOW,
+                            during=reshard,
+                        )
+    assert moved and moved[0] > 0, "the room's keys did not move"
+    assert redis_cluster.owner_of(slot_of("{" + moving + "}")) is target
+    assert target.keys(f"roomcast:{{{moving}}}:*")
+    assert not load.cancelled_caught, {
+        i: delivery_faults(c, c.welcome["seq"] + 1, 2 * PER_SENDER) for i, c in enumerate(movers)
+    }
+    last = max(seq for sender in movers[:2] for _, seq in sender.acks)
+    gaps = sum(len(client.errors) for client in movers)
+    print(f"\n{moved[0]} keys moved at seq ~{PER_SENDER // 3}, last seq {last}, gaps {gaps}")
+    for client in movers:
+        assert_no_silent_gap(client, last)
+    assert_exactly_once_in_order(stayers, 2)
+
+
+@dataclass(eq=False)
+class Timeline(Client):
+    """A member that also keeps every event it received in order (messages and errors
+    interleaved), so a test can check each message against the gaps announced before it."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        super().record(event)
+
+
+def silent_faults(client: Timeline) -> list[str]:
+    """Where ``client``'s stream broke without a word: each message must be the seq right
+    after the previous one of its run, unless a ``history_gap`` just moved it on (to
+    ``first`` in the gap's epoch, which may be a new run)."""
+    epoch, last = client.welcome["epoch"], client.welcome["seq"]
+    faults = []
+    for event in client.events:
+        if event["type"] == "error" and event["error"] == "history_gap":
+            if event["epoch"] == epoch and event["first"] <= last:
+                faults.append(f"gap back to {event['first']} after {last}")
+            epoch, last = event["epoch"], event["first"] - 1
+        elif event["type"] == "message":
+            if event["seq"] != last + 1:
+                faults.append(f"{event['seq']} after {last} in {epoch}")
+            last = event["seq"]
+    return faults
+
+
+def answered(client: Client, id: str) -> bool:
+    """Whether ``client``'s last ack or error answers its message ``id``."""
+    return any(a == id for a, _ in client.acks[-1:]) or any(
+        e.get("id") == id for e in client.errors[-1:]
+    )
+
+
+async def send_through(client: Client, n: int, prefix: str) -> None:
+    """Send message ``n`` (text ``<prefix>:<n>``), again under a new id while the server
+    refuses it ``unavailable``, until it is acknowledged."""
+    assert client.ws is not None
+    for attempt in itertools.count():
+        id = f"{n}.{attempt}"
+        await client.ws.send_message(json.dumps({"text": f"{prefix}:{n}", "id": id}))
+        await client.wait_for(partial(answered, client, id))
+        if client.acks and client.acks[-1][0] == id:
+            return
+        await trio.sleep(0.1)  # the client's own backoff while the cluster fails over
+
+
+async def received(members: list[Timeline], text: str) -> None:
+    for member in members:
+        await member.wait_for(lambda m=member: bool(m.messages) and m.messages[-1][1] == text)  # type: ignore[misc]
+
+
+async def test_a_master_killed_mid_traffic_its_rooms_resume_and_the_others_see_no_gap(
+    tmp_path: Path,
+) -> None:
+    """3 masters with a replica each; a room's master is killed (SIGKILL) while members
+    on two servers send and count. Its room resumes once the replica has taken over (its
+    members told ``history_gap`` for what the cluster lost, never silence, never a seq
+    twice), and a room on another master, busy throughout, sees no gap at all."""
+    with run_cluster(tmp_path, masters=3, replicas=1) as cluster:
+        doomed, healthy, _ = cluster.masters()
+        killed, still = room_on(cluster, doomed, "k"), room_on(cluster, healthy, "h")
+        with two_servers_on_cluster(cluster, ROOMCAST_HISTORY_SIZE="2000") as servers:
+            members, stayers = (
+                [
+                    Timeline(servers[i % 2].url(f"/ws/chat?room={room}&name=m{i}"), batch=i % 4 > 1)
+                    for i in range(6)
+                ]
+                for room in (killed, still)
+            )
+            count, sent, outage = 120, 0, 0.0
+            done = trio.Event()
+
+            async def kill_mid_traffic() -> None:
+                await members[0].wait_for(lambda: len(members[0].acks) >= count // 4)
+                doomed.kill()
+
+            async def talk_in_the_healthy_room() -> None:
+                nonlocal sent
+                while not done.is_set():
+                    await send_through(stayers[0], sent, "h")
+                    sent += 1
+                    await trio.sleep(0.01)  # a steady conversation, not a flood
+
+            with trio.fail_after(LOAD_TIME + 30):
+                async with AsyncExitStack() as stack:
+                    everyone: list[Client] = [*members, *stayers]
+                    await connect_all(stack, everyone)
+                    async with trio.open_nursery() as nursery:
+                        for member in members + stayers:
+                            nursery.start_soon(read_forever, member)
+                        nursery.start_soon(kill_mid_traffic)
+                        nursery.start_soon(talk_in_the_healthy_room)
+                        for n in range(count):
+                            started = trio.current_time()
+                            await send_through(members[0], n, "k")
+                            outage = max(outage, trio.current_time() - started)
+                        await received(members, f"k:{count - 1}")
+                        done.set()
+                        await received(stayers, f"h:{sent - 1}")
+                        nursery.cancel_scope.cancel()
+    assert doomed.process is None
+    faults = {i: f for i, member in enumerate(members) if (f := silent_faults(member))}
+    assert not faults, f"silent gaps or repeats per member: {faults}"
+    gaps = sum(len(member.errors) for member in members[1:])
+    print(
+        f"\nkilled room: resumed within {outage:.1f} s, history_gaps {gaps}; healthy room: {sent}"
+    )
+    for stayer in stayers:
+        assert not stayer.errors and not silent_faults(stayer)
+        assert [text for _, text in stayer.messages] == [f"h:{n}" for n in range(sent)]
+
+
+def rooms_kept(cluster: RedisCluster) -> set[str]:
+    """The rooms whose keys some master holds."""
+    return {
+        key.partition("{")[2].partition("}")[0]
+        for node in cluster.masters()
+        for key in node.keys("roomcast:{*}:seq")
+    }
+
+
+def history_bytes(cluster: RedisCluster, rooms: set[str]) -> int:
+    """The history bytes ``rooms`` hold together (each room's own count)."""
+    held = 0
+    for node in cluster.masters():
+        for room in rooms:
+            size = node.command("GET", f"roomcast:{{{room}}}:history-bytes")
+            held += int(size) if isinstance(size, bytes) else 0
+    return held
+
+
+def left(cluster: RedisCluster, room: str) -> bool:
+    """Whether ``room``'s last member's leave is in (its presence is gone: it is idle)."""
+    return not any(node.keys(f"roomcast:{{{room}}}:presence") for node in cluster.masters())
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll another process's state (a cluster's keys) until ``condition`` holds."""
+    while True:
+        if condition():
+            return
+        await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize("budget", ["rooms", "bytes"])
+async def test_idle_budgets_hold_across_the_cluster(
+    redis_cluster: RedisCluster, budget: str
+) -> None:
+    """Ten rooms spread over every master are each left with history, one after the
+    other: the sweep forgets the least recently emptied until the idle rooms are at most
+    3 (or hold at most 1000 bytes of history), wherever they live; a room with a member
+    in it is never forgotten."""
+    rooms = [f"idle{n}" for n in range(10)]
+    assert len({redis_cluster.owner_of(slot_of("{" + room + "}")) for room in rooms}) == 3
+    env = (
+        {"ROOMCAST_IDLE_ROOMS": "3"}
+        if budget == "rooms"
+        else {"ROOMCAST_IDLE_HISTORY_BYTES": "1000"}
+    )
+
+    def within() -> bool:
+        idle = rooms_kept(redis_cluster) - {"occupied"}
+        return len(idle) <= 3 if budget == "rooms" else history_bytes(redis_cluster, idle) <= 1000
+
+    with two_servers_on_cluster(redis_cluster, **env) as servers:
+        with trio.fail_after(LOAD_TIME):
+            async with AsyncExitStack() as stay:
+                occupant = Client(servers[0].url("/ws/chat?room=occupied&name=o"), batch=False)
+                await connect_all(stay, [occupant])
+                await run_load([occupant], [occupant], per_sender=1, window=1, pad=300)
+                for n, room in enumerate(rooms):
+                    async with AsyncExitStack() as stack:
+                        member = Client(servers[n % 2].url(f"/ws/chat?room={room}&name=m"), False)
+                        await connect_all(stack, [member])
+                        await run_load([member], [member], per_sender=1, window=1, pad=300)
+                    await until(partial(left, redis_cluster, room))
+                await until(within)
+                kept = rooms_kept(redis_cluster)
+    idle = sorted(kept - {"occupied"}, key=rooms.index)
+    print(f"\nidle rooms kept: {idle}")
+    assert "occupied" in kept
+    assert idle and idle == rooms[-len(idle) :], "not the most recently emptied rooms"
+    if budget == "rooms":
+        assert len(idle) == 3
+
+
+async def test_seqs_a_failover_lost_are_never_reused_silently(
+    redis_cluster: RedisCluster,
+) -> None:
+    """What a failover to a replica that had not copied the last writes leaves behind,
+    made deterministic: the room's master forgets its last 3 messages (counter and
+    history rewound, as on the replica) and drops every subscriber. The members had those
+    messages, and the next ones would take the same seqs: the workers find the counter
+    behind what they delivered, end the run, and every member is told ``history_gap``
+    with a new epoch before the next message, which every member then gets."""
+    with two_servers_on_cluster(redis_cluster) as servers:
+        room = "rewound"
+        members = [
+            Timeline(servers[i % 2].url(f"/ws/chat?room={room}&name=m{i}"), batch=i % 4 > 1)
+            for i in range(4)
+        ]
+        master = redis_cluster.owner_of(slot_of("{" + room + "}"))
+        with trio.fail_after(LOAD_TIME):
+            async with AsyncExitStack() as stack:
+                everyone: list[Client] = [*members]
+                await connect_all(stack, everyone)
+                async with trio.open_nursery() as nursery:
+                    for member in members:
+                        nursery.start_soon(read_forever, member)
+                    for n in range(10):
+                        await send_through(members[0], n, "k")
+                    await received(members, "k:9")
+                    last = members[0].acks[-1][1]
+                    master.command("SET", f"roomcast:{{{room}}}:seq", str(last - 3))
+                    master.command("RPOP", f"roomcast:{{{room}}}:history", "3")
+                    master.command("CLIENT", "KILL", "TYPE", "pubsub")
+                    for member in members:
+                        await member.wait_for(lambda m=member: bool(m.errors))  # type: ignore[misc]
+                    await send_through(members[0], 10, "k")
+                    await received(members, "k:10")
+                    nursery.cancel_scope.cancel()
+    for member in members:
+        gaps = [e for e in member.errors if e["error"] == "history_gap"]
+        assert len(gaps) == len(member.errors) == 1
+        assert gaps[0]["epoch"] != member.welcome["epoch"]
+        assert not silent_faults(member)
+        assert [text for _, text in member.messages] == [f"k:{n}" for n in range(11)]
+
+
+async def test_a_master_whose_subscribers_drop_resubscribes_rooms_of_many_slots(
+    redis_cluster: RedisCluster,
+) -> None:
+    """Three rooms in three slots of one master, members on both servers; the master
+    drops every subscriber (as after a network blip): each worker resubscribes all its
+    rooms there (one ``SSUBSCRIBE`` per slot: one for all was refused ``CROSSSLOT``), and
+    a message in each room reaches every member."""
+    master = redis_cluster.masters()[0]
+    rooms = [room_on(redis_cluster, master, prefix) for prefix in ("a", "b", "c")]
+    with two_servers_on_cluster(redis_cluster) as servers:
+        members = [
+            Timeline(servers[i % 2].url(f"/ws/chat?room={room}&name=m{i}"), batch=False)
+            for room in rooms
+            for i in range(2)
+        ]
+        with trio.fail_after(LOAD_TIME):
+            async with AsyncExitStack() as stack:
+                everyone: list[Client] = [*members]
+                await connect_all(stack, everyone)
+                async with trio.open_nursery() as nursery:
+                    for member in members:
+                        nursery.start_soon(read_forever, member)
+                    assert master.command("CLIENT", "KILL", "TYPE", "pubsub") == 2
+                    for index, sender in enumerate(members[::2]):
+                        await send_through(sender, index, "after")
+                    for index in range(len(rooms)):
+                        await received(members[2 * index : 2 * index + 2], f"after:{index}")
+                    nursery.cancel_scope.cancel()
+    for member in members:
+        assert not member.errors and not silent_faults(member)

@@ -44,6 +44,7 @@ from typing import Any, Final
 
 import anyio
 from anyio.abc import ByteStream
+from coredis._utils import hash_slot
 from coredis.connection import Location, TCPLocation, UnixDomainSocketLocation
 
 from .resp import ProtocolError, Reply, ReplyError, ReplyParser, encode_command
@@ -141,7 +142,8 @@ class Subscription:
 
         :raises SubscriptionLost: if the command cannot be written
         """
-        await self._send(self._subscribe, *channels)
+        for group in self._per_slot(channels):
+            await self._send(self._subscribe, *group)
 
     async def unsubscribe(self, channels: list[str]) -> None:
         """Let ``channels`` go (their messages may still arrive until Redis has read this).
@@ -150,7 +152,19 @@ class Subscription:
         """
         if self._sharded:
             self._unsubscribing.update(channels)
-        await self._send(self._unsubscribe, *channels)
+        for group in self._per_slot(channels):
+            await self._send(self._unsubscribe, *group)
+
+    def _per_slot(self, channels: list[str]) -> list[list[str]]:
+        """One command's channels: all of them, or (sharded) those of one hash slot each:
+        ``SSUBSCRIBE`` of channels in two slots is refused ``CROSSSLOT``, and a node holds
+        many slots (a resubscription after a lost connection asks for all its rooms)."""
+        if not self._sharded:
+            return [channels]
+        groups: dict[int, list[str]] = {}
+        for channel in channels:
+            groups.setdefault(hash_slot(channel.encode()), []).append(channel)
+        return list(groups.values())
 
     def _unsubscribed(self, channel: str) -> None:
         """A sharded ``sunsubscribe``: the answer to our own, or a slot that moved away."""

@@ -25,7 +25,7 @@ part of the design it implements:
 - :mod:`.scripts`: the Lua scripts, in which every write to a room happens, and what
   they publish;
 - :mod:`.cluster`: Redis Cluster (``redis+cluster://``): a room's slot, sharded pub/sub,
-  calls grouped by slot, what is global on one Redis.
+  calls grouped by slot, what is global on one Redis; :mod:`.idle`, its idle budgets.
 
 Each part is a class built on the parts it needs (control on calls, delivery on control,
 presence on delivery, joining on presence; publishing on calls alone), and
@@ -54,6 +54,7 @@ from .. import BrokerUnavailable
 from . import calls
 from .calls import RedisClient
 from .cluster import CLUSTER_SCHEME, seed_nodes
+from .idle import IdleSweep
 from .joining import Joining
 from .keys import PRESENCE_TTL
 from .keys import _parse_entry as _parse_entry
@@ -75,7 +76,7 @@ __all__ = [
 ]
 
 
-class RedisBroker(Joining, Publishing):
+class RedisBroker(Joining, Publishing, IdleSweep):
     """The :class:`~roomcast.brokers.Broker` of any number of workers and machines:
     joining (on presence, delivery, control and calls) and publishing, over one client.
     The hub tells it of evictions (``announce``), asks it for a room's presence across
@@ -150,5 +151,6 @@ async def open_redis_broker(settings: Settings, hub: Hub) -> AsyncIterator[Redis
             tg.start_soon(broker._upkeep_forever)
             tg.start_soon(broker._process_leaves)
             tg.start_soon(broker._send_reports)
+            tg.start_soon(broker._sweep_idle_forever)
             yield broker
             tg.cancel_scope.cancel()

@@ -50,20 +50,13 @@ script touches one key, so it runs on the key's master as it is; refreshes are g
 slot. Presence upkeep is per room (per slot group), and a room's presence, names and users
 are in its slot, so caps, names and people are counted as on one Redis.
 
-*Idle rooms* (not yet). On one Redis, every script that empties a room settles it against
-the global idle set and byte budget (``roomcast:idle``, ``roomcast:idle-bytes``) and
-evicts the least recently emptied rooms, deleting keys of rooms it was not given: both
-are cross-slot. The design for the cluster: the truth about one room stays in its own
-slot (``roomcast:{room}:idle`` = when it became idle), and the scripts return what changed
-(became idle with n bytes, grew, no longer idle); the worker records it in one of
-:data:`IDLE_PARTITIONS` hash-tagged index partitions (``roomcast:idle:{p}``, ``p`` from the
-room's slot) and, when the partitions together exceed a budget, forgets the oldest rooms
-with a script on each room's own slot that deletes it only if its ``idle`` mark is still
-the one indexed (a room joined meanwhile is not idle any more, and survives). The index
-may then count a room that is gone (a worker died between the two calls), which only
-makes eviction early, never unbounded. In this version cluster mode forgets a room left
-without presence and without history at once, as on one Redis, and keeps one with
-history without counting it against the budgets.
+*Idle rooms.* On one Redis, every script that empties a room settles it against the
+global idle set and byte budget (``roomcast:idle``, ``roomcast:idle-bytes``) and evicts
+the least recently emptied rooms, deleting keys of rooms it was not given: both are
+cross-slot. In a cluster the scripts only mark a room idle in its own slot (or forget it
+at once if it has no history), and one worker at a time sweeps the marks every few
+seconds, forgetting the oldest rooms beyond the budgets: :mod:`.idle`, where the design
+is argued.
 
 *Slot moves and failover.* A node that stops owning a slot (resharding: ``CLUSTER
 SETSLOT ... NODE``) sends each of its sharded subscribers ``sunsubscribe`` for that slot's
@@ -73,17 +66,21 @@ the slot map, moves each of those rooms to the subscriber of the node that owns 
 (wanted there, confirmed there), then brings each up to its counter from history
 (:meth:`~.delivery.Delivery._catch_up`): what was published meanwhile is delivered
 exactly once and in order, and what the cluster lost (writes a failed master had not
-replicated) is announced with ``history_gap`` or a new epoch, as after a lost Redis.
+replicated) is announced with ``history_gap`` or a new epoch, as after a lost Redis (seqs
+the worker fanned out that the new master never got end the room's run, :func:`rewound`,
+so that they are never given to other messages). The coredis client is told to re-read
+its own slot map as soon as the masters change (:func:`relearn_slots`).
 Rooms on the other masters are not touched. Joins that arrive meanwhile wait for the new
 confirmation or are refused 1011 "try again shortly".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+import coredis
 from coredis._utils import hash_slot
 from coredis.connection import TCPLocation
 
@@ -92,11 +89,12 @@ from . import scripts
 
 __all__ = [
     "CLUSTER_SCHEME",
-    "IDLE_PARTITIONS",
     "SLOTS",
     "Shard",
     "by_slot",
     "cluster_script",
+    "relearn_slots",
+    "rewound",
     "seed_nodes",
     "slot_masters",
     "slot_of",
@@ -106,8 +104,6 @@ __all__ = [
 SLOTS: Final = 16384
 #: the URL scheme that selects cluster mode; its netloc is a comma-separated list of seeds
 CLUSTER_SCHEME: Final = "redis+cluster://"
-#: hash-tagged partitions of the (future) idle-room index, see *Idle rooms*
-IDLE_PARTITIONS: Final = 16
 
 T = TypeVar("T")
 
@@ -133,6 +129,31 @@ def slot_masters(
         slots[first : last + 1] = [location] * (last - first + 1)
     served = [location for location in slots if location is not None]
     return served if len(served) == SLOTS else None
+
+
+def relearn_slots(client: object) -> Awaitable[None]:
+    """Have a cluster client read the slot map again, now.
+
+    The worker's subscribers notice a failover first (their master's connection ends, and
+    they poll the slot map until another master serves its slots). coredis, left to
+    itself, re-reads its map only after 15 failed calls, and then retries with a backoff
+    that grows to 30 s: with retries off (``_client`` in :mod:`roomcast.brokers.redis`),
+    every publish to the failed master's rooms was refused ``unavailable`` for a minute
+    after its replica had taken over. Asked here as soon as the map shows another set of
+    masters, coredis follows within the subscriber's own backoff (at most 2 s)."""
+    assert isinstance(client, coredis.RedisCluster)
+    return client.connection_pool.cluster_layout.initialize()
+
+
+def rewound(seq: int, last: str, counter: int, history: Sequence[tuple[int, str]]) -> bool:
+    """Whether Redis lost seqs of a run that a worker fanned out up to ``seq`` (``last``
+    the event it fanned out as ``seq``, if known): the room's counter is behind it, or
+    history holds another event under ``seq`` (reused since). A master that fails over to
+    a replica loses what it had not yet copied there, though its subscribers had it; its
+    next messages would take those seqs again, and members who had the lost ones would
+    drop the new ones as already seen. (Possible on one Redis too, restarted from an
+    append-only file that missed the last second.)"""
+    return counter < seq or (last != "" and dict(history).get(seq, last) != last)
 
 
 def seed_nodes(url: str) -> list[TCPLocation]:
@@ -167,7 +188,7 @@ def by_slot(items: Iterable[T], key: Callable[[T], str]) -> list[list[T]]:
 def cluster_script(script: str) -> str:
     """A broker script as cluster mode runs it: its room events ``SPUBLISH``\\ ed (on the
     room's own shard), and idle rooms settled without the global idle keys (see *Idle
-    rooms*): ``settle`` and ``evict`` redefined after the helpers (a later ``local
+    rooms*): ``forget``, ``settle`` and ``evict`` redefined after the helpers (a later ``local
     function`` of the same name is the one the script's body calls), and the publish
     script's check of the idle set answered "not there"."""
     if script.startswith(scripts.HELPERS):
@@ -176,14 +197,31 @@ def cluster_script(script: str) -> str:
     return script.replace("redis.call('PUBLISH', ", "redis.call('SPUBLISH', ")
 
 
-#: settle without the idle budgets: a room left without presence and without history is
-#: forgotten at once, one with history is kept (not yet counted: see *Idle rooms*)
+#: settle against the budgets as :mod:`.idle` sweeps them: a room left without presence and
+#: without history is forgotten at once (its idle mark with it), one with history is
+#: marked idle since now (Redis's clock, ms), and one with presence is not idle
 _SETTLE_LOCALLY: Final = """
+local function forget(room)
+  local keys = {}
+  for i, suffix in ipairs({'seq', 'epoch', 'history', 'history-bytes', 'presence', 'users',
+                           'names', 'idle'}) do
+    keys[i] = key_of(room, suffix)
+  end
+  redis.call('DEL', unpack(keys))
+end
 local function evict(rooms, budget) end
 local function settle(room, rooms, budget)
-  if redis.call('EXISTS', key_of(room, 'presence')) == 1 then return end
+  local idle = key_of(room, 'idle')
+  if redis.call('EXISTS', key_of(room, 'presence')) == 1 then
+    redis.call('DEL', idle)
+    return
+  end
+  if redis.call('EXISTS', idle) == 1 then return end
   if tonumber(rooms) <= 0 or redis.call('LLEN', key_of(room, 'history')) == 0 then
     forget(room)
+    return
   end
+  local time = redis.call('TIME')
+  redis.call('SET', idle, tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000))
 end
 """

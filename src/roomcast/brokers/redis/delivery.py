@@ -53,9 +53,9 @@ from ..subscriber import Subscription, SubscriptionLost, open_subscription
 from . import calls, scripts
 from .calls import RedisClient, log
 from .cluster import Shard as _Shard
-from .cluster import slot_masters, slot_of
+from .cluster import relearn_slots, rewound, slot_masters, slot_of
 from .control import Control
-from .keys import _keys, _parse_entry, _split_entry
+from .keys import _keys, _parse_entry, _publish_keys, _split_entry
 
 __all__ = ["Delivery"]
 
@@ -74,6 +74,8 @@ class _Stream:
     jumps: int = 0
     #: runs that ended (Redis lost the room's data): their late events are dropped
     retired: set[str] = field(default_factory=set)
+    #: the event fanned out as ``seq`` (to tell a reused seq from it: :func:`.cluster.rewound`)
+    last: str = ""
 
 
 class Delivery(Control):
@@ -83,6 +85,7 @@ class Delivery(Control):
     def __init__(self, settings: Settings, hub: Hub, client: RedisClient) -> None:
         super().__init__(settings, hub, client)
         self._read = self._register(scripts.READ)
+        self._restart = self._register(scripts.RESTART)
         self._subscribed = False
         #: the subscription was lost at least once (its restoration is logged)
         self._lost_once = False
@@ -309,9 +312,13 @@ class Delivery(Control):
 
         :raises BrokerUnavailable: if the map cannot be read, or leaves slots unserved
         """
-        masters = slot_masters(await self._call_raw(self.client.cluster_slots()))
+        # coredis asks a random node and returns (not raises) its error if that one is down
+        reply = await self._call_raw(self.client.cluster_slots())
+        masters = None if isinstance(reply, Exception) else slot_masters(reply)
         if masters is None:
             raise BrokerUnavailable("the cluster does not serve every hash slot")
+        if self._slot_masters and set(masters) != set(self._slot_masters):
+            await self._call_raw(relearn_slots(self.client))  # a master failed over: tell coredis
         self._slot_masters = masters
         for channel, shard in list(self._homes.items()):
             if self._slot_masters[slot_of(channel)] != shard.location:
@@ -415,6 +422,10 @@ class Delivery(Control):
         if stream is None or self.hub.rooms.get(room.name) is not room or not room.members:
             return
         history = [_split_entry(entry) for entry in entries]
+        if run == stream.epoch and rewound(stream.seq, stream.last, int(counter), history):
+            await self._call(self._restart, _publish_keys(room.name), [run])
+            await self._catch_up(room)  # (a new run now: history_gap for everyone)
+            return
         first = history[0][0] if history else int(counter) + 1
         since = stream.seq
         jumped = run != stream.epoch or (first > stream.seq + 1 and int(counter) > stream.seq)
@@ -431,7 +442,7 @@ class Delivery(Control):
     def _advance(self, room: Room, stream: _Stream, seq: int, event: str) -> None:
         """Fan out seq ``seq`` of the stream's run if it is the next one; else drop it."""
         if seq == stream.seq + 1:
-            stream.seq = seq
+            stream.seq, stream.last = seq, event
             self.hub.deliver(room.name, seq, event)
 
     def _tell_gaps(self, room: Room, run: str, since: int, first: int, *, jumped: bool) -> None:

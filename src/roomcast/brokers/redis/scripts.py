@@ -56,6 +56,7 @@ __all__ = [
     "REFRESH_CLAIMS",
     "RENAME",
     "REPORT",
+    "RESTART",
     "TAKEN",
     "UPKEEP",
 ]
@@ -447,6 +448,13 @@ end
 return result
 """
 )
+
+#: KEYS seq, epoch, history, history bytes; ARGV a run a worker found rewound (Redis lost
+#: seqs it had delivered: a failover to a replica that had not copied them): end that run,
+#: so that no seq of it is ever reused for another message (the next call starts a new one)
+RESTART: Final = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', unpack(KEYS)) end
+"""
 
 #: KEYS report lists; ARGV ttl (ms), then one count per list: each worker's answer to the
 #: server API's disconnect (how many connections it closed), for the requester's BLPOP
