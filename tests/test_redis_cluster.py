@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from redis_cluster import ClusterNode, RedisCluster, run_cluster
 from roomcast.brokers.redis.cluster import slot_of
@@ -470,3 +471,45 @@ async def test_a_master_whose_subscribers_drop_resubscribes_rooms_of_many_slots(
                     nursery.cancel_scope.cancel()
     for member in members:
         assert not member.errors and not silent_faults(member)
+
+
+async def refused_with(url: str) -> int:
+    """The close code of a connection to ``url`` that the server refuses."""
+    async with open_websocket_url(url) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+    assert closed.value.reason is not None
+    return closed.value.reason.code
+
+
+async def test_caps_and_names_hold_across_servers_on_a_cluster(
+    redis_cluster: RedisCluster,
+) -> None:
+    """As on one Redis: a user's connections are counted on every server (a cap of 2: a
+    third is refused 4429 on either), and a name held in a room on one server is refused
+    (4400) to another member on the other, lookalike included."""
+    from roomcast.identity import mint_token
+
+    secret = "a-secret-of-at-least-thirty-two-bytes!"
+    env = {"ROOMCAST_JWT_SECRET": secret, "ROOMCAST_MAX_CONNECTIONS_PER_USER": "2"}
+    with two_servers_on_cluster(redis_cluster, **env) as (a, b), trio.fail_after(LOAD_TIME):
+
+        def as_user(server: ServerProcess, room: str, user: str, name: str) -> str:
+            token = mint_token(secret, sub=user, name=name, ttl=600)
+            return server.url(f"/ws/chat?room={room}&token={token}")
+
+        async with AsyncExitStack() as stack:
+            for server, room in ((a, "cap1"), (b, "cap2")):
+                ws = await stack.enter_async_context(
+                    open_websocket_url(as_user(server, room, "ann", "Ann"))
+                )
+                assert json.loads(await ws.get_message())["type"] == "welcome"
+            for server in (a, b):
+                assert await refused_with(as_user(server, "cap3", "ann", "Ann")) == 4429
+            # ann's name in cap1 (on a's worker) is hers room-wide: bob may not take it on b
+            assert await refused_with(as_user(b, "cap1", "bob", "ANN")) == 4400
+            assert await refused_with(as_user(b, "cap1", "bob", "\u0410nn")) == 4400
+            ws = await stack.enter_async_context(
+                open_websocket_url(as_user(b, "cap1", "bob", "Bob"))
+            )
+            assert json.loads(await ws.get_message())["type"] == "welcome"
