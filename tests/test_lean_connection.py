@@ -18,8 +18,11 @@ import hypercorn.trio.tcp_server
 import pytest
 import trio
 from hypercorn.protocol.h11 import H11WSConnection
+from wsproto.extensions import PerMessageDeflate
 
 from roomcast import Settings, create_app
+from roomcast.launcher import hardening
+from roomcast.launcher.hardening import BoundedPerMessageDeflate
 
 from rawws import RawWebSocket, open_raw_websocket
 from servers import ThreadedServer, serve_in_thread
@@ -124,3 +127,32 @@ def test_an_upgraded_connection_keeps_no_h11_state(server: ThreadedServer) -> No
         assert echoed(ws, "again") == "Echo: again"
     finally:
         ws.sock.close()
+
+
+def _deflaters_held() -> int:
+    gc.collect()
+    return sum(
+        1
+        for o in gc.get_objects()
+        if isinstance(o, BoundedPerMessageDeflate) and o._compressor is not None
+    )
+
+
+def test_a_quiet_connection_gives_its_deflater_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that negotiated permessage-deflate (as every browser does) held its
+    deflater, 14 KB, for its whole life; now only until it has been quiet a while. The
+    next message gets a new deflater, and the client, keeping its own context, reads it."""
+    monkeypatch.setattr(hardening, "DEFLATER_IDLE", 0.5, raising=False)
+    with serve_in_thread(create_app(Settings(rate_limit=0)), worker_class="trio") as server:
+        ws = open_raw_websocket(server.port, "/ws/echo", extensions=[PerMessageDeflate()])
+        try:
+            assert echoed(ws, "hello") == "Echo: hello"
+            assert server.run_sync(_deflaters_held) == 1
+            deadline = time.monotonic() + 10
+            while server.run_sync(_deflaters_held):
+                assert time.monotonic() < deadline, "the idle deflater was kept"
+                time.sleep(0.1)
+            assert echoed(ws, "hello again") == "Echo: hello again"
+            assert echoed(ws, "hello again") == "Echo: hello again"
+        finally:
+            ws.sock.close()
