@@ -146,13 +146,17 @@ def test_a_quiet_connection_gives_its_deflater_back(monkeypatch: pytest.MonkeyPa
     with serve_in_thread(create_app(Settings(rate_limit=0)), worker_class="trio") as server:
         ws = open_raw_websocket(server.port, "/ws/echo", extensions=[PerMessageDeflate()])
         try:
-            assert echoed(ws, "hello") == "Echo: hello"
-            assert server.run_sync(_deflaters_held) == 1
-            deadline = time.monotonic() + 10
-            while server.run_sync(_deflaters_held):
-                assert time.monotonic() < deadline, "the idle deflater was kept"
-                time.sleep(0.1)
-            assert echoed(ws, "hello again") == "Echo: hello again"
-            assert echoed(ws, "hello again") == "Echo: hello again"
+            for text in ("hello", "hello again"):  # and the new deflater goes too
+                assert echoed(ws, text) == f"Echo: {text}"
+                assert echoed(ws, text) == f"Echo: {text}"
+                assert server.run_sync(_deflaters_held) == 1
+                _until_released(server)
         finally:
             ws.sock.close()
+
+
+def _until_released(server: ThreadedServer, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server.run_sync(_deflaters_held):
+        assert time.monotonic() < deadline, "the idle deflater was kept"
+        time.sleep(0.1)

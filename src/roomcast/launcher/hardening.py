@@ -61,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import sys
 import threading
 import time
@@ -172,6 +173,7 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
         self.max_message_size = DEFAULT_MAX_MESSAGE_SIZE
         self._inflated = 0  # bytes of the current message so far
         self._inbound_text = False
+        self.noted_at = -math.inf  # when :class:`IdleDeflaters` last noted a message
 
     def accept(self, offer: str) -> str | None:
         """The response to one offer of the extension, as :attr:`compression` says, or
@@ -239,6 +241,7 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
         before its own start, which the client's inflater, keeping its window, reads
         like any other message."""
         self._compressor = None
+        self.noted_at = -math.inf  # the next message is noted at once
 
     @property
     def _budget(self) -> int:
@@ -306,9 +309,16 @@ class IdleDeflaters(threading.local):
         return len(self._last_use)
 
     def used(self, extension: BoundedPerMessageDeflate) -> None:
+        """Note a message compressed now; at most once a second per connection (a frame
+        costs a clock read, not a dictionary move): an idle time is counted from up to
+        a second before the connection's last message."""
+        now = time.monotonic()
+        if now - extension.noted_at < 1.0:
+            return
+        extension.noted_at = now
         key = id(extension)
         self._last_use.pop(key, None)  # to the end: the most recently used
-        self._last_use[key] = (weakref.ref(extension), time.monotonic())
+        self._last_use[key] = (weakref.ref(extension), now)
 
     def release_idle(self, idle: float = DEFLATER_IDLE) -> int:
         """Free the deflaters unused for ``idle`` seconds; returns how many."""
