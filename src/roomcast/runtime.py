@@ -144,7 +144,10 @@ async def _open_runtime(settings: Settings, hooks: HookCalls | None) -> AsyncIte
                 anyio.create_task_group() as tg,
             ):
                 runtime = Runtime(settings, hub, broker, runner, archive, keeper)
-                _harden_hypercorn(settings)  # after the broker: a failed startup logs one line
+                if _harden_hypercorn(settings):
+                    from .launcher.hardening import release_idle_deflaters
+
+                    tg.start_soon(release_idle_deflaters)
                 if runtime.shared_metrics is not None:
                     tg.start_soon(_share_metrics, runtime, runtime.shared_metrics)
                 if feed.wanted:
@@ -187,13 +190,16 @@ def _stored_consumer(runner: HookRunner) -> Consumer:
     return runner.stored
 
 
-def _harden_hypercorn(settings: Settings) -> None:
+def _harden_hypercorn(settings: Settings) -> bool:
     """Served by Hypercorn (plain ``hypercorn`` or the launcher): mend, once per process,
-    what Hypercorn 0.18 breaks of roomcast's guarantees (:mod:`.launcher.hardening`)."""
+    what Hypercorn 0.18 breaks of roomcast's guarantees (:mod:`.launcher.hardening`).
+    Called after the broker opened: a failed startup logs one line. Returns whether the
+    mends are installed."""
     if "hypercorn.protocol" in sys.modules:
         from .launcher import hardening
 
-        hardening.install(settings.send_timeout, settings.compression)
+        return hardening.install(settings.send_timeout, settings.compression)
+    return False
 
 
 async def _share_metrics(runtime: Runtime, shared: metrics.SharedMetrics) -> None:

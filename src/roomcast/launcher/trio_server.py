@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import errno
 import math
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -54,7 +55,7 @@ from hypercorn.events import Closed, Event, RawData
 from hypercorn.logging import Logger
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import EventWrapper, TrioSingleTask, WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import repr_socket_addr
@@ -185,9 +186,29 @@ class ContainedTCPServer(TCPServer):
 
     async def _read_data(self) -> None:
         try:
-            await super()._read_data()
+            if self.writer is not None and self.config.read_timeout is None:
+                await self._read_untimed()
+            else:
+                await super()._read_data()
         finally:
             self.context.peer_gone()
+
+    async def _read_untimed(self) -> None:
+        """Hypercorn's read loop for a plain-TCP connection without a read timeout.
+
+        Hypercorn's own opens ``trio.fail_after(read_timeout or inf)`` around every read,
+        a cancel scope that lives as long as the wait (1.1 KB per idle connection), and
+        reads through ``SocketStream.receive_some``, whose frames and error translation
+        wait too: here the connection waits in :func:`trio.lowlevel.wait_readable` alone.
+        The same outcomes: data to the protocol, then ``Closed`` at end of file, on a
+        failed read or once the stream is closed under it.
+        """
+        sock: socket.socket = self.stream.socket._sock
+        while (data := await _receive(sock)) is not None:
+            await self.protocol.handle(RawData(data))
+            if not data:
+                break
+        await self.protocol.handle(Closed())
 
 
 class ServedTCPServer(ContainedTCPServer):
@@ -362,6 +383,27 @@ async def _first_of(*waits: Callable[[], Awaitable[Any]]) -> None:
 
         for wait in waits:
             nursery.start_soon(wait_then_cancel, wait)
+
+
+async def _receive(sock: socket.socket) -> bytes | None:
+    """The next bytes read from non-blocking ``sock`` (``b""`` at end of file), or None
+    once reading fails or the socket is closed; a checkpoint either way, as Trio's reads
+    are (a peer that floods still lets the other connections run)."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    while True:
+        try:
+            data = sock.recv(MAX_RECV)
+        except BlockingIOError:
+            pass
+        except OSError:  # reset, or closed under us (EBADF)
+            return None
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        try:
+            await trio.lowlevel.wait_readable(sock)
+        except (trio.ClosedResourceError, OSError):
+            return None
 
 
 def _socket(stream: Stream) -> trio.socket.SocketType:
