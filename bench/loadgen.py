@@ -367,6 +367,38 @@ def pct(lat: list[int], q: float) -> float | None:
     return round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1e6, 3)
 
 
+async def _finish_sending(a: argparse.Namespace, tasks: list[asyncio.Future[None]]) -> bool:
+    """Wait for the round's senders; ``False`` if they did not finish within the round's
+    duration plus its deadline (a stalled room)."""
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks), a.duration + a.deadline)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _drain(
+    a: argparse.Namespace, t_start: int, done: bool, expected: int
+) -> tuple[bool, float]:
+    """Wait for the ``expected`` deliveries (for ``--drain`` seconds at most, one if the
+    senders stalled), stop measuring and sort the latencies; returns whether the round is
+    complete and the seconds it is timed over.
+
+    A complete round is timed to its last delivery; an incomplete one (a stalled room) to
+    the moment the generator gave up, so a server that stopped delivering is not flattered.
+    """
+    st = STATS
+    drain_until = time.perf_counter() + (a.drain if done else min(a.drain, 1.0))
+    while st.deliveries < expected and time.perf_counter() < drain_until:  # noqa: ASYNC110
+        await asyncio.sleep(0.005)  # deliveries are counted in protocol callbacks: poll
+    t_stop = perf_ns()
+    st.measuring = False
+    complete = done and st.deliveries >= expected
+    end = (st.last_recv or t_stop) if complete else t_stop
+    st.lat.sort()
+    return complete, (end - (st.first_send or t_start)) / 1e9
+
+
 async def run_round(
     a: argparse.Namespace, phase: str, n: int, healthy, senders, members_per_room: int
 ) -> dict:  # type: ignore[no-untyped-def]
@@ -384,28 +416,12 @@ async def run_round(
     wall_start = time.time()
     t_start = perf_ns()
     stop_at = t_start + int(a.duration * 1e9)
-    done = False
     tasks = [asyncio.ensure_future(sender(a, t, lst, pad, stop_at)) for t, lst in senders]
-    try:
-        await asyncio.wait_for(asyncio.gather(*tasks), a.duration + a.deadline)
-        done = True
-    except TimeoutError:
-        pass
+    done = await _finish_sending(a, tasks)
     sent = sum(lst.sent for _, lst in senders)
     expected = sent * members_per_room
-    drain_until = time.perf_counter() + (a.drain if done else min(a.drain, 1.0))
-    while st.deliveries < expected and time.perf_counter() < drain_until:  # noqa: ASYNC110
-        await asyncio.sleep(0.005)  # deliveries are counted in protocol callbacks: poll
-    t_stop = perf_ns()
-    st.measuring = False
-    complete = done and st.deliveries >= expected
-    first = st.first_send or t_start
-    # A complete round is timed to its last delivery; an incomplete one (a stalled room) to
-    # the moment the generator gave up, so a server that stopped delivering is not flattered.
-    end = (st.last_recv or t_stop) if complete else t_stop
-    span = (end - first) / 1e9
+    complete, span = await _drain(a, t_start, done, expected)
     lat = st.lat
-    lat.sort()
     short = []
     if a.rooms == 1:
         short = sorted(lst.got for _, lst in healthy if lst.got < sent)
@@ -822,24 +838,10 @@ async def multi_round(a: argparse.Namespace, n: int, slots) -> dict:  # type: ig
         asyncio.ensure_future(multi_sender(a, sid, t, room, returns, pad, stop_at, sent))
         for sid, t, room, _, returns in slots
     ]
-    done = False
-    try:
-        await asyncio.wait_for(asyncio.gather(*tasks), a.duration + a.deadline)
-        done = True
-    except TimeoutError:
-        pass
+    done = await _finish_sending(a, tasks)
     expected = sum(sent[sid] * size for sid, _, _, size, _ in slots)
-    drain_until = time.perf_counter() + (a.drain if done else min(a.drain, 1.0))
-    while st.deliveries < expected and time.perf_counter() < drain_until:  # noqa: ASYNC110
-        await asyncio.sleep(0.005)  # deliveries are counted in protocol callbacks: poll
-    t_stop = perf_ns()
-    st.measuring = False
-    complete = done and st.deliveries >= expected
-    first = st.first_send or t_start
-    end = (st.last_recv or t_stop) if complete else t_stop
-    span = (end - first) / 1e9
+    complete, span = await _drain(a, t_start, done, expected)
     lat = st.lat
-    lat.sort()
     for t in tasks:
         t.cancel()
     await asyncio.sleep(0)

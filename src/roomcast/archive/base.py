@@ -24,6 +24,7 @@ __all__ = [
     "Position",
     "Recovery",
     "encode_stored",
+    "newest_page",
     "row_event",
     "unbroken_window",
 ]
@@ -178,3 +179,11 @@ def unbroken_window(room: str, seq: int, rows: Sequence[tuple[Any, ...]]) -> lis
         expected -= 1
     window.reverse()
     return window
+
+
+def newest_page(room: str, rows: Sequence[tuple[Any, ...]], limit: int) -> ArchivedPage:
+    """A page from up to ``limit + 1`` rows read newest first: the newest ``limit`` in seq
+    order, and whether there was one more (older) row."""
+    page = [row_event(room, row) for row in rows[:limit]]
+    page.reverse()
+    return ArchivedPage(page, more=len(rows) > limit)

@@ -58,7 +58,7 @@ from .base import (
     Missing,
     Position,
     Recovery,
-    row_event,
+    newest_page,
     unbroken_window,
 )
 
@@ -292,9 +292,7 @@ class PostgresArchive:
             " ORDER BY seq DESC LIMIT %s",
             (room, epoch, before, limit + 1),
         ).fetchall()
-        page = [row_event(room, row) for row in rows[:limit]]
-        page.reverse()
-        return ArchivedPage(page, more=len(rows) > limit)
+        return newest_page(room, rows, limit)
 
     async def forget(self, room: str, epoch: str, through: int) -> None:
         await self._run(self._forget, room, epoch, through)

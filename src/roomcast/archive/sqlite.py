@@ -60,7 +60,7 @@ from .base import (
     Missing,
     Position,
     Recovery,
-    row_event,
+    newest_page,
     unbroken_window,
 )
 
@@ -273,9 +273,7 @@ class SqliteArchive:
             " ORDER BY seq DESC LIMIT ?",
             (room, epoch, before, limit + 1),
         ).fetchall()
-        page = [row_event(room, row) for row in rows[:limit]]
-        page.reverse()
-        return ArchivedPage(page, more=len(rows) > limit)
+        return newest_page(room, rows, limit)
 
     async def forget(self, room: str, epoch: str, through: int) -> None:
         await self._run(self._forget, room, epoch, through)
