@@ -399,6 +399,21 @@ class TestHypercornInternals:
         closed = source[source.index("isinstance(event, Closed)") :]
         assert closed.index("await self._close()") < closed.index("self.protocol.handle(Closed())")
 
+    def test_the_connection_task_group_is_looked_up_by_name_and_spawns_apps_so(self) -> None:
+        """``trio_inbox.InboxTaskGroup`` replaces the name ``TaskGroup`` in Hypercorn's
+        connection handler and spawns an app as Hypercorn's does, with another receive."""
+        from hypercorn.trio.task_group import TaskGroup, _handle
+        from hypercorn.trio.tcp_server import TCPServer
+
+        assert "async with TaskGroup() as task_group:" in inspect.getsource(TCPServer.run)
+        spawn_app = inspect.getsource(TaskGroup.spawn_app)
+        assert "trio.open_memory_channel[ASGIReceiveEvent](" in spawn_app
+        assert "config.max_app_queue_size" in spawn_app
+        assert "return app_send_channel.send" in spawn_app
+        assert list(inspect.signature(_handle).parameters) == [
+            "app", "config", "scope", "receive", "send", "sync_spawn", "call_soon"
+        ]  # fmt: skip
+
     def test_the_connection_task_group_exists_before_the_protocol_can_send(self) -> None:
         from hypercorn.trio.task_group import TaskGroup
         from hypercorn.trio.tcp_server import TCPServer

@@ -111,7 +111,9 @@ class ConnectionContext:
 
     def __init__(self, worker: WorkerContext) -> None:
         self._worker = worker
-        self._gone = trio.Event()
+        #: set once the peer is gone; made by the first sleep (most connections never sleep)
+        self._gone: trio.Event | None = None
+        self._peer_gone = False
         self.terminate = worker.terminate
         self.terminated = worker.terminated
 
@@ -128,9 +130,15 @@ class ConnectionContext:
 
     def peer_gone(self) -> None:
         """The connection's read side ended (close, FIN, RST): stop every sleep."""
-        self._gone.set()
+        self._peer_gone = True
+        if self._gone is not None:
+            self._gone.set()
 
     async def sleep(self, wait: float) -> None:
+        if self._gone is None:
+            self._gone = trio.Event()
+            if self._peer_gone:
+                self._gone.set()
         with trio.move_on_after(wait):
             await self._gone.wait()
 
