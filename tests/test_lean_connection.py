@@ -8,25 +8,33 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 import time
 import types
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import hypercorn.trio
 import hypercorn.trio.tcp_server
 import pytest
 import trio
+from hypercorn.config import Config
 from hypercorn.protocol.h11 import H11WSConnection
 from trio._channel import MemoryChannelState
 from wsproto.extensions import PerMessageDeflate
 
 from roomcast import Settings, create_app
+from roomcast.asgi import ASGIApp, Receive, Scope, Send
 from roomcast.launcher import hardening
-from roomcast.launcher.hardening import BoundedPerMessageDeflate
+from roomcast.launcher.hardening import BoundedPerMessageDeflate, IdleDeflaters
+from roomcast.runtime import STATE_KEY
 
 from rawws import RawWebSocket, open_raw_websocket
-from servers import ThreadedServer, serve_in_thread
+from servers import LifespanSpy, ThreadedServer, bind_loopback, serve_in_thread
 
 
 class CountingTrio(types.ModuleType):
@@ -162,12 +170,28 @@ def _deflaters_held() -> int:
     )
 
 
-def test_a_quiet_connection_gives_its_deflater_back(monkeypatch: pytest.MonkeyPatch) -> None:
+@contextmanager
+def serve(app: ASGIApp, serving: str) -> Iterator[ThreadedServer]:
+    """``app`` served as ``serving`` says: roomcast's Trio loop (``python -m roomcast``),
+    or plain Hypercorn's Trio or asyncio worker (``hypercorn --worker-class ...``)."""
+    if serving == "hypercorn-trio":
+        with serve_in_one_trio_loop(app) as loop:
+            yield loop.servers[0]
+    else:
+        worker_class = "trio" if serving == "launcher-trio" else "asyncio"
+        with serve_in_thread(app, worker_class=worker_class) as server:
+            yield server
+
+
+@pytest.mark.parametrize("serving", ["launcher-trio", "hypercorn-trio", "hypercorn-asyncio"])
+def test_a_quiet_connection_gives_its_deflater_back(
+    monkeypatch: pytest.MonkeyPatch, serving: str
+) -> None:
     """A connection that negotiated permessage-deflate (as every browser does) held its
     deflater, 14 KB, for its whole life; now only until it has been quiet a while. The
     next message gets a new deflater, and the client, keeping its own context, reads it."""
     monkeypatch.setattr(hardening, "DEFLATER_IDLE", 0.5, raising=False)
-    with serve_in_thread(create_app(Settings(rate_limit=0)), worker_class="trio") as server:
+    with serve(create_app(Settings(rate_limit=0)), serving) as server:
         ws = open_raw_websocket(server.port, "/ws/echo", extensions=[PerMessageDeflate()])
         try:
             for text in ("hello", "hello again"):  # and the new deflater goes too
@@ -184,3 +208,160 @@ def _until_released(server: ThreadedServer, timeout: float = 10.0) -> None:
     while server.run_sync(_deflaters_held):
         assert time.monotonic() < deadline, "the idle deflater was kept"
         time.sleep(0.1)
+
+
+@dataclass
+class OneTrioLoop:
+    """Apps served by plain Hypercorn's Trio worker in one Trio loop (one thread)."""
+
+    servers: list[ThreadedServer]
+    token: trio.lowlevel.TrioToken
+    shutdowns: list[trio.Event]
+    stopped: list[Future[None]]
+
+    def stop(self, index: int) -> None:
+        """Begin the graceful shutdown of one server (its lifespan ends after it)."""
+        trio.from_thread.run_sync(self.shutdowns[index].set, trio_token=self.token)
+
+
+@contextmanager
+def serve_in_one_trio_loop(*apps: ASGIApp) -> Iterator[OneTrioLoop]:
+    """Serve each app with ``hypercorn.trio.serve`` (what ``hypercorn --worker-class
+    trio`` runs in a worker), all on one Trio loop in a background thread: one process,
+    one loop, one lifespan per app."""
+    ready: Future[OneTrioLoop] = Future()
+    spies = [LifespanSpy(app) for app in apps]
+    sockets = [bind_loopback() for _ in apps]
+    ports = [sock.getsockname()[1] for sock in sockets]
+
+    async def serve_one(
+        spy: LifespanSpy,
+        config: Config,
+        shutdown: trio.Event,
+        stopped: Future[None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await hypercorn.trio.serve(
+                spy,  # type: ignore[arg-type]
+                config,
+                shutdown_trigger=shutdown.wait,
+                task_status=task_status,  # type: ignore[arg-type]
+            )
+        finally:
+            stopped.set_result(None)
+
+    async def main() -> None:
+        token = trio.lowlevel.current_trio_token()
+        call: Callable[[Callable[[], Any]], Any] = partial_call(token)
+        shutdowns = [trio.Event() for _ in apps]
+        stopped: list[Future[None]] = [Future() for _ in apps]
+        async with trio.open_nursery() as nursery:
+            for spy, sock, shutdown, done in zip(spies, sockets, shutdowns, stopped, strict=True):
+                config = Config()
+                config.bind = [f"fd://{sock.detach()}"]
+                config.graceful_timeout = 2.0
+                config.accesslog = None
+                await nursery.start(serve_one, spy, config, shutdown, done)
+            servers = [
+                ThreadedServer(spy, port, "trio", call)
+                for spy, port in zip(spies, ports, strict=True)
+            ]
+            ready.set_result(OneTrioLoop(servers, token, shutdowns, stopped))
+
+    def run() -> None:
+        try:
+            trio.run(main)
+        except BaseException as exc:
+            if not ready.done():
+                ready.set_exception(exc)
+            raise
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    loop = ready.result(timeout=10)
+    try:
+        yield loop
+    finally:
+        for index, done in enumerate(loop.stopped):
+            if not done.done():
+                loop.stop(index)
+        thread.join(timeout=15)
+        assert not thread.is_alive(), "the servers did not shut down"
+
+
+def partial_call(token: trio.lowlevel.TrioToken) -> Callable[[Callable[[], Any]], Any]:
+    """Run a function on the Trio loop of ``token`` from another thread, for
+    :meth:`ThreadedServer.run_sync`."""
+    return lambda fn: trio.from_thread.run_sync(fn, trio_token=token)
+
+
+async def foreign_echo(scope: Scope, receive: Receive, send: Send) -> None:
+    """An ASGI app other than roomcast, served by the same (hardened) Hypercorn: it echoes
+    text and puts nothing in the lifespan state."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+    elif scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        while (message := await receive())["type"] == "websocket.receive":
+            await send({"type": "websocket.send", "text": f"Echo: {message['text']}"})
+
+
+def _deflaters_by_owner() -> Counter[IdleDeflaters | None]:
+    """The deflaters held now, counted by the registry each connection was handed."""
+    gc.collect()
+    return Counter(
+        o.idle_deflaters
+        for o in gc.get_objects()
+        if isinstance(o, BoundedPerMessageDeflate) and o._compressor is not None
+    )
+
+
+def test_each_app_frees_its_own_deflaters_and_none_after_its_lifespan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The idle deflaters live on each app's runtime, created with its lifespan: two
+    roomcast apps on one loop keep theirs apart (a per-thread registry was shared by
+    both), an app ended leaves none behind, and a connection of an app other than
+    roomcast keeps its deflater (no runtime to free it) without an error."""
+    monkeypatch.setattr(hardening, "DEFLATER_IDLE", 60.0, raising=False)  # none freed here
+    apps: list[ASGIApp] = [
+        create_app(Settings(rate_limit=0)),
+        create_app(Settings(rate_limit=0)),
+        foreign_echo,
+    ]
+    with serve_in_one_trio_loop(*apps) as loop:
+        first, second, foreign = loop.servers
+        clients = [
+            open_raw_websocket(server.port, path, extensions=[PerMessageDeflate()])
+            for server, path in ((first, "/ws/echo"), (second, "/ws/echo"), (foreign, "/"))
+        ]
+        try:
+            for ws in clients:
+                assert echoed(ws, "hello") == "Echo: hello"
+            ended, going_on = first.runtime.idle_deflaters, second.runtime.idle_deflaters
+            assert ended is not None and going_on is not None and ended is not going_on
+            assert first.run_sync(_deflaters_by_owner) == Counter([ended, going_on, None])
+            assert first.run_sync(lambda: (len(ended), len(going_on))) == (1, 1)
+
+            loop.stop(0)  # the first app shuts down: its connection is closed 1001
+            assert clients[0].read_until_close()[0] == 1001
+            clients[0].sock.close()
+            loop.stopped[0].result(timeout=10)  # and its lifespan has ended
+            assert first.run_sync(lambda: len(ended)) == 0
+            assert first.run_sync(_deflaters_by_owner) == Counter([going_on, None])
+            for ws in clients[1:]:
+                assert echoed(ws, "still here") == "Echo: still here"
+        finally:
+            for ws in clients:
+                ws.sock.close()
+
+
+def test_the_runtime_key_is_the_runtimes() -> None:
+    """hardening finds the runtime under the lifespan state's key without importing the
+    runtime (which imports the whole app)."""
+    assert hardening.RUNTIME_KEY == STATE_KEY

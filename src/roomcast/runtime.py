@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import anyio
 from prometheus_client import CollectorRegistry
@@ -31,6 +31,9 @@ from .protocol import CloseCode
 from .settings import Settings, SettingsError
 from .stored import Consumer, StoredFeed
 from .webhooks import StoredDelivery, WebhookCalls, open_webhooks
+
+if TYPE_CHECKING:  # imported when served by Hypercorn only: it imports Hypercorn
+    from .launcher.hardening import IdleDeflaters
 
 __all__ = ["STATE_KEY", "Runtime", "gc_threshold", "open_runtime"]
 
@@ -69,6 +72,10 @@ class Runtime:
     connections: int = 0
     #: handshakes answered 503 because ``connections`` was at ``max_connections``
     refused: int = 0
+    #: the permessage-deflate compressors this app's connections hold between messages,
+    #: freed once idle (``None``: not served by a hardened Hypercorn); each connection's
+    #: stream finds them here through the lifespan state in its scope
+    idle_deflaters: IdleDeflaters | None = None
 
     def __post_init__(self) -> None:
         self.max_connections = self.settings.max_connections or default_max_connections()
@@ -145,9 +152,10 @@ async def _open_runtime(settings: Settings, hooks: HookCalls | None) -> AsyncIte
             ):
                 runtime = Runtime(settings, hub, broker, runner, archive, keeper)
                 if _harden_hypercorn(settings):
-                    from .launcher.hardening import release_idle_deflaters
+                    from .launcher.hardening import IdleDeflaters
 
-                    tg.start_soon(release_idle_deflaters)
+                    runtime.idle_deflaters = IdleDeflaters()
+                    tg.start_soon(runtime.idle_deflaters.run)
                 if runtime.shared_metrics is not None:
                     tg.start_soon(_share_metrics, runtime, runtime.shared_metrics)
                 if feed.wanted:

@@ -43,6 +43,10 @@ it serves (``hypercorn.trio.run.TCPServer``, the ``WSStream`` of the h11 and h2 
   writer waits while the peer's window is shut, and is released when the stream ends.
 - :class:`UpgradedH11Protocol` drops h11's connection state once a WebSocket's 101 is
   written (not a guarantee: memory, 0.8 KB per idle connection).
+- :class:`IdleDeflaters` frees a connection's deflater once it is quiet (memory again).
+  It is state, so it is not installed here: roomcast's runtime creates one per lifespan,
+  and :class:`ClosingWSStream` hands it to the connection's extension from the lifespan
+  state in the scope.
 - Each accepted socket gets ``TCP_USER_TIMEOUT`` (``ROOMCAST_SEND_TIMEOUT``), which the
   launcher sets on the listening sockets it binds: a peer that never reads what it is
   sent is ended by the kernel, the only end for a write Hypercorn's Trio worker shields.
@@ -63,23 +67,21 @@ import ctypes
 import logging
 import math
 import sys
-import threading
 import time
 import weakref
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Final, NoReturn
 
 import anyio
-from hypercorn.config import Config
 from hypercorn.protocol.events import Body, Data, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
 from hypercorn.protocol.ws_stream import WSStream
-from hypercorn.typing import WebsocketAcceptEvent
+from hypercorn.typing import WebsocketAcceptEvent, WebsocketScope
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 from wsproto.events import Event as WSProtoEvent
@@ -94,10 +96,11 @@ __all__ = [
     "CLOSE_TIMEOUT",
     "DEFLATER_IDLE",
     "INFLATE_FACTOR",
+    "RUNTIME_KEY",
     "BoundedPerMessageDeflate",
     "ClosingWSStream",
+    "IdleDeflaters",
     "install",
-    "release_idle_deflaters",
 ]
 
 #: seconds a peer has to answer a close frame the server sent before it is dropped
@@ -116,6 +119,9 @@ TRIM_AFTER = 256
 #: ``websocket_max_message_size`` says (Hypercorn's default is 16 MiB): beyond it the
 #: connection is dropped (wsproto's 1009, without a close frame)
 INFLATE_CEILING = 256 * 1024
+#: where roomcast's runtime waits in the lifespan state (``roomcast.runtime.STATE_KEY``,
+#: which this module does not import: the runtime imports the whole app)
+RUNTIME_KEY: Final = "roomcast"
 
 log = logging.getLogger("roomcast.hardening")
 
@@ -167,6 +173,9 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
 
     #: what the server accepts: :func:`install` sets it from ``ROOMCAST_COMPRESSION``
     compression = COMPRESSION["low-memory"]
+    #: where the deflater is noted and freed once idle: the app's runtime's, which
+    #: :class:`ClosingWSStream` hands over once the extension is negotiated (None: kept)
+    idle_deflaters: IdleDeflaters | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -229,8 +238,8 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
                 self.compression.mem_level,
             )
         framed = super().frame_outbound(proto, opcode, rsv, data, fin)
-        if self._compressor is not None:
-            _idle_deflaters.used(self)
+        if self._compressor is not None and self.idle_deflaters is not None:
+            self.idle_deflaters.used(self)
         return framed
 
     def release_deflater(self) -> None:
@@ -291,15 +300,18 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
         return super().frame_inbound_complete(proto, fin)
 
 
-class IdleDeflaters(threading.local):
-    """The connections of this thread's event loop that hold a deflater between
-    messages, least recently used first: :meth:`release_idle` frees those unused for
-    :data:`DEFLATER_IDLE` seconds.
+class IdleDeflaters:
+    """The connections of one app's runtime that hold a deflater between messages, least
+    recently used first: :meth:`run` frees those unused for :data:`DEFLATER_IDLE` seconds.
 
     A connection keeps its deflater (14 KB at ``low-memory``) while its room talks and
     gives it up when it goes quiet: idle browsers cost what those without compression do.
-    The weak references let a closed connection's extension go at once. Per thread: tests
-    serve several apps in one process, each on its own loop.
+    roomcast's runtime creates one when its lifespan starts and runs :meth:`run` in its
+    task group (so it ends with the lifespan, and two apps in one process keep theirs
+    apart); each connection's stream finds it through the lifespan state in its scope
+    (:func:`_idle_deflaters_of`). Only the loop that runs that lifespan and its
+    connections touches it. The weak references let a closed connection's extension go at
+    once: nothing here keeps a connection's deflater alive.
     """
 
     def __init__(self) -> None:
@@ -335,27 +347,36 @@ class IdleDeflaters(threading.local):
                 released += 1
         return released
 
+    async def run(self) -> NoReturn:
+        """Free the deflaters of connections idle for :data:`DEFLATER_IDLE` seconds, every
+        half of that, and hand the memory back, until cancelled (the lifespan's end).
 
-_idle_deflaters = IdleDeflaters()
+        Freeing alone did not lower the worker's RSS (5,000 idle browsers: 51.0 KB each
+        before and after): glibc keeps a freed deflater's pages in its heap, between the
+        objects that stay. ``malloc_trim`` returns the whole free pages among them: 39.6
+        KB. It walks the whole heap (about 40 ms for 200 MB, the loop waiting), so it runs
+        only once :data:`TRIM_AFTER` deflaters were freed since the last one.
+        """
+        freed = 0
+        try:
+            while True:
+                await anyio.sleep(DEFLATER_IDLE / 2)
+                freed += self.release_idle(DEFLATER_IDLE)
+                if freed >= TRIM_AFTER and _malloc_trim is not None:
+                    _malloc_trim(0)
+                    freed = 0
+        finally:
+            self._last_use.clear()  # a connection still open then keeps its deflater
 
 
-async def release_idle_deflaters() -> None:
-    """Run by each app's lifespan: free the deflaters of connections idle for
-    :data:`DEFLATER_IDLE` seconds, every half of that, and hand the memory back.
-
-    Freeing alone did not lower the worker's RSS (5,000 idle browsers: 51.0 KB each
-    before and after): glibc keeps a freed deflater's pages in its heap, between the
-    objects that stay. ``malloc_trim`` returns the whole free pages among them: 39.6 KB.
-    It walks the whole heap (about 40 ms for 200 MB, the loop waiting), so it runs only
-    once :data:`TRIM_AFTER` deflaters were freed since the last one.
-    """
-    freed = 0
-    while True:
-        await anyio.sleep(DEFLATER_IDLE / 2)
-        freed += _idle_deflaters.release_idle(DEFLATER_IDLE)
-        if freed >= TRIM_AFTER and _malloc_trim is not None:
-            _malloc_trim(0)
-            freed = 0
+def _idle_deflaters_of(scope: WebsocketScope) -> IdleDeflaters | None:
+    """The idle deflaters of the roomcast runtime whose lifespan state reached this
+    connection's scope (Hypercorn copies the lifespan state into each connection's), or
+    None: an app other than roomcast served by this Hypercorn, or no lifespan state. Then
+    the connection's deflater is not freed early: it lives as long as the connection."""
+    state: Mapping[str, Any] = scope.get("state") or {}
+    registry = getattr(state.get(RUNTIME_KEY), "idle_deflaters", None)
+    return registry if isinstance(registry, IdleDeflaters) else None
 
 
 def _glibc_malloc_trim() -> Callable[[int], int] | None:
@@ -457,8 +478,11 @@ class ClosingWSStream(WSStream):
                 return
 
     async def _accept(self, message: WebsocketAcceptEvent) -> None:
-        await super()._accept(message)
-        _bound_inflation(self.connection._proto.extensions, self.config)
+        await super()._accept(message)  # builds the connection and its extensions
+        for extension in self.connection._proto.extensions:  # the negotiated ones
+            if isinstance(extension, BoundedPerMessageDeflate):
+                extension.max_message_size = self.config.websocket_max_message_size
+                extension.idle_deflaters = _idle_deflaters_of(self.scope)
         # The request's parsed handshake (its header lists) is needed no more: Hypercorn
         # asks only whether it was accepted (0.4 KB per idle connection).
         self.handshake = _ACCEPTED
@@ -567,12 +591,6 @@ class _Upgraded:
 
 
 _UPGRADED: Any = _Upgraded()
-
-
-def _bound_inflation(extensions: list[Any], config: Config) -> None:
-    for extension in extensions:
-        if isinstance(extension, BoundedPerMessageDeflate):
-            extension.max_message_size = config.websocket_max_message_size
 
 
 def install(send_timeout: float, compression: str = "low-memory") -> bool:
