@@ -25,6 +25,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.protocol.h11 import H11WSConnection
 from trio._channel import MemoryChannelState
+from wsproto.events import Ping
 from wsproto.extensions import PerMessageDeflate
 
 from roomcast import Settings, create_app
@@ -365,3 +366,70 @@ def test_the_runtime_key_is_the_runtimes() -> None:
     """hardening finds the runtime under the lifespan state's key without importing the
     runtime (which imports the whole app)."""
     assert hardening.RUNTIME_KEY == STATE_KEY
+
+
+PING_INTERVAL = 0.3
+
+
+@pytest.fixture
+def pinging_server() -> Iterator[ThreadedServer]:
+    app = create_app(Settings(rate_limit=0))
+    with serve_in_thread(app, worker_class="trio", websocket_ping_interval=PING_INTERVAL) as s:
+        yield s
+
+
+def _pings_waiting(ws: RawWebSocket) -> int:
+    """Pings received so far and not yet read."""
+    pings = 0
+    ws.sock.settimeout(0.05)
+    while True:
+        try:
+            event = ws.next_event()
+        except TimeoutError:
+            return pings
+        pings += isinstance(event, Ping)
+
+
+def _pings_over(sockets: list[RawWebSocket], seconds: float) -> list[int]:
+    """Pings each socket receives over the next ``seconds``: at every interval, within
+    the pinger's tick (0.5 s, more than the test's interval)."""
+    for ws in sockets:
+        _pings_waiting(ws)
+    time.sleep(seconds)
+    return [_pings_waiting(ws) for ws in sockets]
+
+
+def test_pings_come_from_one_task_not_one_per_connection(pinging_server: ThreadedServer) -> None:
+    """Hypercorn pinged each WebSocket from a task of its own that slept between pings:
+    4 KB per idle connection. The runtime's pinger pings them all from one."""
+    server = pinging_server
+    idle = server.task_count()
+    sockets = [open_raw_websocket(server.port, "/ws/echo", timeout=10) for _ in range(4)]
+    try:
+        for ws in sockets:
+            assert echoed(ws, "hello") == "Echo: hello"
+        # a connection's reader and its app; a ping's task lives for one write
+        assert min(server.task_count() for _ in range(5)) == idle + 2 * len(sockets)
+        assert all(3 <= pings <= 8 for pings in _pings_over(sockets, 2.0))
+    finally:
+        for ws in sockets:
+            ws.sock.close()
+
+
+def test_a_peer_that_stops_reading_delays_no_one_elses_pings(
+    pinging_server: ThreadedServer,
+) -> None:
+    """Each ping is written by a task of its own connection: one that cannot be written
+    (the peer reads nothing, the server's writes back up) holds up no other."""
+    server = pinging_server
+    stuck = open_raw_websocket(server.port, "/ws/echo", receive_buffer=4096, timeout=10)
+    healthy = open_raw_websocket(server.port, "/ws/echo", timeout=10)
+    try:
+        stuck.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # echoes back up until the server stops reading
+            for _ in range(10_000):
+                stuck.send_text("x" * 65_536)
+        assert 3 <= _pings_over([healthy], 2.0)[0] <= 8
+    finally:
+        stuck.kill()
+        healthy.sock.close()

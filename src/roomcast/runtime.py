@@ -34,6 +34,7 @@ from .webhooks import StoredDelivery, WebhookCalls, open_webhooks
 
 if TYPE_CHECKING:  # imported when served by Hypercorn only: it imports Hypercorn
     from .launcher.hardening import IdleDeflaters
+    from .launcher.pinger import Pinger
 
 __all__ = ["STATE_KEY", "Runtime", "gc_threshold", "open_runtime"]
 
@@ -76,6 +77,9 @@ class Runtime:
     #: freed once idle (``None``: not served by a hardened Hypercorn); each connection's
     #: stream finds them here through the lifespan state in its scope
     idle_deflaters: IdleDeflaters | None = None
+    #: pings this app's WebSockets from one task (``None``: not served by a hardened
+    #: Hypercorn: its own ping task per connection), found as ``idle_deflaters`` is
+    pinger: Pinger | None = None
 
     def __post_init__(self) -> None:
         self.max_connections = self.settings.max_connections or default_max_connections()
@@ -153,9 +157,12 @@ async def _open_runtime(settings: Settings, hooks: HookCalls | None) -> AsyncIte
                 runtime = Runtime(settings, hub, broker, runner, archive, keeper)
                 if _harden_hypercorn(settings):
                     from .launcher.hardening import IdleDeflaters
+                    from .launcher.pinger import Pinger
 
                     runtime.idle_deflaters = IdleDeflaters()
                     tg.start_soon(runtime.idle_deflaters.run)
+                    runtime.pinger = Pinger()
+                    tg.start_soon(runtime.pinger.run)
                 if runtime.shared_metrics is not None:
                     tg.start_soon(_share_metrics, runtime, runtime.shared_metrics)
                 if feed.wanted:

@@ -70,7 +70,7 @@ import sys
 import time
 import weakref
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, NoReturn
@@ -83,13 +83,14 @@ from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.typing import WebsocketAcceptEvent, WebsocketScope
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection
+from wsproto.events import CloseConnection, Ping
 from wsproto.events import Event as WSProtoEvent
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
 from . import trio_write
 from .logs import configure_logging
+from .pinger import Pinger
 from .sockets import set_send_timeout
 
 __all__ = [
@@ -374,9 +375,20 @@ def _idle_deflaters_of(scope: WebsocketScope) -> IdleDeflaters | None:
     connection's scope (Hypercorn copies the lifespan state into each connection's), or
     None: an app other than roomcast served by this Hypercorn, or no lifespan state. Then
     the connection's deflater is not freed early: it lives as long as the connection."""
-    state: Mapping[str, Any] = scope.get("state") or {}
-    registry = getattr(state.get(RUNTIME_KEY), "idle_deflaters", None)
+    registry = getattr(_runtime_of(scope), "idle_deflaters", None)
     return registry if isinstance(registry, IdleDeflaters) else None
+
+
+def _pinger_of(scope: WebsocketScope) -> Pinger | None:
+    """The pinger of the roomcast runtime that serves this connection, as
+    :func:`_idle_deflaters_of` finds its registry, or None: Hypercorn's ping task then."""
+    pinger = getattr(_runtime_of(scope), "pinger", None)
+    return pinger if isinstance(pinger, Pinger) else None
+
+
+def _runtime_of(scope: WebsocketScope) -> object:
+    state: Mapping[str, Any] = scope.get("state") or {}
+    return state.get(RUNTIME_KEY)
 
 
 def _glibc_malloc_trim() -> Callable[[int], int] | None:
@@ -486,6 +498,30 @@ class ClosingWSStream(WSStream):
         # The request's parsed handshake (its header lists) is needed no more: Hypercorn
         # asks only whether it was accepted (0.4 KB per idle connection).
         self.handshake = _ACCEPTED
+
+    async def _send_pings(self) -> None:
+        """Hypercorn's ping task, which pings, sleeps ``websocket_ping_interval`` and
+        repeats for the connection's life, pings once, then hands the connection to its
+        runtime's :class:`~.pinger.Pinger` and ends (4 KB less per idle connection). Where
+        no runtime is found, or the task group is not the Trio worker's that can start a
+        lone ping (:meth:`ping_soon`), it is Hypercorn's task."""
+        pinger = _pinger_of(self.scope)
+        interval = self.config.websocket_ping_interval  # (set: Hypercorn started this task)
+        if pinger is None or interval is None or not hasattr(self.task_group, "try_spawn"):
+            await super()._send_pings()
+            return
+        await self._send_wsproto_event(Ping())
+        pinger.add(self, interval)
+
+    def ping_soon(self) -> bool:
+        """Start a task in this connection's task group that sends one ping: a peer that
+        does not read blocks only that task (see :mod:`.pinger`)."""
+        try_spawn: Callable[[Callable[[], Awaitable[None]]], bool] = self.task_group.try_spawn  # type: ignore[attr-defined]
+        return try_spawn(self._ping)
+
+    async def _ping(self) -> None:
+        if not self.closed:
+            await self._send_wsproto_event(Ping())
 
     async def _send_wsproto_event(self, event: WSProtoEvent) -> None:
         if (

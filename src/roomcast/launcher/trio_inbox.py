@@ -140,3 +140,14 @@ class InboxTaskGroup(TaskGroup):
             trio.from_thread.run,
         )
         return inbox.put
+
+    def try_spawn(self, func: Callable[[], Awaitable[None]]) -> bool:
+        """Start ``func`` as a task of this connection, unless the connection is ending
+        (its task group closed to new tasks): then ``False``."""
+        if self._nursery is None:
+            return False
+        try:
+            self._nursery.start_soon(func)
+        except RuntimeError:  # "Nursery is closed to new arrivals"
+            return False
+        return True
