@@ -455,8 +455,8 @@ class Runner:
         redis_nodes: dict[str, int] | None = None,
     ) -> dict[str, Any]:
         """One server process, one load generator run (its rounds, and its stalled rounds).
-        With ``redis_nodes`` (name -> port), each round also gets what each of those Redis
-        nodes handled during it (``redis_nodes``: :class:`brokers.NodeSampler`)."""
+        With ``redis_nodes`` (name -> port), each round also gets ``redis_nodes``: what each
+        of those Redis nodes handled during it (:class:`brokers.NodeSampler`)."""
         params = dict(params)
         params.setdefault("concurrency", server.join_concurrency)
         sp = self.start(server, tag)
