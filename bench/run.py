@@ -105,7 +105,8 @@ WORKLOADS: dict[str, Workload] = {
             "redis",
             "brokers",
             "the memory broker vs the Redis broker (1 and 2 workers), with and without "
-            "roomcast.batch, at fanout100 and rooms (bench/brokers.py; its own redis-server)",
+            "roomcast.batch, at fanout100 and rooms, and one Redis vs a 3-master Redis Cluster "
+            "at rooms (bench/brokers.py; its own redis-server and cluster)",
             full=dict(duration=4, rounds=2),
             quick=dict(duration=2, rounds=1),
         ),
@@ -446,17 +447,28 @@ class Runner:
             stderr=subprocess.DEVNULL,
         )
 
-    def fanout(self, server: Server, params: dict[str, Any], tag: str) -> dict[str, Any]:
-        """One server process, one load generator run (its rounds, and its stalled rounds)."""
+    def fanout(
+        self,
+        server: Server,
+        params: dict[str, Any],
+        tag: str,
+        redis_nodes: dict[str, int] | None = None,
+    ) -> dict[str, Any]:
+        """One server process, one load generator run (its rounds, and its stalled rounds).
+        With ``redis_nodes`` (name -> port), each round also gets ``redis_nodes``: what each
+        of those Redis nodes handled during it (:class:`brokers.NodeSampler`)."""
         params = dict(params)
         params.setdefault("concurrency", server.join_concurrency)
         sp = self.start(server, tag)
         result: dict[str, Any] = {}
         sampler = Sampler(sp.proc.pid)
+        nodes = brokers.NodeSampler(lambda: brokers.read_nodes(redis_nodes or {}))
         prof = None
         try:
             rss_start = sampler.sample()
             sampler.start()
+            if redis_nodes:
+                nodes.start()
             prof = self._profile(sp, tag)
             budget = 180 + params.get("rounds", 1) * 2 * (params.get("duration", 5) + 15)
             lg = subprocess.Popen(
@@ -485,9 +497,13 @@ class Runner:
                 except subprocess.TimeoutExpired:
                     prof.kill()
             sampler.stop()
+            if nodes.is_alive():
+                nodes.stop()
             sp.stop()
         for r in result.get("rounds", []):
             r.update(sampler.window(*r["wall"]))
+            if redis_nodes:
+                r["redis_nodes"] = nodes.window(*r["wall"])
             if r.get("server_cpu_s") and r.get("delivered"):
                 r["server_cpu_us_per_delivery"] = round(1e6 * r["server_cpu_s"] / r["delivered"], 1)
         stalled_at = result.get("stalled_connected_wall")
@@ -807,23 +823,26 @@ def summarize(mode: str, run: dict[str, Any]) -> dict[str, Any]:
 def run_brokers(
     runner: Runner, args: argparse.Namespace, params: dict[str, Any], entry: dict[str, Any]
 ) -> None:
-    """The ``redis`` workload: every broker configuration at every scenario, ``--passes``
-    times, against one redis-server of its own (flushed before each server)."""
+    """The ``redis`` workload: every broker configuration at its scenarios, ``--passes``
+    times, against one redis-server and one 3-master cluster of its own (both flushed
+    before each server), with what each Redis node handled in each round."""
     runs: dict[str, list[dict[str, Any]]] = {}
-    with brokers.open_redis() as redis:
-        servers = brokers.broker_servers(redis.url)
+    with brokers.open_backends() as backends:
+        servers = backends.servers()
         entry["params"] = {
             scenario: dict(WORKLOADS[scenario].params(args.quick), **params)
             for scenario in brokers.SCENARIOS
         }
         for n in range(args.passes):
             for scenario, scenario_params in entry["params"].items():
-                for server in servers:
-                    redis.command("FLUSHALL")
+                for server in brokers.servers_for(scenario, servers):
+                    backends.flush()
                     t0 = time.monotonic()
                     tag = f"redis-{scenario}" + (f"-pass{n + 1}" if args.passes > 1 else "")
                     try:
-                        raw = runner.fanout(server, scenario_params, tag)
+                        raw = runner.fanout(
+                            server, scenario_params, tag, backends.nodes(server.name)
+                        )
                     except Exception as exc:
                         raw = {"error": repr(exc)}
                     key = f"{server.name}@{scenario}"
@@ -832,11 +851,22 @@ def run_brokers(
                     log(
                         f"redis/{scenario:<10} {server.name:<16} {time.monotonic() - t0:5.1f}s  "
                         f"{brief('fanout', row)} order {raw.get('order')}"
+                        + _node_brief(row.get("redis_nodes"))
                     )
     for key, raws in runs.items():
         raw = raws[0] if len(raws) == 1 else pool_passes(raws)
         entry["raw"][key] = raws if len(raws) > 1 else raw
         entry["servers"][key] = summarize("fanout", raw)
+
+
+def _node_brief(nodes: dict[str, Any] | None) -> str:
+    """``; pub/sub per node 34%/31%/35%`` for a log line (nothing without nodes)."""
+    if not nodes:
+        return ""
+    shares = "/".join(
+        f"{100 * n['share']:.0f}%" if n.get("share") is not None else "-" for n in nodes.values()
+    )
+    return f"; pub/sub per node {shares}"
 
 
 def run_multiroom(
@@ -1247,6 +1277,7 @@ def broker_targets(S: dict[str, Any]) -> list[dict[str, Any]]:
                 sc,
                 1.0 + 1e-9,
             )
+    out.extend(cluster_targets(S))
     faults = {
         key: r["order"]
         for key, r in S.items()
@@ -1260,6 +1291,61 @@ def broker_targets(S: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
     return out
+
+
+def cluster_targets(S: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 25's bench targets, from the median round of each cluster configuration: the
+    publishes spread over the masters, and (reported, not judged: ``met`` None) its
+    deliveries/s against the same workers on one Redis."""
+    out: list[dict[str, Any]] = []
+    low, high = brokers.SHARE_BOUNDS
+    for sc in brokers.CLUSTER_SCENARIOS:
+        for name, single in brokers.SINGLE_OF.items():
+            r = S.get(f"{name}@{sc}")
+            if not r or "error" in r:
+                continue
+            nodes = r.get("redis_nodes") or {}
+            out.append(
+                dict(
+                    target=f"redis/{sc}: {name}: each master carries between {low:.0%} and "
+                    f"{high:.0%} of the publishes (about a third), and no classic PUBLISH",
+                    met=brokers.sharded(nodes),
+                    detail=_shares(nodes),
+                )
+            )
+            one = S.get(f"{single}@{sc}") or {}
+            x, y = r.get("deliveries_per_s"), one.get("deliveries_per_s")
+            if x and y:
+                out.append(
+                    dict(
+                        target=f"redis/{sc}: {name} deliveries/s vs {single} (reported: on "
+                        "one machine the cluster adds processes and script calls, no cores)",
+                        met=None,
+                        detail=f"{x:,}/s vs {y:,}/s ({x / y:.2f}x); {_costs(r)} vs {_costs(one)}",
+                    )
+                )
+    return out
+
+
+def _costs(r: dict[str, Any]) -> str:
+    """What a configuration's messages cost it: how many a script call carried (a batch is
+    one call per hash slot on a cluster) and the roomcast workers' CPU per delivery."""
+    scripts = sum(n.get("scripts", 0) for n in (r.get("redis_nodes") or {}).values())
+    per_call = f"{r['sent'] / scripts:.1f}" if scripts and r.get("sent") else "-"
+    return f"{per_call} messages per script run, {fmt(r.get('server_cpu_us_per_delivery'), 1)} µs CPU/delivery"
+
+
+def _shares(nodes: dict[str, Any]) -> str:
+    """``SPUBLISH per master: 34.1% (1,234), ...; PUBLISH 0`` for a target's detail."""
+    if not nodes:
+        return "no node counters"
+    parts = ", ".join(f"{_pct(n.get('share'))} ({n.get('spublish', 0):,})" for n in nodes.values())
+    publish = sum(n.get("publish", 0) for n in nodes.values())
+    return f"SPUBLISH per master: {parts}; PUBLISH {publish:,}"
+
+
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def _layouts(S: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -1424,6 +1510,11 @@ def _fill(x: dict[str, Any]) -> str:
     return f"{x.get('fill_s')} s (cpu {x.get('server_cpu_s')} s)"
 
 
+def verdict(met: bool | None) -> str:
+    """A target's cell: met, not met, or a figure reported rather than judged (None)."""
+    return "reported" if met is None else "yes" if met else "NO"
+
+
 def fmt(v: Any, nd: int = 0) -> str:
     if v is None:
         return "-"
@@ -1537,6 +1628,8 @@ def broker_table(report: dict[str, Any], entry: dict[str, Any]) -> list[str]:
     for sc in scenarios:
         for name in names:
             r = S.get(f"{name}@{sc}", {})
+            if not r:  # a configuration this scenario does not run (the cluster at fanout100)
+                continue
             if "error" in r:
                 lines.append(f"| {sc} | {name} |" + " - |" * 9 + f" {notes(r)} |")
                 continue
@@ -1559,6 +1652,39 @@ def broker_table(report: dict[str, Any], entry: dict[str, Any]) -> list[str]:
                 f"| {fmt(r.get('p99_ms'), 1)} | {fmt(r.get('events_per_frame'), 1)} "
                 f"| {faults} | {remark} |"
             )
+    return lines + node_table(S)
+
+
+def node_table(S: dict[str, Any]) -> list[str]:
+    """What each Redis node handled in each Redis configuration's median round, in the
+    scenarios the cluster runs: its pub/sub messages and their share, its script runs and
+    its CPU."""
+    rows = [
+        (key, node, n)
+        for key, r in S.items()
+        if key.partition("@")[2] in brokers.CLUSTER_SCENARIOS
+        for node, n in (r.get("redis_nodes") or {}).items()
+    ]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Per Redis node, during the median round. Redis 7.0 counts no pub/sub messages in "
+        "`INFO stats`, so these are `INFO commandstats` deltas: a node's pub/sub messages are "
+        "its `SPUBLISH` + `PUBLISH` calls (scripts' calls included; one call carries a room's "
+        "part of a batch), script runs its `EVALSHA`/`EVAL`/`FCALL` calls; CPU is "
+        "`used_cpu_sys` + `used_cpu_user` from `INFO cpu`.",
+        "",
+        "| scenario | configuration | node | SPUBLISH | PUBLISH | share of pub/sub | script runs "
+        "| Redis CPU s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, node, n in rows:
+        name, _, sc = key.partition("@")
+        lines.append(
+            f"| {sc} | {name} | {node} | {fmt(n.get('spublish'))} | {fmt(n.get('publish'))} "
+            f"| {_pct(n.get('share'))} | {fmt(n.get('scripts'))} | {fmt(n.get('cpu_s'), 2)} |"
+        )
     return lines
 
 
@@ -1650,7 +1776,7 @@ def tables(report: dict[str, Any]) -> str:
         lines.append("| target | met | detail |")
         lines.append("|---|---|---|")
         for t in report["targets"]:
-            lines.append(f"| {t['target']} | {'yes' if t['met'] else 'NO'} | {t['detail']} |")
+            lines.append(f"| {t['target']} | {verdict(t['met'])} | {t['detail']} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -46,8 +46,8 @@ def free_cluster_port() -> int:
 class ClusterNode(RedisServer):
     """One node of a test cluster (its own port, directory and ``nodes.conf``)."""
 
-    def __init__(self, directory: Path) -> None:
-        super().__init__(directory)
+    def __init__(self, directory: Path, *, persistent: bool = True) -> None:
+        super().__init__(directory, persistent=persistent)
         self.port = free_cluster_port()
         self.extra = [
             "--cluster-enabled",
@@ -97,8 +97,13 @@ class ClusterNode(RedisServer):
 class RedisCluster:
     """A running test cluster: its nodes, the seed URL roomcast takes, what each holds."""
 
-    def __init__(self, directory: Path, masters: int = 3, replicas: int = 0) -> None:
-        self.nodes = [ClusterNode(directory / f"node{i}") for i in range(masters * (1 + replicas))]
+    def __init__(
+        self, directory: Path, masters: int = 3, replicas: int = 0, *, persistent: bool = True
+    ) -> None:
+        self.nodes = [
+            ClusterNode(directory / f"node{i}", persistent=persistent)
+            for i in range(masters * (1 + replicas))
+        ]
         self.masters_wanted = masters
         self.replicas = replicas
 
@@ -193,9 +198,12 @@ class RedisCluster:
 
 
 @contextmanager
-def run_cluster(directory: Path, masters: int = 3, replicas: int = 0) -> Iterator[RedisCluster]:
-    """A new cluster in ``directory``, stopped (SIGKILL) when the block exits."""
-    cluster = RedisCluster(directory, masters, replicas)
+def run_cluster(
+    directory: Path, masters: int = 3, replicas: int = 0, *, persistent: bool = True
+) -> Iterator[RedisCluster]:
+    """A new cluster in ``directory``, stopped (SIGKILL) when the block exits (the bench's
+    runs without ``persistent`` append-only files, as its single Redis does)."""
+    cluster = RedisCluster(directory, masters, replicas, persistent=persistent)
     with ExitStack() as stack:
         stack.callback(cluster.stop)
         cluster.start()

@@ -1,5 +1,7 @@
 """A real ``redis-server`` for the tests: started on a free port, with append-only
-persistence (fsync on every write) in a temporary directory, stoppable and restartable."""
+persistence (fsync on every write) in a temporary directory, stoppable and restartable.
+(The bench starts its cluster from here too, without persistence: it measures the broker,
+not a disk.)"""
 
 from __future__ import annotations
 
@@ -24,12 +26,16 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self, directory: Path, extra: Sequence[str] = (), *, persistent: bool = True
+    ) -> None:
         self.directory = directory
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         #: more redis-server arguments (``--requirepass``, ``--unixsocket``, ...)
         self.extra = list(extra)
+        #: append-only with fsync on every write (what a test that kills Redis needs)
+        self.persistent = persistent
 
     @property
     def url(self) -> str:
@@ -48,10 +54,11 @@ class RedisServer:
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
+                *(
+                    ("--appendonly", "yes", "--appendfsync", "always")
+                    if self.persistent
+                    else ("--appendonly", "no")
+                ),
                 "--dir",
                 str(self.directory),
                 *self.extra,
