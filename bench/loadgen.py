@@ -18,7 +18,15 @@ Two modes, each printing JSON lines on stdout:
 ``idle``
     Opens ``--connections`` connections (``--members`` per room) with ``--concurrency``
     handshakes in flight, prints ``{"phase": "connected", ...}``, then holds them until a
-    line arrives on stdin (or ``--hold`` seconds pass) and closes them.
+    line other than ``probe`` arrives on stdin (or ``--hold`` seconds pass) and closes
+    them. Each binds its source address first (``bench/sources.py``: ``--per-address``
+    connections from 127.0.0.2, the next from 127.0.0.3, ...), so that more connections
+    than the ephemeral port range holds can reach the one server port; ``--first`` numbers
+    this process's connections after another's (the runner splits a big count over
+    several processes). On a ``probe`` line it measures a chat round trip while the idle
+    connections are held: ``--probe-members`` more clients join one room, one of them sends
+    ``--probe-rate`` messages a second for ``--probe-seconds``, and every other member times
+    each message from its send to its arrival; it prints ``{"phase": "probe", ...}``.
 
 ``crowd``
     Fills rooms with ``--members`` clients (one room, or rooms of ``--rooms-of``) with
@@ -56,6 +64,11 @@ import zlib
 import orjson
 import uvloop
 from picows import WSCloseCode, WSListener, WSMsgType, ws_connect
+
+try:
+    from bench.sources import ports_per_address, source_address
+except ImportError:  # run as a script (python bench/loadgen.py): bench/ is on sys.path
+    from sources import ports_per_address, source_address  # type: ignore[no-redef]
 
 perf_ns = time.perf_counter_ns
 loads = orjson.loads
@@ -149,6 +162,8 @@ class Stats:
         self.duplicates = 0
         self.gaps = 0
         self.gap_notices = 0
+        #: the first few connections that failed for good, and why
+        self.connect_errors: list[str] = []
         self.reset_bytes()
 
     def reset_bytes(self) -> None:
@@ -262,6 +277,30 @@ class Client(Receiver):
             STATS.unexpected_closes += 1
 
 
+#: Linux's IP_BIND_ADDRESS_NO_PORT (Python 3.11 has no name for it): a socket bound to an
+#: address with port 0 gets its port at connect(), unique for the 4-tuple, rather than at
+#: bind(), unique for the address (then ports would run out as if every connection went to
+#: a different server)
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+def _bound_socket(source: str):  # type: ignore[no-untyped-def]
+    """A socket factory for picows: an unconnected socket bound to ``source``."""
+
+    def factory(_url):  # type: ignore[no-untyped-def]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    return factory
+
+
 def _stalled_socket(rcvbuf: int):  # type: ignore[no-untyped-def]
     def factory(_url):  # type: ignore[no-untyped-def]
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -272,17 +311,31 @@ def _stalled_socket(rcvbuf: int):  # type: ignore[no-untyped-def]
     return factory
 
 
-async def connect(a: argparse.Namespace, url: str, idx: int, *, stalled: bool = False):  # type: ignore[no-untyped-def]
+async def connect(  # type: ignore[no-untyped-def]
+    a: argparse.Namespace,
+    url: str,
+    idx: int,
+    *,
+    stalled: bool = False,
+    source: str | None = None,
+    listener_factory=None,
+):
+    """A picows connection (a :class:`Client`, or what ``listener_factory`` makes), from
+    ``source`` if given, retried with a growing pause."""
     headers = handshake_headers(a.subprotocol)
+    if stalled:
+        socket_factory = _stalled_socket(a.stalled_rcvbuf)
+    else:
+        socket_factory = _bound_socket(source) if source else None
     last: Exception | None = None
     for attempt in range(a.connect_attempts):
         try:
             transport, listener = await ws_connect(
-                lambda: Client(idx),
+                listener_factory or (lambda: Client(idx)),
                 url,
                 websocket_handshake_timeout=a.connect_timeout,
                 extra_headers=headers,
-                socket_factory=_stalled_socket(a.stalled_rcvbuf) if stalled else None,
+                socket_factory=socket_factory,
             )
             break
         except Exception as exc:  # refused, reset, handshake timeout: back off and retry
@@ -295,8 +348,9 @@ async def connect(a: argparse.Namespace, url: str, idx: int, *, stalled: bool = 
     return transport, listener
 
 
-async def connect_many(a, specs, concurrency):  # type: ignore[no-untyped-def]
-    """Connect every (url, idx, stalled) in ``specs`` with ``concurrency`` in flight; keep order."""
+async def connect_many(a, specs, concurrency, source_of=None):  # type: ignore[no-untyped-def]
+    """Connect every (url, idx, stalled) in ``specs`` with ``concurrency`` in flight; keep
+    order. ``source_of(idx)``, if given, names the address each connection comes from."""
     results: list = [None] * len(specs)
     it = iter(enumerate(specs))
     failures = 0
@@ -304,10 +358,13 @@ async def connect_many(a, specs, concurrency):  # type: ignore[no-untyped-def]
     async def worker() -> None:
         nonlocal failures
         for i, (url, idx, stalled) in it:
+            source = source_of(idx) if source_of else None
             try:
-                results[i] = await connect(a, url, idx, stalled=stalled)
-            except RuntimeError:
+                results[i] = await connect(a, url, idx, stalled=stalled, source=source)
+            except RuntimeError as exc:
                 failures += 1
+                if len(STATS.connect_errors) < 3:
+                    STATS.connect_errors.append(f"connection {idx} from {source}: {exc}")
 
     await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     return results, failures
@@ -537,38 +594,158 @@ async def run_fanout(a: argparse.Namespace) -> dict:
     return out
 
 
+def idle_specs(a: argparse.Namespace) -> list[tuple[str, int, bool]]:
+    """(url, connection number, stalled) for this process's idle connections, numbered
+    from ``--first`` so that rooms and source addresses continue another process's."""
+    return [
+        (room_url(a, idx // a.members), idx, False)
+        for idx in range(a.first, a.first + a.connections)
+    ]
+
+
 async def run_idle(a: argparse.Namespace) -> None:
-    specs = [(room_url(a, i // a.members), i, False) for i in range(a.connections)]
+    per_address = a.per_address or ports_per_address()
+    specs = idle_specs(a)
     t0 = time.perf_counter()
-    clients, failures = await connect_many(a, specs, a.concurrency)
+    clients, failures = await connect_many(
+        a, specs, a.concurrency, lambda idx: source_address(idx, per_address)
+    )
     elapsed = time.perf_counter() - t0
     ok = [c for c in clients if c is not None]
     settle_s = await wait_quiet(a.quiet, a.settle_limit)
+    sources = [source_address(idx, per_address) for _, idx, _ in specs[:1] + specs[-1:]]
     print(
         json.dumps(
             {
                 "mode": "idle",
                 "phase": "connected",
                 "connections": a.connections,
+                "first": a.first,
                 "connected": len(ok),
+                # still open once the join notices settled: a server may accept the
+                # handshake and close the connection after (a join that failed)
+                "alive": sum(1 for t, _ in ok if not t.is_disconnected),
                 "connect_failures": failures,
+                "first_failures": STATS.connect_errors,
                 "connect_s": round(elapsed, 3),
                 "connects_per_s": round(len(ok) / elapsed) if elapsed > 0 else 0,
                 "settle_s": round(settle_s, 3),
                 "concurrency": a.concurrency,
+                "per_address": per_address,
+                "source_addresses": sources,
+                "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             }
         ),
         flush=True,
     )
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), a.hold)
+    await hold(a)
     alive = sum(1 for t, _ in ok if not t.is_disconnected)
     for t, lst in ok:
-        lst.closing = True
+        if lst is not None:  # was None once (100,000 over 7 workers, a third closed by 1011)
+            lst.closing = True
         close(t)
-    print(json.dumps({"mode": "idle", "phase": "closed", "alive_before_close": alive}), flush=True)
+    closed_by_server = {str(k): v for k, v in STATS.close_codes.items()}
+    print(
+        json.dumps(
+            {
+                "mode": "idle",
+                "phase": "closed",
+                "alive_before_close": alive,
+                "close_codes_before": closed_by_server,
+            }
+        ),
+        flush=True,
+    )
     await asyncio.sleep(0.2)
+
+
+async def hold(a: argparse.Namespace) -> None:
+    """Hold the idle connections until a line other than ``probe`` arrives on stdin (or
+    ``--hold`` seconds pass); measure a round trip for each ``probe`` line."""
+    loop = asyncio.get_running_loop()
+    until = time.monotonic() + a.hold
+    while (left := until - time.monotonic()) > 0:
+        try:
+            line = await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), left)
+        except TimeoutError:
+            return
+        if line.strip() != "probe":
+            return
+        print(json.dumps(await run_probe(a)), flush=True)
+
+
+#: the probe's clients are numbered from here (the idle ones from 0)
+PROBE_IDS = 1 << 40
+
+
+class ProbeMember(Receiver):
+    """A member of the probe's room: times every message another member sent."""
+
+    def __init__(self, idx: int, latencies: list[int]) -> None:
+        self.idx = idx
+        self.latencies = latencies
+
+    def on_event(self, line: bytes, now: int) -> None:
+        try:
+            text = loads(line).get("text")
+            sender, _, sent_at = text.split(":", 2)
+            if int(sender) != self.idx:
+                self.latencies.append(now - int(sent_at))
+        except (orjson.JSONDecodeError, AttributeError, ValueError):
+            STATS.other_events += 1  # the welcome, presence notices
+
+
+async def run_probe(a: argparse.Namespace) -> dict:
+    """A chat round trip while the idle connections are held: ``--probe-members`` members
+    of one room, the first sending ``--probe-rate`` messages a second (open loop: at its
+    pace whatever the answers) for ``--probe-seconds``, every other member timing each
+    message from send to arrival."""
+    url = f"{a.url}?room={a.room_prefix}-probe"
+    latencies: list[int] = []
+    t0 = time.perf_counter()
+    members = []
+    try:
+        for n in range(a.probe_members):
+            idx = PROBE_IDS + n
+            members.append(
+                await connect(
+                    a, url, idx, listener_factory=lambda idx=idx: ProbeMember(idx, latencies)
+                )
+            )
+    except RuntimeError as exc:  # the server is full (503), or gone: say so, keep the rest
+        for t, member in members:
+            member.closing = True
+            close(t)
+        return {"mode": "idle", "phase": "probe", "error": f"member {len(members)}: {exc}"}
+    connect_s = time.perf_counter() - t0
+    await wait_quiet(a.quiet, a.settle_limit)  # the join notices
+    transport, sender = members[0]
+    count = round(a.probe_rate * a.probe_seconds)
+    start = time.perf_counter()
+    for n in range(count):
+        await asyncio.sleep(max(0.0, start + n / a.probe_rate - time.perf_counter()))
+        send_text(transport, sender, orjson.dumps({"text": f"{sender.idx}:{n}:{perf_ns()}"}))
+    expected = count * (a.probe_members - 1)
+    drain_until = time.perf_counter() + a.drain
+    while len(latencies) < expected and time.perf_counter() < drain_until:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)  # deliveries are counted in protocol callbacks: poll
+    latencies.sort()
+    for t, member in members:
+        member.closing = True
+        close(t)
+    return {
+        "mode": "idle",
+        "phase": "probe",
+        "members": a.probe_members,
+        "sent": count,
+        "rate_per_s": a.probe_rate,
+        "expected": expected,
+        "received": len(latencies),
+        "connect_s": round(connect_s, 3),
+        "p50_ms": pct(latencies, 0.5),
+        "p99_ms": pct(latencies, 0.99),
+        "max_ms": pct(latencies, 1.0),
+    }
 
 
 async def connect_until(a: argparse.Namespace, specs, deadline: float):  # type: ignore[no-untyped-def]
@@ -983,6 +1160,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connect-timeout", type=float, default=30.0)
     p.add_argument("--connect-attempts", type=int, default=20)
     p.add_argument("--connections", type=int, default=10_000, help="idle mode")
+    p.add_argument(
+        "--first", type=int, default=0, help="idle mode: the number of this process's first one"
+    )
+    p.add_argument(
+        "--per-address",
+        type=int,
+        default=0,
+        help="idle mode: connections per source address (0: the ephemeral port range less 2,000)",
+    )
+    p.add_argument("--probe-members", type=int, default=10, help="idle mode: the probe's room")
+    p.add_argument("--probe-rate", type=float, default=20.0, help="idle mode: probe messages/s")
+    p.add_argument("--probe-seconds", type=float, default=10.0, help="idle mode")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
     p.add_argument("--hold", type=float, default=60.0, help="idle mode: most seconds to hold")
     p.add_argument("--rooms-of", type=int, default=0, help="crowd mode: room size (0: one room)")
@@ -997,7 +1186,7 @@ def main(argv: list[str] | None = None) -> None:
     global OFFER_DEFLATE
     a = parse_args(argv)
     OFFER_DEFLATE = a.deflate
-    raise_nofile()
+    raise_nofile(max(1 << 16, a.connections + a.probe_members + 1024))
     if a.mode == "fanout":
         print(json.dumps(uvloop.run(run_fanout(a))), flush=True)
     elif a.mode == "crowd":

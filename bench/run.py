@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import ipaddress
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -525,44 +526,70 @@ class Runner:
             )
         return result
 
-    def idle(self, server: Server, params: dict[str, Any], tag: str) -> dict[str, Any]:
+    def idle(
+        self, server: Server, params: dict[str, Any], tag: str, workers: int = 1
+    ) -> dict[str, Any]:
+        """N idle connections on a fresh server (of ``workers`` workers), from as many
+        load generator processes as the fd limit needs (:func:`idle_plan`): the server's
+        RSS before and once they are connected (its master's apart), then a chat round
+        trip while they are held."""
+        plan = idle_plan(params["connections"], params["members"], open_file_limit(), workers)
         sp = self.start(server, tag)
         sampler = Sampler(sp.proc.pid)
         result: dict[str, Any] = {}
-        lg = None
+        loadgens: list[subprocess.Popen[str]] = []
         try:
             time.sleep(0.5)
             before = statistics.median(sampler.sample() or 0 for _ in range(3))
             sampler.start()
-            lg = subprocess.Popen(
-                loadgen_args("idle", sp.url, params, server),
-                cwd=REPO,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            line = _readline(lg, timeout=240)
-            result = json.loads(line) if line else {"error": "idle loadgen printed nothing"}
+            connect_budget = 240 + plan["connections"] / 100
+            for first, count in plan["processes"]:
+                argv = loadgen_args(
+                    "idle", sp.url, idle_loadgen_params(params, plan, first, count), server
+                )
+                loadgens.append(
+                    subprocess.Popen(
+                        [*argv, "--hold", str(connect_budget + 600)],
+                        cwd=REPO,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    )
+                )
+            deadline = time.monotonic() + connect_budget
+            lines = [
+                _readline(lg, timeout=max(1.0, deadline - time.monotonic())) for lg in loadgens
+            ]
+            result = merge_connected([json.loads(line) for line in lines if line], plan)
+            if not all(lines):
+                result["error"] = f"{lines.count('')} idle loadgen(s) printed nothing"
             connected_rss = settled_rss(sp.proc.pid)
-            if sp.server.kind == "roomcast":  # python -m roomcast: the process is its master
-                result["master_rss_mb"] = _mb(psutil.Process(sp.proc.pid).memory_info().rss)
-            assert lg.stdin is not None
-            lg.stdin.write("close\n")
-            lg.stdin.flush()
-            closed = _readline(lg, timeout=60)
-            if closed:
-                result.update(json.loads(closed))
-            n = result.get("connected") or 0
+            n = result.get("alive") or 0  # what the server holds, not what it closed
             result.update(
                 rss_before_mb=_mb(before),
                 rss_connected_mb=_mb(connected_rss),
                 kb_per_connection=round((connected_rss - before) / n / 1024, 1) if n else None,
             )
+            if sp.server.kind == "roomcast":  # python -m roomcast: the process is its master
+                result["master_rss_mb"] = _mb(psutil.Process(sp.proc.pid).memory_info().rss)
+            result["roundtrip"] = _probe(loadgens[0], params)
+            for lg in loadgens:
+                assert lg.stdin is not None
+                with contextlib.suppress(BrokenPipeError):  # exited: its error is kept below
+                    lg.stdin.write("close\n")
+                    lg.stdin.flush()
+            closed = [json.loads(line) for line in (_readline(lg, 60) for lg in loadgens) if line]
+            result["alive_before_close"] = sum(c.get("alive_before_close", 0) for c in closed)
+            codes: dict[str, int] = {}
+            for c in closed:
+                for code, count in c.get("close_codes_before", {}).items():
+                    codes[code] = codes.get(code, 0) + count
+            result["closed_by_server"] = codes
         except Exception as exc:  # keep the rest of the run going
             result["error"] = repr(exc)
         finally:
-            if lg is not None:
+            for lg in loadgens:
                 try:
                     lg.wait(timeout=30)
                 except subprocess.TimeoutExpired:
@@ -570,10 +597,10 @@ class Runner:
                     lg.wait()
             sampler.stop()
             sp.stop()
-        if lg is not None and lg.returncode and "error" not in result:
-            result["error"] = (
-                f"loadgen exit {lg.returncode}: {(lg.stderr.read() if lg.stderr else '')[-2000:]}"
-            )
+        failed = [lg for lg in loadgens if lg.returncode]
+        if failed and "error" not in result:
+            err = failed[0].stderr.read() if failed[0].stderr else ""
+            result["error"] = f"loadgen exit {failed[0].returncode}: {err[-2000:]}"
         result.update(
             peak_rss_mb=_mb(sampler.peak),
             server_tracebacks=sp.log_errors(),
@@ -729,6 +756,98 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
     t.start()
     t.join(timeout)
     return box[0].strip() if box else ""
+
+
+#: descriptors a server worker keeps besides its WebSockets, or a tenth of its limit if
+#: more: roomcast's default ``ROOMCAST_MAX_CONNECTIONS`` (``admission.default_max_connections``),
+#: beyond which it answers handshakes with 503
+FD_RESERVE = 500
+
+
+def open_file_limit() -> int:
+    """The hard RLIMIT_NOFILE this runner (and so every server and load generator it
+    starts) has: the launcher raises a worker's soft limit to it, and only a process with
+    CAP_SYS_RESOURCE could raise it further (:func:`raise_nofile` tried)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+#: the most connections one idle load generator process opens (one Python process, one
+#: core: a big count is shared between several)
+LOADGEN_SHARE = 50_000
+
+
+#: the round trip's room (``bench/loadgen.py --probe-members``): it joins on top of the
+#: idle connections, so they leave room for it
+PROBE_MEMBERS = 10
+
+
+def idle_plan(connections: int, members: int, fd_limit: int, workers: int = 1) -> dict[str, Any]:
+    """How the idle workload opens ``connections``: at most as many as the server's
+    ``workers`` can hold under ``fd_limit`` each (a connection is a descriptor; a worker at
+    its limit leaves the next ones to the others) with the round trip's room on top, and
+    in load generator processes of whole rooms that each stay within the same limit and
+    :data:`LOADGEN_SHARE`. ``processes`` lists each one's (first connection, count)."""
+    capacity = max(members, fd_limit - max(FD_RESERVE, fd_limit // 10))
+    count = min(connections, workers * capacity - PROBE_MEMBERS)
+    share = max(members, min(capacity, LOADGEN_SHARE) // members * members)
+    return {
+        "requested": connections,
+        "connections": count,
+        "fd_limit": fd_limit,
+        "workers": workers,
+        "capped_by_fd_limit": count < connections,
+        "processes": [(first, min(share, count - first)) for first in range(0, count, share)],
+    }
+
+
+def idle_loadgen_params(
+    params: dict[str, Any], plan: dict[str, Any], first: int, count: int
+) -> dict[str, Any]:
+    """One idle load generator process's share: its connections, numbered from
+    ``first``, with the workload's handshakes in flight split between the processes."""
+    share = dict(params, connections=count, first=first)
+    share["concurrency"] = max(1, params.get("concurrency", 50) // len(plan["processes"]))
+    return share
+
+
+def merge_connected(reports: list[dict[str, Any]], plan: dict[str, Any]) -> dict[str, Any]:
+    """The idle load generators' ``connected`` lines as one: they connected at once, so
+    the time is the slowest one's."""
+    connected = sum(r.get("connected", 0) for r in reports)
+    seconds = max((r.get("connect_s", 0.0) for r in reports), default=0.0)
+    sources = sorted(
+        {a for r in reports for a in r.get("source_addresses", [])}, key=ipaddress.ip_address
+    )
+    return {
+        "mode": "idle",
+        "requested": plan["requested"],
+        "connections": plan["connections"],
+        "fd_limit": plan["fd_limit"],
+        "workers": plan["workers"],
+        "capped_by_fd_limit": plan["capped_by_fd_limit"],
+        "processes": len(reports),
+        "connected": connected,
+        "alive": sum(r.get("alive", r.get("connected", 0)) for r in reports),
+        "connect_failures": sum(r.get("connect_failures", 0) for r in reports),
+        "first_failures": [f for r in reports for f in r.get("first_failures", [])][:3],
+        "connect_s": seconds,
+        "connects_per_s": round(connected / seconds) if seconds else 0,
+        "settle_s": max((r.get("settle_s", 0.0) for r in reports), default=0.0),
+        "per_address": reports[0].get("per_address") if reports else None,
+        "source_addresses": [sources[0], sources[-1]] if sources else [],
+    }
+
+
+def _probe(loadgen: subprocess.Popen[str], params: dict[str, Any]) -> dict[str, Any]:
+    """The chat round trip one idle load generator measures while every connection is held."""
+    assert loadgen.stdin is not None
+    try:
+        loadgen.stdin.write("probe\n")
+        loadgen.stdin.flush()
+    except BrokenPipeError:
+        return {"error": "the load generator exited"}
+    line = _readline(loadgen, timeout=params.get("probe_seconds", 10) + 120)
+    return json.loads(line) if line else {"error": "no probe result"}
 
 
 def _last_json(stdout: str) -> dict[str, Any] | None:
@@ -977,8 +1096,12 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             params["rounds"] = args.rounds
         if args.duration and w.mode != "idle":
             params["duration"] = args.duration
+        if args.idle_concurrency and w.mode == "idle":
+            params["concurrency"] = args.idle_concurrency
         if args.connections and w.mode == "idle":
-            params["connections"] = args.connections
+            params["connections"] = (
+                args.connections[0] if len(args.connections) == 1 else args.connections
+            )
         entry: dict[str, Any] = {
             "title": w.title,
             "mode": w.mode,
@@ -998,27 +1121,26 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             chosen = [s for s in servers if w.servers is None or s.name in w.servers]
             run_multiroom(runner, args, params, entry, chosen)
             continue
-        passes = 1 if w.mode in ("idle", "crowd") else args.passes
+        if w.mode == "idle":
+            run_idle(runner, args, params, entry, [s for s in servers if s.idle])
+            continue
+        passes = 1 if w.mode == "crowd" else args.passes
         runs: dict[str, list[dict[str, Any]]] = {}
         for n in range(passes):
             for server in servers:
-                if w.mode == "idle" and not server.idle:
-                    continue
                 if w.servers is not None and server.name not in w.servers:
                     continue
                 t0 = time.monotonic()
                 tag = wname if passes == 1 else f"{wname}-pass{n + 1}"
                 try:
-                    if w.mode == "idle":
-                        raw = runner.idle(server, params, tag)
-                    elif w.mode == "crowd":
+                    if w.mode == "crowd":
                         raw = crowd(runner, server, params, tag)
                     else:
                         raw = runner.fanout(server, params, tag)
                 except Exception as exc:
                     raw = {"error": repr(exc)}
                 runs.setdefault(server.name, []).append(raw)
-                row = raw if w.mode in ("idle", "crowd") else summarize(w.mode, raw)
+                row = raw if w.mode == "crowd" else summarize(w.mode, raw)
                 label = wname if passes == 1 else f"{wname}/{n + 1}"
                 log(
                     f"{label:<12} {server.name:<24} {time.monotonic() - t0:5.1f}s  {brief(w.mode, row)}"
@@ -1026,10 +1148,52 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         for name, raws in runs.items():
             raw = raws[0] if len(raws) == 1 else pool_passes(raws)
             entry["raw"][name] = raws if len(raws) > 1 else raw
-            entry["servers"][name] = raw if w.mode in ("idle", "crowd") else summarize(w.mode, raw)
+            entry["servers"][name] = raw if w.mode == "crowd" else summarize(w.mode, raw)
     report["seconds"] = round(time.monotonic() - t_suite, 1)
     report["targets"] = targets(report)
     return report
+
+
+def run_idle(
+    runner: Runner,
+    args: argparse.Namespace,
+    params: dict[str, Any],
+    entry: dict[str, Any],
+    servers: list[Server],
+) -> None:
+    """The ``idle`` workload: every server at every count asked for (``--connections``,
+    comma-separated), each on a fresh server. Rows are keyed by the server's name, or
+    ``server@count`` when there are several counts. With ``--idle-workers W`` (more than
+    one), roomcast runs W workers and a Redis broker of its own (the launcher refuses
+    several workers without one): a way past one process's fd limit."""
+    counts = params["connections"]
+    counts = counts if isinstance(counts, list) else [counts]
+    with contextlib.ExitStack() as stack:
+        redis = stack.enter_context(brokers.open_redis()) if args.idle_workers > 1 else None
+        for count in counts:
+            for server in servers:
+                key = server.name if len(counts) == 1 else f"{server.name}@{count}"
+                workers = args.idle_workers if redis and server.kind == "roomcast" else 1
+                t0 = time.monotonic()
+                try:
+                    if redis is not None and workers > 1:
+                        redis.command("FLUSHALL")
+                        server = with_workers(server, workers, redis.url)
+                    raw = runner.idle(
+                        server, dict(params, connections=count), f"idle-{count}", workers
+                    )
+                except Exception as exc:
+                    raw = {"error": repr(exc)}
+                entry["raw"][key] = entry["servers"][key] = raw
+                log(f"{'idle':<12} {key:<24} {time.monotonic() - t0:5.1f}s  {brief('idle', raw)}")
+
+
+def with_workers(server: Server, workers: int, redis_url: str) -> Server:
+    """``server`` (``python -m roomcast``) with ``workers`` workers on a Redis broker."""
+    argv = list(server.argv)
+    argv[argv.index("--workers") + 1] = str(workers)
+    env = dict(server.env, ROOMCAST_REDIS_URL=redis_url)
+    return replace(server, argv=tuple(argv), env=env)
 
 
 def brief(mode: str, r: dict[str, Any]) -> str:
@@ -1037,7 +1201,12 @@ def brief(mode: str, r: dict[str, Any]) -> str:
         return "ERROR " + str(r["error"])[:300]
     if mode == "idle":
         master = f", master {r['master_rss_mb']} MB" if r.get("master_rss_mb") else ""
-        return f"{r.get('connects_per_s')} conn/s, {r.get('kb_per_connection')} KB/conn{master}"
+        trip = r.get("roundtrip") or {}
+        return (
+            f"{r.get('connected')} connected in {r.get('connect_s')} s "
+            f"({r.get('connects_per_s')} conn/s), {r.get('kb_per_connection')} KB/conn{master}, "
+            f"round trip p50 {trip.get('p50_ms')} / p99 {trip.get('p99_ms')} ms"
+        )
     if mode == "crowd":
         return "; ".join(
             f"{n}: one room {_fill(x['one'])}, rooms of 10 {_fill(x['tens'])}, "
@@ -1192,6 +1361,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                         + (f" ({x['fill_ratio']:.2f}x)" if x.get("fill_ratio") else ""),
                     )
                 )
+    if "idle" in W:
+        out.extend(idle_targets(W["idle"]["servers"]))
     if "redis" in W:
         out.extend(broker_targets(W["redis"]["servers"]))
     if "rooms-v2" in W:
@@ -1229,6 +1400,56 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                     + ", ".join(f"{n} {r['rss_growth_mb']:+}" for n, r in S.items()),
                 )
             )
+    return out
+
+
+#: issue 24: server RSS per idle connection on the Trio worker, KB, by whether the
+#: clients offer permessage-deflate; and the master's RSS, MB
+IDLE_KB_LIMIT = {False: 20.0, True: 40.0}
+MASTER_MB_LIMIT = 20.0
+
+
+def idle_targets(S: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 24's targets for every roomcast server on the Trio worker at every count
+    measured: KB per idle connection, the master's RSS, and a chat round trip answered in
+    full while the connections are held (its p50 and p99 beside each)."""
+    out: list[dict[str, Any]] = []
+    for key, r in S.items():
+        server = SERVERS.get(key.partition("@")[0])
+        if server is None or server.kind != "roomcast" or "trio" not in server.argv:
+            continue
+        if "error" in r or r.get("kb_per_connection") is None:
+            continue
+        at = f"idle: {server.name} at {r.get('connected'):,} connections{_idle_setup(r)}"
+        trip = r.get("roundtrip") or {}
+        held = f"round trip p50 {trip.get('p50_ms')} / p99 {trip.get('p99_ms')} ms while held"
+        limit = IDLE_KB_LIMIT[server.deflate]
+        clients = "offering permessage-deflate" if server.deflate else "without compression"
+        out.append(
+            dict(
+                target=f"{at}: <= {limit:g} KB per idle connection (clients {clients})",
+                met=r["kb_per_connection"] <= limit,
+                detail=f"{r['kb_per_connection']} KB ({r.get('rss_before_mb')} -> "
+                f"{r.get('rss_connected_mb')} MB); {held}",
+            )
+        )
+        if r.get("master_rss_mb") is not None:
+            out.append(
+                dict(
+                    target=f"{at}: master RSS <= {MASTER_MB_LIMIT:g} MB",
+                    met=r["master_rss_mb"] <= MASTER_MB_LIMIT,
+                    detail=f"{r['master_rss_mb']} MB",
+                )
+            )
+        out.append(
+            dict(
+                target=f"{at}: a chat round trip answered in full while they are held",
+                met=bool(trip.get("expected")) and trip.get("received") == trip.get("expected"),
+                detail=trip.get("error")
+                or f"{trip.get('received')}/{trip.get('expected')} deliveries; {held} "
+                f"(max {trip.get('max_ms')} ms){_idle_losses(r)}",
+            )
+        )
     return out
 
 
@@ -1688,6 +1909,63 @@ def node_table(S: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _idle_losses(r: dict[str, Any]) -> str:
+    """Idle connections the server closed after accepting them, by close code: before
+    the memory was measured (not counted in it) and by the end."""
+    connected = r.get("connected") or 0
+    alive, at_end = r.get("alive", connected), r.get("alive_before_close")
+    if at_end is None or at_end >= connected:
+        return ""
+    codes = ", ".join(f"{c}: {n:,}" for c, n in (r.get("closed_by_server") or {}).items())
+    return (
+        f"; {connected - alive:,} closed by the server once connected (memory is per "
+        f"open one), {connected - at_end:,} by the end ({codes or 'no close frame'})"
+    )
+
+
+def _idle_setup(r: dict[str, Any]) -> str:
+    """What an idle row's count depended on: several workers, the fd limit."""
+    workers = r.get("workers") or 1
+    out = f" over {workers} workers (Redis broker)" if workers > 1 else ""
+    if r.get("capped_by_fd_limit"):
+        per = " per process" if workers > 1 else ""
+        out += f" (of {r['requested']:,}: the most an fd limit of {r['fd_limit']:,}{per} allows)"
+    return out
+
+
+def idle_table(servers: dict[str, Any], p: dict[str, Any]) -> list[str]:
+    counts = p.get("connections")
+    counts = counts if isinstance(counts, list) else [counts]
+    lines = [
+        f"{', '.join(f'{c:,}' for c in counts)} connections, {p.get('members')} per room, "
+        f"{p.get('concurrency')} handshakes in flight, each count on a fresh server. Round "
+        "trip: while they are held, 10 more members in one room, one of them sending 20 "
+        "messages a second for 10 s, each message timed from its send to its arrival at "
+        "every other member.",
+        "",
+        f"| server | connected | connect s | connects/s | vs {REFERENCE} | RSS before MB "
+        "| RSS with N MB | KB per idle connection | master RSS MB | round trip p50 / p99 ms "
+        "| notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, r in servers.items():
+        count = key.partition("@")[2]
+        ref = servers.get(f"{REFERENCE}@{count}" if count else REFERENCE, {})
+        trip = r.get("roundtrip") or {}
+        connected = fmt(r.get("connected")) + _idle_setup(r)
+        lines.append(
+            f"| {key} | {connected} | {fmt(r.get('connect_s'), 1)} "
+            f"| {fmt(r.get('connects_per_s'))} "
+            f"| {ratio(r.get('connects_per_s'), ref.get('connects_per_s'))} "
+            f"| {fmt(r.get('rss_before_mb'), 1)} "
+            f"| {fmt(r.get('rss_connected_mb'), 1)} | {fmt(r.get('kb_per_connection'), 1)} "
+            f"| {fmt(r.get('master_rss_mb'), 1)} "
+            f"| {fmt(trip.get('p50_ms'), 2)} / {fmt(trip.get('p99_ms'), 2)} "
+            f"| {notes(r)}{_idle_losses(r)} |"
+        )
+    return lines
+
+
 def tables(report: dict[str, Any]) -> str:
     lines: list[str] = []
     W = report["workloads"]
@@ -1752,23 +2030,7 @@ def tables(report: dict[str, Any]) -> str:
         elif entry["mode"] == "multiroom":
             lines.extend(multiroom_table(report, entry))
         else:
-            ref = S.get(REFERENCE, {}).get("connects_per_s")
-            lines.append(
-                f"{p.get('connections'):,} connections, {p.get('members')} per room, "
-                f"{p.get('concurrency')} handshakes in flight."
-            )
-            lines.append("")
-            lines.append(
-                f"| server | connected | connects/s | vs {REFERENCE} | RSS before MB | RSS with N MB | KB per idle connection | master RSS MB | notes |"
-            )
-            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-            for name, r in S.items():
-                lines.append(
-                    f"| {name} | {fmt(r.get('connected'))} | {fmt(r.get('connects_per_s'))} "
-                    f"| {ratio(r.get('connects_per_s'), ref)} | {fmt(r.get('rss_before_mb'), 1)} "
-                    f"| {fmt(r.get('rss_connected_mb'), 1)} | {fmt(r.get('kb_per_connection'), 1)} "
-                    f"| {fmt(r.get('master_rss_mb'), 1)} | {notes(r)} |"
-                )
+            lines.extend(idle_table(S, p))
         lines.append("")
     if report.get("targets"):
         lines.append("### Issue targets")
@@ -1817,7 +2079,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "process, and pool the rounds (default: 2, --quick 1): drift in the machine's speed "
         "then hits every server, not the one that happened to run during it",
     )
-    p.add_argument("--connections", type=int, default=None, help="override idle connections")
+    p.add_argument(
+        "--connections",
+        "--idle-connections",
+        default=None,
+        help="idle connections, comma-separated for several counts (each on a fresh server), "
+        "e.g. 10000,100000; at most what one server worker can hold under the fd limit",
+    )
+    p.add_argument(
+        "--idle-workers",
+        type=int,
+        default=1,
+        help="idle workload: roomcast with this many workers and a Redis broker of its own "
+        "(needs redis-server), to hold more connections than one process's fd limit allows",
+    )
+    p.add_argument(
+        "--idle-concurrency",
+        type=int,
+        default=None,
+        help="idle workload: handshakes in flight, over all load generator processes "
+        "(default 50; fewer spare a busy machine's Redis broker its 2 s timeouts)",
+    )
     p.add_argument(
         "--outbox-size", type=int, default=1024, help="ROOMCAST_OUTBOX_SIZE for roomcast"
     )
@@ -1847,6 +2129,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.passes = 1 if args.quick else 2
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if args.connections is not None:
+        try:
+            args.connections = [int(c.replace("_", "")) for c in args.connections.split(",")]
+        except ValueError:
+            p.error(f"--connections {args.connections!r}: comma-separated counts")
     for s in args.servers:
         if s not in SERVERS:
             p.error(f"unknown server {s!r}")
