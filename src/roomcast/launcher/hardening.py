@@ -42,11 +42,15 @@ it serves (``hypercorn.trio.run.TCPServer``, the ``WSStream`` of the h11 and h2 
 - :class:`FlowControlledStreamBuffer` and :class:`ClosingH2Protocol`: an HTTP/2 stream's
   writer waits while the peer's window is shut, and is released when the stream ends.
 - :class:`UpgradedH11Protocol` drops h11's connection state once a WebSocket's 101 is
-  written (not a guarantee: memory, 0.8 KB per idle connection).
-- :class:`IdleDeflaters` frees a connection's deflater once it is quiet (memory again).
-  It is state, so it is not installed here: roomcast's runtime creates one per lifespan,
-  and :class:`ClosingWSStream` hands it to the connection's extension from the lifespan
-  state in the scope.
+  written (not a guarantee: memory, 0.8 KB per idle connection), and
+  :class:`ClosingWSStream` the parsed handshake once accepted.
+- :class:`~.trio_inbox.InboxTaskGroup` (``hypercorn.trio.tcp_server.TaskGroup``) gives
+  each app a small queue of its own instead of a trio memory channel (memory again).
+- :class:`IdleDeflaters` frees a connection's deflater once it is quiet, and the
+  :class:`~.pinger.Pinger` pings every WebSocket from one task instead of a task each
+  (memory). They are state, so they are not installed here: roomcast's runtime creates
+  them per lifespan, and :class:`ClosingWSStream` finds them through the lifespan state
+  in its scope.
 - Each accepted socket gets ``TCP_USER_TIMEOUT`` (``ROOMCAST_SEND_TIMEOUT``), which the
   launcher sets on the listening sockets it binds: a peer that never reads what it is
   sent is ended by the kernel, the only end for a write Hypercorn's Trio worker shields.
