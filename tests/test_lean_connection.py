@@ -422,6 +422,7 @@ def test_a_peer_that_stops_reading_delays_no_one_elses_pings(
     """Each ping is written by a task of its own connection: one that cannot be written
     (the peer reads nothing, the server's writes back up) holds up no other."""
     server = pinging_server
+    idle = server.task_count()
     stuck = open_raw_websocket(server.port, "/ws/echo", receive_buffer=4096, timeout=10)
     healthy = open_raw_websocket(server.port, "/ws/echo", timeout=10)
     try:
@@ -430,6 +431,8 @@ def test_a_peer_that_stops_reading_delays_no_one_elses_pings(
             for _ in range(10_000):
                 stuck.send_text("x" * 65_536)
         assert 3 <= _pings_over([healthy], 2.0)[0] <= 8
+        # the stuck one's pings wait in one task, which none piles up behind
+        assert server.task_count() <= idle + 2 * 2 + 2 + 1
     finally:
         stuck.kill()
         healthy.sock.close()

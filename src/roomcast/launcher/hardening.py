@@ -488,6 +488,7 @@ class ClosingWSStream(WSStream):
         #: the stream has ended; waited on only once closing (most streams never wait)
         self._ended: anyio.Event | None = None
         self._closing = False
+        self._pinging = False  # a ping task of the pinger's is writing or waiting to
 
     async def handle(self, event: Any) -> None:
         if self._closing and not self.closed and isinstance(event, Data):
@@ -536,14 +537,21 @@ class ClosingWSStream(WSStream):
         pinger.add(self, interval)
 
     def ping_soon(self) -> bool:
-        """Start a task in this connection's task group that sends one ping: a peer that
-        does not read blocks only that task (see :mod:`.pinger`)."""
+        """Start a task in this connection's task group that sends one ping, unless the
+        last one is still waiting to be written: a peer that does not read blocks that
+        one task (see :mod:`.pinger`), and no more pile up behind it."""
+        if self._pinging:
+            return True
         try_spawn: Callable[[Callable[[], Awaitable[None]]], bool] = self.task_group.try_spawn  # type: ignore[attr-defined]
         return try_spawn(self._ping)
 
     async def _ping(self) -> None:
-        if not self.closed:
-            await self._send_wsproto_event(Ping())
+        self._pinging = True
+        try:
+            if not self.closed:
+                await self._send_wsproto_event(Ping())
+        finally:
+            self._pinging = False
 
     async def _send_wsproto_event(self, event: WSProtoEvent) -> None:
         if (

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 import weakref
 from typing import NoReturn, Protocol
@@ -37,7 +38,7 @@ __all__ = ["MAX_WAIT", "MIN_WAIT", "PINGS_PER_PASS", "Pingable", "Pinger"]
 
 #: the least the pinger sleeps between passes: pings due within it go out together
 MIN_WAIT = 0.01
-#: the most it sleeps: a connection added meanwhile is pinged at most this late
+#: the most it sleeps (a connection whose first ping falls due sooner wakes it)
 MAX_WAIT = 0.5
 #: pings started between two checkpoints (about 2.5 ms of the loop's time)
 PINGS_PER_PASS = 32
@@ -63,6 +64,9 @@ class Pinger:
         #: (when the next ping is due, order added, interval, the connection)
         self._due: list[tuple[float, int, float, weakref.ref[Pingable]]] = []
         self._order = itertools.count()
+        #: when :meth:`run` wakes next, and what wakes it sooner (:meth:`add`)
+        self._wakes_at = math.inf
+        self._wake: anyio.Event | None = None
 
     def __len__(self) -> int:
         """Connections waiting for their next ping."""
@@ -73,12 +77,18 @@ class Pinger:
         after a half to a whole interval."""
         due = anyio.current_time() + interval * (1 - random.random() / 2)
         heapq.heappush(self._due, (due, next(self._order), interval, weakref.ref(websocket)))
+        if due < self._wakes_at and self._wake is not None:
+            self._wake.set()  # (only an interval shorter than MAX_WAIT comes to this)
 
     async def run(self) -> NoReturn:
         """Start the pings as they fall due, until cancelled."""
         try:
             while True:
-                await anyio.sleep(self._until_due())
+                wait = self._until_due()
+                self._wakes_at = anyio.current_time() + wait
+                self._wake = anyio.Event()
+                with anyio.move_on_after(wait):
+                    await self._wake.wait()
                 await self.ping_due()
         finally:
             self._due.clear()
