@@ -12,7 +12,8 @@ due. It never writes itself: each due ping is a task started in the connection's
 group (:meth:`Pingable.ping_soon`), so a peer that does not read blocks only that ping, as
 Hypercorn's writes are shielded, and never the pings of the others. The pings keep data in
 flight on an idle connection, which is how a vanished peer is found (``TCP_USER_TIMEOUT``,
-SPEC §7): no later than with Hypercorn's own loop, give or take :data:`MAX_WAIT`.
+SPEC §7): no later than with Hypercorn's own loop (a ping at once, the next after a half
+to a whole interval, then every interval, each within :data:`MIN_WAIT` of its time).
 
 A ping costs the loop some 80 µs (a task, Hypercorn's layers, a ``send``). Woken twice a
 second, the pinger started 250 of them at once for 10,000 connections pinged every 20 s,
