@@ -543,10 +543,10 @@ class ClosingWSStream(WSStream):
         if self._pinging:
             return True
         try_spawn: Callable[[Callable[[], Awaitable[None]]], bool] = self.task_group.try_spawn  # type: ignore[attr-defined]
-        return try_spawn(self._ping)
+        self._pinging = try_spawn(self._ping)
+        return self._pinging
 
     async def _ping(self) -> None:
-        self._pinging = True
         try:
             if not self.closed:
                 await self._send_wsproto_event(Ping())
