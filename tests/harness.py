@@ -7,12 +7,13 @@ memory stream per connection, so a test client that stops reading makes the app'
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import orjson
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -21,6 +22,7 @@ from roomcast.asgi import ASGIApp
 from roomcast.runtime import STATE_KEY, Runtime
 
 Message = MutableMapping[str, Any]
+T = TypeVar("T")
 
 
 class Denied(Exception):
@@ -214,3 +216,23 @@ async def open_asgi_client(app: ASGIApp) -> AsyncIterator[ASGIClient]:
                     ] == "lifespan.shutdown.complete"
     if failure is not None:
         raise RuntimeError(failure)
+
+
+async def loop_passes_during(work: Awaitable[T]) -> tuple[T, int]:
+    """Await ``work`` while another task counts the passes the event loop gives it:
+    ``(work's result, passes)``. A long synchronous stretch in ``work`` shows as few."""
+    passes = 0
+
+    async def the_rest_of_the_server() -> None:
+        nonlocal passes
+        while True:
+            await anyio.lowlevel.checkpoint()
+            passes += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(the_rest_of_the_server)
+        await anyio.lowlevel.checkpoint()
+        before = passes
+        result = await work
+        tg.cancel_scope.cancel()
+    return result, passes - before

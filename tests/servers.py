@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, MutableMapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import psutil
@@ -174,12 +175,7 @@ def _run_trio(spy: LifespanSpy, config: Config, ready: Future[Any], stopper: Fut
             )
             ready.set_result(lambda fn: _call_soon(token, fn))
 
-    try:
-        trio.run(main)
-    except BaseException as exc:
-        if not ready.done():
-            ready.set_exception(exc)
-        raise
+    run_telling_ready(partial(trio.run, main), ready)
 
 
 def _run_asyncio(
@@ -207,12 +203,7 @@ def _run_asyncio(
             tg.create_task(hypercorn.asyncio.serve(spy, config, shutdown_trigger=shutdown.wait))  # type: ignore[arg-type]
             tg.create_task(announce_when_started())
 
-    try:
-        asyncio.run(main())
-    except BaseException as exc:
-        if not ready.done():
-            ready.set_exception(exc)
-        raise
+    run_telling_ready(partial(asyncio.run, main()), ready)
 
 
 # -- subprocess servers -------------------------------------------------------------------------
@@ -357,3 +348,14 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
     process group), so no orphan keeps the port or the output pipe open."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+
+
+def run_telling_ready(run_loop: Callable[[], object], ready: Future[Any]) -> None:
+    """Run a server's event loop; if it ends before it said it was ready, the test
+    waiting on ``ready`` is told why instead of waiting out its timeout."""
+    try:
+        run_loop()
+    except BaseException as exc:
+        if not ready.done():
+            ready.set_exception(exc)
+        raise

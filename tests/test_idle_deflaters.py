@@ -4,11 +4,12 @@ connections that go quiet together are freed a few hundred at a time."""
 from __future__ import annotations
 
 import anyio
-import anyio.lowlevel
 import pytest
 
 from roomcast.launcher import hardening
 from roomcast.launcher.hardening import RELEASE_PER_PASS, BoundedPerMessageDeflate, IdleDeflaters
+
+from harness import loop_passes_during
 
 pytestmark = pytest.mark.anyio
 
@@ -27,22 +28,10 @@ async def test_a_sweep_frees_every_quiet_deflater_a_pass_at_a_time(
     monkeypatch.setattr(hardening, "DEFLATER_IDLE", 0.0)  # everything is quiet already
     registry = IdleDeflaters()
     extensions = quiet_connections(registry, 4 * RELEASE_PER_PASS + 1)
-    passes = 0
-
-    async def the_rest_of_the_server() -> None:
-        nonlocal passes
-        while True:
-            await anyio.lowlevel.checkpoint()
-            passes += 1
-
     with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(the_rest_of_the_server)
-            await anyio.lowlevel.checkpoint()
-            before = passes
-            assert await registry.sweep() == len(extensions)
-            tg.cancel_scope.cancel()
-    assert passes - before >= 4  # the loop ran between the passes
+        freed, passes = await loop_passes_during(registry.sweep())
+    assert freed == len(extensions)
+    assert passes >= 4  # the loop ran between the passes
     assert all(extension._compressor is None for extension in extensions)
     assert len(registry) == 0
 

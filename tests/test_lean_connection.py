@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import hypercorn.trio
@@ -35,7 +36,13 @@ from roomcast.launcher.hardening import BoundedPerMessageDeflate, IdleDeflaters
 from roomcast.runtime import STATE_KEY
 
 from rawws import RawWebSocket, open_raw_websocket
-from servers import LifespanSpy, ThreadedServer, bind_loopback, serve_in_thread
+from servers import (
+    LifespanSpy,
+    ThreadedServer,
+    bind_loopback,
+    run_telling_ready,
+    serve_in_thread,
+)
 
 
 class CountingTrio(types.ModuleType):
@@ -271,15 +278,9 @@ def serve_in_one_trio_loop(*apps: ASGIApp) -> Iterator[OneTrioLoop]:
             ]
             ready.set_result(OneTrioLoop(servers, token, shutdowns, stopped))
 
-    def run() -> None:
-        try:
-            trio.run(main)
-        except BaseException as exc:
-            if not ready.done():
-                ready.set_exception(exc)
-            raise
-
-    thread = threading.Thread(target=run, daemon=True)
+    thread = threading.Thread(
+        target=run_telling_ready, args=(partial(trio.run, main), ready), daemon=True
+    )
     thread.start()
     loop = ready.result(timeout=10)
     try:
