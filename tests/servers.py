@@ -254,6 +254,23 @@ class ServerProcess:
         children = self.master().children()
         return sorted(c.pid for c in children if "resource_tracker" not in " ".join(c.cmdline()))
 
+    @contextmanager
+    def accepting_only(self, worker: int) -> Iterator[None]:
+        """Stop every other worker (SIGSTOP) while the block runs, so that ``worker``
+        accepts the connections it opens.
+
+        The workers share one listening socket and the kernel hands a connection to
+        whichever wakes first: on a busy machine one worker can win every time, so
+        connecting until each worker has had one is no way to reach them all."""
+        others = [pid for pid in self.workers() if pid != worker]
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in others:
+                os.kill(pid, signal.SIGCONT)
+
     def wait_for_output(self, pattern: str, timeout: float = 10.0, after: int = 0) -> str:
         """The first output line from index ``after`` on that matches ``pattern``."""
         compiled = re.compile(pattern.encode())

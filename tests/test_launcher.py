@@ -19,7 +19,6 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -52,23 +51,15 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str) -> fl
 
 
 def spread(server: ServerProcess, chatters: list[Chatter], room: str) -> dict[int, list[Chatter]]:
-    """Join chatters until every worker has at least two; returns them by worker pid.
-
-    They join four at a time: one after the other, each waiting for its welcome, the
-    kernel can hand every connection to the same idle worker."""
-    workers = server.workers()
-    by_worker: dict[int, list[Chatter]] = {pid: [] for pid in workers}
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for batch in range(15):
-            names = [f"c{batch}-{i}" for i in range(4)]
-            for chatter in pool.map(lambda name: Chatter.join(server.port, room, name), names):
-                chatters.append(chatter)
-                owner = owner_of(workers, chatter.local_address())
-                assert owner is not None
-                by_worker[owner].append(chatter)
-            if all(len(group) >= 2 for group in by_worker.values()):
-                return by_worker
-    raise AssertionError(f"60 clients never reached every worker: {by_worker}")
+    """Join two chatters on each worker; returns them by worker pid."""
+    by_worker: dict[int, list[Chatter]] = {}
+    for worker in server.workers():
+        with server.accepting_only(worker):
+            joined = [Chatter.join(server.port, room, f"w{worker}-{i}") for i in range(2)]
+        assert all(owner_of([worker], c.local_address()) == worker for c in joined)
+        chatters.extend(joined)
+        by_worker[worker] = joined
+    return by_worker
 
 
 def test_a_killed_worker_is_replaced_while_the_other_serves_on(
@@ -93,14 +84,11 @@ def test_a_killed_worker_is_replaced_while_the_other_serves_on(
         ready = server.wait_for_output(r"worker \d \(pid \d+\) ready", 10, mark)
         replacement = int(ready.split("(pid ")[1].split(")")[0])
         assert sorted(server.workers()) == sorted([survivor, replacement])
-        for i in range(60):  # the replacement answers: someone lands on it and chats
-            chatter = Chatter.join(server.port, "r", f"new{i}")
-            chatters.append(chatter)
-            if owner_of([replacement], chatter.local_address()) == replacement:
-                chatter.say()
-                break
-        else:
-            raise AssertionError("no new client reached the replacement")
+        with server.accepting_only(replacement):  # the replacement answers
+            chatter = Chatter.join(server.port, "r", "new")
+        chatters.append(chatter)
+        assert owner_of([replacement], chatter.local_address()) == replacement
+        chatter.say()
         for chatter in by_worker[survivor]:
             chatter.say()
         assert server.process.poll() is None
