@@ -268,3 +268,25 @@ def test_an_object_with_another_type_is_a_command() -> None:
             parse(frame)
         assert refused.value.code == code
     assert parse('{"type": 5, "text": "hi"}') == protocol.ChatMessage("hi")  # not a string
+
+
+@pytest.mark.parametrize(
+    ("frame", "id"),
+    [
+        ('{"type": "message", "room": "r", "text": 5, "id": "m1"}', "m1"),
+        ('{"type": "message", "room": "r", "id": "m2"}', "m2"),
+        ('{"type": "message", "room": "r", "text": null}', None),
+        ('{"type": "message", "room": "r", "text": 5, "id": 7}', None),
+    ],
+)
+def test_a_v2_message_without_a_string_text_is_refused_with_its_id(
+    frame: str, id: str | None
+) -> None:
+    # docs/protocol.md: every refused message gets its own error, with the message's id
+    with pytest.raises(protocol.BadMessage) as refused:
+        protocol.parse_command(frame, max_text=4000)
+    assert (refused.value.code, refused.value.id, refused.value.room) == (
+        ErrorCode.BAD_REQUEST,
+        id,
+        "r",
+    )

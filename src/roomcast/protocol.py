@@ -376,11 +376,17 @@ def parse_command(frame: str, *, max_text: int) -> Command | None:
         return Typing(room)
     if kind == "history":
         return _history(room, data)
-    text = data.get("text")
+    text, message_id = data.get("text"), data.get("id")
     if not isinstance(text, str):
-        raise BadMessage(ErrorCode.BAD_REQUEST, "a message needs a string text", room=room)
+        usable = isinstance(message_id, str) and len(message_id) <= MAX_ID_LENGTH
+        raise BadMessage(
+            ErrorCode.BAD_REQUEST,
+            "a message needs a string text",
+            message_id if usable else None,
+            room=room,
+        )
     try:
-        message = _chat_message(text, data.get("id"), max_text)
+        message = _chat_message(text, message_id, max_text)
     except BadMessage as exc:
         exc.room = room
         raise
