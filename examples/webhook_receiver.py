@@ -1,9 +1,9 @@
 """A webhook receiver for a standalone roomcast server: the application's rules over HTTP.
 
 Run roomcast with the receiver's URL and a shared secret, and the receiver with the same
-secret::
+secret (from this folder; Hypercorn comes with roomcast, uvicorn works the same way)::
 
-    ROOMCAST_WEBHOOK_SECRET=change-me uvicorn webhook_receiver:app --port 9000
+    ROOMCAST_WEBHOOK_SECRET=change-me hypercorn webhook_receiver:app --bind 127.0.0.1:9000
     ROOMCAST_WEBHOOK_URL=http://127.0.0.1:9000/roomcast \\
         ROOMCAST_WEBHOOK_SECRET=change-me roomcast
 
