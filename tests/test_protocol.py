@@ -290,3 +290,16 @@ def test_a_v2_message_without_a_string_text_is_refused_with_its_id(
         id,
         "r",
     )
+
+
+@pytest.mark.parametrize("since", ["true", "false", "1.0", '"3"', "-1"])
+def test_a_v2_join_refuses_a_since_that_is_not_a_whole_number(since: str) -> None:
+    # JSON true must not read as since=1 (a replay from seq 2), as for history's before
+    with pytest.raises(protocol.BadMessage) as refused:
+        protocol.parse_command(f'{{"type": "join", "room": "r", "since": {since}}}', max_text=10)
+    assert (refused.value.code, refused.value.room) == (ErrorCode.BAD_REQUEST, "r")
+
+
+def test_a_v2_join_takes_a_whole_since() -> None:
+    join = protocol.parse_command('{"type": "join", "room": "r", "since": 0}', max_text=10)
+    assert join == protocol.Join("r", 0, None)

@@ -395,7 +395,7 @@ def parse_command(frame: str, *, max_text: int) -> Command | None:
 
 def _join(room: str, data: dict[str, Any]) -> Join:
     since, epoch = data.get("since"), data.get("epoch")
-    if since is not None and not (isinstance(since, int) and 0 <= since < 10**18):
+    if since is not None and not (_whole(since) and 0 <= since < 10**18):
         raise BadMessage(ErrorCode.BAD_REQUEST, "since must be a non-negative integer", room=room)
     if epoch is not None and not (isinstance(epoch, str) and _EPOCH_RE.fullmatch(epoch)):
         raise BadMessage(
