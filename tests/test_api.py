@@ -342,3 +342,32 @@ def test_a_disconnect_on_one_server_closes_the_user_everywhere_with_redis(
         assert sum(n["leaves"] for n in notices) == 1 and notices[-1]["left"] == ["Ann"]
         still_connected(bob)
         bob.sock.close()
+
+
+@pytest.mark.anyio
+async def test_a_direct_room_listed_by_the_api_is_one_the_api_reaches() -> None:
+    # GET /api/rooms lists dm:A:B rooms; their history (how a stored hook's gaps are filled),
+    # presence and publishing must not answer 400 for the very name it listed
+    from roomcast import Settings
+    from roomcast.testing import open_test_client
+
+    settings = Settings(api_key=KEY, jwt_secret=SECRET, rate_limit=0)
+    token = mint_token(SECRET, sub="ann", ttl=60)
+    async with open_test_client(settings=settings) as client:
+        async with client.connect("/ws", headers={"authorization": f"Bearer {token}"}) as ann:
+            await ann.join("dm:ann:bo")
+            await ann.send_message("hi bo", room="dm:ann:bo")
+            listed = (await client.get("/api/rooms", headers=AUTH)).json()["rooms"]
+            assert listed == [{"name": "dm:ann:bo", "count": 1}]
+            history = await client.get("/api/rooms/dm:ann:bo/history", headers=AUTH)
+            assert history.status_code == 200, history.text
+            assert [m["text"] for m in history.json()["messages"]] == ["hi bo"]
+            presence = await client.get("/api/rooms/dm%3Aann%3Abo/presence", headers=AUTH)
+            assert presence.json()["members"] == [{"user": "ann", "name": "ann"}]
+            posted = await client.post(
+                "/api/rooms/dm:ann:bo/messages", json={"text": "from the backend"}, headers=AUTH
+            )
+            assert posted.json() == {"seq": 2}
+        for room in ("dm:bo:ann", "dm:ann:ann", "dm::bo"):
+            refused = await client.get(f"/api/rooms/{room}/history", headers=AUTH)
+            assert (refused.status_code, refused.json()["error"]) == (400, "bad_request")

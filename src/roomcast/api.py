@@ -262,8 +262,14 @@ async def _route(
     if match is None:
         raise ApiError(404, "not_found", f"no API endpoint at {path[:80]}")
     room, what = match["room"], match["what"]
-    if not protocol.valid_room(room):
-        raise ApiError(400, "bad_request", "room must be 1-64 characters of A-Z a-z 0-9 _ - .")
+    if not (protocol.valid_room(room) or protocol.dm_users(room)):
+        # a direct room is a room like any here: /api/rooms lists it, and a stored hook's
+        # gaps in it are filled from its history
+        raise ApiError(
+            400,
+            "bad_request",
+            "room must be 1-64 characters of A-Z a-z 0-9 _ - ., or dm:A:B for users A < B",
+        )
     if what == "messages" and method == "DELETE":
         return 200, await _forget_messages(runtime, room)
     if what == "messages":
