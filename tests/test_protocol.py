@@ -303,3 +303,15 @@ def test_a_v2_join_refuses_a_since_that_is_not_a_whole_number(since: str) -> Non
 def test_a_v2_join_takes_a_whole_since() -> None:
     join = protocol.parse_command('{"type": "join", "room": "r", "since": 0}', max_text=10)
     assert join == protocol.Join("r", 0, None)
+
+
+def test_a_v2_query_takes_its_name_and_ignores_v1_parameters() -> None:
+    # /ws?name=&token=: room, since and epoch are /ws/chat's; /ws ignored a valid one and
+    # closed 4400 "room must be ..." for an invalid one
+    assert protocol.parse_rooms_name(b"name=ada&room=&since=x&epoch=!") == "ada"
+    assert protocol.parse_rooms_name(b"room=bad%20room") is None
+    assert protocol.parse_rooms_name(b"name=") is None
+    with pytest.raises(ProtocolError, match="line break"):
+        protocol.parse_rooms_name(b"name=a%0Ab")
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        protocol.parse_rooms_name(b"name=%FF")

@@ -280,7 +280,7 @@ async def _rooms(runtime: Runtime, ws: WebSocket, identity: Identity | None) -> 
         name = identity.name
     else:
         try:
-            name = protocol.parse_chat_query(ws.scope.get("query_string", b"")).name
+            name = protocol.parse_rooms_name(ws.scope.get("query_string", b""))
         except BadQuery as exc:
             await ws.close(CloseCode.BAD_REQUEST, exc.message)
             return

@@ -52,6 +52,7 @@ __all__ = [
     "parse_chat_query",
     "parse_client_frame",
     "parse_command",
+    "parse_rooms_name",
     "valid_room",
 ]
 
@@ -161,13 +162,18 @@ class ChatQuery:
     epoch: str | None = None
 
 
-def parse_chat_query(query_string: bytes) -> ChatQuery:
-    """Validate ``room``, ``name``, ``token``, ``since`` and ``epoch``.
+def parse_rooms_name(query_string: bytes) -> str | None:
+    """The ``name`` of a ``/ws`` query string, normalised (``None``: absent or empty).
+    ``/ws`` takes only ``name`` and ``token``: ``room``, ``since`` and ``epoch`` are
+    ``/ws/chat``'s, and like any other parameter they are ignored here.
 
-    Unknown parameters are ignored; when a parameter repeats, the first one counts.
-
-    :raises BadQuery: with a message naming the parameter and what was expected
+    :raises BadQuery: for a query string that is not UTF-8, or a bad name
     """
+    return _query_name(_query_params(query_string))
+
+
+def _query_params(query_string: bytes) -> dict[str, str]:
+    """The parameters, the first of each name counting."""
     try:
         pairs = parse_qsl(query_string.decode("ascii"), keep_blank_values=True, errors="strict")
     except (UnicodeDecodeError, ValueError):
@@ -175,16 +181,31 @@ def parse_chat_query(query_string: bytes) -> ChatQuery:
     params: dict[str, str] = {}
     for key, value in pairs:
         params.setdefault(key, value)
+    return params
 
+
+def _query_name(params: dict[str, str]) -> str | None:
+    name = params.get("name") or None
+    if name is None:
+        return None
+    try:
+        return normalize_name(name)
+    except BadName as exc:
+        raise _bad_query(str(exc)) from None
+
+
+def parse_chat_query(query_string: bytes) -> ChatQuery:
+    """Validate ``room``, ``name``, ``token``, ``since`` and ``epoch``.
+
+    Unknown parameters are ignored; when a parameter repeats, the first one counts.
+
+    :raises BadQuery: with a message naming the parameter and what was expected
+    """
+    params = _query_params(query_string)
     room = params.get("room", DEFAULT_ROOM)
     if not valid_room(room):
         raise _bad_query("room must be 1-64 characters of A-Z a-z 0-9 _ - .")
-    name = params.get("name") or None
-    if name is not None:
-        try:
-            name = normalize_name(name)
-        except BadName as exc:
-            raise _bad_query(str(exc)) from None
+    name = _query_name(params)
     since = params.get("since") or None
     if since is not None and not (since.isascii() and since.isdigit() and len(since) <= 18):
         raise _bad_query("since must be a non-negative integer")
