@@ -301,6 +301,9 @@ BAD_INVOCATIONS = [
     ("config-worker-class", ["--config", "{tmp}/class.toml"], "roomcast: worker_class 'gevent'"),
     ("config-bind-number", ["--config", "{tmp}/bind.toml"], "roomcast: bind 8000: expected"),
     ("config-timeout-text", ["--config", "{tmp}/timeout.toml"], "roomcast: graceful_timeout = "),
+    ("config-max-size", ["--config", "{tmp}/size.toml"], "roomcast: websocket_max_message_size"),
+    ("config-ping-text", ["--config", "{tmp}/ping.toml"], "roomcast: websocket_ping_interval = "),
+    ("config-keep-alive", ["--config", "{tmp}/alive.toml"], "roomcast: keep_alive_timeout = -1"),
     ("config-certfile", ["--config", "{tmp}/tls.toml"], "roomcast: certfile/keyfile: "),
     ("config-half-tls", ["--config", "{tmp}/half-tls.toml"], "roomcast: certfile and keyfile"),
     ("setting", ["--bind", "127.0.0.1:0"], "roomcast: ROOMCAST_RATE_LIMIT='fast'"),
@@ -318,6 +321,10 @@ def test_a_bad_flag_or_setting_is_one_line_and_status_2(
     (tmp_path / "class.toml").write_text('worker_class = "gevent"\n')
     (tmp_path / "bind.toml").write_text("bind = 8000\n")
     (tmp_path / "timeout.toml").write_text('graceful_timeout = "soon"\n')
+    # Hypercorn takes these as given: a connection, not the start, would fail on them
+    (tmp_path / "size.toml").write_text('websocket_max_message_size = "64 KiB"\n')
+    (tmp_path / "ping.toml").write_text('websocket_ping_interval = "20 s"\n')
+    (tmp_path / "alive.toml").write_text("keep_alive_timeout = -1\n")
     (tmp_path / "tls.toml").write_text(f'certfile = "{tmp_path}/no.pem"\nkeyfile = "k.pem"\n')
     (tmp_path / "half-tls.toml").write_text(f'certfile = "{tmp_path}/no.pem"\n')
     env = {"ROOMCAST_RATE_LIMIT": "fast"} if line.startswith("roomcast: ROOMCAST_") else {}

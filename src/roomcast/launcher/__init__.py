@@ -127,6 +127,11 @@ class MasterConfig:
     graceful_timeout: Any = 3.0
     certfile: Any = None
     keyfile: Any = None
+    # the keys of hypercorn.toml the docs name: the workers read them (Hypercorn does not
+    # check them), so a bad one would fail every connection rather than the start
+    websocket_max_message_size: Any = 16 * 1024 * 1024
+    websocket_ping_interval: Any = None
+    keep_alive_timeout: Any = 5.0
     application_path: str = DEFAULT_APP
 
     @property
@@ -258,6 +263,17 @@ def _check(config: MasterConfig, args: argparse.Namespace) -> None:
         raise UsageError(
             f"{_named(args, 'graceful_timeout', timeout)}: expected seconds (0 or more)"
         )
+    size = config.websocket_max_message_size
+    if type(size) is not int or size < 1:
+        raise UsageError(
+            f"websocket_max_message_size = {size!r} (config file): expected bytes (1 or more)"
+        )
+    for key, allow_none in (("websocket_ping_interval", True), ("keep_alive_timeout", False)):
+        value = getattr(config, key)
+        if value is None and allow_none:
+            continue
+        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+            raise UsageError(f"{key} = {value!r} (config file): expected seconds (above 0)")
     if not isinstance(config.bind, list) or not all(isinstance(b, str) for b in config.bind):
         raise UsageError(f"bind {config.bind!r}: expected a list of HOST:PORT")
     module, _, attribute = config.application_path.partition(":")
