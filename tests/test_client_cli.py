@@ -36,7 +36,15 @@ import pytest
 import trio
 
 from roomcast.chat import format_event
-from roomcast.client import HistoryGap, Message, Presence, Reconnecting, Welcome, chat_url
+from roomcast.client import (
+    HistoryGap,
+    Message,
+    Presence,
+    Reconnecting,
+    Welcome,
+    chat_url,
+    connection_url,
+)
 
 from redis_server import RedisServer
 from servers import ServerProcess, spawn_server
@@ -264,6 +272,18 @@ def test_chat_url_adds_the_chat_path_under_any_mount_prefix() -> None:
     assert chat_url("wss://h/ws/chat", "b", since=3) == "wss://h/ws/chat?room=b&since=3"
     assert chat_url("ws://h/chat/", "r") == "ws://h/chat/ws/chat?room=r"
     assert chat_url("http://h:1", "r") == "ws://h:1/ws/chat?room=r"
+
+
+def test_connection_url_adds_the_v2_path_under_any_mount_prefix() -> None:
+    assert connection_url("ws://h:1") == "ws://h:1/ws"
+    assert connection_url("ws://h:1/", name="bo") == "ws://h:1/ws?name=bo"
+    assert connection_url("wss://h/ws") == "wss://h/ws"
+    assert connection_url("ws://h/ws/chat") == "ws://h/ws"  # v1's endpoint
+    assert connection_url("ws://h/chat/ws/chat") == "ws://h/chat/ws"
+    # the README's mount prefix: "/chat" was taken for v1's ending and dropped (to /ws)
+    assert connection_url("ws://h/chat") == "ws://h/chat/ws"
+    assert connection_url("ws://h/chat/") == "ws://h/chat/ws"
+    assert connection_url("http://h:1/news") == "ws://h:1/news/ws"
 
 
 # -- human output ---------------------------------------------------------------------------

@@ -100,8 +100,11 @@ def connection_url(url: str, **params: str | None) -> str:
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
     if scheme not in ("ws", "wss") or not parts.hostname:
         raise ValueError(f"expected a ws:// or wss:// URL with a host, got {url!r}")
-    path = parts.path.rstrip("/").removesuffix("/chat")
-    path = path if path.endswith(V2_PATH) else path + V2_PATH
+    path = parts.path.rstrip("/")
+    if path.endswith(V2_PATH + "/chat"):  # v1's endpoint: its v2 sibling
+        path = path.removesuffix("/chat")
+    elif not path.endswith(V2_PATH):  # a base URL, with or without a mount prefix
+        path += V2_PATH
     query = urlencode({k: v for k, v in params.items() if v is not None})
     return urlunsplit((scheme, parts.netloc, path, query, ""))
 
