@@ -15,6 +15,8 @@ import pytest
 from roomcast.api import ApiError, parse_history_query, parse_publish, parse_user
 from roomcast.client.api import ApiRefused, open_server_api
 from roomcast.identity import mint_token
+from roomcast.settings import Settings
+from roomcast.testing import open_test_client
 
 from chatters import Chatter, owner_of
 from rawws import RawWebSocket, open_raw_websocket
@@ -348,9 +350,6 @@ def test_a_disconnect_on_one_server_closes_the_user_everywhere_with_redis(
 async def test_a_direct_room_listed_by_the_api_is_one_the_api_reaches() -> None:
     # GET /api/rooms lists dm:A:B rooms; their history (how a stored hook's gaps are filled),
     # presence and publishing must not answer 400 for the very name it listed
-    from roomcast import Settings
-    from roomcast.testing import open_test_client
-
     settings = Settings(api_key=KEY, jwt_secret=SECRET, rate_limit=0)
     token = mint_token(SECRET, sub="ann", ttl=60)
     async with open_test_client(settings=settings) as client:
