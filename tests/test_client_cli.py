@@ -875,6 +875,25 @@ def test_token_with_a_negative_ttl_is_already_expired() -> None:
     assert "expected a duration such as 90s, 30m, 1h or -5m, got 'soon'" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--sub", "ann", "--name", "a\nb"], "the name claim is not a usable display name"),
+        (["--sub", "x" * 257], "the sub claim must be a string of 1-256 characters"),
+    ],
+)
+def test_token_refuses_to_mint_what_the_server_would_refuse(args: list[str], reason: str) -> None:
+    result = run_tool("token", *args, env={"ROOMCAST_JWT_SECRET": "s" * 32})
+    assert (result.returncode, result.stdout) == (2, "")
+    assert f"the server would refuse this token: {reason}" in result.stderr
+
+
+def test_token_refuses_a_secret_shorter_than_32_bytes() -> None:
+    result = run_tool("token", "--sub", "ann", env={"ROOMCAST_JWT_SECRET": "s" * 31})
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith("roomcast: ROOMCAST_JWT_SECRET: expected 32 bytes or more")
+
+
 # -- interactive mode: many rooms over one connection (protocol v2) -------------------------
 
 SECRET = "chat-v2-secret-for-the-tests-only"

@@ -104,7 +104,7 @@ def _token(kind: str) -> str | None:
         ("no sub", "token has no sub claim"),
         ("rooms", "the rooms claim must be"),
         ("name", "the name claim is not"),
-        ("sub", "malformed token"),
+        ("sub", "the sub claim must be a string of 1-256 characters"),
     ],
 )
 def test_every_rejection_says_which_problem(kind: str, reason: str) -> None:

@@ -60,6 +60,15 @@ class TestSettings:
         with pytest.raises(SettingsError, match=name):
             Settings.from_env({name: value})
 
+    def test_a_jwt_secret_shorter_than_hs256s_hash_is_refused_without_echoing_it(self) -> None:
+        short = "thirty-one-bytes-of-secret-text"
+        with pytest.raises(SettingsError, match="ROOMCAST_JWT_SECRET: expected 32 bytes") as bad:
+            Settings.from_env({"ROOMCAST_JWT_SECRET": short})
+        assert short not in str(bad.value)
+        with pytest.raises(SettingsError, match="ROOMCAST_JWT_SECRET"):
+            Settings(jwt_secret="x").check()  # given in Python, checked when served
+        assert Settings.from_env({"ROOMCAST_JWT_SECRET": short + "!"}).jwt_secret == short + "!"
+
 
 def headers(**values: str) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in values.items()]

@@ -11,7 +11,7 @@ EdDSA; the key decides the one algorithm accepted, so a token cannot pick a weak
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -21,12 +21,21 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .names import BadName, normalize_name
 
-__all__ = ["Identity", "TokenRejected", "TokenVerifier", "mint_token", "room_matches"]
+__all__ = [
+    "Identity",
+    "TokenRejected",
+    "TokenVerifier",
+    "identity_from_claims",
+    "mint_token",
+    "room_matches",
+]
 
 #: accepted clock difference between the token's issuer and this server, in seconds
 LEEWAY: Final = 5.0
 #: most entries in a token's ``rooms`` claim (each join and refresh checks them all)
 MAX_ROOM_GRANTS: Final = 1000
+#: the 4001 reason for a ``sub`` that is not a string (PyJWT's check) or not 1-256 long
+BAD_SUB: Final = "the sub claim must be a string of 1-256 characters"
 
 
 class TokenRejected(Exception):
@@ -127,15 +136,22 @@ class TokenVerifier:
             raise TokenRejected(f"token has no {missing.claim} claim") from None
         except (jwt.InvalidSignatureError, jwt.InvalidAlgorithmError):
             raise TokenRejected("invalid signature") from None
+        except jwt.exceptions.InvalidSubjectError:  # PyJWT checks that sub is a string
+            raise TokenRejected(BAD_SUB) from None
         except jwt.InvalidTokenError:
             raise TokenRejected("malformed token") from None
-        return _identity(claims)
+        return identity_from_claims(claims)
 
 
-def _identity(claims: dict[str, Any]) -> Identity:
+def identity_from_claims(claims: Mapping[str, Any]) -> Identity:
+    """Who a verified token's claims say the user is.
+
+    :raises TokenRejected: for a ``sub``, ``name``, ``rooms`` or ``exp`` this server cannot
+        use (the reason says which)
+    """
     user, name, rooms = claims["sub"], claims.get("name"), claims.get("rooms")
     if not isinstance(user, str) or not user or len(user) > 256:
-        raise TokenRejected("the sub claim must be a string of 1-256 characters")
+        raise TokenRejected(BAD_SUB)
     try:
         name = normalize_name(user[:32] if name is None else name)
     except (BadName, TypeError, AttributeError):

@@ -73,6 +73,10 @@ def _webhook_events(raw: str) -> frozenset[str]:
 
 #: ``ROOMCAST_ARCHIVE`` unset, on the in-process broker (with Redis: ``off``)
 DEFAULT_ARCHIVE = "sqlite:///roomcast.db"
+#: the shortest ``ROOMCAST_JWT_SECRET``: RFC 7518 requires an HS256 key at least as long as
+#: the hash, and PyJWT only warns about a shorter one, which anyone could guess offline
+#: from one token
+MIN_JWT_SECRET_BYTES = 32
 
 
 def _archive_url(raw: str) -> str:
@@ -126,7 +130,10 @@ class Settings:
     )
     jwt_secret: str | None = field(
         default=None,
-        metadata=_env(str, "HS256 secret: every WebSocket needs a token signed with it (8.1)"),
+        metadata=_env(
+            str,
+            "HS256 secret of 32 bytes or more: every WebSocket needs a token signed with it (8.1)",
+        ),
     )
     jwt_public_key: str | None = field(
         default=None,
@@ -320,6 +327,12 @@ class Settings:
             names = " and ".join(env_name(f) for f in chosen)
             raise SettingsError(f"{names}: set one way of checking tokens, not several")
         self._check_webhooks()
+        if self.jwt_secret and len(self.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+            raise SettingsError(
+                f"ROOMCAST_JWT_SECRET: expected {MIN_JWT_SECRET_BYTES} bytes or more (an HS256 "
+                "key as long as its hash, RFC 7518 3.2), e.g. from "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
         if self.jwt_public_key is not None:
             from .identity import TokenVerifier
 

@@ -114,7 +114,7 @@ def _run(
 def token_main(argv: list[str]) -> int:
     """``roomcast token --sub ann [--name Ann] [--rooms 'team-*'] [--ttl 1h]``: prints a
     token signed with ``ROOMCAST_JWT_SECRET`` (with the configured audience and issuer)."""
-    from .identity import mint_token
+    from .identity import TokenRejected, identity_from_claims, mint_token
     from .settings import Settings, SettingsError
 
     parser = argparse.ArgumentParser(
@@ -143,6 +143,11 @@ def token_main(argv: list[str]) -> int:
         parser.error(
             "ROOMCAST_JWT_SECRET is not set (public-key tokens are minted by their issuer)"
         )
+    claims = {"sub": args.sub, "name": args.name, "rooms": args.rooms, "exp": 0}
+    try:  # what the server checks after the signature: no token it would refuse
+        identity_from_claims(claims)
+    except TokenRejected as exc:
+        parser.error(f"the server would refuse this token: {exc.reason}")
     print(
         mint_token(
             settings.jwt_secret,
