@@ -105,6 +105,26 @@ async def test_one_connection_in_three_rooms_gets_each_rooms_messages_in_order(
             assert dict(bo.seqs) == {"b": list(range(1, 21))}  # only the room it is in
 
 
+async def test_a_message_sent_just_before_leaving_is_acked_before_the_left(
+    server: ThreadedServer,
+) -> None:
+    """With Redis the message is sequenced after the receive loop has moved on to the
+    leave: the ack must still come, and before ``left`` (it used to be dropped, the
+    message sequenced all the same: a client resending what was not acked duplicated it)."""
+    with trio.fail_after(20):
+        async with connect(server, "?name=eve") as eve:
+            for i in range(20):
+                room = f"quick{i}"
+                await eve.join(room)
+                await eve.send(type="message", room=room, text="hi", id=f"m{i}")
+                await eve.send(type="leave", room=room)
+                events = []
+                while not events or events[-1]["type"] != "left":
+                    events.append(await eve.next())
+                answers = [e for e in events if e["type"] in ("ack", "error")]
+                assert answers == [{"type": "ack", "room": room, "id": f"m{i}", "seq": 1}], events
+
+
 async def test_leaving_one_room_touches_no_other(server: ThreadedServer) -> None:
     with trio.fail_after(20):
         async with connect(server, "?name=cy") as cy, connect(server, "?name=di") as di:

@@ -243,6 +243,7 @@ class Session:
         member = self.member(command.room)
         if member is not None:
             self.typed.pop(command.room, None)
+            await self.broker.answered(member)  # its messages' acks come before its left
             await self.broker.leave(member)
             self.hub.send_to_client(self.client, protocol.encode_left(command.room, 1000, "left"))
 

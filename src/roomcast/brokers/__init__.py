@@ -123,6 +123,13 @@ class Broker(Protocol):
         """
         ...
 
+    async def answered(self, member: Member) -> None:
+        """Wait until every message the member published has its ``ack`` or error in its
+        outbox (bounded; at once where publishing sequences before it returns). A client's
+        own ``leave`` waits for it: an answer for a member that has left goes nowhere, and
+        a sender that never hears of a message Redis sequenced would send it again."""
+        ...
+
     # -- the server API (SPEC §8.2) ---------------------------------------------------------
 
     async def post(self, room: str, message: ChatMessage, sender: str | None) -> int:

@@ -64,6 +64,9 @@ class MemoryBroker:
     async def publish(self, member: Member, message: ChatMessage) -> None:
         self.hub.publish(member, message)
 
+    async def answered(self, member: Member) -> None:
+        pass  # publish answers before it returns
+
     async def post(self, room: str, message: ChatMessage, sender: str | None) -> int:
         if self.positions is None:
             return self.hub.post(room, message, sender)

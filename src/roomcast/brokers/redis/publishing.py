@@ -41,7 +41,7 @@ from ...protocol import ChatMessage, ErrorCode
 from ...settings import Settings
 from ...stored import StoredMessage
 from .. import UNAVAILABLE_NOTICE, BrokerUnavailable
-from . import scripts
+from . import calls, scripts
 from .calls import Calls, RedisClient
 from .cluster import by_slot
 from .keys import _keys, _now_ms, _publish_keys
@@ -145,6 +145,28 @@ class Publishing(Calls):
             except BaseException:
                 slots.release()
                 raise
+
+    async def answered(self, member: Member) -> None:
+        """Wait until every message ``member`` has queued has its ``ack`` or error in the
+        member's outbox: at most two calls' time (one batch may be in flight before the
+        one that holds its messages).
+
+        Its queued messages each hold one of its :data:`MEMBER_QUEUE` slots until
+        answered, and its receive loop, busy leaving, queues no more: so once all the
+        slots can be taken, all are answered.
+        """
+        slots = self._slots.get(member)
+        if slots is None or slots.value == MEMBER_QUEUE:
+            return
+        taken = 0
+        try:
+            with anyio.move_on_after(2 * calls.REQUEST_TIMEOUT):
+                while taken < MEMBER_QUEUE:
+                    await slots.acquire()
+                    taken += 1
+        finally:
+            for _ in range(taken):
+                slots.release()
 
     # -- the publisher task -----------------------------------------------------------------
 
