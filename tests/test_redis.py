@@ -184,6 +184,22 @@ async def test_presence_notices_cross_servers(two_servers: list[ThreadedServer])
             assert left["members"] == ["ann"]
 
 
+async def test_a_reload_onto_the_other_server_is_welcomed_not_refused(
+    two_servers: list[ThreadedServer],
+) -> None:
+    """A page in a room of its own reloads onto the other server: its leave empties the
+    room in Redis (which forgets a room without history) while its new join is in flight.
+    The joining worker then heard the old run's leave and got a new run's snapshot, and
+    refused the join with 1011 (5 in 300 over the network); it now starts over."""
+    a, b = two_servers
+    with trio.fail_after(60):
+        for i in range(300):
+            async with chat(a.url(f"/ws/chat?room=reload{i}")):
+                pass
+            async with chat(b.url(f"/ws/chat?room=reload{i}")):  # (closed 1011: raises)
+                pass
+
+
 def as_user(server: ThreadedServer, room: str, user: str) -> str:
     """The chat URL of a connection of ``user`` (named after it, capitalised)."""
     token = mint_token(SECRET, sub=user, name=user.capitalize(), ttl=600)

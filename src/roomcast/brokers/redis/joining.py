@@ -9,8 +9,9 @@ sit in the member's outbox: the greeting keeps the messages after the snapshot's
 drops the rest, and from then on the member skips any seq up to it
 (``Member.skip_through``), which can still arrive late from pub/sub. If the room's stream
 jumped while the join was in flight, which messages reached the outbox can no longer be
-told apart, so the join is refused with 1011 ("try again shortly"), as when Redis is
-unreachable.
+told apart, so the join leaves and starts over (a room emptied and recreated meanwhile,
+as when a page reloads onto another server, does this); after :data:`JOIN_ATTEMPTS` it is
+refused with 1011 ("try again shortly"), as when Redis is unreachable.
 
 *Why no seq is delivered twice or out of order.* Every sequenced fan-out in a worker goes
 through :meth:`~.delivery.Delivery._advance`, in the subscriber task, which fans out seq
@@ -54,7 +55,16 @@ from .calls import RedisClient
 from .keys import PRESENCE_TTL, _keys, _listed, _now_ms, _seq_of, _split_entry
 from .presence import Presence
 
-__all__ = ["Joining"]
+__all__ = ["JOIN_ATTEMPTS", "Joining"]
+
+#: times a join starts over (detached, so with a fresh stream position) when the room's
+#: stream moved while its snapshot travelled, before it is refused with 1011
+JOIN_ATTEMPTS = 3
+
+
+class _StreamMoved(BrokerUnavailable):
+    """The room's stream jumped, or went to another run, while a join's snapshot
+    travelled: the join left again, and may start over."""
 
 
 class Joining(Presence):
@@ -73,6 +83,23 @@ class Joining(Presence):
         epoch: str | None,
         user: str | None = None,
         client: Client | None = None,
+    ) -> Member:
+        for attempt in range(1, JOIN_ATTEMPTS + 1):
+            try:
+                return await self._join_once(room, name, since, epoch, user, client)
+            except _StreamMoved:
+                if attempt == JOIN_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _join_once(
+        self,
+        room: str,
+        name: str | None,
+        since: int | None,
+        epoch: str | None,
+        user: str | None,
+        client: Client | None,
     ) -> Member:
         member = self.hub.attach(room, name, user, client=client)
         member.skip_through, member.backlog = sys.maxsize, []  # until the snapshot is in
@@ -112,7 +139,7 @@ class Joining(Presence):
             # The stream jumped (or is about to: another run) while the snapshot travelled:
             # what reached the outbox can no longer be told apart from what is missing.
             await self.leave(member)
-            raise BrokerUnavailable("the room's stream was resynchronised during the join")
+            raise _StreamMoved("the room's stream was resynchronised during the join")
         self._greet(member, snapshot, since, epoch)
         return member
 
