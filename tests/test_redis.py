@@ -35,10 +35,12 @@ from roomcast.brokers.redis import (
     _people,
     _presence_entry,
 )
+from roomcast.client import HistoryGap
 from roomcast.connection import RENAME_UNAVAILABLE
 from roomcast.hub import Hub
 from roomcast.identity import mint_token
 from roomcast.names import skeleton
+from roomcast.testing import open_test_client
 
 from chatload import Client, connect_all, read_forever, send_all
 from redis_server import RedisServer, redis_command, run_redis
@@ -348,6 +350,48 @@ def broker_settings(request: pytest.FixtureRequest) -> Iterator[Settings]:
     else:
         redis: RedisServer = request.getfixturevalue("redis_server")
         yield Settings(rate_limit=0, history_size=10, redis_url=redis.url)
+
+
+async def test_delete_forgets_the_retained_messages_wherever_they_are_read(
+    broker_settings: Settings,
+) -> None:
+    """``DELETE /api/rooms/{room}/messages``: another server's history and a resume there
+    no longer have them (with Redis it answered 200 and deleted nothing); a room someone is
+    in keeps its epoch and seq; an idle one is forgotten."""
+    settings = dataclasses.replace(broker_settings, api_key=KEY)
+    auth = {"authorization": f"Bearer {KEY}"}
+    with anyio.fail_after(20):
+        async with (
+            open_test_client(settings=settings) as a,
+            open_test_client(settings=settings) as other,
+        ):
+            b = other if settings.redis_url is not None else a  # in-process: one server
+            async with b.connect("/ws/chat?room=del&name=bo") as bo:
+                welcome = await bo.receive_event()
+                for text in ("one", "two", "three"):
+                    await a.post("/api/rooms/del/messages", json={"text": text}, headers=auth)
+                deleted = await a.delete("/api/rooms/del/messages", headers=auth)
+                assert deleted.json() == {"room": "del", "epoch": welcome.epoch, "seq": 3}
+                history = (await b.get("/api/rooms/del/history?since=0", headers=auth)).json()
+                assert (history["epoch"], history["seq"], history["messages"]) == (
+                    welcome.epoch,
+                    3,
+                    [],
+                )
+                query = f"room=del&since=0&epoch={welcome.epoch}"
+                async with b.connect(f"/ws/chat?{query}") as resumed:
+                    await resumed.receive_event()  # its welcome
+                    gap = await resumed.receive_event()
+                    assert isinstance(gap, HistoryGap) and not gap.restarted
+                    assert (gap.since, gap.first) == (0, 4)
+            async with a.connect("/ws/chat?room=idle") as ws:
+                await ws.receive_event()
+                await ws.send_message("kept while idle")
+            await a.post("/api/rooms/idle/messages", json={"text": "x"}, headers=auth)
+            deleted = await a.delete("/api/rooms/idle/messages", headers=auth)
+            assert deleted.json()["seq"] == 2
+            history = (await b.get("/api/rooms/idle/history?since=0", headers=auth)).json()
+            assert (history["messages"], history["seq"]) == ([], 0)  # forgotten, as any empty room
 
 
 def _redis_port(settings: Settings) -> int | None:

@@ -110,7 +110,8 @@ async def test_disconnect_reaches_every_worker_of_a_cluster(
     redis_cluster: RedisCluster,
 ) -> None:
     """The server API's disconnect goes out on the sharded control channel: both servers
-    close the user's connections and both report back."""
+    close the user's connections and both report back; a DELETE of a room's messages
+    on one is seen on the other."""
     from roomcast.identity import mint_token
 
     secret = "a-secret-of-at-least-thirty-two-bytes!"
@@ -128,8 +129,25 @@ async def test_disconnect_reaches_every_worker_of_a_cluster(
                         servers[0].url("/api/users/ann/disconnect"),
                         headers={"Authorization": "Bearer " + "k" * 32},
                     )
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["closed"] == 2
+                    assert answer.status_code == 200, answer.text
+                    assert answer.json()["closed"] == 2
+                    await forget_on_one_and_check_on_the_other(http, servers, "k" * 32)
+
+
+async def forget_on_one_and_check_on_the_other(
+    http: httpx.AsyncClient, servers: list[ServerProcess], key: str
+) -> None:
+    """The server API's DELETE of a room's messages, on a cluster: gone for every server."""
+    auth = {"Authorization": f"Bearer {key}"}
+    for text in ("one", "two"):
+        posted = await http.post(
+            servers[0].http_url("/api/rooms/kept/messages"), json={"text": text}, headers=auth
+        )
+        assert posted.status_code == 200, posted.text
+    deleted = await http.delete(servers[1].http_url("/api/rooms/kept/messages"), headers=auth)
+    assert (deleted.status_code, deleted.json()["seq"]) == (200, 2)
+    history = await http.get(servers[0].http_url("/api/rooms/kept/history?since=0"), headers=auth)
+    assert history.json()["messages"] == []
 
 
 def room_on(cluster: RedisCluster, owner: ClusterNode, prefix: str) -> str:

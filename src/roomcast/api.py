@@ -305,7 +305,7 @@ async def _forget_messages(runtime: Runtime, room: str) -> dict[str, Any]:
     """``DELETE /api/rooms/{room}/messages``: the room's archived and retained messages
     go; its epoch and seq stay (members stay too, and are not told), so a client resuming
     from before is told ``history_gap``."""
-    position = runtime.hub.clear_history(room) if runtime.broker.name == "memory" else None
+    position = await runtime.broker.clear_history(room)
     if position is None:
         history = await runtime.broker.history(room, 0, 1)
         position = None if history.epoch is None else (history.epoch, history.seq)

@@ -139,6 +139,16 @@ class Broker(Protocol):
         """
         ...
 
+    async def clear_history(self, room: str) -> tuple[str, int] | None:
+        """Forget ``room``'s retained messages (the server API's DELETE); its epoch and
+        seq stay while anyone is in it, so a client resuming from before gets
+        ``history_gap``. Returns the room's ``(epoch, seq)``, ``None`` if the broker does
+        not hold it.
+
+        :raises BrokerUnavailable: if the broker cannot be reached
+        """
+        ...
+
     async def history(self, room: str, since: int, limit: int) -> History:
         """Up to ``limit`` retained messages after ``since``.
 

@@ -64,6 +64,9 @@ class MemoryBroker:
     async def publish(self, member: Member, message: ChatMessage) -> None:
         self.hub.publish(member, message)
 
+    async def clear_history(self, room: str) -> tuple[str, int] | None:
+        return self.hub.clear_history(room)
+
     async def answered(self, member: Member) -> None:
         pass  # publish answers before it returns
 

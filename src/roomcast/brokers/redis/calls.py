@@ -94,10 +94,11 @@ class Calls:
             with anyio.fail_after(REQUEST_TIMEOUT):
                 result = await request
         except (RedisError, TimeoutError, OSError) as exc:
+            reason = str(exc) or type(exc).__name__  # (a timeout says nothing)
             if self._healthy:
-                log.warning("Redis unavailable: %s", exc)
+                log.warning("Redis unavailable: %s", reason)
             self._healthy = False
-            raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+            raise BrokerUnavailable(reason) from exc
         if not self._healthy:
             log.warning("Redis reachable again")
         self._healthy = True

@@ -95,6 +95,7 @@ class Publishing(Calls):
     def __init__(self, settings: Settings, hub: Hub, client: RedisClient) -> None:
         super().__init__(settings, hub, client)
         self._publish = self._register(scripts.PUBLISH)
+        self._clear = self._register(scripts.CLEAR)
         self._slots: weakref.WeakKeyDictionary[Member, anyio.Semaphore] = (
             weakref.WeakKeyDictionary()
         )
@@ -253,6 +254,15 @@ class Publishing(Calls):
             self.hub.send_to(member, error)
 
     # -- the server API (SPEC §8.2) ---------------------------------------------------------
+
+    async def clear_history(self, room: str) -> tuple[str, int] | None:
+        """Forget the room's retained messages in Redis (where every worker reads them);
+        its ``(epoch, seq)``, ``None`` if Redis does not hold the room.
+
+        :raises BrokerUnavailable: if Redis cannot be reached
+        """
+        position = await self._call(self._clear, _publish_keys(room), self._idle_args())
+        return None if position is None else (position[0], int(position[1]))
 
     async def post(self, room: str, message: ChatMessage, sender: str | None) -> int:
         """The API's publish: one script call of its own (the caller waits for the seq)."""

@@ -449,6 +449,28 @@ return result
 """
 )
 
+#: KEYS seq, epoch, history, history bytes; ARGV idle rooms, idle history bytes -> {epoch,
+#: seq}, or nil for a room Redis does not hold: the server API's DELETE of a room's
+#: messages. The retained history goes, its epoch and seq stay (a client resuming from
+#: before gets ``history_gap``), unless nobody is in the room: then, left without history,
+#: it is forgotten as any such room is (its next message starts a new run).
+CLEAR: Final = (
+    HELPERS
+    + """
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then return nil end
+local seq = seq_of(KEYS[1])
+local room = room_of(KEYS[1])
+if redis.call('ZSCORE', IDLE, room) then
+  redis.call('ZREM', IDLE, room)
+  redis.call('DECRBY', IDLE_BYTES, bytes_of(room))
+end
+redis.call('DEL', KEYS[3], KEYS[4], key_of(room, 'idle'))
+settle(room, ARGV[1], ARGV[2])
+return {epoch, seq}
+"""
+)
+
 #: KEYS seq, epoch, history, history bytes; ARGV a run a worker found rewound (Redis lost
 #: seqs it had delivered: a failover to a replica that had not copied them): end that run,
 #: so that no seq of it is ever reused for another message (the next call starts a new one)
