@@ -371,7 +371,10 @@ async def _admit(runtime: Runtime, ws: WebSocket) -> None:
         await ws.close(CloseCode.TOO_MANY_CONNECTIONS, "too many connections for this user")
         return
     try:
-        await endpoint(runtime, ws, identity)
+        with claim.revoked:
+            await endpoint(runtime, ws, identity)
+        if claim.revoked.cancelled_caught:  # (the broker let the claim go already)
+            await ws.close(CloseCode.TOO_MANY_CONNECTIONS, "too many connections for this user")
     finally:
         with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
             await broker.release_connection(claim)

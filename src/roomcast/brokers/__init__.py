@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import anyio
@@ -63,12 +63,20 @@ class Person(NamedTuple):
     name: str | None
 
 
-class Claim(NamedTuple):
+@dataclass(frozen=True, eq=False)
+class Claim:
     """One connection of a verified ``user``, counted against the per-user limit until it
-    is released (:meth:`Broker.claim_connection`); ``id`` is the broker's own."""
+    is released (:meth:`Broker.claim_connection`); ``id`` is the broker's own.
+
+    The connection runs inside ``revoked``. A broker that finds it can no longer keep the
+    claim cancels it, and the connection is closed 4429: with Redis, a claim that lapsed
+    (its server paused past the claims' lifetime, or Redis lost them) and whose place the
+    user's other connections took meanwhile.
+    """
 
     user: str
     id: str
+    revoked: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
 
 class Broker(Protocol):

@@ -64,8 +64,8 @@ class Control(Calls):
         self._report = self._register(scripts.REPORT)
         self._claim = self._register(scripts.CLAIM)
         self._refresh_claims_script = self._register(scripts.REFRESH_CLAIMS)
-        #: this worker's connection claims (id -> user), refreshed with presence
-        self._claims: dict[str, str] = {}
+        #: this worker's connection claims by id, refreshed with presence
+        self._claims: dict[str, Claim] = {}
         #: (report list, connections closed) for :meth:`disconnect` requests from any worker
         self._reports_send, self._reports = anyio.create_memory_object_stream[tuple[str, int]](
             REPORT_QUEUE
@@ -82,7 +82,7 @@ class Control(Calls):
         """
         claim = Claim(user, secrets.token_urlsafe(9))
         now = _now_ms()
-        self._claims[claim.id] = user  # refreshed from now on, even if this is cancelled
+        self._claims[claim.id] = claim  # refreshed from now on, even if this is cancelled
         try:
             added = await self._call(
                 self._claim,
@@ -104,14 +104,21 @@ class Control(Calls):
             await self._call_raw(self.client.zrem(_user_key(claim.user), [claim.id]))
 
     async def _refresh_claims(self) -> None:
-        claims = list(self._claims.items())
-        expiry = _now_ms() + int(PRESENCE_TTL * 1000)
-        for group in self._by_slot(claims, key=lambda claim: _user_key(claim[1])):
+        """Extend this worker's claims; revoke those that lapsed and whose places the
+        user's other connections have taken meanwhile (their connections close 4429)."""
+        claims = list(self._claims.values())
+        now = _now_ms()
+        head = [now, now + int(PRESENCE_TTL * 1000), self.settings.max_connections_per_user]
+        for group in self._by_slot(claims, key=lambda claim: _user_key(claim.user)):
             for start in range(0, len(group), REFRESH_CLAIMS):
                 chunk = group[start : start + REFRESH_CLAIMS]
-                keys = [_user_key(user) for _, user in chunk]
-                args = [expiry, *(id for id, _ in chunk)]
-                await self._call(self._refresh_claims_script, keys, args)
+                keys = [_user_key(claim.user) for claim in chunk]
+                refused = await self._call(
+                    self._refresh_claims_script, keys, [*head, *(claim.id for claim in chunk)]
+                )
+                for id in refused:
+                    if (claim := self._claims.pop(id, None)) is not None:
+                        claim.revoked.cancel()
 
     def _by_slot(self, items: list[T], key: Callable[[T], str]) -> list[list[T]]:
         """Items for one multi-key script: all in one call on one Redis, a call per hash

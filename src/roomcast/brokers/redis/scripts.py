@@ -502,12 +502,27 @@ redis.call('PEXPIREAT', KEYS[1], latest[2])
 return 1
 """
 
-#: KEYS users' connection sets; ARGV expiry, then one claim id per key: a worker's live
-#: claims, kept for another presence lifetime (re-added if they had expired meanwhile)
+#: KEYS users' connection sets; ARGV now, expiry, limit, then one claim id per key: a
+#: worker's live claims, kept for another presence lifetime -> the ids of those that had
+#: lapsed (their worker paused, or Redis lost them) and could not be taken back, as the
+#: user holds ``limit`` live claims without them. A claim still in the set was counted by
+#: every CLAIM since (which drops lapsed ones before counting), so it is simply extended.
 REFRESH_CLAIMS: Final = """
+local refused = {}
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, ARGV[1], ARGV[i + 1])
+  local id = ARGV[i + 3]
+  if redis.call('ZSCORE', key, id) then
+    redis.call('ZADD', key, ARGV[2], id)
+  else
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[1])
+    if redis.call('ZCARD', key) >= tonumber(ARGV[3]) then
+      refused[#refused + 1] = id
+    else
+      redis.call('ZADD', key, ARGV[2], id)
+    end
+  end
   local latest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-  redis.call('PEXPIREAT', key, latest[2])
+  if latest[2] then redis.call('PEXPIREAT', key, latest[2]) end
 end
+return refused
 """
