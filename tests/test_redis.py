@@ -321,6 +321,35 @@ async def test_claims_that_lapsed_while_others_took_their_places_are_closed_4429
         assert members == [b"x", b"y"]  # none of the revoked claims came back
 
 
+async def test_a_burst_of_server_api_disconnects_starves_neither_them_nor_the_chat(
+    redis_server: RedisServer,
+) -> None:
+    """Each disconnect waits for the workers' reports on a pooled connection (BLPOP): 300
+    at once took all 64, the reports they waited for had none left, every one waited out
+    its timeout (503), and a chat message meanwhile was refused ``unavailable``."""
+    settings = Settings(redis_url=redis_server.url, rate_limit=0, api_key=KEY)
+    auth = {"authorization": f"Bearer {KEY}"}
+    statuses: list[int] = []
+    with anyio.fail_after(30):
+        async with (
+            open_test_client(settings=settings) as client,
+            client.connect("/ws/chat?room=r&name=ann") as ann,
+        ):
+            await ann.receive_event()
+
+            async def disconnect(n: int) -> None:
+                response = await client.post(f"/api/users/u{n}/disconnect", headers=auth)
+                statuses.append(response.status_code)
+
+            async with anyio.create_task_group() as tg:
+                for n in range(300):
+                    tg.start_soon(disconnect, n)
+                await anyio.wait_all_tasks_blocked()
+                ack = await ann.send_message("still here")  # raises if refused
+                assert ack.seq == 1
+    assert statuses == [200] * 300
+
+
 async def test_a_crowd_over_two_servers_is_announced_in_few_notices(
     redis_server: RedisServer,
 ) -> None:

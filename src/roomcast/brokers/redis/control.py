@@ -51,6 +51,9 @@ DISCONNECT_WAIT: Final = 1.0
 REPORT_QUEUE: Final = 256
 #: milliseconds a disconnect's report list lives (its requester has stopped waiting)
 REPORT_TTL_MS: Final = 30_000
+#: server API requests to every worker (disconnect, notify) a worker has waiting for
+#: reports at once: each wait holds one of the client's 64 pooled connections (BLPOP)
+ASKING_AT_ONCE: Final = 8
 
 T = TypeVar("T")
 
@@ -66,6 +69,8 @@ class Control(Calls):
         self._refresh_claims_script = self._register(scripts.REFRESH_CLAIMS)
         #: this worker's connection claims by id, refreshed with presence
         self._claims: dict[str, Claim] = {}
+        #: (more wait here, holding no connection: see :data:`ASKING_AT_ONCE`)
+        self._asking = anyio.CapacityLimiter(ASKING_AT_ONCE)
         #: (report list, connections closed) for :meth:`disconnect` requests from any worker
         self._reports_send, self._reports = anyio.create_memory_object_stream[tuple[str, int]](
             REPORT_QUEUE
@@ -151,7 +156,17 @@ class Control(Calls):
 
     async def _ask_every_worker(self, kind: str, request: str) -> int:
         """Publish ``kind|<report list>|request`` on the control channel and add up the
-        counts the workers push to the report list within :data:`DISCONNECT_WAIT`."""
+        counts the workers push to the report list within :data:`DISCONNECT_WAIT`.
+
+        At most :data:`ASKING_AT_ONCE` at a time: 1,000 at once had taken every pooled
+        connection for a BLPOP, leaving none for the reports they waited for (nor for
+        the chat's own calls), so each waited out its whole timeout: 936 answered 503,
+        the chat stalled 21 s and Redis was marked unavailable.
+        """
+        async with self._asking:
+            return await self._ask_and_count(kind, request)
+
+    async def _ask_and_count(self, kind: str, request: str) -> int:
         report = f"{self.namespace}reports:{secrets.token_urlsafe(12)}"
         message = f"{kind}|{report}|{request}"
         if self.cluster:  # every worker subscribes it on the shard that owns its slot
