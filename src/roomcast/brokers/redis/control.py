@@ -18,7 +18,9 @@ verified user claims a place in the user's sorted set (claim id -> expiry) with 
 that first drops lapsed claims and then checks the cap (:data:`~.scripts.CLAIM`).
 Claims are refreshed with presence and lapse as presence entries do, so the slots of a
 dead server's connections come back within the same bound; a closing connection removes
-its claim at once.
+its claim at once. A claim that lapsed without its connection ending (its worker was
+paused that long, or Redis lost the set) is taken back only where the user still has
+room; otherwise its connection is revoked (closed 4429): the cap holds either way.
 """
 
 from __future__ import annotations
