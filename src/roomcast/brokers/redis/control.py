@@ -71,6 +71,10 @@ class Control(Calls):
         self._refresh_claims_script = self._register(scripts.REFRESH_CLAIMS)
         #: this worker's connection claims by id, refreshed with presence
         self._claims: dict[str, Claim] = {}
+        #: claims whose CLAIM call is in flight: not refreshed (the refresh would take one
+        #: that Redis has not counted yet for a lapsed one: put it back, so that CLAIM
+        #: counts it against itself, or revoke it at the cap)
+        self._pending: set[str] = set()
         #: (more wait here, holding no connection: see :data:`ASKING_AT_ONCE`)
         self._asking = anyio.CapacityLimiter(ASKING_AT_ONCE)
         #: (report list, connections closed) for :meth:`disconnect` requests from any worker
@@ -89,7 +93,8 @@ class Control(Calls):
         """
         claim = Claim(user, secrets.token_urlsafe(9))
         now = _now_ms()
-        self._claims[claim.id] = claim  # refreshed from now on, even if this is cancelled
+        self._claims[claim.id] = claim
+        self._pending.add(claim.id)
         try:
             added = await self._call(
                 self._claim,
@@ -97,10 +102,12 @@ class Control(Calls):
                 [now, now + int(PRESENCE_TTL * 1000), limit, claim.id],
             )
         except BaseException:
-            del self._claims[claim.id]  # (a claim made anyway lapses unrefreshed)
+            self._claims.pop(claim.id, None)  # (a claim made anyway lapses unrefreshed)
             raise
+        finally:
+            self._pending.discard(claim.id)
         if not added:
-            del self._claims[claim.id]
+            self._claims.pop(claim.id, None)
             return None
         return claim
 
@@ -113,7 +120,7 @@ class Control(Calls):
     async def _refresh_claims(self) -> None:
         """Extend this worker's claims; revoke those that lapsed and whose places the
         user's other connections have taken meanwhile (their connections close 4429)."""
-        claims = list(self._claims.values())
+        claims = [claim for id, claim in self._claims.items() if id not in self._pending]
         now = _now_ms()
         head = [now, now + int(PRESENCE_TTL * 1000), self.settings.max_connections_per_user]
         for group in self._by_slot(claims, key=lambda claim: _user_key(claim.user)):
@@ -160,31 +167,43 @@ class Control(Calls):
         """Publish ``kind|<report list>|request`` on the control channel and add up the
         counts the workers push to the report list within :data:`DISCONNECT_WAIT`.
 
-        At most :data:`ASKING_AT_ONCE` at a time: 1,000 at once had taken every pooled
-        connection for a BLPOP, leaving none for the reports they waited for (nor for
-        the chat's own calls), so each waited out its whole timeout: 936 answered 503,
-        the chat stalled 21 s and Redis was marked unavailable.
+        At most :data:`ASKING_AT_ONCE` wait on a pooled connection (``BLPOP``) at a time:
+        1,000 at once had taken every pooled connection, leaving none for the reports they
+        waited for (nor for the chat's own calls), so each waited out its whole timeout:
+        936 answered 503, the chat stalled 21 s and Redis was marked unavailable. The
+        others wait for one of those places within the same :data:`DISCONNECT_WAIT`, then
+        take whatever reports have come (``LRANGE``, no wait): queued behind the limiter
+        for good, 40 requests with one silent subscriber (a paused server) took 5 s.
         """
-        async with self._asking:
-            return await self._ask_and_count(kind, request)
-
-    async def _ask_and_count(self, kind: str, request: str) -> int:
         report = f"{self.namespace}reports:{secrets.token_urlsafe(12)}"
         message = f"{kind}|{report}|{request}"
         if self.cluster:  # every worker subscribes it on the shard that owns its slot
             workers = await self._call_raw(self.client.spublish(self.control_channel, message))
         else:
             workers = await self._call_raw(self.client.publish(self.control_channel, message))
-        closed = 0
+        workers = int(workers)
         deadline = anyio.current_time() + DISCONNECT_WAIT
-        for _ in range(int(workers)):
-            remaining = deadline - anyio.current_time()
-            if remaining <= 0:  # (BLPOP's timeout 0 would wait forever)
-                break
-            popped = await self._call_raw(self.client.blpop([report], remaining))
-            if popped is None:
-                break
-            closed += int(popped[1])
+        closed = heard = 0
+        asking = False
+        with anyio.move_on_after(DISCONNECT_WAIT):
+            await self._asking.acquire()
+            asking = True
+        try:
+            while asking and heard < workers:
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:  # (BLPOP's timeout 0 would wait forever)
+                    break
+                popped = await self._call_raw(self.client.blpop([report], remaining))
+                if popped is None:
+                    break
+                closed += int(popped[1])
+                heard += 1
+        finally:
+            if asking:
+                self._asking.release()
+        if heard < workers:  # the reports that came in meanwhile
+            rest = await self._call_raw(self.client.lrange(report, 0, -1))
+            closed += sum(int(count) for count in rest[: workers - heard])
         return closed
 
     def _on_control(self, data: str) -> None:

@@ -155,13 +155,21 @@ class Publishing(Calls):
         Its queued messages each hold one of its :data:`MEMBER_QUEUE` slots until
         answered, and its receive loop, busy leaving, queues no more: so once all the
         slots can be taken, all are answered.
+
+        The bound is the publisher's, not a guess: every call it makes is bounded by
+        :data:`~.calls.REQUEST_TIMEOUT`, and the member's last message has at most
+        :data:`QUEUE_SIZE` // :data:`MAX_BATCH` batches queued before its own, and one
+        in flight. (Two calls' time, measured from the leave, ran out just before the
+        second batch's refusal on a stalled Redis: its messages got neither ``ack`` nor
+        error.)
         """
         slots = self._slots.get(member)
         if slots is None or slots.value == MEMBER_QUEUE:
             return
         taken = 0
+        calls_ahead = QUEUE_SIZE // MAX_BATCH + 2  # queued batches, the one in flight, its own
         try:
-            with anyio.move_on_after(2 * calls.REQUEST_TIMEOUT):
+            with anyio.move_on_after(calls_ahead * calls.REQUEST_TIMEOUT + 1):
                 while taken < MEMBER_QUEUE:
                     await slots.acquire()
                     taken += 1
