@@ -38,8 +38,15 @@ TAKEN = "redis.call('DEL', KEYS[1]); redis.call('ZADD', KEYS[1], ARGV[1], 'x', A
 
 
 def v2_url(server: ThreadedServer, user: str) -> str:
-    token = mint_token(SECRET, sub=user, name=user.capitalize(), ttl=600)
-    return server.url(f"/ws?token={token}")
+    return server.url(f"/ws?token={token_of(user)}")
+
+
+def v1_url(server: ThreadedServer, user: str, room: str = "r") -> str:
+    return server.url(f"/ws/chat?room={room}&token={token_of(user)}")
+
+
+def token_of(user: str) -> str:
+    return mint_token(SECRET, sub=user, name=user.capitalize(), ttl=600)
 
 
 async def until(ws: WebSocketConnection, wanted: Callable[[dict[str, Any]], bool]) -> None:
@@ -54,6 +61,11 @@ async def join(ws: WebSocketConnection, room: str) -> None:
 
 def far_future_ms() -> str:
     return str(int(time.time() * 1000) + 600_000)
+
+
+async def take_anns_claims(redis_server: RedisServer) -> None:
+    taken = (TAKEN, "1", ANNS_CLAIMS, far_future_ms())
+    await trio.to_thread.run_sync(redis_server.command, "EVAL", *taken)
 
 
 async def test_a_leave_while_redis_stalls_answers_every_message_before_left(
@@ -81,6 +93,37 @@ async def test_a_leave_while_redis_stalls_answers_every_message_before_left(
             assert answered == ["0", "1", "2", "3", "4"]
 
 
+async def test_claims_that_lapsed_while_others_took_their_places_are_closed_4429(
+    redis_server: RedisServer,
+) -> None:
+    """A server paused past the claims' lifetime (or a Redis that lost them) finds, when it
+    refreshes, that the user's other connections have taken its connections' places: it
+    closes them 4429 instead of putting its claims back over the cap (a user held twice
+    the cap for good). Here Redis loses ann's claims and two other connections take them."""
+    settings = Settings(
+        redis_url=redis_server.url, rate_limit=0, jwt_secret=SECRET, max_connections_per_user=2
+    )
+    with serve_in_thread(create_app(settings)) as server, trio.fail_after(20):
+        async with (
+            open_websocket_url(v1_url(server, "ann")) as one,
+            open_websocket_url(v1_url(server, "ann")) as two,
+        ):
+            for ws in (one, two):
+                await until(ws, lambda e: e["type"] == "welcome")
+            await take_anns_claims(redis_server)
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await one.get_message()
+            assert (closed.value.reason.code, closed.value.reason.reason) == (
+                4429,
+                "too many connections for this user",
+            )
+        members = await trio.to_thread.run_sync(
+            redis_server.command, "ZRANGE", ANNS_CLAIMS, "0", "-1"
+        )
+        assert members == [b"x", b"y"]  # none of the revoked claims came back
+
+
 async def test_a_revoked_v2_connection_is_closed_4429_and_leaves_every_room(
     redis_server: RedisServer,
 ) -> None:
@@ -99,8 +142,7 @@ async def test_a_revoked_v2_connection_is_closed_4429_and_leaves_every_room(
             for room in ("a", "b"):
                 await join(bob, room)
                 await join(ann, room)
-            taken = (TAKEN, "1", ANNS_CLAIMS, far_future_ms())
-            await trio.to_thread.run_sync(redis_server.command, "EVAL", *taken)
+            await take_anns_claims(redis_server)
             with pytest.raises(ConnectionClosed) as closed:
                 while True:
                     await ann.get_message()

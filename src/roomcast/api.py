@@ -137,7 +137,7 @@ def parse_publish(body: bytes, *, max_text: int) -> Publish:
             raise ApiError(400, "bad_request", f'"from": {exc}') from None
         if sender is None:
             raise ApiError(400, "bad_request", '"from" must be a string')
-    if id is not None and not (isinstance(id, str) and len(id) <= protocol.MAX_ID_LENGTH):
+    if id is not None and not protocol.valid_id(id):
         message = f'"id" must be a string of at most {protocol.MAX_ID_LENGTH} characters'
         raise ApiError(400, protocol.ErrorCode.BAD_ID.value, message)
     return Publish(protocol.ChatMessage(text, id), sender)
@@ -262,14 +262,10 @@ async def _route(
     if match is None:
         raise ApiError(404, "not_found", f"no API endpoint at {path[:80]}")
     room, what = match["room"], match["what"]
-    if not (protocol.valid_room(room) or protocol.dm_users(room)):
+    if not protocol.valid_v2_room(room):
         # a direct room is a room like any here: /api/rooms lists it, and a stored hook's
         # gaps in it are filled from its history
-        raise ApiError(
-            400,
-            "bad_request",
-            "room must be 1-64 characters of A-Z a-z 0-9 _ - ., or dm:A:B for users A < B",
-        )
+        raise ApiError(400, "bad_request", protocol.V2_ROOM_RULE)
     if what == "messages" and method == "DELETE":
         return 200, await _forget_messages(runtime, room)
     if what == "messages":

@@ -53,7 +53,9 @@ __all__ = [
     "parse_client_frame",
     "parse_command",
     "parse_rooms_name",
+    "valid_id",
     "valid_room",
+    "valid_v2_room",
 ]
 
 BATCH_SUBPROTOCOL: Final = "roomcast.batch"
@@ -226,6 +228,21 @@ def valid_room(room: str) -> bool:
     return _ROOM_RE.fullmatch(room) is not None
 
 
+def valid_v2_room(room: str) -> bool:
+    """A room a ``/ws`` connection (and the server API) can name: :func:`valid_room`, or
+    a direct-message room (:func:`dm_users`)."""
+    return valid_room(room) or dm_users(room) is not None
+
+
+#: what :func:`valid_v2_room` takes, for the errors that refuse another
+V2_ROOM_RULE: Final = "room must be 1-64 characters of A-Z a-z 0-9 _ - ., or dm:A:B for users A < B"
+
+
+def valid_id(value: object) -> bool:
+    """A message's (or request's) ``id``: a string of at most :data:`MAX_ID_LENGTH`."""
+    return isinstance(value, str) and len(value) <= MAX_ID_LENGTH
+
+
 def dm_users(room: str) -> tuple[str, str] | None:
     """The two users of a direct-message room ``dm:A:B`` (``A`` < ``B``), else ``None``:
     only they may join it (v2)."""
@@ -283,7 +300,7 @@ def parse_client_frame(frame: str, *, max_text: int) -> ChatMessage | Refresh | 
 
 def _chat_message(text: str, message_id: object, max_text: int) -> ChatMessage | None:
     if message_id is not None and not (
-        isinstance(message_id, str) and len(message_id) <= MAX_ID_LENGTH
+        isinstance(message_id, str) and valid_id(message_id)  # (isinstance: for mypy)
     ):
         raise BadMessage(
             ErrorCode.BAD_ID, f"id must be a string of at most {MAX_ID_LENGTH} characters"
@@ -383,10 +400,10 @@ def parse_command(frame: str, *, max_text: int) -> Command | None:
             ErrorCode.UNKNOWN_TYPE, f"unknown command type {kind[:40]!r}; expected {_V2_TYPES}"
         )
     room = data.get("room")
-    if not isinstance(room, str) or not (valid_room(room) or dm_users(room)):
+    if not isinstance(room, str) or not valid_v2_room(room):
         raise BadMessage(
             ErrorCode.BAD_ROOM,
-            "room must be 1-64 characters of A-Z a-z 0-9 _ - ., or dm:A:B for users A < B",
+            V2_ROOM_RULE,
             room=room if isinstance(room, str) and len(room) <= 600 else None,
         )
     if kind == "join":
@@ -399,12 +416,9 @@ def parse_command(frame: str, *, max_text: int) -> Command | None:
         return _history(room, data)
     text, message_id = data.get("text"), data.get("id")
     if not isinstance(text, str):
-        usable = isinstance(message_id, str) and len(message_id) <= MAX_ID_LENGTH
+        usable_id = message_id if valid_id(message_id) else None
         raise BadMessage(
-            ErrorCode.BAD_REQUEST,
-            "a message needs a string text",
-            message_id if usable else None,
-            room=room,
+            ErrorCode.BAD_REQUEST, "a message needs a string text", usable_id, room=room
         )
     try:
         message = _chat_message(text, message_id, max_text)
@@ -427,7 +441,7 @@ def _join(room: str, data: dict[str, Any]) -> Join:
 
 def _history(room: str, data: dict[str, Any]) -> HistoryRequest:
     before, limit, id = data.get("before"), data.get("limit", DEFAULT_PAGE), data.get("id")
-    if id is not None and not (isinstance(id, str) and len(id) <= MAX_ID_LENGTH):
+    if id is not None and not valid_id(id):
         message = f"id must be a string of at most {MAX_ID_LENGTH} characters"
         raise BadMessage(ErrorCode.BAD_ID, message, room=room)
     if before is not None and not (_whole(before) and 1 <= before < MAX_SEQ):

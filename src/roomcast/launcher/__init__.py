@@ -24,7 +24,7 @@ import socket
 import sys
 import tomllib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard
 
 from ..settings import Settings, SettingsError
 from .logs import configure_logging
@@ -252,6 +252,11 @@ def open_sockets(config: MasterConfig, send_timeout: float) -> Listeners:
     return Listeners([], opened)
 
 
+def _seconds(value: object) -> TypeGuard[float]:
+    """A finite number of seconds as TOML or a flag gives it (a bool is not one)."""
+    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+
+
 def _check(config: MasterConfig, args: argparse.Namespace) -> None:
     """:raises UsageError: for a configuration the launcher cannot serve (a value from
     the config file is named by its key, one from a flag by the flag)"""
@@ -259,7 +264,7 @@ def _check(config: MasterConfig, args: argparse.Namespace) -> None:
     if type(workers) is not int or workers < 1:
         raise UsageError(f"{_named(args, 'workers', workers)}: at least 1 worker is needed")
     timeout = config.graceful_timeout
-    if type(timeout) not in (int, float) or not math.isfinite(timeout) or timeout < 0:
+    if not _seconds(timeout) or timeout < 0:
         raise UsageError(
             f"{_named(args, 'graceful_timeout', timeout)}: expected seconds (0 or more)"
         )
@@ -272,7 +277,7 @@ def _check(config: MasterConfig, args: argparse.Namespace) -> None:
         value = getattr(config, key)
         if value is None and allow_none:
             continue
-        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+        if not _seconds(value) or value <= 0:
             raise UsageError(f"{key} = {value!r} (config file): expected seconds (above 0)")
     if not isinstance(config.bind, list) or not all(isinstance(b, str) for b in config.bind):
         raise UsageError(f"bind {config.bind!r}: expected a list of HOST:PORT")

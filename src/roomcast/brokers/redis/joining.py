@@ -40,6 +40,7 @@ the members it greets to those whose run delivery knows.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import sys
 from typing import Any
@@ -84,13 +85,10 @@ class Joining(Presence):
         user: str | None = None,
         client: Client | None = None,
     ) -> Member:
-        for attempt in range(1, JOIN_ATTEMPTS + 1):
-            try:
+        for _ in range(JOIN_ATTEMPTS - 1):
+            with contextlib.suppress(_StreamMoved):
                 return await self._join_once(room, name, since, epoch, user, client)
-            except _StreamMoved:
-                if attempt == JOIN_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")
+        return await self._join_once(room, name, since, epoch, user, client)
 
     async def _join_once(
         self,
